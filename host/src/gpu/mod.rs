@@ -1,0 +1,845 @@
+//! The GPU side of the ABI, on wgpu. One device is shared by every job of a host; each job gets
+//! its own buffers, pipelines and quotas in a [`JobGpu`]. Every guest value is checked here
+//! before wgpu sees it, and every wgpu call a guest can trigger runs inside error scopes, so a
+//! guest mistake comes back as an error code and never reaches wgpu's panicking default handler.
+
+pub(crate) mod wgsl;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use abi::{BindingDesc, DispatchDesc, ErrorCode};
+
+use crate::error::{CallError, Fatal, GuestError, guest};
+use crate::limits::{LimitKind, Limits};
+use crate::meter::{GpuTimeSource, Usage};
+use wgsl::{BindingKind, Reflection, ShaderLimits};
+
+/// An adapter as `wasmgrid gpus` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub vendor: String,
+    pub vendor_id: u32,
+    pub device_id: u32,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub max_buffer_size: u64,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_compute_workgroups_per_dimension: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroup_size: [u32; 3],
+    pub max_compute_workgroup_storage_size: u32,
+    pub timestamp_queries: bool,
+}
+
+fn vendor_name(id: u32) -> &'static str {
+    match id {
+        0x10de => "NVIDIA",
+        0x1002 | 0x1022 => "AMD",
+        0x8086 => "Intel",
+        0x106b => "Apple",
+        0x13b5 => "ARM",
+        0x5143 => "Qualcomm",
+        0x1010 => "Imagination",
+        0x10005 => "Mesa",
+        _ => "unknown",
+    }
+}
+
+fn summarize(adapter: &wgpu::Adapter) -> AdapterSummary {
+    let info = adapter.get_info();
+    let limits = adapter.limits();
+    AdapterSummary {
+        vendor: vendor_name(info.vendor).to_string(),
+        vendor_id: info.vendor,
+        device_id: info.device,
+        name: info.name,
+        backend: info.backend.to_str().to_string(),
+        device_type: format!("{:?}", info.device_type),
+        driver: info.driver,
+        driver_info: info.driver_info,
+        max_buffer_size: limits.max_buffer_size,
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+        max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+        max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+        max_compute_workgroup_size: [
+            limits.max_compute_workgroup_size_x,
+            limits.max_compute_workgroup_size_y,
+            limits.max_compute_workgroup_size_z,
+        ],
+        max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+        timestamp_queries: adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY),
+    }
+}
+
+fn instance() -> wgpu::Instance {
+    // WGPU_BACKEND and friends still apply, so an operator can pin a backend.
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.flags = wgpu::InstanceFlags::empty().with_env();
+    wgpu::Instance::new(desc)
+}
+
+fn adapters() -> Vec<wgpu::Adapter> {
+    let mut list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+    list.retain(|a| a.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS));
+    // Real GPUs before software ones; native APIs before OpenGL, which runs the same device
+    // with fewer features.
+    list.sort_by_key(|a| {
+        let info = a.get_info();
+        let kind = match info.device_type {
+            wgpu::DeviceType::DiscreteGpu => 0,
+            wgpu::DeviceType::IntegratedGpu => 1,
+            wgpu::DeviceType::VirtualGpu => 2,
+            wgpu::DeviceType::Other => 3,
+            wgpu::DeviceType::Cpu => 4,
+        };
+        (kind, info.backend == wgpu::Backend::Gl)
+    });
+    list
+}
+
+/// Every adapter that can run compute shaders, best first.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    adapters().iter().map(summarize).collect()
+}
+
+/// Which adapter a host uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AdapterChoice {
+    /// A case-insensitive part of the adapter name (`"H200"`, `"llvmpipe"`); `None` takes the
+    /// best adapter.
+    pub name: Option<String>,
+}
+
+/// One wgpu device and queue. Replaced as a whole when GPU work hangs past a job's wall time.
+pub(crate) struct DeviceCtx {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    limits: wgpu::Limits,
+    timestamps: bool,
+    timestamp_period: f64,
+    /// Set once a job gave up waiting for this device; no new job gets it.
+    abandoned: AtomicBool,
+    lost: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for DeviceCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceCtx").field("timestamps", &self.timestamps).finish_non_exhaustive()
+    }
+}
+
+/// The GPU of a host: the adapter and the device jobs currently share.
+#[derive(Clone, Debug)]
+pub(crate) struct Gpu {
+    shared: Arc<GpuShared>,
+}
+
+#[derive(Debug)]
+struct GpuShared {
+    adapter: wgpu::Adapter,
+    summary: AdapterSummary,
+    current: Mutex<Arc<DeviceCtx>>,
+}
+
+impl Gpu {
+    pub(crate) fn new(choice: &AdapterChoice) -> Result<Gpu, String> {
+        let all = adapters();
+        let adapter = match &choice.name {
+            None => all.into_iter().next(),
+            Some(want) => {
+                let want = want.to_lowercase();
+                all.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&want))
+            }
+        };
+        let adapter = adapter.ok_or_else(|| match &choice.name {
+            Some(n) => format!("no GPU adapter matches {n:?}; `wasmgrid gpus` lists them"),
+            None => "no GPU adapter with compute shaders found; install a Vulkan driver \
+                     (for a CPU fallback: apt-get install mesa-vulkan-drivers libvulkan1)"
+                .to_string(),
+        })?;
+        let summary = summarize(&adapter);
+        let ctx = open_device(&adapter)?;
+        Ok(Gpu { shared: Arc::new(GpuShared { adapter, summary, current: Mutex::new(ctx) }) })
+    }
+
+    pub(crate) fn summary(&self) -> &AdapterSummary {
+        &self.shared.summary
+    }
+
+    /// The device new work should use.
+    pub(crate) fn device(&self) -> Arc<DeviceCtx> {
+        self.shared.current.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Replaces `broken` with a fresh device, unless another job already did. Jobs still holding
+    /// `broken` finish (or time out) on it; new jobs get the new one.
+    fn replace(&self, broken: &Arc<DeviceCtx>) {
+        broken.abandoned.store(true, Ordering::SeqCst);
+        let mut current = self.shared.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&current, broken) {
+            return;
+        }
+        match open_device(&self.shared.adapter) {
+            Ok(fresh) => {
+                log::warn!("gpu work hung past a job's wall time; opened a fresh device");
+                *current = fresh;
+            }
+            Err(e) => log::error!("could not open a fresh device after a hang: {e}"),
+        }
+    }
+}
+
+fn open_device(adapter: &wgpu::Adapter) -> Result<Arc<DeviceCtx>, String> {
+    let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+    let required_features = if timestamps { wgpu::Features::TIMESTAMP_QUERY } else { wgpu::Features::empty() };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("wasmgrid"),
+        required_features,
+        required_limits: adapter.limits(),
+        ..Default::default()
+    }))
+    .map_err(|e| format!("could not open the GPU device: {e}"))?;
+    // Errors outside a scope would otherwise panic in wgpu's default handler. Every call a guest
+    // can trigger is scoped; anything that still lands here is logged, never a crash.
+    device.on_uncaptured_error(Arc::new(|e| log::error!("uncaptured gpu error: {e}")));
+    let lost = Arc::new(AtomicBool::new(false));
+    let flag = lost.clone();
+    device.set_device_lost_callback(move |reason, message| {
+        log::error!("gpu device lost ({reason:?}): {message}");
+        flag.store(true, Ordering::SeqCst);
+    });
+    let timestamp_period = f64::from(queue.get_timestamp_period());
+    let limits = device.limits();
+    Ok(Arc::new(DeviceCtx {
+        device,
+        queue,
+        limits,
+        timestamps,
+        timestamp_period,
+        abandoned: AtomicBool::new(false),
+        lost,
+    }))
+}
+
+/// Runs `f` inside validation, out-of-memory and internal error scopes and returns the first
+/// error any of them caught.
+fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> T) -> (T, Option<wgpu::Error>) {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let out = f();
+    let v = pollster::block_on(validation.pop());
+    let i = pollster::block_on(internal.pop());
+    let o = pollster::block_on(oom.pop());
+    (out, v.or(i).or(o))
+}
+
+fn gpu_error(what: &str, e: &wgpu::Error) -> GuestError {
+    match e {
+        wgpu::Error::OutOfMemory { .. } => GuestError::new(ErrorCode::Gpu, format!("{what}: the GPU is out of memory")),
+        other => GuestError::new(ErrorCode::Gpu, format!("{what}: {other}")),
+    }
+}
+
+#[derive(Debug)]
+struct BufferEntry {
+    buffer: wgpu::Buffer,
+    size: u64,
+    uniform: bool,
+}
+
+/// A dispatch that passed every check: its pipeline, its buffers in binding order, and the
+/// invocations it will run.
+type CheckedDispatch<'a> = (&'a PipelineEntry, Vec<(u32, &'a BufferEntry)>, u64);
+
+#[derive(Debug)]
+struct PipelineEntry {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    reflection: Reflection,
+}
+
+/// One job's GPU resources, quotas and counts.
+#[derive(Debug)]
+pub(crate) struct JobGpu {
+    gpu: Gpu,
+    ctx: Arc<DeviceCtx>,
+    limits: Limits,
+    buffers: HashMap<u32, BufferEntry>,
+    pipelines: HashMap<u32, PipelineEntry>,
+    /// Handles are never reused, so a freed handle stays unknown.
+    next_handle: u32,
+    gpu_bytes: u64,
+    pub(crate) usage: Usage,
+}
+
+impl JobGpu {
+    pub(crate) fn new(gpu: &Gpu, limits: &Limits) -> JobGpu {
+        let ctx = gpu.device();
+        let source = if ctx.timestamps { GpuTimeSource::Timestamps } else { GpuTimeSource::WallClock };
+        JobGpu {
+            gpu: gpu.clone(),
+            ctx,
+            limits: limits.clone(),
+            buffers: HashMap::new(),
+            pipelines: HashMap::new(),
+            next_handle: 1,
+            gpu_bytes: 0,
+            usage: Usage::new(source),
+        }
+    }
+
+    fn handle(&mut self) -> Result<u32, CallError> {
+        let h = self.next_handle;
+        self.next_handle = h
+            .checked_add(1)
+            .filter(|&n| n <= i32::MAX as u32)
+            .ok_or_else(|| GuestError::new(ErrorCode::QuotaExceeded, "this job has used up its handles"))?;
+        Ok(h)
+    }
+
+    fn check_device(&self) -> Result<(), CallError> {
+        if self.ctx.lost.load(Ordering::SeqCst) {
+            return Err(Fatal::Host("the GPU device was lost".into()).into());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn buffer_create(&mut self, size: i64, usage: i32) -> Result<u32, CallError> {
+        self.check_device()?;
+        let uniform = match usage {
+            abi::BUFFER_STORAGE => false,
+            abi::BUFFER_UNIFORM => true,
+            other => return guest(ErrorCode::InvalidArgument, format!("unknown buffer usage {other}")),
+        };
+        let size = u64::try_from(size).ok().filter(|&s| s > 0).ok_or_else(|| {
+            GuestError::new(ErrorCode::InvalidArgument, format!("buffer size {size} must be positive"))
+        })?;
+        if !size.is_multiple_of(abi::COPY_ALIGNMENT) {
+            return guest(ErrorCode::Misaligned, format!("buffer size {size} is not a multiple of 4"));
+        }
+        if self.buffers.len() >= self.limits.buffers as usize {
+            return guest(
+                ErrorCode::QuotaExceeded,
+                format!("limit {}: the job already holds {} buffers", LimitKind::Buffers, self.buffers.len()),
+            );
+        }
+        let after = self.gpu_bytes.saturating_add(size);
+        if after > self.limits.gpu_bytes {
+            return guest(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "limit {}: a {size}-byte buffer would bring the job to {after} bytes of GPU memory, over its {} bytes",
+                    LimitKind::GpuBytes,
+                    self.limits.gpu_bytes
+                ),
+            );
+        }
+        let max =
+            if uniform { self.ctx.limits.max_uniform_buffer_binding_size } else { self.ctx.limits.max_buffer_size };
+        if size > max {
+            return guest(
+                ErrorCode::InvalidArgument,
+                format!("buffer size {size} exceeds this device's maximum of {max}"),
+            );
+        }
+        let usage = if uniform { wgpu::BufferUsages::UNIFORM } else { wgpu::BufferUsages::STORAGE }
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC;
+        let (buffer, err) = scoped(&self.ctx.device, || {
+            // wgpu zero-fills every buffer before first use: a job never sees what an earlier
+            // job left in that memory.
+            self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        });
+        if let Some(e) = err {
+            return Err(gpu_error("creating a buffer", &e).into());
+        }
+        let h = self.handle()?;
+        self.buffers.insert(h, BufferEntry { buffer, size, uniform });
+        self.gpu_bytes = after;
+        self.usage.peak_gpu_bytes = self.usage.peak_gpu_bytes.max(after);
+        Ok(h)
+    }
+
+    fn buffer(&self, handle: i32) -> Result<&BufferEntry, CallError> {
+        u32::try_from(handle).ok().and_then(|h| self.buffers.get(&h)).ok_or_else(|| {
+            GuestError::new(ErrorCode::UnknownHandle, format!("{handle} is not a buffer of this job")).into()
+        })
+    }
+
+    fn range(entry: &BufferEntry, offset: i64, len: usize) -> Result<u64, CallError> {
+        let offset = u64::try_from(offset)
+            .map_err(|_| GuestError::new(ErrorCode::OutOfBounds, format!("offset {offset} is negative")))?;
+        let len = len as u64;
+        if !offset.is_multiple_of(abi::COPY_ALIGNMENT) || !len.is_multiple_of(abi::COPY_ALIGNMENT) {
+            return guest(ErrorCode::Misaligned, format!("offset {offset} and length {len} must be multiples of 4"));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > entry.size) {
+            return guest(
+                ErrorCode::OutOfBounds,
+                format!("bytes {offset}..{} are outside a {}-byte buffer", offset.saturating_add(len), entry.size),
+            );
+        }
+        Ok(offset)
+    }
+
+    pub(crate) fn buffer_write(&mut self, handle: i32, offset: i64, data: &[u8]) -> Result<(), CallError> {
+        self.check_device()?;
+        let entry = self.buffer(handle)?;
+        let offset = Self::range(entry, offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let ((), err) = scoped(&self.ctx.device, || self.ctx.queue.write_buffer(&entry.buffer, offset, data));
+        if let Some(e) = err {
+            return Err(gpu_error("writing a buffer", &e).into());
+        }
+        self.usage.bytes_uploaded += data.len() as u64;
+        Ok(())
+    }
+
+    /// Copies buffer bytes into `dst`, waiting for the GPU until `deadline` at most.
+    pub(crate) fn buffer_read(
+        &mut self,
+        handle: i32,
+        offset: i64,
+        dst: &mut [u8],
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        self.check_device()?;
+        let entry = self.buffer(handle)?;
+        let offset = Self::range(entry, offset, dst.len())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let len = dst.len() as u64;
+        let device = &self.ctx.device;
+        let (staging, err) = scoped(device, || {
+            let staging = device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: len,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+            encoder.copy_buffer_to_buffer(&entry.buffer, offset, &staging, 0, len);
+            let index = self.ctx.queue.submit([encoder.finish()]);
+            (staging, index)
+        });
+        if let Some(e) = err {
+            return Err(gpu_error("reading a buffer", &e).into());
+        }
+        let (staging, index) = staging;
+        let mapped = Arc::new(Mutex::new(None));
+        let slot = mapped.clone();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+        });
+        self.wait(index, deadline)?;
+        // The map callback runs during the poll that saw the copy finish; poll once more in case
+        // it was queued behind it.
+        let _ = device.poll(wgpu::PollType::Poll);
+        match mapped.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Fatal::Host(format!("mapping a readback buffer failed: {e}")).into()),
+            None => return Err(Fatal::Host("a readback buffer was never mapped".into()).into()),
+        }
+        {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| Fatal::Host(format!("reading a mapped buffer failed: {e}")))?;
+            dst.copy_from_slice(&view);
+        }
+        staging.unmap();
+        self.usage.bytes_downloaded += len;
+        Ok(())
+    }
+
+    pub(crate) fn buffer_destroy(&mut self, handle: i32) -> Result<(), CallError> {
+        self.buffer(handle)?;
+        let removed = u32::try_from(handle).ok().and_then(|h| self.buffers.remove(&h));
+        if let Some(entry) = removed {
+            entry.buffer.destroy();
+            self.gpu_bytes = self.gpu_bytes.saturating_sub(entry.size);
+        }
+        Ok(())
+    }
+
+    fn shader_limits(&self) -> ShaderLimits {
+        let l = &self.ctx.limits;
+        ShaderLimits {
+            max_workgroup_size: [
+                l.max_compute_workgroup_size_x,
+                l.max_compute_workgroup_size_y,
+                l.max_compute_workgroup_size_z,
+            ],
+            max_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+            max_bindings: l
+                .max_bindings_per_bind_group
+                .min(l.max_storage_buffers_per_shader_stage + l.max_uniform_buffers_per_shader_stage),
+            max_workgroup_storage_bytes: l.max_compute_workgroup_storage_size,
+        }
+    }
+
+    pub(crate) fn pipeline_create(&mut self, source: &[u8], entry: &[u8]) -> Result<u32, CallError> {
+        self.check_device()?;
+        if source.len() as u64 > self.limits.wgsl_bytes {
+            return guest(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "limit {}: {} bytes of WGSL, over {}",
+                    LimitKind::WgslBytes,
+                    source.len(),
+                    self.limits.wgsl_bytes
+                ),
+            );
+        }
+        if self.pipelines.len() >= self.limits.pipelines as usize {
+            return guest(
+                ErrorCode::QuotaExceeded,
+                format!("limit {}: the job already holds {} pipelines", LimitKind::Pipelines, self.pipelines.len()),
+            );
+        }
+        let source = std::str::from_utf8(source)
+            .map_err(|e| GuestError::new(ErrorCode::InvalidWgsl, format!("WGSL is not UTF-8: {e}")))?;
+        let entry = std::str::from_utf8(entry)
+            .map_err(|e| GuestError::new(ErrorCode::InvalidArgument, format!("entry point is not UTF-8: {e}")))?;
+        let reflection = wgsl::check(source, entry, &self.shader_limits())
+            .map_err(|m| GuestError::new(ErrorCode::InvalidWgsl, m))?;
+
+        let device = &self.ctx.device;
+        let ((pipeline, layout), err) = scoped(device, || {
+            let entries: Vec<wgpu::BindGroupLayoutEntry> = reflection
+                .bindings
+                .iter()
+                .map(|b| wgpu::BindGroupLayoutEntry {
+                    binding: b.binding,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: match b.kind {
+                            BindingKind::Storage { read_only } => wgpu::BufferBindingType::Storage { read_only },
+                            BindingKind::Uniform => wgpu::BufferBindingType::Uniform,
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: std::num::NonZeroU64::new(b.min_size),
+                    },
+                    count: None,
+                })
+                .collect();
+            let layout =
+                device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: None, entries: &entries });
+            let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: None,
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: None,
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: None,
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions::default(),
+                cache: None,
+            });
+            (pipeline, layout)
+        });
+        if let Some(e) = err {
+            return Err(match e {
+                wgpu::Error::Validation { description, .. } => GuestError::new(ErrorCode::InvalidWgsl, description),
+                other => gpu_error("creating a pipeline", &other),
+            }
+            .into());
+        }
+        let h = self.handle()?;
+        self.pipelines.insert(h, PipelineEntry { pipeline, layout, reflection });
+        Ok(h)
+    }
+
+    pub(crate) fn pipeline_destroy(&mut self, handle: i32) -> Result<(), CallError> {
+        let removed = u32::try_from(handle).ok().and_then(|h| self.pipelines.remove(&h));
+        match removed {
+            Some(_) => Ok(()),
+            None => guest(ErrorCode::UnknownHandle, format!("{handle} is not a pipeline of this job")),
+        }
+    }
+
+    /// Checks one dispatch against its pipeline, the job's quotas and the device, and returns the
+    /// bind group entries in binding order plus the workgroup count.
+    fn check_dispatch(&self, d: &DispatchDesc, bindings: &[BindingDesc]) -> Result<CheckedDispatch<'_>, CallError> {
+        let p = self.pipelines.get(&d.pipeline).ok_or_else(|| {
+            GuestError::new(ErrorCode::UnknownHandle, format!("{} is not a pipeline of this job", d.pipeline))
+        })?;
+        let max_dim = self.ctx.limits.max_compute_workgroups_per_dimension;
+        for (axis, n) in [("x", d.x), ("y", d.y), ("z", d.z)] {
+            if n > max_dim {
+                return guest(
+                    ErrorCode::WorkgroupLimit,
+                    format!("{n} workgroups along {axis} exceed this device's maximum of {max_dim}"),
+                );
+            }
+        }
+        let groups = u64::from(d.x) * u64::from(d.y) * u64::from(d.z);
+        if groups > self.limits.workgroups_per_dispatch {
+            return guest(
+                ErrorCode::WorkgroupLimit,
+                format!(
+                    "limit {}: {groups} workgroups in one dispatch, over {}",
+                    LimitKind::WorkgroupsPerDispatch,
+                    self.limits.workgroups_per_dispatch
+                ),
+            );
+        }
+        for b in bindings {
+            if !p.reflection.declared.contains(&b.binding) {
+                return guest(
+                    ErrorCode::BindingMismatch,
+                    format!("the shader declares no @group(0) @binding({})", b.binding),
+                );
+            }
+            if bindings.iter().filter(|o| o.binding == b.binding).count() > 1 {
+                return guest(ErrorCode::BindingMismatch, format!("@binding({}) is given twice", b.binding));
+            }
+        }
+        let mut resolved = Vec::with_capacity(p.reflection.bindings.len());
+        for info in &p.reflection.bindings {
+            let desc = bindings.iter().find(|b| b.binding == info.binding).ok_or_else(|| {
+                GuestError::new(
+                    ErrorCode::BindingMismatch,
+                    format!("@binding({}) ({}) has no buffer", info.binding, info.kind.describe()),
+                )
+            })?;
+            let entry = i32::try_from(desc.buffer)
+                .map_err(|_| {
+                    GuestError::new(ErrorCode::UnknownHandle, format!("{} is not a buffer of this job", desc.buffer))
+                })
+                .and_then(|h| {
+                    self.buffer(h).map_err(|_| {
+                        GuestError::new(ErrorCode::UnknownHandle, format!("{h} is not a buffer of this job"))
+                    })
+                })?;
+            let (want_uniform, max) = match info.kind {
+                BindingKind::Uniform => (true, self.ctx.limits.max_uniform_buffer_binding_size),
+                BindingKind::Storage { .. } => (false, self.ctx.limits.max_storage_buffer_binding_size),
+            };
+            if entry.uniform != want_uniform {
+                let have = if entry.uniform { "a uniform" } else { "a storage" };
+                return guest(
+                    ErrorCode::BindingMismatch,
+                    format!(
+                        "@binding({}) is {} but buffer {} is {have} buffer",
+                        info.binding,
+                        info.kind.describe(),
+                        desc.buffer
+                    ),
+                );
+            }
+            if entry.size < info.min_size {
+                return guest(
+                    ErrorCode::BindingMismatch,
+                    format!(
+                        "@binding({}) needs at least {} bytes but buffer {} has {}",
+                        info.binding, info.min_size, desc.buffer, entry.size
+                    ),
+                );
+            }
+            if entry.size > max {
+                return guest(
+                    ErrorCode::BindingMismatch,
+                    format!(
+                        "buffer {} of {} bytes exceeds this device's binding size of {max}",
+                        desc.buffer, entry.size
+                    ),
+                );
+            }
+            resolved.push((info.binding, entry, desc.buffer, info.kind));
+        }
+        // One buffer may not be written through one binding while bound at another.
+        for (i, (bi, _, hi, ki)) in resolved.iter().enumerate() {
+            for (bj, _, hj, kj) in resolved.iter().skip(i + 1) {
+                let writes = matches!(ki, BindingKind::Storage { read_only: false })
+                    || matches!(kj, BindingKind::Storage { read_only: false });
+                if hi == hj && writes {
+                    return guest(
+                        ErrorCode::BindingMismatch,
+                        format!("buffer {hi} is bound at @binding({bi}) and @binding({bj}) and written"),
+                    );
+                }
+            }
+        }
+        let workgroup_invocations: u64 = p.reflection.workgroup_size.iter().map(|&n| u64::from(n)).product();
+        let entries = resolved.into_iter().map(|(b, e, _, _)| (b, e)).collect();
+        Ok((p, entries, groups.saturating_mul(workgroup_invocations)))
+    }
+
+    /// Runs the dispatches in order in one submission and waits for them until `deadline`.
+    pub(crate) fn submit(
+        &mut self,
+        dispatches: &[(DispatchDesc, Vec<BindingDesc>)],
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        self.check_device()?;
+        if dispatches.is_empty() {
+            return Ok(());
+        }
+        let total = self.usage.dispatches.saturating_add(dispatches.len() as u64);
+        if total > self.limits.dispatches {
+            return Err(Fatal::limit(
+                LimitKind::Dispatches,
+                format!("the job reached {total} dispatches, over its {}", self.limits.dispatches),
+            )
+            .into());
+        }
+        let mut checked = Vec::with_capacity(dispatches.len());
+        let (mut groups, mut invocations) = (0u64, 0u64);
+        for (d, bindings) in dispatches {
+            let (p, entries, inv) = self.check_dispatch(d, bindings)?;
+            groups = groups.saturating_add(u64::from(d.x) * u64::from(d.y) * u64::from(d.z));
+            invocations = invocations.saturating_add(inv);
+            checked.push((d, p, entries));
+        }
+
+        let ctx = &self.ctx;
+        let device = &ctx.device;
+        let started = Instant::now();
+        let (out, err) = scoped(device, || {
+            let queries = ctx.timestamps.then(|| {
+                let set = device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: None,
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                });
+                let resolve = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: 16,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                });
+                let readback = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: 16,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                (set, resolve, readback)
+            });
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+            let last = checked.len().saturating_sub(1);
+            for (i, (d, p, entries)) in checked.iter().enumerate() {
+                let group_entries: Vec<wgpu::BindGroupEntry> = entries
+                    .iter()
+                    .map(|(binding, e)| wgpu::BindGroupEntry {
+                        binding: *binding,
+                        resource: e.buffer.as_entire_binding(),
+                    })
+                    .collect();
+                let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &p.layout,
+                    entries: &group_entries,
+                });
+                // Only the first pass starts the clock and only the last stops it (a pass that does
+                // neither must not name the query set).
+                let timestamp_writes = queries.as_ref().filter(|_| i == 0 || i == last).map(|(set, _, _)| {
+                    wgpu::ComputePassTimestampWrites {
+                        query_set: set,
+                        beginning_of_pass_write_index: (i == 0).then_some(0),
+                        end_of_pass_write_index: (i == last).then_some(1),
+                    }
+                });
+                let mut pass =
+                    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
+                pass.set_pipeline(&p.pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                pass.dispatch_workgroups(d.x, d.y, d.z);
+            }
+            if let Some((set, resolve, readback)) = &queries {
+                encoder.resolve_query_set(set, 0..2, resolve, 0);
+                encoder.copy_buffer_to_buffer(resolve, 0, readback, 0, 16);
+            }
+            let index = ctx.queue.submit([encoder.finish()]);
+            (index, queries.map(|(_, _, readback)| readback))
+        });
+        if let Some(e) = err {
+            return Err(gpu_error("submitting dispatches", &e).into());
+        }
+        let (index, readback) = out;
+        let stamps = readback.map(|buffer| {
+            let slot = Arc::new(Mutex::new(None));
+            let s = slot.clone();
+            buffer
+                .slice(..)
+                .map_async(wgpu::MapMode::Read, move |r| *s.lock().unwrap_or_else(PoisonError::into_inner) = Some(r));
+            (buffer, slot)
+        });
+        self.wait(index, deadline)?;
+        let wall_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let _ = self.ctx.device.poll(wgpu::PollType::Poll);
+        let gpu_ns = stamps.and_then(|(buffer, slot)| {
+            let mapped = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if !matches!(mapped, Some(Ok(()))) {
+                return None;
+            }
+            let ns = {
+                let view = buffer.slice(..).get_mapped_range().ok()?;
+                let mut words = view.chunks_exact(8).map(|c| {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(c);
+                    u64::from_le_bytes(w)
+                });
+                let (begin, end) = (words.next()?, words.next()?);
+                end.checked_sub(begin).map(|ticks| (ticks as f64 * self.ctx.timestamp_period) as u64)
+            };
+            buffer.unmap();
+            ns
+        });
+        self.usage.gpu_time_ns += gpu_ns.unwrap_or(wall_ns);
+        self.usage.dispatches = total;
+        self.usage.workgroups = self.usage.workgroups.saturating_add(groups);
+        self.usage.invocations = self.usage.invocations.saturating_add(invocations);
+        Ok(())
+    }
+
+    /// Waits for a submission. GPU work cannot be interrupted like WebAssembly, so past the
+    /// deadline the job ends, the device is handed over to a fresh one for later jobs, and this
+    /// job's thread goes on without waiting.
+    fn wait(&self, index: wgpu::SubmissionIndex, deadline: Instant) -> Result<(), CallError> {
+        let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        match self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: Some(timeout) }) {
+            Ok(_) => Ok(()),
+            Err(wgpu::PollError::Timeout) => {
+                self.gpu.replace(&self.ctx);
+                Err(Fatal::limit(LimitKind::WallTime, "GPU work was still running at the job's wall-time limit").into())
+            }
+            Err(e) => Err(Fatal::Host(format!("waiting for the GPU failed: {e}")).into()),
+        }
+    }
+}
+
+impl Drop for JobGpu {
+    fn drop(&mut self) {
+        self.buffers.clear();
+        self.pipelines.clear();
+        if self.ctx.abandoned.load(Ordering::SeqCst) {
+            // Dropping a device with work still running can block until that work ends, which
+            // for a hung shader may be hours: let a throwaway thread hold the last reference.
+            let hung = std::mem::replace(&mut self.ctx, self.gpu.device());
+            let _ = std::thread::Builder::new().name("wasmgrid-gpu-reaper".into()).spawn(move || drop(hung));
+        }
+    }
+}

@@ -1,0 +1,15 @@
+#![doc = include_str!("../README.md")]
+
+mod error;
+mod gpu;
+mod limits;
+mod meter;
+mod sandbox;
+
+pub use gpu::{AdapterChoice, AdapterSummary, list_adapters};
+pub use limits::{LimitKind, Limits};
+pub use meter::{GpuTimeSource, Usage};
+pub use sandbox::{
+    Failure, Host, HostConfig, HostError, Inference, JobKind, JobModule, JobReport, LoadError, Service, StartError,
+    StartFailed,
+};

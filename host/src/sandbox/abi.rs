@@ -1,0 +1,266 @@
+//! The host functions of `abi::IMPORTS`, linked into every job. Each one checks the guest's
+//! pointers and lengths against its memory, then calls the GPU layer with plain slices.
+
+use std::time::Instant;
+
+use abi::{BindingDesc, DispatchDesc, ErrorCode, func};
+use wasmtime::{Caller, Linker};
+
+use super::JobState;
+use crate::error::{CallError, GuestError, guest};
+
+/// Most dispatches one `submit` may carry, and bindings one dispatch may carry: bounds on what
+/// the host decodes from guest memory per call.
+const MAX_DISPATCHES_PER_SUBMIT: usize = 4096;
+const MAX_BINDINGS_PER_DISPATCH: usize = 64;
+/// Longest message `log` and `set_failure` keep.
+const MAX_MESSAGE: usize = 64 << 10;
+
+type Ctx<'a> = Caller<'a, JobState>;
+
+/// The guest's memory and the job state, borrowed together.
+fn split<'a>(caller: &'a mut Ctx<'_>) -> Result<(&'a mut [u8], &'a mut JobState), CallError> {
+    let memory = caller
+        .data()
+        .memory
+        .ok_or_else(|| CallError::Guest(GuestError::new(ErrorCode::BadPointer, "the module exports no memory")))?;
+    Ok(memory.data_and_store_mut(caller))
+}
+
+fn range(mem_len: usize, ptr: i32, len: i32) -> Result<std::ops::Range<usize>, CallError> {
+    let bad = || {
+        GuestError::new(
+            ErrorCode::BadPointer,
+            format!("{len} bytes at {ptr:#x} are outside guest memory ({mem_len} bytes)"),
+        )
+    };
+    let start = u32::try_from(ptr).map_err(|_| bad())? as usize;
+    let n = u32::try_from(len).map_err(|_| bad())? as usize;
+    let end = start.checked_add(n).filter(|&e| e <= mem_len).ok_or_else(bad)?;
+    Ok(start..end)
+}
+
+fn bytes(mem: &[u8], ptr: i32, len: i32) -> Result<&[u8], CallError> {
+    let r = range(mem.len(), ptr, len)?;
+    mem.get(r).ok_or_else(|| GuestError::new(ErrorCode::BadPointer, "range outside guest memory").into())
+}
+
+fn bytes_mut(mem: &mut [u8], ptr: i32, len: i32) -> Result<&mut [u8], CallError> {
+    let r = range(mem.len(), ptr, len)?;
+    mem.get_mut(r).ok_or_else(|| GuestError::new(ErrorCode::BadPointer, "range outside guest memory").into())
+}
+
+/// Maps a host call's result onto the guest: a value, an error code (keeping its message for
+/// `last_error`), or a trap that ends the job.
+fn finish(state: &mut JobState, result: Result<i32, CallError>) -> wasmtime::Result<i32> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(CallError::Guest(e)) => {
+            state.last_error = e.message;
+            Ok(e.code as i32)
+        }
+        Err(CallError::Fatal(f)) => {
+            state.fatal = Some(f.clone());
+            Err(wasmtime::Error::new(f))
+        }
+    }
+}
+
+/// Runs a host call that may block on the GPU, counting its time as host time rather than
+/// guest CPU time.
+fn timed<T>(state: &mut JobState, f: impl FnOnce(&mut JobState, Instant) -> T) -> T {
+    let start = Instant::now();
+    let deadline = state.clock.deadline;
+    let out = f(state, deadline);
+    state.clock.host_time += start.elapsed();
+    out
+}
+
+fn len_i32(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+pub(crate) fn add_to_linker(linker: &mut Linker<JobState>) -> wasmtime::Result<()> {
+    let m = abi::IMPORT_MODULE;
+
+    linker.func_wrap(m, func::INPUT_LEN, |caller: Ctx<'_>| -> i64 { caller.data().input.len() as i64 })?;
+
+    linker.func_wrap(m, func::INPUT_READ, |mut caller: Ctx<'_>, dst: i32, len: i32, offset: i64| {
+        let r = split(&mut caller).and_then(|(mem, state)| {
+            let out = bytes_mut(mem, dst, len)?;
+            let offset = usize::try_from(offset).ok().filter(|&o| o <= state.input.len()).ok_or_else(|| {
+                GuestError::new(
+                    ErrorCode::OutOfBounds,
+                    format!("input offset {offset} is outside the {}-byte input", state.input.len()),
+                )
+            })?;
+            let src = state.input.get(offset..).unwrap_or_default();
+            let n = src.len().min(out.len());
+            if let (Some(d), Some(s)) = (out.get_mut(..n), src.get(..n)) {
+                d.copy_from_slice(s);
+            }
+            Ok(len_i32(n))
+        });
+        finish(caller.data_mut(), r)
+    })?;
+
+    linker.func_wrap(m, func::OUTPUT_WRITE, |mut caller: Ctx<'_>, src: i32, len: i32| {
+        let r = split(&mut caller).and_then(|(mem, state)| {
+            let data = bytes(mem, src, len)?;
+            let after = state.output.len() as u64 + data.len() as u64;
+            if after > state.limits.output_bytes {
+                return guest(
+                    ErrorCode::OutputTooLarge,
+                    format!("limit output-bytes: output would reach {after} bytes, over {}", state.limits.output_bytes),
+                );
+            }
+            state.output.extend_from_slice(data);
+            Ok(0)
+        });
+        finish(caller.data_mut(), r)
+    })?;
+
+    linker.func_wrap(m, func::LOG, |mut caller: Ctx<'_>, level: i32, src: i32, len: i32| {
+        let r = split(&mut caller).and_then(|(mem, state)| {
+            let data = bytes(mem, src, len)?;
+            let tag = match level {
+                abi::LOG_ERROR => "error",
+                abi::LOG_WARN => "warn",
+                abi::LOG_INFO => "info",
+                abi::LOG_DEBUG => "debug",
+                other => return guest(ErrorCode::InvalidArgument, format!("unknown log level {other}")),
+            };
+            let text = String::from_utf8_lossy(data.get(..data.len().min(MAX_MESSAGE)).unwrap_or_default());
+            state.log.write(format!("[{tag}] {text}\n").as_bytes());
+            Ok(0)
+        });
+        finish(caller.data_mut(), r)
+    })?;
+
+    linker.func_wrap(m, func::LAST_ERROR, |mut caller: Ctx<'_>, dst: i32, len: i32| {
+        let r = split(&mut caller).and_then(|(mem, state)| {
+            let out = bytes_mut(mem, dst, len)?;
+            let msg = state.last_error.as_bytes();
+            let n = msg.len().min(out.len());
+            if let (Some(d), Some(s)) = (out.get_mut(..n), msg.get(..n)) {
+                d.copy_from_slice(s);
+            }
+            Ok(len_i32(msg.len()))
+        });
+        finish(caller.data_mut(), r)
+    })?;
+
+    linker.func_wrap(m, func::SET_FAILURE, |mut caller: Ctx<'_>, src: i32, len: i32| {
+        let r = split(&mut caller).and_then(|(mem, state)| {
+            let data = bytes(mem, src, len)?;
+            let data = data.get(..data.len().min(MAX_MESSAGE)).unwrap_or_default();
+            state.failure = Some(String::from_utf8_lossy(data).into_owned());
+            Ok(0)
+        });
+        finish(caller.data_mut(), r)
+    })?;
+
+    linker.func_wrap(m, func::BUFFER_CREATE, |mut caller: Ctx<'_>, size: i64, usage: i32| {
+        let state = caller.data_mut();
+        let r = state.gpu.buffer_create(size, usage).map(|h| h as i32);
+        finish(state, r)
+    })?;
+
+    linker.func_wrap(m, func::BUFFER_WRITE, |mut caller: Ctx<'_>, buffer: i32, offset: i64, src: i32, len: i32| {
+        let r = split(&mut caller).and_then(|(mem, state)| {
+            let data = bytes(mem, src, len)?;
+            state.gpu.buffer_write(buffer, offset, data).map(|()| 0)
+        });
+        finish(caller.data_mut(), r)
+    })?;
+
+    linker.func_wrap(m, func::BUFFER_READ, |mut caller: Ctx<'_>, buffer: i32, offset: i64, dst: i32, len: i32| {
+        let r = split(&mut caller).and_then(|(mem, state)| {
+            let out = bytes_mut(mem, dst, len)?;
+            timed(state, |state, deadline| state.gpu.buffer_read(buffer, offset, out, deadline)).map(|()| 0)
+        });
+        finish(caller.data_mut(), r)
+    })?;
+
+    linker.func_wrap(m, func::BUFFER_DESTROY, |mut caller: Ctx<'_>, buffer: i32| {
+        let state = caller.data_mut();
+        let r = state.gpu.buffer_destroy(buffer).map(|()| 0);
+        finish(state, r)
+    })?;
+
+    linker.func_wrap(
+        m,
+        func::PIPELINE_CREATE,
+        |mut caller: Ctx<'_>, src: i32, len: i32, entry: i32, entry_len: i32| {
+            let r = split(&mut caller).and_then(|(mem, state)| {
+                let source = bytes(mem, src, len)?;
+                let entry = bytes(mem, entry, entry_len)?;
+                timed(state, |state, _| state.gpu.pipeline_create(source, entry)).map(|h| h as i32)
+            });
+            finish(caller.data_mut(), r)
+        },
+    )?;
+
+    linker.func_wrap(m, func::PIPELINE_DESTROY, |mut caller: Ctx<'_>, pipeline: i32| {
+        let state = caller.data_mut();
+        let r = state.gpu.pipeline_destroy(pipeline).map(|()| 0);
+        finish(state, r)
+    })?;
+
+    linker.func_wrap(m, func::SUBMIT, |mut caller: Ctx<'_>, descs: i32, count: i32| {
+        let r = split(&mut caller).and_then(|(mem, state)| {
+            let n = usize::try_from(count).map_err(|_| {
+                GuestError::new(ErrorCode::InvalidArgument, format!("dispatch count {count} is negative"))
+            })?;
+            if n > MAX_DISPATCHES_PER_SUBMIT {
+                return guest(
+                    ErrorCode::InvalidArgument,
+                    format!("{n} dispatches in one submit, over {MAX_DISPATCHES_PER_SUBMIT}"),
+                );
+            }
+            let table = bytes(mem, descs, len_i32(n * DispatchDesc::SIZE))?;
+            let mut dispatches = Vec::with_capacity(n);
+            for chunk in table.chunks_exact(DispatchDesc::SIZE) {
+                let raw: &[u8; DispatchDesc::SIZE] = chunk
+                    .try_into()
+                    .map_err(|_| GuestError::new(ErrorCode::BadPointer, "short dispatch descriptor"))?;
+                let d = DispatchDesc::from_bytes(raw);
+                let count = d.bindings_len as usize;
+                if count > MAX_BINDINGS_PER_DISPATCH {
+                    return guest(
+                        ErrorCode::InvalidArgument,
+                        format!("{count} bindings in one dispatch, over {MAX_BINDINGS_PER_DISPATCH}"),
+                    );
+                }
+                let raw = bytes(mem, d.bindings_ptr as i32, len_i32(count * BindingDesc::SIZE))?;
+                let mut bindings = Vec::with_capacity(count);
+                for b in raw.chunks_exact(BindingDesc::SIZE) {
+                    let b: &[u8; BindingDesc::SIZE] =
+                        b.try_into().map_err(|_| GuestError::new(ErrorCode::BadPointer, "short binding descriptor"))?;
+                    bindings.push(BindingDesc::from_bytes(b));
+                }
+                dispatches.push((d, bindings));
+            }
+            timed(state, |state, deadline| state.gpu.submit(&dispatches, deadline)).map(|()| 0)
+        });
+        finish(caller.data_mut(), r)
+    })?;
+
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_checked_without_overflow() {
+        assert_eq!(range(100, 10, 20).unwrap(), 10..30);
+        assert!(range(100, 90, 20).is_err());
+        assert!(range(100, -1, 1).is_err());
+        assert!(range(100, 1, -1).is_err());
+        assert!(range(usize::MAX, i32::MAX, i32::MAX).is_ok());
+        assert_eq!(range(100, 100, 0).unwrap(), 100..100);
+        assert!(range(100, 101, 0).is_err());
+    }
+}

@@ -1,0 +1,743 @@
+//! The wasmtime sandbox: one engine per host with the pooling allocator, a cache of compiled
+//! modules keyed by content hash, and a store per job holding its limits, meter and GPU state.
+
+mod abi;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Memory, Module, PoolingAllocationConfig,
+    ResourceLimiter, Store, Trap, TypedFunc, UpdateDeadline,
+};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+use crate::error::Fatal;
+use crate::gpu::{AdapterChoice, AdapterSummary, Gpu, JobGpu};
+use crate::limits::{LimitKind, Limits};
+use crate::meter::Usage;
+
+/// How often the epoch ticks; CPU and wall time are checked at this granularity.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// A host's configuration. The limits of each job come with the job.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Which GPU to use.
+    pub adapter: AdapterChoice,
+    /// Jobs (and inference sessions) that may be alive at once; the pooling allocator reserves
+    /// this many instance slots.
+    pub max_instances: u32,
+    /// The largest linear memory any job may have; a job's own limit can only be lower.
+    pub max_memory_bytes: u64,
+    /// Largest WebAssembly stack of a job, in bytes.
+    pub max_wasm_stack: usize,
+    /// Where compiled modules are kept between runs; `None` keeps them in memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// Compiled modules kept in memory.
+    pub cached_modules: usize,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            adapter: AdapterChoice::default(),
+            max_instances: 64,
+            max_memory_bytes: 4 << 30,
+            max_wasm_stack: 1 << 20,
+            cache_dir: None,
+            cached_modules: 256,
+        }
+    }
+}
+
+/// Why a module cannot run here. Nothing of the module has run when this is returned.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    #[error("not a valid WebAssembly module: {0}")]
+    Invalid(String),
+    #[error(
+        "this module was built against wasmgrid ABI v{found}, but this host speaks v{expected}: rebuild it with a guest SDK for ABI v{expected}"
+    )]
+    AbiVersion { found: u32, expected: u32 },
+    #[error("the module imports `{module}::{name}`, which a wasmgrid sandbox does not provide")]
+    ForbiddenImport { module: String, name: String },
+    #[error(
+        "the module imports `{name}` with the wrong signature for ABI v{version}; rebuild it with the current guest SDK"
+    )]
+    Signature { name: String, version: u32 },
+    #[error(
+        "the module exports neither `_start` (a batch job) nor `wasmgrid_init` and `wasmgrid_infer` (an inference service)"
+    )]
+    NoEntryPoint,
+    #[error("this is an inference service: drive it with `wasmgrid infer`, not as a batch job")]
+    NotBatch,
+    #[error("this is a batch job, not an inference service: run it with `wasmgrid run`")]
+    NotService,
+    #[error("the host could not prepare the module: {0}")]
+    Host(String),
+}
+
+/// Why a job (or one inference call) did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The job hit one of its limits and was ended.
+    #[error("limit {limit} exceeded: {message}")]
+    Limit { limit: LimitKind, message: String },
+    /// The guest trapped (a Rust panic, an unreachable instruction, a bad memory access).
+    #[error("the job crashed: {0}")]
+    Trap(String),
+    /// A batch job exited with a non-zero status; its log says why.
+    #[error("the job exited with status {0}")]
+    Exit(i32),
+    /// The guest reported an error (an inference call returned one).
+    #[error("the job failed: {0}")]
+    Guest(String),
+    /// The host could not serve the job (for example the GPU device was lost).
+    #[error("host failure: {0}")]
+    Host(String),
+}
+
+impl Failure {
+    /// Whether the job was ended by a limit rather than by its own doing.
+    pub fn is_limit(&self) -> bool {
+        matches!(self, Failure::Limit { .. })
+    }
+}
+
+impl From<Fatal> for Failure {
+    fn from(f: Fatal) -> Self {
+        match f {
+            Fatal::Limit { kind, message } => Failure::Limit { limit: kind, message },
+            Fatal::Host(m) => Failure::Host(m),
+        }
+    }
+}
+
+/// What a module is, judged from its exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobKind {
+    /// Exports `_start`: runs once.
+    Batch,
+    /// Exports `wasmgrid_init` and `wasmgrid_infer`: serves requests.
+    Service,
+}
+
+/// A compiled, checked module, ready to instantiate. Cheap to clone.
+#[derive(Clone)]
+pub struct JobModule {
+    hash: [u8; 32],
+    kind: JobKind,
+    pre: InstancePre<JobState>,
+}
+
+impl std::fmt::Debug for JobModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobModule").field("hash", &self.hash_hex()).field("kind", &self.kind).finish()
+    }
+}
+
+impl JobModule {
+    /// SHA-256 of the module bytes: the key it is cached and addressed by.
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
+    }
+
+    pub fn hash_hex(&self) -> String {
+        hex(&self.hash)
+    }
+
+    pub fn kind(&self) -> JobKind {
+        self.kind
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The result of a batch job.
+#[derive(Clone, Debug)]
+pub struct JobReport {
+    pub outcome: Result<(), Failure>,
+    pub output: Vec<u8>,
+    /// stdout, stderr and `log` lines, in order, up to the log limit.
+    pub log: Vec<u8>,
+    pub usage: Usage,
+    /// Wall time from instantiation to the end of the job.
+    pub wall_time: Duration,
+}
+
+/// Why an inference service did not start.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Load(LoadError),
+    #[error("init failed: {}", .0.failure)]
+    Failed(Box<StartFailed>),
+}
+
+/// A failed start of an inference service.
+#[derive(Clone, Debug)]
+pub struct StartFailed {
+    pub failure: Failure,
+    pub log: Vec<u8>,
+    pub usage: Usage,
+}
+
+/// One served inference.
+#[derive(Clone, Debug)]
+pub struct Inference {
+    pub response: Vec<u8>,
+    /// Usage of this call alone.
+    pub usage: Usage,
+}
+
+/// The job log: stdout and stderr of the guest (through WASI) and its `log` lines, in one
+/// buffer capped at the job's log limit. Past the cap, writes are dropped and the guest sees a
+/// full stream.
+#[derive(Clone, Debug)]
+pub(crate) struct LogSink {
+    pipe: MemoryOutputPipe,
+    cap: usize,
+}
+
+impl LogSink {
+    fn new(cap: usize) -> LogSink {
+        LogSink { pipe: MemoryOutputPipe::new(cap), cap }
+    }
+
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWrite;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // The pipe's AsyncWrite keeps what fits and is always ready, so one poll is enough.
+        let _ = std::pin::Pin::new(&mut self.pipe).poll_write(&mut cx, bytes);
+    }
+
+    fn contents(&self) -> Vec<u8> {
+        self.pipe.contents().to_vec()
+    }
+
+    fn is_full(&self) -> bool {
+        self.pipe.contents().len() >= self.cap
+    }
+}
+
+/// Time accounting of the current call: wall time from its start, and the part of it spent in
+/// host calls (GPU waits, shader compiles), which is not the guest's CPU time.
+#[derive(Debug)]
+pub(crate) struct CallClock {
+    started: Instant,
+    pub(crate) deadline: Instant,
+    pub(crate) host_time: Duration,
+}
+
+impl CallClock {
+    fn start(limits: &Limits) -> CallClock {
+        let now = Instant::now();
+        CallClock { started: now, deadline: now + limits.wall_time, host_time: Duration::ZERO }
+    }
+}
+
+#[derive(Debug)]
+struct MemoryLimiter {
+    max: u64,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired as u64 > self.max {
+            return Err(wasmtime::Error::new(Fatal::limit(
+                LimitKind::Memory,
+                format!(
+                    "linear memory would grow from {current} to {desired} bytes, over the job's {} bytes",
+                    self.max
+                ),
+            )));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// Everything a job's store holds.
+pub(crate) struct JobState {
+    wasi: WasiP1Ctx,
+    limiter: MemoryLimiter,
+    pub(crate) memory: Option<Memory>,
+    pub(crate) limits: Limits,
+    pub(crate) gpu: JobGpu,
+    pub(crate) input: Vec<u8>,
+    pub(crate) output: Vec<u8>,
+    pub(crate) log: LogSink,
+    pub(crate) last_error: String,
+    pub(crate) failure: Option<String>,
+    pub(crate) fatal: Option<Fatal>,
+    pub(crate) clock: CallClock,
+}
+
+/// Increments the engine's epoch until dropped.
+#[derive(Debug)]
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let weak = engine.weak();
+        let _ = std::thread::Builder::new().name("wasmgrid-epoch".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        });
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct HostInner {
+    engine: Engine,
+    linker: Linker<JobState>,
+    gpu: Gpu,
+    config: HostConfig,
+    cache: Mutex<HashMap<[u8; 32], JobModule>>,
+    _ticker: EpochTicker,
+}
+
+/// A provider host: one wasmtime engine and one GPU, shared by every job it runs. Cheap to clone
+/// and safe to use from many threads at once.
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<HostInner>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("gpu", &self.inner.gpu.summary().name).finish_non_exhaustive()
+    }
+}
+
+/// Why a host could not start.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("{0}")]
+    Gpu(String),
+    #[error("could not set up the WebAssembly engine: {0}")]
+    Engine(String),
+}
+
+impl Host {
+    /// Starts a host: opens the GPU and sets up the engine. Opening a device can take seconds on
+    /// a software driver; share one `Host` rather than making many.
+    pub fn new(config: HostConfig) -> Result<Host, HostError> {
+        let gpu = Gpu::new(&config.adapter).map_err(HostError::Gpu)?;
+
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(config.max_instances)
+            .total_memories(config.max_instances)
+            .total_tables(config.max_instances)
+            .total_stacks(config.max_instances)
+            .total_component_instances(0)
+            .total_gc_heaps(0)
+            .max_memory_size(usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX))
+            .max_unused_warm_slots(config.max_instances.min(16));
+        let mut wasm = Config::new();
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(config.max_wasm_stack)
+            .wasm_threads(false)
+            .wasm_component_model(false);
+        let engine = Engine::new(&wasm).map_err(|e| HostError::Engine(format!("{e:#}")))?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut JobState| &mut s.wasi)
+            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        abi::add_to_linker(&mut linker).map_err(|e| HostError::Engine(format!("{e:#}")))?;
+
+        let ticker = EpochTicker::start(&engine);
+        Ok(Host {
+            inner: Arc::new(HostInner {
+                engine,
+                linker,
+                gpu,
+                config,
+                cache: Mutex::new(HashMap::new()),
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    /// The GPU this host runs jobs on.
+    pub fn gpu(&self) -> &AdapterSummary {
+        self.inner.gpu.summary()
+    }
+
+    /// Checks and compiles a module, or takes it from the cache when these exact bytes were
+    /// loaded before.
+    pub fn load(&self, wasm: &[u8]) -> Result<JobModule, LoadError> {
+        let hash: [u8; 32] = Sha256::digest(wasm).into();
+        if let Some(m) = self.inner.cache.lock().unwrap_or_else(PoisonError::into_inner).get(&hash) {
+            return Ok(m.clone());
+        }
+        let module = self.compile(wasm, &hash)?;
+        let kind = check_module(&module)?;
+        let pre = self.inner.linker.instantiate_pre(&module).map_err(|e| LoadError::Host(format!("{e:#}")))?;
+        let job = JobModule { hash, kind, pre };
+        let mut cache = self.inner.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= self.inner.config.cached_modules {
+            // Any entry will do: a miss costs one compile (or one load from the disk cache).
+            if let Some(k) = cache.keys().next().copied() {
+                cache.remove(&k);
+            }
+        }
+        cache.insert(hash, job.clone());
+        Ok(job)
+    }
+
+    /// Whether a module with this hash is compiled and in memory.
+    pub fn is_cached(&self, hash: &[u8; 32]) -> bool {
+        self.inner.cache.lock().unwrap_or_else(PoisonError::into_inner).contains_key(hash)
+    }
+
+    fn compile(&self, wasm: &[u8], hash: &[u8; 32]) -> Result<Module, LoadError> {
+        let engine = &self.inner.engine;
+        let path = self.inner.config.cache_dir.as_ref().map(|d| d.join(format!("{}.cwasm", hex(hash))));
+        if let Some(m) = path.as_ref().and_then(|p| load_precompiled(engine, p)) {
+            return Ok(m);
+        }
+        let module = Module::new(engine, wasm).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        if let Some(path) = &path {
+            // A cache that cannot be written only costs a compile next time.
+            if let Err(e) = store_precompiled(&module, path) {
+                log::warn!("could not write the module cache {}: {e}", path.display());
+            }
+        }
+        Ok(module)
+    }
+
+    /// Compiles a module without caching it, for benchmarks of compile time.
+    pub fn compile_uncached(&self, wasm: &[u8]) -> Result<(), LoadError> {
+        Module::new(&self.inner.engine, wasm).map(drop).map_err(|e| LoadError::Invalid(format!("{e:#}")))
+    }
+
+    fn new_store(&self, module: &JobModule, input: Vec<u8>, limits: &Limits) -> Store<JobState> {
+        let log = LogSink::new(usize::try_from(limits.log_bytes).unwrap_or(usize::MAX));
+        // Randomness is derived from the module and its input, so a re-run on another provider
+        // sees the same bytes and can be compared with the first.
+        let seed: [u8; 32] = Sha256::new().chain_update(module.hash).chain_update(&input).finalize().into();
+        let wasi = WasiCtxBuilder::new()
+            .stdout(log.pipe.clone())
+            .stderr(log.pipe.clone())
+            .args(&["job.wasm"])
+            .secure_random(wasmtime_wasi::Deterministic::new(seed.to_vec()))
+            .insecure_random(wasmtime_wasi::Deterministic::new(seed.to_vec()))
+            .build_p1();
+        let state = JobState {
+            wasi,
+            limiter: MemoryLimiter { max: limits.memory_bytes.min(self.inner.config.max_memory_bytes) },
+            memory: None,
+            limits: limits.clone(),
+            gpu: JobGpu::new(&self.inner.gpu, limits),
+            input,
+            output: Vec::new(),
+            log,
+            last_error: String::new(),
+            failure: None,
+            fatal: None,
+            clock: CallClock::start(limits),
+        };
+        let mut store = Store::new(&self.inner.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        // Fuel is set once for the whole job (or session); it only counts down.
+        let _ = store.set_fuel(limits.fuel);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            let s = ctx.data();
+            let now = Instant::now();
+            let wall = now.duration_since(s.clock.started);
+            let cpu = wall.saturating_sub(s.clock.host_time);
+            if now >= s.clock.deadline {
+                return Err(wasmtime::Error::new(Fatal::limit(
+                    LimitKind::WallTime,
+                    format!("the call ran for {:.1?}, over its {:.1?}", wall, s.limits.wall_time),
+                )));
+            }
+            if cpu >= s.limits.cpu_time {
+                return Err(wasmtime::Error::new(Fatal::limit(
+                    LimitKind::CpuTime,
+                    format!("the guest ran for {:.1?} of CPU time, over its {:.1?}", cpu, s.limits.cpu_time),
+                )));
+            }
+            let left = (s.limits.cpu_time - cpu).min(s.clock.deadline - now);
+            let ticks = (left.as_micros() / EPOCH_TICK.as_micros().max(1)).max(1);
+            Ok(UpdateDeadline::Continue(u64::try_from(ticks).unwrap_or(u64::MAX)))
+        });
+        store
+    }
+
+    fn instantiate(&self, module: &JobModule, store: &mut Store<JobState>) -> Result<wasmtime::Instance, Failure> {
+        let instance = module.pre.instantiate(&mut *store).map_err(|e| classify(store, &e))?;
+        store.data_mut().memory = instance.get_memory(&mut *store, "memory");
+        Ok(instance)
+    }
+
+    /// Runs a batch job to completion.
+    pub fn run_batch(&self, module: &JobModule, input: Vec<u8>, limits: &Limits) -> Result<JobReport, LoadError> {
+        if module.kind != JobKind::Batch {
+            return Err(LoadError::NotBatch);
+        }
+        let started = Instant::now();
+        let mut store = self.new_store(module, input, limits);
+        let outcome = self.instantiate(module, &mut store).and_then(|instance| {
+            let start: TypedFunc<(), ()> = instance
+                .get_typed_func(&mut store, ::abi::EXPORT_START)
+                .map_err(|e| Failure::Host(format!("{e:#}")))?;
+            store.data_mut().clock = CallClock::start(limits);
+            match start.call(&mut store, ()) {
+                Ok(()) => Ok(()),
+                Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                    Some(wasmtime_wasi::I32Exit(0)) => Ok(()),
+                    Some(wasmtime_wasi::I32Exit(code)) => Err(Failure::Exit(*code)),
+                    None => Err(classify(&store, &e)),
+                },
+            }
+        });
+        let usage = usage_of(&store);
+        let state = store.data();
+        Ok(JobReport {
+            outcome,
+            output: state.output.clone(),
+            log: state.log.contents(),
+            usage,
+            wall_time: started.elapsed(),
+        })
+    }
+
+    /// Starts an inference service: instantiates it and runs its `init` with `init_input`.
+    pub fn start_service(
+        &self,
+        module: &JobModule,
+        init_input: Vec<u8>,
+        limits: &Limits,
+    ) -> Result<Service, StartError> {
+        if module.kind != JobKind::Service {
+            return Err(StartError::Load(LoadError::NotService));
+        }
+        let mut store = self.new_store(module, init_input, limits);
+        let started = self.instantiate(module, &mut store).and_then(|instance| {
+            if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, ::abi::EXPORT_INITIALIZE) {
+                init.call(&mut store, ()).map_err(|e| classify(&store, &e))?;
+            }
+            let init: TypedFunc<(), i32> =
+                instance.get_typed_func(&mut store, ::abi::EXPORT_INIT).map_err(|e| Failure::Host(format!("{e:#}")))?;
+            let infer: TypedFunc<(), i32> = instance
+                .get_typed_func(&mut store, ::abi::EXPORT_INFER)
+                .map_err(|e| Failure::Host(format!("{e:#}")))?;
+            call_service(&mut store, &init, limits)?;
+            Ok(infer)
+        });
+        match started {
+            Ok(infer) => Ok(Service { store, infer, limits: limits.clone(), dead: None }),
+            Err(failure) => {
+                let usage = usage_of(&store);
+                Err(StartError::Failed(Box::new(StartFailed { failure, log: store.data().log.contents(), usage })))
+            }
+        }
+    }
+}
+
+fn load_precompiled(engine: &Engine, path: &std::path::Path) -> Option<Module> {
+    if !path.exists() {
+        return None;
+    }
+    // SAFETY: the file is one this host wrote with `Module::serialize` into its own cache
+    // directory, named by the hash of the source module; wasmtime also checks that it was
+    // compiled by a compatible engine with the same settings and refuses it otherwise.
+    #[allow(unsafe_code)]
+    let loaded = unsafe { Module::deserialize_file(engine, path) };
+    match loaded {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log::warn!("ignoring the cached module {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+fn store_precompiled(module: &Module, path: &std::path::Path) -> std::io::Result<()> {
+    let bytes = module.serialize().map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Checks a module's imports against the ABI and tells batch jobs from services.
+fn check_module(module: &Module) -> Result<JobKind, LoadError> {
+    for import in module.imports() {
+        let (m, name) = (import.module(), import.name());
+        if let Some(found) = ::abi::import_module_version(m).filter(|&v| v != ::abi::ABI_VERSION) {
+            return Err(LoadError::AbiVersion { found, expected: ::abi::ABI_VERSION });
+        }
+        if !::abi::import_allowed(m, name) {
+            return Err(LoadError::ForbiddenImport { module: m.to_string(), name: name.to_string() });
+        }
+        if m == ::abi::IMPORT_MODULE {
+            let want = ::abi::import(name)
+                .ok_or_else(|| LoadError::ForbiddenImport { module: m.into(), name: name.into() })?;
+            let ok = match import.ty() {
+                wasmtime::ExternType::Func(f) => {
+                    let same = |have: &mut dyn ExactSizeIterator<Item = wasmtime::ValType>, want: &[::abi::ValType]| {
+                        have.len() == want.len()
+                            && have.zip(want).all(|(h, w)| match w {
+                                ::abi::ValType::I32 => matches!(h, wasmtime::ValType::I32),
+                                ::abi::ValType::I64 => matches!(h, wasmtime::ValType::I64),
+                            })
+                    };
+                    same(&mut f.params(), want.params) && same(&mut f.results(), want.results)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(LoadError::Signature { name: name.to_string(), version: ::abi::ABI_VERSION });
+            }
+        }
+    }
+    let has = |name: &str| module.get_export(name).is_some_and(|e| matches!(e, wasmtime::ExternType::Func(_)));
+    if has(::abi::EXPORT_INFER) && has(::abi::EXPORT_INIT) {
+        Ok(JobKind::Service)
+    } else if has(::abi::EXPORT_START) {
+        Ok(JobKind::Batch)
+    } else {
+        Err(LoadError::NoEntryPoint)
+    }
+}
+
+/// Turns a wasmtime error from a call into a job failure, naming the limit when one was hit.
+fn classify(store: &Store<JobState>, e: &wasmtime::Error) -> Failure {
+    if let Some(f) = &store.data().fatal {
+        return f.clone().into();
+    }
+    if let Some(f) = e.downcast_ref::<Fatal>() {
+        return f.clone().into();
+    }
+    let state = store.data();
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Failure::Limit {
+            limit: LimitKind::Fuel,
+            message: format!("the job used all of its {} fuel", state.limits.fuel),
+        },
+        Some(Trap::StackOverflow) => Failure::Limit {
+            limit: LimitKind::Stack,
+            message: "the guest overflowed its WebAssembly stack (deep or endless recursion?)".into(),
+        },
+        _ if state.log.is_full() => Failure::Limit {
+            limit: LimitKind::LogBytes,
+            message: format!("the job wrote more than its {} bytes of log", state.limits.log_bytes),
+        },
+        Some(trap) => Failure::Trap(format!("{trap}")),
+        None => Failure::Trap(format!("{e:#}")),
+    }
+}
+
+fn usage_of(store: &Store<JobState>) -> Usage {
+    let mut usage = store.data().gpu.usage;
+    usage.fuel = store.data().limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+    usage
+}
+
+/// Calls `wasmgrid_init` or `wasmgrid_infer` with a fresh call clock.
+fn call_service(store: &mut Store<JobState>, f: &TypedFunc<(), i32>, limits: &Limits) -> Result<(), Failure> {
+    {
+        let s = store.data_mut();
+        s.clock = CallClock::start(limits);
+        s.failure = None;
+        s.output.clear();
+    }
+    match f.call(&mut *store, ()) {
+        Ok(0) => Ok(()),
+        Ok(code) => {
+            let s = store.data();
+            let reason = s.failure.clone().unwrap_or_else(|| format!("returned error code {code}"));
+            Err(Failure::Guest(reason))
+        }
+        Err(e) => Err(classify(store, &e)),
+    }
+}
+
+/// A running inference service: `init` has run; each [`infer`](Service::infer) is one request.
+pub struct Service {
+    store: Store<JobState>,
+    infer: TypedFunc<(), i32>,
+    limits: Limits,
+    /// Set once a call ended the instance (a limit or a trap); every later call answers it.
+    dead: Option<Failure>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").field("dead", &self.dead).finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    /// Serves one request. A guest error fails this request only; a limit or a crash ends the
+    /// service, and every later request gets the same failure.
+    pub fn infer(&mut self, request: &[u8]) -> Result<Inference, Failure> {
+        if let Some(f) = &self.dead {
+            return Err(f.clone());
+        }
+        let infer = self.infer.clone();
+        let before = usage_of(&self.store);
+        self.store.data_mut().input = request.to_vec();
+        let result = call_service(&mut self.store, &infer, &self.limits);
+        let s = self.store.data_mut();
+        s.input.clear();
+        let response = std::mem::take(&mut s.output);
+        match result {
+            Ok(()) => {
+                s.gpu.usage.inferences += 1;
+                let usage = usage_of(&self.store) - before;
+                Ok(Inference { response, usage })
+            }
+            Err(f @ Failure::Guest(_)) => Err(f),
+            Err(f) => {
+                self.dead = Some(f.clone());
+                Err(f)
+            }
+        }
+    }
+
+    /// Usage since the service started, `init` included.
+    pub fn usage(&self) -> Usage {
+        usage_of(&self.store)
+    }
+
+    /// The service's log so far.
+    pub fn log(&self) -> Vec<u8> {
+        self.store.data().log.contents()
+    }
+}

@@ -1,0 +1,232 @@
+//! Each sample against a CPU reference with an explicit tolerance.
+
+use host::{Failure, Limits};
+
+use crate::{host, run, text};
+
+/// A seeded generator for test data (xorshift32, uniform in [-1, 1)).
+struct Rng(u32);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 17;
+        self.0 ^= self.0 << 5;
+        (self.0 >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+    }
+
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+fn le_bytes(words: &[u32], values: &[&[f32]]) -> Vec<u8> {
+    let mut out: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    for v in values {
+        out.extend(v.iter().flat_map(|f| f.to_le_bytes()));
+    }
+    out
+}
+
+#[test]
+pub(crate) fn matmul() {
+    let mut rng = Rng(42);
+    // Odd sizes exercise the tile edges; the last is a plain square.
+    for (m, k, n) in [(37, 53, 29), (1, 1, 1), (64, 200, 16), (128, 128, 128)] {
+        let a = rng.vec(m * k);
+        let b = rng.vec(k * n);
+        let input = le_bytes(&[m as u32, k as u32, n as u32], &[&a, &b]);
+        let report = run(sample_artifacts::MATMUL, &input, &Limits::default());
+        assert_eq!(report.outcome, Ok(()), "log: {}", text(&report.log));
+        let c: Vec<f32> = bytemuck::pod_collect_to_vec(&report.output);
+        assert_eq!(c.len(), m * n);
+        // f32 sums of k products of values in [-1, 1): allow 1e-5 per term.
+        let tolerance = 1e-5 * k as f64;
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|p| f64::from(a[i * k + p]) * f64::from(b[p * n + j])).sum();
+                let got = f64::from(c[i * n + j]);
+                assert!((got - want).abs() <= tolerance, "{m}x{k}x{n} c[{i}][{j}] = {got}, want {want}");
+            }
+        }
+        let u = report.usage;
+        assert_eq!(u.dispatches, 1);
+        let groups = (n.div_ceil(16) * m.div_ceil(16)) as u64;
+        assert_eq!(u.workgroups, groups);
+        assert_eq!(u.invocations, groups * 256);
+        assert_eq!(u.bytes_uploaded, 16 + 4 * (m * k + k * n) as u64);
+        assert_eq!(u.bytes_downloaded, 4 * (m * n) as u64);
+        assert!(u.fuel > 0);
+    }
+}
+
+#[test]
+fn matmul_demo_checks_itself_and_counts_are_deterministic() {
+    let first = run(sample_artifacts::MATMUL, b"", &Limits::default());
+    assert_eq!(first.outcome, Ok(()), "log: {}", text(&first.log));
+    assert!(text(&first.output).contains("matches the CPU reference"), "{}", text(&first.output));
+    let second = run(sample_artifacts::MATMUL, b"", &Limits::default());
+    // Everything but GPU time is deterministic: a re-run elsewhere bills the same.
+    let strip = |mut u: host::Usage| {
+        u.gpu_time_ns = 0;
+        u
+    };
+    assert_eq!(strip(first.usage), strip(second.usage));
+    assert_eq!(first.output, second.output);
+}
+
+#[test]
+fn matmul_rejects_malformed_input_with_a_reason() {
+    let report = run(sample_artifacts::MATMUL, &le_bytes(&[4, 4, 4], &[&[1.0; 3]]), &Limits::default());
+    assert_eq!(report.outcome, Err(Failure::Exit(1)));
+    assert!(text(&report.log).contains("needs 140 bytes of input"), "log: {}", text(&report.log));
+}
+
+struct Mlp {
+    dims: [usize; 3],
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    w2: Vec<f32>,
+    b2: Vec<f32>,
+}
+
+impl Mlp {
+    fn random(rng: &mut Rng, i: usize, h: usize, o: usize) -> Mlp {
+        Mlp { dims: [i, h, o], w1: rng.vec(i * h), b1: rng.vec(h), w2: rng.vec(h * o), b2: rng.vec(o) }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let [i, h, o] = self.dims;
+        le_bytes(&[i as u32, h as u32, o as u32], &[&self.w1, &self.b1, &self.w2, &self.b2])
+    }
+
+    fn forward(&self, x: &[f32]) -> Vec<f64> {
+        let [i, h, o] = self.dims;
+        let hidden: Vec<f64> = (0..h)
+            .map(|j| {
+                let z = f64::from(self.b1[j])
+                    + (0..i).map(|p| f64::from(x[p]) * f64::from(self.w1[p * h + j])).sum::<f64>();
+                z.max(0.0)
+            })
+            .collect();
+        (0..o)
+            .map(|j| f64::from(self.b2[j]) + (0..h).map(|p| hidden[p] * f64::from(self.w2[p * o + j])).sum::<f64>())
+            .collect()
+    }
+}
+
+#[test]
+pub(crate) fn mlp() {
+    let mut rng = Rng(7);
+    let net = Mlp::random(&mut rng, 24, 96, 5);
+    let module = host().load(&sample_artifacts::read(sample_artifacts::MLP)).unwrap();
+    assert_eq!(module.kind(), host::JobKind::Service);
+    let mut service = host().start_service(&module, net.bytes(), &Limits::default()).unwrap();
+    let after_init = service.usage();
+    assert_eq!(after_init.inferences, 0);
+
+    for n in 0..5 {
+        let x = rng.vec(24);
+        let request: Vec<String> = x.iter().map(|v| v.to_string()).collect();
+        let inference = service.infer(request.join(",").as_bytes()).unwrap();
+        let got: Vec<f64> = text(&inference.response).split(',').map(|t| t.parse().unwrap()).collect();
+        let want = net.forward(&x);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            // Sums of ~100 f32 products: 1e-4 absolute plus 1e-5 relative.
+            assert!((g - w).abs() <= 1e-4 + 1e-5 * w.abs(), "request {n}: got {got:?}, want {want:?}");
+        }
+        assert_eq!(inference.usage.inferences, 1);
+        assert_eq!(inference.usage.dispatches, 2, "one forward pass is two dispatches");
+        assert_eq!(inference.usage.bytes_uploaded, 24 * 4);
+        assert_eq!(inference.usage.bytes_downloaded, 5 * 4);
+    }
+
+    // A bad request fails that request only; the next one is served.
+    let err = service.infer(b"1,2,three").unwrap_err();
+    assert!(matches!(&err, Failure::Guest(m) if m.contains("\"three\" is not a number")), "{err}");
+    let err = service.infer(b"1,2").unwrap_err();
+    assert!(matches!(&err, Failure::Guest(m) if m.contains("expected 24 numbers")), "{err}");
+    let x = [0.5f32; 24];
+    let request: Vec<String> = x.iter().map(|v| v.to_string()).collect();
+    service.infer(request.join(" ").as_bytes()).unwrap();
+    assert_eq!(service.usage().inferences, 6);
+}
+
+#[test]
+fn mlp_init_refuses_bad_weights() {
+    let module = host().load(&sample_artifacts::read(sample_artifacts::MLP)).unwrap();
+    let err = host().start_service(&module, le_bytes(&[2, 2, 2], &[&[0.0; 3]]), &Limits::default()).unwrap_err();
+    let host::StartError::Failed(f) = err else { panic!("expected an init failure, got {err}") };
+    assert!(matches!(&f.failure, Failure::Guest(m) if m.contains("needs")), "{}", f.failure);
+}
+
+/// The training sample's data and algorithm, on the CPU in f32.
+fn train_reference(epochs: u32, lr: f32, samples: u32, features: u32, seed: u32) -> (Vec<f32>, f32) {
+    let mut rng = Rng(seed.max(1));
+    let truth: Vec<f32> = (0..=features).map(|_| rng.next() * 2.0).collect();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let row: Vec<f32> = (0..features).map(|_| rng.next()).collect();
+        let z: f32 = row.iter().zip(&truth).map(|(a, b)| a * b).sum::<f32>() + truth[features as usize];
+        y.push(if z > 0.0 { 1.0f32 } else { 0.0 });
+        x.extend(row);
+    }
+    let (n, d) = (samples as usize, features as usize);
+    let mut params = vec![0f32; d + 1];
+    let forward = |params: &[f32]| -> (Vec<f32>, f32) {
+        let mut err = vec![0f32; n];
+        let mut loss = 0f64;
+        for i in 0..n {
+            let mut z = params[d];
+            for j in 0..d {
+                z += x[i * d + j] * params[j];
+            }
+            let p = 1.0 / (1.0 + (-z).exp());
+            err[i] = p - y[i];
+            let q = p.clamp(1e-7, 1.0 - 1e-7);
+            loss += f64::from(-(y[i] * q.ln() + (1.0 - y[i]) * (1.0 - q).ln()));
+        }
+        (err, (loss / n as f64) as f32)
+    };
+    for _ in 0..epochs {
+        let (err, _) = forward(&params);
+        for j in 0..=d {
+            let g: f32 = (0..n).map(|i| err[i] * if j < d { x[i * d + j] } else { 1.0 }).sum();
+            params[j] -= lr * g / n as f32;
+        }
+    }
+    let (_, loss) = forward(&params);
+    (params, loss)
+}
+
+#[test]
+pub(crate) fn train() {
+    let input = "epochs=120 lr=0.8 samples=512 features=6 seed=11";
+    let report = run(sample_artifacts::TRAIN, input.as_bytes(), &Limits::default());
+    assert_eq!(report.outcome, Ok(()), "log: {}", text(&report.log));
+    let out = text(&report.output);
+    let losses: Vec<f32> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("epoch "))
+        .map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 12);
+    assert!(losses.windows(2).all(|w| w[1] < w[0]), "loss must fall every 10 epochs: {losses:?}");
+    assert!(losses[11] < 0.5 * losses[0], "{losses:?}");
+    let final_line = out.lines().find(|l| l.starts_with("final loss")).unwrap();
+    let accuracy: f32 = final_line.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert!(accuracy > 0.95, "{final_line}");
+
+    let weights: Vec<f32> =
+        out.lines().find_map(|l| l.strip_prefix("weights ")).unwrap().split(' ').map(|w| w.parse().unwrap()).collect();
+    let (want, want_loss) = train_reference(120, 0.8, 512, 6, 11);
+    assert_eq!(weights.len(), want.len());
+    for (g, w) in weights.iter().zip(&want) {
+        // 120 epochs of f32 sums over 512 samples; GPU exp() may differ in the last bits.
+        assert!((g - w).abs() <= 1e-3 * (1.0 + w.abs()), "weights {weights:?}, CPU {want:?}");
+    }
+    let final_loss: f32 = final_line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((final_loss - want_loss).abs() < 1e-3, "gpu loss {final_loss}, cpu loss {want_loss}");
+    assert_eq!(report.usage.dispatches, 2 * 120 + 1);
+}
