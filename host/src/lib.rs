@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 
+#[doc(hidden)]
+pub mod bench;
 mod error;
 mod gpu;
 mod limits;

@@ -441,7 +441,11 @@ impl Host {
         Module::new(&self.inner.engine, wasm).map(drop).map_err(|e| LoadError::Invalid(format!("{e:#}")))
     }
 
-    fn new_store(&self, module: &JobModule, input: Vec<u8>, limits: &Limits) -> Store<JobState> {
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    pub(crate) fn new_store(&self, module: &JobModule, input: Vec<u8>, limits: &Limits) -> Store<JobState> {
         let log = LogSink::new(usize::try_from(limits.log_bytes).unwrap_or(usize::MAX));
         // Randomness is derived from the module and its input, so a re-run on another provider
         // sees the same bytes and can be compared with the first.
@@ -496,7 +500,11 @@ impl Host {
         store
     }
 
-    fn instantiate(&self, module: &JobModule, store: &mut Store<JobState>) -> Result<wasmtime::Instance, Failure> {
+    pub(crate) fn instantiate(
+        &self,
+        module: &JobModule,
+        store: &mut Store<JobState>,
+    ) -> Result<wasmtime::Instance, Failure> {
         let instance = module.pre.instantiate(&mut *store).map_err(|e| classify(store, &e))?;
         store.data_mut().memory = instance.get_memory(&mut *store, "memory");
         Ok(instance)

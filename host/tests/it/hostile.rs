@@ -227,3 +227,27 @@ fn hung_shader_ends_at_wall_time_and_the_host_recovers() {
     assert!(started.elapsed() < Duration::from_secs(20), "the kill came {:?} after the start", started.elapsed());
     still_serves(&own);
 }
+
+/// The fuzzing guest runs a known program: a buffer round trip through a shader, then bad
+/// pointers, each call answered.
+#[test]
+pub(crate) fn fuzz_driver() {
+    let program = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/gpu-roundtrip")).unwrap();
+    let report = run(sample_artifacts::FUZZ_DRIVER, &program, &Limits::default());
+    let out = text(&report.output);
+    let results: Vec<(u8, i64)> = out
+        .lines()
+        .map(|l| {
+            let (op, r) = l.split_once(' ').unwrap();
+            (op.parse().unwrap(), r.parse().unwrap())
+        })
+        .collect();
+    // create -> handle 1, write -> ok, pipeline -> handle 2, submit -> ok, read -> ok, last_error.
+    assert_eq!(&results[..5], &[(6, 1), (7, 0), (10, 2), (13, 0), (8, 0)], "{out}");
+    assert_eq!(report.usage.dispatches, 1);
+    for seed in ["bad-pointers", "uniform-shader", "io"] {
+        let program = std::fs::read(format!("{}/../fuzz/seeds/{seed}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let report = run(sample_artifacts::FUZZ_DRIVER, &program, &Limits::default());
+        assert!(!matches!(report.outcome, Err(Failure::Host(_))), "{seed}: {:?}", report.outcome);
+    }
+}

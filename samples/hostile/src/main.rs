@@ -5,29 +5,16 @@
 //! Cases that need values the safe SDK never produces (bad pointers, forged handles) call the
 //! raw imports directly.
 #![allow(clippy::indexing_slicing)] // a kernel's own panics end only its own job
+#![allow(unsafe_code)] // it calls the raw ABI with bad values on purpose
 
 use std::fmt::Write as _;
 use std::hint::black_box;
 
-use wasmgrid::{Buffer, BufferKind, Pipeline};
+use wasmgrid::{Buffer, BufferKind, Pipeline, raw};
 
-mod raw {
-    // SAFETY: the signatures are those of `abi::IMPORTS` and of WASI preview 1's `sock_accept`;
-    // the host checks every argument, which is exactly what this guest tests.
-    #[allow(unsafe_code)]
-    #[link(wasm_import_module = "wasmgrid_v1")]
-    unsafe extern "C" {
-        pub(crate) safe fn input_read(dst: i32, len: i32, offset: i64) -> i32;
-        pub(crate) safe fn output_write(src: i32, len: i32) -> i32;
-        pub(crate) safe fn buffer_create(size: i64, usage: i32) -> i32;
-        pub(crate) safe fn buffer_write(buffer: i32, offset: i64, src: i32, len: i32) -> i32;
-        pub(crate) safe fn buffer_read(buffer: i32, offset: i64, dst: i32, len: i32) -> i32;
-        pub(crate) safe fn buffer_destroy(buffer: i32) -> i32;
-        pub(crate) safe fn pipeline_create(src: i32, len: i32, entry: i32, entry_len: i32) -> i32;
-        pub(crate) safe fn submit(descs: i32, count: i32) -> i32;
-        pub(crate) safe fn log(level: i32, src: i32, len: i32) -> i32;
-    }
-
+mod wasi {
+    // SAFETY: the signature is WASI preview 1's `sock_accept`; the host checks every argument,
+    // which is what this guest tests.
     #[allow(unsafe_code)]
     #[link(wasm_import_module = "wasi_snapshot_preview1")]
     unsafe extern "C" {
@@ -95,8 +82,10 @@ fn main() -> Result<(), wasmgrid::Error> {
             let far = 0x7fff_fff0u32 as i32;
             let b = Buffer::storage(64)?;
             writeln!(out, "buffer_write {}", raw::buffer_write(b.handle() as i32, 0, far, 64)).ok();
-            writeln!(out, "buffer_read {}", raw::buffer_read(b.handle() as i32, 0, far, 64)).ok();
-            writeln!(out, "input_read {}", raw::input_read(far, 16, 0)).ok();
+            // SAFETY: `far` is outside linear memory, which the host must refuse before writing.
+            writeln!(out, "buffer_read {}", unsafe { raw::buffer_read(b.handle() as i32, 0, far, 64) }).ok();
+            // SAFETY: as above.
+            writeln!(out, "input_read {}", unsafe { raw::input_read(far, 16, 0) }).ok();
             writeln!(out, "output_write {}", raw::output_write(16, -5)).ok();
             writeln!(out, "log {}", raw::log(3, -1, 10)).ok();
             writeln!(out, "pipeline_create {}", raw::pipeline_create(far, 100, 0, 4)).ok();
@@ -107,7 +96,9 @@ fn main() -> Result<(), wasmgrid::Error> {
             let data = [0u8; 16];
             let ptr = data.as_ptr() as i32;
             writeln!(out, "unknown {}", raw::buffer_write(12345, 0, ptr, 16)).ok();
-            writeln!(out, "negative {}", raw::buffer_read(-7, 0, ptr, 16)).ok();
+            // SAFETY: the handle is refused before anything is written; were it not, `data` is
+            // ours and 16 bytes long.
+            writeln!(out, "negative {}", unsafe { raw::buffer_read(-7, 0, ptr, 16) }).ok();
             let h = raw::buffer_create(64, 1);
             writeln!(out, "destroy {}", raw::buffer_destroy(h)).ok();
             writeln!(out, "freed-write {}", raw::buffer_write(h, 0, ptr, 16)).ok();
@@ -250,7 +241,7 @@ fn main() -> Result<(), wasmgrid::Error> {
             .ok();
             let mut fd = 0i32;
             for candidate in 0..8 {
-                let errno = raw::sock_accept(candidate, 0, &mut fd as *mut i32 as i32);
+                let errno = wasi::sock_accept(candidate, 0, &mut fd as *mut i32 as i32);
                 writeln!(out, "sock_accept({candidate}) errno {errno}").ok();
             }
         }

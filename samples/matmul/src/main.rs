@@ -9,75 +9,35 @@
 //! run: `wasmgrid run target/wasm32-wasip1/release/matmul.wasm`.
 #![allow(clippy::indexing_slicing)] // a kernel's own panics end only its own job
 
-use wasmgrid::{Buffer, Error, Pipeline, Result};
+use wasmgrid::{Buffer, BufferKind, Error, Pipeline, Result};
 
 /// Each workgroup computes a 16 x 16 tile of C, walking K in 16-wide steps through workgroup
 /// memory so that each element of A and B is read from the buffer once per tile.
-const MATMUL_WGSL: &str = r#"
-struct Dims { m: u32, k: u32, n: u32, _pad: u32 }
+const MATMUL_WGSL: &str = include_str!("matmul.wgsl");
 
-@group(0) @binding(0) var<uniform> dims: Dims;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> c: array<f32>;
-
-const TILE: u32 = 16u;
-var<workgroup> tile_a: array<array<f32, 16>, 16>;
-var<workgroup> tile_b: array<array<f32, 16>, 16>;
-
-@compute @workgroup_size(16, 16, 1)
-fn matmul(@builtin(global_invocation_id) gid: vec3<u32>,
-          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = gid.y;
-    let col = gid.x;
-    var acc = 0.0;
-    let steps = (dims.k + TILE - 1u) / TILE;
-    for (var t = 0u; t < steps; t = t + 1u) {
-        let ak = t * TILE + lid.x;
-        let bk = t * TILE + lid.y;
-        if (row < dims.m && ak < dims.k) {
-            tile_a[lid.y][lid.x] = a[row * dims.k + ak];
-        } else {
-            tile_a[lid.y][lid.x] = 0.0;
-        }
-        if (col < dims.n && bk < dims.k) {
-            tile_b[lid.y][lid.x] = b[bk * dims.n + col];
-        } else {
-            tile_b[lid.y][lid.x] = 0.0;
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < TILE; i = i + 1u) {
-            acc = acc + tile_a[lid.y][i] * tile_b[i][lid.x];
-        }
-        workgroupBarrier();
-    }
-    if (row < dims.m && col < dims.n) {
-        c[row * dims.n + col] = acc;
-    }
-}
-"#;
-
-/// C = A x B on the GPU, A being m x k and B k x n.
-fn matmul_gpu(m: u32, k: u32, n: u32, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+/// C = A x B on the GPU, A being m x k and B k x n, all as little-endian `f32` bytes: the
+/// matrices go from the input to the GPU and back to the output without a conversion.
+fn matmul_gpu(m: u32, k: u32, n: u32, a: &[u8], b: &[u8]) -> Result<Vec<u8>> {
     let dims = Buffer::uniform_from(&[m, k, n, 0u32])?;
-    let a = Buffer::storage_from(a)?;
-    let b = Buffer::storage_from(b)?;
-    let c = Buffer::storage(u64::from(m) * u64::from(n) * 4)?;
+    let a = Buffer::from_bytes(BufferKind::Storage, a)?;
+    let b = Buffer::from_bytes(BufferKind::Storage, b)?;
+    let c_len = m as usize * n as usize * 4;
+    let c = Buffer::storage(c_len as u64)?;
     let pipeline = Pipeline::new(MATMUL_WGSL, "matmul")?;
     pipeline.dispatch(&[(0, &dims), (1, &a), (2, &b), (3, &c)], [n.div_ceil(16), m.div_ceil(16), 1])?;
-    c.read_f32()
+    c.read_bytes(0, c_len)
 }
 
-/// A parsed job input.
-struct Problem {
+/// A parsed job input; `a` and `b` borrow the input bytes.
+struct Problem<'a> {
     m: u32,
     k: u32,
     n: u32,
-    a: Vec<f32>,
-    b: Vec<f32>,
+    a: &'a [u8],
+    b: &'a [u8],
 }
 
-fn parse(input: &[u8]) -> Result<Problem> {
+fn parse(input: &[u8]) -> Result<Problem<'_>> {
     let words: Vec<u32> =
         wasmgrid::from_bytes(input.get(..12).ok_or_else(|| Error::bad_input("input shorter than its 12-byte header"))?);
     let (m, k, n) = (words[0], words[1], words[2]);
@@ -89,9 +49,8 @@ fn parse(input: &[u8]) -> Result<Problem> {
     if input.len() as u64 != want {
         return Err(Error::bad_input(format!("{m} x {k} x {n} needs {want} bytes of input, got {}", input.len())));
     }
-    let values: Vec<f32> = wasmgrid::from_bytes(&input[12..]);
-    let (a, b) = values.split_at(ak as usize);
-    Ok(Problem { m, k, n, a: a.to_vec(), b: b.to_vec() })
+    let (a, b) = input[12..].split_at(ak as usize * 4);
+    Ok(Problem { m, k, n, a, b })
 }
 
 /// A small deterministic generator, so the demo needs no input.
@@ -110,7 +69,7 @@ fn demo() -> Result<()> {
     let s = 256u32;
     let a = seeded((s * s) as usize, 0x9e37_79b9);
     let b = seeded((s * s) as usize, 0x85eb_ca6b);
-    let c = matmul_gpu(s, s, s, &a, &b)?;
+    let c: Vec<f32> = wasmgrid::from_bytes(&matmul_gpu(s, s, s, &wasmgrid::to_bytes(&a), &wasmgrid::to_bytes(&b))?);
     let mut max_err = 0f32;
     for i in 0..s as usize {
         for j in 0..s as usize {
@@ -140,6 +99,6 @@ fn main() -> Result<()> {
     }
     let Problem { m, k, n, a, b } = parse(&input)?;
     eprintln!("matmul {m}x{k}x{n}");
-    let c = matmul_gpu(m, k, n, &a, &b)?;
-    wasmgrid::output_f32(&c)
+    let c = matmul_gpu(m, k, n, a, b)?;
+    wasmgrid::output(&c)
 }

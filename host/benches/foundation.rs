@@ -1,0 +1,226 @@
+//! The foundation's benchmarks, each printed beside its baseline from the same run:
+//! instantiation (pooling, precompiled) against the on-demand allocator; a guest-to-host ABI
+//! call against the same loop without the call; the matmul sample sandboxed against the same
+//! WGSL through native wgpu at 256, 1024 and 2048; compiling a module against loading it
+//! precompiled and taking it from the in-memory cache.
+//!
+//! Run: `cargo bench -p host --bench foundation` (targets are in BENCHMARKS.md).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::time::{Duration, Instant};
+
+use host::bench::{self, median};
+use host::{Host, HostConfig};
+
+const MATMUL_WGSL: &str = include_str!("../../samples/matmul/src/matmul.wgsl");
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A guest whose `_start` loops `n` times, calling `input_len` when `call` is set.
+fn call_loop(n: u32, call: bool) -> Vec<u8> {
+    let body = if call { "call $input_len drop" } else { "local.get $i i64.extend_i32_u drop" };
+    wat::parse_str(format!(
+        r#"(module
+            (import "wasmgrid_v1" "input_len" (func $input_len (result i64)))
+            (memory (export "memory") 1)
+            (func (export "_start") (local $i i32)
+                (loop $l
+                    {body}
+                    (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                    (br_if $l (i32.lt_u (local.get $i) (i32.const {n}))))))"#
+    ))
+    .unwrap()
+}
+
+/// The matmul sample's work through plain wgpu: upload A, B and the sizes, build the pipeline,
+/// dispatch, read C back. The baseline for the sandboxed run.
+struct Native {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+}
+
+impl Native {
+    fn new() -> Native {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        }))
+        .unwrap();
+        let (device, queue) = pollster::block_on(
+            adapter.request_device(&wgpu::DeviceDescriptor { required_limits: adapter.limits(), ..Default::default() }),
+        )
+        .unwrap();
+        Native { device, queue }
+    }
+
+    fn matmul(&self, s: u32, a: &[u8], b: &[u8]) -> Vec<u8> {
+        use wgpu::util::DeviceExt;
+        let d = &self.device;
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+        let dims: Vec<u8> = [s, s, s, 0].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let dims = d.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: &dims,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        });
+        let a = d.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: a, usage: storage });
+        let b = d.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: b, usage: storage });
+        let len = u64::from(s) * u64::from(s) * 4;
+        let c = d.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: len,
+            usage: storage,
+            mapped_at_creation: false,
+        });
+        let staging = d.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: len,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: None,
+            source: wgpu::ShaderSource::Wgsl(MATMUL_WGSL.into()),
+        });
+        let pipeline = d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: None,
+            layout: None,
+            module: &module,
+            entry_point: Some("matmul"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let group = d.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: dims.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: a.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 2, resource: b.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 3, resource: c.as_entire_binding() },
+            ],
+        });
+        let mut encoder = d.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(s.div_ceil(16), s.div_ceil(16), 1);
+        }
+        encoder.copy_buffer_to_buffer(&c, 0, &staging, 0, len);
+        self.queue.submit([encoder.finish()]);
+        staging.slice(..).map_async(wgpu::MapMode::Read, |r| r.unwrap());
+        d.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+        let out = staging.slice(..).get_mapped_range().unwrap().to_vec();
+        staging.unmap();
+        out
+    }
+}
+
+fn matrix_bytes(n: usize, seed: u32) -> Vec<u8> {
+    let mut state = seed;
+    (0..n)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            ((state % 2001) as f32 / 1000.0 - 1.0).to_le_bytes()
+        })
+        .collect()
+}
+
+fn main() {
+    let sizes: Vec<u32> = std::env::var("WASMGRID_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').map(|v| v.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|| vec![256, 1024, 2048]);
+    let host = Host::new(HostConfig::default()).expect("a GPU adapter");
+    let gpu = host.gpu().clone();
+    println!("wasmgrid foundation benchmarks on {} ({}, {})", gpu.name, gpu.backend, gpu.device_type);
+    println!("host CPU threads: {}", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!();
+
+    // Instantiation.
+    let empty = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#).unwrap();
+    let module = host.load(&empty).unwrap();
+    let iters = 20_000;
+    let _ = bench::instantiate_job(&host, &module, 1_000);
+    let job = bench::instantiate_job(&host, &module, iters);
+    let pooled = bench::instantiate_bare(&empty, true, iters).unwrap();
+    let on_demand = bench::instantiate_bare(&empty, false, iters).unwrap();
+    println!("instantiation (per instance, {iters} instances, precompiled module)");
+    println!("  {:<44} {:>10.2} us", "pooling allocator, bare store", us(pooled));
+    println!("  {:<44} {:>10.2} us   (baseline)", "on-demand allocator, bare store", us(on_demand));
+    println!("  {:<44} {:>10.2} us   (target <= 5 us)", "full job store (WASI, limits, GPU state)", us(job));
+    println!();
+
+    // ABI call overhead.
+    let n = 20_000_000u32;
+    let with_call = host.load(&call_loop(n, true)).unwrap();
+    let without = host.load(&call_loop(n, false)).unwrap();
+    let t_call = median((0..3).map(|_| bench::run_batch_time(&host, &with_call, Vec::new()).unwrap()).collect());
+    let t_loop = median((0..3).map(|_| bench::run_batch_time(&host, &without, Vec::new()).unwrap()).collect());
+    let per_call = t_call.saturating_sub(t_loop).as_secs_f64() * 1e9 / f64::from(n);
+    println!("ABI call overhead ({n} calls of input_len from wasm, fuel metering on)");
+    println!("  {:<44} {:>10.2} ns/iteration", "loop with the host call", t_call.as_secs_f64() * 1e9 / f64::from(n));
+    println!(
+        "  {:<44} {:>10.2} ns/iteration   (baseline)",
+        "same loop without the call",
+        t_loop.as_secs_f64() * 1e9 / f64::from(n)
+    );
+    println!("  {:<44} {:>10.2} ns   (target <= 20 ns)", "cost of one guest-to-host call", per_call);
+    println!();
+
+    // Compile vs cached load.
+    let matmul_wasm = sample_artifacts::read(sample_artifacts::MATMUL);
+    let dir = tempfile::tempdir().unwrap();
+    let (compile, deserialize) = bench::compile_and_deserialize(&host, &matmul_wasm, dir.path()).unwrap();
+    let matmul = host.load(&matmul_wasm).unwrap();
+    let start = Instant::now();
+    for _ in 0..1000 {
+        std::hint::black_box(host.load(&matmul_wasm).unwrap());
+    }
+    let cached = start.elapsed() / 1000;
+    println!("module load, matmul sample ({} KiB)", matmul_wasm.len() / 1024);
+    println!("  {:<44} {:>10.2} ms   (baseline)", "compile from scratch (Cranelift)", ms(compile));
+    println!("  {:<44} {:>10.2} ms", "load precompiled from the disk cache", ms(deserialize));
+    println!("  {:<44} {:>10.2} us   (hash + in-memory cache hit)", "load from the in-memory cache", us(cached));
+    println!();
+
+    // Matmul sandboxed vs native.
+    let native = Native::new();
+    println!("matmul, f32, square, upload + dispatch + readback, median of runs (the same WGSL)");
+    println!("  {:>6} {:>14} {:>16} {:>8}", "size", "native wgpu ms", "sandboxed ms", "ratio");
+    for &s in &sizes {
+        let cells = (s * s) as usize;
+        let a = matrix_bytes(cells, 1);
+        let b = matrix_bytes(cells, 2);
+        let mut input: Vec<u8> = [s, s, s].iter().flat_map(|w| w.to_le_bytes()).collect();
+        input.extend_from_slice(&a);
+        input.extend_from_slice(&b);
+        let runs = if s >= 2048 { 3 } else { 5 };
+        // Warm both paths (shader compile caches, pool slots) before timing.
+        let reference = native.matmul(s, &a, &b);
+        let report = host.run_batch(&matmul, input.clone(), &host::Limits::default()).unwrap();
+        assert_eq!(report.outcome, Ok(()));
+        assert_eq!(report.output, reference, "sandboxed and native results must be identical");
+        let mut native_t = Vec::new();
+        let mut sandbox_t = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            std::hint::black_box(native.matmul(s, &a, &b));
+            native_t.push(t.elapsed());
+            sandbox_t.push(bench::run_batch_time(&host, &matmul, input.clone()).unwrap());
+        }
+        let (nt, st) = (median(native_t), median(sandbox_t));
+        let note = if s == 1024 { "   (target <= 1.02)" } else { "" };
+        println!("  {:>6} {:>14.2} {:>16.2} {:>8.3}{note}", s, ms(nt), ms(st), st.as_secs_f64() / nt.as_secs_f64());
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Fuzzes the host ABI for a bounded time (default 60 s) with cargo-fuzz on the nightly toolchain.
+# A crash fails the run and leaves its input under fuzz/artifacts/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-60}"
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+cd fuzz
+# No sanitizer: wasmtime handles guest faults with signal handlers that AddressSanitizer would
+# take for crashes. Debug build: the point is the host's checks, not speed, and it builds faster.
+mkdir -p corpus/abi
+cargo +nightly fuzz run abi --dev --sanitizer none corpus/abi seeds -- \
+    -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 -max_len=4096
