@@ -23,8 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", root.join(dep).display());
     }
 
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    // `cargo` from PATH, not `$CARGO`: under `cargo +nightly` (cargo-fuzz) the outer toolchain
+    // may lack the wasm32 target, and rustup's proxy picks the one rust-toolchain.toml pins.
+    let mut cmd = Command::new("cargo");
     cmd.current_dir(&root).args(["build", "--release", "--target", "wasm32-wasip1", "--target-dir"]).arg(&target_dir);
     if std::env::var_os("CARGO_NET_OFFLINE").is_some() {
         cmd.arg("--offline");
@@ -45,6 +46,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             || key.starts_with("CARGO_PROFILE_")
             || key == "CARGO_MAKEFLAGS"
             || key == "CARGO_BUILD_TARGET"
+            || key == "RUSTUP_TOOLCHAIN"
+            || key == "RUSTC"
+            || key == "RUSTDOC"
+            || key == "RUSTC_LINKER"
         {
             cmd.env_remove(&key);
         }

@@ -666,9 +666,27 @@ fn classify(store: &Store<JobState>, e: &wasmtime::Error) -> Failure {
             limit: LimitKind::LogBytes,
             message: format!("the job wrote more than its {} bytes of log", state.limits.log_bytes),
         },
-        Some(trap) => Failure::Trap(format!("{trap}")),
+        Some(trap) => Failure::Trap(format!("{trap}{}", backtrace(e))),
         None => Failure::Trap(format!("{e:#}")),
     }
+}
+
+/// The innermost guest functions of a trap, demangled, past the panic and abort machinery of
+/// the standard library, so a renter can see where their kernel crashed.
+fn backtrace(e: &wasmtime::Error) -> String {
+    let Some(bt) = e.downcast_ref::<wasmtime::WasmBacktrace>() else { return String::new() };
+    let runtime = ["std::", "core::", "alloc::", "__rustc::", "__rust", "rust_panic", "abort", "<std::", "<core::"];
+    let names: Vec<String> = bt
+        .frames()
+        .iter()
+        .map(|f| {
+            f.func_name()
+                .map_or_else(|| format!("#{}", f.func_index()), |n| format!("{:#}", rustc_demangle::demangle(n)))
+        })
+        .filter(|n| !runtime.iter().any(|p| n.starts_with(p)))
+        .take(4)
+        .collect();
+    if names.is_empty() { String::new() } else { format!(" (in {})", names.join(" <- ")) }
 }
 
 fn usage_of(store: &Store<JobState>) -> Usage {
