@@ -1,0 +1,9 @@
+#![doc = include_str!("../README.md")]
+
+pub mod frame;
+pub mod identity;
+pub mod msg;
+pub mod ticket;
+
+pub use frame::{FrameDecoder, FrameError, PROTOCOL_VERSION};
+pub use identity::{KeyError, Keypair, PublicKey, Signature};

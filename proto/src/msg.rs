@@ -1,0 +1,260 @@
+//! Messages between provider hosts and the scheduler, and the job types they carry.
+//!
+//! A host keeps one QUIC connection to the scheduler. On it:
+//! - the host opens one bidirectional *control* stream: [`HostMsg::Register`] first, then
+//!   [`HostMsg::Heartbeat`]s; the scheduler answers [`SchedulerMsg::Registered`] or
+//!   [`SchedulerMsg::Refused`];
+//! - the scheduler opens one bidirectional stream per job: [`JobMsg::Run`]; the host may ask
+//!   [`JobReply::NeedModule`] and gets [`JobMsg::Module`]; it answers [`JobReply::Started`],
+//!   [`JobReply::Finished`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::PublicKey;
+
+/// Cap for a frame carrying a module, a job input or a job result.
+pub const BLOB_CAP: usize = 64 << 20;
+
+/// SHA-256 of a module's bytes: the name it is cached and fetched by.
+pub type ModuleHash = [u8; 32];
+
+/// Hex of a module hash, as the HTTP API shows it.
+pub fn hash_hex(hash: &ModuleHash) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A module hash from its hex form.
+pub fn parse_hash(hex: &str) -> Option<ModuleHash> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// One GPU a provider offers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub name: String,
+    pub vendor: String,
+    /// `vulkan`, `metal`, `dx12`, `gl`.
+    pub backend: String,
+    /// `DiscreteGpu`, `IntegratedGpu`, `Cpu`, ...
+    pub device_type: String,
+    /// Memory the provider declares for jobs, in bytes.
+    pub vram_bytes: u64,
+    /// Measured f32 matmul throughput, in GFLOP/s (the host's own benchmark at start-up).
+    pub score_gflops: f64,
+}
+
+/// What a provider charges, in the smallest unit of the payment token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    /// Per GPU-second of a batch job.
+    pub per_gpu_second: u64,
+    /// Per inference of a session.
+    pub per_inference: u64,
+}
+
+/// What a renter asks of the GPUs that run a job. Every field is optional; the empty set
+/// matches any online provider.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Requirements {
+    /// GPUs on one provider (default 1).
+    pub gpu_count: Option<u32>,
+    /// Least memory per GPU, in bytes.
+    pub min_vram_bytes: Option<u64>,
+    /// Case-insensitive text the GPU's vendor or name must contain (`nvidia`, `H100`, `radeon`).
+    pub gpu: Option<String>,
+    /// Graphics backend (`vulkan`, `metal`, `dx12`).
+    pub backend: Option<String>,
+    /// Highest price per GPU-second.
+    pub max_price_per_gpu_second: Option<u64>,
+    /// Highest price per inference, for sessions.
+    pub max_price_per_inference: Option<u64>,
+    /// Provider region, exactly (`eu-west`).
+    pub region: Option<String>,
+    /// Highest round-trip time between scheduler and provider, in milliseconds.
+    pub max_rtt_ms: Option<u32>,
+}
+
+/// The limits a job runs under, on the wire. Zero means "the host's default".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobLimits {
+    pub memory_bytes: u64,
+    pub fuel: u64,
+    pub cpu_time_ms: u64,
+    pub wall_time_ms: u64,
+    pub gpu_bytes: u64,
+    pub dispatches: u64,
+}
+
+/// The billed counts of a job or a call, on the wire.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireUsage {
+    pub inferences: u64,
+    pub fuel: u64,
+    pub dispatches: u64,
+    pub workgroups: u64,
+    pub invocations: u64,
+    pub bytes_uploaded: u64,
+    pub bytes_downloaded: u64,
+    pub peak_gpu_bytes: u64,
+    pub gpu_time_ns: u64,
+    pub gpu_time_source: String,
+}
+
+/// How a job ended on a host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Succeeded,
+    /// The job failed: `kind` is `limit`, `trap`, `exit`, `guest`, `host` or `load`.
+    Failed {
+        kind: String,
+        limit: Option<String>,
+        message: String,
+    },
+}
+
+/// A finished job, as the host reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub outcome: Outcome,
+    #[serde(with = "bytes")]
+    pub output: Vec<u8>,
+    #[serde(with = "bytes")]
+    pub log: Vec<u8>,
+    pub usage: WireUsage,
+    pub wall_time_ms: u64,
+}
+
+/// Host to scheduler, on the control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum HostMsg {
+    Register {
+        /// Free text, for people.
+        name: String,
+        region: String,
+        gpus: Vec<GpuInfo>,
+        price: Price,
+        /// Jobs the host runs at once.
+        capacity: u32,
+        /// Where renters reach this host for inference sessions (`ip:port`), if it serves them.
+        session_addr: Option<String>,
+    },
+    Heartbeat {
+        /// Jobs running now.
+        running: u32,
+    },
+}
+
+/// Scheduler to host, on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SchedulerMsg {
+    Registered { provider: PublicKey, heartbeat_ms: u64 },
+    Refused { reason: String },
+}
+
+/// Scheduler to host, on a job stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobMsg {
+    Run {
+        job_id: String,
+        module_hash: ModuleHash,
+        #[serde(with = "bytes")]
+        input: Vec<u8>,
+        limits: JobLimits,
+    },
+    Module {
+        #[serde(with = "bytes")]
+        bytes: Vec<u8>,
+    },
+}
+
+/// Host to scheduler, on a job stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobReply {
+    NeedModule,
+    Started,
+    Finished(JobResult),
+    /// The host cannot take the job (full, module refused); the scheduler places it again.
+    Declined {
+        reason: String,
+    },
+}
+
+/// Byte vectors as msgpack binary rather than arrays of integers.
+mod bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{CONTROL_CAP, decode_body, encode};
+
+    #[test]
+    fn messages_round_trip_through_frames() {
+        let run = JobMsg::Run {
+            job_id: "j1".into(),
+            module_hash: [7; 32],
+            input: vec![200; 10_000],
+            limits: JobLimits::default(),
+        };
+        let frame = encode(&run, BLOB_CAP).unwrap();
+        // Binary stays binary: 10,000 input bytes cost 10,000 bytes plus a small header.
+        assert!(frame.len() < 10_300, "{}", frame.len());
+        assert_eq!(decode_body::<JobMsg>(&frame[4..]).unwrap(), run);
+        let reg = HostMsg::Register {
+            name: "rig".into(),
+            region: "eu".into(),
+            gpus: vec![],
+            price: Price { per_gpu_second: 1, per_inference: 2 },
+            capacity: 4,
+            session_addr: None,
+        };
+        let frame = encode(&reg, CONTROL_CAP).unwrap();
+        assert_eq!(decode_body::<HostMsg>(&frame[4..]).unwrap(), reg);
+    }
+
+    #[test]
+    fn hashes_round_trip_as_hex() {
+        let h = [0xab; 32];
+        assert_eq!(parse_hash(&hash_hex(&h)), Some(h));
+        assert_eq!(parse_hash("abc"), None);
+        assert_eq!(parse_hash(&"zz".repeat(32)), None);
+    }
+}
