@@ -1,5 +1,6 @@
 //! `wasmgrid`: the one binary users run.
 
+mod market;
 mod units;
 
 use std::io::{BufRead, IsTerminal, Read, Write};
@@ -23,8 +24,10 @@ mod exit {
     pub(crate) const BAD_INPUT: u8 = 2;
     /// The job was ended by one of its limits.
     pub(crate) const LIMIT: u8 = 3;
-    /// The host failed: no GPU, device lost.
+    /// The host failed (no GPU, device lost), or the scheduler could not be reached.
     pub(crate) const HOST: u8 = 4;
+    /// A submitted job's deadline passed before any provider could run it.
+    pub(crate) const EXPIRED: u8 = 5;
 }
 
 #[derive(Parser, Debug)]
@@ -47,6 +50,16 @@ enum Command {
     /// Start an inference service (a module exporting `wasmgrid_init`/`wasmgrid_infer`) locally
     /// and serve requests: one per line of stdin, or one per file given.
     Infer(InferArgs),
+    /// Write a new keypair (Solana CLI format) and print its public key.
+    Keygen(market::KeygenArgs),
+    /// Run a scheduler: the HTTP API for renters and the QUIC endpoint for providers.
+    Scheduler(market::SchedulerArgs),
+    /// Run a provider host: connect to a scheduler and run the jobs it sends.
+    Host(market::HostDaemonArgs),
+    /// Submit a batch job to a scheduler; with --wait, follow it and print its output.
+    Submit(market::SubmitArgs),
+    /// Show a submitted job.
+    Job(market::JobArgs),
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +170,11 @@ fn main() -> ExitCode {
         Command::Gpus { json } => gpus(json),
         Command::Run(args) => run(&args),
         Command::Infer(args) => infer(&args),
+        Command::Keygen(args) => market::keygen(&args),
+        Command::Scheduler(args) => market::scheduler(&args),
+        Command::Host(args) => market::host_daemon(&args),
+        Command::Submit(args) => market::submit(&args),
+        Command::Job(args) => market::job(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -217,7 +235,7 @@ fn adapter_json(a: &host::AdapterSummary) -> Value {
     })
 }
 
-fn cache_dir() -> Option<PathBuf> {
+pub(crate) fn cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
@@ -298,7 +316,7 @@ fn failure_code(f: &Failure) -> u8 {
 }
 
 /// Bytes as JSON: a string when they are UTF-8, else base-16 under another key.
-fn bytes_json(key: &str, bytes: &[u8]) -> (String, Value) {
+pub(crate) fn bytes_json(key: &str, bytes: &[u8]) -> (String, Value) {
     match std::str::from_utf8(bytes) {
         Ok(s) => (key.to_string(), Value::String(s.to_string())),
         Err(_) => (format!("{key}_hex"), Value::String(bytes.iter().map(|b| format!("{b:02x}")).collect())),

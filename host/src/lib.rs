@@ -2,6 +2,7 @@
 
 #[doc(hidden)]
 pub mod bench;
+pub mod daemon;
 mod error;
 mod gpu;
 mod limits;

@@ -1,2 +1,10 @@
-//! The wasmgrid scheduler: providers register over QUIC, renters submit over HTTP, and jobs are
-//! matched to providers. Work in progress: see issue 3.
+#![doc = include_str!("../README.md")]
+
+pub mod matching;
+pub mod server;
+pub mod state;
+pub mod store;
+
+pub use server::{Listening, SchedulerConfig, start};
+pub use state::{Config, State};
+pub use store::{RedbStore, Store, StoreError};

@@ -1,6 +1,8 @@
 //! The `wasmgrid` binary end to end: output, JSON shape and exit statuses.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod market;
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 

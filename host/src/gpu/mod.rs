@@ -195,6 +195,87 @@ impl Gpu {
     }
 }
 
+/// The tiled kernel of the matmul sample: the host's own benchmark runs the same code renters'
+/// kernels do.
+const BENCH_MATMUL_WGSL: &str = include_str!("../../../samples/matmul/src/matmul.wgsl");
+
+impl Gpu {
+    /// Runs a 512 x 512 x 512 f32 matmul a few times and returns the best throughput in GFLOP/s
+    /// (0 if the GPU failed it).
+    pub(crate) fn benchmark_gflops(&self) -> f64 {
+        let n: u32 = 512;
+        let ctx = self.device();
+        let device = &ctx.device;
+        let ((pipeline, group, c), err) = scoped(device, || {
+            let bytes = u64::from(n) * u64::from(n) * 4;
+            let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+            let make = |usage| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: bytes,
+                    usage,
+                    mapped_at_creation: false,
+                })
+            };
+            let (a, b, c) = (make(storage), make(storage), make(storage));
+            let dims = device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 16,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let words: Vec<u8> = [n, n, n, 0].iter().flat_map(|w| w.to_le_bytes()).collect();
+            ctx.queue.write_buffer(&dims, 0, &words);
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: None,
+                source: wgpu::ShaderSource::Wgsl(BENCH_MATMUL_WGSL.into()),
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: None,
+                layout: None,
+                module: &module,
+                entry_point: Some("matmul"),
+                compilation_options: wgpu::PipelineCompilationOptions::default(),
+                cache: None,
+            });
+            let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry { binding: 0, resource: dims.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 1, resource: a.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 2, resource: b.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 3, resource: c.as_entire_binding() },
+                ],
+            });
+            (pipeline, group, c)
+        });
+        if err.is_some() {
+            return 0.0;
+        }
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let start = Instant::now();
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &group, &[]);
+                pass.dispatch_workgroups(n / 16, n / 16, 1);
+            }
+            let index = ctx.queue.submit([encoder.finish()]);
+            let done = device
+                .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: Some(Duration::from_secs(60)) });
+            if done.is_err() {
+                return 0.0;
+            }
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        drop(c);
+        2.0 * f64::from(n).powi(3) / best / 1e9
+    }
+}
+
 fn open_device(adapter: &wgpu::Adapter) -> Result<Arc<DeviceCtx>, String> {
     let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
     let required_features = if timestamps { wgpu::Features::TIMESTAMP_QUERY } else { wgpu::Features::empty() };

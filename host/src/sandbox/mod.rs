@@ -420,6 +420,27 @@ impl Host {
         self.inner.cache.lock().unwrap_or_else(PoisonError::into_inner).contains_key(hash)
     }
 
+    /// The module with this hash if this host has it compiled, in memory or in its disk cache,
+    /// so that a module fetched once need not travel again.
+    pub fn cached(&self, hash: &[u8; 32]) -> Option<JobModule> {
+        if let Some(m) = self.inner.cache.lock().unwrap_or_else(PoisonError::into_inner).get(hash) {
+            return Some(m.clone());
+        }
+        let dir = self.inner.config.cache_dir.as_ref()?;
+        let module = load_precompiled(&self.inner.engine, &dir.join(format!("{}.cwasm", hex(hash))))?;
+        let kind = check_module(&module).ok()?;
+        let pre = self.inner.linker.instantiate_pre(&module).ok()?;
+        let job = JobModule { hash: *hash, kind, pre };
+        self.inner.cache.lock().unwrap_or_else(PoisonError::into_inner).insert(*hash, job.clone());
+        Some(job)
+    }
+
+    /// Measures this host's GPU: f32 matmul throughput in GFLOP/s, for the score providers
+    /// advertise.
+    pub fn benchmark_gflops(&self) -> f64 {
+        self.inner.gpu.benchmark_gflops()
+    }
+
     fn compile(&self, wasm: &[u8], hash: &[u8; 32]) -> Result<Module, LoadError> {
         let engine = &self.inner.engine;
         let path = self.inner.config.cache_dir.as_ref().map(|d| d.join(format!("{}.cwasm", hex(hash))));

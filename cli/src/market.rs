@@ -1,0 +1,481 @@
+//! The market commands: `keygen`, `scheduler`, `host`, `submit`, `job`.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use base64::Engine;
+use clap::Args;
+use proto::api::{JobState, JobView, ModuleUploaded, SubmitJob, Submitted};
+use proto::msg::{JobLimits, Outcome, Price, Requirements};
+use proto::{Keypair, PublicKey};
+use serde_json::{Value, json};
+
+use crate::{Exit, bad_input, exit, units};
+
+fn config_dir() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("wasmgrid")
+}
+
+/// Reads a keypair, or creates it when it does not exist yet (and says so).
+fn key_or_create(path: &Path) -> anyhow::Result<Keypair> {
+    if path.exists() {
+        return Ok(Keypair::read(path)?);
+    }
+    let key = Keypair::generate();
+    key.write_new(path)?;
+    eprintln!("created a new keypair {} ({})", path.display(), key.public());
+    Ok(key)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Exit { code: exit::HOST, error: anyhow!("starting the async runtime: {e}") })
+}
+
+fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).try_init();
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct KeygenArgs {
+    /// Where to write the keypair (Solana CLI JSON format). Never overwrites.
+    #[arg(long, short, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+pub(crate) fn keygen(args: &KeygenArgs) -> Result<u8, Exit> {
+    let path = args.out.clone().unwrap_or_else(|| config_dir().join("id.json"));
+    let key = Keypair::generate();
+    key.write_new(&path).map_err(|e| bad_input(e.into()))?;
+    println!("{}", key.public());
+    eprintln!("wrote {}", path.display());
+    Ok(exit::OK)
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SchedulerArgs {
+    /// Address of the HTTP API for renters.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Address of the QUIC endpoint providers connect to.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    quic: SocketAddr,
+    /// The scheduler's keypair (created if missing); providers pin its public key.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// File of provider public keys (base58, one per line, `#` comments) allowed to connect.
+    /// Without it any key may register.
+    #[arg(long, value_name = "FILE")]
+    providers: Option<PathBuf>,
+    /// The database file that keeps jobs, modules and providers across restarts.
+    #[arg(long, value_name = "FILE")]
+    db: Option<PathBuf>,
+    /// A provider silent this long is offline and its running jobs run elsewhere.
+    #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
+    heartbeat_timeout: Duration,
+    /// How often a job is started before it fails for good.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: usize,
+}
+
+fn read_provider_keys(path: &Path) -> anyhow::Result<HashSet<PublicKey>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| l.parse::<PublicKey>().with_context(|| format!("in {}", path.display())))
+        .collect()
+}
+
+pub(crate) fn scheduler(args: &SchedulerArgs) -> Result<u8, Exit> {
+    init_logging();
+    let keypair =
+        key_or_create(&args.key.clone().unwrap_or_else(|| config_dir().join("scheduler.json"))).map_err(bad_input)?;
+    let providers = args.providers.as_deref().map(read_provider_keys).transpose().map_err(bad_input)?;
+    let db = args.db.clone().unwrap_or_else(|| config_dir().join("scheduler.redb"));
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display())).map_err(bad_input)?;
+    }
+    let config = scheduler::SchedulerConfig {
+        http: args.http,
+        quic: args.quic,
+        keypair,
+        providers,
+        db,
+        state: scheduler::Config {
+            heartbeat_timeout_ms: args.heartbeat_timeout.as_millis() as u64,
+            max_attempts: args.max_attempts.max(1),
+            ..scheduler::Config::default()
+        },
+    };
+    let rt = runtime()?;
+    rt.block_on(async {
+        let listening = scheduler::start(config).await.map_err(|e| bad_input(e.into()))?;
+        // One line for people and scripts (tests read the addresses from it).
+        println!("scheduler listening http={} quic={} key={}", listening.http, listening.quic, listening.key);
+        let _ = std::io::stdout().flush();
+        let _ = tokio::signal::ctrl_c().await;
+        Ok(exit::OK)
+    })
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct HostDaemonArgs {
+    /// The scheduler's QUIC address.
+    #[arg(long, value_name = "ADDR")]
+    scheduler: SocketAddr,
+    /// The scheduler's public key (base58), as `GET /v1/info` shows it.
+    #[arg(long, value_name = "KEY")]
+    scheduler_key: PublicKey,
+    /// This provider's keypair (created if missing).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// A name for people.
+    #[arg(long, default_value = "provider")]
+    name: String,
+    #[arg(long, default_value = "local")]
+    region: String,
+    /// Price per GPU-second of batch jobs, in the payment token's smallest unit.
+    #[arg(long, default_value_t = 1)]
+    price_per_gpu_second: u64,
+    /// Price per inference of sessions.
+    #[arg(long, default_value_t = 1)]
+    price_per_inference: u64,
+    /// Jobs run at once.
+    #[arg(long, default_value_t = 2)]
+    capacity: u32,
+    /// GPU memory offered (default: the adapter's largest buffer).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    vram: Option<u64>,
+    /// Use the adapter whose name contains this text.
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
+    /// Where compiled modules are cached (default: the user cache directory).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
+    init_logging();
+    let keypair =
+        key_or_create(&args.key.clone().unwrap_or_else(|| config_dir().join("provider.json"))).map_err(bad_input)?;
+    let host = host::Host::new(host::HostConfig {
+        adapter: host::AdapterChoice { name: args.adapter.clone() },
+        max_instances: args.capacity.max(1) * 2,
+        cache_dir: args.cache_dir.clone().or_else(crate::cache_dir),
+        ..host::HostConfig::default()
+    })
+    .map_err(|e| Exit { code: exit::HOST, error: anyhow!(e) })?;
+    let config = host::daemon::DaemonConfig {
+        scheduler: args.scheduler,
+        scheduler_key: args.scheduler_key,
+        keypair,
+        name: args.name.clone(),
+        region: args.region.clone(),
+        price: Price { per_gpu_second: args.price_per_gpu_second, per_inference: args.price_per_inference },
+        capacity: args.capacity.max(1),
+        vram_bytes: args.vram,
+    };
+    println!("provider {} serving {} for {}", config.keypair.public(), host.gpu().name, args.scheduler);
+    let _ = std::io::stdout().flush();
+    runtime()?.block_on(host::daemon::run_forever(host, config));
+    Ok(exit::OK)
+}
+
+/// What renters can ask of a provider, as flags.
+#[derive(Args, Debug, Default)]
+pub(crate) struct RequirementArgs {
+    /// GPUs on one provider.
+    #[arg(long, value_name = "N")]
+    gpus: Option<u32>,
+    /// Least memory per GPU (e.g. 24GiB).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    min_vram: Option<u64>,
+    /// Text the GPU vendor or name must contain (nvidia, H100, radeon).
+    #[arg(long, value_name = "TEXT")]
+    gpu: Option<String>,
+    /// Graphics backend (vulkan, metal, dx12).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Highest price per GPU-second.
+    #[arg(long, value_name = "N")]
+    max_price: Option<u64>,
+    #[arg(long)]
+    region: Option<String>,
+    /// Highest round trip between scheduler and provider, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    max_rtt: Option<u32>,
+}
+
+impl RequirementArgs {
+    fn requirements(&self) -> Requirements {
+        Requirements {
+            gpu_count: self.gpus,
+            min_vram_bytes: self.min_vram,
+            gpu: self.gpu.clone(),
+            backend: self.backend.clone(),
+            max_price_per_gpu_second: self.max_price,
+            max_price_per_inference: None,
+            region: self.region.clone(),
+            max_rtt_ms: self.max_rtt,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SubmitArgs {
+    /// The job module.
+    job: PathBuf,
+    /// The scheduler's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "WASMGRID_SCHEDULER")]
+    scheduler: String,
+    /// File whose bytes are the job input.
+    #[arg(long, short, value_name = "FILE")]
+    input: Option<PathBuf>,
+    /// With --wait, write the output here instead of printing it.
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    requirements: RequirementArgs,
+    /// How long the job may wait and run before it is given up (e.g. 10m).
+    #[arg(long, value_parser = units::parse_duration)]
+    deadline: Option<Duration>,
+    /// Wait for the job to end, showing its progress, and print its output.
+    #[arg(long)]
+    wait: bool,
+    /// Print JSON (the submission, or with --wait the finished job) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct JobArgs {
+    /// The job id `submit` printed.
+    id: String,
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "WASMGRID_SCHEDULER")]
+    scheduler: String,
+    #[arg(long)]
+    json: bool,
+}
+
+/// A small client of the scheduler's HTTP API.
+struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    fn new(base: &str) -> Client {
+        Client { base: base.trim_end_matches('/').to_string(), http: reqwest::Client::new() }
+    }
+
+    async fn check(resp: reqwest::Response, what: &str) -> anyhow::Result<reqwest::Response> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<proto::api::ApiError>(&body).map(|e| e.error).unwrap_or(body);
+        Err(anyhow!("{what}: the scheduler answered {status}: {message}"))
+    }
+
+    async fn upload(&self, module: Vec<u8>) -> anyhow::Result<ModuleUploaded> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/modules", self.base))
+            .body(module)
+            .send()
+            .await
+            .context("reaching the scheduler")?;
+        Ok(Self::check(resp, "uploading the module").await?.json().await?)
+    }
+
+    async fn submit(&self, job: &SubmitJob) -> anyhow::Result<Submitted> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/jobs", self.base))
+            .json(job)
+            .send()
+            .await
+            .context("reaching the scheduler")?;
+        Ok(Self::check(resp, "submitting the job").await?.json().await?)
+    }
+
+    async fn job(&self, id: &str) -> anyhow::Result<JobView> {
+        let resp =
+            self.http.get(format!("{}/v1/jobs/{id}", self.base)).send().await.context("reaching the scheduler")?;
+        Ok(Self::check(resp, "reading the job").await?.json().await?)
+    }
+
+    async fn bytes(&self, id: &str, what: &str) -> anyhow::Result<Vec<u8>> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/jobs/{id}/{what}", self.base))
+            .send()
+            .await
+            .context("reaching the scheduler")?;
+        Ok(Self::check(resp, &format!("reading the job {what}")).await?.bytes().await?.to_vec())
+    }
+}
+
+fn job_exit(view: &JobView) -> u8 {
+    match (&view.state, &view.outcome) {
+        (JobState::Succeeded, _) => exit::OK,
+        (_, Some(Outcome::Failed { kind, .. })) if kind == "limit" => exit::LIMIT,
+        (_, Some(Outcome::Failed { kind, .. })) if kind == "host" => exit::HOST,
+        (JobState::Expired, _) => exit::EXPIRED,
+        _ => exit::JOB_ERROR,
+    }
+}
+
+fn job_json(view: &JobView) -> Value {
+    serde_json::to_value(view).unwrap_or(Value::Null)
+}
+
+pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
+    let module = std::fs::read(&args.job)
+        .with_context(|| format!("reading the job {}", args.job.display()))
+        .map_err(bad_input)?;
+    let input = match &args.input {
+        Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display())).map_err(bad_input)?,
+        None => Vec::new(),
+    };
+    let client = Client::new(&args.scheduler);
+    let infra = |e: anyhow::Error| Exit { code: exit::HOST, error: e };
+    runtime()?.block_on(async {
+        let started = Instant::now();
+        let uploaded = client.upload(module).await.map_err(infra)?;
+        if !args.json {
+            eprintln!(
+                "uploaded module {} ({})",
+                &uploaded.module[..12.min(uploaded.module.len())],
+                units::format_size(uploaded.bytes)
+            );
+        }
+        let job = SubmitJob {
+            module: uploaded.module,
+            input_base64: base64::engine::general_purpose::STANDARD.encode(&input),
+            requirements: args.requirements.requirements(),
+            limits: JobLimits::default(),
+            deadline_secs: args.deadline.map(|d| d.as_secs().max(1)),
+        };
+        let submitted = client.submit(&job).await.map_err(bad_input)?;
+        if !args.wait {
+            if args.json {
+                println!("{}", serde_json::to_value(&submitted).unwrap_or(Value::Null));
+            } else {
+                println!("{}", submitted.id);
+                if let Some(n) = &submitted.no_match {
+                    eprintln!("waiting: {}", n.summary);
+                }
+            }
+            return Ok(exit::OK);
+        }
+        if !args.json {
+            eprintln!("submitted {}", submitted.id);
+        }
+        let mut last = String::new();
+        let view = loop {
+            let view = client.job(&submitted.id).await.map_err(infra)?;
+            let line = match view.state {
+                JobState::Queued => match (&view.no_match, view.queue_position) {
+                    (Some(n), _) => format!("queued: {}", n.summary),
+                    (None, Some(p)) => format!("queued: position {p}"),
+                    (None, None) => "queued".to_string(),
+                },
+                JobState::Running => {
+                    let tries = view.attempts.len();
+                    let on = view.provider.map(|p| p.to_string()).unwrap_or_default();
+                    if tries > 1 { format!("running on {on} (try {tries})") } else { format!("running on {on}") }
+                }
+                _ => String::new(),
+            };
+            if !args.json && !line.is_empty() && line != last {
+                eprintln!("{line}");
+                last = line;
+            }
+            if view.state.is_final() {
+                break view;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let output = if view.output_bytes.is_some() {
+            client.bytes(&view.id, "output").await.map_err(infra)?
+        } else {
+            Vec::new()
+        };
+        let log =
+            if view.output_bytes.is_some() { client.bytes(&view.id, "log").await.map_err(infra)? } else { Vec::new() };
+        if let Some(path) = &args.output {
+            std::fs::write(path, &output).with_context(|| format!("writing {}", path.display())).map_err(bad_input)?;
+        }
+        let code = job_exit(&view);
+        if args.json {
+            let mut v = job_json(&view);
+            if let Value::Object(map) = &mut v {
+                if args.output.is_none() {
+                    let (k, val) = crate::bytes_json("output", &output);
+                    map.insert(k, val);
+                }
+                let (k, val) = crate::bytes_json("log", &log);
+                map.insert(k, val);
+                map.insert("elapsed_ms".into(), json!(started.elapsed().as_millis() as u64));
+            }
+            println!("{v}");
+            return Ok(code);
+        }
+        if !log.is_empty() {
+            eprintln!("--- log ---");
+            let _ = std::io::stderr().write_all(&log);
+        }
+        if args.output.is_none() {
+            let _ = std::io::stdout().write_all(&output);
+        }
+        match (&view.state, &view.outcome, &view.error) {
+            (JobState::Succeeded, _, _) => eprintln!(
+                "done in {:.1} s on {}",
+                started.elapsed().as_secs_f64(),
+                view.provider.map(|p| p.to_string()).unwrap_or_default()
+            ),
+            (_, Some(Outcome::Failed { message, .. }), _) => eprintln!("error: {message}"),
+            (_, _, Some(e)) => eprintln!("error: {e}"),
+            _ => eprintln!("error: the job ended {:?}", view.state),
+        }
+        Ok(code)
+    })
+}
+
+pub(crate) fn job(args: &JobArgs) -> Result<u8, Exit> {
+    let client = Client::new(&args.scheduler);
+    runtime()?.block_on(async {
+        let view = client.job(&args.id).await.map_err(bad_input)?;
+        if args.json {
+            println!("{}", job_json(&view));
+        } else {
+            println!("{} {:?}", view.id, view.state);
+            if let Some(p) = view.queue_position {
+                println!("queue position {p}");
+            }
+            if let Some(n) = &view.no_match {
+                println!("waiting: {}", n.summary);
+            }
+            for (i, a) in view.attempts.iter().enumerate() {
+                println!("try {}: {} {}", i + 1, a.provider, a.error.as_deref().unwrap_or(""));
+            }
+            if let Some(e) = &view.error {
+                println!("error: {e}");
+            }
+        }
+        Ok(if view.state.is_final() { job_exit(&view) } else { exit::OK })
+    })
+}

@@ -1,0 +1,355 @@
+//! The market with real processes on loopback: a scheduler, provider hosts, renters' submits.
+//! Processes are killed (some with SIGKILL) to test failure; every wait is bounded.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A child process killed when dropped.
+struct Proc {
+    child: Child,
+    first_line: String,
+}
+
+impl Proc {
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Market {
+    dir: tempfile::TempDir,
+}
+
+impl Market {
+    fn new() -> Market {
+        Market { dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_wasmgrid"));
+        c.args(args)
+            .env("XDG_CONFIG_HOME", self.path("config"))
+            .env("XDG_RUNTIME_DIR", self.dir.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Starts a long-running command and waits for its first line of stdout.
+    fn spawn(&self, args: &[&str], log: &str) -> Proc {
+        let err = std::fs::File::create(self.path(log)).unwrap();
+        let mut child = self.cmd(args).stdout(Stdio::piped()).stderr(err).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let first_line = rx.recv_timeout(WAIT).unwrap_or_else(|_| {
+            panic!("{args:?} printed nothing; its log: {}", std::fs::read_to_string(self.path(log)).unwrap_or_default())
+        });
+        Proc { child, first_line }
+    }
+
+    fn scheduler(&self, extra: &[&str]) -> (Proc, Sched) {
+        let db = self.path("sched.redb");
+        let key = self.path("sched.json");
+        let mut args = vec![
+            "scheduler",
+            "--http",
+            "127.0.0.1:0",
+            "--quic",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--heartbeat-timeout",
+            "1500ms",
+        ];
+        args.extend_from_slice(extra);
+        let p = self.spawn(&args, "scheduler.log");
+        let field = |name: &str| {
+            p.first_line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name} in {:?}", p.first_line))
+                .to_string()
+        };
+        let s = Sched { http: field("http"), quic: field("quic"), key: field("key") };
+        (p, s)
+    }
+
+    /// Starts a provider; returns it with its public key.
+    fn host(&self, s: &Sched, name: &str, extra: &[&str]) -> (Proc, String) {
+        let key = self.path(&format!("{name}.json"));
+        let cache = self.path(&format!("{name}-cache"));
+        let mut args = vec![
+            "host",
+            "--scheduler",
+            &s.quic,
+            "--scheduler-key",
+            &s.key,
+            "--key",
+            key.to_str().unwrap(),
+            "--name",
+            name,
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--capacity",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let p = self.spawn(&args, &format!("{name}.log"));
+        let provider = p.first_line.split_whitespace().nth(1).unwrap().to_string();
+        (p, provider)
+    }
+
+    fn submit(&self, s: &Sched, module: &str, extra: &[&str]) -> Value {
+        let url = format!("http://{}", s.http);
+        let mut args = vec!["submit", module, "--scheduler", &url, "--json"];
+        args.extend_from_slice(extra);
+        let out = self.cmd(&args).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "submit printed no JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+}
+
+struct Sched {
+    http: String,
+    quic: String,
+    key: String,
+}
+
+/// A plain HTTP/1.1 request over a real socket: (status, body).
+fn http(addr: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let ct = content_type.map(|c| format!("Content-Type: {c}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{ct}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn get_json(s: &Sched, path: &str) -> Value {
+    let (status, body) = http(&s.http, "GET", path, None, b"");
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Polls until `f` gives a value, for at most `WAIT`.
+fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn online(s: &Sched, n: usize) {
+    until(&format!("{n} providers online"), || {
+        let list = get_json(s, "/v1/providers");
+        (list.as_array().unwrap().iter().filter(|p| p["online"] == true).count() >= n).then_some(())
+    });
+}
+
+fn log_of(m: &Market, name: &str) -> String {
+    std::fs::read_to_string(m.path(name)).unwrap_or_default()
+}
+
+#[test]
+fn submit_runs_on_a_provider_and_returns_output_and_usage() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (_host, provider) = m.host(&s, "rig1", &[]);
+    online(&s, 1);
+    let providers = get_json(&s, "/v1/providers");
+    let p = &providers[0];
+    assert_eq!(p["key"], provider.as_str());
+    assert!(p["gpus"][0]["score_gflops"].as_f64().unwrap() > 0.0, "the host measured its GPU: {p}");
+
+    let job = m.submit(&s, sample_artifacts::MATMUL, &["--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["provider"], provider.as_str());
+    assert!(job["output"].as_str().unwrap().contains("matches the CPU reference"), "{job}");
+    assert_eq!(job["usage"]["dispatches"], 1);
+    assert_eq!(job["usage"]["invocations"], 256 * 256);
+
+    // The same job again: the provider has the module cached and is not sent it twice.
+    let again = m.submit(&s, sample_artifacts::MATMUL, &["--wait"]);
+    assert_eq!(again["state"], "succeeded");
+    assert_eq!(again["output"], job["output"]);
+}
+
+#[test]
+fn no_match_is_explained_at_once_and_the_job_runs_when_a_fitting_provider_joins() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (_small, _) = m.host(&s, "small", &["--vram", "1GiB"]);
+    online(&s, 1);
+    let submitted = m.submit(&s, sample_artifacts::MATMUL, &["--min-vram", "4GiB"]);
+    assert_eq!(submitted["state"], "queued");
+    let no_match = &submitted["no_match"];
+    assert_eq!(no_match["summary"], "0 of 1 providers match: 1 has too little VRAM", "{submitted}");
+    assert_eq!(no_match["reasons"][0]["reason"], "vram");
+    let id = submitted["id"].as_str().unwrap().to_string();
+
+    // Still waiting, with the reason, a moment later.
+    std::thread::sleep(Duration::from_millis(500));
+    let view = get_json(&s, &format!("/v1/jobs/{id}"));
+    assert_eq!(view["state"], "queued");
+    assert_eq!(view["queue_position"], 1);
+
+    let (_big, big) = m.host(&s, "big", &["--vram", "8GiB"]);
+    let view = until("the job to finish", || {
+        let v = get_json(&s, &format!("/v1/jobs/{id}"));
+        (v["state"] == "succeeded").then_some(v)
+    });
+    assert_eq!(view["provider"], big.as_str());
+}
+
+#[test]
+fn a_killed_host_mid_job_and_the_job_completes_on_the_other_host() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (mut a, key_a) = m.host(&s, "a", &[]);
+    let (mut b, key_b) = m.host(&s, "b", &[]);
+    online(&s, 2);
+    // A few seconds of training, so the kill lands mid-job.
+    let input = m.path("train.txt");
+    std::fs::write(&input, "epochs=6000 samples=2048").unwrap();
+    let submitted = m.submit(&s, sample_artifacts::TRAIN, &["--input", input.to_str().unwrap()]);
+    let id = submitted["id"].as_str().unwrap().to_string();
+    let first = until("the job to start", || {
+        let v = get_json(&s, &format!("/v1/jobs/{id}"));
+        (v["state"] == "running").then(|| v["provider"].as_str().unwrap().to_string())
+    });
+    let (victim, survivor) = if first == key_a { (&mut a, key_b) } else { (&mut b, key_a) };
+    victim.kill9();
+    let view = until("the job to finish elsewhere", || {
+        let v = get_json(&s, &format!("/v1/jobs/{id}"));
+        v["state"].as_str().is_some_and(|st| st != "queued" && st != "running").then_some(v)
+    });
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert_eq!(view["provider"], survivor.as_str());
+    let attempts = view["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{view}");
+    assert_eq!(attempts[0]["provider"], first.as_str());
+    let reason = attempts[0]["error"].as_str().unwrap();
+    assert!(reason.contains("provider"), "the first try's reason is kept: {reason}");
+}
+
+#[test]
+fn a_scheduler_restart_mid_queue_loses_nothing() {
+    let m = Market::new();
+    let (mut sched, s) = m.scheduler(&[]);
+    let submitted = m.submit(&s, sample_artifacts::MATMUL, &[]);
+    let id = submitted["id"].as_str().unwrap().to_string();
+    assert_eq!(submitted["no_match"]["summary"], "0 of 0 providers match: no provider has registered yet");
+    sched.kill9();
+
+    // Same database and key, new ports.
+    let (_sched2, s2) = m.scheduler(&[]);
+    assert_eq!(s2.key, s.key);
+    let view = get_json(&s2, &format!("/v1/jobs/{id}"));
+    assert_eq!(view["state"], "queued", "{view}");
+    let (_host, provider) = m.host(&s2, "late", &[]);
+    let view = until("the queued job to run after the restart", || {
+        let v = get_json(&s2, &format!("/v1/jobs/{id}"));
+        (v["state"] == "succeeded").then_some(v)
+    });
+    assert_eq!(view["provider"], provider.as_str());
+    let (status, output) = http(&s2.http, "GET", &format!("/v1/jobs/{id}/output"), None, b"");
+    assert_eq!(status, 200);
+    assert!(output.contains("matches the CPU reference"), "{output}");
+}
+
+#[test]
+fn a_host_with_an_unknown_key_is_refused_before_any_work() {
+    let m = Market::new();
+    let allowed = proto::Keypair::generate();
+    let list = m.path("providers.txt");
+    std::fs::write(&list, format!("# the only provider allowed\n{}\n", allowed.public())).unwrap();
+    let (_sched, s) = m.scheduler(&["--providers", list.to_str().unwrap()]);
+    let (_stranger, _) = m.host(&s, "stranger", &[]);
+    let submitted = m.submit(&s, sample_artifacts::MATMUL, &[]);
+    let id = submitted["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(get_json(&s, "/v1/providers"), serde_json::json!([]), "the stranger never registered");
+    assert_eq!(get_json(&s, &format!("/v1/jobs/{id}"))["state"], "queued");
+    until("the refusal in the host's log", || log_of(&m, "stranger.log").contains("allowed").then_some(()));
+}
+
+#[test]
+fn malformed_http_bodies_get_4xx_with_a_json_error() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let unknown_module = format!("{{\"module\": \"{}\"}}", "ab".repeat(32));
+    // (method, path, content type, body, expected status)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a [u8], u16);
+    let cases: [Case<'_>; 7] = [
+        ("POST", "/v1/jobs", Some("application/json"), b"{not json", 400),
+        ("POST", "/v1/jobs", Some("application/json"), b"{\"module\": 7}", 422),
+        ("POST", "/v1/jobs", Some("application/json"), b"{\"module\": \"abc\"}", 400),
+        ("POST", "/v1/jobs", Some("application/json"), unknown_module.as_bytes(), 404),
+        ("POST", "/v1/jobs", Some("text/plain"), b"{}", 415),
+        ("POST", "/v1/modules", None, b"not wasm", 422),
+        ("GET", "/v1/jobs/job-999999", None, b"", 404),
+    ];
+    for (method, path, ct, body, want) in cases {
+        let (status, text) = http(&s.http, method, path, ct, body);
+        assert_eq!(status, want, "{method} {path} {:?}: {text}", String::from_utf8_lossy(body));
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{text}");
+    }
+    let (status, text) = http(
+        &s.http,
+        "POST",
+        "/v1/jobs",
+        Some("application/json"),
+        b"{\"module\":\"x\",\"requirements\":{\"gpus\":1}}",
+    );
+    assert_eq!(status, 422, "unknown fields are refused, not ignored: {text}");
+    // The scheduler still serves.
+    let (status, _) = http(&s.http, "GET", "/openapi.json", None, b"");
+    assert_eq!(status, 200);
+}

@@ -1,0 +1,252 @@
+//! The provider daemon: connects out to the scheduler over QUIC (so a provider behind NAT needs
+//! no port forwarding), registers its GPU, price and capacity, sends heartbeats, and runs the
+//! jobs the scheduler sends down the connection, fetching modules it does not have by hash.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use proto::frame::CONTROL_CAP;
+use proto::msg::{
+    BLOB_CAP, GpuInfo, HostMsg, JobLimits, JobMsg, JobReply, JobResult, Outcome, Price, SchedulerMsg, WireUsage,
+};
+use proto::{Keypair, PublicKey};
+use quic::{Connection, Identity, RecvStream, SendStream};
+use sha2::{Digest, Sha256};
+
+use crate::limits::Limits;
+use crate::meter::Usage;
+use crate::sandbox::{Failure, Host};
+
+/// How a provider daemon is set up.
+#[derive(Debug)]
+pub struct DaemonConfig {
+    pub scheduler: SocketAddr,
+    pub scheduler_key: PublicKey,
+    pub keypair: Keypair,
+    pub name: String,
+    pub region: String,
+    pub price: Price,
+    /// Jobs run at once.
+    pub capacity: u32,
+    /// GPU memory offered to jobs; `None` offers the adapter's largest buffer size.
+    pub vram_bytes: Option<u64>,
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Quic(#[from] quic::QuicError),
+    #[error("the scheduler refused this provider: {0}")]
+    Refused(String),
+    #[error("the connection to the scheduler ended: {0}")]
+    Lost(String),
+}
+
+fn limits_from(w: &JobLimits) -> Limits {
+    let d = Limits::default();
+    // A renter may ask for less than this provider's limits, never for more.
+    let pick = |v: u64, default: u64| if v == 0 { default } else { v.min(default) };
+    let time = |ms: u64, default: Duration| if ms == 0 { default } else { Duration::from_millis(ms).min(default) };
+    Limits {
+        memory_bytes: pick(w.memory_bytes, d.memory_bytes),
+        fuel: pick(w.fuel, d.fuel),
+        cpu_time: time(w.cpu_time_ms, d.cpu_time),
+        wall_time: time(w.wall_time_ms, d.wall_time),
+        gpu_bytes: pick(w.gpu_bytes, d.gpu_bytes),
+        dispatches: pick(w.dispatches, d.dispatches),
+        ..d
+    }
+}
+
+/// Usage as it goes on the wire.
+pub fn wire_usage(u: &Usage) -> WireUsage {
+    WireUsage {
+        inferences: u.inferences,
+        fuel: u.fuel,
+        dispatches: u.dispatches,
+        workgroups: u.workgroups,
+        invocations: u.invocations,
+        bytes_uploaded: u.bytes_uploaded,
+        bytes_downloaded: u.bytes_downloaded,
+        peak_gpu_bytes: u.peak_gpu_bytes,
+        gpu_time_ns: u.gpu_time_ns,
+        gpu_time_source: u.gpu_time_source.name().to_string(),
+    }
+}
+
+/// A failure as it goes on the wire.
+pub fn wire_outcome(outcome: &Result<(), Failure>) -> Outcome {
+    match outcome {
+        Ok(()) => Outcome::Succeeded,
+        Err(f) => {
+            let (kind, limit) = match f {
+                Failure::Limit { limit, .. } => ("limit", Some(limit.name().to_string())),
+                Failure::Trap(_) => ("trap", None),
+                Failure::Exit(_) => ("exit", None),
+                Failure::Guest(_) => ("guest", None),
+                Failure::Host(_) => ("host", None),
+            };
+            Outcome::Failed { kind: kind.into(), limit, message: f.to_string() }
+        }
+    }
+}
+
+/// Connects, registers and serves until the connection ends; returns why it ended. Callers
+/// reconnect (see [`run_forever`]).
+pub async fn run(host: &Host, config: &DaemonConfig, score_gflops: f64) -> Result<(), DaemonError> {
+    let identity = Identity::new(&config.keypair)?;
+    let bind =
+        if config.scheduler.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
+    let endpoint = quic::client(bind)?;
+    let conn = quic::connect(&endpoint, &identity, config.scheduler, config.scheduler_key).await?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| DaemonError::Lost(e.to_string()))?;
+    let gpu = host.gpu();
+    let register = HostMsg::Register {
+        name: config.name.clone(),
+        region: config.region.clone(),
+        gpus: vec![GpuInfo {
+            name: gpu.name.clone(),
+            vendor: gpu.vendor.clone(),
+            backend: gpu.backend.clone(),
+            device_type: gpu.device_type.clone(),
+            vram_bytes: config.vram_bytes.unwrap_or(gpu.max_buffer_size),
+            score_gflops,
+        }],
+        price: config.price,
+        capacity: config.capacity,
+        session_addr: None,
+    };
+    quic::write_msg(&mut send, &register, CONTROL_CAP).await?;
+    let heartbeat = match quic::read_msg::<SchedulerMsg>(&mut recv, CONTROL_CAP).await? {
+        Some(SchedulerMsg::Registered { heartbeat_ms, .. }) => Duration::from_millis(heartbeat_ms.clamp(100, 60_000)),
+        Some(SchedulerMsg::Refused { reason }) => return Err(DaemonError::Refused(reason)),
+        None => return Err(DaemonError::Refused("the scheduler closed the connection (is this key allowed?)".into())),
+    };
+    log::info!("registered with the scheduler at {} as {}", config.scheduler, config.keypair.public());
+
+    let running = Arc::new(AtomicU32::new(0));
+    let jobs = tokio::spawn(accept_jobs(conn.clone(), host.clone(), running.clone(), config.capacity));
+    let result = loop {
+        tokio::time::sleep(heartbeat).await;
+        let beat = HostMsg::Heartbeat { running: running.load(Ordering::SeqCst) };
+        if let Err(e) = quic::write_msg(&mut send, &beat, CONTROL_CAP).await {
+            break Err(DaemonError::Lost(e.to_string()));
+        }
+        if let Some(reason) = conn.close_reason() {
+            break Err(DaemonError::Lost(reason.to_string()));
+        }
+    };
+    jobs.abort();
+    result
+}
+
+/// Runs the daemon, reconnecting with a growing pause when the scheduler is away.
+pub async fn run_forever(host: Host, config: DaemonConfig) {
+    let score = {
+        let h = host.clone();
+        tokio::task::spawn_blocking(move || h.benchmark_gflops()).await.unwrap_or(0.0)
+    };
+    log::info!("GPU benchmark: {score:.1} GFLOP/s f32 matmul");
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match run(&host, &config, score).await {
+            Ok(()) => pause = Duration::from_millis(200),
+            Err(e @ DaemonError::Refused(_)) => {
+                log::error!("{e}");
+                pause = Duration::from_secs(5);
+            }
+            Err(e) => log::warn!("{e}; reconnecting in {pause:?}"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn accept_jobs(conn: Connection, host: Host, running: Arc<AtomicU32>, capacity: u32) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let (host, running) = (host.clone(), running.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_job(send, recv, host, running, capacity).await {
+                log::warn!("job stream: {e}");
+            }
+        });
+    }
+}
+
+/// The result of a job that never ran.
+fn not_run(kind: &str, message: String) -> JobResult {
+    JobResult {
+        outcome: Outcome::Failed { kind: kind.into(), limit: None, message },
+        output: Vec::new(),
+        log: Vec::new(),
+        usage: WireUsage::default(),
+        wall_time_ms: 0,
+    }
+}
+
+/// Takes one job off a stream: fetch the module if needed, run it, report.
+async fn serve_job(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    host: Host,
+    running: Arc<AtomicU32>,
+    capacity: u32,
+) -> Result<(), quic::QuicError> {
+    let Some(JobMsg::Run { job_id, module_hash, input, limits }) =
+        quic::read_msg::<JobMsg>(&mut recv, BLOB_CAP).await?
+    else {
+        return Ok(());
+    };
+    let module = match host.cached(&module_hash) {
+        Some(m) => Ok(m),
+        None => {
+            quic::write_msg(&mut send, &JobReply::NeedModule, CONTROL_CAP).await?;
+            match quic::read_msg::<JobMsg>(&mut recv, BLOB_CAP).await? {
+                Some(JobMsg::Module { bytes }) => {
+                    let got: [u8; 32] = Sha256::digest(&bytes).into();
+                    if got != module_hash {
+                        let reason = "the module bytes do not match the hash they were sent for".to_string();
+                        quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
+                        return Ok(());
+                    }
+                    host.load(&bytes)
+                }
+                _ => return Ok(()),
+            }
+        }
+    };
+    let slot = running.fetch_add(1, Ordering::SeqCst);
+    if slot >= capacity {
+        running.fetch_sub(1, Ordering::SeqCst);
+        quic::write_msg(
+            &mut send,
+            &JobReply::Declined { reason: format!("at capacity ({capacity} jobs)") },
+            CONTROL_CAP,
+        )
+        .await?;
+        return Ok(());
+    }
+    quic::write_msg(&mut send, &JobReply::Started, CONTROL_CAP).await?;
+    log::info!("running job {job_id}");
+    let limits = limits_from(&limits);
+    let result = tokio::task::spawn_blocking(move || match module.and_then(|m| host.run_batch(&m, input, &limits)) {
+        Ok(report) => JobResult {
+            outcome: wire_outcome(&report.outcome),
+            output: report.output,
+            log: report.log,
+            usage: wire_usage(&report.usage),
+            wall_time_ms: report.wall_time.as_millis() as u64,
+        },
+        Err(e) => not_run("load", e.to_string()),
+    })
+    .await;
+    running.fetch_sub(1, Ordering::SeqCst);
+    let result = result.unwrap_or_else(|e| not_run("host", format!("the job's thread failed: {e}")));
+    quic::write_msg(&mut send, &JobReply::Finished(result), BLOB_CAP).await?;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The scheduler's HTTP API, as JSON. The same records are what the scheduler stores, so a
+//! restart reads back exactly what clients were shown.
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::PublicKey;
+use crate::msg::{GpuInfo, JobLimits, JobResult, Price, Requirements, WireUsage};
+
+/// `POST /v1/modules` answers this; the body of the request is the module's bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleUploaded {
+    /// SHA-256 of the module, hex: what jobs refer to it by.
+    pub module: String,
+    pub bytes: u64,
+}
+
+/// `POST /v1/jobs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    /// Hex SHA-256 of a module uploaded with `POST /v1/modules`.
+    pub module: String,
+    /// The job input, base64.
+    #[serde(default)]
+    pub input_base64: String,
+    #[serde(default)]
+    pub requirements: Requirements,
+    #[serde(default)]
+    pub limits: JobLimits,
+    /// How long the job may wait in the queue and run, in seconds from submission (default one
+    /// hour).
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
+}
+
+/// Why providers did not match, with how many for each reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoMatch {
+    pub total: u32,
+    pub matching: u32,
+    /// Each provider is counted once, under the first requirement it fails.
+    pub reasons: Vec<ReasonCount>,
+    /// A sentence for people: "0 of 3 providers match: 2 have too little VRAM, 1 is offline".
+    pub summary: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasonCount {
+    /// A stable key: `offline`, `busy`, `gpu_count`, `vram`, `gpu`, `backend`, `region`,
+    /// `price`, `rtt`.
+    pub reason: String,
+    pub count: u32,
+}
+
+/// `POST /v1/jobs` answers this.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub id: String,
+    pub state: JobState,
+    /// Present when no provider matches now: the job waits until one does or its deadline
+    /// passes.
+    pub no_match: Option<NoMatch>,
+    pub queue_position: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    /// The deadline passed before the job could finish.
+    Expired,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Expired)
+    }
+}
+
+/// One try of a job on a provider.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub provider: PublicKey,
+    pub started_at_ms: u64,
+    pub ended_at_ms: Option<u64>,
+    /// Why this try ended without a result (the provider went offline, declined), if it did.
+    pub error: Option<String>,
+}
+
+/// `GET /v1/jobs/{id}`: everything about a job but its output bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: String,
+    pub module: String,
+    pub state: JobState,
+    pub requirements: Requirements,
+    pub limits: JobLimits,
+    pub submitted_at_ms: u64,
+    pub deadline_ms: u64,
+    pub queue_position: Option<u32>,
+    /// Why it is still queued, when it is.
+    pub no_match: Option<NoMatch>,
+    pub attempts: Vec<Attempt>,
+    pub provider: Option<PublicKey>,
+    pub usage: Option<WireUsage>,
+    /// How the job ended on the host, when it has: `succeeded`, or the failure.
+    pub outcome: Option<crate::msg::Outcome>,
+    pub output_bytes: Option<u64>,
+    pub wall_time_ms: Option<u64>,
+    /// Last reason the scheduler gave up on the job (deadline, too many tries).
+    pub error: Option<String>,
+}
+
+/// What the scheduler stores per job: the view plus the bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub view: JobView,
+    #[serde(with = "crate::msg::bytes")]
+    pub input: Vec<u8>,
+    pub result: Option<JobResult>,
+}
+
+/// `GET /v1/providers`: one entry per provider the scheduler knows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProviderView {
+    pub key: PublicKey,
+    pub name: String,
+    pub region: String,
+    pub gpus: Vec<GpuInfo>,
+    pub price: Price,
+    pub capacity: u32,
+    pub running: u32,
+    pub online: bool,
+    pub rtt_ms: Option<u32>,
+    pub last_seen_ms: u64,
+}
+
+/// Every error of the HTTP API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}

@@ -1,0 +1,362 @@
+//! The scheduler process: the HTTP API for renters, the QUIC endpoint providers connect to, and
+//! the dispatcher between them. This is the IO around [`State`].
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State as AxumState};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use proto::api::{ApiError, ModuleUploaded, SubmitJob};
+use proto::frame::CONTROL_CAP;
+use proto::msg::{BLOB_CAP, HostMsg, JobMsg, JobReply, SchedulerMsg, hash_hex};
+use proto::{Keypair, PublicKey};
+use quic::{Connection, Identity, Peers};
+use tokio::sync::Notify;
+
+use crate::state::{Assignment, Config, State};
+use crate::store::RedbStore;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How a scheduler process is set up.
+#[derive(Debug)]
+pub struct SchedulerConfig {
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    pub keypair: Keypair,
+    /// Provider keys allowed to connect; `None` lets any key register.
+    pub providers: Option<HashSet<PublicKey>>,
+    pub db: PathBuf,
+    pub state: Config,
+}
+
+/// Where a started scheduler listens.
+#[derive(Clone, Debug)]
+pub struct Listening {
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    pub key: PublicKey,
+}
+
+#[derive(Clone)]
+struct Shared {
+    state: Arc<Mutex<State>>,
+    conns: Arc<Mutex<HashMap<PublicKey, Connection>>>,
+    wake: Arc<Notify>,
+    listening: Arc<Mutex<Option<Listening>>>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Why the scheduler could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Quic(#[from] quic::QuicError),
+    #[error("listening on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Starts the scheduler's tasks on the current tokio runtime and returns where it listens.
+pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
+    let store = RedbStore::open(&config.db)?;
+    let state = State::load(config.state.clone(), Box::new(store), now_ms())?;
+    let identity = Identity::new(&config.keypair)?;
+    let peers = match config.providers {
+        Some(keys) => Peers::Only(Arc::new(keys)),
+        None => Peers::Any,
+    };
+    let endpoint = quic::server(&identity, config.quic, peers)?;
+    let quic_addr = endpoint.local_addr().map_err(|source| StartError::Listen { addr: config.quic, source })?;
+    let listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.http, source })?;
+    let http_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.http, source })?;
+    let listening = Listening { http: http_addr, quic: quic_addr, key: config.keypair.public() };
+
+    let shared = Shared {
+        state: Arc::new(Mutex::new(state)),
+        conns: Arc::new(Mutex::new(HashMap::new())),
+        wake: Arc::new(Notify::new()),
+        listening: Arc::new(Mutex::new(Some(listening.clone()))),
+    };
+    tokio::spawn(accept_providers(endpoint, shared.clone()));
+    tokio::spawn(dispatch(shared.clone(), config.state.heartbeat_timeout_ms));
+    let app = router(shared);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            log::error!("http server stopped: {e}");
+        }
+    });
+    Ok(listening)
+}
+
+// ---- providers over QUIC ----
+
+async fn accept_providers(endpoint: quic::Endpoint, shared: Shared) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => serve_provider(conn, shared).await,
+                Err(e) => log::info!("refused a provider connection: {e}"),
+            }
+        });
+    }
+}
+
+async fn serve_provider(conn: Connection, shared: Shared) {
+    let Some(key) = quic::peer_key(&conn) else {
+        conn.close(1u32.into(), b"no key");
+        return;
+    };
+    let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
+    let first: Result<Option<HostMsg>, _> = quic::read_msg(&mut recv, CONTROL_CAP).await;
+    let Ok(Some(HostMsg::Register { name, region, gpus, price, capacity, session_addr: _ })) = first else {
+        let _ = quic::write_msg(
+            &mut send,
+            &SchedulerMsg::Refused { reason: "expected Register first".into() },
+            CONTROL_CAP,
+        )
+        .await;
+        conn.close(2u32.into(), b"protocol");
+        return;
+    };
+    let registered = shared.state().register(key, name.clone(), region, gpus, price, capacity, now_ms());
+    if let Err(e) = registered {
+        log::error!("registering {key}: {e}");
+        conn.close(3u32.into(), b"store");
+        return;
+    }
+    shared.conns.lock().unwrap_or_else(PoisonError::into_inner).insert(key, conn.clone());
+    log::info!("provider {key} ({name}) registered from {}", conn.remote_address());
+    let heartbeat_ms = 1_000;
+    let _ = quic::write_msg(&mut send, &SchedulerMsg::Registered { provider: key, heartbeat_ms }, CONTROL_CAP).await;
+    shared.wake.notify_one();
+    loop {
+        match quic::read_msg::<HostMsg>(&mut recv, CONTROL_CAP).await {
+            Ok(Some(HostMsg::Heartbeat { running })) => {
+                let rtt = u32::try_from(conn.rtt().as_millis()).ok();
+                shared.state().heartbeat(&key, running, rtt, now_ms());
+                shared.wake.notify_one();
+            }
+            Ok(Some(other)) => {
+                log::warn!("provider {key} sent {other:?} on the control stream; closing");
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                log::info!("provider {key}: {e}");
+                break;
+            }
+        }
+    }
+    conn.close(0u32.into(), b"bye");
+    let mut conns = shared.conns.lock().unwrap_or_else(PoisonError::into_inner);
+    // Only forget the connection if it is still this one (the provider may have reconnected).
+    if conns.get(&key).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+        conns.remove(&key);
+        drop(conns);
+        let _ = shared.state().disconnected(&key, now_ms());
+    }
+    shared.wake.notify_one();
+}
+
+async fn dispatch(shared: Shared, heartbeat_timeout_ms: u64) {
+    let tick = Duration::from_millis((heartbeat_timeout_ms / 4).clamp(50, 1_000));
+    loop {
+        let _ = tokio::time::timeout(tick, shared.wake.notified()).await;
+        let assignments = {
+            let mut state = shared.state();
+            if let Err(e) = state.tick(now_ms()) {
+                log::error!("scheduler tick: {e}");
+            }
+            match state.assign(now_ms()) {
+                Ok(a) => a,
+                Err(e) => {
+                    log::error!("assigning jobs: {e}");
+                    Vec::new()
+                }
+            }
+        };
+        for a in assignments {
+            tokio::spawn(run_on_provider(shared.clone(), a));
+        }
+    }
+}
+
+async fn run_on_provider(shared: Shared, a: Assignment) {
+    let conn = shared.conns.lock().unwrap_or_else(PoisonError::into_inner).get(&a.provider).cloned();
+    let result = match conn {
+        Some(conn) => drive_job(&shared, &conn, &a).await,
+        None => Err("the provider is not connected".to_string()),
+    };
+    if let Err(reason) = result {
+        log::info!("job {} on {}: {reason}", a.job_id, a.provider);
+        let _ = shared.state().attempt_failed(&a.job_id, &a.provider, &reason, now_ms());
+    }
+    shared.wake.notify_one();
+}
+
+/// Sends a job to a provider and waits for its end. `Err` is a reason to try elsewhere.
+async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result<(), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("opening a job stream: {e}"))?;
+    let run = JobMsg::Run {
+        job_id: a.job_id.clone(),
+        module_hash: a.module,
+        input: a.input.clone(),
+        limits: a.limits.clone(),
+    };
+    quic::write_msg(&mut send, &run, BLOB_CAP).await.map_err(|e| e.to_string())?;
+    loop {
+        let reply: Option<JobReply> = quic::read_msg(&mut recv, BLOB_CAP).await.map_err(|e| e.to_string())?;
+        match reply {
+            Some(JobReply::NeedModule) => {
+                let bytes = shared.state().module(&a.module).map_err(|e| e.to_string())?;
+                let bytes = bytes.ok_or_else(|| format!("module {} is not in the store", hash_hex(&a.module)))?;
+                quic::write_msg(&mut send, &JobMsg::Module { bytes }, BLOB_CAP).await.map_err(|e| e.to_string())?;
+            }
+            Some(JobReply::Started) => log::info!("job {} started on {}", a.job_id, a.provider),
+            Some(JobReply::Finished(result)) => {
+                log::info!("job {} finished on {}: {:?}", a.job_id, a.provider, result.outcome);
+                shared.state().finished(&a.job_id, &a.provider, result, now_ms()).map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                return Ok(());
+            }
+            Some(JobReply::Declined { reason }) => return Err(format!("the provider declined: {reason}")),
+            None => return Err("the provider closed the job stream without a result".into()),
+        }
+    }
+}
+
+// ---- HTTP ----
+
+fn api_error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(ApiError { error: message.into() })).into_response()
+}
+
+fn router(shared: Shared) -> Router {
+    Router::new()
+        .route("/v1/modules", post(upload_module))
+        .route("/v1/jobs", post(submit_job))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/output", get(get_output))
+        .route("/v1/jobs/{id}/log", get(get_log))
+        .route("/v1/providers", get(list_providers))
+        .route("/v1/info", get(info))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async { api_error(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json") })
+        .layer(DefaultBodyLimit::max(BLOB_CAP))
+        .with_state(shared)
+}
+
+/// The router alone, for tests that drive it without sockets.
+pub fn test_router(state: State) -> Router {
+    router(Shared {
+        state: Arc::new(Mutex::new(state)),
+        conns: Arc::new(Mutex::new(HashMap::new())),
+        wake: Arc::new(Notify::new()),
+        listening: Arc::new(Mutex::new(None)),
+    })
+}
+
+async fn upload_module(AxumState(shared): AxumState<Shared>, body: Bytes) -> Response {
+    if body.is_empty() {
+        return api_error(StatusCode::BAD_REQUEST, "the request body must be the module's bytes");
+    }
+    if !body.starts_with(b"\0asm") {
+        return api_error(StatusCode::UNPROCESSABLE_ENTITY, "the body is not a WebAssembly module (no \\0asm header)");
+    }
+    match shared.state().put_module(&body) {
+        Ok(hash) => {
+            (StatusCode::CREATED, axum::Json(ModuleUploaded { module: hash_hex(&hash), bytes: body.len() as u64 }))
+                .into_response()
+        }
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn submit_job(
+    AxumState(shared): AxumState<Shared>,
+    body: Result<axum::Json<SubmitJob>, JsonRejection>,
+) -> Response {
+    let axum::Json(req) = match body {
+        Ok(j) => j,
+        Err(rejection) => return api_error(rejection.status(), rejection.body_text()),
+    };
+    use base64::Engine;
+    let input = match base64::engine::general_purpose::STANDARD.decode(req.input_base64.as_bytes()) {
+        Ok(i) => i,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("input_base64 is not base64: {e}")),
+    };
+    let submitted =
+        shared.state().submit(&req.module, input, req.requirements, req.limits, req.deadline_secs, now_ms());
+    shared.wake.notify_one();
+    match submitted {
+        Ok(s) => (StatusCode::CREATED, axum::Json(s)).into_response(),
+        Err(e @ crate::state::SubmitError::UnknownModule(_)) => api_error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ crate::state::SubmitError::Invalid(_)) => api_error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_job(AxumState(shared): AxumState<Shared>, Path(id): Path<String>) -> Response {
+    match shared.state().job(&id) {
+        Some(view) => axum::Json(view).into_response(),
+        None => api_error(StatusCode::NOT_FOUND, format!("no job {id:?}")),
+    }
+}
+
+async fn get_output(AxumState(shared): AxumState<Shared>, Path(id): Path<String>) -> Response {
+    let state = shared.state();
+    match (state.job(&id), state.output(&id)) {
+        (None, _) => api_error(StatusCode::NOT_FOUND, format!("no job {id:?}")),
+        (Some(_), Some(out)) => ([(header::CONTENT_TYPE, "application/octet-stream")], out.to_vec()).into_response(),
+        (Some(v), None) => api_error(StatusCode::CONFLICT, format!("job {id} has no output yet (it is {:?})", v.state)),
+    }
+}
+
+async fn get_log(AxumState(shared): AxumState<Shared>, Path(id): Path<String>) -> Response {
+    let state = shared.state();
+    match (state.job(&id), state.log(&id)) {
+        (None, _) => api_error(StatusCode::NOT_FOUND, format!("no job {id:?}")),
+        (Some(_), Some(log)) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log.to_vec()).into_response(),
+        (Some(v), None) => api_error(StatusCode::CONFLICT, format!("job {id} has no log yet (it is {:?})", v.state)),
+    }
+}
+
+async fn list_providers(AxumState(shared): AxumState<Shared>) -> Response {
+    axum::Json(shared.state().providers()).into_response()
+}
+
+async fn info(AxumState(shared): AxumState<Shared>) -> Response {
+    let listening = shared.listening.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    match listening {
+        Some(l) => {
+            axum::Json(serde_json::json!({ "key": l.key, "quic": l.quic.to_string(), "http": l.http.to_string() }))
+                .into_response()
+        }
+        None => axum::Json(serde_json::json!({})).into_response(),
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+}

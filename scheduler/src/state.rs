@@ -1,0 +1,604 @@
+//! The scheduler's state machine: jobs, the queue, providers and their liveness. No IO but the
+//! store it writes through, no clock: every call takes `now_ms`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use proto::PublicKey;
+use proto::api::{Attempt, JobRecord, JobState, JobView, NoMatch, ProviderView, Submitted};
+use proto::msg::{GpuInfo, JobLimits, JobResult, ModuleHash, Outcome, Price, Requirements, hash_hex, parse_hash};
+
+use crate::matching::{Candidate, rank};
+use crate::store::{Store, StoreError};
+
+/// Tunables of the state machine.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// A provider silent this long is offline, and its running jobs go back to the queue.
+    pub heartbeat_timeout_ms: u64,
+    /// How often a job may be started before it fails for good.
+    pub max_attempts: usize,
+    /// Deadline of a job that names none.
+    pub default_deadline_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { heartbeat_timeout_ms: 3_000, max_attempts: 3, default_deadline_ms: 3_600_000 }
+    }
+}
+
+/// A job to send to a provider now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    pub job_id: String,
+    pub provider: PublicKey,
+    pub module: ModuleHash,
+    pub input: Vec<u8>,
+    pub limits: JobLimits,
+}
+
+#[derive(Debug)]
+struct Provider {
+    view: ProviderView,
+    /// Jobs this scheduler has sent and not yet heard the end of.
+    assigned: HashSet<String>,
+    connected: bool,
+}
+
+/// The scheduler's state.
+pub struct State {
+    config: Config,
+    store: Box<dyn Store>,
+    jobs: BTreeMap<String, JobRecord>,
+    /// Queued job ids, oldest first.
+    queue: Vec<String>,
+    providers: HashMap<PublicKey, Provider>,
+    next_id: u64,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").field("jobs", &self.jobs.len()).field("providers", &self.providers.len()).finish()
+    }
+}
+
+/// Why a submission was refused outright.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("unknown module {0}: upload it with POST /v1/modules first")]
+    UnknownModule(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl State {
+    /// Loads what the store holds: jobs that were running when the scheduler stopped go back to
+    /// the queue (their provider will not report to a new process), providers start offline
+    /// until they reconnect.
+    pub fn load(config: Config, store: Box<dyn Store>, now_ms: u64) -> Result<State, StoreError> {
+        let mut jobs = BTreeMap::new();
+        let mut max_id = 0;
+        for mut job in store.jobs()? {
+            if job.view.state == JobState::Running {
+                job.view.state = JobState::Queued;
+                if let Some(a) = job.view.attempts.last_mut().filter(|a| a.ended_at_ms.is_none()) {
+                    a.ended_at_ms = Some(now_ms);
+                    a.error = Some("the scheduler restarted while the job ran".into());
+                }
+                job.view.provider = None;
+                store.put_job(&job)?;
+            }
+            if let Some(n) = job.view.id.strip_prefix("job-").and_then(|n| n.parse::<u64>().ok()) {
+                max_id = max_id.max(n);
+            }
+            jobs.insert(job.view.id.clone(), job);
+        }
+        let mut queue: Vec<&JobRecord> = jobs.values().filter(|j| j.view.state == JobState::Queued).collect();
+        queue.sort_by_key(|j| (j.view.submitted_at_ms, j.view.id.clone()));
+        let queue = queue.into_iter().map(|j| j.view.id.clone()).collect();
+        let mut providers = HashMap::new();
+        for mut view in store.providers()? {
+            view.online = false;
+            view.running = 0;
+            providers.insert(view.key, Provider { view, assigned: HashSet::new(), connected: false });
+        }
+        Ok(State { config, store, jobs, queue, providers, next_id: max_id + 1 })
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    fn candidates(&self) -> Vec<Candidate> {
+        self.providers
+            .values()
+            .map(|p| Candidate {
+                key: p.view.key,
+                region: p.view.region.clone(),
+                gpus: p.view.gpus.clone(),
+                price: p.view.price,
+                capacity: p.view.capacity,
+                running: p.view.running.max(p.assigned.len() as u32),
+                online: p.view.online,
+                rtt_ms: p.view.rtt_ms,
+            })
+            .collect()
+    }
+
+    /// Why nothing matches `req` right now, or `None` if something does (busy providers count
+    /// as matching for this purpose: the job only has to wait its turn).
+    pub fn explain(&self, req: &Requirements) -> Option<NoMatch> {
+        let mut candidates = self.candidates();
+        for c in &mut candidates {
+            c.running = 0;
+        }
+        rank(&candidates, req, false).1
+    }
+
+    /// Accepts a job for a module already uploaded.
+    pub fn submit(
+        &mut self,
+        module: &str,
+        input: Vec<u8>,
+        requirements: Requirements,
+        limits: JobLimits,
+        deadline_secs: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Submitted, SubmitError> {
+        let hash =
+            parse_hash(module).ok_or_else(|| SubmitError::Invalid(format!("{module:?} is not a hex SHA-256")))?;
+        if self.store.module(&hash)?.is_none() {
+            return Err(SubmitError::UnknownModule(module.to_string()));
+        }
+        if requirements.gpu_count == Some(0) {
+            return Err(SubmitError::Invalid("gpu_count must be at least 1".into()));
+        }
+        let deadline = deadline_secs.map_or(self.config.default_deadline_ms, |s| s.saturating_mul(1000));
+        let id = format!("job-{:06}", self.next_id);
+        self.next_id += 1;
+        let no_match = self.explain(&requirements);
+        let record = JobRecord {
+            view: JobView {
+                id: id.clone(),
+                module: hash_hex(&hash),
+                state: JobState::Queued,
+                requirements,
+                limits,
+                submitted_at_ms: now_ms,
+                deadline_ms: now_ms.saturating_add(deadline),
+                queue_position: None,
+                no_match: None,
+                attempts: Vec::new(),
+                provider: None,
+                usage: None,
+                outcome: None,
+                output_bytes: None,
+                wall_time_ms: None,
+                error: None,
+            },
+            input,
+            result: None,
+        };
+        self.store.put_job(&record)?;
+        self.jobs.insert(id.clone(), record);
+        self.queue.push(id.clone());
+        let queue_position = self.queue_position(&id);
+        Ok(Submitted { id, state: JobState::Queued, no_match, queue_position })
+    }
+
+    fn queue_position(&self, id: &str) -> Option<u32> {
+        self.queue.iter().position(|q| q == id).map(|p| p as u32 + 1)
+    }
+
+    /// A job as the API shows it, with its live queue position and no-match explanation.
+    pub fn job(&self, id: &str) -> Option<JobView> {
+        let job = self.jobs.get(id)?;
+        let mut view = job.view.clone();
+        if view.state == JobState::Queued {
+            view.queue_position = self.queue_position(id);
+            view.no_match = self.explain(&view.requirements);
+        }
+        Some(view)
+    }
+
+    /// A finished job's output.
+    pub fn output(&self, id: &str) -> Option<&[u8]> {
+        self.jobs.get(id)?.result.as_ref().map(|r| r.output.as_slice())
+    }
+
+    /// A finished job's log.
+    pub fn log(&self, id: &str) -> Option<&[u8]> {
+        self.jobs.get(id)?.result.as_ref().map(|r| r.log.as_slice())
+    }
+
+    pub fn providers(&self) -> Vec<ProviderView> {
+        let mut out: Vec<ProviderView> = self
+            .providers
+            .values()
+            .map(|p| {
+                let mut v = p.view.clone();
+                v.running = v.running.max(p.assigned.len() as u32);
+                v
+            })
+            .collect();
+        out.sort_by_key(|v| v.key);
+        out
+    }
+
+    /// A provider connected and registered.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register(
+        &mut self,
+        key: PublicKey,
+        name: String,
+        region: String,
+        gpus: Vec<GpuInfo>,
+        price: Price,
+        capacity: u32,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let view = ProviderView {
+            key,
+            name,
+            region,
+            gpus,
+            price,
+            capacity: capacity.max(1),
+            running: 0,
+            online: true,
+            rtt_ms: None,
+            last_seen_ms: now_ms,
+        };
+        self.store.put_provider(&view)?;
+        // A re-registration means a new connection: whatever it ran before is gone.
+        let lost: Vec<String> =
+            self.providers.get(&key).map(|p| p.assigned.iter().cloned().collect()).unwrap_or_default();
+        self.providers.insert(key, Provider { view, assigned: HashSet::new(), connected: true });
+        for job in lost {
+            self.attempt_failed(&job, &key, "the provider reconnected and lost the job", now_ms)?;
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat(&mut self, key: &PublicKey, running: u32, rtt_ms: Option<u32>, now_ms: u64) {
+        if let Some(p) = self.providers.get_mut(key) {
+            p.view.running = running;
+            p.view.last_seen_ms = now_ms;
+            p.view.rtt_ms = rtt_ms;
+            p.view.online = p.connected;
+        }
+    }
+
+    /// The provider's connection closed.
+    pub fn disconnected(&mut self, key: &PublicKey, now_ms: u64) -> Result<(), StoreError> {
+        let lost: Vec<String> = match self.providers.get_mut(key) {
+            Some(p) => {
+                p.connected = false;
+                p.view.online = false;
+                p.assigned.drain().collect()
+            }
+            None => return Ok(()),
+        };
+        for job in lost {
+            self.attempt_failed(&job, key, "the provider disconnected", now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Marks silent providers offline (re-queueing their jobs) and expires jobs past their
+    /// deadline.
+    pub fn tick(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        let silent: Vec<PublicKey> = self
+            .providers
+            .values()
+            .filter(|p| p.view.online && now_ms.saturating_sub(p.view.last_seen_ms) > self.config.heartbeat_timeout_ms)
+            .map(|p| p.view.key)
+            .collect();
+        for key in silent {
+            let lost: Vec<String> = match self.providers.get_mut(&key) {
+                Some(p) => {
+                    p.view.online = false;
+                    p.assigned.drain().collect()
+                }
+                None => continue,
+            };
+            for job in lost {
+                self.attempt_failed(&job, &key, "the provider missed its heartbeats", now_ms)?;
+            }
+        }
+        let expired: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| !j.view.state.is_final() && j.view.state == JobState::Queued && now_ms > j.view.deadline_ms)
+            .map(|j| j.view.id.clone())
+            .collect();
+        for id in expired {
+            let why = self.job(&id).and_then(|v| v.no_match).map(|n| n.summary);
+            self.finish_unplaced(
+                &id,
+                JobState::Expired,
+                why.unwrap_or_else(|| "the deadline passed in the queue".into()),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn finish_unplaced(&mut self, id: &str, state: JobState, error: String) -> Result<(), StoreError> {
+        self.queue.retain(|q| q != id);
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.view.state = state;
+            job.view.error = Some(error);
+            job.view.queue_position = None;
+            self.store.put_job(job)?;
+        }
+        Ok(())
+    }
+
+    /// Matches queued jobs, oldest first, to providers with room.
+    pub fn assign(&mut self, now_ms: u64) -> Result<Vec<Assignment>, StoreError> {
+        let mut out = Vec::new();
+        let queued = self.queue.clone();
+        for id in queued {
+            let Some(job) = self.jobs.get(&id) else { continue };
+            let candidates = self.candidates();
+            let (fits, _) = rank(&candidates, &job.view.requirements, false);
+            // Never the same provider twice in a row for one job: a retry goes elsewhere when
+            // it can.
+            let last = job.view.attempts.last().map(|a| a.provider);
+            let Some(choice) = fits.iter().find(|c| Some(c.key) != last).or(fits.first()).map(|c| c.key) else {
+                continue;
+            };
+            let Some(module) = parse_hash(&job.view.module) else { continue };
+            let Some(job) = self.jobs.get_mut(&id) else { continue };
+            job.view.state = JobState::Running;
+            job.view.provider = Some(choice);
+            job.view.queue_position = None;
+            job.view.attempts.push(Attempt { provider: choice, started_at_ms: now_ms, ended_at_ms: None, error: None });
+            self.store.put_job(job)?;
+            out.push(Assignment {
+                job_id: id.clone(),
+                provider: choice,
+                module,
+                input: job.input.clone(),
+                limits: job.view.limits.clone(),
+            });
+            if let Some(p) = self.providers.get_mut(&choice) {
+                p.assigned.insert(id.clone());
+            }
+            self.queue.retain(|q| q != &id);
+        }
+        Ok(out)
+    }
+
+    /// A provider reported a job's end.
+    pub fn finished(
+        &mut self,
+        id: &str,
+        provider: &PublicKey,
+        result: JobResult,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let Some(job) = self.running_on(id, provider) else { return Ok(()) };
+        job.view.state = if result.outcome == Outcome::Succeeded { JobState::Succeeded } else { JobState::Failed };
+        job.view.usage = Some(result.usage.clone());
+        job.view.outcome = Some(result.outcome.clone());
+        job.view.output_bytes = Some(result.output.len() as u64);
+        job.view.wall_time_ms = Some(result.wall_time_ms);
+        if let Some(a) = job.view.attempts.last_mut() {
+            a.ended_at_ms = Some(now_ms);
+        }
+        job.result = Some(result);
+        let job = job.clone();
+        self.store.put_job(&job)
+    }
+
+    /// A try ended without a result; the job is queued again unless it has had its tries.
+    pub fn attempt_failed(
+        &mut self,
+        id: &str,
+        provider: &PublicKey,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let max_attempts = self.config.max_attempts;
+        let Some(job) = self.running_on(id, provider) else { return Ok(()) };
+        if let Some(a) = job.view.attempts.last_mut() {
+            a.ended_at_ms = Some(now_ms);
+            a.error = Some(reason.to_string());
+        }
+        job.view.provider = None;
+        let requeue = job.view.attempts.len() < max_attempts;
+        if requeue {
+            job.view.state = JobState::Queued;
+        } else {
+            job.view.state = JobState::Failed;
+            let reasons: Vec<String> = job.view.attempts.iter().filter_map(|a| a.error.clone()).collect();
+            job.view.error = Some(format!("gave up after {} tries: {}", job.view.attempts.len(), reasons.join("; ")));
+        }
+        let job = job.clone();
+        self.store.put_job(&job)?;
+        if requeue {
+            // A job that lost its provider goes to the front: it has waited longest.
+            self.queue.insert(0, id.to_string());
+        }
+        Ok(())
+    }
+
+    /// The job `id` if it is running on `provider`, which stops counting it as assigned. A late
+    /// report from a provider the job was taken away from finds nothing and changes nothing.
+    fn running_on(&mut self, id: &str, provider: &PublicKey) -> Option<&mut JobRecord> {
+        if let Some(p) = self.providers.get_mut(provider) {
+            p.assigned.remove(id);
+        }
+        self.jobs
+            .get_mut(id)
+            .filter(|j| j.view.provider.as_ref() == Some(provider) && j.view.state == JobState::Running)
+    }
+
+    /// Stores a module and returns its hash.
+    pub fn put_module(&self, bytes: &[u8]) -> Result<ModuleHash, StoreError> {
+        use sha2::{Digest, Sha256};
+        let hash: ModuleHash = Sha256::digest(bytes).into();
+        if self.store.module(&hash)?.is_none() {
+            self.store.put_module(&hash, bytes)?;
+        }
+        Ok(hash)
+    }
+
+    pub fn module(&self, hash: &ModuleHash) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.module(hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+
+    const WASM: &[u8] = b"\0asm\x01\0\0\0";
+
+    fn gpu() -> GpuInfo {
+        GpuInfo {
+            name: "RTX 4090".into(),
+            vendor: "NVIDIA".into(),
+            backend: "vulkan".into(),
+            device_type: "DiscreteGpu".into(),
+            vram_bytes: 24 << 30,
+            score_gflops: 50_000.0,
+        }
+    }
+
+    fn state(dir: &tempfile::TempDir, config: Config) -> State {
+        State::load(config, Box::new(RedbStore::open(&dir.path().join("db")).unwrap()), 0).unwrap()
+    }
+
+    fn register(s: &mut State, n: u8, now: u64) -> PublicKey {
+        let key = PublicKey([n; 32]);
+        s.register(
+            key,
+            format!("p{n}"),
+            "eu".into(),
+            vec![gpu()],
+            Price { per_gpu_second: 1, per_inference: 1 },
+            1,
+            now,
+        )
+        .unwrap();
+        key
+    }
+
+    fn submit(s: &mut State, now: u64) -> String {
+        let hash = hash_hex(&s.put_module(WASM).unwrap());
+        s.submit(&hash, b"in".to_vec(), Requirements::default(), JobLimits::default(), Some(10), now).unwrap().id
+    }
+
+    fn done() -> JobResult {
+        JobResult {
+            outcome: Outcome::Succeeded,
+            output: b"out".to_vec(),
+            log: Vec::new(),
+            usage: Default::default(),
+            wall_time_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_job_runs_once_and_keeps_its_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config::default());
+        let id = submit(&mut s, 0);
+        assert!(s.assign(1).unwrap().is_empty(), "nobody to run it");
+        let p = register(&mut s, 1, 2);
+        let a = s.assign(3).unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!((a[0].job_id.as_str(), a[0].provider, a[0].input.as_slice()), (id.as_str(), p, &b"in"[..]));
+        assert!(s.assign(4).unwrap().is_empty(), "not twice");
+        s.finished(&id, &p, done(), 5).unwrap();
+        assert_eq!(s.job(&id).unwrap().state, JobState::Succeeded);
+        assert_eq!(s.output(&id), Some(&b"out"[..]));
+        // A late duplicate report changes nothing.
+        s.finished(&id, &PublicKey([9; 32]), done(), 6).unwrap();
+        assert_eq!(s.job(&id).unwrap().attempts.len(), 1);
+    }
+
+    #[test]
+    fn silent_providers_lose_their_jobs_to_others_and_tries_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config { heartbeat_timeout_ms: 100, max_attempts: 2, ..Config::default() });
+        let id = submit(&mut s, 0);
+        let p1 = register(&mut s, 1, 0);
+        let p2 = register(&mut s, 2, 0);
+        let first = s.assign(1).unwrap()[0].provider;
+        let other = if first == p1 { p2 } else { p1 };
+        s.heartbeat(&other, 0, Some(1), 150);
+        s.tick(200).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Queued);
+        assert_eq!(view.attempts[0].error.as_deref(), Some("the provider missed its heartbeats"));
+        let again = s.assign(201).unwrap();
+        assert_eq!(again[0].provider, other, "the retry goes to the provider still alive");
+        s.attempt_failed(&id, &other, "the provider declined: at capacity", 202).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Failed);
+        let error = view.error.unwrap();
+        assert!(
+            error.contains("gave up after 2 tries")
+                && error.contains("missed its heartbeats")
+                && error.contains("declined"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn queued_jobs_expire_at_their_deadline_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config::default());
+        let id = submit(&mut s, 0);
+        s.tick(5_000).unwrap();
+        assert_eq!(s.job(&id).unwrap().state, JobState::Queued);
+        s.tick(10_001).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Expired);
+        assert_eq!(view.error.as_deref(), Some("0 of 0 providers match: no provider has registered yet"));
+    }
+
+    #[test]
+    fn a_restart_requeues_running_jobs_and_keeps_ids_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let mut s = state(&dir, Config::default());
+            let id = submit(&mut s, 0);
+            register(&mut s, 1, 0);
+            assert_eq!(s.assign(1).unwrap().len(), 1);
+            id
+        };
+        let mut s = state(&dir, Config::default());
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Queued);
+        assert_eq!(view.attempts[0].error.as_deref(), Some("the scheduler restarted while the job ran"));
+        assert!(!s.providers()[0].online, "providers are offline until they reconnect");
+        let next = submit(&mut s, 2);
+        assert_ne!(next, id);
+        assert_eq!(s.job(&next).unwrap().queue_position, Some(2));
+    }
+
+    #[test]
+    fn submissions_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config::default());
+        let unknown = hash_hex(&[1; 32]);
+        assert!(matches!(
+            s.submit(&unknown, vec![], Requirements::default(), JobLimits::default(), None, 0),
+            Err(SubmitError::UnknownModule(_))
+        ));
+        assert!(matches!(
+            s.submit("xyz", vec![], Requirements::default(), JobLimits::default(), None, 0),
+            Err(SubmitError::Invalid(_))
+        ));
+        let hash = hash_hex(&s.put_module(WASM).unwrap());
+        let zero = Requirements { gpu_count: Some(0), ..Default::default() };
+        assert!(matches!(s.submit(&hash, vec![], zero, JobLimits::default(), None, 0), Err(SubmitError::Invalid(_))));
+    }
+}
