@@ -60,6 +60,9 @@ enum Command {
     Submit(market::SubmitArgs),
     /// Show a submitted job.
     Job(market::JobArgs),
+    /// Open an inference session through a scheduler and send requests: one per line of stdin,
+    /// or one per file given.
+    Session(market::SessionArgs),
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +178,7 @@ fn main() -> ExitCode {
         Command::Host(args) => market::host_daemon(&args),
         Command::Submit(args) => market::submit(&args),
         Command::Job(args) => market::job(&args),
+        Command::Session(args) => market::session(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use base64::Engine;
 use clap::Args;
-use proto::api::{JobState, JobView, ModuleUploaded, SubmitJob, Submitted};
+use proto::api::{JobState, JobView};
 use proto::msg::{JobLimits, Outcome, Price, Requirements};
 use proto::{Keypair, PublicKey};
 use serde_json::{Value, json};
@@ -163,6 +162,15 @@ pub(crate) struct HostDaemonArgs {
     /// Where compiled modules are cached (default: the user cache directory).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Where to listen for renters' inference sessions (QUIC).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
+    sessions: SocketAddr,
+    /// Serve no inference sessions, batch jobs only.
+    #[arg(long)]
+    no_sessions: bool,
+    /// The session address to give renters, when it is not the one seen from the scheduler.
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<String>,
 }
 
 pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
@@ -185,6 +193,8 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
         price: Price { per_gpu_second: args.price_per_gpu_second, per_inference: args.price_per_inference },
         capacity: args.capacity.max(1),
         vram_bytes: args.vram,
+        session_listen: (!args.no_sessions).then_some(args.sessions),
+        advertise: args.advertise.clone(),
     };
     println!("provider {} serving {} for {}", config.keypair.public(), host.gpu().name, args.scheduler);
     let _ = std::io::stdout().flush();
@@ -268,66 +278,6 @@ pub(crate) struct JobArgs {
     json: bool,
 }
 
-/// A small client of the scheduler's HTTP API.
-struct Client {
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Client {
-    fn new(base: &str) -> Client {
-        Client { base: base.trim_end_matches('/').to_string(), http: reqwest::Client::new() }
-    }
-
-    async fn check(resp: reqwest::Response, what: &str) -> anyhow::Result<reqwest::Response> {
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<proto::api::ApiError>(&body).map(|e| e.error).unwrap_or(body);
-        Err(anyhow!("{what}: the scheduler answered {status}: {message}"))
-    }
-
-    async fn upload(&self, module: Vec<u8>) -> anyhow::Result<ModuleUploaded> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/modules", self.base))
-            .body(module)
-            .send()
-            .await
-            .context("reaching the scheduler")?;
-        Ok(Self::check(resp, "uploading the module").await?.json().await?)
-    }
-
-    async fn submit(&self, job: &SubmitJob) -> anyhow::Result<Submitted> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/jobs", self.base))
-            .json(job)
-            .send()
-            .await
-            .context("reaching the scheduler")?;
-        Ok(Self::check(resp, "submitting the job").await?.json().await?)
-    }
-
-    async fn job(&self, id: &str) -> anyhow::Result<JobView> {
-        let resp =
-            self.http.get(format!("{}/v1/jobs/{id}", self.base)).send().await.context("reaching the scheduler")?;
-        Ok(Self::check(resp, "reading the job").await?.json().await?)
-    }
-
-    async fn bytes(&self, id: &str, what: &str) -> anyhow::Result<Vec<u8>> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/jobs/{id}/{what}", self.base))
-            .send()
-            .await
-            .context("reaching the scheduler")?;
-        Ok(Self::check(resp, &format!("reading the job {what}")).await?.bytes().await?.to_vec())
-    }
-}
-
 fn job_exit(view: &JobView) -> u8 {
     match (&view.state, &view.outcome) {
         (JobState::Succeeded, _) => exit::OK,
@@ -350,8 +300,8 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
         Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display())).map_err(bad_input)?,
         None => Vec::new(),
     };
-    let client = Client::new(&args.scheduler);
-    let infra = |e: anyhow::Error| Exit { code: exit::HOST, error: e };
+    let client = client::Scheduler::new(&args.scheduler);
+    let infra = |e: client::Error| Exit { code: exit::HOST, error: e.into() };
     runtime()?.block_on(async {
         let started = Instant::now();
         let uploaded = client.upload(module).await.map_err(infra)?;
@@ -362,14 +312,10 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
                 units::format_size(uploaded.bytes)
             );
         }
-        let job = SubmitJob {
-            module: uploaded.module,
-            input_base64: base64::engine::general_purpose::STANDARD.encode(&input),
-            requirements: args.requirements.requirements(),
-            limits: JobLimits::default(),
-            deadline_secs: args.deadline.map(|d| d.as_secs().max(1)),
-        };
-        let submitted = client.submit(&job).await.map_err(bad_input)?;
+        let submitted = client
+            .submit(&uploaded.module, &input, args.requirements.requirements(), JobLimits::default(), args.deadline)
+            .await
+            .map_err(|e| bad_input(e.into()))?;
         if !args.wait {
             if args.json {
                 println!("{}", serde_json::to_value(&submitted).unwrap_or(Value::Null));
@@ -384,31 +330,29 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
         if !args.json {
             eprintln!("submitted {}", submitted.id);
         }
-        let mut last = String::new();
-        let view = loop {
-            let view = client.job(&submitted.id).await.map_err(infra)?;
-            let line = match view.state {
-                JobState::Queued => match (&view.no_match, view.queue_position) {
-                    (Some(n), _) => format!("queued: {}", n.summary),
-                    (None, Some(p)) => format!("queued: position {p}"),
-                    (None, None) => "queued".to_string(),
-                },
-                JobState::Running => {
-                    let tries = view.attempts.len();
-                    let on = view.provider.map(|p| p.to_string()).unwrap_or_default();
-                    if tries > 1 { format!("running on {on} (try {tries})") } else { format!("running on {on}") }
+        let quiet = args.json;
+        let view = client
+            .wait(&submitted.id, |view| {
+                if quiet {
+                    return;
                 }
-                _ => String::new(),
-            };
-            if !args.json && !line.is_empty() && line != last {
+                let line = match view.state {
+                    JobState::Queued => match (&view.no_match, view.queue_position) {
+                        (Some(n), _) => format!("queued: {}", n.summary),
+                        (None, Some(p)) => format!("queued: position {p}"),
+                        (None, None) => "queued".to_string(),
+                    },
+                    JobState::Running => {
+                        let tries = view.attempts.len();
+                        let on = view.provider.map(|p| p.to_string()).unwrap_or_default();
+                        if tries > 1 { format!("running on {on} (try {tries})") } else { format!("running on {on}") }
+                    }
+                    _ => return,
+                };
                 eprintln!("{line}");
-                last = line;
-            }
-            if view.state.is_final() {
-                break view;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+            })
+            .await
+            .map_err(infra)?;
         let output = if view.output_bytes.is_some() {
             client.bytes(&view.id, "output").await.map_err(infra)?
         } else {
@@ -456,9 +400,9 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
 }
 
 pub(crate) fn job(args: &JobArgs) -> Result<u8, Exit> {
-    let client = Client::new(&args.scheduler);
+    let client = client::Scheduler::new(&args.scheduler);
     runtime()?.block_on(async {
-        let view = client.job(&args.id).await.map_err(bad_input)?;
+        let view = client.job(&args.id).await.map_err(|e| bad_input(e.into()))?;
         if args.json {
             println!("{}", job_json(&view));
         } else {
@@ -477,5 +421,127 @@ pub(crate) fn job(args: &JobArgs) -> Result<u8, Exit> {
             }
         }
         Ok(if view.state.is_final() { job_exit(&view) } else { exit::OK })
+    })
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SessionArgs {
+    /// The inference service module (a cdylib built for wasm32-wasip1).
+    job: PathBuf,
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "WASMGRID_SCHEDULER")]
+    scheduler: String,
+    /// File whose bytes are the input of `init` (for example the weights).
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+    /// The renter's keypair (created if missing); the provider sees this key.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Highest price per inference.
+    #[arg(long, value_name = "N")]
+    max_price_per_inference: Option<u64>,
+    #[command(flatten)]
+    requirements: RequirementArgs,
+    /// Request files, one request each; without any, each line of stdin is one request.
+    requests: Vec<PathBuf>,
+    /// One JSON object per request and a summary, instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
+    use std::io::BufRead;
+    let module = std::fs::read(&args.job)
+        .with_context(|| format!("reading the job {}", args.job.display()))
+        .map_err(bad_input)?;
+    let init = match &args.init {
+        Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display())).map_err(bad_input)?,
+        None => Vec::new(),
+    };
+    let mut requests: Vec<(String, Vec<u8>)> = Vec::new();
+    for p in &args.requests {
+        requests.push((
+            p.display().to_string(),
+            std::fs::read(p).with_context(|| format!("reading {}", p.display())).map_err(bad_input)?,
+        ));
+    }
+    if args.requests.is_empty() {
+        for line in std::io::stdin().lock().lines() {
+            let line = line.context("reading stdin").map_err(bad_input)?;
+            if !line.trim().is_empty() {
+                requests.push(("stdin".into(), line.into_bytes()));
+            }
+        }
+    }
+    let keypair =
+        key_or_create(&args.key.clone().unwrap_or_else(|| config_dir().join("renter.json"))).map_err(bad_input)?;
+    let mut requirements = args.requirements.requirements();
+    requirements.max_price_per_inference = args.max_price_per_inference;
+    let scheduler = client::Scheduler::new(&args.scheduler);
+    let json = args.json;
+    runtime()?.block_on(async {
+        let started = Instant::now();
+        let session = client::Session::open(&scheduler, keypair, module, init, requirements)
+            .await
+            .map_err(|e| Exit { code: exit::HOST, error: e.into() })?;
+        let first = session.provider().await.map(|p| p.to_string()).unwrap_or_default();
+        if !json {
+            eprintln!("session open on {first} in {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
+        }
+        let session = std::sync::Arc::new(session);
+        let mut worst = exit::OK;
+        let (mut served, mut fuel, mut gpu_ns) = (0u64, 0u64, 0u64);
+        for chunk in requests.chunks(args.concurrency.max(1)) {
+            let mut set = tokio::task::JoinSet::new();
+            for (i, (name, body)) in chunk.iter().cloned().enumerate() {
+                let s = session.clone();
+                set.spawn(async move { (i, name, s.infer(&body).await) });
+            }
+            let mut results = set.join_all().await;
+            results.sort_by_key(|(i, _, _)| *i);
+            for (_, name, result) in results {
+                match result {
+                    Ok(a) => {
+                        served += 1;
+                        fuel += a.usage.fuel;
+                        gpu_ns += a.usage.gpu_time_ns;
+                        if json {
+                            let (k, v) = crate::bytes_json("response", &a.response);
+                            let mut obj = serde_json::Map::new();
+                            obj.insert("status".into(), json!("ok"));
+                            obj.insert("source".into(), json!(name));
+                            obj.insert(k, v);
+                            obj.insert("provider".into(), json!(a.provider.to_string()));
+                            obj.insert("usage".into(), serde_json::to_value(&a.usage).unwrap_or(Value::Null));
+                            println!("{}", Value::Object(obj));
+                        } else {
+                            println!("{}", String::from_utf8_lossy(&a.response));
+                        }
+                    }
+                    Err(e) => {
+                        worst = worst.max(exit::JOB_ERROR);
+                        if json {
+                            println!("{}", json!({ "status": "failed", "source": name, "error": e.to_string() }));
+                        } else {
+                            println!();
+                            eprintln!("request ({name}): {e}");
+                        }
+                    }
+                }
+            }
+        }
+        let provider = session.provider().await.map(|p| p.to_string()).unwrap_or_default();
+        if json {
+            println!(
+                "{}",
+                json!({ "summary": true, "inferences": served, "provider": provider, "failovers": session.failovers(),
+                        "fuel": fuel, "gpu_time_ns": gpu_ns, "price_per_inference": session.price_per_inference().await })
+            );
+        } else {
+            eprintln!("{served} inferences on {provider} ({} failovers), fuel {fuel}, GPU time {:.3} ms", session.failovers(), gpu_ns as f64 / 1e6);
+        }
+        Ok(worst)
     })
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use proto::frame::CONTROL_CAP;
 use proto::msg::{
-    BLOB_CAP, GpuInfo, HostMsg, JobLimits, JobMsg, JobReply, JobResult, Outcome, Price, SchedulerMsg, WireUsage,
+    BLOB_CAP, GpuInfo, HostMsg, JobLimits, JobMsg, JobReply, JobResult, Outcome, Price, SchedulerMsg, SessionMsg,
+    SessionReply, WireUsage,
 };
 use proto::{Keypair, PublicKey};
 use quic::{Connection, Identity, RecvStream, SendStream};
@@ -32,6 +33,11 @@ pub struct DaemonConfig {
     pub capacity: u32,
     /// GPU memory offered to jobs; `None` offers the adapter's largest buffer size.
     pub vram_bytes: Option<u64>,
+    /// Where to listen for renters' inference sessions; `None` serves none.
+    pub session_listen: Option<SocketAddr>,
+    /// The session address to tell renters, when it differs from the listening one (behind NAT
+    /// with a forwarded port, say).
+    pub advertise: Option<String>,
 }
 
 /// Why the daemon stopped.
@@ -96,7 +102,12 @@ pub fn wire_outcome(outcome: &Result<(), Failure>) -> Outcome {
 
 /// Connects, registers and serves until the connection ends; returns why it ended. Callers
 /// reconnect (see [`run_forever`]).
-pub async fn run(host: &Host, config: &DaemonConfig, score_gflops: f64) -> Result<(), DaemonError> {
+pub async fn run(
+    host: &Host,
+    config: &DaemonConfig,
+    score_gflops: f64,
+    sessions: Option<SocketAddr>,
+) -> Result<(), DaemonError> {
     let identity = Identity::new(&config.keypair)?;
     let bind =
         if config.scheduler.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
@@ -104,6 +115,21 @@ pub async fn run(host: &Host, config: &DaemonConfig, score_gflops: f64) -> Resul
     let conn = quic::connect(&endpoint, &identity, config.scheduler, config.scheduler_key).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| DaemonError::Lost(e.to_string()))?;
     let gpu = host.gpu();
+    // Renters reach the session endpoint at the address the scheduler sees this host from,
+    // unless told otherwise.
+    let session_addr = config.advertise.clone().or_else(|| {
+        sessions.map(|a| {
+            let ip = if a.ip().is_unspecified() {
+                conn.local_ip()
+                    .filter(|ip| !ip.is_unspecified())
+                    .or_else(|| route_ip(config.scheduler))
+                    .unwrap_or(a.ip())
+            } else {
+                a.ip()
+            };
+            SocketAddr::new(ip, a.port()).to_string()
+        })
+    });
     let register = HostMsg::Register {
         name: config.name.clone(),
         region: config.region.clone(),
@@ -117,7 +143,7 @@ pub async fn run(host: &Host, config: &DaemonConfig, score_gflops: f64) -> Resul
         }],
         price: config.price,
         capacity: config.capacity,
-        session_addr: None,
+        session_addr,
     };
     quic::write_msg(&mut send, &register, CONTROL_CAP).await?;
     let heartbeat = match quic::read_msg::<SchedulerMsg>(&mut recv, CONTROL_CAP).await? {
@@ -143,6 +169,15 @@ pub async fn run(host: &Host, config: &DaemonConfig, score_gflops: f64) -> Resul
     result
 }
 
+/// The local address this machine uses to reach `peer` (no packet is sent: connecting a UDP
+/// socket only picks the route).
+fn route_ip(peer: SocketAddr) -> Option<std::net::IpAddr> {
+    let bind = if peer.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(peer).ok()?;
+    socket.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified())
+}
+
 /// Runs the daemon, reconnecting with a growing pause when the scheduler is away.
 pub async fn run_forever(host: Host, config: DaemonConfig) {
     let score = {
@@ -150,9 +185,19 @@ pub async fn run_forever(host: Host, config: DaemonConfig) {
         tokio::task::spawn_blocking(move || h.benchmark_gflops()).await.unwrap_or(0.0)
     };
     log::info!("GPU benchmark: {score:.1} GFLOP/s f32 matmul");
+    let sessions = match config.session_listen {
+        Some(addr) => match start_sessions(&host, &config, addr) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                log::error!("not serving inference sessions: {e}");
+                None
+            }
+        },
+        None => None,
+    };
     let mut pause = Duration::from_millis(200);
     loop {
-        match run(&host, &config, score).await {
+        match run(&host, &config, score, sessions).await {
             Ok(()) => pause = Duration::from_millis(200),
             Err(e @ DaemonError::Refused(_)) => {
                 log::error!("{e}");
@@ -248,5 +293,144 @@ async fn serve_job(
     quic::write_msg(&mut send, &JobReply::Finished(result), BLOB_CAP).await?;
     let _ = send.finish();
     let _ = send.stopped().await;
+    Ok(())
+}
+
+// ---- inference sessions ----
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Opens the session endpoint and serves it in the background; returns where it listens.
+fn start_sessions(host: &Host, config: &DaemonConfig, addr: SocketAddr) -> Result<SocketAddr, DaemonError> {
+    let identity = Identity::new(&config.keypair)?;
+    // Any renter key may connect; what it may do is decided by the ticket it shows.
+    let endpoint = quic::server(&identity, addr, quic::Peers::Any)?;
+    let local = endpoint.local_addr().map_err(|e| DaemonError::Lost(e.to_string()))?;
+    let (host, scheduler, me) = (host.clone(), config.scheduler_key, config.keypair.public());
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let host = host.clone();
+            tokio::spawn(async move {
+                let served = match incoming.await {
+                    Ok(conn) => serve_session(conn, host, scheduler, me).await,
+                    Err(e) => Err(quic::QuicError::Stream(e.to_string())),
+                };
+                if let Err(e) = served {
+                    log::info!("session: {e}");
+                }
+            });
+        }
+    });
+    log::info!("serving inference sessions on {local}");
+    Ok(local)
+}
+
+fn failed(f: &Failure) -> SessionReply {
+    match wire_outcome(&Err(f.clone())) {
+        Outcome::Failed { kind, limit, message } => SessionReply::Failed { kind, limit, message },
+        Outcome::Succeeded => SessionReply::Failed { kind: "host".into(), limit: None, message: f.to_string() },
+    }
+}
+
+/// One renter's session: check the ticket, get the module, run `init`, then serve one request
+/// per stream until the renter goes.
+async fn serve_session(
+    conn: Connection,
+    host: Host,
+    scheduler: PublicKey,
+    me: PublicKey,
+) -> Result<(), quic::QuicError> {
+    let refuse = |conn: &Connection| conn.close(1u32.into(), b"refused");
+    let Some(peer) = quic::peer_key(&conn) else {
+        refuse(&conn);
+        return Ok(());
+    };
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| quic::QuicError::Stream(e.to_string()))?;
+    let Some(SessionMsg::Open { ticket, init_input }) = quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await? else {
+        refuse(&conn);
+        return Ok(());
+    };
+    if let Err(e) = ticket.check(&scheduler, &me, &peer, now_ms()) {
+        log::info!("refused a session from {peer}: {e}");
+        quic::write_msg(&mut send, &SessionReply::Refused { reason: e.to_string() }, CONTROL_CAP).await?;
+        let _ = send.finish();
+        let _ = send.stopped().await;
+        refuse(&conn);
+        return Ok(());
+    }
+    let module = match host.cached(&ticket.module_hash) {
+        Some(m) => Ok(m),
+        None => {
+            quic::write_msg(&mut send, &SessionReply::NeedModule, CONTROL_CAP).await?;
+            let Some(SessionMsg::Module { bytes }) = quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await? else {
+                refuse(&conn);
+                return Ok(());
+            };
+            let got: [u8; 32] = Sha256::digest(&bytes).into();
+            if got != ticket.module_hash {
+                let reason = "the module bytes do not match the ticket's module".to_string();
+                quic::write_msg(&mut send, &SessionReply::Refused { reason }, CONTROL_CAP).await?;
+                refuse(&conn);
+                return Ok(());
+            }
+            host.load(&bytes)
+        }
+    };
+    let module = match module {
+        Ok(m) => m,
+        Err(e) => {
+            quic::write_msg(&mut send, &SessionReply::Refused { reason: e.to_string() }, CONTROL_CAP).await?;
+            refuse(&conn);
+            return Ok(());
+        }
+    };
+    let h = host.clone();
+    let started = tokio::task::spawn_blocking(move || h.start_service(&module, init_input, &Limits::default()))
+        .await
+        .map_err(|e| quic::QuicError::Stream(e.to_string()))?;
+    let service = match started {
+        Ok(s) => s,
+        Err(crate::sandbox::StartError::Failed(f)) => {
+            quic::write_msg(&mut send, &failed(&f.failure), CONTROL_CAP).await?;
+            return Ok(());
+        }
+        Err(crate::sandbox::StartError::Load(e)) => {
+            quic::write_msg(&mut send, &SessionReply::Refused { reason: e.to_string() }, CONTROL_CAP).await?;
+            return Ok(());
+        }
+    };
+    quic::write_msg(&mut send, &SessionReply::Opened { usage: wire_usage(&service.usage()) }, CONTROL_CAP).await?;
+    let _ = send.finish();
+    let id: String = ticket.session_id.iter().map(|b| format!("{b:02x}")).collect();
+    log::info!("session {id} opened for {peer}");
+    let service = Arc::new(std::sync::Mutex::new(service));
+    // Requests may arrive on many streams at once; the instance serves them one at a time.
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let Ok(Some(SessionMsg::Request { bytes })) = quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await
+            else {
+                return;
+            };
+            let reply = tokio::task::spawn_blocking(move || {
+                let mut s = service.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match s.infer(&bytes) {
+                    Ok(inf) => SessionReply::Response { bytes: inf.response, usage: wire_usage(&inf.usage) },
+                    Err(f) => failed(&f),
+                }
+            })
+            .await
+            .unwrap_or_else(|e| SessionReply::Failed {
+                kind: "host".into(),
+                limit: None,
+                message: e.to_string(),
+            });
+            if quic::write_msg(&mut send, &reply, BLOB_CAP).await.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
     Ok(())
 }

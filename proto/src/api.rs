@@ -136,10 +136,39 @@ pub struct ProviderView {
     pub online: bool,
     pub rtt_ms: Option<u32>,
     pub last_seen_ms: u64,
+    /// Where renters reach the provider for inference sessions, if it serves them.
+    #[serde(default)]
+    pub session_addr: Option<String>,
 }
 
 /// Every error of the HTTP API.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     pub error: String,
+}
+
+/// `POST /v1/sessions`: a renter asks for a provider to serve an inference module.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenSession {
+    /// Hex SHA-256 of a module uploaded with `POST /v1/modules`.
+    pub module: String,
+    /// The renter's key: the ticket is issued to it, and the renter must connect to the
+    /// provider with it.
+    pub renter: PublicKey,
+    #[serde(default)]
+    pub requirements: Requirements,
+    /// Providers not to pick (for example one that just failed this renter).
+    #[serde(default)]
+    pub exclude: Vec<PublicKey>,
+}
+
+/// The scheduler's answer: whom to talk to, and the ticket to show.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionGrant {
+    pub provider: PublicKey,
+    /// The provider's QUIC address for sessions.
+    pub addr: String,
+    pub price_per_inference: u64,
+    pub ticket: crate::ticket::Ticket,
 }

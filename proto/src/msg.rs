@@ -258,3 +258,48 @@ mod tests {
         assert_eq!(parse_hash(&"zz".repeat(32)), None);
     }
 }
+
+/// Renter to provider, on a session connection. The first stream carries `Open` (and `Module`
+/// if the provider asks); every later stream carries one `Request`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionMsg {
+    Open {
+        ticket: Box<crate::ticket::Ticket>,
+        #[serde(with = "bytes")]
+        init_input: Vec<u8>,
+    },
+    Module {
+        #[serde(with = "bytes")]
+        bytes: Vec<u8>,
+    },
+    Request {
+        #[serde(with = "bytes")]
+        bytes: Vec<u8>,
+    },
+}
+
+/// Provider to renter, on a session connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionReply {
+    NeedModule,
+    /// `init` ran; the session serves requests.
+    Opened {
+        usage: WireUsage,
+    },
+    /// The ticket or the module was refused; nothing ran.
+    Refused {
+        reason: String,
+    },
+    Response {
+        #[serde(with = "bytes")]
+        bytes: Vec<u8>,
+        usage: WireUsage,
+    },
+    /// The request (or `init`) failed; `kind` as in [`Outcome::Failed`]. After a `limit`,
+    /// `trap` or `host` failure the session is over.
+    Failed {
+        kind: String,
+        limit: Option<String>,
+        message: String,
+    },
+}

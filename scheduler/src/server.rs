@@ -14,9 +14,10 @@ use axum::extract::{DefaultBodyLimit, Path, State as AxumState};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use proto::api::{ApiError, ModuleUploaded, SubmitJob};
+use proto::api::{ApiError, ModuleUploaded, OpenSession, SessionGrant, SubmitJob};
 use proto::frame::CONTROL_CAP;
-use proto::msg::{BLOB_CAP, HostMsg, JobMsg, JobReply, SchedulerMsg, hash_hex};
+use proto::msg::{BLOB_CAP, HostMsg, JobMsg, JobReply, SchedulerMsg, hash_hex, parse_hash};
+use proto::ticket::Ticket;
 use proto::{Keypair, PublicKey};
 use quic::{Connection, Identity, Peers};
 use tokio::sync::Notify;
@@ -52,6 +53,7 @@ pub struct Listening {
 #[derive(Clone)]
 struct Shared {
     state: Arc<Mutex<State>>,
+    keypair: Arc<Keypair>,
     conns: Arc<Mutex<HashMap<PublicKey, Connection>>>,
     wake: Arc<Notify>,
     listening: Arc<Mutex<Option<Listening>>>,
@@ -93,6 +95,7 @@ pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
 
     let shared = Shared {
         state: Arc::new(Mutex::new(state)),
+        keypair: Arc::new(config.keypair),
         conns: Arc::new(Mutex::new(HashMap::new())),
         wake: Arc::new(Notify::new()),
         listening: Arc::new(Mutex::new(Some(listening.clone()))),
@@ -129,7 +132,7 @@ async fn serve_provider(conn: Connection, shared: Shared) {
     };
     let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
     let first: Result<Option<HostMsg>, _> = quic::read_msg(&mut recv, CONTROL_CAP).await;
-    let Ok(Some(HostMsg::Register { name, region, gpus, price, capacity, session_addr: _ })) = first else {
+    let Ok(Some(HostMsg::Register { name, region, gpus, price, capacity, session_addr })) = first else {
         let _ = quic::write_msg(
             &mut send,
             &SchedulerMsg::Refused { reason: "expected Register first".into() },
@@ -139,7 +142,7 @@ async fn serve_provider(conn: Connection, shared: Shared) {
         conn.close(2u32.into(), b"protocol");
         return;
     };
-    let registered = shared.state().register(key, name.clone(), region, gpus, price, capacity, now_ms());
+    let registered = shared.state().register(key, name.clone(), region, gpus, price, capacity, session_addr, now_ms());
     if let Err(e) = registered {
         log::error!("registering {key}: {e}");
         conn.close(3u32.into(), b"store");
@@ -260,6 +263,7 @@ fn router(shared: Shared) -> Router {
         .route("/v1/jobs/{id}/output", get(get_output))
         .route("/v1/jobs/{id}/log", get(get_log))
         .route("/v1/providers", get(list_providers))
+        .route("/v1/sessions", post(open_session))
         .route("/v1/info", get(info))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { api_error(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json") })
@@ -271,6 +275,7 @@ fn router(shared: Shared) -> Router {
 pub fn test_router(state: State) -> Router {
     router(Shared {
         state: Arc::new(Mutex::new(state)),
+        keypair: Arc::new(Keypair::generate()),
         conns: Arc::new(Mutex::new(HashMap::new())),
         wake: Arc::new(Notify::new()),
         listening: Arc::new(Mutex::new(None)),
@@ -339,6 +344,58 @@ async fn get_log(AxumState(shared): AxumState<Shared>, Path(id): Path<String>) -
         (None, _) => api_error(StatusCode::NOT_FOUND, format!("no job {id:?}")),
         (Some(_), Some(log)) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log.to_vec()).into_response(),
         (Some(v), None) => api_error(StatusCode::CONFLICT, format!("job {id} has no log yet (it is {:?})", v.state)),
+    }
+}
+
+/// How long a session ticket stays valid for opening a session.
+const TICKET_LIFETIME_MS: u64 = 10 * 60 * 1000;
+
+async fn open_session(
+    AxumState(shared): AxumState<Shared>,
+    body: Result<axum::Json<OpenSession>, JsonRejection>,
+) -> Response {
+    let axum::Json(req) = match body {
+        Ok(j) => j,
+        Err(rejection) => return api_error(rejection.status(), rejection.body_text()),
+    };
+    let Some(module) = parse_hash(&req.module) else {
+        return api_error(StatusCode::BAD_REQUEST, format!("{:?} is not a hex SHA-256", req.module));
+    };
+    let picked = {
+        let state = shared.state();
+        match state.module(&module) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return api_error(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown module {}: upload it with POST /v1/modules first", req.module),
+                );
+            }
+            Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+        state.pick_session_provider(&req.requirements, &req.exclude)
+    };
+    match picked {
+        Ok((provider, addr, price)) => {
+            let mut session_id = [0u8; 16];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut session_id);
+            let ticket = Ticket::issue(
+                &shared.keypair,
+                session_id,
+                req.renter,
+                provider,
+                module,
+                price.per_inference,
+                now_ms() + TICKET_LIFETIME_MS,
+            );
+            let grant = SessionGrant { provider, addr, price_per_inference: price.per_inference, ticket };
+            (StatusCode::CREATED, axum::Json(grant)).into_response()
+        }
+        Err(no_match) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({ "error": no_match.summary, "no_match": no_match })),
+        )
+            .into_response(),
     }
 }
 

@@ -237,9 +237,11 @@ impl State {
         gpus: Vec<GpuInfo>,
         price: Price,
         capacity: u32,
+        session_addr: Option<String>,
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let view = ProviderView {
+            session_addr,
             key,
             name,
             region,
@@ -437,6 +439,37 @@ impl State {
             .filter(|j| j.view.provider.as_ref() == Some(provider) && j.view.state == JobState::Running)
     }
 
+    /// Picks a provider for an inference session: online, serving sessions, fitting the
+    /// requirements, not excluded; cheapest per inference, then least loaded, then nearest.
+    pub fn pick_session_provider(
+        &self,
+        req: &Requirements,
+        exclude: &[PublicKey],
+    ) -> Result<(PublicKey, String, Price), NoMatch> {
+        let candidates: Vec<Candidate> = self
+            .candidates()
+            .into_iter()
+            .filter(|c| !exclude.contains(&c.key))
+            .filter(|c| self.providers.get(&c.key).is_some_and(|p| p.view.session_addr.is_some()))
+            .map(|mut c| {
+                // Sessions share a provider with batch jobs; a busy provider still serves them.
+                c.running = 0;
+                c
+            })
+            .collect();
+        let (fits, why) = rank(&candidates, req, true);
+        let Some(best) = fits.first() else {
+            return Err(why.unwrap_or(NoMatch {
+                total: 0,
+                matching: 0,
+                reasons: Vec::new(),
+                summary: "no provider serves inference sessions".into(),
+            }));
+        };
+        let addr = self.providers.get(&best.key).and_then(|p| p.view.session_addr.clone()).unwrap_or_default();
+        Ok((best.key, addr, best.price))
+    }
+
     /// Stores a module and returns its hash.
     pub fn put_module(&self, bytes: &[u8]) -> Result<ModuleHash, StoreError> {
         use sha2::{Digest, Sha256};
@@ -483,6 +516,7 @@ mod tests {
             vec![gpu()],
             Price { per_gpu_second: 1, per_inference: 1 },
             1,
+            None,
             now,
         )
         .unwrap();

@@ -353,3 +353,123 @@ fn malformed_http_bodies_get_4xx_with_a_json_error() {
     let (status, _) = http(&s.http, "GET", "/openapi.json", None, b"");
     assert_eq!(status, 200);
 }
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+}
+
+fn mlp_request(seed: u32) -> Vec<u8> {
+    let values: Vec<String> = (0..16).map(|i| ((i * 7 + seed) % 11) as f32 / 10.0).map(|v| v.to_string()).collect();
+    values.join(",").into_bytes()
+}
+
+#[test]
+fn a_session_serves_concurrent_requests_and_fails_over_when_its_provider_dies() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (mut a, key_a) = m.host(&s, "a", &["--sessions", "127.0.0.1:0", "--price-per-inference", "2"]);
+    let (mut b, key_b) = m.host(&s, "b", &["--sessions", "127.0.0.1:0", "--price-per-inference", "3"]);
+    online(&s, 2);
+    let rt = runtime();
+    rt.block_on(async {
+        let scheduler = client::Scheduler::new(&format!("http://{}", s.http));
+        let module = std::fs::read(sample_artifacts::MLP).unwrap();
+        let session = std::sync::Arc::new(
+            client::Session::open(&scheduler, proto::Keypair::generate(), module, Vec::new(), Default::default())
+                .await
+                .unwrap(),
+        );
+        // The cheaper provider serves first.
+        assert_eq!(session.provider().await.unwrap().to_string(), key_a);
+        assert_eq!(session.price_per_inference().await, Some(2));
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let s = session.clone();
+            set.spawn(async move { (i, s.infer(&mlp_request(i)).await.unwrap()) });
+        }
+        let mut answers = set.join_all().await;
+        answers.sort_by_key(|(i, _)| *i);
+        for (_, a) in &answers {
+            assert_eq!(String::from_utf8_lossy(&a.response).split(',').count(), 4);
+            assert_eq!(a.usage.inferences, 1);
+            assert_eq!(a.provider.to_string(), key_a);
+        }
+        // Same request, same answer: the instance keeps no state between requests.
+        assert_eq!(session.infer(&mlp_request(3)).await.unwrap().response, answers[3].1.response);
+
+        let (victim, survivor) =
+            if key_a == session.provider().await.unwrap().to_string() { (&mut a, &key_b) } else { (&mut b, &key_a) };
+        victim.kill9();
+        let after = session.infer(&mlp_request(3)).await.unwrap();
+        assert_eq!(after.provider.to_string(), *survivor, "the session moved to the other provider");
+        assert_eq!(after.response, answers[3].1.response, "and the other provider computes the same answer");
+        assert_eq!(session.failovers(), 1);
+    });
+}
+
+#[test]
+fn forged_and_misissued_tickets_are_refused_before_any_work() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (_host, key) = m.host(&s, "h", &["--sessions", "127.0.0.1:0"]);
+    online(&s, 1);
+    let providers = get_json(&s, "/v1/providers");
+    let addr: std::net::SocketAddr = providers[0]["session_addr"].as_str().unwrap().parse().unwrap();
+    let provider: proto::PublicKey = key.parse().unwrap();
+    let scheduler_key: proto::PublicKey = s.key.parse().unwrap();
+    let renter = proto::Keypair::generate();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let forger = proto::Keypair::generate();
+    let mut forged =
+        proto::ticket::Ticket::issue(&forger, [1; 16], renter.public(), provider, [2; 32], 0, now + 60_000);
+    // Claiming the scheduler's key does not make the forger's signature the scheduler's.
+    forged.scheduler = scheduler_key;
+    let other_scheduler =
+        proto::ticket::Ticket::issue(&forger, [1; 16], renter.public(), provider, [2; 32], 0, now + 60_000);
+    let cases = [(forged, "signature does not verify"), (other_scheduler, "not signed by the scheduler")];
+    let rt = runtime();
+    rt.block_on(async {
+        for (ticket, want) in cases {
+            let endpoint = quic::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+            let id = quic::Identity::new(&renter).unwrap();
+            let conn = quic::connect(&endpoint, &id, addr, provider).await.unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let open = proto::msg::SessionMsg::Open { ticket: Box::new(ticket), init_input: Vec::new() };
+            quic::write_msg(&mut send, &open, proto::msg::BLOB_CAP).await.unwrap();
+            let reply: Option<proto::msg::SessionReply> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
+            match reply {
+                Some(proto::msg::SessionReply::Refused { reason }) => assert!(reason.contains(want), "{reason}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        // A ticket the scheduler really issued, but to another renter, is refused too.
+        let scheduler = client::Scheduler::new(&format!("http://{}", s.http));
+        let uploaded = scheduler.upload(std::fs::read(sample_artifacts::MLP).unwrap()).await.unwrap();
+        let grant = scheduler
+            .open_session(&proto::api::OpenSession {
+                module: uploaded.module,
+                renter: proto::Keypair::generate().public(),
+                requirements: Default::default(),
+                exclude: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let endpoint = quic::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let id = quic::Identity::new(&renter).unwrap();
+        let conn = quic::connect(&endpoint, &id, addr, provider).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        quic::write_msg(
+            &mut send,
+            &proto::msg::SessionMsg::Open { ticket: Box::new(grant.ticket), init_input: Vec::new() },
+            proto::msg::BLOB_CAP,
+        )
+        .await
+        .unwrap();
+        let reply: Option<proto::msg::SessionReply> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
+        assert!(
+            matches!(&reply, Some(proto::msg::SessionReply::Refused { reason }) if reason.contains("another renter")),
+            "{reply:?}"
+        );
+    });
+    assert!(!log_of(&m, "h.log").contains("opened for"), "no session was opened");
+}

@@ -1,0 +1,344 @@
+#![doc = include_str!("../README.md")]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use proto::api::{JobView, ModuleUploaded, OpenSession, SessionGrant, SubmitJob, Submitted};
+use proto::frame::CONTROL_CAP;
+use proto::msg::{BLOB_CAP, JobLimits, Requirements, SessionMsg, SessionReply, WireUsage};
+use proto::{Keypair, PublicKey};
+use quic::{Connection, Identity};
+
+/// What can go wrong talking to the market.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reaching the scheduler at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{what}: the scheduler answered {status}: {message}")]
+    Api { what: String, status: u16, message: String },
+    #[error("no provider can serve this session: {0}")]
+    NoProvider(String),
+    #[error("the provider refused the session: {0}")]
+    Refused(String),
+    #[error("the request failed ({kind}): {message}")]
+    Failed { kind: String, limit: Option<String>, message: String },
+    #[error("the session failed over {0} times and gave up: {1}")]
+    GaveUp(usize, String),
+    #[error("link: {0}")]
+    Link(String),
+}
+
+/// The scheduler's HTTP API.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Scheduler {
+    /// `base` is the scheduler's HTTP address, such as `http://127.0.0.1:8080`.
+    pub fn new(base: &str) -> Scheduler {
+        Scheduler { base: base.trim_end_matches('/').to_string(), http: reqwest::Client::new() }
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> Error {
+        Error::Unreachable { url: self.base.clone(), reason: e.to_string() }
+    }
+
+    async fn check(&self, resp: reqwest::Response, what: &str) -> Result<reqwest::Response, Error> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<proto::api::ApiError>(&body).map(|e| e.error).unwrap_or(body);
+        Err(Error::Api { what: what.to_string(), status, message })
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, resp: reqwest::Response, what: &str) -> Result<T, Error> {
+        self.check(resp, what).await?.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    /// Uploads a module (once; the scheduler keeps it by hash).
+    pub async fn upload(&self, module: Vec<u8>) -> Result<ModuleUploaded, Error> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/modules", self.base))
+            .body(module)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.json(resp, "uploading the module").await
+    }
+
+    /// Submits a batch job for an uploaded module.
+    pub async fn submit(
+        &self,
+        module: &str,
+        input: &[u8],
+        requirements: Requirements,
+        limits: JobLimits,
+        deadline: Option<Duration>,
+    ) -> Result<Submitted, Error> {
+        let job = SubmitJob {
+            module: module.to_string(),
+            input_base64: base64::engine::general_purpose::STANDARD.encode(input),
+            requirements,
+            limits,
+            deadline_secs: deadline.map(|d| d.as_secs().max(1)),
+        };
+        let resp = self
+            .http
+            .post(format!("{}/v1/jobs", self.base))
+            .json(&job)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.json(resp, "submitting the job").await
+    }
+
+    pub async fn job(&self, id: &str) -> Result<JobView, Error> {
+        let resp =
+            self.http.get(format!("{}/v1/jobs/{id}", self.base)).send().await.map_err(|e| self.unreachable(e))?;
+        self.json(resp, "reading the job").await
+    }
+
+    /// Polls a job until it ends, calling `progress` whenever its view changes.
+    pub async fn wait(&self, id: &str, mut progress: impl FnMut(&JobView)) -> Result<JobView, Error> {
+        let mut last: Option<(proto::api::JobState, Option<u32>, usize)> = None;
+        loop {
+            let view = self.job(id).await?;
+            let now = (view.state, view.queue_position, view.attempts.len());
+            if last != Some(now) {
+                progress(&view);
+                last = Some(now);
+            }
+            if view.state.is_final() {
+                return Ok(view);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A finished job's output or log (`what` is `output` or `log`).
+    pub async fn bytes(&self, id: &str, what: &str) -> Result<Vec<u8>, Error> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/jobs/{id}/{what}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let resp = self.check(resp, &format!("reading the job's {what}")).await?;
+        Ok(resp.bytes().await.map_err(|e| self.unreachable(e))?.to_vec())
+    }
+
+    /// Asks for a provider to serve an inference session.
+    pub async fn open_session(&self, req: &OpenSession) -> Result<SessionGrant, Error> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/sessions", self.base))
+            .json(req)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if resp.status().as_u16() == 503 {
+            let body: serde_json::Value = resp.json().await.map_err(|e| self.unreachable(e))?;
+            return Err(Error::NoProvider(body.get("error").and_then(|e| e.as_str()).unwrap_or("").to_string()));
+        }
+        self.json(resp, "opening a session").await
+    }
+}
+
+/// One served request.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub response: Vec<u8>,
+    pub usage: WireUsage,
+    /// The provider that served it.
+    pub provider: PublicKey,
+}
+
+struct Link {
+    conn: Connection,
+    provider: PublicKey,
+    price_per_inference: u64,
+}
+
+/// An inference session, straight to a provider; fails over to another provider when one goes.
+pub struct Session {
+    scheduler: Scheduler,
+    identity: Identity,
+    renter: PublicKey,
+    endpoint: quic::Endpoint,
+    module: Arc<Vec<u8>>,
+    module_hash: String,
+    init_input: Vec<u8>,
+    requirements: Requirements,
+    link: tokio::sync::Mutex<(Option<Arc<Link>>, Vec<PublicKey>)>,
+    /// Times the session moved to another provider.
+    failovers: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("module", &self.module_hash).finish_non_exhaustive()
+    }
+}
+
+/// How often a session moves to another provider before it gives up.
+const MAX_FAILOVERS: usize = 3;
+
+impl Session {
+    /// Uploads the module, asks the scheduler for a provider, connects and runs `init`.
+    pub async fn open(
+        scheduler: &Scheduler,
+        renter: Keypair,
+        module: Vec<u8>,
+        init_input: Vec<u8>,
+        requirements: Requirements,
+    ) -> Result<Session, Error> {
+        let uploaded = scheduler.upload(module.clone()).await?;
+        let identity = Identity::new(&renter).map_err(|e| Error::Link(e.to_string()))?;
+        let endpoint = quic::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(|e| Error::Link(e.to_string()))?;
+        let session = Session {
+            scheduler: scheduler.clone(),
+            identity,
+            renter: renter.public(),
+            endpoint,
+            module: Arc::new(module),
+            module_hash: uploaded.module,
+            init_input,
+            requirements,
+            link: tokio::sync::Mutex::new((None, Vec::new())),
+            failovers: std::sync::atomic::AtomicUsize::new(0),
+        };
+        session.link(None).await?;
+        Ok(session)
+    }
+
+    /// The provider serving the session now.
+    pub async fn provider(&self) -> Option<PublicKey> {
+        self.link.lock().await.0.as_ref().map(|l| l.provider)
+    }
+
+    /// The price per inference agreed with the current provider.
+    pub async fn price_per_inference(&self) -> Option<u64> {
+        self.link.lock().await.0.as_ref().map(|l| l.price_per_inference)
+    }
+
+    /// How many times the session moved to another provider.
+    pub fn failovers(&self) -> usize {
+        self.failovers.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The current link, or a new one when `broken` is the current one (or there is none).
+    async fn link(&self, broken: Option<&Arc<Link>>) -> Result<Arc<Link>, Error> {
+        let mut guard = self.link.lock().await;
+        let (current, excluded) = &mut *guard;
+        if let Some(l) = current.as_ref() {
+            match broken {
+                Some(b) if Arc::ptr_eq(l, b) => {
+                    excluded.push(l.provider);
+                    *current = None;
+                    self.failovers.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                _ => return Ok(l.clone()),
+            }
+        }
+        let grant = self
+            .scheduler
+            .open_session(&OpenSession {
+                module: self.module_hash.clone(),
+                renter: self.renter,
+                requirements: self.requirements.clone(),
+                exclude: excluded.clone(),
+            })
+            .await?;
+        let link = Arc::new(self.connect(&grant).await?);
+        *current = Some(link.clone());
+        Ok(link)
+    }
+
+    async fn connect(&self, grant: &SessionGrant) -> Result<Link, Error> {
+        let addr: SocketAddr =
+            grant.addr.parse().map_err(|_| Error::Link(format!("bad provider address {:?}", grant.addr)))?;
+        let conn = quic::connect(&self.endpoint, &self.identity, addr, grant.provider)
+            .await
+            .map_err(|e| Error::Link(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Link(e.to_string()))?;
+        let link_err = |e: quic::QuicError| Error::Link(e.to_string());
+        quic::write_msg(
+            &mut send,
+            &SessionMsg::Open { ticket: Box::new(grant.ticket.clone()), init_input: self.init_input.clone() },
+            BLOB_CAP,
+        )
+        .await
+        .map_err(link_err)?;
+        loop {
+            match quic::read_msg::<SessionReply>(&mut recv, CONTROL_CAP).await.map_err(link_err)? {
+                Some(SessionReply::NeedModule) => {
+                    let bytes = self.module.as_ref().clone();
+                    quic::write_msg(&mut send, &SessionMsg::Module { bytes }, BLOB_CAP).await.map_err(link_err)?;
+                }
+                Some(SessionReply::Opened { .. }) => {
+                    return Ok(Link { conn, provider: grant.provider, price_per_inference: grant.price_per_inference });
+                }
+                Some(SessionReply::Refused { reason }) => return Err(Error::Refused(reason)),
+                Some(SessionReply::Failed { kind, limit, message }) => {
+                    return Err(Error::Failed { kind, limit, message });
+                }
+                Some(other) => return Err(Error::Link(format!("unexpected {other:?} while opening"))),
+                None => return Err(Error::Link("the provider closed the session while opening".into())),
+            }
+        }
+    }
+
+    async fn try_infer(link: &Link, request: &[u8]) -> Result<Result<Answer, Error>, String> {
+        let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
+        quic::write_msg(&mut send, &SessionMsg::Request { bytes: request.to_vec() }, BLOB_CAP)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        match quic::read_msg::<SessionReply>(&mut recv, BLOB_CAP).await.map_err(|e| e.to_string())? {
+            Some(SessionReply::Response { bytes, usage }) => {
+                Ok(Ok(Answer { response: bytes, usage, provider: link.provider }))
+            }
+            // The guest's own error fails this request only.
+            Some(SessionReply::Failed { kind, limit, message }) if kind == "guest" => {
+                Ok(Err(Error::Failed { kind, limit, message }))
+            }
+            // A limit, a crash or a host failure ended the instance there: move on.
+            Some(SessionReply::Failed { kind, message, .. }) => Err(format!("{kind}: {message}")),
+            Some(other) => Err(format!("unexpected {other:?}")),
+            None => Err("the provider closed the stream without an answer".into()),
+        }
+    }
+
+    /// Serves one request. If the provider fails (goes away, or its instance dies), the session
+    /// moves to another provider and sends the request again, up to a bounded number of times.
+    pub async fn infer(&self, request: &[u8]) -> Result<Answer, Error> {
+        let mut link = self.link(None).await?;
+        let mut last = String::new();
+        for _ in 0..=MAX_FAILOVERS {
+            match Self::try_infer(&link, request).await {
+                Ok(result) => return result,
+                Err(reason) => {
+                    log::warn!("provider {} failed the session: {reason}; failing over", link.provider);
+                    last = reason;
+                    link = match self.link(Some(&link)).await {
+                        Ok(l) => l,
+                        Err(e) => return Err(Error::GaveUp(self.failovers(), format!("{last}; then {e}"))),
+                    };
+                }
+            }
+        }
+        Err(Error::GaveUp(self.failovers(), last))
+    }
+
+    /// SHA-256 of the module, hex.
+    pub fn module_hash(&self) -> &str {
+        &self.module_hash
+    }
+}
