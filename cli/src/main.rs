@@ -1,5 +1,6 @@
 //! `wasmgrid`: the one binary users run.
 
+mod demo;
 mod market;
 mod units;
 
@@ -63,6 +64,9 @@ enum Command {
     /// Open an inference session through a scheduler and send requests: one per line of stdin,
     /// or one per file given.
     Session(market::SessionArgs),
+    /// Run a scheduler and two providers on loopback, submit the sample jobs and run an
+    /// inference session, and show who ran what.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args, Debug)]
@@ -179,6 +183,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => market::submit(&args),
         Command::Job(args) => market::job(&args),
         Command::Session(args) => market::session(&args),
+        Command::Demo(args) => demo::demo(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -473,3 +473,22 @@ fn forged_and_misissued_tickets_are_refused_before_any_work() {
     });
     assert!(!log_of(&m, "h.log").contains("opened for"), "no session was opened");
 }
+
+#[test]
+fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
+    let m = Market::new();
+    let samples = std::path::Path::new(sample_artifacts::MATMUL).parent().unwrap().to_str().unwrap().to_string();
+    let out = m.cmd(&["demo", "--json", "--samples", &samples, "--requests", "8"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jobs = v["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 4);
+    let providers: Vec<&str> = v["providers"].as_array().unwrap().iter().map(|p| p["key"].as_str().unwrap()).collect();
+    for job in jobs {
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert!(providers.contains(&job["provider"].as_str().unwrap()), "{job}");
+        assert!(job["usage"]["dispatches"].as_u64().unwrap() >= 1);
+    }
+    assert_eq!(v["session"]["inferences"], 8);
+    assert_eq!(v["session"]["provider_name"], "alpha", "the cheaper provider serves the session");
+}
