@@ -105,11 +105,18 @@ impl Scheduler {
         self.json(resp, "reading the job").await
     }
 
-    /// Polls a job until it ends, calling `progress` whenever its view changes.
+    /// Follows a job until it ends, calling `progress` whenever its view changes. Uses the
+    /// scheduler's long poll, so a change is seen as soon as it happens.
     pub async fn wait(&self, id: &str, mut progress: impl FnMut(&JobView)) -> Result<JobView, Error> {
         let mut last: Option<(proto::api::JobState, Option<u32>, usize)> = None;
+        let mut state: Option<proto::api::JobState> = None;
         loop {
-            let view = self.job(id).await?;
+            let url = match state {
+                Some(s) => format!("{}/v1/jobs/{id}?wait_ms=10000&state={}", self.base, state_name(s)),
+                None => format!("{}/v1/jobs/{id}", self.base),
+            };
+            let resp = self.http.get(url).send().await.map_err(|e| self.unreachable(e))?;
+            let view: JobView = self.json(resp, "reading the job").await?;
             let now = (view.state, view.queue_position, view.attempts.len());
             if last != Some(now) {
                 progress(&view);
@@ -118,7 +125,7 @@ impl Scheduler {
             if view.state.is_final() {
                 return Ok(view);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            state = Some(view.state);
         }
     }
 
@@ -148,6 +155,16 @@ impl Scheduler {
             return Err(Error::NoProvider(body.get("error").and_then(|e| e.as_str()).unwrap_or("").to_string()));
         }
         self.json(resp, "opening a session").await
+    }
+}
+
+fn state_name(s: proto::api::JobState) -> &'static str {
+    match s {
+        proto::api::JobState::Queued => "queued",
+        proto::api::JobState::Running => "running",
+        proto::api::JobState::Succeeded => "succeeded",
+        proto::api::JobState::Failed => "failed",
+        proto::api::JobState::Expired => "expired",
     }
 }
 

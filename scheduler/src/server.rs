@@ -56,10 +56,16 @@ struct Shared {
     keypair: Arc<Keypair>,
     conns: Arc<Mutex<HashMap<PublicKey, Connection>>>,
     wake: Arc<Notify>,
+    /// Bumped whenever a job may have changed, for long polls.
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
     listening: Arc<Mutex<Option<Listening>>>,
 }
 
 impl Shared {
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -98,6 +104,7 @@ pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
         keypair: Arc::new(config.keypair),
         conns: Arc::new(Mutex::new(HashMap::new())),
         wake: Arc::new(Notify::new()),
+        changed: Arc::new(tokio::sync::watch::channel(0).0),
         listening: Arc::new(Mutex::new(Some(listening.clone()))),
     };
     tokio::spawn(accept_providers(endpoint, shared.clone()));
@@ -199,6 +206,9 @@ async fn dispatch(shared: Shared, heartbeat_timeout_ms: u64) {
                 }
             }
         };
+        if !assignments.is_empty() {
+            shared.bump();
+        }
         for a in assignments {
             tokio::spawn(run_on_provider(shared.clone(), a));
         }
@@ -215,6 +225,7 @@ async fn run_on_provider(shared: Shared, a: Assignment) {
         log::info!("job {} on {}: {reason}", a.job_id, a.provider);
         let _ = shared.state().attempt_failed(&a.job_id, &a.provider, &reason, now_ms());
     }
+    shared.bump();
     shared.wake.notify_one();
 }
 
@@ -278,6 +289,7 @@ pub fn test_router(state: State) -> Router {
         keypair: Arc::new(Keypair::generate()),
         conns: Arc::new(Mutex::new(HashMap::new())),
         wake: Arc::new(Notify::new()),
+        changed: Arc::new(tokio::sync::watch::channel(0).0),
         listening: Arc::new(Mutex::new(None)),
     })
 }
@@ -322,10 +334,38 @@ async fn submit_job(
     }
 }
 
-async fn get_job(AxumState(shared): AxumState<Shared>, Path(id): Path<String>) -> Response {
-    match shared.state().job(&id) {
-        Some(view) => axum::Json(view).into_response(),
-        None => api_error(StatusCode::NOT_FOUND, format!("no job {id:?}")),
+/// Query of `GET /v1/jobs/{id}`: with `wait_ms`, answer as soon as the job is no longer in
+/// `state` (or has ended), waiting at most that long: a long poll, so clients need not spin.
+#[derive(Debug, serde::Deserialize)]
+struct JobQuery {
+    wait_ms: Option<u64>,
+    state: Option<proto::api::JobState>,
+}
+
+/// Longest long poll.
+const MAX_WAIT_MS: u64 = 30_000;
+
+async fn get_job(
+    AxumState(shared): AxumState<Shared>,
+    Path(id): Path<String>,
+    query: Result<axum::extract::Query<JobQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let axum::extract::Query(query) = match query {
+        Ok(q) => q,
+        Err(rejection) => return api_error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(query.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
+    let mut changes = shared.changed.subscribe();
+    loop {
+        let view = shared.state().job(&id);
+        let Some(view) = view else { return api_error(StatusCode::NOT_FOUND, format!("no job {id:?}")) };
+        let moved = query.state.is_none_or(|s| s != view.state);
+        if view.state.is_final() || moved || tokio::time::Instant::now() >= deadline {
+            return axum::Json(view).into_response();
+        }
+        if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            continue;
+        }
     }
 }
 
