@@ -7,8 +7,14 @@ use std::process::Command;
 
 /// Every sample crate under `samples/`: (package, kind). A new sample goes here, and the build
 /// of the host tests then fails until it has a test.
-const SAMPLES: &[(&str, &str)] =
-    &[("matmul", "bin"), ("mlp", "cdylib"), ("train", "bin"), ("hostile", "bin"), ("fuzz-driver", "bin")];
+const SAMPLES: &[(&str, &str)] = &[
+    ("matmul", "bin"),
+    ("mlp", "cdylib"),
+    ("train", "bin"),
+    ("hostile", "bin"),
+    ("fuzz-driver", "bin"),
+    ("echo", "cdylib"),
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);

@@ -7,4 +7,4 @@ pub mod store;
 
 pub use server::{Listening, SchedulerConfig, start};
 pub use state::{Config, State};
-pub use store::{RedbStore, Store, StoreError};
+pub use store::{MemoryStore, RedbStore, Store, StoreError};

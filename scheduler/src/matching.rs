@@ -7,17 +7,25 @@ use proto::PublicKey;
 use proto::api::{NoMatch, ReasonCount};
 use proto::msg::{GpuInfo, Price, Requirements};
 
-/// What matching needs to know of a provider.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Candidate {
+/// What matching needs to know of a provider, borrowed from the registry.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate<'a> {
     pub key: PublicKey,
-    pub region: String,
-    pub gpus: Vec<GpuInfo>,
+    pub region: &'a str,
+    pub gpus: &'a [GpuInfo],
+    /// Per GPU, its name and vendor in lower case (see [`gpu_search`]), so matching allocates
+    /// nothing.
+    pub gpu_search: &'a [String],
     pub price: Price,
     pub capacity: u32,
     pub running: u32,
     pub online: bool,
     pub rtt_ms: Option<u32>,
+}
+
+/// The lower-case text a GPU's model requirement is matched against.
+pub fn gpu_search(g: &GpuInfo) -> String {
+    format!("{} {}", g.name, g.vendor).to_lowercase()
 }
 
 /// Why a provider does not fit, in the order they are checked; a provider is counted under the
@@ -66,95 +74,124 @@ impl Reason {
     }
 }
 
-/// GPUs of `c` that fit the per-GPU requirements.
-fn fitting_gpus<'a>(c: &'a Candidate, req: &'a Requirements) -> impl Iterator<Item = &'a GpuInfo> + 'a {
-    c.gpus.iter().filter(move |g| {
-        req.min_vram_bytes.is_none_or(|v| g.vram_bytes >= v)
-            && req.gpu.as_ref().is_none_or(|p| {
-                let p = p.to_lowercase();
-                g.name.to_lowercase().contains(&p) || g.vendor.to_lowercase().contains(&p)
-            })
-            && req.backend.as_ref().is_none_or(|b| g.backend.eq_ignore_ascii_case(b))
-    })
-}
-
-/// The first reason `c` cannot take a job with `req`, if any. `session` checks the
-/// per-inference price instead of the per-second one.
-pub fn reject(c: &Candidate, req: &Requirements, session: bool) -> Option<Reason> {
-    let want = req.gpu_count.unwrap_or(1).max(1) as usize;
-    if !c.online {
-        return Some(Reason::Offline);
-    }
-    if c.gpus.len() < want {
-        return Some(Reason::GpuCount);
-    }
-    // Narrow step by step so the reason names the first requirement that fails.
-    let vram_ok = c.gpus.iter().filter(|g| req.min_vram_bytes.is_none_or(|v| g.vram_bytes >= v)).count();
-    if vram_ok < want {
-        return Some(Reason::Vram);
-    }
-    let model = Requirements { backend: None, ..req.clone() };
-    if fitting_gpus(c, &model).count() < want {
-        return Some(Reason::Gpu);
-    }
-    if fitting_gpus(c, req).count() < want {
-        return Some(Reason::Backend);
-    }
-    if req.region.as_ref().is_some_and(|r| !c.region.eq_ignore_ascii_case(r)) {
-        return Some(Reason::Region);
-    }
-    let over = if session {
-        req.max_price_per_inference.is_some_and(|p| c.price.per_inference > p)
-    } else {
-        req.max_price_per_gpu_second.is_some_and(|p| c.price.per_gpu_second > p)
-    };
-    if over {
-        return Some(Reason::Price);
-    }
-    if req.max_rtt_ms.is_some_and(|max| c.rtt_ms.is_none_or(|r| r > max)) {
-        return Some(Reason::Rtt);
-    }
-    if c.running >= c.capacity {
-        return Some(Reason::Busy);
-    }
-    None
-}
-
-/// The providers that fit, best first (cheapest, then least loaded, then nearest), and an
-/// explanation when none does.
-pub fn rank<'a>(
-    candidates: &'a [Candidate],
-    req: &Requirements,
+/// Requirements prepared for matching many providers: lower-cased once.
+#[derive(Clone, Debug)]
+pub struct Query {
+    want: usize,
+    min_vram: Option<u64>,
+    gpu: Option<String>,
+    backend: Option<String>,
+    region: Option<String>,
+    max_price: Option<u64>,
+    max_rtt_ms: Option<u32>,
+    /// Sessions are priced per inference, batch jobs per GPU-second.
     session: bool,
-) -> (Vec<&'a Candidate>, Option<NoMatch>) {
-    let mut fits = Vec::new();
+}
+
+impl Query {
+    pub fn new(req: &Requirements, session: bool) -> Query {
+        Query {
+            want: req.gpu_count.unwrap_or(1).max(1) as usize,
+            min_vram: req.min_vram_bytes,
+            gpu: req.gpu.as_ref().map(|g| g.to_lowercase()),
+            backend: req.backend.clone(),
+            region: req.region.clone(),
+            max_price: if session { req.max_price_per_inference } else { req.max_price_per_gpu_second },
+            max_rtt_ms: req.max_rtt_ms,
+            session,
+        }
+    }
+
+    pub fn price(&self, c: &Candidate<'_>) -> u64 {
+        if self.session { c.price.per_inference } else { c.price.per_gpu_second }
+    }
+
+    /// The first reason `c` cannot take the job, if any. `ignore_load` treats a provider at
+    /// capacity as fitting (the job only has to wait its turn).
+    pub fn reject(&self, c: &Candidate<'_>, ignore_load: bool) -> Option<Reason> {
+        if !c.online {
+            return Some(Reason::Offline);
+        }
+        if c.gpus.len() < self.want {
+            return Some(Reason::GpuCount);
+        }
+        // Narrow step by step so the reason names the first requirement that fails.
+        let vram = |g: &GpuInfo| self.min_vram.is_none_or(|v| g.vram_bytes >= v);
+        let model = |i: usize| match &self.gpu {
+            None => true,
+            Some(p) => c.gpu_search.get(i).is_some_and(|s| s.contains(p.as_str())),
+        };
+        let backend = |g: &GpuInfo| self.backend.as_ref().is_none_or(|b| g.backend.eq_ignore_ascii_case(b));
+        if c.gpus.iter().filter(|g| vram(g)).count() < self.want {
+            return Some(Reason::Vram);
+        }
+        if c.gpus.iter().enumerate().filter(|(i, g)| vram(g) && model(*i)).count() < self.want {
+            return Some(Reason::Gpu);
+        }
+        if c.gpus.iter().enumerate().filter(|(i, g)| vram(g) && model(*i) && backend(g)).count() < self.want {
+            return Some(Reason::Backend);
+        }
+        if self.region.as_ref().is_some_and(|r| !c.region.eq_ignore_ascii_case(r)) {
+            return Some(Reason::Region);
+        }
+        if self.max_price.is_some_and(|p| self.price(c) > p) {
+            return Some(Reason::Price);
+        }
+        if self.max_rtt_ms.is_some_and(|max| c.rtt_ms.is_none_or(|r| r > max)) {
+            return Some(Reason::Rtt);
+        }
+        if !ignore_load && c.running >= c.capacity {
+            return Some(Reason::Busy);
+        }
+        None
+    }
+}
+
+/// Why no provider fits: every candidate counted once, under the first requirement it fails.
+pub fn explain<'a>(candidates: impl Iterator<Item = Candidate<'a>>, query: &Query, ignore_load: bool) -> NoMatch {
     let mut reasons: BTreeMap<Reason, u32> = BTreeMap::new();
+    let mut total = 0u32;
+    let mut matching = 0u32;
     for c in candidates {
-        match reject(c, req, session) {
-            None => fits.push(c),
+        total += 1;
+        match query.reject(&c, ignore_load) {
+            None => matching += 1,
             Some(r) => *reasons.entry(r).or_default() += 1,
         }
     }
+    let summary = if total == 0 {
+        "0 of 0 providers match: no provider has registered yet".to_string()
+    } else {
+        let parts: Vec<String> = reasons.iter().map(|(r, n)| r.phrase(*n)).collect();
+        format!("{matching} of {total} providers match: {}", parts.join(", "))
+    };
+    let reasons = reasons.into_iter().map(|(r, count)| ReasonCount { reason: r.key().to_string(), count }).collect();
+    NoMatch { total, matching, reasons, summary }
+}
+
+/// The providers that fit, best first (cheapest, then least loaded, then nearest), and an
+/// explanation when none does. A full scan: the scheduler's hot path walks its price index
+/// instead.
+pub fn rank<'a>(
+    candidates: &[Candidate<'a>],
+    req: &Requirements,
+    session: bool,
+) -> (Vec<Candidate<'a>>, Option<NoMatch>) {
+    let query = Query::new(req, session);
+    let mut fits: Vec<Candidate<'a>> =
+        candidates.iter().copied().filter(|c| query.reject(c, false).is_none()).collect();
     fits.sort_by(|a, b| {
-        let price = |c: &Candidate| if session { c.price.per_inference } else { c.price.per_gpu_second };
-        let load = |c: &Candidate| f64::from(c.running) / f64::from(c.capacity.max(1));
-        price(a)
-            .cmp(&price(b))
+        let load = |c: &Candidate<'_>| f64::from(c.running) / f64::from(c.capacity.max(1));
+        query
+            .price(a)
+            .cmp(&query.price(b))
             .then(load(a).total_cmp(&load(b)))
             .then(a.rtt_ms.unwrap_or(u32::MAX).cmp(&b.rtt_ms.unwrap_or(u32::MAX)))
     });
     if !fits.is_empty() {
         return (fits, None);
     }
-    let total = candidates.len() as u32;
-    let summary = if total == 0 {
-        "0 of 0 providers match: no provider has registered yet".to_string()
-    } else {
-        let parts: Vec<String> = reasons.iter().map(|(r, n)| r.phrase(*n)).collect();
-        format!("0 of {total} providers match: {}", parts.join(", "))
-    };
-    let reasons = reasons.into_iter().map(|(r, count)| ReasonCount { reason: r.key().to_string(), count }).collect();
-    (fits, Some(NoMatch { total, matching: 0, reasons, summary }))
+    (fits, Some(explain(candidates.iter().copied(), &query, false)))
 }
 
 #[cfg(test)]
@@ -172,11 +209,23 @@ mod tests {
         }
     }
 
-    fn provider(n: u8, gpus: Vec<GpuInfo>, price: u64) -> Candidate {
+    /// Owns what a candidate borrows.
+    struct Owned {
+        gpus: Vec<GpuInfo>,
+        search: Vec<String>,
+    }
+
+    fn owned(gpus: Vec<GpuInfo>) -> Owned {
+        let search = gpus.iter().map(gpu_search).collect();
+        Owned { gpus, search }
+    }
+
+    fn provider(n: u8, o: &Owned, price: u64) -> Candidate<'_> {
         Candidate {
             key: PublicKey([n; 32]),
-            region: "eu".into(),
-            gpus,
+            region: "eu",
+            gpus: &o.gpus,
+            gpu_search: &o.search,
             price: Price { per_gpu_second: price, per_inference: price },
             capacity: 2,
             running: 0,
@@ -187,12 +236,18 @@ mod tests {
 
     #[test]
     fn explains_every_provider_once_under_its_first_failing_reason() {
-        let mut offline = provider(1, vec![gpu("RTX 3060", "NVIDIA", 12)], 1);
+        let (g3060, g6600, h100, a100) = (
+            owned(vec![gpu("RTX 3060", "NVIDIA", 12)]),
+            owned(vec![gpu("RX 6600", "AMD", 8)]),
+            owned(vec![gpu("H100", "NVIDIA", 80)]),
+            owned(vec![gpu("A100", "NVIDIA", 80)]),
+        );
+        let mut offline = provider(1, &g3060, 1);
         offline.online = false;
-        let small = provider(2, vec![gpu("RTX 3060", "NVIDIA", 12)], 1);
-        let small2 = provider(3, vec![gpu("RX 6600", "AMD", 8)], 1);
-        let pricey = provider(4, vec![gpu("H100", "NVIDIA", 80)], 100);
-        let mut far = provider(5, vec![gpu("A100", "NVIDIA", 80)], 1);
+        let small = provider(2, &g3060, 1);
+        let small2 = provider(3, &g6600, 1);
+        let pricey = provider(4, &h100, 100);
+        let mut far = provider(5, &a100, 1);
         far.rtt_ms = Some(300);
         let all = [offline, small, small2, pricey, far];
         let req = Requirements {
@@ -215,11 +270,12 @@ mod tests {
 
     #[test]
     fn ranks_cheapest_then_least_loaded() {
-        let a = provider(1, vec![gpu("A", "AMD", 16)], 5);
-        let mut b = provider(2, vec![gpu("B", "AMD", 16)], 3);
+        let g = owned(vec![gpu("A", "AMD", 16)]);
+        let a = provider(1, &g, 5);
+        let mut b = provider(2, &g, 3);
         b.running = 1;
-        let c = provider(3, vec![gpu("C", "AMD", 16)], 3);
-        let mut full = provider(4, vec![gpu("D", "AMD", 16)], 1);
+        let c = provider(3, &g, 3);
+        let mut full = provider(4, &g, 1);
         full.running = 2;
         let all = [a, b, c, full];
         let (fits, why) = rank(&all, &Requirements::default(), false);
@@ -230,7 +286,8 @@ mod tests {
 
     #[test]
     fn model_backend_region_and_count_requirements() {
-        let p = provider(1, vec![gpu("RTX 4090", "NVIDIA", 24), gpu("RTX 4090", "NVIDIA", 24)], 1);
+        let g = owned(vec![gpu("RTX 4090", "NVIDIA", 24), gpu("RTX 4090", "NVIDIA", 24)]);
+        let p = provider(1, &g, 1);
         let all = [p];
         let check = |req: Requirements| rank(&all, &req, false).1.map(|w| w.reasons[0].reason.clone());
         assert_eq!(check(Requirements { gpu: Some("4090".into()), gpu_count: Some(2), ..Default::default() }), None);

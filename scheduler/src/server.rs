@@ -251,6 +251,7 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
             Some(JobReply::Finished(result)) => {
                 log::info!("job {} finished on {}: {:?}", a.job_id, a.provider, result.outcome);
                 shared.state().finished(&a.job_id, &a.provider, result, now_ms()).map_err(|e| e.to_string())?;
+                durable(shared).await?;
                 let _ = send.finish();
                 return Ok(());
             }
@@ -294,6 +295,16 @@ pub fn test_router(state: State) -> Router {
     })
 }
 
+/// Waits until every write so far is on disk, off the async threads and outside the state's lock.
+async fn durable(shared: &Shared) -> Result<(), String> {
+    let store = shared.state().store_handle();
+    match tokio::task::spawn_blocking(move || store.sync()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 async fn upload_module(AxumState(shared): AxumState<Shared>, body: Bytes) -> Response {
     if body.is_empty() {
         return api_error(StatusCode::BAD_REQUEST, "the request body must be the module's bytes");
@@ -301,8 +312,12 @@ async fn upload_module(AxumState(shared): AxumState<Shared>, body: Bytes) -> Res
     if !body.starts_with(b"\0asm") {
         return api_error(StatusCode::UNPROCESSABLE_ENTITY, "the body is not a WebAssembly module (no \\0asm header)");
     }
-    match shared.state().put_module(&body) {
+    let stored = shared.state().put_module(&body);
+    match stored {
         Ok(hash) => {
+            if let Err(e) = durable(&shared).await {
+                return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+            }
             (StatusCode::CREATED, axum::Json(ModuleUploaded { module: hash_hex(&hash), bytes: body.len() as u64 }))
                 .into_response()
         }
@@ -327,7 +342,13 @@ async fn submit_job(
         shared.state().submit(&req.module, input, req.requirements, req.limits, req.deadline_secs, now_ms());
     shared.wake.notify_one();
     match submitted {
-        Ok(s) => (StatusCode::CREATED, axum::Json(s)).into_response(),
+        Ok(s) => {
+            // The answer promises the job survives a restart: it is on disk first.
+            if let Err(e) = durable(&shared).await {
+                return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+            }
+            (StatusCode::CREATED, axum::Json(s)).into_response()
+        }
         Err(e @ crate::state::SubmitError::UnknownModule(_)) => api_error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ crate::state::SubmitError::Invalid(_)) => api_error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

@@ -1,13 +1,13 @@
 //! The scheduler's state machine: jobs, the queue, providers and their liveness. No IO but the
 //! store it writes through, no clock: every call takes `now_ms`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proto::PublicKey;
 use proto::api::{Attempt, JobRecord, JobState, JobView, NoMatch, ProviderView, Submitted};
 use proto::msg::{GpuInfo, JobLimits, JobResult, ModuleHash, Outcome, Price, Requirements, hash_hex, parse_hash};
 
-use crate::matching::{Candidate, rank};
+use crate::matching::{Candidate, Query, explain, gpu_search, rank};
 use crate::store::{Store, StoreError};
 
 /// Tunables of the state machine.
@@ -40,19 +40,72 @@ pub struct Assignment {
 #[derive(Debug)]
 struct Provider {
     view: ProviderView,
-    /// Jobs this scheduler has sent and not yet heard the end of.
+    /// Per GPU, lower-case name and vendor, for matching without allocating.
+    gpu_search: Vec<String>,
+    /// Jobs this scheduler has sent and not yet heard the end of: the load matching uses (the
+    /// heartbeat's count is shown, not trusted).
     assigned: HashSet<String>,
     connected: bool,
 }
 
+impl Provider {
+    fn new(view: ProviderView, connected: bool) -> Provider {
+        let gpu_search = view.gpus.iter().map(gpu_search).collect();
+        Provider { view, gpu_search, assigned: HashSet::new(), connected }
+    }
+
+    fn candidate(&self) -> Candidate<'_> {
+        Candidate {
+            key: self.view.key,
+            region: &self.view.region,
+            gpus: &self.view.gpus,
+            gpu_search: &self.gpu_search,
+            price: self.view.price,
+            capacity: self.view.capacity,
+            running: self.assigned.len() as u32,
+            online: self.view.online,
+            rtt_ms: self.view.rtt_ms,
+        }
+    }
+
+    /// Where the provider sits in the batch price index: cheapest, then least loaded, then
+    /// nearest. `None` when it cannot take a job now (offline, or at capacity): not indexed.
+    fn index_key(&self) -> Option<IndexKey> {
+        if self.assigned.len() as u64 >= u64::from(self.view.capacity) {
+            return None;
+        }
+        let load =
+            (self.assigned.len() as u64 * 1000 / u64::from(self.view.capacity.max(1))).min(u64::from(u16::MAX)) as u16;
+        // Round trips in 5 ms steps: jitter between heartbeats should not reorder the index.
+        let rtt = self.view.rtt_ms.map_or(u32::MAX, |r| r / 5 * 5);
+        self.view.online.then_some((self.view.price.per_gpu_second, load, rtt, self.view.key))
+    }
+}
+
+/// Order of the batch price index: price per GPU-second, load in permille, round trip, key.
+type IndexKey = (u64, u16, u32, PublicKey);
+
 /// The scheduler's state.
 pub struct State {
     config: Config,
-    store: Box<dyn Store>,
+    store: std::sync::Arc<dyn Store>,
     jobs: BTreeMap<String, JobRecord>,
     /// Queued job ids, oldest first.
     queue: Vec<String>,
     providers: HashMap<PublicKey, Provider>,
+    /// Online providers in ranking order, so placing a job walks from the best provider and
+    /// usually stops at the first.
+    index: BTreeSet<IndexKey>,
+    /// Bumped whenever a provider may have become able to take a job it could not before (it
+    /// joined, came online, freed capacity, got nearer).
+    availability: u64,
+    /// Queued jobs found unplaceable, with the `availability` they were checked at: they are
+    /// not checked again until it moves.
+    unplaceable: HashMap<String, u64>,
+    /// Whether anything fits a set of requirements, load aside, and why not: valid until a
+    /// provider registers or goes on or offline, which clears it. Renters repeat requirements,
+    /// and the full explanation is a scan of every provider.
+    explained: std::cell::RefCell<HashMap<String, Option<NoMatch>>>,
     next_id: u64,
 }
 
@@ -78,6 +131,7 @@ impl State {
     /// the queue (their provider will not report to a new process), providers start offline
     /// until they reconnect.
     pub fn load(config: Config, store: Box<dyn Store>, now_ms: u64) -> Result<State, StoreError> {
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::from(store);
         let mut jobs = BTreeMap::new();
         let mut max_id = 0;
         for mut job in store.jobs()? {
@@ -102,39 +156,92 @@ impl State {
         for mut view in store.providers()? {
             view.online = false;
             view.running = 0;
-            providers.insert(view.key, Provider { view, assigned: HashSet::new(), connected: false });
+            providers.insert(view.key, Provider::new(view, false));
         }
-        Ok(State { config, store, jobs, queue, providers, next_id: max_id + 1 })
+        Ok(State {
+            config,
+            store,
+            jobs,
+            queue,
+            providers,
+            index: BTreeSet::new(),
+            availability: 0,
+            unplaceable: HashMap::new(),
+            explained: std::cell::RefCell::new(HashMap::new()),
+            next_id: max_id + 1,
+        })
+    }
+
+    /// Changes a provider and keeps the index in step.
+    fn update_provider<T>(&mut self, key: &PublicKey, f: impl FnOnce(&mut Provider) -> T) -> Option<T> {
+        let p = self.providers.get_mut(key)?;
+        let before = p.index_key();
+        if let Some(k) = before {
+            self.index.remove(&k);
+        }
+        let out = f(p);
+        let after = p.index_key();
+        if let Some(k) = after {
+            self.index.insert(k);
+        }
+        let more = match (before, after) {
+            (None, Some(_)) => true,
+            (Some((_, load_b, rtt_b, _)), Some((_, load_a, rtt_a, _))) => load_a < load_b || rtt_a < rtt_b,
+            _ => false,
+        };
+        if more {
+            self.availability += 1;
+        }
+        Some(out)
     }
 
     pub fn store(&self) -> &dyn Store {
         self.store.as_ref()
     }
 
-    fn candidates(&self) -> Vec<Candidate> {
-        self.providers
-            .values()
-            .map(|p| Candidate {
-                key: p.view.key,
-                region: p.view.region.clone(),
-                gpus: p.view.gpus.clone(),
-                price: p.view.price,
-                capacity: p.view.capacity,
-                running: p.view.running.max(p.assigned.len() as u32),
-                online: p.view.online,
-                rtt_ms: p.view.rtt_ms,
-            })
-            .collect()
+    /// The store, for making writes durable outside the state's lock (see [`Store::sync`]).
+    pub fn store_handle(&self) -> std::sync::Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    fn candidates(&self) -> impl Iterator<Item = Candidate<'_>> {
+        self.providers.values().map(Provider::candidate)
+    }
+
+    /// The best provider for `query` with room for a job, skipping `avoid` unless it is the only
+    /// one. Walks the price index from the cheapest.
+    fn best_fit(&self, query: &Query, avoid: Option<PublicKey>) -> Option<PublicKey> {
+        let mut fallback = None;
+        for (_, _, _, key) in &self.index {
+            let Some(p) = self.providers.get(key) else { continue };
+            if query.reject(&p.candidate(), false).is_none() {
+                if Some(*key) != avoid {
+                    return Some(*key);
+                }
+                fallback = Some(*key);
+            }
+        }
+        fallback
     }
 
     /// Why nothing matches `req` right now, or `None` if something does (busy providers count
     /// as matching for this purpose: the job only has to wait its turn).
     pub fn explain(&self, req: &Requirements) -> Option<NoMatch> {
-        let mut candidates = self.candidates();
-        for c in &mut candidates {
-            c.running = 0;
+        let key = format!("{req:?}");
+        if let Some(cached) = self.explained.borrow().get(&key) {
+            return cached.clone();
         }
-        rank(&candidates, req, false).1
+        let query = Query::new(req, false);
+        // Usually something fits, and the scan stops at it.
+        let fits = self.candidates().any(|c| query.reject(&c, true).is_none());
+        let answer = if fits { None } else { Some(explain(self.candidates(), &query, true)) };
+        self.explained.borrow_mut().insert(key, answer.clone());
+        answer
+    }
+
+    /// The roster changed (a provider registered or went on or offline): explanations are stale.
+    fn roster_changed(&mut self) {
+        self.explained.get_mut().clear();
     }
 
     /// Accepts a job for a module already uploaded.
@@ -149,7 +256,7 @@ impl State {
     ) -> Result<Submitted, SubmitError> {
         let hash =
             parse_hash(module).ok_or_else(|| SubmitError::Invalid(format!("{module:?} is not a hex SHA-256")))?;
-        if self.store.module(&hash)?.is_none() {
+        if !self.store.has_module(&hash)? {
             return Err(SubmitError::UnknownModule(module.to_string()));
         }
         if requirements.gpu_count == Some(0) {
@@ -184,7 +291,7 @@ impl State {
         self.store.put_job(&record)?;
         self.jobs.insert(id.clone(), record);
         self.queue.push(id.clone());
-        let queue_position = self.queue_position(&id);
+        let queue_position = Some(self.queue.len() as u32);
         Ok(Submitted { id, state: JobState::Queued, no_match, queue_position })
     }
 
@@ -257,7 +364,16 @@ impl State {
         // A re-registration means a new connection: whatever it ran before is gone.
         let lost: Vec<String> =
             self.providers.get(&key).map(|p| p.assigned.iter().cloned().collect()).unwrap_or_default();
-        self.providers.insert(key, Provider { view, assigned: HashSet::new(), connected: true });
+        if let Some(k) = self.providers.get(&key).and_then(Provider::index_key) {
+            self.index.remove(&k);
+        }
+        let provider = Provider::new(view, true);
+        if let Some(k) = provider.index_key() {
+            self.index.insert(k);
+        }
+        self.providers.insert(key, provider);
+        self.availability += 1;
+        self.roster_changed();
         for job in lost {
             self.attempt_failed(&job, &key, "the provider reconnected and lost the job", now_ms)?;
         }
@@ -265,24 +381,30 @@ impl State {
     }
 
     pub fn heartbeat(&mut self, key: &PublicKey, running: u32, rtt_ms: Option<u32>, now_ms: u64) {
-        if let Some(p) = self.providers.get_mut(key) {
+        let flipped = self.update_provider(key, |p| {
+            let was = p.view.online;
             p.view.running = running;
             p.view.last_seen_ms = now_ms;
             p.view.rtt_ms = rtt_ms;
             p.view.online = p.connected;
+            was != p.view.online
+        });
+        if flipped == Some(true) {
+            self.roster_changed();
         }
     }
 
     /// The provider's connection closed.
     pub fn disconnected(&mut self, key: &PublicKey, now_ms: u64) -> Result<(), StoreError> {
-        let lost: Vec<String> = match self.providers.get_mut(key) {
-            Some(p) => {
-                p.connected = false;
-                p.view.online = false;
-                p.assigned.drain().collect()
-            }
+        let lost: Vec<String> = match self.update_provider(key, |p| {
+            p.connected = false;
+            p.view.online = false;
+            p.assigned.drain().collect()
+        }) {
+            Some(lost) => lost,
             None => return Ok(()),
         };
+        self.roster_changed();
         for job in lost {
             self.attempt_failed(&job, key, "the provider disconnected", now_ms)?;
         }
@@ -299,22 +421,23 @@ impl State {
             .map(|p| p.view.key)
             .collect();
         for key in silent {
-            let lost: Vec<String> = match self.providers.get_mut(&key) {
-                Some(p) => {
-                    p.view.online = false;
-                    p.assigned.drain().collect()
-                }
+            let lost: Vec<String> = match self.update_provider(&key, |p| {
+                p.view.online = false;
+                p.assigned.drain().collect()
+            }) {
+                Some(lost) => lost,
                 None => continue,
             };
+            self.roster_changed();
             for job in lost {
                 self.attempt_failed(&job, &key, "the provider missed its heartbeats", now_ms)?;
             }
         }
         let expired: Vec<String> = self
-            .jobs
-            .values()
-            .filter(|j| !j.view.state.is_final() && j.view.state == JobState::Queued && now_ms > j.view.deadline_ms)
-            .map(|j| j.view.id.clone())
+            .queue
+            .iter()
+            .filter(|id| self.jobs.get(*id).is_some_and(|j| now_ms > j.view.deadline_ms))
+            .cloned()
             .collect();
         for id in expired {
             let why = self.job(&id).and_then(|v| v.no_match).map(|n| n.summary);
@@ -329,6 +452,7 @@ impl State {
 
     fn finish_unplaced(&mut self, id: &str, state: JobState, error: String) -> Result<(), StoreError> {
         self.queue.retain(|q| q != id);
+        self.unplaceable.remove(id);
         if let Some(job) = self.jobs.get_mut(id) {
             job.view.state = state;
             job.view.error = Some(error);
@@ -341,24 +465,45 @@ impl State {
     /// Matches queued jobs, oldest first, to providers with room.
     pub fn assign(&mut self, now_ms: u64) -> Result<Vec<Assignment>, StoreError> {
         let mut out = Vec::new();
-        let queued = self.queue.clone();
-        for id in queued {
+        let queue = std::mem::take(&mut self.queue);
+        let mut waiting = Vec::with_capacity(queue.len());
+        for id in queue {
+            if self.unplaceable.get(&id) == Some(&self.availability) {
+                waiting.push(id);
+                continue;
+            }
             let Some(job) = self.jobs.get(&id) else { continue };
-            let candidates = self.candidates();
-            let (fits, _) = rank(&candidates, &job.view.requirements, false);
+            if self.explain(&job.view.requirements).is_some() {
+                // Nothing fits even when idle: no need to walk the index.
+                self.unplaceable.insert(id.clone(), self.availability);
+                waiting.push(id);
+                continue;
+            }
+            let Some(job) = self.jobs.get(&id) else { continue };
+            let query = Query::new(&job.view.requirements, false);
             // Never the same provider twice in a row for one job: a retry goes elsewhere when
             // it can.
             let last = job.view.attempts.last().map(|a| a.provider);
-            let Some(choice) = fits.iter().find(|c| Some(c.key) != last).or(fits.first()).map(|c| c.key) else {
+            let (Some(choice), Some(module)) = (self.best_fit(&query, last), parse_hash(&job.view.module)) else {
+                self.unplaceable.insert(id.clone(), self.availability);
+                waiting.push(id);
                 continue;
             };
-            let Some(module) = parse_hash(&job.view.module) else { continue };
+            self.unplaceable.remove(&id);
             let Some(job) = self.jobs.get_mut(&id) else { continue };
             job.view.state = JobState::Running;
             job.view.provider = Some(choice);
             job.view.queue_position = None;
             job.view.attempts.push(Attempt { provider: choice, started_at_ms: now_ms, ended_at_ms: None, error: None });
-            self.store.put_job(job)?;
+            if let Err(e) = self.store.put_job(job) {
+                // Not placed after all: the job stays queued and the error goes up.
+                job.view.state = JobState::Queued;
+                job.view.provider = None;
+                job.view.attempts.pop();
+                waiting.push(id);
+                self.queue = waiting;
+                return Err(e);
+            }
             out.push(Assignment {
                 job_id: id.clone(),
                 provider: choice,
@@ -366,11 +511,11 @@ impl State {
                 input: job.input.clone(),
                 limits: job.view.limits.clone(),
             });
-            if let Some(p) = self.providers.get_mut(&choice) {
-                p.assigned.insert(id.clone());
-            }
-            self.queue.retain(|q| q != &id);
+            self.update_provider(&choice, |p| p.assigned.insert(id.clone()));
         }
+        // Jobs re-queued while this ran (none today: `&mut self`) would go first.
+        waiting.append(&mut self.queue);
+        self.queue = waiting;
         Ok(out)
     }
 
@@ -431,9 +576,7 @@ impl State {
     /// The job `id` if it is running on `provider`, which stops counting it as assigned. A late
     /// report from a provider the job was taken away from finds nothing and changes nothing.
     fn running_on(&mut self, id: &str, provider: &PublicKey) -> Option<&mut JobRecord> {
-        if let Some(p) = self.providers.get_mut(provider) {
-            p.assigned.remove(id);
-        }
+        self.update_provider(provider, |p| p.assigned.remove(id));
         self.jobs
             .get_mut(id)
             .filter(|j| j.view.provider.as_ref() == Some(provider) && j.view.state == JobState::Running)
@@ -446,9 +589,8 @@ impl State {
         req: &Requirements,
         exclude: &[PublicKey],
     ) -> Result<(PublicKey, String, Price), NoMatch> {
-        let candidates: Vec<Candidate> = self
+        let candidates: Vec<Candidate<'_>> = self
             .candidates()
-            .into_iter()
             .filter(|c| !exclude.contains(&c.key))
             .filter(|c| self.providers.get(&c.key).is_some_and(|p| p.view.session_addr.is_some()))
             .map(|mut c| {
@@ -474,7 +616,7 @@ impl State {
     pub fn put_module(&self, bytes: &[u8]) -> Result<ModuleHash, StoreError> {
         use sha2::{Digest, Sha256};
         let hash: ModuleHash = Sha256::digest(bytes).into();
-        if self.store.module(&hash)?.is_none() {
+        if !self.store.has_module(&hash)? {
             self.store.put_module(&hash, bytes)?;
         }
         Ok(hash)

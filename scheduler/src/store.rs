@@ -25,18 +25,57 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 }
 
 /// The scheduler's persistent state.
+///
+/// Writes may return before they are on disk; [`Store::sync`] returns once every write made
+/// before it is. The scheduler calls it, outside its lock, before answering a submission or an
+/// upload, so many requests share one disk flush (group commit).
 pub trait Store: Send + Sync {
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;
+    /// Makes every earlier write durable.
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     fn jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
     fn put_module(&self, hash: &ModuleHash, bytes: &[u8]) -> Result<(), StoreError>;
     fn module(&self, hash: &ModuleHash) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Whether the module is stored, without reading it.
+    fn has_module(&self, hash: &ModuleHash) -> Result<bool, StoreError> {
+        self.module(hash).map(|m| m.is_some())
+    }
     fn put_provider(&self, provider: &ProviderView) -> Result<(), StoreError>;
     fn providers(&self) -> Result<Vec<ProviderView>, StoreError>;
 }
 
-/// The embedded store: one redb file.
-pub struct RedbStore {
+/// A write waiting for the next flush.
+#[derive(Debug)]
+enum Pending {
+    Job(String, Vec<u8>),
+    Module(ModuleHash, Vec<u8>),
+    Provider(String, Vec<u8>),
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    writes: Vec<Pending>,
+    /// Sequence number of the last write queued.
+    queued: u64,
+}
+
+struct Inner {
     db: Database,
+    queue: std::sync::Mutex<Queue>,
+    /// Sequence number of the last write on disk.
+    durable: std::sync::atomic::AtomicU64,
+    /// One flush at a time; writers waiting behind it usually find theirs already flushed.
+    flush: std::sync::Mutex<()>,
+}
+
+/// The embedded store: one redb file. Writes queue in memory and reach the disk together, in
+/// one durable transaction per flush: when someone calls [`Store::sync`] (the scheduler does
+/// before answering a submission), and every 50 ms in the background. Many concurrent
+/// submissions share one flush (group commit).
+pub struct RedbStore {
+    inner: std::sync::Arc<Inner>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -45,8 +84,44 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Inner {
+    fn flush(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let _one_at_a_time = lock(&self.flush);
+        let (writes, upto) = {
+            let mut q = lock(&self.queue);
+            (std::mem::take(&mut q.writes), q.queued)
+        };
+        if writes.is_empty() {
+            self.durable.fetch_max(upto, SeqCst);
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut jobs = tx.open_table(JOBS).map_err(db)?;
+            let mut modules = tx.open_table(MODULES).map_err(db)?;
+            let mut providers = tx.open_table(PROVIDERS).map_err(db)?;
+            for w in &writes {
+                match w {
+                    Pending::Job(k, v) => jobs.insert(k.as_str(), v.as_slice()).map(drop),
+                    Pending::Module(k, v) => modules.insert(&k[..], v.as_slice()).map(drop),
+                    Pending::Provider(k, v) => providers.insert(k.as_str(), v.as_slice()).map(drop),
+                }
+                .map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        self.durable.fetch_max(upto, SeqCst);
+        Ok(())
+    }
+}
+
 impl RedbStore {
-    /// Opens (or creates) the database at `path`.
+    /// Opens (or creates) the database at `path`, and starts its background flusher.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         let database =
             Database::create(path).map_err(|e| StoreError::Db(format!("opening {}: {e}", path.display())))?;
@@ -55,17 +130,34 @@ impl RedbStore {
         tx.open_table(MODULES).map_err(db)?;
         tx.open_table(PROVIDERS).map_err(db)?;
         tx.commit().map_err(db)?;
-        Ok(RedbStore { db: database })
+        let inner = std::sync::Arc::new(Inner {
+            db: database,
+            queue: std::sync::Mutex::new(Queue::default()),
+            durable: std::sync::atomic::AtomicU64::new(0),
+            flush: std::sync::Mutex::new(()),
+        });
+        let weak = std::sync::Arc::downgrade(&inner);
+        let _ = std::thread::Builder::new().name("wasmgrid-store-flush".into()).spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let Some(inner) = weak.upgrade() else { break };
+                if let Err(e) = inner.flush() {
+                    log::error!("flushing the job store: {e}");
+                }
+            }
+        });
+        Ok(RedbStore { inner })
     }
 
-    fn put(&self, table: TableDefinition<&str, &[u8]>, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(table).map_err(db)?.insert(key, value).map_err(db)?;
-        tx.commit().map_err(db)
+    fn queue(&self, write: Pending) {
+        let mut q = lock(&self.inner.queue);
+        q.writes.push(write);
+        q.queued += 1;
     }
 
     fn all<T: serde::de::DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, StoreError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        self.inner.flush()?;
+        let tx = self.inner.db.begin_read().map_err(db)?;
         let t = tx.open_table(table).map_err(db)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(db)? {
@@ -73,6 +165,22 @@ impl RedbStore {
             out.push(rmp_serde::from_slice(v.value()).map_err(|e| StoreError::Decode(e.to_string()))?);
         }
         Ok(out)
+    }
+
+    /// A module still waiting for the flush.
+    fn pending_module(&self, hash: &ModuleHash) -> Option<Vec<u8>> {
+        lock(&self.inner.queue).writes.iter().rev().find_map(|w| match w {
+            Pending::Module(h, v) if h == hash => Some(v.clone()),
+            _ => None,
+        })
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.inner.flush() {
+            log::error!("flushing the job store on close: {e}");
+        }
     }
 }
 
@@ -86,7 +194,23 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 
 impl Store for RedbStore {
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
-        self.put(JOBS, &job.view.id, &encode(job)?)
+        self.queue(Pending::Job(job.view.id.clone(), encode(job)?));
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mine = lock(&self.inner.queue).queued;
+        if self.inner.durable.load(SeqCst) >= mine {
+            return Ok(());
+        }
+        // Whoever flushes first takes everyone's writes; the rest find theirs on disk.
+        let _wait = lock(&self.inner.flush);
+        if self.inner.durable.load(SeqCst) >= mine {
+            return Ok(());
+        }
+        drop(_wait);
+        self.inner.flush()
     }
 
     fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
@@ -94,22 +218,73 @@ impl Store for RedbStore {
     }
 
     fn put_module(&self, hash: &ModuleHash, bytes: &[u8]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(MODULES).map_err(db)?.insert(&hash[..], bytes).map_err(db)?;
-        tx.commit().map_err(db)
+        self.queue(Pending::Module(*hash, bytes.to_vec()));
+        Ok(())
     }
 
     fn module(&self, hash: &ModuleHash) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        if let Some(m) = self.pending_module(hash) {
+            return Ok(Some(m));
+        }
+        let tx = self.inner.db.begin_read().map_err(db)?;
         let t = tx.open_table(MODULES).map_err(db)?;
         Ok(t.get(&hash[..]).map_err(db)?.map(|v| v.value().to_vec()))
     }
 
+    fn has_module(&self, hash: &ModuleHash) -> Result<bool, StoreError> {
+        let pending = lock(&self.inner.queue).writes.iter().any(|w| matches!(w, Pending::Module(h, _) if h == hash));
+        if pending {
+            return Ok(true);
+        }
+        let tx = self.inner.db.begin_read().map_err(db)?;
+        let t = tx.open_table(MODULES).map_err(db)?;
+        Ok(t.get(&hash[..]).map_err(db)?.is_some())
+    }
+
     fn put_provider(&self, provider: &ProviderView) -> Result<(), StoreError> {
-        self.put(PROVIDERS, &provider.key.to_base58(), &encode(provider)?)
+        // Never synced on its own: providers register again whenever they reconnect.
+        self.queue(Pending::Provider(provider.key.to_base58(), encode(provider)?));
+        Ok(())
     }
 
     fn providers(&self) -> Result<Vec<ProviderView>, StoreError> {
         self.all(PROVIDERS)
+    }
+}
+
+/// A store in memory, for tests and benchmarks of everything but persistence.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    jobs: std::sync::Mutex<std::collections::BTreeMap<String, JobRecord>>,
+    modules: std::sync::Mutex<std::collections::HashMap<ModuleHash, Vec<u8>>>,
+    providers: std::sync::Mutex<std::collections::BTreeMap<String, ProviderView>>,
+}
+
+impl Store for MemoryStore {
+    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        lock(&self.jobs).insert(job.view.id.clone(), job.clone());
+        Ok(())
+    }
+
+    fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        Ok(lock(&self.jobs).values().cloned().collect())
+    }
+
+    fn put_module(&self, hash: &ModuleHash, bytes: &[u8]) -> Result<(), StoreError> {
+        lock(&self.modules).insert(*hash, bytes.to_vec());
+        Ok(())
+    }
+
+    fn module(&self, hash: &ModuleHash) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(lock(&self.modules).get(hash).cloned())
+    }
+
+    fn put_provider(&self, provider: &ProviderView) -> Result<(), StoreError> {
+        lock(&self.providers).insert(provider.key.to_base58(), provider.clone());
+        Ok(())
+    }
+
+    fn providers(&self) -> Result<Vec<ProviderView>, StoreError> {
+        Ok(lock(&self.providers).values().cloned().collect())
     }
 }

@@ -230,3 +230,17 @@ pub(crate) fn train() {
     assert!((final_loss - want_loss).abs() < 1e-3, "gpu loss {final_loss}, cpu loss {want_loss}");
     assert_eq!(report.usage.dispatches, 2 * 120 + 1);
 }
+
+#[test]
+pub(crate) fn echo() {
+    let module = host().load(&sample_artifacts::read(sample_artifacts::ECHO)).unwrap();
+    let mut service = host().start_service(&module, Vec::new(), &Limits::default()).unwrap();
+    for request in [&b"hello"[..], b"", &[0u8, 255, 7]] {
+        let got = service.infer(request).unwrap();
+        let want: Vec<u8> = request.iter().rev().copied().collect();
+        assert_eq!(got.response, want);
+        assert_eq!(got.usage.dispatches, 0);
+        assert_eq!(got.usage.inferences, 1);
+        assert!(got.usage.fuel > 0);
+    }
+}

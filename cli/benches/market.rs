@@ -1,0 +1,157 @@
+//! Market round trips on loopback, each beside its baseline from the same run:
+//! - an inference over an open session (renter -> provider over QUIC, one sandbox call of the
+//!   `echo` sample, metered) against a plain QUIC echo over the same link code;
+//! - a batch job from submit to result on a warm host with the module cached (an upper bound on
+//!   submit to first dispatch), against the job's own run time on the host.
+//!
+//! Run: `cargo bench -p cli --bench market`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use proto::Keypair;
+use proto::msg::{JobLimits, Price, Requirements};
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn summary(label: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "  {label:<52} p50 {:>8.1} us  p99 {:>8.1} us  ({} samples)",
+        us(pct(&samples, 0.5)),
+        us(pct(&samples, 0.99)),
+        samples.len()
+    );
+}
+
+async fn plain_quic_echo(n: usize, payload: &[u8]) -> Vec<Duration> {
+    let server_key = Keypair::generate();
+    let server_id = quic::Identity::new(&server_key).unwrap();
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let server = quic::server(&server_id, loopback, quic::Peers::Any).unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Some(incoming) = server.accept().await {
+            tokio::spawn(async move {
+                let conn = incoming.await.unwrap();
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let msg: Option<Vec<u8>> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
+                        let mut back = msg.unwrap();
+                        back.reverse();
+                        quic::write_msg(&mut send, &back, 1 << 20).await.unwrap();
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+    let endpoint = quic::client(loopback).unwrap();
+    let id = quic::Identity::new(&Keypair::generate()).unwrap();
+    let conn = quic::connect(&endpoint, &id, addr, server_key.public()).await.unwrap();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + 100 {
+        let t = Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        quic::write_msg(&mut send, &payload.to_vec(), 1 << 20).await.unwrap();
+        let _ = send.finish();
+        let back: Option<Vec<u8>> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
+        assert_eq!(back.unwrap().len(), payload.len());
+        if i >= 100 {
+            out.push(t.elapsed());
+        }
+    }
+    out
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let dir = tempfile::tempdir().unwrap();
+        let l = scheduler::start(scheduler::SchedulerConfig {
+            http: loopback,
+            quic: loopback,
+            keypair: Keypair::generate(),
+            providers: None,
+            db: dir.path().join("bench.redb"),
+            state: scheduler::Config::default(),
+        })
+        .await
+        .unwrap();
+        let host = tokio::task::spawn_blocking(|| host::Host::new(host::HostConfig::default()).unwrap()).await.unwrap();
+        println!("market benchmarks on loopback; GPU {} ({})", host.gpu().name, host.gpu().device_type);
+        let config = host::daemon::DaemonConfig {
+            scheduler: l.quic,
+            scheduler_key: l.key,
+            keypair: Keypair::generate(),
+            name: "bench".into(),
+            region: "local".into(),
+            price: Price { per_gpu_second: 1, per_inference: 1 },
+            capacity: 4,
+            vram_bytes: None,
+            session_listen: Some(loopback),
+            advertise: None,
+        };
+        tokio::spawn(host::daemon::run_forever(host.clone(), config));
+        let client = client::Scheduler::new(&format!("http://{}", l.http));
+        let http = reqwest::Client::new();
+        loop {
+            let providers: Vec<serde_json::Value> =
+                http.get(format!("http://{}/v1/providers", l.http)).send().await.unwrap().json().await.unwrap();
+            if providers.iter().any(|p| p["online"] == true) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let payload = vec![7u8; 64];
+        let n = 2_000;
+        println!("\ninference round trip, 64-byte request and response, sequential");
+        let echo = std::fs::read(sample_artifacts::ECHO).unwrap();
+        let session = client::Session::open(&client, Keypair::generate(), echo, Vec::new(), Requirements::default())
+            .await
+            .unwrap();
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..n + 100 {
+            let t = Instant::now();
+            let a = session.infer(&payload).await.unwrap();
+            if i >= 100 {
+                samples.push(t.elapsed());
+            }
+            assert_eq!(a.response.len(), 64);
+        }
+        summary("session: renter -> provider, echo sample in the sandbox", samples);
+        summary("baseline: plain QUIC echo, same link code", plain_quic_echo(n, &payload).await);
+
+        println!("\nbatch job, submit to result, warm host, module cached (16x16 matmul)");
+        let matmul = std::fs::read(sample_artifacts::MATMUL).unwrap();
+        let uploaded = client.upload(matmul).await.unwrap();
+        let mut input: Vec<u8> = [16u32, 16, 16].iter().flat_map(|w| w.to_le_bytes()).collect();
+        input.extend((0..512).flat_map(|i| (i as f32).to_le_bytes()));
+        let (mut end_to_end, mut on_host) = (Vec::new(), Vec::new());
+        for i in 0..60 {
+            let t = Instant::now();
+            let s = client
+                .submit(&uploaded.module, &input, Requirements::default(), JobLimits::default(), None)
+                .await
+                .unwrap();
+            let view = client.wait(&s.id, |_| {}).await.unwrap();
+            let elapsed = t.elapsed();
+            assert_eq!(view.state, proto::api::JobState::Succeeded);
+            if i >= 10 {
+                end_to_end.push(elapsed);
+                on_host.push(Duration::from_millis(view.wall_time_ms.unwrap_or(0)));
+            }
+        }
+        summary("submit -> result over HTTP and QUIC", end_to_end);
+        summary("baseline: the job's run time on the host (ms resolution)", on_host);
+    });
+}
