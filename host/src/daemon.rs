@@ -221,6 +221,9 @@ async fn accept_jobs(conn: Connection, host: Host, running: Arc<AtomicU32>, capa
     }
 }
 
+/// How often a running job's new log lines go to the scheduler.
+const LOG_EVERY: Duration = Duration::from_millis(250);
+
 /// The result of a job that never ran.
 fn not_run(kind: &str, message: String) -> JobResult {
     JobResult {
@@ -277,17 +280,39 @@ async fn serve_job(
     quic::write_msg(&mut send, &JobReply::Started, CONTROL_CAP).await?;
     log::info!("running job {job_id}");
     let limits = limits_from(&limits);
-    let result = tokio::task::spawn_blocking(move || match module.and_then(|m| host.run_batch(&m, input, &limits)) {
-        Ok(report) => JobResult {
-            outcome: wire_outcome(&report.outcome),
-            output: report.output,
-            log: report.log,
-            usage: wire_usage(&report.usage),
-            wall_time_ms: report.wall_time.as_millis() as u64,
-        },
-        Err(e) => not_run("load", e.to_string()),
-    })
-    .await;
+    let (watch_tx, watch_rx) = tokio::sync::oneshot::channel();
+    let mut job = tokio::task::spawn_blocking(move || {
+        let report = module.and_then(|m| {
+            host.run_batch_watched(&m, input, &limits, |w| {
+                let _ = watch_tx.send(w);
+            })
+        });
+        match report {
+            Ok(report) => JobResult {
+                outcome: wire_outcome(&report.outcome),
+                output: report.output,
+                log: report.log,
+                usage: wire_usage(&report.usage),
+                wall_time_ms: report.wall_time.as_millis() as u64,
+            },
+            Err(e) => not_run("load", e.to_string()),
+        }
+    });
+    // Stream the log while the job runs, so a renter sees progress (or why it is stuck).
+    let watch = watch_rx.await.ok();
+    let mut sent = 0usize;
+    let result = loop {
+        tokio::select! {
+            done = &mut job => break done,
+            () = tokio::time::sleep(LOG_EVERY) => {
+                let fresh = watch.as_ref().map(|w| w.since(sent)).unwrap_or_default();
+                if !fresh.is_empty() {
+                    sent += fresh.len();
+                    quic::write_msg(&mut send, &JobReply::Log { bytes: fresh }, BLOB_CAP).await?;
+                }
+            }
+        }
+    };
     running.fetch_sub(1, Ordering::SeqCst);
     let result = result.unwrap_or_else(|e| not_run("host", format!("the job's thread failed: {e}")));
     quic::write_msg(&mut send, &JobReply::Finished(result), BLOB_CAP).await?;

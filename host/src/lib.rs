@@ -13,6 +13,6 @@ pub use gpu::{AdapterChoice, AdapterSummary, list_adapters};
 pub use limits::{LimitKind, Limits};
 pub use meter::{GpuTimeSource, Usage};
 pub use sandbox::{
-    Failure, Host, HostConfig, HostError, Inference, JobKind, JobModule, JobReport, LoadError, Service, StartError,
-    StartFailed,
+    Failure, Host, HostConfig, HostError, Inference, JobKind, JobModule, JobReport, LoadError, LogWatch, Service,
+    StartError, StartFailed,
 };

@@ -181,6 +181,11 @@ pub enum JobMsg {
 pub enum JobReply {
     NeedModule,
     Started,
+    /// New log bytes of the running job, sent as they appear.
+    Log {
+        #[serde(with = "bytes")]
+        bytes: Vec<u8>,
+    },
     Finished(JobResult),
     /// The host cannot take the job (full, module refused); the scheduler places it again.
     Declined {

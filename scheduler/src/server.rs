@@ -248,6 +248,7 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
                 quic::write_msg(&mut send, &JobMsg::Module { bytes }, BLOB_CAP).await.map_err(|e| e.to_string())?;
             }
             Some(JobReply::Started) => log::info!("job {} started on {}", a.job_id, a.provider),
+            Some(JobReply::Log { bytes }) => shared.state().append_log(&a.job_id, &a.provider, &bytes),
             Some(JobReply::Finished(result)) => {
                 log::info!("job {} finished on {}: {:?}", a.job_id, a.provider, result.outcome);
                 shared.state().finished(&a.job_id, &a.provider, result, now_ms()).map_err(|e| e.to_string())?;

@@ -27,6 +27,9 @@ impl Default for Config {
     }
 }
 
+/// Most bytes of a running job's streamed log kept.
+const LIVE_LOG_CAP: usize = 4 << 20;
+
 /// A job to send to a provider now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assignment {
@@ -106,6 +109,9 @@ pub struct State {
     /// provider registers or goes on or offline, which clears it. Renters repeat requirements,
     /// and the full explanation is a scan of every provider.
     explained: std::cell::RefCell<HashMap<String, Option<NoMatch>>>,
+    /// Logs of running jobs as their providers stream them (kept in memory; the full log comes
+    /// with the result).
+    live_logs: HashMap<String, Vec<u8>>,
     next_id: u64,
 }
 
@@ -168,6 +174,7 @@ impl State {
             availability: 0,
             unplaceable: HashMap::new(),
             explained: std::cell::RefCell::new(HashMap::new()),
+            live_logs: HashMap::new(),
             next_id: max_id + 1,
         })
     }
@@ -315,9 +322,27 @@ impl State {
         self.jobs.get(id)?.result.as_ref().map(|r| r.output.as_slice())
     }
 
-    /// A finished job's log.
+    /// A job's log: the whole of it once the job has ended, what has streamed in while it runs.
     pub fn log(&self, id: &str) -> Option<&[u8]> {
-        self.jobs.get(id)?.result.as_ref().map(|r| r.log.as_slice())
+        let job = self.jobs.get(id)?;
+        match &job.result {
+            Some(r) => Some(r.log.as_slice()),
+            None => self.live_logs.get(id).map(Vec::as_slice),
+        }
+    }
+
+    /// Log bytes a provider streamed for a job it runs; ignored from anyone else.
+    pub fn append_log(&mut self, id: &str, provider: &PublicKey, bytes: &[u8]) {
+        let runs_it = self
+            .jobs
+            .get(id)
+            .is_some_and(|j| j.view.state == JobState::Running && j.view.provider.as_ref() == Some(provider));
+        if runs_it {
+            let log = self.live_logs.entry(id.to_string()).or_default();
+            // A provider caps its jobs' logs too; this bounds what a misbehaving one can make us keep.
+            let room = LIVE_LOG_CAP.saturating_sub(log.len());
+            log.extend_from_slice(bytes.get(..bytes.len().min(room)).unwrap_or_default());
+        }
     }
 
     pub fn providers(&self) -> Vec<ProviderView> {
@@ -538,6 +563,7 @@ impl State {
         }
         job.result = Some(result);
         let job = job.clone();
+        self.live_logs.remove(id);
         self.store.put_job(&job)
     }
 
@@ -565,6 +591,8 @@ impl State {
             job.view.error = Some(format!("gave up after {} tries: {}", job.view.attempts.len(), reasons.join("; ")));
         }
         let job = job.clone();
+        // A new try starts a new log.
+        self.live_logs.remove(id);
         self.store.put_job(&job)?;
         if requeue {
             // A job that lost its provider goes to the front: it has waited longest.

@@ -442,7 +442,20 @@ fn forged_and_misissued_tickets_are_refused_before_any_work() {
                 other => panic!("expected a refusal, got {other:?}"),
             }
         }
-        // A ticket the scheduler really issued, but to another renter, is refused too.
+        // Oversized and malformed frames close that connection only.
+        for bad in [&u32::MAX.to_be_bytes()[..], &[0, 0, 0, 3, proto::PROTOCOL_VERSION, 0xc1, 0xc1][..]] {
+            let endpoint = quic::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+            let id = quic::Identity::new(&renter).unwrap();
+            let conn = quic::connect(&endpoint, &id, addr, provider).await.unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            send.write_all(bad).await.unwrap();
+            let _ = send.finish();
+            tokio::time::timeout(std::time::Duration::from_secs(10), conn.closed())
+                .await
+                .expect("the provider closes it");
+        }
+        // A ticket the scheduler really issued, but to another renter, is refused too (and the
+        // provider still serves after the bad frames above).
         let scheduler = client::Scheduler::new(&format!("http://{}", s.http));
         let uploaded = scheduler.upload(std::fs::read(sample_artifacts::MLP).unwrap()).await.unwrap();
         let grant = scheduler
@@ -491,4 +504,30 @@ fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
     }
     assert_eq!(v["session"]["inferences"], 8);
     assert_eq!(v["session"]["provider_name"], "alpha", "the cheaper provider serves the session");
+}
+
+#[test]
+fn a_running_job_streams_its_log() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (_host, _) = m.host(&s, "h", &[]);
+    online(&s, 1);
+    let input = m.path("train.txt");
+    std::fs::write(&input, "epochs=6000 samples=2048").unwrap();
+    let submitted = m.submit(&s, sample_artifacts::TRAIN, &["--input", input.to_str().unwrap()]);
+    let id = submitted["id"].as_str().unwrap().to_string();
+    // While it runs, the log already shows its progress.
+    let partial = until("log lines from the running job", || {
+        let state = get_json(&s, &format!("/v1/jobs/{id}"))["state"].as_str().unwrap().to_string();
+        let (status, log) = http(&s.http, "GET", &format!("/v1/jobs/{id}/log"), None, b"");
+        (state == "running" && status == 200 && log.contains("[info] epoch")).then_some(log)
+    });
+    let view = until("the job to end", || {
+        let v = get_json(&s, &format!("/v1/jobs/{id}"));
+        (v["state"] == "succeeded").then_some(v)
+    });
+    let (status, full) = http(&s.http, "GET", &format!("/v1/jobs/{id}/log"), None, b"");
+    assert_eq!(status, 200);
+    assert!(full.starts_with(partial.lines().next().unwrap()), "the final log continues the streamed one");
+    assert!(full.contains("epoch 5999"), "{view}");
 }

@@ -229,6 +229,21 @@ impl LogSink {
     }
 }
 
+/// A view of a running job's log, for streaming it while the job runs. Cheap to clone; reads
+/// never block the job.
+#[derive(Clone, Debug)]
+pub struct LogWatch {
+    sink: LogSink,
+}
+
+impl LogWatch {
+    /// The log bytes from `offset` on (empty when there is nothing new).
+    pub fn since(&self, offset: usize) -> Vec<u8> {
+        let all = self.sink.pipe.contents();
+        all.get(offset..).map(<[u8]>::to_vec).unwrap_or_default()
+    }
+}
+
 /// Time accounting of the current call: wall time from its start, and the part of it spent in
 /// host calls (GPU waits, shader compiles), which is not the guest's CPU time.
 #[derive(Debug)]
@@ -533,11 +548,24 @@ impl Host {
 
     /// Runs a batch job to completion.
     pub fn run_batch(&self, module: &JobModule, input: Vec<u8>, limits: &Limits) -> Result<JobReport, LoadError> {
+        self.run_batch_watched(module, input, limits, |_| {})
+    }
+
+    /// Runs a batch job like [`Host::run_batch`], first handing `watch` a [`LogWatch`] through
+    /// which another thread can read the log as it grows.
+    pub fn run_batch_watched(
+        &self,
+        module: &JobModule,
+        input: Vec<u8>,
+        limits: &Limits,
+        watch: impl FnOnce(LogWatch),
+    ) -> Result<JobReport, LoadError> {
         if module.kind != JobKind::Batch {
             return Err(LoadError::NotBatch);
         }
         let started = Instant::now();
         let mut store = self.new_store(module, input, limits);
+        watch(LogWatch { sink: store.data().log.clone() });
         let outcome = self.instantiate(module, &mut store).and_then(|instance| {
             let start: TypedFunc<(), ()> = instance
                 .get_typed_func(&mut store, ::abi::EXPORT_START)

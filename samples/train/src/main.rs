@@ -142,7 +142,11 @@ fn main() -> Result<()> {
         }
         s.run()?;
         // `loss` holds the loss before the last update of the chunk.
-        report.push_str(&format!("epoch {} loss {:.6}\n", epoch + chunk - 1, mean_loss(&loss)?));
+        let line = format!("epoch {} loss {:.6}", epoch + chunk - 1, mean_loss(&loss)?);
+        // Progress goes to the job log too, which the host streams while the job runs.
+        wasmgrid::log(wasmgrid::Level::Info, &line);
+        report.push_str(&line);
+        report.push('\n');
         epoch += chunk;
     }
     // One more forward pass scores the final parameters.
