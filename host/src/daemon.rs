@@ -232,6 +232,8 @@ fn not_run(kind: &str, message: String) -> JobResult {
         log: Vec::new(),
         usage: WireUsage::default(),
         wall_time_ms: 0,
+        wall_time_us: 0,
+        first_dispatch_us: None,
     }
 }
 
@@ -294,6 +296,8 @@ async fn serve_job(
                 log: report.log,
                 usage: wire_usage(&report.usage),
                 wall_time_ms: report.wall_time.as_millis() as u64,
+                wall_time_us: report.wall_time.as_micros() as u64,
+                first_dispatch_us: report.first_dispatch.map(|d| d.as_micros() as u64),
             },
             Err(e) => not_run("load", e.to_string()),
         }
@@ -315,7 +319,7 @@ async fn serve_job(
     };
     running.fetch_sub(1, Ordering::SeqCst);
     let result = result.unwrap_or_else(|e| not_run("host", format!("the job's thread failed: {e}")));
-    quic::write_msg(&mut send, &JobReply::Finished(result), BLOB_CAP).await?;
+    quic::write_msg(&mut send, &JobReply::Finished(Box::new(result)), BLOB_CAP).await?;
     let _ = send.finish();
     let _ = send.stopped().await;
     Ok(())

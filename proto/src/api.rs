@@ -110,6 +110,12 @@ pub struct JobView {
     pub outcome: Option<crate::msg::Outcome>,
     pub output_bytes: Option<u64>,
     pub wall_time_ms: Option<u64>,
+    /// Wall time on the host in microseconds, and from the job's start to its first GPU
+    /// dispatch.
+    #[serde(default)]
+    pub wall_time_us: Option<u64>,
+    #[serde(default)]
+    pub first_dispatch_us: Option<u64>,
     /// Last reason the scheduler gave up on the job (deadline, too many tries).
     pub error: Option<String>,
 }

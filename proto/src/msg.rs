@@ -131,6 +131,12 @@ pub struct JobResult {
     pub log: Vec<u8>,
     pub usage: WireUsage,
     pub wall_time_ms: u64,
+    /// Wall time on the host in microseconds, and from the job's start to its first GPU
+    /// dispatch.
+    #[serde(default)]
+    pub wall_time_us: u64,
+    #[serde(default)]
+    pub first_dispatch_us: Option<u64>,
 }
 
 /// Host to scheduler, on the control stream.
@@ -186,7 +192,7 @@ pub enum JobReply {
         #[serde(with = "bytes")]
         bytes: Vec<u8>,
     },
-    Finished(JobResult),
+    Finished(Box<JobResult>),
     /// The host cannot take the job (full, module refused); the scheduler places it again.
     Declined {
         reason: String,

@@ -251,7 +251,7 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
             Some(JobReply::Log { bytes }) => shared.state().append_log(&a.job_id, &a.provider, &bytes),
             Some(JobReply::Finished(result)) => {
                 log::info!("job {} finished on {}: {:?}", a.job_id, a.provider, result.outcome);
-                shared.state().finished(&a.job_id, &a.provider, result, now_ms()).map_err(|e| e.to_string())?;
+                shared.state().finished(&a.job_id, &a.provider, *result, now_ms()).map_err(|e| e.to_string())?;
                 durable(shared).await?;
                 let _ = send.finish();
                 return Ok(());

@@ -290,6 +290,8 @@ impl State {
                 outcome: None,
                 output_bytes: None,
                 wall_time_ms: None,
+                wall_time_us: None,
+                first_dispatch_us: None,
                 error: None,
             },
             input,
@@ -558,6 +560,8 @@ impl State {
         job.view.outcome = Some(result.outcome.clone());
         job.view.output_bytes = Some(result.output.len() as u64);
         job.view.wall_time_ms = Some(result.wall_time_ms);
+        job.view.wall_time_us = Some(result.wall_time_us);
+        job.view.first_dispatch_us = result.first_dispatch_us;
         if let Some(a) = job.view.attempts.last_mut() {
             a.ended_at_ms = Some(now_ms);
         }
@@ -705,6 +709,8 @@ mod tests {
             log: Vec::new(),
             usage: Default::default(),
             wall_time_ms: 1,
+            wall_time_us: 1000,
+            first_dispatch_us: None,
         }
     }
 

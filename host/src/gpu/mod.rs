@@ -126,6 +126,10 @@ pub(crate) struct DeviceCtx {
     /// Set once a job gave up waiting for this device; no new job gets it.
     abandoned: AtomicBool,
     lost: Arc<AtomicBool>,
+    /// Compiled pipelines by hash of (WGSL, entry point), shared by every job on this device:
+    /// a pipeline holds no tenant data, and compiling the same kernel again for each job (a
+    /// warm host's commonest case) costs more than running it.
+    pipelines: Mutex<HashMap<[u8; 32], Arc<PipelineEntry>>>,
 }
 
 impl std::fmt::Debug for DeviceCtx {
@@ -305,6 +309,7 @@ fn open_device(adapter: &wgpu::Adapter) -> Result<Arc<DeviceCtx>, String> {
         timestamp_period,
         abandoned: AtomicBool::new(false),
         lost,
+        pipelines: Mutex::new(HashMap::new()),
     }))
 }
 
@@ -346,6 +351,9 @@ struct PipelineEntry {
     reflection: Reflection,
 }
 
+/// Compiled pipelines a device keeps for reuse.
+const PIPELINE_CACHE: usize = 256;
+
 /// One job's GPU resources, quotas and counts.
 #[derive(Debug)]
 pub(crate) struct JobGpu {
@@ -353,11 +361,13 @@ pub(crate) struct JobGpu {
     ctx: Arc<DeviceCtx>,
     limits: Limits,
     buffers: HashMap<u32, BufferEntry>,
-    pipelines: HashMap<u32, PipelineEntry>,
+    pipelines: HashMap<u32, Arc<PipelineEntry>>,
     /// Handles are never reused, so a freed handle stays unknown.
     next_handle: u32,
     gpu_bytes: u64,
     pub(crate) usage: Usage,
+    /// When the job's first dispatch was submitted.
+    pub(crate) first_dispatch: Option<Instant>,
 }
 
 impl JobGpu {
@@ -373,6 +383,7 @@ impl JobGpu {
             next_handle: 1,
             gpu_bytes: 0,
             usage: Usage::new(source),
+            first_dispatch: None,
         }
     }
 
@@ -593,6 +604,17 @@ impl JobGpu {
                 format!("limit {}: the job already holds {} pipelines", LimitKind::Pipelines, self.pipelines.len()),
             );
         }
+        let key: [u8; 32] = {
+            use sha2::{Digest, Sha256};
+            let len = (source.len() as u64).to_le_bytes();
+            Sha256::new().chain_update(len).chain_update(source).chain_update(entry).finalize().into()
+        };
+        let cached = self.ctx.pipelines.lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned();
+        if let Some(compiled) = cached {
+            let h = self.handle()?;
+            self.pipelines.insert(h, compiled);
+            return Ok(h);
+        }
         let source = std::str::from_utf8(source)
             .map_err(|e| GuestError::new(ErrorCode::InvalidWgsl, format!("WGSL is not UTF-8: {e}")))?;
         let entry = std::str::from_utf8(entry)
@@ -648,7 +670,15 @@ impl JobGpu {
             .into());
         }
         let h = self.handle()?;
-        self.pipelines.insert(h, PipelineEntry { pipeline, layout, reflection });
+        let compiled = Arc::new(PipelineEntry { pipeline, layout, reflection });
+        {
+            let mut cache = self.ctx.pipelines.lock().unwrap_or_else(PoisonError::into_inner);
+            if cache.len() >= PIPELINE_CACHE {
+                cache.clear();
+            }
+            cache.insert(key, compiled.clone());
+        }
+        self.pipelines.insert(h, compiled);
         Ok(h)
     }
 
@@ -795,9 +825,9 @@ impl JobGpu {
             checked.push((d, p, entries));
         }
 
+        let started = Instant::now();
         let ctx = &self.ctx;
         let device = &ctx.device;
-        let started = Instant::now();
         let (out, err) = scoped(device, || {
             let queries = ctx.timestamps.then(|| {
                 let set = device.create_query_set(&wgpu::QuerySetDescriptor {
@@ -890,6 +920,7 @@ impl JobGpu {
             ns
         });
         self.usage.gpu_time_ns += gpu_ns.unwrap_or(wall_ns);
+        self.first_dispatch.get_or_insert(started);
         self.usage.dispatches = total;
         self.usage.workgroups = self.usage.workgroups.saturating_add(groups);
         self.usage.invocations = self.usage.invocations.saturating_add(invocations);

@@ -172,6 +172,8 @@ pub struct JobReport {
     pub usage: Usage,
     /// Wall time from instantiation to the end of the job.
     pub wall_time: Duration,
+    /// From instantiation to the job's first GPU dispatch, if it made one.
+    pub first_dispatch: Option<Duration>,
 }
 
 /// Why an inference service did not start.
@@ -582,7 +584,9 @@ impl Host {
         });
         let usage = usage_of(&store);
         let state = store.data();
+        let first_dispatch = state.gpu.first_dispatch.map(|t| t.saturating_duration_since(started));
         Ok(JobReport {
+            first_dispatch,
             outcome,
             output: state.output.clone(),
             log: state.log.contents(),
