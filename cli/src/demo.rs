@@ -223,6 +223,13 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             usage_line(&total)
         ));
         say(format!("            -> last response: {last}"));
+        let last_receipt = session.last_receipt().await;
+        if let Some(r) = &last_receipt {
+            say(format!(
+                "            -> {} signed receipts checked; {} inferences x {} = {} due to {provider}",
+                r.sequence, r.counts.inferences, r.price_per_inference, r.amount_due
+            ));
+        }
         say(format!("\ndemo done in {:.1} s", t0.elapsed().as_secs_f64()));
         Ok::<Value, anyhow::Error>(json!({
             "scheduler": { "http": listening.http.to_string(), "quic": listening.quic.to_string(), "key": listening.key.to_string() },
@@ -235,6 +242,9 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 "inferences": total.inferences,
                 "failovers": session.failovers(),
                 "price_per_inference": session.price_per_inference().await,
+                // What the renter owes, from the provider's last signed receipt it checked.
+                "amount_due": last_receipt.as_ref().map(|r| r.amount_due),
+                "receipts_checked": last_receipt.as_ref().map(|r| r.sequence),
                 "open_ms": opened.as_millis() as u64,
                 "p50_us": pct(0.5).as_micros() as u64,
                 "p99_us": pct(0.99).as_micros() as u64,

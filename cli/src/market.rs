@@ -537,10 +537,15 @@ pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
             println!(
                 "{}",
                 json!({ "summary": true, "inferences": served, "provider": provider, "failovers": session.failovers(),
-                        "fuel": fuel, "gpu_time_ns": gpu_ns, "price_per_inference": session.price_per_inference().await })
+                        "fuel": fuel, "gpu_time_ns": gpu_ns, "price_per_inference": session.price_per_inference().await,
+                        "amount_due": session.last_receipt().await.map(|r| r.amount_due) })
             );
         } else {
-            eprintln!("{served} inferences on {provider} ({} failovers), fuel {fuel}, GPU time {:.3} ms", session.failovers(), gpu_ns as f64 / 1e6);
+            eprintln!(
+                "{served} inferences on {provider} ({} failovers), fuel {fuel}, GPU time {:.3} ms",
+                session.failovers(),
+                gpu_ns as f64 / 1e6
+            );
         }
         Ok(worst)
     })

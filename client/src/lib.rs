@@ -8,6 +8,7 @@ use base64::Engine;
 use proto::api::{JobView, ModuleUploaded, OpenSession, SessionGrant, SubmitJob, Submitted};
 use proto::frame::CONTROL_CAP;
 use proto::msg::{BLOB_CAP, JobLimits, Requirements, SessionMsg, SessionReply, WireUsage};
+use proto::receipt::{self, Receipt};
 use proto::{Keypair, PublicKey};
 use quic::{Connection, Identity};
 
@@ -175,12 +176,19 @@ pub struct Answer {
     pub usage: WireUsage,
     /// The provider that served it.
     pub provider: PublicKey,
+    /// The provider's signed receipt after this call (checked, possibly after the receipts of
+    /// calls served before it).
+    pub receipt: Receipt,
 }
+
+/// Receipts waiting to be checked in sequence order (concurrent calls answer out of order).
+type Pending = std::collections::BTreeMap<u64, (Receipt, Vec<u8>, Vec<u8>)>;
 
 struct Link {
     conn: Connection,
     provider: PublicKey,
     price_per_inference: u64,
+    receipts: tokio::sync::Mutex<(receipt::Checker, Pending)>,
 }
 
 /// An inference session, straight to a provider; fails over to another provider when one goes.
@@ -245,6 +253,13 @@ impl Session {
         self.link.lock().await.0.as_ref().map(|l| l.price_per_inference)
     }
 
+    /// The last receipt checked from the current provider: what this renter owes it so far.
+    pub async fn last_receipt(&self) -> Option<Receipt> {
+        let link = self.link.lock().await.0.clone()?;
+        let guard = link.receipts.lock().await;
+        guard.0.last().cloned()
+    }
+
     /// How many times the session moved to another provider.
     pub fn failovers(&self) -> usize {
         self.failovers.load(std::sync::atomic::Ordering::SeqCst)
@@ -300,7 +315,18 @@ impl Session {
                     quic::write_msg(&mut send, &SessionMsg::Module { bytes }, BLOB_CAP).await.map_err(link_err)?;
                 }
                 Some(SessionReply::Opened { .. }) => {
-                    return Ok(Link { conn, provider: grant.provider, price_per_inference: grant.price_per_inference });
+                    let checker = receipt::Checker::new(
+                        grant.ticket.session_id,
+                        grant.provider,
+                        self.renter,
+                        grant.price_per_inference,
+                    );
+                    return Ok(Link {
+                        conn,
+                        provider: grant.provider,
+                        price_per_inference: grant.price_per_inference,
+                        receipts: tokio::sync::Mutex::new((checker, Pending::new())),
+                    });
                 }
                 Some(SessionReply::Refused { reason }) => return Err(Error::Refused(reason)),
                 Some(SessionReply::Failed { kind, limit, message }) => {
@@ -319,8 +345,23 @@ impl Session {
             .map_err(|e| e.to_string())?;
         let _ = send.finish();
         match quic::read_msg::<SessionReply>(&mut recv, BLOB_CAP).await.map_err(|e| e.to_string())? {
-            Some(SessionReply::Response { bytes, usage }) => {
-                Ok(Ok(Answer { response: bytes, usage, provider: link.provider }))
+            Some(SessionReply::Response { bytes, usage, receipt }) => {
+                let receipt = *receipt;
+                // Check receipts in the order the provider served the calls.
+                let mut guard = link.receipts.lock().await;
+                let (checker, pending) = &mut *guard;
+                pending.insert(receipt.sequence, (receipt.clone(), request.to_vec(), bytes.clone()));
+                loop {
+                    let next = checker.last().map_or(1, |r| r.sequence + 1);
+                    let Some((r, req, resp)) = pending.remove(&next) else { break };
+                    if let Err(e) = checker.check(&r, &req, &resp) {
+                        return Err(format!("the provider sent a bad receipt: {e}"));
+                    }
+                }
+                if pending.len() > 1024 {
+                    return Err("the provider's receipts skip sequence numbers".into());
+                }
+                Ok(Ok(Answer { response: bytes, usage, provider: link.provider, receipt }))
             }
             // The guest's own error fails this request only.
             Some(SessionReply::Failed { kind, limit, message }) if kind == "guest" => {

@@ -221,8 +221,32 @@ async fn accept_jobs(conn: Connection, host: Host, running: Arc<AtomicU32>, capa
     }
 }
 
+/// Runs `f` on a blocking thread: compiling or loading a module takes long enough to stall the
+/// async threads, heartbeats included (a provider that compiled two modules at once on a small
+/// machine used to miss its heartbeats and lose both jobs). `None` if the thread panicked.
+async fn blocking<T: Send + 'static>(host: &Host, f: impl FnOnce(&Host) -> T + Send + 'static) -> Option<T> {
+    let host = host.clone();
+    tokio::task::spawn_blocking(move || f(&host)).await.ok()
+}
+
 /// How often a running job's new log lines go to the scheduler.
 const LOG_EVERY: Duration = Duration::from_millis(250);
+
+/// One of the provider's job slots, given back when dropped, however the job's stream ends.
+struct Slot(u32, Arc<AtomicU32>);
+
+impl Slot {
+    /// Takes a slot; `.0` is how many were taken before it.
+    fn take(running: &Arc<AtomicU32>) -> Slot {
+        Slot(running.fetch_add(1, Ordering::SeqCst), running.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.1.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// The result of a job that never ran.
 fn not_run(kind: &str, message: String) -> JobResult {
@@ -250,7 +274,7 @@ async fn serve_job(
     else {
         return Ok(());
     };
-    let module = match host.cached(&module_hash) {
+    let module = match blocking(&host, move |h| h.cached(&module_hash)).await.flatten() {
         Some(m) => Ok(m),
         None => {
             quic::write_msg(&mut send, &JobReply::NeedModule, CONTROL_CAP).await?;
@@ -262,15 +286,17 @@ async fn serve_job(
                         quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
                         return Ok(());
                     }
-                    host.load(&bytes)
+                    blocking(&host, move |h| h.load(&bytes))
+                        .await
+                        .unwrap_or_else(|| Err(crate::sandbox::LoadError::Host("the compile thread failed".into())))
                 }
                 _ => return Ok(()),
             }
         }
     };
-    let slot = running.fetch_add(1, Ordering::SeqCst);
-    if slot >= capacity {
-        running.fetch_sub(1, Ordering::SeqCst);
+    let slot = Slot::take(&running);
+    if slot.0 >= capacity {
+        drop(slot);
         quic::write_msg(
             &mut send,
             &JobReply::Declined { reason: format!("at capacity ({capacity} jobs)") },
@@ -317,7 +343,8 @@ async fn serve_job(
             }
         }
     };
-    running.fetch_sub(1, Ordering::SeqCst);
+    // Free the slot before reporting: the scheduler may send the next job the moment it hears.
+    drop(slot);
     let result = result.unwrap_or_else(|e| not_run("host", format!("the job's thread failed: {e}")));
     quic::write_msg(&mut send, &JobReply::Finished(Box::new(result)), BLOB_CAP).await?;
     let _ = send.finish();
@@ -337,13 +364,14 @@ fn start_sessions(host: &Host, config: &DaemonConfig, addr: SocketAddr) -> Resul
     // Any renter key may connect; what it may do is decided by the ticket it shows.
     let endpoint = quic::server(&identity, addr, quic::Peers::Any)?;
     let local = endpoint.local_addr().map_err(|e| DaemonError::Lost(e.to_string()))?;
-    let (host, scheduler, me) = (host.clone(), config.scheduler_key, config.keypair.public());
+    let (host, scheduler) = (host.clone(), config.scheduler_key);
+    let keypair = Arc::new(Keypair::from_seed(config.keypair.seed()));
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
-            let host = host.clone();
+            let (host, keypair) = (host.clone(), keypair.clone());
             tokio::spawn(async move {
                 let served = match incoming.await {
-                    Ok(conn) => serve_session(conn, host, scheduler, me).await,
+                    Ok(conn) => serve_session(conn, host, scheduler, keypair).await,
                     Err(e) => Err(quic::QuicError::Stream(e.to_string())),
                 };
                 if let Err(e) = served {
@@ -369,8 +397,9 @@ async fn serve_session(
     conn: Connection,
     host: Host,
     scheduler: PublicKey,
-    me: PublicKey,
+    keypair: Arc<Keypair>,
 ) -> Result<(), quic::QuicError> {
+    let me = keypair.public();
     let refuse = |conn: &Connection| conn.close(1u32.into(), b"refused");
     let Some(peer) = quic::peer_key(&conn) else {
         refuse(&conn);
@@ -389,7 +418,8 @@ async fn serve_session(
         refuse(&conn);
         return Ok(());
     }
-    let module = match host.cached(&ticket.module_hash) {
+    let hash = ticket.module_hash;
+    let module = match blocking(&host, move |h| h.cached(&hash)).await.flatten() {
         Some(m) => Ok(m),
         None => {
             quic::write_msg(&mut send, &SessionReply::NeedModule, CONTROL_CAP).await?;
@@ -404,7 +434,9 @@ async fn serve_session(
                 refuse(&conn);
                 return Ok(());
             }
-            host.load(&bytes)
+            blocking(&host, move |h| h.load(&bytes))
+                .await
+                .unwrap_or_else(|| Err(crate::sandbox::LoadError::Host("the compile thread failed".into())))
         }
     };
     let module = match module {
@@ -434,19 +466,35 @@ async fn serve_session(
     let _ = send.finish();
     let id: String = ticket.session_id.iter().map(|b| format!("{b:02x}")).collect();
     log::info!("session {id} opened for {peer}");
-    let service = Arc::new(std::sync::Mutex::new(service));
+    // The instance serves one call at a time, and the receipt of each call is signed in that
+    // same order, so the renter can check the chain.
+    let signer = proto::receipt::Signer::new(ticket.session_id, peer, ticket.price_per_inference);
+    let service = Arc::new(std::sync::Mutex::new((service, signer)));
     // Requests may arrive on many streams at once; the instance serves them one at a time.
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let service = service.clone();
+        let (service, keypair) = (service.clone(), keypair.clone());
         tokio::spawn(async move {
             let Ok(Some(SessionMsg::Request { bytes })) = quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await
             else {
                 return;
             };
             let reply = tokio::task::spawn_blocking(move || {
-                let mut s = service.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut guard = service.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (s, signer) = &mut *guard;
                 match s.infer(&bytes) {
-                    Ok(inf) => SessionReply::Response { bytes: inf.response, usage: wire_usage(&inf.usage) },
+                    Ok(inf) => {
+                        let u = &inf.usage;
+                        let call = proto::receipt::Counts {
+                            inferences: u.inferences,
+                            fuel: u.fuel,
+                            invocations: u.invocations,
+                            bytes_uploaded: u.bytes_uploaded,
+                            bytes_downloaded: u.bytes_downloaded,
+                            gpu_time_ns: u.gpu_time_ns,
+                        };
+                        let receipt = Box::new(signer.next(&keypair, &call, &bytes, &inf.response));
+                        SessionReply::Response { bytes: inf.response, usage: wire_usage(u), receipt }
+                    }
                     Err(f) => failed(&f),
                 }
             })

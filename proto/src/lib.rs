@@ -4,6 +4,7 @@ pub mod api;
 pub mod frame;
 pub mod identity;
 pub mod msg;
+pub mod receipt;
 pub mod ticket;
 
 pub use frame::{FrameDecoder, FrameError, PROTOCOL_VERSION};

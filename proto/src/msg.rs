@@ -305,6 +305,8 @@ pub enum SessionReply {
         #[serde(with = "bytes")]
         bytes: Vec<u8>,
         usage: WireUsage,
+        /// The session's cumulative counts and amount due after this call, signed.
+        receipt: Box<crate::receipt::Receipt>,
     },
     /// The request (or `init`) failed; `kind` as in [`Outcome::Failed`]. After a `limit`,
     /// `trap` or `host` failure the session is over.

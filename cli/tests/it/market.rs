@@ -396,6 +396,10 @@ fn a_session_serves_concurrent_requests_and_fails_over_when_its_provider_dies() 
         }
         // Same request, same answer: the instance keeps no state between requests.
         assert_eq!(session.infer(&mlp_request(3)).await.unwrap().response, answers[3].1.response);
+        // Every call came with a signed receipt; checked in order, they add up.
+        let receipt = session.last_receipt().await.unwrap();
+        assert_eq!((receipt.sequence, receipt.counts.inferences, receipt.amount_due), (9, 9, 18));
+        assert_eq!(receipt.provider.to_string(), key_a);
 
         let (victim, survivor) =
             if key_a == session.provider().await.unwrap().to_string() { (&mut a, &key_b) } else { (&mut b, &key_a) };
@@ -404,6 +408,12 @@ fn a_session_serves_concurrent_requests_and_fails_over_when_its_provider_dies() 
         assert_eq!(after.provider.to_string(), *survivor, "the session moved to the other provider");
         assert_eq!(after.response, answers[3].1.response, "and the other provider computes the same answer");
         assert_eq!(session.failovers(), 1);
+        let receipt = session.last_receipt().await.unwrap();
+        assert_eq!(
+            (receipt.sequence, receipt.amount_due),
+            (1, 3),
+            "the new provider's receipts start over at its price"
+        );
     });
 }
 
@@ -503,6 +513,8 @@ fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
         assert!(job["usage"]["dispatches"].as_u64().unwrap() >= 1);
     }
     assert_eq!(v["session"]["inferences"], 8);
+    assert_eq!(v["session"]["receipts_checked"], 8);
+    assert_eq!(v["session"]["amount_due"], 8, "8 inferences at alpha's price of 1");
     assert_eq!(v["session"]["provider_name"], "alpha", "the cheaper provider serves the session");
 }
 

@@ -1,0 +1,332 @@
+//! Usage receipts: after every inference the provider signs the session's cumulative counts and
+//! the amount due, chained over the digests of every request and response. The renter checks
+//! each one before it sends the next request; what it has checked is what it will pay for.
+//!
+//! The signature covers [`Receipt::signing_bytes`], a fixed little-endian layout (not whatever
+//! serde emits), so any implementation can check a receipt byte for byte.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::identity::{Keypair, PublicKey, Signature};
+
+/// Domain separation: a receipt signature can never be mistaken for any other signed message.
+const DOMAIN: &[u8] = b"wasmgrid-receipt-v1";
+
+/// Cumulative counts of a session, as metered by the provider's host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub inferences: u64,
+    pub fuel: u64,
+    pub invocations: u64,
+    pub bytes_uploaded: u64,
+    pub bytes_downloaded: u64,
+    pub gpu_time_ns: u64,
+}
+
+impl Counts {
+    /// These counts plus one call's.
+    pub fn plus(&self, call: &Counts) -> Counts {
+        Counts {
+            inferences: self.inferences.saturating_add(call.inferences),
+            fuel: self.fuel.saturating_add(call.fuel),
+            invocations: self.invocations.saturating_add(call.invocations),
+            bytes_uploaded: self.bytes_uploaded.saturating_add(call.bytes_uploaded),
+            bytes_downloaded: self.bytes_downloaded.saturating_add(call.bytes_downloaded),
+            gpu_time_ns: self.gpu_time_ns.saturating_add(call.gpu_time_ns),
+        }
+    }
+
+    /// Whether no count is below `earlier`'s.
+    fn covers(&self, earlier: &Counts) -> bool {
+        self.inferences >= earlier.inferences
+            && self.fuel >= earlier.fuel
+            && self.invocations >= earlier.invocations
+            && self.bytes_uploaded >= earlier.bytes_uploaded
+            && self.bytes_downloaded >= earlier.bytes_downloaded
+            && self.gpu_time_ns >= earlier.gpu_time_ns
+    }
+}
+
+/// A provider-signed statement of a session's cumulative usage and the amount due for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub session_id: [u8; 16],
+    pub provider: PublicKey,
+    pub renter: PublicKey,
+    /// 1 for the first receipt of a session, then one more each time.
+    pub sequence: u64,
+    pub counts: Counts,
+    /// Agreed price per inference (from the ticket).
+    pub price_per_inference: u64,
+    /// `counts.inferences * price_per_inference`.
+    pub amount_due: u64,
+    /// SHA-256 chain over every request and response digest so far.
+    pub chain: [u8; 32],
+    pub signature: Signature,
+}
+
+/// The chain value before any request.
+pub fn chain_start(session_id: &[u8; 16]) -> [u8; 32] {
+    Sha256::new().chain_update(DOMAIN).chain_update(session_id).finalize().into()
+}
+
+/// The chain after one more request and response.
+pub fn chain_next(previous: &[u8; 32], request: &[u8], response: &[u8]) -> [u8; 32] {
+    let req: [u8; 32] = Sha256::digest(request).into();
+    let resp: [u8; 32] = Sha256::digest(response).into();
+    Sha256::new().chain_update(previous).chain_update(req).chain_update(resp).finalize().into()
+}
+
+impl Receipt {
+    /// The fixed layout the provider signs: domain, session id, provider, renter, then
+    /// sequence, the six counts, price and amount as little-endian u64, then the chain.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(DOMAIN.len() + 16 + 64 + 8 * 10 + 32);
+        out.extend_from_slice(DOMAIN);
+        out.extend_from_slice(&self.session_id);
+        out.extend_from_slice(&self.provider.0);
+        out.extend_from_slice(&self.renter.0);
+        let c = &self.counts;
+        for v in [
+            self.sequence,
+            c.inferences,
+            c.fuel,
+            c.invocations,
+            c.bytes_uploaded,
+            c.bytes_downloaded,
+            c.gpu_time_ns,
+            self.price_per_inference,
+            self.amount_due,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&self.chain);
+        out
+    }
+
+    /// SHA-256 of the signing bytes: what a payment's memo names.
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(self.signing_bytes()).into()
+    }
+}
+
+/// The provider's side: signs a receipt after each inference.
+#[derive(Debug)]
+pub struct Signer {
+    session_id: [u8; 16],
+    renter: PublicKey,
+    price_per_inference: u64,
+    sequence: u64,
+    counts: Counts,
+    chain: [u8; 32],
+}
+
+impl Signer {
+    pub fn new(session_id: [u8; 16], renter: PublicKey, price_per_inference: u64) -> Signer {
+        Signer {
+            session_id,
+            renter,
+            price_per_inference,
+            sequence: 0,
+            counts: Counts::default(),
+            chain: chain_start(&session_id),
+        }
+    }
+
+    /// The receipt for one more served call, with its counts.
+    pub fn next(&mut self, keypair: &Keypair, call: &Counts, request: &[u8], response: &[u8]) -> Receipt {
+        self.sequence += 1;
+        self.counts = self.counts.plus(call);
+        self.chain = chain_next(&self.chain, request, response);
+        let mut r = Receipt {
+            session_id: self.session_id,
+            provider: keypair.public(),
+            renter: self.renter,
+            sequence: self.sequence,
+            counts: self.counts,
+            price_per_inference: self.price_per_inference,
+            amount_due: self.counts.inferences.saturating_mul(self.price_per_inference),
+            chain: self.chain,
+            signature: Signature([0; 64]),
+        };
+        r.signature = keypair.sign(&r.signing_bytes());
+        r
+    }
+}
+
+/// Why the renter refuses a receipt.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReceiptError {
+    #[error("the receipt's signature does not verify")]
+    BadSignature,
+    #[error("the receipt is for another session, provider or renter")]
+    WrongParties,
+    #[error("receipt {got} arrived where {want} was due")]
+    OutOfOrder { want: u64, got: u64 },
+    #[error("the receipt's counts went down, or its inference count did not grow by one")]
+    Counts,
+    #[error("the receipt charges {got} per inference, not the agreed {want}")]
+    Price { want: u64, got: u64 },
+    #[error("the receipt claims {got} due where its counts make {want}")]
+    Amount { want: u64, got: u64 },
+    #[error("the receipt's chain does not match the requests and responses exchanged")]
+    Chain,
+}
+
+/// The renter's side: checks each receipt against the last one and what was exchanged.
+#[derive(Debug)]
+pub struct Checker {
+    session_id: [u8; 16],
+    provider: PublicKey,
+    renter: PublicKey,
+    price_per_inference: u64,
+    last: Option<Receipt>,
+    chain: [u8; 32],
+}
+
+impl Checker {
+    pub fn new(session_id: [u8; 16], provider: PublicKey, renter: PublicKey, price_per_inference: u64) -> Checker {
+        Checker { session_id, provider, renter, price_per_inference, last: None, chain: chain_start(&session_id) }
+    }
+
+    /// The last receipt that passed.
+    pub fn last(&self) -> Option<&Receipt> {
+        self.last.as_ref()
+    }
+
+    /// Checks the receipt for the request/response just exchanged; on success it becomes the
+    /// last receipt. Receipts must be checked in the order the calls were made.
+    pub fn check(&mut self, r: &Receipt, request: &[u8], response: &[u8]) -> Result<(), ReceiptError> {
+        if !r.provider.verify(&r.signing_bytes(), &r.signature) {
+            return Err(ReceiptError::BadSignature);
+        }
+        if r.session_id != self.session_id || r.provider != self.provider || r.renter != self.renter {
+            return Err(ReceiptError::WrongParties);
+        }
+        let want = self.last.as_ref().map_or(1, |l| l.sequence + 1);
+        if r.sequence != want {
+            return Err(ReceiptError::OutOfOrder { want, got: r.sequence });
+        }
+        let before = self.last.as_ref().map(|l| l.counts).unwrap_or_default();
+        if !r.counts.covers(&before) || r.counts.inferences != before.inferences + 1 {
+            return Err(ReceiptError::Counts);
+        }
+        if r.price_per_inference != self.price_per_inference {
+            return Err(ReceiptError::Price { want: self.price_per_inference, got: r.price_per_inference });
+        }
+        let due = r
+            .counts
+            .inferences
+            .checked_mul(self.price_per_inference)
+            .ok_or(ReceiptError::Amount { want: u64::MAX, got: r.amount_due })?;
+        if r.amount_due != due {
+            return Err(ReceiptError::Amount { want: due, got: r.amount_due });
+        }
+        let chain = chain_next(&self.chain, request, response);
+        if r.chain != chain {
+            return Err(ReceiptError::Chain);
+        }
+        self.chain = chain;
+        self.last = Some(r.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call() -> Counts {
+        Counts { inferences: 1, fuel: 100, invocations: 64, bytes_uploaded: 8, bytes_downloaded: 4, gpu_time_ns: 1000 }
+    }
+
+    fn setup() -> (Keypair, Keypair, Signer, Checker) {
+        let (provider, renter) = (Keypair::generate(), Keypair::generate());
+        let signer = Signer::new([3; 16], renter.public(), 5);
+        let checker = Checker::new([3; 16], provider.public(), renter.public(), 5);
+        (provider, renter, signer, checker)
+    }
+
+    #[test]
+    fn a_session_of_receipts_checks_and_amounts_add_up() {
+        let (provider, _, mut signer, mut checker) = setup();
+        for i in 0..10u8 {
+            let r = signer.next(&provider, &call(), &[i], &[i, i]);
+            checker.check(&r, &[i], &[i, i]).unwrap();
+        }
+        let last = checker.last().unwrap();
+        assert_eq!((last.sequence, last.counts.inferences, last.amount_due), (10, 10, 50));
+        assert_eq!(last.counts.fuel, 1000);
+    }
+
+    #[test]
+    fn tampered_replayed_and_foreign_receipts_are_refused() {
+        let (provider, renter, mut signer, mut checker) = setup();
+        let first = signer.next(&provider, &call(), b"a", b"b");
+
+        let mut more = first.clone();
+        more.amount_due = 1;
+        assert_eq!(
+            checker.check(&more, b"a", b"b"),
+            Err(ReceiptError::BadSignature),
+            "any change breaks the signature"
+        );
+
+        let mut resigned = first.clone();
+        resigned.amount_due = 7;
+        resigned.signature = provider.sign(&resigned.signing_bytes());
+        assert_eq!(checker.check(&resigned, b"a", b"b"), Err(ReceiptError::Amount { want: 5, got: 7 }));
+
+        let mut cheap = first.clone();
+        cheap.price_per_inference = 9;
+        cheap.amount_due = 9;
+        cheap.signature = provider.sign(&cheap.signing_bytes());
+        assert_eq!(checker.check(&cheap, b"a", b"b"), Err(ReceiptError::Price { want: 5, got: 9 }));
+
+        assert_eq!(
+            checker.check(&first, b"a", b"tampered"),
+            Err(ReceiptError::Chain),
+            "a changed response breaks the chain"
+        );
+
+        let mut other = Signer::new([4; 16], renter.public(), 5);
+        let foreign = other.next(&provider, &call(), b"a", b"b");
+        assert_eq!(checker.check(&foreign, b"a", b"b"), Err(ReceiptError::WrongParties));
+
+        checker.check(&first, b"a", b"b").unwrap();
+        assert_eq!(checker.check(&first, b"a", b"b"), Err(ReceiptError::OutOfOrder { want: 2, got: 1 }), "no replay");
+        let _second = signer.next(&provider, &call(), b"c", b"d");
+        let third = signer.next(&provider, &call(), b"e", b"f");
+        assert_eq!(checker.check(&third, b"e", b"f"), Err(ReceiptError::OutOfOrder { want: 2, got: 3 }));
+    }
+
+    #[test]
+    fn the_signing_layout_is_fixed() {
+        let r = Receipt {
+            session_id: [1; 16],
+            provider: PublicKey([2; 32]),
+            renter: PublicKey([3; 32]),
+            sequence: 4,
+            counts: Counts {
+                inferences: 5,
+                fuel: 6,
+                invocations: 7,
+                bytes_uploaded: 8,
+                bytes_downloaded: 9,
+                gpu_time_ns: 10,
+            },
+            price_per_inference: 11,
+            amount_due: 55,
+            chain: [12; 32],
+            signature: Signature([0; 64]),
+        };
+        let b = r.signing_bytes();
+        assert_eq!(b.len(), DOMAIN.len() + 16 + 32 + 32 + 9 * 8 + 32);
+        assert!(b.starts_with(DOMAIN));
+        let at = DOMAIN.len() + 16 + 64;
+        assert_eq!(&b[at..at + 8], &4u64.to_le_bytes());
+        assert_eq!(&b[b.len() - 40..b.len() - 32], &55u64.to_le_bytes());
+        assert_eq!(&b[b.len() - 32..], &[12; 32]);
+    }
+}
