@@ -38,11 +38,13 @@ fn call_loop(n: u32, call: bool) -> Vec<u8> {
     .unwrap()
 }
 
-/// The matmul sample's work through plain wgpu: upload A, B and the sizes, build the pipeline,
-/// dispatch, read C back. The baseline for the sandboxed run.
+/// The matmul sample's work through plain wgpu: upload A, B and the sizes, dispatch the
+/// pipeline (built once), read C back. The baseline for the sandboxed run.
 struct Native {
     device: wgpu::Device,
     queue: wgpu::Queue,
+    /// Built once, as a native program would (the host caches pipelines the same way).
+    pipeline: wgpu::ComputePipeline,
 }
 
 impl Native {
@@ -57,7 +59,19 @@ impl Native {
             adapter.request_device(&wgpu::DeviceDescriptor { required_limits: adapter.limits(), ..Default::default() }),
         )
         .unwrap();
-        Native { device, queue }
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: None,
+            source: wgpu::ShaderSource::Wgsl(MATMUL_WGSL.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: None,
+            layout: None,
+            module: &module,
+            entry_point: Some("matmul"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        Native { device, queue, pipeline }
     }
 
     fn matmul(&self, s: u32, a: &[u8], b: &[u8]) -> Vec<u8> {
@@ -85,18 +99,7 @@ impl Native {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: None,
-            source: wgpu::ShaderSource::Wgsl(MATMUL_WGSL.into()),
-        });
-        let pipeline = d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: None,
-            layout: None,
-            module: &module,
-            entry_point: Some("matmul"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let pipeline = &self.pipeline;
         let group = d.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &pipeline.get_bind_group_layout(0),
@@ -110,7 +113,7 @@ impl Native {
         let mut encoder = d.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&pipeline);
+            pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &group, &[]);
             pass.dispatch_workgroups(s.div_ceil(16), s.div_ceil(16), 1);
         }

@@ -242,7 +242,12 @@ impl State {
         // Usually something fits, and the scan stops at it.
         let fits = self.candidates().any(|c| query.reject(&c, true).is_none());
         let answer = if fits { None } else { Some(explain(self.candidates(), &query, true)) };
-        self.explained.borrow_mut().insert(key, answer.clone());
+        let mut cache = self.explained.borrow_mut();
+        // Bounded: a renter inventing endless requirement sets costs scans, not memory.
+        if cache.len() >= 10_000 {
+            cache.clear();
+        }
+        cache.insert(key, answer.clone());
         answer
     }
 
