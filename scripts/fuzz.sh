@@ -10,6 +10,9 @@ fi
 cd fuzz
 # No sanitizer: wasmtime handles guest faults with signal handlers that AddressSanitizer would
 # take for crashes. Debug build: the point is the host's checks, not speed, and it builds faster.
-mkdir -p corpus/abi
+mkdir -p corpus/abi corpus/frames
 cargo +nightly fuzz run abi --dev --sanitizer none corpus/abi seeds -- \
     -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 -max_len=4096
+# The wire decoders are fast: a quarter of the time finds a lot there.
+cargo +nightly fuzz run frames --dev --sanitizer none corpus/frames -- \
+    -max_total_time="$(( (seconds + 3) / 4 ))" -timeout=10 -rss_limit_mb=2048 -max_len=65536
