@@ -2,9 +2,10 @@
 //! no port forwarding), registers its GPU, price and capacity, sends heartbeats, and runs the
 //! jobs the scheduler sends down the connection, fetching modules it does not have by hash.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use proto::frame::CONTROL_CAP;
@@ -107,6 +108,7 @@ pub async fn run(
     config: &DaemonConfig,
     score_gflops: f64,
     sessions: Option<SocketAddr>,
+    running: &Arc<Running>,
 ) -> Result<(), DaemonError> {
     let identity = Identity::new(&config.keypair)?;
     let bind =
@@ -149,15 +151,36 @@ pub async fn run(
     let heartbeat = match quic::read_msg::<SchedulerMsg>(&mut recv, CONTROL_CAP).await? {
         Some(SchedulerMsg::Registered { heartbeat_ms, .. }) => Duration::from_millis(heartbeat_ms.clamp(100, 60_000)),
         Some(SchedulerMsg::Refused { reason }) => return Err(DaemonError::Refused(reason)),
+        Some(SchedulerMsg::Cancel { .. }) => {
+            return Err(DaemonError::Lost("the scheduler sent Cancel before Registered".into()));
+        }
         None => return Err(DaemonError::Refused("the scheduler closed the connection (is this key allowed?)".into())),
     };
     log::info!("registered with the scheduler at {} as {}", config.scheduler, config.keypair.public());
 
-    let running = Arc::new(AtomicU32::new(0));
     let jobs = tokio::spawn(accept_jobs(conn.clone(), host.clone(), running.clone(), config.capacity));
+    // The scheduler cancels jobs it gave to another provider (after this one missed its
+    // heartbeats, say): stop them, their results would be ignored and they hold slots.
+    let watching = running.clone();
+    let control = tokio::spawn(async move {
+        while let Ok(Some(msg)) = quic::read_msg::<SchedulerMsg>(&mut recv, CONTROL_CAP).await {
+            if let SchedulerMsg::Cancel { job_ids } = msg {
+                let cancels = watching.cancels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for id in job_ids {
+                    match cancels.get(&id) {
+                        Some(flag) => {
+                            flag.store(true, Ordering::SeqCst);
+                            log::info!("cancelled job {id}: the scheduler gave it to another provider");
+                        }
+                        None => log::info!("the scheduler cancelled job {id}, which is not running here"),
+                    }
+                }
+            }
+        }
+    });
     let result = loop {
         tokio::time::sleep(heartbeat).await;
-        let beat = HostMsg::Heartbeat { running: running.load(Ordering::SeqCst) };
+        let beat = HostMsg::Heartbeat { running: running.count.load(Ordering::SeqCst) };
         if let Err(e) = quic::write_msg(&mut send, &beat, CONTROL_CAP).await {
             break Err(DaemonError::Lost(e.to_string()));
         }
@@ -166,7 +189,16 @@ pub async fn run(
         }
     };
     jobs.abort();
+    control.abort();
     result
+}
+
+/// The jobs a provider runs, across reconnections to the scheduler: how many, and the flag that
+/// cancels each.
+#[derive(Debug, Default)]
+pub struct Running {
+    count: AtomicU32,
+    cancels: std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>,
 }
 
 /// The local address this machine uses to reach `peer` (no packet is sent: connecting a UDP
@@ -195,9 +227,10 @@ pub async fn run_forever(host: Host, config: DaemonConfig) {
         },
         None => None,
     };
+    let running = Arc::new(Running::default());
     let mut pause = Duration::from_millis(200);
     loop {
-        match run(&host, &config, score, sessions).await {
+        match run(&host, &config, score, sessions, &running).await {
             Ok(()) => pause = Duration::from_millis(200),
             Err(e @ DaemonError::Refused(_)) => {
                 log::error!("{e}");
@@ -210,7 +243,7 @@ pub async fn run_forever(host: Host, config: DaemonConfig) {
     }
 }
 
-async fn accept_jobs(conn: Connection, host: Host, running: Arc<AtomicU32>, capacity: u32) {
+async fn accept_jobs(conn: Connection, host: Host, running: Arc<Running>, capacity: u32) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (host, running) = (host.clone(), running.clone());
         tokio::spawn(async move {
@@ -233,18 +266,18 @@ async fn blocking<T: Send + 'static>(host: &Host, f: impl FnOnce(&Host) -> T + S
 const LOG_EVERY: Duration = Duration::from_millis(250);
 
 /// One of the provider's job slots, given back when dropped, however the job's stream ends.
-struct Slot(u32, Arc<AtomicU32>);
+struct Slot(u32, Arc<Running>);
 
 impl Slot {
     /// Takes a slot; `.0` is how many were taken before it.
-    fn take(running: &Arc<AtomicU32>) -> Slot {
-        Slot(running.fetch_add(1, Ordering::SeqCst), running.clone())
+    fn take(running: &Arc<Running>) -> Slot {
+        Slot(running.count.fetch_add(1, Ordering::SeqCst), running.clone())
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.1.fetch_sub(1, Ordering::SeqCst);
+        self.1.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -266,7 +299,7 @@ async fn serve_job(
     mut send: SendStream,
     mut recv: RecvStream,
     host: Host,
-    running: Arc<AtomicU32>,
+    running: Arc<Running>,
     capacity: u32,
 ) -> Result<(), quic::QuicError> {
     let Some(JobMsg::Run { job_id, module_hash, input, limits }) =
@@ -309,11 +342,19 @@ async fn serve_job(
     log::info!("running job {job_id}");
     let limits = limits_from(&limits);
     let (watch_tx, watch_rx) = tokio::sync::oneshot::channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    running.cancels.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.clone(), cancel.clone());
     let mut job = tokio::task::spawn_blocking(move || {
         let report = module.and_then(|m| {
-            host.run_batch_watched(&m, input, &limits, |w| {
-                let _ = watch_tx.send(w);
-            })
+            host.run_batch_cancellable(
+                &m,
+                input,
+                &limits,
+                |w| {
+                    let _ = watch_tx.send(w);
+                },
+                Some(cancel),
+            )
         });
         match report {
             Ok(report) => JobResult {
@@ -343,9 +384,14 @@ async fn serve_job(
             }
         }
     };
-    // Free the slot before reporting: the scheduler may send the next job the moment it hears.
-    drop(slot);
     let result = result.unwrap_or_else(|e| not_run("host", format!("the job's thread failed: {e}")));
+    match &result.outcome {
+        Outcome::Succeeded => log::info!("job {job_id} ended: succeeded"),
+        Outcome::Failed { message, .. } => log::info!("job {job_id} ended: {message}"),
+    }
+    // Free the slot before reporting: the scheduler may send the next job the moment it hears.
+    running.cancels.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job_id);
+    drop(slot);
     quic::write_msg(&mut send, &JobReply::Finished(Box::new(result)), BLOB_CAP).await?;
     let _ = send.finish();
     let _ = send.stopped().await;

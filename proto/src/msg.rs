@@ -162,8 +162,18 @@ pub enum HostMsg {
 /// Scheduler to host, on the control stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SchedulerMsg {
-    Registered { provider: PublicKey, heartbeat_ms: u64 },
-    Refused { reason: String },
+    Registered {
+        provider: PublicKey,
+        heartbeat_ms: u64,
+    },
+    Refused {
+        reason: String,
+    },
+    /// Stop these jobs: the scheduler gave them to another provider (this one missed its
+    /// heartbeats, or reconnected), and their results would be ignored.
+    Cancel {
+        job_ids: Vec<String>,
+    },
 }
 
 /// Scheduler to host, on a job stream.

@@ -56,6 +56,8 @@ struct Shared {
     keypair: Arc<Keypair>,
     conns: Arc<Mutex<HashMap<PublicKey, Connection>>>,
     wake: Arc<Notify>,
+    /// Where to send control messages (cancellations) to each connected provider.
+    control: Arc<Mutex<HashMap<PublicKey, tokio::sync::mpsc::UnboundedSender<SchedulerMsg>>>>,
     /// Bumped whenever a job may have changed, for long polls.
     changed: Arc<tokio::sync::watch::Sender<u64>>,
     listening: Arc<Mutex<Option<Listening>>>,
@@ -105,6 +107,7 @@ pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
         conns: Arc::new(Mutex::new(HashMap::new())),
         wake: Arc::new(Notify::new()),
         changed: Arc::new(tokio::sync::watch::channel(0).0),
+        control: Arc::new(Mutex::new(HashMap::new())),
         listening: Arc::new(Mutex::new(Some(listening.clone()))),
     };
     tokio::spawn(accept_providers(endpoint, shared.clone()));
@@ -159,6 +162,16 @@ async fn serve_provider(conn: Connection, shared: Shared) {
     log::info!("provider {key} ({name}) registered from {}", conn.remote_address());
     let heartbeat_ms = 1_000;
     let _ = quic::write_msg(&mut send, &SchedulerMsg::Registered { provider: key, heartbeat_ms }, CONTROL_CAP).await;
+    // From here the control stream's send half belongs to a writer fed by the dispatcher.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SchedulerMsg>();
+    shared.control.lock().unwrap_or_else(PoisonError::into_inner).insert(key, tx);
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if quic::write_msg(&mut send, &msg, CONTROL_CAP).await.is_err() {
+                break;
+            }
+        }
+    });
     shared.wake.notify_one();
     loop {
         match quic::read_msg::<HostMsg>(&mut recv, CONTROL_CAP).await {
@@ -179,11 +192,13 @@ async fn serve_provider(conn: Connection, shared: Shared) {
         }
     }
     conn.close(0u32.into(), b"bye");
+    writer.abort();
     let mut conns = shared.conns.lock().unwrap_or_else(PoisonError::into_inner);
     // Only forget the connection if it is still this one (the provider may have reconnected).
     if conns.get(&key).is_some_and(|c| c.stable_id() == conn.stable_id()) {
         conns.remove(&key);
         drop(conns);
+        shared.control.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
         let _ = shared.state().disconnected(&key, now_ms());
     }
     shared.wake.notify_one();
@@ -198,6 +213,15 @@ async fn dispatch(shared: Shared, heartbeat_timeout_ms: u64) {
             if let Err(e) = state.tick(now_ms()) {
                 log::error!("scheduler tick: {e}");
             }
+            let control = shared.control.lock().unwrap_or_else(PoisonError::into_inner);
+            for (provider, job_ids) in state.take_revoked() {
+                let cancel = SchedulerMsg::Cancel { job_ids: job_ids.clone() };
+                let sent = control.get(&provider).is_some_and(|tx| tx.send(cancel).is_ok());
+                if !sent {
+                    state.keep_revoked(provider, job_ids);
+                }
+            }
+            drop(control);
             match state.assign(now_ms()) {
                 Ok(a) => a,
                 Err(e) => {
@@ -292,6 +316,7 @@ pub fn test_router(state: State) -> Router {
         conns: Arc::new(Mutex::new(HashMap::new())),
         wake: Arc::new(Notify::new()),
         changed: Arc::new(tokio::sync::watch::channel(0).0),
+        control: Arc::new(Mutex::new(HashMap::new())),
         listening: Arc::new(Mutex::new(None)),
     })
 }

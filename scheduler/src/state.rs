@@ -112,6 +112,8 @@ pub struct State {
     /// Logs of running jobs as their providers stream them (kept in memory; the full log comes
     /// with the result).
     live_logs: HashMap<String, Vec<u8>>,
+    /// Jobs taken away from a provider that may still be running them, to cancel there.
+    revoked: HashMap<PublicKey, Vec<String>>,
     next_id: u64,
 }
 
@@ -175,6 +177,7 @@ impl State {
             unplaceable: HashMap::new(),
             explained: std::cell::RefCell::new(HashMap::new()),
             live_logs: HashMap::new(),
+            revoked: HashMap::new(),
             next_id: max_id + 1,
         })
     }
@@ -408,6 +411,7 @@ impl State {
         self.roster_changed();
         for job in lost {
             self.attempt_failed(&job, &key, "the provider reconnected and lost the job", now_ms)?;
+            self.revoked.entry(key).or_default().push(job);
         }
         Ok(())
     }
@@ -439,6 +443,7 @@ impl State {
         self.roster_changed();
         for job in lost {
             self.attempt_failed(&job, key, "the provider disconnected", now_ms)?;
+            self.revoked.entry(*key).or_default().push(job);
         }
         Ok(())
     }
@@ -463,6 +468,7 @@ impl State {
             self.roster_changed();
             for job in lost {
                 self.attempt_failed(&job, &key, "the provider missed its heartbeats", now_ms)?;
+                self.revoked.entry(key).or_default().push(job);
             }
         }
         let expired: Vec<String> = self
@@ -647,6 +653,21 @@ impl State {
         };
         let addr = self.providers.get(&best.key).and_then(|p| p.view.session_addr.clone()).unwrap_or_default();
         Ok((best.key, addr, best.price))
+    }
+
+    /// Jobs to cancel on providers that may still run them, by provider; the caller sends what
+    /// it can and gives back the rest with [`State::keep_revoked`].
+    pub fn take_revoked(&mut self) -> Vec<(PublicKey, Vec<String>)> {
+        self.revoked.drain().collect()
+    }
+
+    /// Jobs to cancel on a provider that cannot be told now (it is not connected).
+    pub fn keep_revoked(&mut self, provider: PublicKey, jobs: Vec<String>) {
+        // Bounded: a provider that never comes back does not grow this forever.
+        let list = self.revoked.entry(provider).or_default();
+        list.extend(jobs);
+        let excess = list.len().saturating_sub(1024);
+        list.drain(..excess);
     }
 
     /// Stores a module and returns its hash.

@@ -543,3 +543,39 @@ fn a_running_job_streams_its_log() {
     assert!(full.starts_with(partial.lines().next().unwrap()), "the final log continues the streamed one");
     assert!(full.contains("epoch 5999"), "{view}");
 }
+
+#[test]
+fn a_job_moved_off_a_frozen_host_is_cancelled_there_when_it_wakes() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (a, key_a) = m.host(&s, "a", &["--price-per-gpu-second", "1"]);
+    let (_b, key_b) = m.host(&s, "b", &["--price-per-gpu-second", "2"]);
+    online(&s, 2);
+    let input = m.path("train.txt");
+    std::fs::write(&input, "epochs=6000 samples=2048").unwrap();
+    let submitted = m.submit(&s, sample_artifacts::TRAIN, &["--input", input.to_str().unwrap()]);
+    let id = submitted["id"].as_str().unwrap().to_string();
+    until("the job to run on the cheaper host", || {
+        let v = get_json(&s, &format!("/v1/jobs/{id}"));
+        (v["state"] == "running" && v["provider"] == key_a.as_str()).then_some(())
+    });
+    // Freeze the host: it misses its heartbeats, and its job goes to the other one.
+    let pid = a.child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    until("the job to move", || {
+        let v = get_json(&s, &format!("/v1/jobs/{id}"));
+        (v["provider"] == key_b.as_str()).then_some(())
+    });
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    // Awake again, the first host hears that the job is no longer its own and stops it.
+    until("the cancellation on the woken host", || {
+        log_of(&m, "a.log").contains(&format!("cancelled job {id}")).then_some(())
+    });
+    let view = until("the job to finish on the other host", || {
+        let v = get_json(&s, &format!("/v1/jobs/{id}"));
+        v["state"].as_str().is_some_and(|st| st != "queued" && st != "running").then_some(v)
+    });
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert_eq!(view["provider"], key_b.as_str());
+    assert!(view["attempts"][0]["error"].as_str().unwrap().contains("missed its heartbeats"), "{view}");
+}

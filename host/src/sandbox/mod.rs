@@ -300,6 +300,8 @@ pub(crate) struct JobState {
     pub(crate) failure: Option<String>,
     pub(crate) fatal: Option<Fatal>,
     pub(crate) clock: CallClock,
+    /// Set from outside to end the job (the scheduler gave it to another provider).
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Increments the engine's epoch until dropped.
@@ -508,6 +510,7 @@ impl Host {
             failure: None,
             fatal: None,
             clock: CallClock::start(limits),
+            cancel: None,
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -516,6 +519,9 @@ impl Host {
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
             let s = ctx.data();
+            if s.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(wasmtime::Error::new(Fatal::Host("the job was cancelled".into())));
+            }
             let now = Instant::now();
             let wall = now.duration_since(s.clock.started);
             let cpu = wall.saturating_sub(s.clock.host_time);
@@ -531,7 +537,8 @@ impl Host {
                     format!("the guest ran for {:.1?} of CPU time, over its {:.1?}", cpu, s.limits.cpu_time),
                 )));
             }
-            let left = (s.limits.cpu_time - cpu).min(s.clock.deadline - now);
+            // Come back at least every 100 ms, so a cancellation is seen promptly.
+            let left = (s.limits.cpu_time - cpu).min(s.clock.deadline - now).min(Duration::from_millis(100));
             let ticks = (left.as_micros() / EPOCH_TICK.as_micros().max(1)).max(1);
             Ok(UpdateDeadline::Continue(u64::try_from(ticks).unwrap_or(u64::MAX)))
         });
@@ -562,11 +569,26 @@ impl Host {
         limits: &Limits,
         watch: impl FnOnce(LogWatch),
     ) -> Result<JobReport, LoadError> {
+        self.run_batch_cancellable(module, input, limits, watch, None)
+    }
+
+    /// Runs a batch job like [`Host::run_batch_watched`]; setting `cancel` ends it at the next
+    /// epoch tick (within milliseconds while it runs WebAssembly; GPU work in flight finishes or
+    /// meets the wall-time limit first).
+    pub fn run_batch_cancellable(
+        &self,
+        module: &JobModule,
+        input: Vec<u8>,
+        limits: &Limits,
+        watch: impl FnOnce(LogWatch),
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<JobReport, LoadError> {
         if module.kind != JobKind::Batch {
             return Err(LoadError::NotBatch);
         }
         let started = Instant::now();
         let mut store = self.new_store(module, input, limits);
+        store.data_mut().cancel = cancel;
         watch(LogWatch { sink: store.data().log.clone() });
         let outcome = self.instantiate(module, &mut store).and_then(|instance| {
             let start: TypedFunc<(), ()> = instance
