@@ -6,6 +6,7 @@ pub mod identity;
 pub mod msg;
 pub mod receipt;
 pub mod ticket;
+pub mod voucher;
 
 pub use frame::{FrameDecoder, FrameError, PROTOCOL_VERSION};
 pub use identity::{KeyError, Keypair, PublicKey, Signature};

@@ -1,0 +1,159 @@
+//! The chain below the settlement code: one trait, two transports. [`LocalChain`] is the real
+//! SVM with the real SPL programs in this process (LiteSVM); [`crate::rpc::RpcChain`] speaks
+//! JSON-RPC to a cluster. Everything above (escrow, vouchers, settling, refunds) is written
+//! against [`Chain`] alone.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use litesvm::LiteSVM;
+use solana_sdk::account::Account;
+use solana_sdk::hash::Hash;
+use solana_sdk::pubkey::Pubkey;
+use solana_sdk::signature::Signature;
+use solana_sdk::transaction::Transaction;
+
+/// What went wrong on the chain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("building an instruction: {0}")]
+    Instruction(String),
+    /// The chain ran the transaction and it failed; nothing it held moved.
+    #[error("the transaction failed: {0}")]
+    Failed(String),
+    /// The chain could not be reached or answered nonsense; the transaction may or may not
+    /// have landed (ask [`Chain::status`]).
+    #[error("the chain could not be reached: {0}")]
+    Unreachable(String),
+    #[error("account {0} is missing or is not {1}")]
+    Account(Pubkey, &'static str),
+}
+
+/// Where a transaction stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// The chain has no record of it: it never landed (or the record is gone).
+    Unknown,
+    Succeeded,
+    Failed(String),
+}
+
+/// The operations settlement needs from a chain. Blocking: call it off async threads.
+pub trait Chain: Send + Sync {
+    /// A recent blockhash to sign transactions against.
+    fn latest_blockhash(&self) -> Result<Hash, ChainError>;
+    /// Submits a signed transaction and waits until it is confirmed or has failed.
+    fn send(&self, tx: &Transaction) -> Result<Signature, ChainError>;
+    /// Where the transaction with this signature stands.
+    fn status(&self, signature: &Signature) -> Result<Status, ChainError>;
+    /// An account's current state, `None` where it does not exist.
+    fn account(&self, key: &Pubkey) -> Result<Option<Account>, ChainError>;
+    /// Lamports that keep an account of `len` bytes rent-exempt.
+    fn rent(&self, len: usize) -> Result<u64, ChainError>;
+    /// Lamports per signature in fees.
+    fn fee_per_signature(&self) -> u64 {
+        5_000
+    }
+    /// Gives `to` lamports; only test chains can.
+    fn airdrop(&self, to: &Pubkey, lamports: u64) -> Result<(), ChainError>;
+}
+
+/// Statuses kept for lookups, oldest dropped first.
+const KEPT_STATUSES: usize = 1 << 20;
+
+struct Local {
+    svm: LiteSVM,
+    statuses: HashMap<Signature, Status>,
+    order: VecDeque<Signature>,
+}
+
+/// The in-process chain: LiteSVM, the real SVM with the real System, SPL Token, Associated
+/// Token Account and Memo programs. Each landed transaction starts a new block, so durable
+/// nonces can advance again.
+pub struct LocalChain {
+    inner: Mutex<Local>,
+}
+
+impl std::fmt::Debug for LocalChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalChain").finish_non_exhaustive()
+    }
+}
+
+impl Default for LocalChain {
+    fn default() -> Self {
+        LocalChain::new()
+    }
+}
+
+impl LocalChain {
+    pub fn new() -> LocalChain {
+        LocalChain {
+            inner: Mutex::new(Local { svm: LiteSVM::new(), statuses: HashMap::new(), order: VecDeque::new() }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Local> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `tx`, returning the chain's own metadata (fee, compute units) on success.
+    pub fn execute(&self, tx: &Transaction) -> Result<(Signature, u64, u64), ChainError> {
+        let signature = tx.signatures.first().copied().unwrap_or_default();
+        let mut l = self.lock();
+        let result = l.svm.send_transaction(tx.clone());
+        let status = match &result {
+            Ok(_) => Status::Succeeded,
+            Err(e) => Status::Failed(format!("{:?}", e.err)),
+        };
+        // A duplicate is refused without running; it must not overwrite what the first did.
+        let duplicate =
+            matches!(&result, Err(e) if e.err == solana_sdk::transaction::TransactionError::AlreadyProcessed);
+        if !duplicate {
+            if l.statuses.insert(signature, status).is_none() {
+                l.order.push_back(signature);
+            }
+            while l.order.len() > KEPT_STATUSES {
+                if let Some(old) = l.order.pop_front() {
+                    l.statuses.remove(&old);
+                }
+            }
+        }
+        match result {
+            Ok(meta) => {
+                l.svm.expire_blockhash();
+                Ok((signature, meta.fee, meta.compute_units_consumed))
+            }
+            Err(e) => Err(ChainError::Failed(format!("{:?} {}", e.err, e.meta.logs.join(" | ")))),
+        }
+    }
+}
+
+impl Chain for LocalChain {
+    fn latest_blockhash(&self) -> Result<Hash, ChainError> {
+        Ok(self.lock().svm.latest_blockhash())
+    }
+
+    fn send(&self, tx: &Transaction) -> Result<Signature, ChainError> {
+        self.execute(tx).map(|(s, _, _)| s)
+    }
+
+    fn status(&self, signature: &Signature) -> Result<Status, ChainError> {
+        Ok(self.lock().statuses.get(signature).cloned().unwrap_or(Status::Unknown))
+    }
+
+    fn account(&self, key: &Pubkey) -> Result<Option<Account>, ChainError> {
+        Ok(self.lock().svm.get_account(key).filter(|a| a.lamports > 0))
+    }
+
+    fn rent(&self, len: usize) -> Result<u64, ChainError> {
+        Ok(self.lock().svm.minimum_balance_for_rent_exemption(len))
+    }
+
+    fn airdrop(&self, to: &Pubkey, lamports: u64) -> Result<(), ChainError> {
+        let mut l = self.lock();
+        let r = l.svm.airdrop(to, lamports).map(drop).map_err(|e| ChainError::Failed(format!("{:?}", e.err)));
+        l.svm.expire_blockhash();
+        r
+    }
+}
