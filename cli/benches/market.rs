@@ -99,6 +99,7 @@ fn main() {
             vram_bytes: None,
             session_listen: Some(loopback),
             advertise: None,
+            payment: None,
         };
         tokio::spawn(host::daemon::run_forever(host.clone(), config));
         let client = client::Scheduler::new(&format!("http://{}", l.http));

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -13,6 +14,9 @@ use proto::Keypair;
 use proto::api::JobState;
 use proto::msg::{JobLimits, Price, Requirements};
 use serde_json::{Value, json};
+use settlement::ledger::{Book, Role};
+use settlement::{Chain, Policy};
+use solana_sdk::pubkey::Pubkey;
 
 use crate::{Exit, exit};
 
@@ -56,6 +60,124 @@ fn matmul_input(n: u32) -> Vec<u8> {
     input
 }
 
+/// What the renter deposits with a provider: $0.01 in a mint of 6 decimals.
+const BUDGET: u64 = 10_000;
+
+/// A new mint, 100 of it (6 decimals) in the renter's token account, and SOL for the renter.
+fn stablecoin(chain: &dyn Chain, renter: &Keypair) -> anyhow::Result<(Pubkey, solana_sdk::signature::Keypair)> {
+    use solana_sdk::signature::Signer;
+    let issuer = solana_sdk::signature::Keypair::new();
+    let r = settlement::signer(renter);
+    chain.airdrop(&issuer.pubkey(), 1_000_000_000)?;
+    chain.airdrop(&r.pubkey(), 1_000_000_000)?;
+    let mint = settlement::token::create_mint(chain, &issuer, &issuer.pubkey(), 6)?;
+    let account = settlement::token::ensure_token_account(chain, &r, &r.pubkey(), &mint)?;
+    settlement::token::mint_to(chain, &issuer, &mint, &account, 100_000_000)?;
+    Ok((mint, issuer))
+}
+
+async fn token_balance(chain: &Arc<dyn Chain>, account: Pubkey) -> anyhow::Result<u64> {
+    let chain = chain.clone();
+    Ok(tokio::task::spawn_blocking(move || settlement::token::token_balance(chain.as_ref(), &account)).await??)
+}
+
+/// Who paid and earned what, from each party's own ledger, checked against the chain.
+async fn settlement_table(
+    chain: &Arc<dyn Chain>,
+    mint: &Pubkey,
+    renter: &Keypair,
+    renter_before: u64,
+    renter_books: &[Book],
+    ledgers: &HashMap<proto::PublicKey, PathBuf>,
+    names: &HashMap<proto::PublicKey, String>,
+) -> anyhow::Result<Value> {
+    let dollars = |units: u64| format!("${:.6}", units as f64 / 1e6);
+    let mut rows = Vec::new();
+    let mut parties = Vec::new();
+    let renter_balance =
+        token_balance(chain, settlement::token::token_account(&settlement::address(&renter.public()), mint)).await?;
+    let paid: u64 = renter_books.iter().map(|b| b.paid).sum();
+    let inferences: u64 = renter_books.iter().map(|b| b.inferences).sum();
+    if renter_balance != renter_before - paid {
+        return Err(anyhow!(
+            "the renter's ledger says {paid} paid, but its balance went from {renter_before} to {renter_balance}"
+        ));
+    }
+    let mut transactions: Vec<String> = renter_books.iter().flat_map(|b| b.settlements.clone()).collect();
+    transactions.extend(renter_books.iter().filter_map(|b| b.refund.clone()));
+    let price = renter_books.last().map_or(0, |b| b.price_per_inference);
+    rows.push(format!(
+        "  {:<16} {:>10} {:>10} {:>12} {:>14} {:>14}",
+        "renter",
+        inferences,
+        dollars(price),
+        format!("-{}", dollars(paid)),
+        dollars(renter_balance),
+        "ok"
+    ));
+    parties.push(json!({
+        "role": "renter",
+        "key": renter.public().to_string(),
+        "inferences": inferences,
+        "price_per_inference": price,
+        "paid": paid,
+        "refunded": renter_books.iter().map(|b| b.refunded).sum::<u64>(),
+        "balance": renter_balance,
+        "balance_before": renter_before,
+        "transactions": transactions,
+    }));
+    for (key, dir) in ledgers {
+        let (books, _) = settlement::ledger::load(dir)?;
+        let books: Vec<&Book> = books.iter().filter(|b| b.role == Role::Provider).collect();
+        let earned: u64 = books.iter().map(|b| b.paid).sum();
+        let inferences: u64 = books.iter().map(|b| b.inferences).sum();
+        let balance = token_balance(chain, settlement::token::token_account(&settlement::address(key), mint)).await?;
+        if balance != earned {
+            return Err(anyhow!("provider {key}'s ledger says {earned} earned, the chain shows {balance}"));
+        }
+        let name = names.get(key).cloned().unwrap_or_default();
+        let price = books.last().map_or(0, |b| b.price_per_inference);
+        rows.push(format!(
+            "  {:<16} {:>10} {:>10} {:>12} {:>14} {:>14}",
+            format!("provider {name}"),
+            inferences,
+            dollars(price),
+            format!("+{}", dollars(earned)),
+            dollars(balance),
+            "ok"
+        ));
+        parties.push(json!({
+            "role": "provider",
+            "name": name,
+            "key": key.to_string(),
+            "inferences": inferences,
+            "price_per_inference": price,
+            "earned": earned,
+            "balance": balance,
+            "transactions": books.iter().flat_map(|b| b.settlements.clone()).collect::<Vec<_>>(),
+        }));
+    }
+    let settlements: usize = renter_books.iter().map(|b| b.settlements.len()).sum();
+    let table = format!(
+        "\nsettlement on the in-process chain (policy: every inference; {settlements} settlement transactions, 1 refund)\n  {:<16} {:>10} {:>10} {:>12} {:>14} {:>14}\n{}",
+        "party",
+        "inferences",
+        "price",
+        "paid/earned",
+        "chain balance",
+        "ledger=chain",
+        rows.join("\n")
+    );
+    Ok(json!({
+        "chain": "in-process (LiteSVM)",
+        "mint": mint.to_string(),
+        "decimals": 6,
+        "policy": Policy::Inferences(1).to_string(),
+        "parties": parties,
+        "table": table,
+    }))
+}
+
 pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
     let fail = |e: anyhow::Error| Exit { code: exit::HOST, error: e };
     let bad = |e: anyhow::Error| Exit { code: exit::BAD_INPUT, error: e };
@@ -87,6 +209,17 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         .await?;
         say(format!("scheduler   http://{}  quic {}  key {}", listening.http, listening.quic, listening.key));
 
+        // The in-process chain: a stablecoin-like mint (6 decimals: 1 unit = $0.000001), a renter
+        // holding 100 of it, and SOL for everyone's fees and rent.
+        let chain: Arc<dyn Chain> = Arc::new(settlement::LocalChain::new());
+        let renter = Keypair::generate();
+        let (mint, issuer) = {
+            let (chain, renter) = (chain.clone(), Keypair::from_seed(renter.seed()));
+            tokio::task::spawn_blocking(move || stablecoin(chain.as_ref(), &renter)).await??
+        };
+        say(format!("chain       in-process (LiteSVM), mint {mint} (6 decimals), renter {}", renter.public()));
+        let _ = issuer;
+
         // Both providers share this machine's GPU, each with its own key, price and sandbox pool.
         let host = tokio::task::spawn_blocking(|| {
             host::Host::new(host::HostConfig { max_instances: 16, ..host::HostConfig::default() })
@@ -94,9 +227,22 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         .await??;
         say(format!("GPU         {} ({}, {})", host.gpu().name, host.gpu().backend, host.gpu().device_type));
         let mut names = HashMap::new();
-        for (name, per_second, per_inference) in [("alpha", 2, 1), ("beta", 3, 2)] {
+        let mut ledgers = HashMap::new();
+        for (name, per_second, per_inference) in [("alpha", 2, 100), ("beta", 3, 150)] {
             let key = Keypair::generate();
             names.insert(key.public(), name.to_string());
+            let k = settlement::address(&key.public());
+            let c = chain.clone();
+            tokio::task::spawn_blocking(move || c.airdrop(&k, 1_000_000_000)).await??;
+            let ledger = dir.join(format!("{name}-ledger"));
+            ledgers.insert(key.public(), ledger.clone());
+            let payment = host::payment::PaymentConfig {
+                chain: chain.clone(),
+                mint: settlement::wire_key(&mint),
+                policy: Policy::Inferences(1),
+                max_unvouched: 1,
+                ledger: Some(ledger),
+            };
             let config = host::daemon::DaemonConfig {
                 scheduler: listening.quic,
                 scheduler_key: listening.key,
@@ -108,6 +254,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 vram_bytes: None,
                 session_listen: Some(loopback),
                 advertise: None,
+                payment: Some(payment),
             };
             tokio::spawn(host::daemon::run_forever(host.clone(), config));
             say(format!("provider    {name:<6} {per_second}/GPU-second, {per_inference}/inference"));
@@ -176,11 +323,27 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             }
         }
 
-        // An inference session, straight to the provider the scheduler picks.
+        // An inference session, straight to the provider the scheduler picks, paid per inference.
         let t = Instant::now();
-        let renter = Keypair::generate();
-        let session =
-            std::sync::Arc::new(client::Session::open(&client, renter, mlp.clone(), Vec::new(), Requirements::default()).await?);
+        let renter_tokens = settlement::token::token_account(&settlement::address(&renter.public()), &mint);
+        let renter_before = token_balance(&chain, renter_tokens).await?;
+        let payment = client::Payment {
+            chain: chain.clone(),
+            mint: settlement::wire_key(&mint),
+            budget: BUDGET,
+            ledger: Some(dir.join("renter-ledger")),
+        };
+        let session = Arc::new(
+            client::Session::open_paid(
+                &client,
+                Keypair::from_seed(renter.seed()),
+                mlp.clone(),
+                Vec::new(),
+                Requirements::default(),
+                Some(payment),
+            )
+            .await?,
+        );
         let opened = t.elapsed();
         let provider = session.provider().await.map(|p| names.get(&p).cloned().unwrap_or_default()).unwrap_or_default();
         say(format!(
@@ -216,7 +379,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         latencies.sort();
         let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default();
         say(format!(
-            "{} inferences (4 in flight): p50 {:.1} ms, p99 {:.1} ms; {}",
+            "{} inferences (4 sent at a time, each paid before the next): p50 {:.1} ms, p99 {:.1} ms; {}",
             total.inferences,
             pct(0.5).as_secs_f64() * 1e3,
             pct(0.99).as_secs_f64() * 1e3,
@@ -230,6 +393,13 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 r.sequence, r.counts.inferences, r.price_per_inference, r.amount_due
             ));
         }
+        let session_provider = session.provider().await;
+        let price_per_inference = session.price_per_inference().await;
+        let books = session.close().await?;
+        let settlement = settlement_table(&chain, &mint, &renter, renter_before, &books, &ledgers, &names).await?;
+        if text {
+            eprintln!("{}", settlement.get("table").and_then(Value::as_str).unwrap_or(""));
+        }
         say(format!("\ndemo done in {:.1} s", t0.elapsed().as_secs_f64()));
         Ok::<Value, anyhow::Error>(json!({
             "scheduler": { "http": listening.http.to_string(), "quic": listening.quic.to_string(), "key": listening.key.to_string() },
@@ -237,11 +407,11 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             "providers": names.iter().map(|(k, n)| json!({ "name": n, "key": k.to_string() })).collect::<Vec<_>>(),
             "jobs": job_reports,
             "session": {
-                "provider": session.provider().await.map(|p| p.to_string()),
+                "provider": session_provider.map(|p| p.to_string()),
                 "provider_name": provider,
                 "inferences": total.inferences,
                 "failovers": session.failovers(),
-                "price_per_inference": session.price_per_inference().await,
+                "price_per_inference": price_per_inference,
                 // What the renter owes, from the provider's last signed receipt it checked.
                 "amount_due": last_receipt.as_ref().map(|r| r.amount_due),
                 "receipts_checked": last_receipt.as_ref().map(|r| r.sequence),
@@ -250,6 +420,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 "p99_us": pct(0.99).as_micros() as u64,
                 "usage": total,
             },
+            "settlement": settlement,
             "elapsed_ms": t0.elapsed().as_millis() as u64,
         }))
     });

@@ -195,6 +195,7 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
         vram_bytes: args.vram,
         session_listen: (!args.no_sessions).then_some(args.sessions),
         advertise: args.advertise.clone(),
+        payment: None,
     };
     println!("provider {} serving {} for {}", config.keypair.public(), host.gpu().name, args.scheduler);
     let _ = std::io::stdout().flush();

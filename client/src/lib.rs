@@ -11,6 +11,10 @@ use proto::msg::{BLOB_CAP, JobLimits, Requirements, SessionMsg, SessionReply, Wi
 use proto::receipt::{self, Receipt};
 use proto::{Keypair, PublicKey};
 use quic::{Connection, Identity};
+use settlement::ledger::Book;
+
+mod pay;
+pub use pay::Payment;
 
 /// What can go wrong talking to the market.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +33,8 @@ pub enum Error {
     GaveUp(usize, String),
     #[error("link: {0}")]
     Link(String),
+    #[error("payment: {0}")]
+    Payment(String),
 }
 
 /// The scheduler's HTTP API.
@@ -189,6 +195,8 @@ struct Link {
     provider: PublicKey,
     price_per_inference: u64,
     receipts: tokio::sync::Mutex<(receipt::Checker, Pending)>,
+    /// On a paid session; held across a whole call, so paid calls go one at a time.
+    pay: Option<tokio::sync::Mutex<pay::LinkPay>>,
 }
 
 /// An inference session, straight to a provider; fails over to another provider when one goes.
@@ -196,6 +204,10 @@ pub struct Session {
     scheduler: Scheduler,
     identity: Identity,
     renter: PublicKey,
+    keypair: Arc<Keypair>,
+    payment: Option<Payment>,
+    /// The books of providers this session left (failed over from).
+    left: tokio::sync::Mutex<Vec<Book>>,
     endpoint: quic::Endpoint,
     module: Arc<Vec<u8>>,
     module_hash: String,
@@ -216,13 +228,27 @@ impl std::fmt::Debug for Session {
 const MAX_FAILOVERS: usize = 3;
 
 impl Session {
-    /// Uploads the module, asks the scheduler for a provider, connects and runs `init`.
+    /// Uploads the module, asks the scheduler for a provider, connects and runs `init`; an
+    /// unpaid session (providers that take payment refuse it).
     pub async fn open(
         scheduler: &Scheduler,
         renter: Keypair,
         module: Vec<u8>,
         init_input: Vec<u8>,
         requirements: Requirements,
+    ) -> Result<Session, Error> {
+        Session::open_paid(scheduler, renter, module, init_input, requirements, None).await
+    }
+
+    /// As [`Session::open`], paying with `payment`: each provider gets an escrow of
+    /// `payment.budget`, a voucher for every receipt, and its refund submitted at the end.
+    pub async fn open_paid(
+        scheduler: &Scheduler,
+        renter: Keypair,
+        module: Vec<u8>,
+        init_input: Vec<u8>,
+        requirements: Requirements,
+        payment: Option<Payment>,
     ) -> Result<Session, Error> {
         let uploaded = scheduler.upload(module.clone()).await?;
         let identity = Identity::new(&renter).map_err(|e| Error::Link(e.to_string()))?;
@@ -231,6 +257,9 @@ impl Session {
             scheduler: scheduler.clone(),
             identity,
             renter: renter.public(),
+            keypair: Arc::new(renter),
+            payment,
+            left: tokio::sync::Mutex::new(Vec::new()),
             endpoint,
             module: Arc::new(module),
             module_hash: uploaded.module,
@@ -273,6 +302,14 @@ impl Session {
             match broken {
                 Some(b) if Arc::ptr_eq(l, b) => {
                     excluded.push(l.provider);
+                    // The provider is gone: take back what is left in its escrow.
+                    if let Some(p) = &l.pay {
+                        let mut p = p.lock().await;
+                        if let Err(e) = p.recover().await {
+                            log::warn!("recovering the escrow with provider {}: {e}", l.provider);
+                        }
+                        self.left.lock().await.push(p.book().clone());
+                    }
                     *current = None;
                     self.failovers.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
@@ -301,20 +338,26 @@ impl Session {
             .map_err(|e| Error::Link(e.to_string()))?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Link(e.to_string()))?;
         let link_err = |e: quic::QuicError| Error::Link(e.to_string());
-        quic::write_msg(
-            &mut send,
-            &SessionMsg::Open { ticket: Box::new(grant.ticket.clone()), init_input: self.init_input.clone() },
-            BLOB_CAP,
-        )
-        .await
-        .map_err(link_err)?;
+        let mut pay = match &self.payment {
+            Some(p) => Some(pay::LinkPay::create(p, self.keypair.clone(), grant).await.map_err(Error::Payment)?),
+            None => None,
+        };
+        let open = SessionMsg::Open {
+            ticket: Box::new(grant.ticket.clone()),
+            init_input: self.init_input.clone(),
+            escrow: pay.as_ref().map(|p| p.terms()),
+        };
+        quic::write_msg(&mut send, &open, BLOB_CAP).await.map_err(link_err)?;
         loop {
             match quic::read_msg::<SessionReply>(&mut recv, CONTROL_CAP).await.map_err(link_err)? {
                 Some(SessionReply::NeedModule) => {
                     let bytes = self.module.as_ref().clone();
                     quic::write_msg(&mut send, &SessionMsg::Module { bytes }, BLOB_CAP).await.map_err(link_err)?;
                 }
-                Some(SessionReply::Opened { .. }) => {
+                Some(SessionReply::Opened { refund, .. }) => {
+                    if let Some(p) = pay.as_mut() {
+                        p.opened(refund).await.map_err(Error::Payment)?;
+                    }
                     let checker = receipt::Checker::new(
                         grant.ticket.session_id,
                         grant.provider,
@@ -326,6 +369,7 @@ impl Session {
                         provider: grant.provider,
                         price_per_inference: grant.price_per_inference,
                         receipts: tokio::sync::Mutex::new((checker, Pending::new())),
+                        pay: pay.map(tokio::sync::Mutex::new),
                     });
                 }
                 Some(SessionReply::Refused { reason }) => return Err(Error::Refused(reason)),
@@ -339,13 +383,18 @@ impl Session {
     }
 
     async fn try_infer(link: &Link, request: &[u8]) -> Result<Result<Answer, Error>, String> {
+        let mut pay = match &link.pay {
+            Some(p) => Some(p.lock().await),
+            None => None,
+        };
+        let voucher = pay.as_ref().and_then(|p| p.voucher());
         let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
-        quic::write_msg(&mut send, &SessionMsg::Request { bytes: request.to_vec() }, BLOB_CAP)
+        quic::write_msg(&mut send, &SessionMsg::Request { bytes: request.to_vec(), voucher }, BLOB_CAP)
             .await
             .map_err(|e| e.to_string())?;
         let _ = send.finish();
         match quic::read_msg::<SessionReply>(&mut recv, BLOB_CAP).await.map_err(|e| e.to_string())? {
-            Some(SessionReply::Response { bytes, usage, receipt }) => {
+            Some(SessionReply::Response { bytes, usage, receipt, settled }) => {
                 let receipt = *receipt;
                 // Check receipts in the order the provider served the calls.
                 let mut guard = link.receipts.lock().await;
@@ -361,10 +410,19 @@ impl Session {
                 if pending.len() > 1024 {
                     return Err("the provider's receipts skip sequence numbers".into());
                 }
+                drop(guard);
+                if let Some(p) = pay.as_mut() {
+                    p.answered(&receipt, settled).await.map_err(|e| format!("paying the provider: {e}"))?;
+                }
                 Ok(Ok(Answer { response: bytes, usage, provider: link.provider, receipt }))
             }
             // The guest's own error fails this request only.
             Some(SessionReply::Failed { kind, limit, message }) if kind == "guest" => {
+                Ok(Err(Error::Failed { kind, limit, message }))
+            }
+            // The provider stopped for want of payment (the budget is spent, say): another
+            // provider would not change that.
+            Some(SessionReply::Failed { kind, limit, message }) if kind == "payment" => {
                 Ok(Err(Error::Failed { kind, limit, message }))
             }
             // A limit, a crash or a host failure ended the instance there: move on.
@@ -393,6 +451,40 @@ impl Session {
             }
         }
         Err(Error::GaveUp(self.failovers(), last))
+    }
+
+    /// Ends the session: on a paid one, the provider settles the last voucher and hands over
+    /// its refund, which is submitted here. Returns this renter's book of every provider the
+    /// session used (settlement and refund transactions included).
+    pub async fn close(&self) -> Result<Vec<Book>, Error> {
+        let link = self.link.lock().await.0.take();
+        let mut books = std::mem::take(&mut *self.left.lock().await);
+        let Some(link) = link else { return Ok(books) };
+        if let Some(p) = &link.pay {
+            let mut p = p.lock().await;
+            let closed = async {
+                let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
+                quic::write_msg(&mut send, &SessionMsg::Close { voucher: p.voucher() }, CONTROL_CAP)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                match quic::read_msg::<SessionReply>(&mut recv, CONTROL_CAP).await.map_err(|e| e.to_string())? {
+                    Some(SessionReply::Closed { settled, refund }) => Ok((settled, refund)),
+                    other => Err(format!("unexpected answer to close: {other:?}")),
+                }
+            }
+            .await;
+            match closed {
+                Ok((settled, refund)) => p.closed(settled, refund).await.map_err(Error::Payment)?,
+                Err(e) => {
+                    log::warn!("closing with provider {}: {e}; recovering the escrow", link.provider);
+                    p.recover().await.map_err(Error::Payment)?;
+                }
+            }
+            books.push(p.book().clone());
+        }
+        link.conn.close(0u32.into(), b"done");
+        Ok(books)
     }
 
     /// SHA-256 of the module, hex.

@@ -39,6 +39,8 @@ pub struct DaemonConfig {
     /// The session address to tell renters, when it differs from the listening one (behind NAT
     /// with a forwarded port, say).
     pub advertise: Option<String>,
+    /// How sessions are paid; `None` serves them unpaid (a private fleet, a test).
+    pub payment: Option<crate::payment::PaymentConfig>,
 }
 
 /// Why the daemon stopped.
@@ -217,7 +219,25 @@ pub async fn run_forever(host: Host, config: DaemonConfig) {
         tokio::task::spawn_blocking(move || h.benchmark_gflops()).await.unwrap_or(0.0)
     };
     log::info!("GPU benchmark: {score:.1} GFLOP/s f32 matmul");
-    let sessions = match config.session_listen {
+    let paid_ready = match config.payment.clone() {
+        Some(payment) => {
+            let keypair = Keypair::from_seed(config.keypair.seed());
+            let ready = tokio::task::spawn_blocking(move || {
+                payment.prepare(&keypair)?;
+                payment.resume(&keypair)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            match &ready {
+                Ok(n) if *n > 0 => log::info!("settled {n} session(s) left unsettled by the last run"),
+                Ok(_) => {}
+                Err(e) => log::error!("not serving paid sessions: {e}"),
+            }
+            ready.is_ok()
+        }
+        None => true,
+    };
+    let sessions = match config.session_listen.filter(|_| paid_ready) {
         Some(addr) => match start_sessions(&host, &config, addr) {
             Ok(a) => Some(a),
             Err(e) => {
@@ -412,12 +432,13 @@ fn start_sessions(host: &Host, config: &DaemonConfig, addr: SocketAddr) -> Resul
     let local = endpoint.local_addr().map_err(|e| DaemonError::Lost(e.to_string()))?;
     let (host, scheduler) = (host.clone(), config.scheduler_key);
     let keypair = Arc::new(Keypair::from_seed(config.keypair.seed()));
+    let payment = config.payment.clone().map(Arc::new);
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
-            let (host, keypair) = (host.clone(), keypair.clone());
+            let (host, keypair, payment) = (host.clone(), keypair.clone(), payment.clone());
             tokio::spawn(async move {
                 let served = match incoming.await {
-                    Ok(conn) => serve_session(conn, host, scheduler, keypair).await,
+                    Ok(conn) => serve_session(conn, host, scheduler, keypair, payment).await,
                     Err(e) => Err(quic::QuicError::Stream(e.to_string())),
                 };
                 if let Err(e) = served {
@@ -437,6 +458,21 @@ fn failed(f: &Failure) -> SessionReply {
     }
 }
 
+/// Tells the renter why its session is refused, and closes the connection.
+async fn refuse_session(
+    send: &mut SendStream,
+    conn: &Connection,
+    peer: &PublicKey,
+    reason: String,
+) -> Result<(), quic::QuicError> {
+    log::info!("refused a session from {peer}: {reason}");
+    quic::write_msg(send, &SessionReply::Refused { reason }, CONTROL_CAP).await?;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+    conn.close(1u32.into(), b"refused");
+    Ok(())
+}
+
 /// One renter's session: check the ticket, get the module, run `init`, then serve one request
 /// per stream until the renter goes.
 async fn serve_session(
@@ -444,6 +480,7 @@ async fn serve_session(
     host: Host,
     scheduler: PublicKey,
     keypair: Arc<Keypair>,
+    payment: Option<Arc<crate::payment::PaymentConfig>>,
 ) -> Result<(), quic::QuicError> {
     let me = keypair.public();
     let refuse = |conn: &Connection| conn.close(1u32.into(), b"refused");
@@ -452,18 +489,35 @@ async fn serve_session(
         return Ok(());
     };
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| quic::QuicError::Stream(e.to_string()))?;
-    let Some(SessionMsg::Open { ticket, init_input }) = quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await? else {
+    let Some(SessionMsg::Open { ticket, init_input, escrow }) =
+        quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await?
+    else {
         refuse(&conn);
         return Ok(());
     };
     if let Err(e) = ticket.check(&scheduler, &me, &peer, now_ms()) {
-        log::info!("refused a session from {peer}: {e}");
-        quic::write_msg(&mut send, &SessionReply::Refused { reason: e.to_string() }, CONTROL_CAP).await?;
-        let _ = send.finish();
-        let _ = send.stopped().await;
-        refuse(&conn);
-        return Ok(());
+        return refuse_session(&mut send, &conn, &peer, e.to_string()).await;
     }
+    // A paid session starts only on an escrow the chain shows as promised.
+    let pay = match payment {
+        Some(config) => {
+            let (kp, t, device) = (keypair.clone(), ticket.clone(), host.gpu().name.clone());
+            let opened = tokio::task::spawn_blocking(move || {
+                crate::payment::SessionPay::open(&config, &kp, &t, escrow, &device)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            match opened {
+                Ok(p) => Some(p),
+                Err(reason) => return refuse_session(&mut send, &conn, &peer, reason).await,
+            }
+        }
+        None => None,
+    };
+    let (pay, refund) = match pay {
+        Some((p, r)) => (Some(p), Some(Box::new(r))),
+        None => (None, None),
+    };
     let hash = ticket.module_hash;
     let module = match blocking(&host, move |h| h.cached(&hash)).await.flatten() {
         Some(m) => Ok(m),
@@ -508,41 +562,25 @@ async fn serve_session(
             return Ok(());
         }
     };
-    quic::write_msg(&mut send, &SessionReply::Opened { usage: wire_usage(&service.usage()) }, CONTROL_CAP).await?;
+    quic::write_msg(&mut send, &SessionReply::Opened { usage: wire_usage(&service.usage()), refund }, CONTROL_CAP)
+        .await?;
     let _ = send.finish();
     let id: String = ticket.session_id.iter().map(|b| format!("{b:02x}")).collect();
     log::info!("session {id} opened for {peer}");
     // The instance serves one call at a time, and the receipt of each call is signed in that
     // same order, so the renter can check the chain.
     let signer = proto::receipt::Signer::new(ticket.session_id, peer, ticket.price_per_inference);
-    let service = Arc::new(std::sync::Mutex::new((service, signer)));
+    let state = Arc::new(std::sync::Mutex::new(Served { service, signer, pay, over: None }));
     // Requests may arrive on many streams at once; the instance serves them one at a time.
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let (service, keypair) = (service.clone(), keypair.clone());
+        let (state, keypair) = (state.clone(), keypair.clone());
         tokio::spawn(async move {
-            let Ok(Some(SessionMsg::Request { bytes })) = quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await
-            else {
+            let Ok(Some(msg)) = quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await else {
                 return;
             };
             let reply = tokio::task::spawn_blocking(move || {
-                let mut guard = service.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let (s, signer) = &mut *guard;
-                match s.infer(&bytes) {
-                    Ok(inf) => {
-                        let u = &inf.usage;
-                        let call = proto::receipt::Counts {
-                            inferences: u.inferences,
-                            fuel: u.fuel,
-                            invocations: u.invocations,
-                            bytes_uploaded: u.bytes_uploaded,
-                            bytes_downloaded: u.bytes_downloaded,
-                            gpu_time_ns: u.gpu_time_ns,
-                        };
-                        let receipt = Box::new(signer.next(&keypair, &call, &bytes, &inf.response));
-                        SessionReply::Response { bytes: inf.response, usage: wire_usage(u), receipt }
-                    }
-                    Err(f) => failed(&f),
-                }
+                let mut guard = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                guard.answer(msg, &keypair)
             })
             .await
             .unwrap_or_else(|e| SessionReply::Failed {
@@ -552,8 +590,84 @@ async fn serve_session(
             });
             if quic::write_msg(&mut send, &reply, BLOB_CAP).await.is_ok() {
                 let _ = send.finish();
+                let _ = send.stopped().await;
             }
         });
     }
+    // The renter went: settle what it vouched for.
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut guard = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = guard.pay.as_mut() {
+            p.ended(&keypair);
+        }
+    })
+    .await;
+    log::info!("session {id} ended");
     Ok(())
+}
+
+/// A session's instance, its receipts and its payment; one call at a time.
+struct Served {
+    service: crate::sandbox::Service,
+    signer: proto::receipt::Signer,
+    pay: Option<crate::payment::SessionPay>,
+    /// Why the session stopped, once it has.
+    over: Option<String>,
+}
+
+impl Served {
+    fn payment_failed(&mut self, message: String) -> SessionReply {
+        log::info!("session stopped: {message}");
+        self.over = Some(message.clone());
+        SessionReply::Failed { kind: "payment".into(), limit: None, message }
+    }
+
+    fn answer(&mut self, msg: SessionMsg, keypair: &Keypair) -> SessionReply {
+        if let Some(why) = &self.over {
+            return SessionReply::Failed { kind: "payment".into(), limit: None, message: why.clone() };
+        }
+        match msg {
+            SessionMsg::Request { bytes, voucher } => self.infer(bytes, voucher.as_deref(), keypair),
+            SessionMsg::Close { voucher } => match self.pay.as_mut().map(|p| p.close(keypair, voucher.as_deref())) {
+                None => SessionReply::Closed { settled: None, refund: None },
+                Some(Ok((settled, refund))) => {
+                    self.over = Some("the renter closed the session".into());
+                    SessionReply::Closed { settled: settled.map(Box::new), refund: Some(Box::new(refund)) }
+                }
+                Some(Err(e)) => self.payment_failed(e),
+            },
+            other => SessionReply::Failed {
+                kind: "host".into(),
+                limit: None,
+                message: format!("a session stream must carry a request or a close, not {other:?}"),
+            },
+        }
+    }
+
+    fn infer(&mut self, bytes: Vec<u8>, voucher: Option<&proto::voucher::Voucher>, keypair: &Keypair) -> SessionReply {
+        let settled = match self.pay.as_mut().map(|p| p.before_serve(keypair, voucher)) {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(s))) => Some(Box::new(s)),
+            Some(Err(e)) => return self.payment_failed(e),
+        };
+        match self.service.infer(&bytes) {
+            Ok(inf) => {
+                let u = &inf.usage;
+                let call = proto::receipt::Counts {
+                    inferences: u.inferences,
+                    fuel: u.fuel,
+                    invocations: u.invocations,
+                    bytes_uploaded: u.bytes_uploaded,
+                    bytes_downloaded: u.bytes_downloaded,
+                    gpu_time_ns: u.gpu_time_ns,
+                };
+                let receipt = Box::new(self.signer.next(keypair, &call, &bytes, &inf.response));
+                if let Some(p) = self.pay.as_mut() {
+                    p.served(&receipt);
+                }
+                SessionReply::Response { bytes: inf.response, usage: wire_usage(u), receipt, settled }
+            }
+            Err(f) => failed(&f),
+        }
+    }
 }

@@ -7,6 +7,7 @@ mod error;
 mod gpu;
 mod limits;
 mod meter;
+pub mod payment;
 mod sandbox;
 
 pub use gpu::{AdapterChoice, AdapterSummary, list_adapters};

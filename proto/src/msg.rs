@@ -288,6 +288,9 @@ pub enum SessionMsg {
         ticket: Box<crate::ticket::Ticket>,
         #[serde(with = "bytes")]
         init_input: Vec<u8>,
+        /// The escrow the renter opened for this session; a provider that takes payment
+        /// refuses a session without one.
+        escrow: Option<crate::voucher::EscrowTerms>,
     },
     Module {
         #[serde(with = "bytes")]
@@ -296,7 +299,11 @@ pub enum SessionMsg {
     Request {
         #[serde(with = "bytes")]
         bytes: Vec<u8>,
+        /// The voucher for the last receipt, on a paid session.
+        voucher: Option<Box<crate::voucher::Voucher>>,
     },
+    /// The renter is done: settle (with this last voucher, if any) and hand over the refund.
+    Close { voucher: Option<Box<crate::voucher::Voucher>> },
 }
 
 /// Provider to renter, on a session connection.
@@ -306,6 +313,8 @@ pub enum SessionReply {
     /// `init` ran; the session serves requests.
     Opened {
         usage: WireUsage,
+        /// On a paid session, the refund of the whole budget, for the renter to hold.
+        refund: Option<Box<crate::voucher::Refund>>,
     },
     /// The ticket or the module was refused; nothing ran.
     Refused {
@@ -317,9 +326,17 @@ pub enum SessionReply {
         usage: WireUsage,
         /// The session's cumulative counts and amount due after this call, signed.
         receipt: Box<crate::receipt::Receipt>,
+        /// A settlement made before this call was served, if the provider's policy said so.
+        settled: Option<Box<crate::voucher::Settled>>,
     },
-    /// The request (or `init`) failed; `kind` as in [`Outcome::Failed`]. After a `limit`,
-    /// `trap` or `host` failure the session is over.
+    /// The answer to `Close`: the last settlement, if one was due, and the refund of the rest.
+    Closed {
+        settled: Option<Box<crate::voucher::Settled>>,
+        refund: Option<Box<crate::voucher::Refund>>,
+    },
+    /// The request (or `init`) failed; `kind` as in [`Outcome::Failed`], or `payment` when
+    /// the provider stops serving for want of a valid voucher. After a `limit`, `trap`,
+    /// `host` or `payment` failure the session is over.
     Failed {
         kind: String,
         limit: Option<String>,

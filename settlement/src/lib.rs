@@ -1,10 +1,18 @@
 #![doc = include_str!("../README.md")]
 
 pub mod chain;
+pub mod ledger;
 pub mod pay;
 pub mod policy;
 pub mod token;
 
 pub use chain::{Chain, ChainError, LocalChain, Status};
-pub use pay::{PayError, Payee, Payer, Terms, address, open_escrow, signer, verify_escrow, wire_key};
+pub use pay::{
+    PayError, Payee, Payer, Terms, address, create_escrow, fund_escrow, open_escrow, signer, verify_escrow, wire_key,
+};
 pub use policy::Policy;
+
+/// A transaction signature as Solana prints it (base58): its id on explorers and in RPC.
+pub fn signature_text(s: &proto::Signature) -> String {
+    solana_sdk::signature::Signature::from(s.0).to_string()
+}

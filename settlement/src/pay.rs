@@ -206,10 +206,11 @@ pub fn read_nonce(chain: &dyn Chain, account: &Pubkey) -> Result<(Pubkey, Hash),
 /// Size of a nonce account.
 const NONCE_LEN: usize = 80;
 
-/// The renter opens a session's escrow with the provider: a 2-of-2 multisig, a token account
-/// it owns holding `budget` of `mint` from the renter's associated token account, and a nonce
-/// account whose authority is the provider. The renter pays for all of it.
-pub fn open_escrow(
+/// The renter creates a session's escrow with the provider, empty: a 2-of-2 multisig, a
+/// token account of `mint` it owns, and a nonce account whose authority is the provider. The
+/// renter pays their rent. It deposits (see [`fund_escrow`]) only once it holds the provider's
+/// signed refund, so a provider that refuses or vanishes at the start strands nothing but rent.
+pub fn create_escrow(
     chain: &dyn Chain,
     renter: &Keypair,
     provider: &Pubkey,
@@ -241,16 +242,6 @@ pub fn open_escrow(
             mint,
             &multisig.pubkey(),
         ))?,
-        ix(spl_token_interface::instruction::transfer_checked(
-            &token_program,
-            &token::token_account(&me, mint),
-            mint,
-            &escrow.pubkey(),
-            &me,
-            &[],
-            budget,
-            decimals,
-        ))?,
     ];
     instructions.extend(solana_system_interface::instruction::create_nonce_account(
         &me,
@@ -271,10 +262,40 @@ pub fn open_escrow(
     })
 }
 
+/// Deposits the budget from the renter's associated token account into the escrow.
+pub fn fund_escrow(chain: &dyn Chain, renter: &Keypair, t: &Terms) -> Result<(), PayError> {
+    let deposit = ix(spl_token_interface::instruction::transfer_checked(
+        &spl_token_interface::id(),
+        &token::token_account(&renter.pubkey(), &t.mint),
+        &t.mint,
+        &t.escrow,
+        &renter.pubkey(),
+        &[],
+        t.budget,
+        t.decimals,
+    ))?;
+    token::send(chain, &[deposit], &[renter])?;
+    Ok(())
+}
+
+/// [`create_escrow`] and [`fund_escrow`] at once (when the refund is not needed first).
+pub fn open_escrow(
+    chain: &dyn Chain,
+    renter: &Keypair,
+    provider: &Pubkey,
+    mint: &Pubkey,
+    budget: u64,
+) -> Result<Terms, PayError> {
+    let t = create_escrow(chain, renter, provider, mint, budget)?;
+    fund_escrow(chain, renter, &t)?;
+    Ok(t)
+}
+
 /// Checks on the chain that the escrow is what `terms` says: a 2-of-2 multisig of exactly the
 /// two parties owns a token account of the mint holding the whole budget, with no delegate or
-/// close authority, and the nonce's authority is the provider. Returns the current nonce.
-pub fn verify_escrow(chain: &dyn Chain, t: &Terms) -> Result<Hash, PayError> {
+/// close authority, and the nonce's authority is the provider. With `funded` false the deposit
+/// may still be missing (the escrow must hold nothing else then). Returns the current nonce.
+pub fn verify_escrow(chain: &dyn Chain, t: &Terms, funded: bool) -> Result<Hash, PayError> {
     let bad = |what: String| PayError::Escrow(what);
     let decimals = token::mint_decimals(chain, &t.mint)?;
     if decimals != t.decimals {
@@ -297,8 +318,9 @@ pub fn verify_escrow(chain: &dyn Chain, t: &Terms) -> Result<Hash, PayError> {
     if acc.delegate.is_some() || acc.close_authority.is_some() {
         return Err(bad("the escrow account has a delegate or a close authority".into()));
     }
-    if acc.amount < t.budget {
-        return Err(bad(format!("the escrow holds {}, less than the budget of {}", acc.amount, t.budget)));
+    let empty_allowed = !funded && acc.amount == 0;
+    if acc.amount != t.budget && !empty_allowed {
+        return Err(bad(format!("the escrow holds {}, not the budget of {}", acc.amount, t.budget)));
     }
     let (authority, nonce) = read_nonce(chain, &t.nonce_account)?;
     if authority != t.provider {
@@ -340,9 +362,9 @@ pub struct Payer {
 }
 
 impl Payer {
-    /// After [`open_escrow`]: the renter's view, on the escrow's first nonce.
+    /// After [`create_escrow`]: the renter's view, on the escrow's first nonce.
     pub fn new(chain: &dyn Chain, terms: Terms) -> Result<Payer, PayError> {
-        let nonce = verify_escrow(chain, &terms)?;
+        let nonce = verify_escrow(chain, &terms, false)?;
         Ok(Payer { terms, nonce, paid: 0, refund: None, settled: Vec::new() })
     }
 
@@ -452,18 +474,21 @@ pub struct Payee {
     settled: Vec<Settled>,
     /// Inferences the settled vouchers paid for.
     settled_inferences: u64,
+    /// The chain showed the whole budget in escrow.
+    funded: bool,
     closed: bool,
 }
 
 impl Payee {
-    /// Checks the escrow the renter opened on the chain and starts on its nonce.
+    /// Checks the escrow the renter created on the chain (funded or not yet) and starts on its
+    /// nonce. Nothing is served until [`Payee::check_funded`] sees the deposit.
     pub fn open(
         chain: &dyn Chain,
         renter: proto::PublicKey,
         provider: proto::PublicKey,
         escrow: EscrowTerms,
     ) -> Result<Payee, PayError> {
-        let nonce = verify_escrow(chain, &Terms::from_wire(&renter, &provider, &escrow))?;
+        let nonce = verify_escrow(chain, &Terms::from_wire(&renter, &provider, &escrow), false)?;
         Ok(Payee {
             renter,
             provider,
@@ -476,6 +501,7 @@ impl Payee {
             pending: None,
             settled: Vec::new(),
             settled_inferences: 0,
+            funded: false,
             closed: false,
         })
     }
@@ -521,11 +547,24 @@ impl Payee {
         self.closed
     }
 
+    /// Reads the chain until the escrow holds the budget (once it has, it stays until paid
+    /// out: only both parties together can move it).
+    pub fn check_funded(&mut self, chain: &dyn Chain) -> Result<(), PayError> {
+        if !self.funded {
+            verify_escrow(chain, &self.terms(), true)?;
+            self.funded = true;
+        }
+        Ok(())
+    }
+
     /// Whether one more inference may be served: it must fit the budget at `amount_due`
     /// (cumulative, after it), and no more than `max_unvouched` inferences may go unvouched.
     pub fn may_serve(&self, amount_due: u64, max_unvouched: u64) -> Result<(), String> {
         if self.closed {
             return Err("the session's escrow was refunded and closed".into());
+        }
+        if !self.funded {
+            return Err("the escrow does not hold the budget yet".into());
         }
         if amount_due > self.escrow.budget {
             return Err(format!(
@@ -554,7 +593,11 @@ impl Payee {
     /// Checks a voucher: it must be for a receipt this provider signed, newer than the last
     /// one, for that receipt's amount, within budget, on the current nonce, and signed by the
     /// renter over exactly the transfer it names. On success it is the one to settle.
+    /// The newest voucher again is a no-op (a retried request carries it again).
     pub fn accept(&mut self, v: &Voucher) -> Result<(), PayError> {
+        if self.best.as_ref().is_some_and(|(b, _)| b == v) {
+            return Ok(());
+        }
         let have = self.best.as_ref().map_or(0, |(b, _)| b.sequence);
         if v.sequence <= have {
             return Err(PayError::NotNewer { have, got: v.sequence });

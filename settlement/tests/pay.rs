@@ -47,7 +47,8 @@ impl World {
             open_escrow(&self.chain, &signer(&self.renter), &signer(&self.provider).pubkey(), &self.mint, BUDGET)
                 .unwrap();
         let payer = Payer::new(&self.chain, terms.clone()).unwrap();
-        let payee = Payee::open(&self.chain, self.renter.public(), self.provider.public(), terms.wire()).unwrap();
+        let mut payee = Payee::open(&self.chain, self.renter.public(), self.provider.public(), terms.wire()).unwrap();
+        payee.check_funded(&self.chain).unwrap();
         let mut s =
             Session { session_id: rand_id(), terms, payer, payee, receipts: None, last: None, saved: Vec::new() };
         let refund = s.payee.refund(&self.provider).unwrap();
@@ -175,10 +176,12 @@ fn bad_vouchers_are_each_refused() {
     v_other_here.nonce = v1.nonce;
     assert_eq!(s.payee.accept(&v_other_here), Err(PayError::BadSignature));
 
-    // The real one passes; replaying it does not.
+    // The real one passes; sent again (a retried request) it changes nothing and pays once.
     s.payee.accept(&v1).unwrap();
-    assert_eq!(s.payee.accept(&v1), Err(PayError::NotNewer { have: 1, got: 1 }));
+    s.payee.accept(&v1).unwrap();
     s.settle(&w).unwrap().unwrap();
+    s.payee.accept(&v1).unwrap();
+    assert_eq!(s.settle(&w).unwrap(), None);
 
     // An old voucher on a spent nonce, made newer by its sequence, is refused too.
     let r2 = s.serve(&w);
@@ -186,7 +189,12 @@ fn bad_vouchers_are_each_refused() {
     stale.sequence = r2.sequence;
     stale.cumulative = r2.amount_due;
     assert!(matches!(s.payee.accept(&stale), Err(PayError::StaleNonce { .. })));
-    assert_eq!(w.provider_tokens(), PRICE);
+    // Once a newer voucher is in, an older one is a replay.
+    let v2 = s.payer.voucher(&w.renter, &r2).unwrap();
+    s.payee.accept(&v2).unwrap();
+    assert_eq!(s.payee.accept(&v1), Err(PayError::NotNewer { have: 2, got: 1 }));
+    s.settle(&w).unwrap().unwrap();
+    assert_eq!(w.provider_tokens(), 2 * PRICE);
 }
 
 #[test]
@@ -418,4 +426,23 @@ fn an_escrow_not_as_promised_is_refused() {
     let mut t = s.terms.wire();
     t.nonce_account = t.account;
     assert!(Payee::open(&w.chain, w.renter.public(), w.provider.public(), t).is_err());
+}
+
+#[test]
+fn nothing_is_served_before_the_deposit_and_the_refund_comes_first() {
+    let w = World::new();
+    let terms = settlement::create_escrow(&w.chain, &signer(&w.renter), &signer(&w.provider).pubkey(), &w.mint, BUDGET)
+        .unwrap();
+    let mut payer = Payer::new(&w.chain, terms.clone()).unwrap();
+    let mut payee = Payee::open(&w.chain, w.renter.public(), w.provider.public(), terms.wire()).unwrap();
+    assert!(payee.check_funded(&w.chain).is_err());
+    assert!(payee.may_serve(PRICE, 1).unwrap_err().contains("budget yet"));
+    // The renter takes the refund of the whole budget before it deposits.
+    payer.accept_refund(&payee.refund(&w.provider).unwrap()).unwrap();
+    settlement::fund_escrow(&w.chain, &signer(&w.renter), &terms).unwrap();
+    payee.check_funded(&w.chain).unwrap();
+    payee.may_serve(PRICE, 1).unwrap();
+    // The provider vanishes at once: the renter has it all back.
+    payer.recover(&w.chain, &w.renter).unwrap();
+    assert_eq!(w.renter_tokens(), FUNDS);
 }

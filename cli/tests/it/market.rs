@@ -444,7 +444,7 @@ fn forged_and_misissued_tickets_are_refused_before_any_work() {
             let id = quic::Identity::new(&renter).unwrap();
             let conn = quic::connect(&endpoint, &id, addr, provider).await.unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
-            let open = proto::msg::SessionMsg::Open { ticket: Box::new(ticket), init_input: Vec::new() };
+            let open = proto::msg::SessionMsg::Open { ticket: Box::new(ticket), init_input: Vec::new(), escrow: None };
             quic::write_msg(&mut send, &open, proto::msg::BLOB_CAP).await.unwrap();
             let reply: Option<proto::msg::SessionReply> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
             match reply {
@@ -483,7 +483,7 @@ fn forged_and_misissued_tickets_are_refused_before_any_work() {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         quic::write_msg(
             &mut send,
-            &proto::msg::SessionMsg::Open { ticket: Box::new(grant.ticket), init_input: Vec::new() },
+            &proto::msg::SessionMsg::Open { ticket: Box::new(grant.ticket), init_input: Vec::new(), escrow: None },
             proto::msg::BLOB_CAP,
         )
         .await
@@ -514,8 +514,22 @@ fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
     }
     assert_eq!(v["session"]["inferences"], 8);
     assert_eq!(v["session"]["receipts_checked"], 8);
-    assert_eq!(v["session"]["amount_due"], 8, "8 inferences at alpha's price of 1");
+    assert_eq!(v["session"]["amount_due"], 800, "8 inferences at alpha's price of 100");
     assert_eq!(v["session"]["provider_name"], "alpha", "the cheaper provider serves the session");
+    // Every inference settled on the chain; the balances read back from it agree.
+    let parties = v["settlement"]["parties"].as_array().unwrap();
+    let renter = parties.iter().find(|p| p["role"] == "renter").unwrap();
+    assert_eq!(renter["paid"], 800);
+    assert_eq!(renter["balance"].as_u64().unwrap(), renter["balance_before"].as_u64().unwrap() - 800);
+    assert_eq!(renter["transactions"].as_array().unwrap().len(), 8 + 1, "8 settlements and the refund");
+    let alpha = parties.iter().find(|p| p["name"] == "alpha").unwrap();
+    assert_eq!(
+        (alpha["earned"].as_u64(), alpha["balance"].as_u64(), alpha["inferences"].as_u64()),
+        (Some(800), Some(800), Some(8))
+    );
+    assert_eq!(alpha["transactions"].as_array().unwrap().len(), 8);
+    let beta = parties.iter().find(|p| p["name"] == "beta").unwrap();
+    assert_eq!(beta["earned"], 0);
 }
 
 #[test]
