@@ -2,6 +2,7 @@
 
 mod demo;
 mod market;
+mod money;
 mod units;
 
 use std::io::{BufRead, IsTerminal, Read, Write};
@@ -67,6 +68,13 @@ enum Command {
     /// Run a scheduler and two providers on loopback, submit the sample jobs and run an
     /// inference session, and show who ran what.
     Demo(demo::DemoArgs),
+    /// Run a local chain (LiteSVM, with a new payment mint) behind JSON-RPC, for hosts and
+    /// renters in separate processes to settle on; prints its URL and mint.
+    Chain(money::ChainCmdArgs),
+    /// A provider's earnings per device and per session: settled and pending.
+    Earnings(money::LedgerArgs),
+    /// A renter's spend per session: paid, pending and refunded.
+    Spend(money::LedgerArgs),
 }
 
 #[derive(Args, Debug)]
@@ -184,6 +192,9 @@ fn main() -> ExitCode {
         Command::Job(args) => market::job(&args),
         Command::Session(args) => market::session(&args),
         Command::Demo(args) => demo::demo(&args),
+        Command::Chain(args) => money::chain(&args),
+        Command::Earnings(args) => money::earnings(&args),
+        Command::Spend(args) => money::spend(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

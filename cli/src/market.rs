@@ -34,14 +34,14 @@ fn key_or_create(path: &Path) -> anyhow::Result<Keypair> {
     Ok(key)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Exit { code: exit::HOST, error: anyhow!("starting the async runtime: {e}") })
 }
 
-fn init_logging() {
+pub(crate) fn init_logging() {
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).try_init();
 }
 
@@ -171,6 +171,8 @@ pub(crate) struct HostDaemonArgs {
     /// The session address to give renters, when it is not the one seen from the scheduler.
     #[arg(long, value_name = "ADDR")]
     advertise: Option<String>,
+    #[command(flatten)]
+    pay: crate::money::HostPayArgs,
 }
 
 pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
@@ -195,7 +197,7 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
         vram_bytes: args.vram,
         session_listen: (!args.no_sessions).then_some(args.sessions),
         advertise: args.advertise.clone(),
-        payment: None,
+        payment: args.pay.payment()?,
     };
     println!("provider {} serving {} for {}", config.keypair.public(), host.gpu().name, args.scheduler);
     let _ = std::io::stdout().flush();
@@ -450,6 +452,8 @@ pub(crate) struct SessionArgs {
     /// One JSON object per request and a summary, instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pay: crate::money::SessionPayArgs,
 }
 
 pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
@@ -482,9 +486,10 @@ pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
     requirements.max_price_per_inference = args.max_price_per_inference;
     let scheduler = client::Scheduler::new(&args.scheduler);
     let json = args.json;
+    let payment = args.pay.payment()?;
     runtime()?.block_on(async {
         let started = Instant::now();
-        let session = client::Session::open(&scheduler, keypair, module, init, requirements)
+        let session = client::Session::open_paid(&scheduler, keypair, module, init, requirements, payment)
             .await
             .map_err(|e| Exit { code: exit::HOST, error: e.into() })?;
         let first = session.provider().await.map(|p| p.to_string()).unwrap_or_default();
@@ -534,14 +539,25 @@ pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
             }
         }
         let provider = session.provider().await.map(|p| p.to_string()).unwrap_or_default();
+        let price = session.price_per_inference().await;
+        let amount_due = session.last_receipt().await.map(|r| r.amount_due);
+        // Settle the last voucher and take back the rest of the escrow.
+        let books = session.close().await.map_err(|e| Exit { code: exit::HOST, error: e.into() })?;
+        let spent = crate::money::spend_summary(&books);
         if json {
             println!(
                 "{}",
                 json!({ "summary": true, "inferences": served, "provider": provider, "failovers": session.failovers(),
-                        "fuel": fuel, "gpu_time_ns": gpu_ns, "price_per_inference": session.price_per_inference().await,
-                        "amount_due": session.last_receipt().await.map(|r| r.amount_due) })
+                        "fuel": fuel, "gpu_time_ns": gpu_ns, "price_per_inference": price,
+                        "amount_due": amount_due, "payment": (!books.is_empty()).then_some(spent) })
             );
         } else {
+            if !books.is_empty() {
+                let paid: u64 = books.iter().map(|b| b.paid).sum();
+                let refunded: u64 = books.iter().map(|b| b.refunded).sum();
+                let settlements: usize = books.iter().map(|b| b.settlements.len()).sum();
+                eprintln!("paid {paid} in {settlements} settlement(s); {refunded} refunded from escrow");
+            }
             eprintln!(
                 "{served} inferences on {provider} ({} failovers), fuel {fuel}, GPU time {:.3} ms",
                 session.failovers(),

@@ -64,28 +64,7 @@ impl LinkPay {
         })
         .await?
         .map_err(|e| format!("opening the escrow: {e}"))?;
-        let now = ledger::now_ms();
-        let book = Book {
-            session: settlement::pay::hex(&grant.ticket.session_id),
-            role: Role::Renter,
-            renter: renter.public(),
-            provider: grant.provider,
-            device: String::new(),
-            mint: payment.mint,
-            price_per_inference: grant.price_per_inference,
-            budget: payment.budget,
-            inferences: 0,
-            amount_due: 0,
-            vouched: 0,
-            paid: 0,
-            settlements: Vec::new(),
-            refund: None,
-            refunded: 0,
-            closed: false,
-            opened_ms: now,
-            updated_ms: now,
-            payee: None,
-        };
+        let book = Book::open(Role::Renter, &grant.ticket, &payer.terms().wire());
         let pay = LinkPay { payment: payment.clone(), renter, payer, next: None, book };
         pay.save();
         Ok(pay)

@@ -645,6 +645,9 @@ impl Served {
     }
 
     fn infer(&mut self, bytes: Vec<u8>, voucher: Option<&proto::voucher::Voucher>, keypair: &Keypair) -> SessionReply {
+        if let Some(Err(message)) = self.pay.as_mut().map(|p| p.funded()) {
+            return SessionReply::Failed { kind: "payment".into(), limit: None, message };
+        }
         let settled = match self.pay.as_mut().map(|p| p.before_serve(keypair, voucher)) {
             None | Some(Ok(None)) => None,
             Some(Ok(Some(s))) => Some(Box::new(s)),

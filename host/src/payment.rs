@@ -113,31 +113,20 @@ impl SessionPay {
         let payee = Payee::open(config.chain.as_ref(), ticket.renter, keypair.public(), escrow.clone())
             .map_err(|e| e.to_string())?;
         let refund = payee.refund(keypair).map_err(|e| e.to_string())?;
-        let now = ledger::now_ms();
-        let book = Book {
-            session: settlement::pay::hex(&ticket.session_id),
-            role: Role::Provider,
-            renter: ticket.renter,
-            provider: keypair.public(),
-            device: device.to_string(),
-            mint: escrow.mint,
-            price_per_inference: ticket.price_per_inference,
-            budget: escrow.budget,
-            inferences: 0,
-            amount_due: 0,
-            vouched: 0,
-            paid: 0,
-            settlements: Vec::new(),
-            refund: None,
-            refunded: 0,
-            closed: false,
-            opened_ms: now,
-            updated_ms: now,
-            payee: Some(payee.clone()),
-        };
+        let mut book = Book::open(Role::Provider, ticket, &escrow);
+        book.device = device.to_string();
+        book.payee = Some(payee.clone());
         let s = SessionPay { config: config.clone(), payee, book, oldest_unsettled: None };
         s.save(false);
         Ok((s, refund))
+    }
+
+    /// Whether the escrow holds the budget yet (the renter deposits once it holds the refund).
+    /// Not fatal: the renter may still deposit.
+    pub(crate) fn funded(&mut self) -> Result<(), String> {
+        self.payee
+            .check_funded(self.config.chain.as_ref())
+            .map_err(|e| format!("the escrow was never funded, nothing is served until it is: {e}"))
     }
 
     /// Before serving a request: takes its voucher, settles if the policy says so, and checks
@@ -153,7 +142,6 @@ impl SessionPay {
         let (n, amount) = self.payee.unsettled();
         let age = self.oldest_unsettled.map(|t| t.elapsed()).unwrap_or_default();
         let settled = if self.config.policy.due(n, amount, age) { self.settle(keypair)? } else { None };
-        self.payee.check_funded(self.config.chain.as_ref()).map_err(|e| format!("the escrow was never funded: {e}"))?;
         let next_due = (self.book.inferences + 1).saturating_mul(self.book.price_per_inference);
         self.payee.may_serve(next_due, self.config.max_unvouched.max(1))?;
         Ok(settled)

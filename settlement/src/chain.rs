@@ -11,7 +11,7 @@ use solana_sdk::account::Account;
 use solana_sdk::hash::Hash;
 use solana_sdk::pubkey::Pubkey;
 use solana_sdk::signature::Signature;
-use solana_sdk::transaction::Transaction;
+use solana_sdk::transaction::{Transaction, TransactionError, VersionedTransaction};
 
 /// What went wrong on the chain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,9 +63,15 @@ const KEPT_STATUSES: usize = 1 << 20;
 
 struct Local {
     svm: LiteSVM,
-    statuses: HashMap<Signature, Status>,
+    statuses: HashMap<Signature, Result<(), TransactionError>>,
     order: VecDeque<Signature>,
+    /// Blockhashes of the last blocks, newest last: a transaction signed against any of them
+    /// is accepted, as a cluster accepts one for about 150 blocks.
+    recent: VecDeque<Hash>,
 }
+
+/// Blocks a blockhash stays usable for.
+const RECENT_BLOCKS: usize = 150;
 
 /// The in-process chain: LiteSVM, the real SVM with the real System, SPL Token, Associated
 /// Token Account and Memo programs. Each landed transaction starts a new block, so durable
@@ -88,27 +94,42 @@ impl Default for LocalChain {
 
 impl LocalChain {
     pub fn new() -> LocalChain {
-        LocalChain {
-            inner: Mutex::new(Local { svm: LiteSVM::new(), statuses: HashMap::new(), order: VecDeque::new() }),
-        }
+        let svm = LiteSVM::new();
+        let recent = VecDeque::from([svm.latest_blockhash()]);
+        LocalChain { inner: Mutex::new(Local { svm, statuses: HashMap::new(), order: VecDeque::new(), recent }) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Local> {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Runs `tx`, returning the chain's own metadata (fee, compute units) on success.
-    pub fn execute(&self, tx: &Transaction) -> Result<(Signature, u64, u64), ChainError> {
+    /// Runs `tx` in a new block, returning the chain's own metadata (fee, compute units) on
+    /// success. A transaction already run is refused, whatever its blockhash.
+    pub fn execute(&self, tx: impl Into<VersionedTransaction>) -> Result<(Signature, u64, u64), ChainError> {
+        let tx: VersionedTransaction = tx.into();
         let signature = tx.signatures.first().copied().unwrap_or_default();
         let mut l = self.lock();
-        let result = l.svm.send_transaction(tx.clone());
+        if l.statuses.contains_key(&signature) {
+            return Err(ChainError::Failed(format!("{:?}", TransactionError::AlreadyProcessed)));
+        }
+        let latest = l.svm.latest_blockhash();
+        let blockhash = *tx.message.recent_blockhash();
+        // LiteSVM takes only its latest blockhash (or a durable nonce); one of the last blocks'
+        // is as good on a cluster, so run the transaction as of that block.
+        let older = blockhash != latest && l.recent.contains(&blockhash);
+        if older {
+            l.svm.set_latest_blockhash(blockhash);
+        }
+        let result = l.svm.send_transaction(tx);
+        if older {
+            l.svm.set_latest_blockhash(latest);
+        }
         let status = match &result {
-            Ok(_) => Status::Succeeded,
-            Err(e) => Status::Failed(format!("{:?}", e.err)),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.err.clone()),
         };
         // A duplicate is refused without running; it must not overwrite what the first did.
-        let duplicate =
-            matches!(&result, Err(e) if e.err == solana_sdk::transaction::TransactionError::AlreadyProcessed);
+        let duplicate = matches!(&result, Err(e) if e.err == TransactionError::AlreadyProcessed);
         if !duplicate {
             if l.statuses.insert(signature, status).is_none() {
                 l.order.push_back(signature);
@@ -121,11 +142,53 @@ impl LocalChain {
         }
         match result {
             Ok(meta) => {
-                l.svm.expire_blockhash();
+                l.next_block();
                 Ok((signature, meta.fee, meta.compute_units_consumed))
             }
             Err(e) => Err(ChainError::Failed(format!("{:?} {}", e.err, e.meta.logs.join(" | ")))),
         }
+    }
+}
+
+impl Local {
+    /// Starts a new block (so a durable nonce can advance again).
+    fn next_block(&mut self) {
+        self.svm.expire_blockhash();
+        let latest = self.svm.latest_blockhash();
+        self.recent.push_back(latest);
+        while self.recent.len() > RECENT_BLOCKS {
+            self.recent.pop_front();
+        }
+    }
+}
+
+impl LocalChain {
+    /// Whether `hash` is one of the last blocks' blockhashes.
+    pub fn is_recent(&self, hash: &Hash) -> bool {
+        self.lock().recent.contains(hash)
+    }
+
+    /// How the transaction with this signature ended, if it ran.
+    pub fn outcome(&self, signature: &Signature) -> Option<Result<(), TransactionError>> {
+        self.lock().statuses.get(signature).cloned()
+    }
+
+    /// Gives `to` lamports, returning the airdrop transaction's signature.
+    pub fn airdrop_signed(&self, to: &Pubkey, lamports: u64) -> Result<Signature, ChainError> {
+        let mut l = self.lock();
+        let r =
+            l.svm.airdrop(to, lamports).map(|m| m.signature).map_err(|e| ChainError::Failed(format!("{:?}", e.err)));
+        if let Ok(sig) = &r {
+            l.statuses.insert(*sig, Ok(()));
+            l.order.push_back(*sig);
+        }
+        l.next_block();
+        r
+    }
+
+    /// Transactions run so far: the local chain's slot.
+    pub fn slot(&self) -> u64 {
+        self.lock().order.len() as u64
     }
 }
 
@@ -135,11 +198,15 @@ impl Chain for LocalChain {
     }
 
     fn send(&self, tx: &Transaction) -> Result<Signature, ChainError> {
-        self.execute(tx).map(|(s, _, _)| s)
+        self.execute(tx.clone()).map(|(s, _, _)| s)
     }
 
     fn status(&self, signature: &Signature) -> Result<Status, ChainError> {
-        Ok(self.lock().statuses.get(signature).cloned().unwrap_or(Status::Unknown))
+        Ok(match self.outcome(signature) {
+            None => Status::Unknown,
+            Some(Ok(())) => Status::Succeeded,
+            Some(Err(e)) => Status::Failed(format!("{e:?}")),
+        })
     }
 
     fn account(&self, key: &Pubkey) -> Result<Option<Account>, ChainError> {
@@ -151,9 +218,6 @@ impl Chain for LocalChain {
     }
 
     fn airdrop(&self, to: &Pubkey, lamports: u64) -> Result<(), ChainError> {
-        let mut l = self.lock();
-        let r = l.svm.airdrop(to, lamports).map(drop).map_err(|e| ChainError::Failed(format!("{:?}", e.err)));
-        l.svm.expire_blockhash();
-        r
+        self.airdrop_signed(to, lamports).map(drop)
     }
 }

@@ -51,6 +51,32 @@ pub struct Book {
 }
 
 impl Book {
+    /// A new session's book, nothing served yet.
+    pub fn open(role: Role, ticket: &proto::ticket::Ticket, escrow: &proto::voucher::EscrowTerms) -> Book {
+        let now = now_ms();
+        Book {
+            session: crate::pay::hex(&ticket.session_id),
+            role,
+            renter: ticket.renter,
+            provider: ticket.provider,
+            device: String::new(),
+            mint: escrow.mint,
+            price_per_inference: ticket.price_per_inference,
+            budget: escrow.budget,
+            inferences: 0,
+            amount_due: 0,
+            vouched: 0,
+            paid: 0,
+            settlements: Vec::new(),
+            refund: None,
+            refunded: 0,
+            closed: false,
+            opened_ms: now,
+            updated_ms: now,
+            payee: None,
+        }
+    }
+
     /// The file name: session and counterparty (a renter's session may move to another
     /// provider, each with its own escrow).
     fn file_name(&self) -> String {

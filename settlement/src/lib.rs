@@ -4,7 +4,14 @@ pub mod chain;
 pub mod ledger;
 pub mod pay;
 pub mod policy;
+pub mod rpc;
 pub mod token;
+
+/// The Solana types callers need alongside this crate's.
+pub mod solana {
+    pub use solana_sdk::pubkey::Pubkey;
+    pub use solana_sdk::signature::{Keypair, Signature, Signer};
+}
 
 pub use chain::{Chain, ChainError, LocalChain, Status};
 pub use pay::{

@@ -593,3 +593,187 @@ fn a_job_moved_off_a_frozen_host_is_cancelled_there_when_it_wakes() {
     assert_eq!(view["provider"], key_b.as_str());
     assert!(view["attempts"][0]["error"].as_str().unwrap().contains("missed its heartbeats"), "{view}");
 }
+
+/// A local chain behind JSON-RPC (`wasmgrid chain`) funding the given keys; its URL and mint.
+fn local_chain(m: &Market, fund: &[&str]) -> (Proc, String, String) {
+    let mut args = vec!["chain", "--listen", "127.0.0.1:0"];
+    for k in fund {
+        args.extend_from_slice(&["--fund", k]);
+    }
+    let p = m.spawn(&args, "chain.log");
+    let v: Value = serde_json::from_str(&p.first_line).unwrap();
+    let (url, mint) = (v["rpc_url"].as_str().unwrap().to_string(), v["mint"].as_str().unwrap().to_string());
+    (p, url, mint)
+}
+
+/// A new keypair file; its public key.
+fn keygen(m: &Market, name: &str) -> String {
+    let out = m.cmd(&["keygen", "--out", m.path(name).to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn a_paid_session_across_processes_settles_each_inference_and_shows_in_earnings_and_spend() {
+    let m = Market::new();
+    let (renter, provider) = (keygen(&m, "renter.json"), keygen(&m, "p.json"));
+    let (_chain, url, mint) = local_chain(&m, &[&renter, &provider]);
+    let (_sched, s) = m.scheduler(&[]);
+    let (pledger, rledger) = (m.path("earnings"), m.path("spend"));
+    let pay = ["--rpc-url", url.as_str(), "--mint", mint.as_str()];
+    let mut host_args = vec!["--sessions", "127.0.0.1:0", "--price-per-inference", "7", "--ledger"];
+    host_args.push(pledger.to_str().unwrap());
+    host_args.extend_from_slice(&pay);
+    let (_host, key) = m.host(&s, "p", &host_args);
+    assert_eq!(key, provider);
+    online(&s, 1);
+    let sched_url = format!("http://{}", s.http);
+    let mut args = vec!["session", sample_artifacts::MLP, "--scheduler", &sched_url, "--json", "--budget", "1000"];
+    let renter_key = m.path("renter.json");
+    args.extend_from_slice(&["--key", renter_key.to_str().unwrap(), "--ledger", rledger.to_str().unwrap()]);
+    args.extend_from_slice(&pay);
+    let files: Vec<String> = (0..5)
+        .map(|i| {
+            let p = m.path(&format!("req{i}.txt"));
+            std::fs::write(&p, mlp_request(i)).unwrap();
+            p.to_str().unwrap().to_string()
+        })
+        .collect();
+    args.extend(files.iter().map(String::as_str));
+    let out = m.cmd(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["inferences"], 5);
+    assert_eq!(summary["payment"]["paid"], 35, "{summary}");
+    assert_eq!(summary["payment"]["refunded"], 965);
+    assert_eq!(summary["payment"]["settlements"].as_array().unwrap().len(), 5);
+
+    let earnings = m.cmd(&["earnings", "--json", "--ledger", pledger.to_str().unwrap()]).output().unwrap();
+    let e: Value = serde_json::from_slice(&earnings.stdout).unwrap();
+    assert_eq!((e["settled"].as_u64(), e["pending"].as_u64()), (Some(35), Some(0)), "{e}");
+    assert_eq!(e["devices"][0]["inferences"], 5);
+    assert_eq!(e["sessions"][0]["settlements"].as_array().unwrap().len(), 5);
+    let spend = m.cmd(&["spend", "--json", "--ledger", rledger.to_str().unwrap()]).output().unwrap();
+    let sp: Value = serde_json::from_slice(&spend.stdout).unwrap();
+    assert_eq!((sp["paid"].as_u64(), sp["in_escrow"].as_u64()), (Some(35), Some(0)), "{sp}");
+    assert_eq!(sp["sessions"][0]["refunded"], 965);
+    assert_eq!(
+        sp["sessions"][0]["settlements"], e["sessions"][0]["settlements"],
+        "both sides name the same transactions"
+    );
+    // And as tables for people.
+    let table = m.cmd(&["earnings", "--ledger", pledger.to_str().unwrap()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains("settled"));
+
+    // Bad payment flags are refused before anything happens.
+    let out = m.cmd(&["session", sample_artifacts::MLP, "--rpc-url", &url, "--budget", "5"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mint"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = m.cmd(&["session", sample_artifacts::MLP, "--rpc-url", &url, "--mint", &mint]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--budget"));
+}
+
+#[test]
+fn a_paid_provider_refuses_unpaid_sessions_and_stops_a_renter_that_stops_paying() {
+    use proto::msg::{SessionMsg, SessionReply};
+    let m = Market::new();
+    let renter = proto::Keypair::generate();
+    let provider = keygen(&m, "p.json");
+    let (_chain, url, mint) = local_chain(&m, &[&renter.public().to_string(), &provider]);
+    let (_sched, s) = m.scheduler(&[]);
+    let (_host, _) = m.host(&s, "p", &["--sessions", "127.0.0.1:0", "--rpc-url", &url, "--mint", &mint]);
+    online(&s, 1);
+    let module = std::fs::read(sample_artifacts::MLP).unwrap();
+    let scheduler = client::Scheduler::new(&format!("http://{}", s.http));
+    let rt = runtime();
+    // A renter without an escrow is refused, with the reason.
+    let unpaid = rt.block_on(client::Session::open(
+        &scheduler,
+        proto::Keypair::from_seed(renter.seed()),
+        module.clone(),
+        Vec::new(),
+        Default::default(),
+    ));
+    let err = unpaid.expect_err("refused").to_string();
+    assert!(err.contains("takes payment"), "{err}");
+
+    // A renter that opens an escrow, is served once, then sends no voucher: the provider
+    // serves no second inference (its exposure is one) and says why.
+    let grant = rt
+        .block_on(async {
+            let uploaded = scheduler.upload(module.clone()).await.unwrap();
+            scheduler
+                .open_session(&proto::api::OpenSession {
+                    module: uploaded.module,
+                    renter: renter.public(),
+                    requirements: Default::default(),
+                    exclude: Vec::new(),
+                })
+                .await
+        })
+        .unwrap();
+    let chain = settlement::rpc::RpcChain::new(&url);
+    let terms = settlement::create_escrow(
+        &chain,
+        &settlement::signer(&renter),
+        &settlement::address(&grant.provider),
+        &mint.parse().unwrap(),
+        500,
+    )
+    .unwrap();
+    let mut payer = settlement::Payer::new(&chain, terms.clone()).unwrap();
+    let addr: std::net::SocketAddr = grant.addr.parse().unwrap();
+    let (refund, conn, _endpoint) = rt.block_on(async {
+        let endpoint = quic::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let id = quic::Identity::new(&renter).unwrap();
+        let conn = quic::connect(&endpoint, &id, addr, grant.provider).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let open =
+            SessionMsg::Open { ticket: Box::new(grant.ticket), init_input: Vec::new(), escrow: Some(terms.wire()) };
+        quic::write_msg(&mut send, &open, proto::msg::BLOB_CAP).await.unwrap();
+        loop {
+            match quic::read_msg::<SessionReply>(&mut recv, 1 << 20).await.unwrap() {
+                Some(SessionReply::NeedModule) => {
+                    let bytes = module.clone();
+                    quic::write_msg(&mut send, &SessionMsg::Module { bytes }, proto::msg::BLOB_CAP).await.unwrap();
+                }
+                Some(SessionReply::Opened { refund, .. }) => break (refund.unwrap(), conn, endpoint),
+                other => panic!("expected the session to open, got {other:?}"),
+            }
+        }
+    });
+    payer.accept_refund(&refund).unwrap();
+    let ask = |voucher: Option<proto::voucher::Voucher>| {
+        rt.block_on(async {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let msg = SessionMsg::Request { bytes: mlp_request(1), voucher: voucher.map(Box::new) };
+            quic::write_msg(&mut send, &msg, proto::msg::BLOB_CAP).await.unwrap();
+            let _ = send.finish();
+            quic::read_msg::<SessionReply>(&mut recv, 1 << 20).await.unwrap().unwrap()
+        })
+    };
+    let payment_failure = |reply: SessionReply| match reply {
+        SessionReply::Failed { kind, message, .. } if kind == "payment" => message,
+        other => panic!("expected a payment failure, got {other:?}"),
+    };
+    // Not funded yet: nothing is served, and the renter may still deposit.
+    assert!(payment_failure(ask(None)).contains("never funded"));
+    settlement::fund_escrow(&chain, &settlement::signer(&renter), &terms).unwrap();
+    let first = match ask(None) {
+        SessionReply::Response { receipt, .. } => receipt,
+        other => panic!("expected an answer, got {other:?}"),
+    };
+    assert_eq!(first.amount_due, 1);
+    // No voucher for it: no second inference, and a clear reason; later vouchers do not
+    // restart it.
+    let why = payment_failure(ask(None));
+    assert!(why.contains("stopped paying"), "{why}");
+    let late = payer.voucher(&renter, &first).unwrap();
+    assert!(payment_failure(ask(Some(late))).contains("stopped paying"));
+    drop(conn);
+    // What the renter signed for is all the provider can take; the renter recovers the rest.
+    payer.recover(&chain, &renter).unwrap();
+    let mine = settlement::token::token_account(&settlement::address(&renter.public()), &mint.parse().unwrap());
+    assert_eq!(settlement::token::token_balance(&chain, &mine).unwrap(), 100_000_000);
+}

@@ -1,0 +1,81 @@
+//! The JSON-RPC path end to end: the real Solana RPC client over HTTP to the JSON-RPC front,
+//! the real SVM and SPL programs behind it, driving a whole paid session.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::sync::Arc;
+
+use proto::receipt::{Counts, Signer as ReceiptSigner};
+use settlement::rpc::{RpcChain, serve};
+use settlement::token::{self, ensure_token_account, mint_to, token_balance};
+use settlement::{Chain, LocalChain, Payee, Payer, open_escrow, signer};
+use solana_sdk::signature::{Keypair, Signer};
+
+#[test]
+fn a_paid_session_settles_and_refunds_over_json_rpc() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let local = Arc::new(LocalChain::new());
+    let addr = rt.block_on(serve(local.clone(), "127.0.0.1:0".parse().unwrap())).unwrap();
+    // This thread has no runtime: the client runs its calls on its own.
+    let chain = RpcChain::new(&format!("http://{addr}"));
+
+    let (issuer, renter, provider) = (Keypair::new(), proto::Keypair::generate(), proto::Keypair::generate());
+    for k in [issuer.pubkey(), signer(&renter).pubkey(), signer(&provider).pubkey()] {
+        chain.airdrop(&k, 5_000_000_000).unwrap();
+    }
+    let mint = token::create_mint(&chain, &issuer, &issuer.pubkey(), 6).unwrap();
+    let r = ensure_token_account(&chain, &signer(&renter), &signer(&renter).pubkey(), &mint).unwrap();
+    let p = ensure_token_account(&chain, &signer(&provider), &signer(&provider).pubkey(), &mint).unwrap();
+    mint_to(&chain, &issuer, &mint, &r, 1_000).unwrap();
+
+    let terms = open_escrow(&chain, &signer(&renter), &signer(&provider).pubkey(), &mint, 500).unwrap();
+    let mut payer = Payer::new(&chain, terms.clone()).unwrap();
+    let mut payee = Payee::open(&chain, renter.public(), provider.public(), terms.wire()).unwrap();
+    payee.check_funded(&chain).unwrap();
+    payer.accept_refund(&payee.refund(&provider).unwrap()).unwrap();
+    let mut receipts = ReceiptSigner::new([7; 16], renter.public(), 30);
+    for _ in 0..4 {
+        let receipt = receipts.next(&provider, &Counts { inferences: 1, ..Counts::default() }, b"q", b"a");
+        payee.served(&receipt);
+        payee.accept(&payer.voucher(&renter, &receipt).unwrap()).unwrap();
+        let settled = payee.settle(&chain, &provider, &mut |_| Ok(())).unwrap().unwrap();
+        payer.settled(&chain, &settled).unwrap();
+        // The settlement is on the chain, under the signature the provider reported.
+        let sig = solana_sdk::signature::Signature::from(settled.transaction.0);
+        assert_eq!(chain.status(&sig).unwrap(), settlement::Status::Succeeded);
+    }
+    // A replayed settlement is refused by the chain and pays nothing.
+    assert_eq!(payee.settle(&chain, &provider, &mut |_| Ok(())).unwrap(), None);
+    payer.recover(&chain, &renter).unwrap();
+    assert_eq!(token_balance(&chain, &p).unwrap(), 120);
+    assert_eq!(token_balance(&chain, &r).unwrap(), 880);
+    // The in-process chain behind the front agrees with what the client read.
+    assert_eq!(token_balance(local.as_ref(), &p).unwrap(), 120);
+}
+
+#[test]
+fn the_front_answers_bad_requests_with_errors() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let local = Arc::new(LocalChain::new());
+    let addr = rt.block_on(serve(local, "127.0.0.1:0".parse().unwrap())).unwrap();
+    let post = |body: &str| -> serde_json::Value {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST / HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    };
+    assert_eq!(post("{not json")["error"]["code"], -32700);
+    assert_eq!(post(r#"{"jsonrpc":"2.0","id":1,"method":"nope"}"#)["error"]["code"], -32601);
+    assert_eq!(post(r#"{"jsonrpc":"2.0","id":1,"method":"getAccountInfo","params":["zz"]}"#)["error"]["code"], -32602);
+    let junk = r#"{"jsonrpc":"2.0","id":1,"method":"sendTransaction","params":["AAAA",{"encoding":"base64"}]}"#;
+    assert_eq!(post(junk)["error"]["code"], -32602);
+    let unknown = r#"{"jsonrpc":"2.0","id":2,"method":"getSignatureStatuses","params":[["1111111111111111111111111111111111111111111111111111111111111111"]]}"#;
+    assert_eq!(post(unknown)["result"]["value"][0], serde_json::Value::Null);
+}
