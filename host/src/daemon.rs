@@ -180,10 +180,28 @@ pub async fn run(
             }
         }
     });
+    // Heartbeats keep their pace however often session reports go out between them.
+    let mut next_beat = tokio::time::Instant::now() + heartbeat;
     let result = loop {
-        tokio::time::sleep(heartbeat).await;
-        let beat = HostMsg::Heartbeat { running: running.count.load(Ordering::SeqCst) };
-        if let Err(e) = quic::write_msg(&mut send, &beat, CONTROL_CAP).await {
+        let beat = tokio::select! {
+            () = tokio::time::sleep_until(next_beat) => true,
+            () = running.report_ready.notified() => false,
+        };
+        if beat {
+            next_beat = tokio::time::Instant::now() + heartbeat;
+        }
+        let mut out = running.take_reports();
+        if beat {
+            out.push(HostMsg::Heartbeat { running: running.count.load(Ordering::SeqCst) });
+        }
+        let mut sent = Ok(());
+        for msg in &out {
+            sent = quic::write_msg(&mut send, msg, CONTROL_CAP).await;
+            if sent.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = sent {
             break Err(DaemonError::Lost(e.to_string()));
         }
         if let Some(reason) = conn.close_reason() {
@@ -201,6 +219,21 @@ pub async fn run(
 pub struct Running {
     count: AtomicU32,
     cancels: std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Session reports waiting for the control stream, newest per session.
+    reports: std::sync::Mutex<HashMap<[u8; 16], HostMsg>>,
+    report_ready: tokio::sync::Notify,
+}
+
+impl Running {
+    /// Queues a session report for the scheduler (a newer one replaces an unsent older one).
+    fn report(&self, session_id: [u8; 16], msg: HostMsg) {
+        self.reports.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(session_id, msg);
+        self.report_ready.notify_one();
+    }
+
+    fn take_reports(&self) -> Vec<HostMsg> {
+        self.reports.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain().map(|(_, m)| m).collect()
+    }
 }
 
 /// The local address this machine uses to reach `peer` (no packet is sent: connecting a UDP
@@ -237,8 +270,9 @@ pub async fn run_forever(host: Host, config: DaemonConfig) {
         }
         None => true,
     };
+    let running = Arc::new(Running::default());
     let sessions = match config.session_listen.filter(|_| paid_ready) {
-        Some(addr) => match start_sessions(&host, &config, addr) {
+        Some(addr) => match start_sessions(&host, &config, addr, running.clone()) {
             Ok(a) => Some(a),
             Err(e) => {
                 log::error!("not serving inference sessions: {e}");
@@ -247,7 +281,6 @@ pub async fn run_forever(host: Host, config: DaemonConfig) {
         },
         None => None,
     };
-    let running = Arc::new(Running::default());
     let mut pause = Duration::from_millis(200);
     loop {
         match run(&host, &config, score, sessions, &running).await {
@@ -425,7 +458,12 @@ fn now_ms() -> u64 {
 }
 
 /// Opens the session endpoint and serves it in the background; returns where it listens.
-fn start_sessions(host: &Host, config: &DaemonConfig, addr: SocketAddr) -> Result<SocketAddr, DaemonError> {
+fn start_sessions(
+    host: &Host,
+    config: &DaemonConfig,
+    addr: SocketAddr,
+    running: Arc<Running>,
+) -> Result<SocketAddr, DaemonError> {
     let identity = Identity::new(&config.keypair)?;
     // Any renter key may connect; what it may do is decided by the ticket it shows.
     let endpoint = quic::server(&identity, addr, quic::Peers::Any)?;
@@ -435,10 +473,10 @@ fn start_sessions(host: &Host, config: &DaemonConfig, addr: SocketAddr) -> Resul
     let payment = config.payment.clone().map(Arc::new);
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
-            let (host, keypair, payment) = (host.clone(), keypair.clone(), payment.clone());
+            let (host, keypair, payment, running) = (host.clone(), keypair.clone(), payment.clone(), running.clone());
             tokio::spawn(async move {
                 let served = match incoming.await {
-                    Ok(conn) => serve_session(conn, host, scheduler, keypair, payment).await,
+                    Ok(conn) => serve_session(conn, host, scheduler, keypair, payment, running).await,
                     Err(e) => Err(quic::QuicError::Stream(e.to_string())),
                 };
                 if let Err(e) = served {
@@ -481,6 +519,7 @@ async fn serve_session(
     scheduler: PublicKey,
     keypair: Arc<Keypair>,
     payment: Option<Arc<crate::payment::PaymentConfig>>,
+    running: Arc<Running>,
 ) -> Result<(), quic::QuicError> {
     let me = keypair.public();
     let refuse = |conn: &Connection| conn.close(1u32.into(), b"refused");
@@ -570,7 +609,15 @@ async fn serve_session(
     // The instance serves one call at a time, and the receipt of each call is signed in that
     // same order, so the renter can check the chain.
     let signer = proto::receipt::Signer::new(ticket.session_id, peer, ticket.price_per_inference);
-    let state = Arc::new(std::sync::Mutex::new(Served { service, signer, pay, over: None }));
+    let state = Arc::new(std::sync::Mutex::new(Served {
+        service,
+        signer,
+        pay,
+        over: None,
+        session_id: ticket.session_id,
+        last: None,
+        running,
+    }));
     // Requests may arrive on many streams at once; the instance serves them one at a time.
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let (state, keypair) = (state.clone(), keypair.clone());
@@ -600,6 +647,7 @@ async fn serve_session(
         if let Some(p) = guard.pay.as_mut() {
             p.ended(&keypair);
         }
+        guard.report(true);
     })
     .await;
     log::info!("session {id} ended");
@@ -613,9 +661,27 @@ struct Served {
     pay: Option<crate::payment::SessionPay>,
     /// Why the session stopped, once it has.
     over: Option<String>,
+    session_id: [u8; 16],
+    /// The newest receipt signed.
+    last: Option<Box<proto::receipt::Receipt>>,
+    /// Where reports to the scheduler queue.
+    running: Arc<Running>,
 }
 
 impl Served {
+    /// Tells the scheduler where the session stands (usage, payments).
+    fn report(&self, closed: bool) {
+        let (paid, settlements) = self.pay.as_ref().map(|p| p.paid_and_settlements()).unwrap_or_default();
+        let msg = HostMsg::SessionReport(Box::new(proto::msg::SessionReport {
+            session_id: self.session_id,
+            receipt: self.last.as_deref().cloned(),
+            paid,
+            settlements,
+            closed,
+        }));
+        self.running.report(self.session_id, msg);
+    }
+
     fn payment_failed(&mut self, message: String) -> SessionReply {
         log::info!("session stopped: {message}");
         self.over = Some(message.clone());
@@ -632,6 +698,7 @@ impl Served {
                 None => SessionReply::Closed { settled: None, refund: None },
                 Some(Ok((settled, refund))) => {
                     self.over = Some("the renter closed the session".into());
+                    self.report(true);
                     SessionReply::Closed { settled: settled.map(Box::new), refund: Some(Box::new(refund)) }
                 }
                 Some(Err(e)) => self.payment_failed(e),
@@ -667,6 +734,10 @@ impl Served {
                 let receipt = Box::new(self.signer.next(keypair, &call, &bytes, &inf.response));
                 if let Some(p) = self.pay.as_mut() {
                     p.served(&receipt);
+                }
+                self.last = Some(receipt.clone());
+                if settled.is_some() {
+                    self.report(false);
                 }
                 SessionReply::Response { bytes: inf.response, usage: wire_usage(u), receipt, settled }
             }

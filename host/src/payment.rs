@@ -208,6 +208,11 @@ impl SessionPay {
         Ok((settled, refund))
     }
 
+    /// Paid out of escrow so far, and the settlement transactions.
+    pub(crate) fn paid_and_settlements(&self) -> (u64, Vec<proto::Signature>) {
+        (self.payee.paid(), self.payee.settlements().iter().map(|s| s.transaction).collect())
+    }
+
     /// The connection ended: settle whatever was vouched.
     pub(crate) fn ended(&mut self, keypair: &Keypair) {
         if let Err(e) = self.settle(keypair) {

@@ -120,6 +120,32 @@ pub struct JobView {
     pub error: Option<String>,
 }
 
+/// `GET /v1/sessions/{id}`: an inference session as the scheduler knows it: who serves whom,
+/// what, at what price, and (as its provider reports, with its signed receipt) the usage and the
+/// settlement transactions on Solana.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    /// Hex session id (the ticket's).
+    pub id: String,
+    pub renter: PublicKey,
+    pub provider: PublicKey,
+    /// Hex SHA-256 of the module.
+    pub module: String,
+    pub price_per_inference: u64,
+    pub opened_ms: u64,
+    pub updated_ms: u64,
+    pub closed: bool,
+    /// Cumulative counts from the provider's newest signed receipt.
+    pub usage: Option<crate::receipt::Counts>,
+    /// That receipt's sequence number and amount due.
+    pub receipts: u64,
+    pub amount_due: u64,
+    /// Paid out of the session's escrow on the chain.
+    pub paid: u64,
+    /// Settlement transactions (base58 signatures), oldest first.
+    pub settlements: Vec<String>,
+}
+
 /// What the scheduler stores per job: the view plus the bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {

@@ -157,6 +157,21 @@ pub enum HostMsg {
         /// Jobs running now.
         running: u32,
     },
+    /// Where an inference session stands: sent after a settlement and when it ends.
+    SessionReport(Box<SessionReport>),
+}
+
+/// A provider's report on one inference session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionReport {
+    pub session_id: [u8; 16],
+    /// The newest receipt this provider signed for it.
+    pub receipt: Option<crate::receipt::Receipt>,
+    /// Paid out of escrow on the chain so far.
+    pub paid: u64,
+    /// Settlement transaction signatures, oldest first.
+    pub settlements: Vec<crate::identity::Signature>,
+    pub closed: bool,
 }
 
 /// Scheduler to host, on the control stream.

@@ -180,6 +180,12 @@ async fn serve_provider(conn: Connection, shared: Shared) {
                 shared.state().heartbeat(&key, running, rtt, now_ms());
                 shared.wake.notify_one();
             }
+            Ok(Some(HostMsg::SessionReport(report))) => {
+                let reported = shared.state().session_report(&key, &report, now_ms());
+                if let Err(e) = reported {
+                    log::warn!("provider {key}: session report refused: {e}");
+                }
+            }
             Ok(Some(other)) => {
                 log::warn!("provider {key} sent {other:?} on the control stream; closing");
                 break;
@@ -301,6 +307,7 @@ fn router(shared: Shared) -> Router {
         .route("/v1/jobs/{id}/log", get(get_log))
         .route("/v1/providers", get(list_providers))
         .route("/v1/sessions", post(open_session))
+        .route("/v1/sessions/{id}", get(get_session))
         .route("/v1/info", get(info))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { api_error(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json") })
@@ -475,6 +482,25 @@ async fn open_session(
                 price.per_inference,
                 now_ms() + TICKET_LIFETIME_MS,
             );
+            let now = now_ms();
+            let view = proto::api::SessionView {
+                id: session_id.iter().map(|b| format!("{b:02x}")).collect(),
+                renter: req.renter,
+                provider,
+                module: req.module.clone(),
+                price_per_inference: price.per_inference,
+                opened_ms: now,
+                updated_ms: now,
+                closed: false,
+                usage: None,
+                receipts: 0,
+                amount_due: 0,
+                paid: 0,
+                settlements: Vec::new(),
+            };
+            if let Err(e) = shared.state().open_session(view) {
+                return api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+            }
             let grant = SessionGrant { provider, addr, price_per_inference: price.per_inference, ticket };
             (StatusCode::CREATED, axum::Json(grant)).into_response()
         }
@@ -483,6 +509,13 @@ async fn open_session(
             axum::Json(serde_json::json!({ "error": no_match.summary, "no_match": no_match })),
         )
             .into_response(),
+    }
+}
+
+async fn get_session(AxumState(shared): AxumState<Shared>, Path(id): Path<String>) -> Response {
+    match shared.state().session(&id) {
+        Some(v) => axum::Json(v.clone()).into_response(),
+        None => api_error(StatusCode::NOT_FOUND, format!("no session {id:?}")),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proto::PublicKey;
-use proto::api::{Attempt, JobRecord, JobState, JobView, NoMatch, ProviderView, Submitted};
+use proto::api::{Attempt, JobRecord, JobState, JobView, NoMatch, ProviderView, SessionView, Submitted};
 use proto::msg::{GpuInfo, JobLimits, JobResult, ModuleHash, Outcome, Price, Requirements, hash_hex, parse_hash};
 
 use crate::matching::{Candidate, Query, explain, gpu_search, rank};
@@ -114,6 +114,8 @@ pub struct State {
     live_logs: HashMap<String, Vec<u8>>,
     /// Jobs taken away from a provider that may still be running them, to cancel there.
     revoked: HashMap<PublicKey, Vec<String>>,
+    /// Inference sessions the scheduler granted, by hex id.
+    sessions: HashMap<String, SessionView>,
     next_id: u64,
 }
 
@@ -166,6 +168,7 @@ impl State {
             view.running = 0;
             providers.insert(view.key, Provider::new(view, false));
         }
+        let sessions = store.sessions()?.into_iter().map(|s| (s.id.clone(), s)).collect();
         Ok(State {
             config,
             store,
@@ -178,8 +181,56 @@ impl State {
             explained: std::cell::RefCell::new(HashMap::new()),
             live_logs: HashMap::new(),
             revoked: HashMap::new(),
+            sessions,
             next_id: max_id + 1,
         })
+    }
+
+    /// Records a session just granted.
+    pub fn open_session(&mut self, view: SessionView) -> Result<(), StoreError> {
+        self.store.put_session(&view)?;
+        self.sessions.insert(view.id.clone(), view);
+        Ok(())
+    }
+
+    pub fn session(&self, id: &str) -> Option<&SessionView> {
+        self.sessions.get(id)
+    }
+
+    /// A provider's report on one of its sessions. Only the session's provider may report,
+    /// with a receipt it signed for that session and renter; counts and payments only grow.
+    pub fn session_report(
+        &mut self,
+        provider: &PublicKey,
+        report: &proto::msg::SessionReport,
+        now_ms: u64,
+    ) -> Result<(), String> {
+        let proto::msg::SessionReport { session_id, receipt, paid, settlements, closed } = report;
+        let (paid, closed) = (*paid, *closed);
+        let id = hash_hex_16(session_id);
+        let s = self.sessions.get_mut(&id).ok_or_else(|| format!("no session {id}"))?;
+        if s.provider != *provider {
+            return Err(format!("session {id} is not served by {provider}"));
+        }
+        if let Some(r) = receipt.as_ref() {
+            let signed = r.provider.verify(&r.signing_bytes(), &r.signature);
+            if !signed || r.provider != *provider || r.session_id != *session_id || r.renter != s.renter {
+                return Err(format!("the receipt for session {id} does not check"));
+            }
+            if r.sequence >= s.receipts {
+                s.usage = Some(r.counts);
+                s.receipts = r.sequence;
+                s.amount_due = r.amount_due;
+            }
+        }
+        if paid >= s.paid {
+            s.paid = paid;
+            s.settlements = settlements.iter().map(ToString::to_string).collect();
+        }
+        s.closed |= closed;
+        s.updated_ms = now_ms;
+        let view = s.clone();
+        self.store.put_session(&view).map_err(|e| e.to_string())
     }
 
     /// Changes a provider and keeps the index in step.
@@ -685,6 +736,10 @@ impl State {
     }
 }
 
+fn hash_hex_16(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -836,5 +891,62 @@ mod tests {
         let hash = hash_hex(&s.put_module(WASM).unwrap());
         let zero = Requirements { gpu_count: Some(0), ..Default::default() };
         assert!(matches!(s.submit(&hash, vec![], zero, JobLimits::default(), None, 0), Err(SubmitError::Invalid(_))));
+    }
+
+    #[test]
+    fn session_reports_come_only_from_the_sessions_provider_with_its_receipts_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config::default());
+        let (renter, provider, other) =
+            (proto::Keypair::generate(), proto::Keypair::generate(), proto::Keypair::generate());
+        let id = [9u8; 16];
+        s.open_session(SessionView {
+            id: hash_hex_16(&id),
+            renter: renter.public(),
+            provider: provider.public(),
+            module: "ab".into(),
+            price_per_inference: 5,
+            opened_ms: 0,
+            updated_ms: 0,
+            closed: false,
+            usage: None,
+            receipts: 0,
+            amount_due: 0,
+            paid: 0,
+            settlements: Vec::new(),
+        })
+        .unwrap();
+        let mut signer = proto::receipt::Signer::new(id, renter.public(), 5);
+        let call = proto::receipt::Counts { inferences: 1, ..Default::default() };
+        let r = signer.next(&provider, &call, b"q", b"a");
+        let report = |receipt: Option<proto::receipt::Receipt>, paid| proto::msg::SessionReport {
+            session_id: id,
+            receipt,
+            paid,
+            settlements: vec![proto::Signature([1; 64])],
+            closed: true,
+        };
+        let err = s.session_report(&other.public(), &report(Some(r.clone()), 5), 1).unwrap_err();
+        assert!(err.contains("not served by"), "{err}");
+        let mut forged = r.clone();
+        forged.amount_due = 500;
+        let err = s.session_report(&provider.public(), &report(Some(forged), 500), 1).unwrap_err();
+        assert!(err.contains("does not check"), "{err}");
+        assert!(s.session_report(&provider.public(), &report(None, 0), 1).is_ok());
+        assert!(
+            s.session_report(
+                &provider.public(),
+                &proto::msg::SessionReport { session_id: [1; 16], ..report(None, 0) },
+                1
+            )
+            .is_err()
+        );
+        s.session_report(&provider.public(), &report(Some(r), 5), 2).unwrap();
+        s.store_handle().sync().unwrap();
+        drop(s);
+        let s = state(&dir, Config::default());
+        let v = s.session(&hash_hex_16(&id)).unwrap();
+        assert_eq!((v.receipts, v.amount_due, v.paid, v.closed), (1, 5, 5, true));
+        assert_eq!(v.settlements, vec![proto::Signature([1; 64]).to_string()]);
     }
 }

@@ -4,13 +4,14 @@
 
 use std::path::Path;
 
-use proto::api::{JobRecord, ProviderView};
+use proto::api::{JobRecord, ProviderView, SessionView};
 use proto::msg::ModuleHash;
 use redb::{Database, ReadableTable, TableDefinition};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const MODULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("modules");
 const PROVIDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("providers");
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -44,6 +45,8 @@ pub trait Store: Send + Sync {
     }
     fn put_provider(&self, provider: &ProviderView) -> Result<(), StoreError>;
     fn providers(&self) -> Result<Vec<ProviderView>, StoreError>;
+    fn put_session(&self, session: &SessionView) -> Result<(), StoreError>;
+    fn sessions(&self) -> Result<Vec<SessionView>, StoreError>;
 }
 
 /// A write waiting for the next flush.
@@ -52,6 +55,7 @@ enum Pending {
     Job(String, Vec<u8>),
     Module(ModuleHash, Vec<u8>),
     Provider(String, Vec<u8>),
+    Session(String, Vec<u8>),
 }
 
 #[derive(Debug, Default)]
@@ -105,11 +109,13 @@ impl Inner {
             let mut jobs = tx.open_table(JOBS).map_err(db)?;
             let mut modules = tx.open_table(MODULES).map_err(db)?;
             let mut providers = tx.open_table(PROVIDERS).map_err(db)?;
+            let mut sessions = tx.open_table(SESSIONS).map_err(db)?;
             for w in &writes {
                 match w {
                     Pending::Job(k, v) => jobs.insert(k.as_str(), v.as_slice()).map(drop),
                     Pending::Module(k, v) => modules.insert(&k[..], v.as_slice()).map(drop),
                     Pending::Provider(k, v) => providers.insert(k.as_str(), v.as_slice()).map(drop),
+                    Pending::Session(k, v) => sessions.insert(k.as_str(), v.as_slice()).map(drop),
                 }
                 .map_err(db)?;
             }
@@ -129,6 +135,7 @@ impl RedbStore {
         tx.open_table(JOBS).map_err(db)?;
         tx.open_table(MODULES).map_err(db)?;
         tx.open_table(PROVIDERS).map_err(db)?;
+        tx.open_table(SESSIONS).map_err(db)?;
         tx.commit().map_err(db)?;
         let inner = std::sync::Arc::new(Inner {
             db: database,
@@ -250,6 +257,16 @@ impl Store for RedbStore {
     fn providers(&self) -> Result<Vec<ProviderView>, StoreError> {
         self.all(PROVIDERS)
     }
+
+    fn put_session(&self, session: &SessionView) -> Result<(), StoreError> {
+        // Not synced on its own: the provider reports again, cumulatively.
+        self.queue(Pending::Session(session.id.clone(), encode(session)?));
+        Ok(())
+    }
+
+    fn sessions(&self) -> Result<Vec<SessionView>, StoreError> {
+        self.all(SESSIONS)
+    }
 }
 
 /// A store in memory, for tests and benchmarks of everything but persistence.
@@ -258,6 +275,7 @@ pub struct MemoryStore {
     jobs: std::sync::Mutex<std::collections::BTreeMap<String, JobRecord>>,
     modules: std::sync::Mutex<std::collections::HashMap<ModuleHash, Vec<u8>>>,
     providers: std::sync::Mutex<std::collections::BTreeMap<String, ProviderView>>,
+    sessions: std::sync::Mutex<std::collections::BTreeMap<String, SessionView>>,
 }
 
 impl Store for MemoryStore {
@@ -286,5 +304,14 @@ impl Store for MemoryStore {
 
     fn providers(&self) -> Result<Vec<ProviderView>, StoreError> {
         Ok(lock(&self.providers).values().cloned().collect())
+    }
+
+    fn put_session(&self, session: &SessionView) -> Result<(), StoreError> {
+        lock(&self.sessions).insert(session.id.clone(), session.clone());
+        Ok(())
+    }
+
+    fn sessions(&self) -> Result<Vec<SessionView>, StoreError> {
+        Ok(lock(&self.sessions).values().cloned().collect())
     }
 }

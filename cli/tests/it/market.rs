@@ -661,6 +661,17 @@ fn a_paid_session_across_processes_settles_each_inference_and_shows_in_earnings_
         sp["sessions"][0]["settlements"], e["sessions"][0]["settlements"],
         "both sides name the same transactions"
     );
+    // The scheduler's record of the session shows its usage and the same settlements.
+    let id = sp["sessions"][0]["session"].as_str().unwrap().to_string();
+    let record = until("the provider's final session report", || {
+        let v = get_json(&s, &format!("/v1/sessions/{id}"));
+        (v["closed"] == true).then_some(v)
+    });
+    assert_eq!((record["usage"]["inferences"].as_u64(), record["paid"].as_u64()), (Some(5), Some(35)), "{record}");
+    assert_eq!(record["amount_due"], 35);
+    assert_eq!(record["settlements"], e["sessions"][0]["settlements"]);
+    let (status, _) = http(&s.http, "GET", "/v1/sessions/00", None, b"");
+    assert_eq!(status, 404);
     // And as tables for people.
     let table = m.cmd(&["earnings", "--ledger", pledger.to_str().unwrap()]).output().unwrap();
     assert!(String::from_utf8_lossy(&table.stdout).contains("settled"));
