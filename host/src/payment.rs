@@ -239,3 +239,102 @@ impl SessionPay {
 }
 
 pub use settlement::signature_text as solana_signature;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::receipt::{Counts, Signer as ReceiptSigner};
+    use settlement::solana::Signer as _;
+    use settlement::{ChainError, LocalChain, Status};
+    use solana_sdk::transaction::Transaction;
+
+    /// A chain whose sends land and then the process "dies" before it hears back.
+    struct DiesAfterSend(Arc<LocalChain>);
+
+    impl Chain for DiesAfterSend {
+        fn latest_blockhash(&self) -> Result<solana_sdk::hash::Hash, ChainError> {
+            self.0.latest_blockhash()
+        }
+        fn send(&self, tx: &Transaction) -> Result<solana_sdk::signature::Signature, ChainError> {
+            let _ = self.0.send(tx);
+            panic!("the provider died before the confirmation came back");
+        }
+        fn status(&self, s: &solana_sdk::signature::Signature) -> Result<Status, ChainError> {
+            self.0.status(s)
+        }
+        fn account(&self, k: &solana_sdk::pubkey::Pubkey) -> Result<Option<solana_sdk::account::Account>, ChainError> {
+            self.0.account(k)
+        }
+        fn rent(&self, len: usize) -> Result<u64, ChainError> {
+            self.0.rent(len)
+        }
+        fn airdrop(&self, to: &solana_sdk::pubkey::Pubkey, lamports: u64) -> Result<(), ChainError> {
+            self.0.airdrop(to, lamports)
+        }
+    }
+
+    #[test]
+    fn a_restarted_provider_finishes_an_interrupted_settlement_and_is_paid_once() {
+        let chain = Arc::new(LocalChain::new());
+        let (issuer, renter, provider) = (settlement::solana::Keypair::new(), Keypair::generate(), Keypair::generate());
+        for k in [issuer.pubkey(), settlement::signer(&renter).pubkey(), settlement::signer(&provider).pubkey()] {
+            chain.airdrop(&k, 10_000_000_000).unwrap();
+        }
+        let mint = settlement::token::create_mint(chain.as_ref(), &issuer, &issuer.pubkey(), 6).unwrap();
+        let r = settlement::signer(&renter);
+        let renter_tokens = settlement::token::ensure_token_account(chain.as_ref(), &r, &r.pubkey(), &mint).unwrap();
+        settlement::token::mint_to(chain.as_ref(), &issuer, &mint, &renter_tokens, 1_000).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = |chain: Arc<dyn Chain>| PaymentConfig {
+            chain,
+            mint: settlement::wire_key(&mint),
+            policy: Policy::Inferences(1),
+            max_unvouched: 1,
+            ledger: Some(dir.path().to_path_buf()),
+        };
+        config(chain.clone()).prepare(&provider).unwrap();
+        let dying = config(Arc::new(DiesAfterSend(chain.clone())));
+        let terms = settlement::create_escrow(chain.as_ref(), &r, &settlement::address(&provider.public()), &mint, 500)
+            .unwrap();
+        let ticket = proto::ticket::Ticket::issue(
+            &Keypair::generate(),
+            [5; 16],
+            renter.public(),
+            provider.public(),
+            [0; 32],
+            10,
+            u64::MAX,
+        );
+        let (mut pay, refund) = SessionPay::open(&dying, &provider, &ticket, Some(terms.wire()), "gpu0").unwrap();
+        let mut payer = settlement::Payer::new(chain.as_ref(), terms.clone()).unwrap();
+        payer.accept_refund(&refund).unwrap();
+        settlement::fund_escrow(chain.as_ref(), &r, &terms).unwrap();
+        pay.funded().unwrap();
+        assert_eq!(pay.before_serve(&provider, None).unwrap(), None);
+        let mut receipts = ReceiptSigner::new([5; 16], renter.public(), 10);
+        let first = receipts.next(&provider, &Counts { inferences: 1, ..Counts::default() }, b"q", b"a");
+        pay.served(&first);
+        let voucher = payer.voucher(&renter, &first).unwrap();
+        // The next request brings the voucher; settling it lands, and the provider dies.
+        let died =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pay.before_serve(&provider, Some(&voucher))));
+        assert!(died.is_err());
+        let paid = |c: &LocalChain| {
+            let mine = settlement::token::token_account(&settlement::address(&provider.public()), &mint);
+            settlement::token::token_balance(c, &mine).unwrap()
+        };
+        assert_eq!(paid(&chain), 10);
+
+        // Restarted on the same ledger: it finds the pending settlement, sees it landed, and
+        // records it; nothing is paid twice.
+        let restarted = config(chain.clone());
+        restarted.resume(&provider).unwrap();
+        restarted.resume(&provider).unwrap();
+        assert_eq!(paid(&chain), 10);
+        let (books, bad) = settlement::ledger::load(dir.path()).unwrap();
+        assert!(bad.is_empty());
+        let book = books.iter().find(|b| b.session == "05".repeat(16)).unwrap();
+        assert_eq!((book.paid, book.settlements.len(), book.inferences), (10, 1, 1));
+        assert_eq!(book.device, "gpu0");
+    }
+}
