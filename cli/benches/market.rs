@@ -82,6 +82,7 @@ fn main() {
             keypair: Keypair::generate(),
             providers: None,
             db: dir.path().join("bench.redb"),
+            chain: None,
             state: scheduler::Config::default(),
         })
         .await

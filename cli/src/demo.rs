@@ -85,9 +85,9 @@ async fn token_balance(chain: &Arc<dyn Chain>, account: Pubkey) -> anyhow::Resul
 async fn settlement_table(
     chain: &Arc<dyn Chain>,
     mint: &Pubkey,
-    renter: &Keypair,
-    renter_before: u64,
+    (renter, renter_before): (&Keypair, u64),
     renter_books: &[Book],
+    jobs: &[(proto::PublicKey, u64, String)],
     ledgers: &HashMap<proto::PublicKey, PathBuf>,
     names: &HashMap<proto::PublicKey, String>,
 ) -> anyhow::Result<Value> {
@@ -96,19 +96,22 @@ async fn settlement_table(
     let mut parties = Vec::new();
     let renter_balance =
         token_balance(chain, settlement::token::token_account(&settlement::address(&renter.public()), mint)).await?;
-    let paid: u64 = renter_books.iter().map(|b| b.paid).sum();
+    let jobs_paid: u64 = jobs.iter().map(|j| j.1).sum();
+    let paid: u64 = renter_books.iter().map(|b| b.paid).sum::<u64>() + jobs_paid;
     let inferences: u64 = renter_books.iter().map(|b| b.inferences).sum();
     if renter_balance != renter_before - paid {
         return Err(anyhow!(
             "the renter's ledger says {paid} paid, but its balance went from {renter_before} to {renter_balance}"
         ));
     }
-    let mut transactions: Vec<String> = renter_books.iter().flat_map(|b| b.settlements.clone()).collect();
+    let mut transactions: Vec<String> = jobs.iter().map(|j| j.2.clone()).collect();
+    transactions.extend(renter_books.iter().flat_map(|b| b.settlements.clone()));
     transactions.extend(renter_books.iter().filter_map(|b| b.refund.clone()));
     let price = renter_books.last().map_or(0, |b| b.price_per_inference);
     rows.push(format!(
-        "  {:<16} {:>10} {:>10} {:>12} {:>14} {:>14}",
+        "  {:<16} {:>5} {:>10} {:>10} {:>12} {:>14} {:>8}",
         "renter",
+        jobs.len(),
         inferences,
         dollars(price),
         format!("-{}", dollars(paid)),
@@ -120,16 +123,22 @@ async fn settlement_table(
         "key": renter.public().to_string(),
         "inferences": inferences,
         "price_per_inference": price,
+        "jobs": jobs.len(),
+        "jobs_paid": jobs_paid,
         "paid": paid,
         "refunded": renter_books.iter().map(|b| b.refunded).sum::<u64>(),
         "balance": renter_balance,
         "balance_before": renter_before,
         "transactions": transactions,
     }));
+    let mut ledgers: Vec<(&proto::PublicKey, &PathBuf)> = ledgers.iter().collect();
+    ledgers.sort_by_key(|(k, _)| names.get(k).cloned());
     for (key, dir) in ledgers {
         let (books, _) = settlement::ledger::load(dir)?;
         let books: Vec<&Book> = books.iter().filter(|b| b.role == Role::Provider).collect();
-        let earned: u64 = books.iter().map(|b| b.paid).sum();
+        let mine: Vec<&(proto::PublicKey, u64, String)> = jobs.iter().filter(|j| j.0 == *key).collect();
+        let from_jobs: u64 = mine.iter().map(|j| j.1).sum();
+        let earned: u64 = books.iter().map(|b| b.paid).sum::<u64>() + from_jobs;
         let inferences: u64 = books.iter().map(|b| b.inferences).sum();
         let balance = token_balance(chain, settlement::token::token_account(&settlement::address(key), mint)).await?;
         if balance != earned {
@@ -137,11 +146,13 @@ async fn settlement_table(
         }
         let name = names.get(key).cloned().unwrap_or_default();
         let price = books.last().map_or(0, |b| b.price_per_inference);
+        let shown_price = if books.is_empty() { "-".to_string() } else { dollars(price) };
         rows.push(format!(
-            "  {:<16} {:>10} {:>10} {:>12} {:>14} {:>14}",
+            "  {:<16} {:>5} {:>10} {:>10} {:>12} {:>14} {:>8}",
             format!("provider {name}"),
+            mine.len(),
             inferences,
-            dollars(price),
+            shown_price,
             format!("+{}", dollars(earned)),
             dollars(balance),
             "ok"
@@ -150,22 +161,26 @@ async fn settlement_table(
             "role": "provider",
             "name": name,
             "key": key.to_string(),
+            "jobs": mine.len(),
+            "jobs_earned": from_jobs,
             "inferences": inferences,
             "price_per_inference": price,
             "earned": earned,
             "balance": balance,
-            "transactions": books.iter().flat_map(|b| b.settlements.clone()).collect::<Vec<_>>(),
+            "transactions": mine.iter().map(|j| j.2.clone()).chain(books.iter().flat_map(|b| b.settlements.clone())).collect::<Vec<_>>(),
         }));
     }
     let settlements: usize = renter_books.iter().map(|b| b.settlements.len()).sum();
     let table = format!(
-        "\nsettlement on the in-process chain (policy: every inference; {settlements} settlement transactions, 1 refund)\n  {:<16} {:>10} {:>10} {:>12} {:>14} {:>14}\n{}",
+        "\nsettlement on the in-process chain ({} job payments; the session settles every inference: {settlements} settlement transactions, 1 refund)\n  {:<16} {:>5} {:>10} {:>10} {:>12} {:>14} {:>8}\n{}",
+        jobs.len(),
         "party",
+        "jobs",
         "inferences",
-        "price",
+        "price/inf",
         "paid/earned",
         "chain balance",
-        "ledger=chain",
+        "checked",
         rows.join("\n")
     );
     Ok(json!({
@@ -198,17 +213,6 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         let t0 = Instant::now();
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         let scheduler_key = Keypair::generate();
-        let listening = scheduler::start(scheduler::SchedulerConfig {
-            http: loopback,
-            quic: loopback,
-            keypair: Keypair::from_seed(scheduler_key.seed()),
-            providers: None,
-            db: dir.join("scheduler.redb"),
-            state: scheduler::Config::default(),
-        })
-        .await?;
-        say(format!("scheduler   http://{}  quic {}  key {}", listening.http, listening.quic, listening.key));
-
         // The in-process chain: a stablecoin-like mint (6 decimals: 1 unit = $0.000001), a renter
         // holding 100 of it, and SOL for everyone's fees and rent.
         let chain: Arc<dyn Chain> = Arc::new(settlement::LocalChain::new());
@@ -218,7 +222,24 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             tokio::task::spawn_blocking(move || stablecoin(chain.as_ref(), &renter)).await??
         };
         say(format!("chain       in-process (LiteSVM), mint {mint} (6 decimals), renter {}", renter.public()));
+        let renter_tokens = settlement::token::token_account(&settlement::address(&renter.public()), &mint);
+        let renter_before = token_balance(&chain, renter_tokens).await?;
         let _ = issuer;
+        let listening = scheduler::start(scheduler::SchedulerConfig {
+            http: loopback,
+            quic: loopback,
+            keypair: Keypair::from_seed(scheduler_key.seed()),
+            providers: None,
+            db: dir.join("scheduler.redb"),
+            state: scheduler::Config {
+                payments: Some(scheduler::JobPricing { mint: settlement::wire_key(&mint), decimals: 6 }),
+                ..scheduler::Config::default()
+            },
+            chain: Some(chain.clone()),
+        })
+        .await?;
+        say(format!("scheduler   http://{}  quic {}  key {}", listening.http, listening.quic, listening.key));
+
 
         // Both providers share this machine's GPU, each with its own key, price and sandbox pool.
         let host = tokio::task::spawn_blocking(|| {
@@ -228,7 +249,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         say(format!("GPU         {} ({}, {})", host.gpu().name, host.gpu().backend, host.gpu().device_type));
         let mut names = HashMap::new();
         let mut ledgers = HashMap::new();
-        for (name, per_second, per_inference) in [("alpha", 2, 100), ("beta", 3, 150)] {
+        for (name, per_second, per_inference) in [("alpha", 110, 100), ("beta", 150, 150)] {
             let key = Keypair::generate();
             names.insert(key.public(), name.to_string());
             let k = settlement::address(&key.public());
@@ -290,9 +311,18 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             submitted.push((*label, s.id, t));
         }
         let mut job_reports = Vec::new();
+        let mut job_payments: Vec<(proto::PublicKey, u64, String)> = Vec::new();
         for (label, id, t) in submitted {
             let view = client.wait(&id, |_| {}).await?;
             let elapsed = t.elapsed();
+            // The output comes once the renter paid the provider what its signed receipt says.
+            let paid = match view.payment.as_ref() {
+                Some(p) => {
+                    let sig = client.pay_job(&id, chain.clone(), &renter).await?;
+                    Some((p.amount, sig))
+                }
+                None => None,
+            };
             let output = if view.output_bytes.is_some() { client.bytes(&id, "output").await? } else { Vec::new() };
             let head = match std::str::from_utf8(&output) {
                 Ok(s) => s.lines().last().unwrap_or("").to_string(),
@@ -307,6 +337,10 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 usage_line(&usage)
             ));
             say(format!("            -> {head}"));
+            if let (Some((amount, sig)), Some(p)) = (&paid, view.provider) {
+                say(format!("            -> paid {amount} to {provider} (receipt checked) in {sig}"));
+                job_payments.push((p, *amount, sig.clone()));
+            }
             job_reports.push(json!({
                 "id": id,
                 "job": label,
@@ -317,6 +351,8 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 "wall_time_ms": view.wall_time_ms,
                 "usage": usage,
                 "output": head,
+                "paid": paid.as_ref().map(|p| p.0),
+                "payment_transaction": paid.as_ref().map(|p| p.1.clone()),
             }));
             if view.state != JobState::Succeeded {
                 return Err(anyhow!("job {id} ({label}) ended {:?}: {:?} {:?}", view.state, view.outcome, view.error));
@@ -325,8 +361,6 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
 
         // An inference session, straight to the provider the scheduler picks, paid per inference.
         let t = Instant::now();
-        let renter_tokens = settlement::token::token_account(&settlement::address(&renter.public()), &mint);
-        let renter_before = token_balance(&chain, renter_tokens).await?;
         let payment = client::Payment {
             chain: chain.clone(),
             mint: settlement::wire_key(&mint),
@@ -396,7 +430,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         let session_provider = session.provider().await;
         let price_per_inference = session.price_per_inference().await;
         let books = session.close().await?;
-        let settlement = settlement_table(&chain, &mint, &renter, renter_before, &books, &ledgers, &names).await?;
+        let settlement = settlement_table(&chain, &mint, (&renter, renter_before), &books, &job_payments, &ledgers, &names).await?;
         if text {
             eprintln!("{}", settlement.get("table").and_then(Value::as_str).unwrap_or(""));
         }

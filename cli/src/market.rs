@@ -85,6 +85,10 @@ pub(crate) struct SchedulerArgs {
     /// How often a job is started before it fails for good.
     #[arg(long, default_value_t = 3)]
     max_attempts: usize,
+    /// Take payment for batch jobs on this chain and mint: a succeeded job's output is released
+    /// once its renter paid the provider the amount on its signed receipt.
+    #[command(flatten)]
+    pay: crate::money::ChainArgs,
 }
 
 fn read_provider_keys(path: &Path) -> anyhow::Result<HashSet<PublicKey>> {
@@ -105,7 +109,9 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> Result<u8, Exit> {
     if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display())).map_err(bad_input)?;
     }
+    let (chain, payments) = args.pay.job_payments()?.unzip();
     let config = scheduler::SchedulerConfig {
+        chain,
         http: args.http,
         quic: args.quic,
         keypair,
@@ -114,6 +120,7 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> Result<u8, Exit> {
         state: scheduler::Config {
             heartbeat_timeout_ms: args.heartbeat_timeout.as_millis() as u64,
             max_attempts: args.max_attempts.max(1),
+            payments,
             ..scheduler::Config::default()
         },
     };
@@ -269,6 +276,12 @@ pub(crate) struct SubmitArgs {
     /// Print JSON (the submission, or with --wait the finished job) instead of text.
     #[arg(long)]
     json: bool,
+    /// Pay for the job when it is done (with --wait), where the scheduler takes payment.
+    #[command(flatten)]
+    pay: crate::money::ChainArgs,
+    /// The paying renter's keypair (created if missing).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -305,6 +318,13 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
     };
     let client = client::Scheduler::new(&args.scheduler);
     let infra = |e: client::Error| Exit { code: exit::HOST, error: e.into() };
+    let chain = args.pay.chain_and_mint()?;
+    let payer = match &chain {
+        Some(_) => {
+            key_or_create(&args.key.clone().unwrap_or_else(|| config_dir().join("renter.json"))).map_err(bad_input)?
+        }
+        None => Keypair::generate(),
+    };
     runtime()?.block_on(async {
         let started = Instant::now();
         let uploaded = client.upload(module).await.map_err(infra)?;
@@ -356,11 +376,32 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
             })
             .await
             .map_err(infra)?;
+        let mut paid = None;
+        if let Some(terms) = view.payment.as_ref().filter(|p| p.transaction.is_none()) {
+            let Some((chain, _)) = chain.clone() else {
+                return Err(bad_input(anyhow!(
+                    "job {} succeeded; its output is released once paid ({} to {}): run again with --rpc-url, --mint and --key, or pay with POST /v1/jobs/{}/payment",
+                    view.id,
+                    terms.amount,
+                    terms.pay_to,
+                    view.id
+                )));
+            };
+            let sig = client.pay_job(&view.id, chain, &payer).await.map_err(infra)?;
+            if !args.json {
+                eprintln!("paid {} for job {} in transaction {sig}", terms.amount, view.id);
+            }
+            paid = Some(sig);
+        }
         let output = if view.output_bytes.is_some() {
             client.bytes(&view.id, "output").await.map_err(infra)?
         } else {
             Vec::new()
         };
+        // What came is what the provider signed for.
+        if let (Some(r), Some(p)) = (&view.receipt, view.provider) {
+            r.check(&view.id, &p, &output).map_err(|e| Exit { code: exit::HOST, error: anyhow!("job {}: {e}", view.id) })?;
+        }
         let log =
             if view.output_bytes.is_some() { client.bytes(&view.id, "log").await.map_err(infra)? } else { Vec::new() };
         if let Some(path) = &args.output {
@@ -377,6 +418,7 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
                 let (k, val) = crate::bytes_json("log", &log);
                 map.insert(k, val);
                 map.insert("elapsed_ms".into(), json!(started.elapsed().as_millis() as u64));
+                map.insert("payment_transaction".into(), json!(paid));
             }
             println!("{v}");
             return Ok(code);

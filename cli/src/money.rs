@@ -23,6 +23,9 @@ fn data_dir() -> PathBuf {
         .join("wasmgrid")
 }
 
+/// A scheduler's chain for job payments and the token they are in.
+type JobPayments = (Arc<dyn Chain>, scheduler::JobPricing);
+
 /// A chain to settle on and the mint payments are in.
 type ChainAndMint = (Arc<dyn Chain>, PublicKey);
 
@@ -39,6 +42,20 @@ pub(crate) struct ChainArgs {
 }
 
 impl ChainArgs {
+    /// The chain and mint, when paying.
+    pub(crate) fn chain_and_mint(&self) -> Result<Option<ChainAndMint>, Exit> {
+        self.chain()
+    }
+
+    /// For a scheduler: the chain job payments go to, and the mint with its decimals (read from
+    /// the chain, which also checks that the mint exists there).
+    pub(crate) fn job_payments(&self) -> Result<Option<JobPayments>, Exit> {
+        let Some((chain, mint)) = self.chain()? else { return Ok(None) };
+        let decimals = settlement::token::mint_decimals(chain.as_ref(), &settlement::address(&mint))
+            .map_err(|e| bad_input(anyhow!("--mint {mint}: {e}")))?;
+        Ok(Some((chain, scheduler::JobPricing { mint, decimals })))
+    }
+
     /// The chain and mint, when paying; an error when only one of them is given.
     fn chain(&self) -> Result<Option<ChainAndMint>, Exit> {
         match (&self.rpc_url, self.mint) {

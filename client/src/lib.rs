@@ -148,6 +148,45 @@ impl Scheduler {
         Ok(resp.bytes().await.map_err(|e| self.unreachable(e))?.to_vec())
     }
 
+    /// Pays for a finished job from `payer`'s token account, the amount on the provider's
+    /// signed receipt (checked here first); returns the payment transaction's signature. Paying
+    /// a job already paid returns the first payment's signature and pays nothing.
+    pub async fn pay_job(&self, id: &str, chain: Arc<dyn settlement::Chain>, payer: &Keypair) -> Result<String, Error> {
+        let view = self.job(id).await?;
+        let terms = view.payment.clone().ok_or_else(|| Error::Payment(format!("job {id} has nothing to pay")))?;
+        if let Some(sig) = terms.transaction {
+            return Ok(sig);
+        }
+        // The output is withheld until paid: check everything else the receipt says now, and
+        // the output against its digest once it comes.
+        match (&view.receipt, view.provider) {
+            (Some(r), Some(p)) => {
+                r.check_terms(id, &p).map_err(|e| Error::Payment(format!("not paying job {id}: {e}")))?;
+                if r.amount_due != terms.amount || settlement::pay::hex(&r.digest()) != terms.receipt_digest {
+                    return Err(Error::Payment(format!("job {id}'s payment does not match its receipt")));
+                }
+            }
+            _ => return Err(Error::Payment(format!("job {id} has no receipt to pay against"))),
+        }
+        let payer = Keypair::from_seed(payer.seed());
+        let tx = tokio::task::spawn_blocking(move || settlement::pay::job_payment(chain.as_ref(), &payer, &terms))
+            .await
+            .map_err(|e| Error::Payment(e.to_string()))?
+            .map_err(|e| Error::Payment(e.to_string()))?;
+        let resp = self
+            .http
+            .post(format!("{}/v1/jobs/{id}/payment", self.base))
+            .json(&proto::api::PayJob { transaction: tx })
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let v: serde_json::Value = self.json(resp, "paying for the job").await?;
+        v.get("transaction")
+            .and_then(|t| t.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| Error::Payment("the scheduler did not say which transaction paid".into()))
+    }
+
     /// Asks for a provider to serve an inference session.
     pub async fn open_session(&self, req: &OpenSession) -> Result<SessionGrant, Error> {
         let resp = self

@@ -160,7 +160,11 @@ pub async fn run(
     };
     log::info!("registered with the scheduler at {} as {}", config.scheduler, config.keypair.public());
 
-    let jobs = tokio::spawn(accept_jobs(conn.clone(), host.clone(), running.clone(), config.capacity));
+    let biller = Biller {
+        keypair: Arc::new(Keypair::from_seed(config.keypair.seed())),
+        per_gpu_second: config.price.per_gpu_second,
+    };
+    let jobs = tokio::spawn(accept_jobs(conn.clone(), host.clone(), running.clone(), config.capacity, biller));
     // The scheduler cancels jobs it gave to another provider (after this one missed its
     // heartbeats, say): stop them, their results would be ignored and they hold slots.
     let watching = running.clone();
@@ -296,11 +300,18 @@ pub async fn run_forever(host: Host, config: DaemonConfig) {
     }
 }
 
-async fn accept_jobs(conn: Connection, host: Host, running: Arc<Running>, capacity: u32) {
+/// Who signs job receipts, at what price per GPU-second.
+#[derive(Clone)]
+struct Biller {
+    keypair: Arc<Keypair>,
+    per_gpu_second: u64,
+}
+
+async fn accept_jobs(conn: Connection, host: Host, running: Arc<Running>, capacity: u32, biller: Biller) {
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let (host, running) = (host.clone(), running.clone());
+        let (host, running, biller) = (host.clone(), running.clone(), biller.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_job(send, recv, host, running, capacity).await {
+            if let Err(e) = serve_job(send, recv, host, running, capacity, biller).await {
                 log::warn!("job stream: {e}");
             }
         });
@@ -344,6 +355,7 @@ fn not_run(kind: &str, message: String) -> JobResult {
         wall_time_ms: 0,
         wall_time_us: 0,
         first_dispatch_us: None,
+        receipt: None,
     }
 }
 
@@ -354,6 +366,7 @@ async fn serve_job(
     host: Host,
     running: Arc<Running>,
     capacity: u32,
+    biller: Biller,
 ) -> Result<(), quic::QuicError> {
     let Some(JobMsg::Run { job_id, module_hash, input, limits }) =
         quic::read_msg::<JobMsg>(&mut recv, BLOB_CAP).await?
@@ -418,6 +431,7 @@ async fn serve_job(
                 wall_time_ms: report.wall_time.as_millis() as u64,
                 wall_time_us: report.wall_time.as_micros() as u64,
                 first_dispatch_us: report.first_dispatch.map(|d| d.as_micros() as u64),
+                receipt: None,
             },
             Err(e) => not_run("load", e.to_string()),
         }
@@ -437,7 +451,27 @@ async fn serve_job(
             }
         }
     };
-    let result = result.unwrap_or_else(|e| not_run("host", format!("the job's thread failed: {e}")));
+    let mut result = result.unwrap_or_else(|e| not_run("host", format!("the job's thread failed: {e}")));
+    if result.outcome == Outcome::Succeeded {
+        let u = &result.usage;
+        let counts = proto::receipt::Counts {
+            inferences: 0,
+            fuel: u.fuel,
+            invocations: u.invocations,
+            bytes_uploaded: u.bytes_uploaded,
+            bytes_downloaded: u.bytes_downloaded,
+            gpu_time_ns: u.gpu_time_ns,
+        };
+        result.receipt = Some(proto::receipt::JobReceipt::sign(
+            &biller.keypair,
+            &job_id,
+            module_hash,
+            &result.output,
+            counts,
+            result.wall_time_us,
+            biller.per_gpu_second,
+        ));
+    }
     match &result.outcome {
         Outcome::Succeeded => log::info!("job {job_id} ended: succeeded"),
         Outcome::Failed { message, .. } => log::info!("job {job_id} ended: {message}"),

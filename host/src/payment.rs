@@ -249,6 +249,7 @@ mod tests {
     use solana_sdk::transaction::Transaction;
 
     /// A chain whose sends land and then the process "dies" before it hears back.
+    #[derive(Debug)]
     struct DiesAfterSend(Arc<LocalChain>);
 
     impl Chain for DiesAfterSend {

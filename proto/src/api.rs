@@ -118,6 +118,38 @@ pub struct JobView {
     pub first_dispatch_us: Option<u64>,
     /// Last reason the scheduler gave up on the job (deadline, too many tries).
     pub error: Option<String>,
+    /// The provider's signed receipt, once the job succeeded.
+    #[serde(default)]
+    pub receipt: Option<crate::receipt::JobReceipt>,
+    /// On a scheduler that takes payment: what the job costs, where it goes, and the payment
+    /// transaction once made. The output is released once it is.
+    #[serde(default)]
+    pub payment: Option<JobPayment>,
+}
+
+/// A batch job's payment: a transfer of `amount` of `mint` from the renter's token account to
+/// `pay_to` (the provider's), with the receipt's digest in a Memo, which the renter signs and
+/// the scheduler checks and submits (`POST /v1/jobs/{id}/payment`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobPayment {
+    pub amount: u64,
+    pub mint: PublicKey,
+    pub decimals: u8,
+    /// The provider's token account for the mint (base58; an associated token account is a
+    /// program address, not an ed25519 key).
+    pub pay_to: String,
+    /// Hex SHA-256 of the receipt's signing bytes, as the Memo carries it.
+    pub receipt_digest: String,
+    /// The payment transaction's signature (base58), once it landed.
+    pub transaction: Option<String>,
+    pub payer: Option<PublicKey>,
+}
+
+/// `POST /v1/jobs/{id}/payment`: the renter's signed payment transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayJob {
+    /// Base64 of the wire-format (bincode) transaction.
+    pub transaction: String,
 }
 
 /// `GET /v1/sessions/{id}`: an inference session as the scheduler knows it: who serves whom,

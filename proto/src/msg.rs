@@ -137,6 +137,9 @@ pub struct JobResult {
     pub wall_time_us: u64,
     #[serde(default)]
     pub first_dispatch_us: Option<u64>,
+    /// The provider's signed receipt, for a job that succeeded.
+    #[serde(default)]
+    pub receipt: Option<crate::receipt::JobReceipt>,
 }
 
 /// Host to scheduler, on the control stream.

@@ -37,6 +37,15 @@ impl Counts {
         }
     }
 
+    /// Appends the six counts as little-endian u64, in declaration order (signing layouts).
+    fn write_le(&self, out: &mut Vec<u8>) {
+        for v in
+            [self.inferences, self.fuel, self.invocations, self.bytes_uploaded, self.bytes_downloaded, self.gpu_time_ns]
+        {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
     /// Whether no count is below `earlier`'s.
     fn covers(&self, earlier: &Counts) -> bool {
         self.inferences >= earlier.inferences
@@ -87,18 +96,9 @@ impl Receipt {
         out.extend_from_slice(&self.session_id);
         out.extend_from_slice(&self.provider.0);
         out.extend_from_slice(&self.renter.0);
-        let c = &self.counts;
-        for v in [
-            self.sequence,
-            c.inferences,
-            c.fuel,
-            c.invocations,
-            c.bytes_uploaded,
-            c.bytes_downloaded,
-            c.gpu_time_ns,
-            self.price_per_inference,
-            self.amount_due,
-        ] {
+        out.extend_from_slice(&self.sequence.to_le_bytes());
+        self.counts.write_le(&mut out);
+        for v in [self.price_per_inference, self.amount_due] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&self.chain);
@@ -233,6 +233,123 @@ impl Checker {
     }
 }
 
+/// Domain separation for batch-job receipts.
+const JOB_DOMAIN: &[u8] = b"wasmgrid-job-receipt-v1";
+
+/// A provider-signed statement of one finished batch job: what ran, what it produced, what it
+/// used, and what it costs at the provider's price per GPU-second (of wall time holding the GPU).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobReceipt {
+    pub job_id: String,
+    pub provider: PublicKey,
+    pub module_hash: [u8; 32],
+    /// SHA-256 of the job's output.
+    pub output_digest: [u8; 32],
+    pub counts: Counts,
+    pub wall_time_us: u64,
+    pub price_per_gpu_second: u64,
+    /// `wall_time_us * price_per_gpu_second / 1e6`, rounded up.
+    pub amount_due: u64,
+    pub signature: Signature,
+}
+
+/// Why a job receipt is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JobReceiptError {
+    #[error("the job receipt's signature does not verify")]
+    BadSignature,
+    #[error("the job receipt is for job {got}, not {want}")]
+    WrongJob { want: String, got: String },
+    #[error("the job receipt is signed by another provider than the one that ran the job")]
+    WrongProvider,
+    #[error("the job receipt's output digest does not match the output")]
+    Output,
+    #[error("the job receipt charges {got} where its time and price make {want}")]
+    Amount { want: u64, got: u64 },
+}
+
+impl JobReceipt {
+    /// What `wall_time_us` costs at `price_per_gpu_second`, rounded up to a whole unit.
+    pub fn amount(wall_time_us: u64, price_per_gpu_second: u64) -> u64 {
+        let units = u128::from(wall_time_us) * u128::from(price_per_gpu_second);
+        u64::try_from(units.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+    }
+
+    /// Signs the receipt of a finished job.
+    pub fn sign(
+        keypair: &Keypair,
+        job_id: &str,
+        module_hash: [u8; 32],
+        output: &[u8],
+        counts: Counts,
+        wall_time_us: u64,
+        price_per_gpu_second: u64,
+    ) -> JobReceipt {
+        let mut r = JobReceipt {
+            job_id: job_id.to_string(),
+            provider: keypair.public(),
+            module_hash,
+            output_digest: Sha256::digest(output).into(),
+            counts,
+            wall_time_us,
+            price_per_gpu_second,
+            amount_due: JobReceipt::amount(wall_time_us, price_per_gpu_second),
+            signature: Signature([0; 64]),
+        };
+        r.signature = keypair.sign(&r.signing_bytes());
+        r
+    }
+
+    /// The fixed layout signed: domain, the job id's length (u32 LE) and bytes, provider,
+    /// module hash, output digest, the six counts, wall time, price and amount (u64 LE).
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(JOB_DOMAIN.len() + 4 + self.job_id.len() + 96 + 8 * 9);
+        out.extend_from_slice(JOB_DOMAIN);
+        out.extend_from_slice(&(self.job_id.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.job_id.as_bytes());
+        out.extend_from_slice(&self.provider.0);
+        out.extend_from_slice(&self.module_hash);
+        out.extend_from_slice(&self.output_digest);
+        self.counts.write_le(&mut out);
+        for v in [self.wall_time_us, self.price_per_gpu_second, self.amount_due] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// SHA-256 of the signing bytes: what a payment's memo names.
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(self.signing_bytes()).into()
+    }
+
+    /// Checks the receipt for job `job_id` run by `provider` with `output`.
+    pub fn check(&self, job_id: &str, provider: &PublicKey, output: &[u8]) -> Result<(), JobReceiptError> {
+        self.check_terms(job_id, provider)?;
+        if self.output_digest != <[u8; 32]>::from(Sha256::digest(output)) {
+            return Err(JobReceiptError::Output);
+        }
+        Ok(())
+    }
+
+    /// Checks everything but the output (which a renter sees only once it paid).
+    pub fn check_terms(&self, job_id: &str, provider: &PublicKey) -> Result<(), JobReceiptError> {
+        if !self.provider.verify(&self.signing_bytes(), &self.signature) {
+            return Err(JobReceiptError::BadSignature);
+        }
+        if self.job_id != job_id {
+            return Err(JobReceiptError::WrongJob { want: job_id.to_string(), got: self.job_id.clone() });
+        }
+        if self.provider != *provider {
+            return Err(JobReceiptError::WrongProvider);
+        }
+        let want = JobReceipt::amount(self.wall_time_us, self.price_per_gpu_second);
+        if self.amount_due != want {
+            return Err(JobReceiptError::Amount { want, got: self.amount_due });
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +445,24 @@ mod tests {
         assert_eq!(&b[at..at + 8], &4u64.to_le_bytes());
         assert_eq!(&b[b.len() - 40..b.len() - 32], &55u64.to_le_bytes());
         assert_eq!(&b[b.len() - 32..], &[12; 32]);
+    }
+
+    #[test]
+    fn job_receipts_check_and_refuse_tampering() {
+        let provider = Keypair::generate();
+        let r = JobReceipt::sign(&provider, "job-000007", [1; 32], b"out", call(), 2_500_001, 3);
+        assert_eq!(r.amount_due, 8, "2.500001 s at 3 per second, rounded up");
+        r.check("job-000007", &provider.public(), b"out").unwrap();
+        assert_eq!(
+            r.check("job-000008", &provider.public(), b"out").unwrap_err(),
+            JobReceiptError::WrongJob { want: "job-000008".into(), got: "job-000007".into() }
+        );
+        assert_eq!(r.check("job-000007", &Keypair::generate().public(), b"out"), Err(JobReceiptError::WrongProvider));
+        assert_eq!(r.check("job-000007", &provider.public(), b"other"), Err(JobReceiptError::Output));
+        let mut more = r.clone();
+        more.amount_due = 80;
+        assert_eq!(more.check("job-000007", &provider.public(), b"out"), Err(JobReceiptError::BadSignature));
+        assert_eq!(JobReceipt::amount(u64::MAX, u64::MAX), u64::MAX);
+        assert_eq!(JobReceipt::amount(0, 5), 0);
     }
 }

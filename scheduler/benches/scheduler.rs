@@ -175,6 +175,7 @@ fn main() {
             keypair: Keypair::generate(),
             providers: None,
             db: dir.path().join("http.redb"),
+            chain: None,
             state: Config::default(),
         })
         .await

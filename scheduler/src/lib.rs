@@ -6,5 +6,5 @@ pub mod state;
 pub mod store;
 
 pub use server::{Listening, SchedulerConfig, start};
-pub use state::{Config, State};
+pub use state::{Config, JobPricing, State};
 pub use store::{MemoryStore, RedbStore, Store, StoreError};

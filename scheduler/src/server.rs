@@ -40,6 +40,8 @@ pub struct SchedulerConfig {
     pub providers: Option<HashSet<PublicKey>>,
     pub db: PathBuf,
     pub state: Config,
+    /// The chain job payments are submitted to; with it, `state.payments` must name the mint.
+    pub chain: Option<Arc<dyn settlement::Chain>>,
 }
 
 /// Where a started scheduler listens.
@@ -61,6 +63,7 @@ struct Shared {
     /// Bumped whenever a job may have changed, for long polls.
     changed: Arc<tokio::sync::watch::Sender<u64>>,
     listening: Arc<Mutex<Option<Listening>>>,
+    chain: Option<Arc<dyn settlement::Chain>>,
 }
 
 impl Shared {
@@ -109,6 +112,7 @@ pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
         changed: Arc::new(tokio::sync::watch::channel(0).0),
         control: Arc::new(Mutex::new(HashMap::new())),
         listening: Arc::new(Mutex::new(Some(listening.clone()))),
+        chain: config.chain.clone(),
     };
     tokio::spawn(accept_providers(endpoint, shared.clone()));
     tokio::spawn(dispatch(shared.clone(), config.state.heartbeat_timeout_ms));
@@ -304,6 +308,7 @@ fn router(shared: Shared) -> Router {
         .route("/v1/jobs", post(submit_job))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/output", get(get_output))
+        .route("/v1/jobs/{id}/payment", post(pay_job))
         .route("/v1/jobs/{id}/log", get(get_log))
         .route("/v1/providers", get(list_providers))
         .route("/v1/sessions", post(open_session))
@@ -325,6 +330,7 @@ pub fn test_router(state: State) -> Router {
         changed: Arc::new(tokio::sync::watch::channel(0).0),
         control: Arc::new(Mutex::new(HashMap::new())),
         listening: Arc::new(Mutex::new(None)),
+        chain: None,
     })
 }
 
@@ -427,8 +433,72 @@ async fn get_output(AxumState(shared): AxumState<Shared>, Path(id): Path<String>
     let state = shared.state();
     match (state.job(&id), state.output(&id)) {
         (None, _) => api_error(StatusCode::NOT_FOUND, format!("no job {id:?}")),
+        (Some(v), Some(_)) if v.payment.as_ref().is_some_and(|p| p.transaction.is_none()) => {
+            let due = v.payment.as_ref().map(|p| format!("{} to {}", p.amount, p.pay_to)).unwrap_or_default();
+            api_error(
+                StatusCode::PAYMENT_REQUIRED,
+                format!(
+                    "job {id}'s output is released once paid: {due} (see the job's payment; POST /v1/jobs/{id}/payment)"
+                ),
+            )
+        }
         (Some(_), Some(out)) => ([(header::CONTENT_TYPE, "application/octet-stream")], out.to_vec()).into_response(),
         (Some(v), None) => api_error(StatusCode::CONFLICT, format!("job {id} has no output yet (it is {:?})", v.state)),
+    }
+}
+
+/// The renter's signed payment for a finished job: checked to be exactly the transfer the job's
+/// receipt calls for, submitted to the chain, and recorded; then the output is released.
+async fn pay_job(
+    AxumState(shared): AxumState<Shared>,
+    Path(id): Path<String>,
+    body: Result<axum::Json<proto::api::PayJob>, JsonRejection>,
+) -> Response {
+    let axum::Json(req) = match body {
+        Ok(j) => j,
+        Err(rejection) => return api_error(rejection.status(), rejection.body_text()),
+    };
+    let Some(chain) = shared.chain.clone() else {
+        return api_error(StatusCode::NOT_FOUND, "this scheduler takes no payments");
+    };
+    let terms = match shared.state().start_paying(&id) {
+        Ok(Ok(t)) => t,
+        Ok(Err(sig)) => {
+            return axum::Json(serde_json::json!({ "transaction": sig, "already_paid": true })).into_response();
+        }
+        Err(e) if e.starts_with("no job") => return api_error(StatusCode::NOT_FOUND, e),
+        Err(e) => return api_error(StatusCode::CONFLICT, e),
+    };
+    let checked = settlement::pay::decode_transaction(&req.transaction)
+        .and_then(|tx| settlement::pay::check_job_payment(&tx, &terms).map(|payer| (tx, payer)));
+    let (tx, payer) = match checked {
+        Ok(t) => t,
+        Err(e) => {
+            shared.state().payment_failed(&id);
+            return api_error(StatusCode::BAD_REQUEST, e);
+        }
+    };
+    let sent = tokio::task::spawn_blocking(move || chain.send(&tx)).await;
+    match sent {
+        Ok(Ok(sig)) => {
+            let recorded = shared.state().paid(&id, sig.to_string(), settlement::wire_key(&payer));
+            if let Err(e) = recorded.map_err(|e| e.to_string()) {
+                return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+            }
+            if let Err(e) = durable(&shared).await {
+                return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+            }
+            shared.bump();
+            axum::Json(serde_json::json!({ "transaction": sig.to_string(), "already_paid": false })).into_response()
+        }
+        Ok(Err(e)) => {
+            shared.state().payment_failed(&id);
+            api_error(StatusCode::PAYMENT_REQUIRED, format!("the payment did not go through: {e}"))
+        }
+        Err(e) => {
+            shared.state().payment_failed(&id);
+            api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
     }
 }
 

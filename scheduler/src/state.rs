@@ -19,11 +19,21 @@ pub struct Config {
     pub max_attempts: usize,
     /// Deadline of a job that names none.
     pub default_deadline_ms: u64,
+    /// When set, a succeeded job's output is released once its renter paid the provider in
+    /// this SPL mint (the amount on the provider's signed receipt).
+    pub payments: Option<JobPricing>,
+}
+
+/// The payment token for batch jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobPricing {
+    pub mint: PublicKey,
+    pub decimals: u8,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { heartbeat_timeout_ms: 3_000, max_attempts: 3, default_deadline_ms: 3_600_000 }
+        Config { heartbeat_timeout_ms: 3_000, max_attempts: 3, default_deadline_ms: 3_600_000, payments: None }
     }
 }
 
@@ -116,6 +126,8 @@ pub struct State {
     revoked: HashMap<PublicKey, Vec<String>>,
     /// Inference sessions the scheduler granted, by hex id.
     sessions: HashMap<String, SessionView>,
+    /// Jobs whose payment is being submitted now (one at a time per job).
+    paying: HashSet<String>,
     next_id: u64,
 }
 
@@ -182,8 +194,45 @@ impl State {
             live_logs: HashMap::new(),
             revoked: HashMap::new(),
             sessions,
+            paying: HashSet::new(),
             next_id: max_id + 1,
         })
+    }
+
+    /// Starts paying for a job: its payment terms, if it has an unpaid payment and no other
+    /// payment for it is being submitted. `Ok(Err(signature))` when it is already paid.
+    pub fn start_paying(&mut self, id: &str) -> Result<Result<proto::api::JobPayment, String>, String> {
+        let job = self.jobs.get(id).ok_or_else(|| format!("no job {id:?}"))?;
+        let payment = job.view.payment.clone().ok_or_else(|| {
+            format!(
+                "job {id} has nothing to pay (it is {:?}, and only a succeeded job with a receipt is billed)",
+                job.view.state
+            )
+        })?;
+        if let Some(sig) = payment.transaction {
+            return Ok(Err(sig));
+        }
+        if !self.paying.insert(id.to_string()) {
+            return Err(format!("a payment for job {id} is being submitted now"));
+        }
+        Ok(Ok(payment))
+    }
+
+    /// The payment for a job landed.
+    pub fn paid(&mut self, id: &str, transaction: String, payer: PublicKey) -> Result<(), StoreError> {
+        self.paying.remove(id);
+        let Some(job) = self.jobs.get_mut(id) else { return Ok(()) };
+        if let Some(p) = job.view.payment.as_mut() {
+            p.transaction = Some(transaction);
+            p.payer = Some(payer);
+        }
+        let job = job.clone();
+        self.store.put_job(&job)
+    }
+
+    /// The payment for a job did not land.
+    pub fn payment_failed(&mut self, id: &str) {
+        self.paying.remove(id);
     }
 
     /// Records a session just granted.
@@ -352,6 +401,8 @@ impl State {
                 wall_time_us: None,
                 first_dispatch_us: None,
                 error: None,
+                receipt: None,
+                payment: None,
             },
             input,
             result: None,
@@ -616,8 +667,36 @@ impl State {
         result: JobResult,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        let price = self.providers.get(provider).map(|p| p.view.price.per_gpu_second);
+        let pricing = self.config.payments;
         let Some(job) = self.running_on(id, provider) else { return Ok(()) };
         job.view.state = if result.outcome == Outcome::Succeeded { JobState::Succeeded } else { JobState::Failed };
+        job.view.receipt = None;
+        job.view.payment = None;
+        if let Some(r) = result.receipt.as_ref().filter(|_| result.outcome == Outcome::Succeeded) {
+            match r.check(id, provider, &result.output) {
+                Ok(()) if Some(r.price_per_gpu_second) != price => {
+                    log::warn!("job {id}: the receipt's price is not the provider's registered price; not billed");
+                }
+                Ok(()) => {
+                    job.view.receipt = Some(r.clone());
+                    if let Some(p) = pricing.filter(|_| r.amount_due > 0) {
+                        let owner = settlement::address(provider);
+                        let pay_to = settlement::token::token_account(&owner, &settlement::address(&p.mint));
+                        job.view.payment = Some(proto::api::JobPayment {
+                            amount: r.amount_due,
+                            mint: p.mint,
+                            decimals: p.decimals,
+                            pay_to: pay_to.to_string(),
+                            receipt_digest: hash_hex(&r.digest()),
+                            transaction: None,
+                            payer: None,
+                        });
+                    }
+                }
+                Err(e) => log::warn!("job {id}: the provider's receipt was refused: {e}; not billed"),
+            }
+        }
         job.view.usage = Some(result.usage.clone());
         job.view.outcome = Some(result.outcome.clone());
         job.view.output_bytes = Some(result.output.len() as u64);
@@ -792,6 +871,7 @@ mod tests {
             wall_time_ms: 1,
             wall_time_us: 1000,
             first_dispatch_us: None,
+            receipt: None,
         }
     }
 

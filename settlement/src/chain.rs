@@ -39,7 +39,7 @@ pub enum Status {
 }
 
 /// The operations settlement needs from a chain. Blocking: call it off async threads.
-pub trait Chain: Send + Sync {
+pub trait Chain: Send + Sync + std::fmt::Debug {
     /// A recent blockhash to sign transactions against.
     fn latest_blockhash(&self) -> Result<Hash, ChainError>;
     /// Submits a signed transaction and waits until it is confirmed or has failed.

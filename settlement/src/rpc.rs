@@ -39,12 +39,21 @@ impl std::fmt::Debug for RpcChain {
     }
 }
 
-/// A runtime for calls made where there is none (a plain command-line call).
-fn fallback_runtime() -> Result<&'static tokio::runtime::Runtime, ChainError> {
+/// The runtime every RPC call runs on. One runtime, always driven by its own worker, so the
+/// client's pooled connections stay usable whichever thread calls (a connection opened on one
+/// runtime is dead on another).
+fn rpc_runtime() -> Result<&'static tokio::runtime::Runtime, ChainError> {
     static RT: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
-    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().ok())
-        .as_ref()
-        .ok_or_else(|| ChainError::Unreachable("could not start a runtime for RPC calls".into()))
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("wasmgrid-rpc")
+            .enable_all()
+            .build()
+            .ok()
+    })
+    .as_ref()
+    .ok_or_else(|| ChainError::Unreachable("could not start a runtime for RPC calls".into()))
 }
 
 type ClientError = solana_rpc_client::api::client_error::Error;
@@ -65,14 +74,11 @@ impl RpcChain {
         }
     }
 
-    /// Runs one RPC call to completion. Chain calls are blocking (see [`Chain`]): from a
-    /// runtime's blocking thread this uses that runtime, elsewhere a private one.
+    /// Runs one RPC call to completion on the RPC runtime (its IO driven by that runtime's
+    /// worker). Chain calls are blocking (see [`Chain`]): call them from a plain thread or a
+    /// runtime's blocking thread, never from async code.
     fn call<T>(&self, f: impl Future<Output = Result<T, ClientError>>) -> Result<T, ChainError> {
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => handle.block_on(f),
-            Err(_) => fallback_runtime()?.block_on(f),
-        }
-        .map_err(client_error)
+        rpc_runtime()?.block_on(f).map_err(client_error)
     }
 }
 

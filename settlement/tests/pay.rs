@@ -330,6 +330,7 @@ fn a_provider_crash_between_submit_and_confirm_pays_nothing_twice() {
 }
 
 /// A chain that cannot be reached for sending.
+#[derive(Debug)]
 struct FailingChain<'a>(&'a LocalChain);
 
 impl Chain for FailingChain<'_> {

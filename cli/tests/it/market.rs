@@ -519,17 +519,22 @@ fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
     // Every inference settled on the chain; the balances read back from it agree.
     let parties = v["settlement"]["parties"].as_array().unwrap();
     let renter = parties.iter().find(|p| p["role"] == "renter").unwrap();
-    assert_eq!(renter["paid"], 800);
-    assert_eq!(renter["balance"].as_u64().unwrap(), renter["balance_before"].as_u64().unwrap() - 800);
-    assert_eq!(renter["transactions"].as_array().unwrap().len(), 8 + 1, "8 settlements and the refund");
+    // Each job paid once, what its provider's signed receipt said, before its output came.
+    let jobs_paid: u64 = jobs.iter().map(|j| j["paid"].as_u64().unwrap()).sum();
+    assert!(jobs.iter().all(|j| j["payment_transaction"].is_string()));
+    assert_eq!(renter["jobs_paid"].as_u64(), Some(jobs_paid));
+    assert_eq!(renter["paid"].as_u64(), Some(800 + jobs_paid));
+    assert_eq!(renter["balance"].as_u64().unwrap(), renter["balance_before"].as_u64().unwrap() - 800 - jobs_paid);
+    assert_eq!(renter["transactions"].as_array().unwrap().len(), 4 + 8 + 1, "4 jobs, 8 settlements and the refund");
     let alpha = parties.iter().find(|p| p["name"] == "alpha").unwrap();
-    assert_eq!(
-        (alpha["earned"].as_u64(), alpha["balance"].as_u64(), alpha["inferences"].as_u64()),
-        (Some(800), Some(800), Some(8))
-    );
-    assert_eq!(alpha["transactions"].as_array().unwrap().len(), 8);
     let beta = parties.iter().find(|p| p["name"] == "beta").unwrap();
-    assert_eq!(beta["earned"], 0);
+    assert_eq!(alpha["inferences"].as_u64(), Some(8));
+    assert_eq!(alpha["earned"].as_u64(), Some(800 + alpha["jobs_earned"].as_u64().unwrap()));
+    assert_eq!(beta["earned"], beta["jobs_earned"]);
+    for p in [alpha, beta] {
+        assert_eq!(p["earned"], p["balance"], "{p}");
+    }
+    assert_eq!(alpha["jobs_earned"].as_u64().unwrap() + beta["jobs_earned"].as_u64().unwrap(), jobs_paid);
 }
 
 #[test]
@@ -787,4 +792,102 @@ fn a_paid_provider_refuses_unpaid_sessions_and_stops_a_renter_that_stops_paying(
     payer.recover(&chain, &renter).unwrap();
     let mine = settlement::token::token_account(&settlement::address(&renter.public()), &mint.parse().unwrap());
     assert_eq!(settlement::token::token_balance(&chain, &mine).unwrap(), 100_000_000);
+}
+
+#[test]
+fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_refused() {
+    let m = Market::new();
+    let renter = keygen(&m, "renter.json");
+    let provider = keygen(&m, "p.json");
+    let (_chain, url, mint) = local_chain(&m, &[&renter, &provider]);
+    let (_sched, s) = m.scheduler(&["--rpc-url", &url, "--mint", &mint]);
+    let (_host, _) = m.host(&s, "p", &["--price-per-gpu-second", "200000", "--no-sessions"]);
+    online(&s, 1);
+    let sched_url = format!("http://{}", s.http);
+    // Without the means to pay, the job runs but its output is withheld, and the renter is told.
+    let out = m.cmd(&["submit", sample_artifacts::MATMUL, "--scheduler", &sched_url, "--wait"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("released once paid"));
+    let view = get_json(&s, "/v1/jobs/job-000001");
+    let (status, body) = http(&s.http, "GET", "/v1/jobs/job-000001/output", None, b"");
+    assert_eq!(status, 402, "{body}");
+    let terms: proto::api::JobPayment = serde_json::from_value(view["payment"].clone()).unwrap();
+    assert!(terms.amount > 0);
+    assert_eq!(view["receipt"]["amount_due"].as_u64(), Some(terms.amount));
+
+    let chain = settlement::rpc::RpcChain::new(&url);
+    let payer = proto::Keypair::read(&m.path("renter.json")).unwrap();
+    let post = |tx: &str| {
+        let body = serde_json::to_vec(&proto::api::PayJob { transaction: tx.to_string() }).unwrap();
+        http(&s.http, "POST", "/v1/jobs/job-000001/payment", Some("application/json"), &body)
+    };
+    // Less than the receipt says, to someone else, signed by someone else, or not a
+    // transaction at all: each refused with the reason, and nothing moves.
+    let mut less = terms.clone();
+    less.amount -= 1;
+    let mut elsewhere = terms.clone();
+    elsewhere.pay_to = settlement::token::token_account(
+        &settlement::address(&payer.public()),
+        &settlement::address(&mint.parse().unwrap()),
+    )
+    .to_string();
+    for bad in [&less, &elsewhere] {
+        let tx = settlement::pay::job_payment(&chain, &payer, bad).unwrap();
+        let (status, body) = post(&tx);
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("not this job's payment"), "{body}");
+    }
+    let stranger = proto::Keypair::generate();
+    let forged = {
+        use base64::Engine;
+        let b64 = settlement::pay::job_payment(&chain, &payer, &terms).unwrap();
+        let mut tx: solana_sdk::transaction::Transaction =
+            bincode::deserialize(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
+        tx.signatures[0] = stranger.sign(&tx.message.serialize()).0.into();
+        base64::engine::general_purpose::STANDARD.encode(bincode::serialize(&tx).unwrap())
+    };
+    let (status, body) = post(&forged);
+    assert_eq!(status, 400);
+    assert!(body.contains("signature does not verify"), "{body}");
+    assert_eq!(post("not base64!").0, 400);
+    assert_eq!(get_json(&s, "/v1/jobs/job-000001")["payment"]["transaction"], Value::Null);
+
+    // Submitted again with the means to pay: paid through the CLI, and the output comes.
+    let out = m
+        .cmd(&[
+            "submit",
+            sample_artifacts::MATMUL,
+            "--scheduler",
+            &sched_url,
+            "--wait",
+            "--json",
+            "--rpc-url",
+            &url,
+            "--mint",
+            &mint,
+            "--key",
+            m.path("renter.json").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["payment_transaction"].is_string(), "{v}");
+    assert!(v["output"].as_str().unwrap().contains("matches the CPU reference"), "{v}");
+    // Paying job 1 by hand now: exactly once, whatever is sent after.
+    let tx = settlement::pay::job_payment(&chain, &payer, &terms).unwrap();
+    let (status, body) = post(&tx);
+    assert_eq!(status, 200, "{body}");
+    let first: Value = serde_json::from_str(&body).unwrap();
+    let again = settlement::pay::job_payment(&chain, &payer, &terms).unwrap();
+    let (status, body) = post(&again);
+    assert_eq!(status, 200);
+    let second: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(second["transaction"], first["transaction"]);
+    assert_eq!(second["already_paid"], true);
+    let (status, _) = http(&s.http, "GET", "/v1/jobs/job-000001/output", None, b"");
+    assert_eq!(status, 200);
+    let paid_to = settlement::token::token_balance(&chain, &terms.pay_to.parse().unwrap()).unwrap();
+    let job2: u64 = get_json(&s, "/v1/jobs/job-000002")["payment"]["amount"].as_u64().unwrap();
+    assert_eq!(paid_to, 100_000_000 + terms.amount + job2, "each job paid once (on top of what `chain --fund` gave)");
 }
