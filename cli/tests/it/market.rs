@@ -891,3 +891,73 @@ fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_re
     let job2: u64 = get_json(&s, "/v1/jobs/job-000002")["payment"]["amount"].as_u64().unwrap();
     assert_eq!(paid_to, 100_000_000 + terms.amount + job2, "each job paid once (on top of what `chain --fund` gave)");
 }
+
+#[test]
+fn a_paid_session_whose_provider_dies_recovers_its_escrow_and_pays_the_next_one() {
+    let m = Market::new();
+    let renter = proto::Keypair::generate();
+    let (a_key, b_key) = (keygen(&m, "a.json"), keygen(&m, "b.json"));
+    let (_chain, url, mint) = local_chain(&m, &[&renter.public().to_string(), &a_key, &b_key]);
+    let (_sched, s) = m.scheduler(&[]);
+    let paid_host = |name: &str, price: &str| {
+        let ledger = m.path(&format!("{name}-earnings"));
+        let args = [
+            "--sessions",
+            "127.0.0.1:0",
+            "--price-per-inference",
+            price,
+            "--rpc-url",
+            &url,
+            "--mint",
+            &mint,
+            "--ledger",
+        ];
+        let mut args: Vec<&str> = args.to_vec();
+        let ledger = ledger.to_str().unwrap().to_string();
+        args.push(&ledger);
+        m.host(&s, name, &args).0
+    };
+    let mut a = paid_host("a", "2");
+    let _b = paid_host("b", "3");
+    online(&s, 2);
+    let chain: std::sync::Arc<dyn settlement::Chain> = std::sync::Arc::new(settlement::rpc::RpcChain::new(&url));
+    let mint_key: proto::PublicKey = mint.parse().unwrap();
+    let mine =
+        settlement::token::token_account(&settlement::address(&renter.public()), &settlement::address(&mint_key));
+    let rt = runtime();
+    let books = rt.block_on(async {
+        let scheduler = client::Scheduler::new(&format!("http://{}", s.http));
+        let payment = client::Payment { chain: chain.clone(), mint: mint_key, budget: 1_000, ledger: None };
+        let session = client::Session::open_paid(
+            &scheduler,
+            proto::Keypair::from_seed(renter.seed()),
+            std::fs::read(sample_artifacts::MLP).unwrap(),
+            Vec::new(),
+            Default::default(),
+            Some(payment),
+        )
+        .await
+        .unwrap();
+        assert_eq!(session.provider().await.unwrap().to_string(), a_key);
+        for i in 0..3 {
+            session.infer(&mlp_request(i)).await.unwrap();
+        }
+        a.kill9();
+        // The next call moves to b; a's escrow comes back to the renter on the way.
+        let after = session.infer(&mlp_request(9)).await.unwrap();
+        assert_eq!(after.provider.to_string(), b_key);
+        session.infer(&mlp_request(10)).await.unwrap();
+        session.close().await.unwrap()
+    });
+    assert_eq!(books.len(), 2, "{books:?}");
+    let (with_a, with_b) = (&books[0], &books[1]);
+    assert_eq!(with_a.provider.to_string(), a_key);
+    assert!(with_a.closed && with_a.refund.is_some(), "{with_a:?}");
+    // a was paid for what it settled (every inference settles when the next request comes, so
+    // the third, vouched but never settled, is a's loss: its exposure of one inference).
+    assert_eq!(with_a.paid, 2 * 2);
+    assert_eq!(with_a.refunded, 1_000 - with_a.paid);
+    assert_eq!((with_b.inferences, with_b.paid, with_b.refunded), (2, 2 * 3, 1_000 - 6));
+    let balance = settlement::token::token_balance(chain.as_ref(), &mine).unwrap();
+    assert_eq!(balance, 100_000_000 - with_a.paid - with_b.paid, "nothing else left the renter");
+}
