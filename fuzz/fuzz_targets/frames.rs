@@ -1,10 +1,29 @@
-//! Feeds arbitrary bytes to every decoder that reads the network: the frame splitter and each
-//! message type. None may panic; each either decodes or refuses with an error.
+//! Feeds arbitrary bytes to every decoder that reads the network: the frame splitter, each
+//! message type, the HTTP bodies, a job payment's transaction and its check, and the local
+//! chain's JSON-RPC front. None may panic; each either decodes or refuses with an error.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use proto::frame::{FrameDecoder, decode_body};
 use proto::msg::{HostMsg, JobMsg, JobReply, SchedulerMsg, SessionMsg, SessionReply};
+
+/// One local chain for every input (starting one loads the SPL programs).
+fn chain() -> &'static settlement::LocalChain {
+    static CHAIN: std::sync::OnceLock<settlement::LocalChain> = std::sync::OnceLock::new();
+    CHAIN.get_or_init(settlement::LocalChain::new)
+}
+
+fn terms() -> proto::api::JobPayment {
+    proto::api::JobPayment {
+        amount: 7,
+        mint: proto::PublicKey([3; 32]),
+        decimals: 6,
+        pay_to: "11111111111111111111111111111111".into(),
+        receipt_digest: "ab".repeat(32),
+        transaction: None,
+        payer: None,
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let mut frames = FrameDecoder::new(1 << 16);
@@ -24,5 +43,11 @@ fuzz_target!(|data: &[u8]| {
     let _ = decode_body::<SessionMsg>(data);
     let _ = decode_body::<SessionReply>(data);
     let _ = serde_json::from_slice::<proto::api::SubmitJob>(data);
+    let _ = serde_json::from_slice::<proto::api::PayJob>(data);
+    let _ = serde_json::from_slice::<proto::api::JobView>(data);
+    if let Ok(tx) = settlement::pay::decode_transaction_bytes(data) {
+        let _ = settlement::pay::check_job_payment(&tx, &terms());
+    }
+    let _ = settlement::rpc::handle(chain(), data);
     let _ = proto::Keypair::from_json(&String::from_utf8_lossy(data), "fuzz");
 });

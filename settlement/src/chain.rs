@@ -70,6 +70,9 @@ struct Local {
     recent: VecDeque<Hash>,
 }
 
+/// Most lamports an account may hold after an airdrop: about 1.8 billion SOL, well inside u64.
+const MAX_LAMPORTS: u64 = 1 << 60;
+
 /// Blocks a blockhash stays usable for.
 const RECENT_BLOCKS: usize = 150;
 
@@ -176,6 +179,10 @@ impl LocalChain {
     /// Gives `to` lamports, returning the airdrop transaction's signature.
     pub fn airdrop_signed(&self, to: &Pubkey, lamports: u64) -> Result<Signature, ChainError> {
         let mut l = self.lock();
+        let has = l.svm.get_account(to).map_or(0, |a| a.lamports);
+        if has.checked_add(lamports).is_none_or(|total| total > MAX_LAMPORTS) {
+            return Err(ChainError::Failed(format!("an airdrop of {lamports} lamports is too large")));
+        }
         let r =
             l.svm.airdrop(to, lamports).map(|m| m.signature).map_err(|e| ChainError::Failed(format!("{:?}", e.err)));
         if let Ok(sig) = &r {

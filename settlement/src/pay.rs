@@ -798,10 +798,15 @@ pub fn decode_transaction(b64: &str) -> Result<Transaction, String> {
         return Err("the transaction is over Solana's 1232-byte limit".into());
     }
     let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| "the transaction is not base64")?;
+    decode_transaction_bytes(&bytes)
+}
+
+/// A transaction from its wire format.
+pub fn decode_transaction_bytes(bytes: &[u8]) -> Result<Transaction, String> {
     if bytes.len() > TX_CAP {
         return Err("the transaction is over Solana's 1232-byte limit".into());
     }
-    bincode::deserialize(&bytes).map_err(|e| format!("not a Solana transaction: {e}"))
+    bincode::deserialize(bytes).map_err(|e| format!("not a Solana transaction: {e}"))
 }
 
 /// Checks that `tx` is exactly the payment `terms` call for (any payer, any recent blockhash)

@@ -140,23 +140,27 @@ pub async fn serve(chain: Arc<LocalChain>, addr: SocketAddr) -> std::io::Result<
 const BODY_CAP: usize = 64 * 1024;
 
 async fn rpc(State(chain): State<Arc<LocalChain>>, body: axum::body::Bytes) -> Json<Value> {
+    // The chain's calls block (and take its lock): keep them off the async threads.
+    let answer = tokio::task::spawn_blocking(move || handle(&chain, &body)).await;
+    Json(answer.unwrap_or_else(|e| error(Value::Null, -32603, format!("internal error: {e}"))))
+}
+
+/// Answers one JSON-RPC request body (blocking): a result, or an error object for anything
+/// malformed, unknown or refused by the chain.
+pub fn handle(chain: &LocalChain, body: &[u8]) -> Value {
     if body.len() > BODY_CAP {
-        return Json(error(Value::Null, -32600, "request too large".into()));
+        return error(Value::Null, -32600, "request too large".into());
     }
-    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
-        return Json(error(Value::Null, -32700, "parse error".into()));
+    let Ok(req) = serde_json::from_slice::<Value>(body) else {
+        return error(Value::Null, -32700, "parse error".into());
     };
     let id = req.get("id").cloned().unwrap_or(Value::Null);
-    let method = req.get("method").and_then(Value::as_str).unwrap_or("").to_string();
+    let method = req.get("method").and_then(Value::as_str).unwrap_or("");
     let params = req.get("params").cloned().unwrap_or(Value::Null);
-    // The chain's calls block (and take its lock): keep them off the async threads.
-    let answer = tokio::task::spawn_blocking(move || dispatch(&chain, &method, &params))
-        .await
-        .unwrap_or_else(|e| Err((-32603, format!("internal error: {e}"))));
-    Json(match answer {
+    match dispatch(chain, method, &params) {
         Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
         Err((code, message)) => error(id, code, message),
-    })
+    }
 }
 
 fn error(id: Value, code: i64, message: String) -> Value {
