@@ -12,7 +12,8 @@
 //!   voucher signed on it: nothing pays twice, and nothing pays more than the renter signed.
 //! - **Refund.** After each settlement (and when the session opens) the provider signs a refund
 //!   of everything left, on the current nonce, and hands it to the renter, who submits it when
-//!   the session ends or the provider vanishes.
+//!   the session ends or the provider vanishes. Submitted early, it voids the vouchers not yet
+//!   settled: the provider's exposure is the inferences since its last settlement.
 //!
 //! Both sides build each transaction message with the functions here, from the same fields, so
 //! a signature sent over the wire can be checked against the exact transfer it authorizes.
