@@ -64,7 +64,7 @@ fn matmul_input(n: u32) -> Vec<u8> {
 const BUDGET: u64 = 10_000;
 
 /// A new mint, 100 of it (6 decimals) in the renter's token account, and SOL for the renter.
-fn stablecoin(chain: &dyn Chain, renter: &Keypair) -> anyhow::Result<(Pubkey, solana_sdk::signature::Keypair)> {
+fn stablecoin(chain: &dyn Chain, renter: &Keypair) -> anyhow::Result<Pubkey> {
     use solana_sdk::signature::Signer;
     let issuer = solana_sdk::signature::Keypair::new();
     let r = settlement::signer(renter);
@@ -73,7 +73,7 @@ fn stablecoin(chain: &dyn Chain, renter: &Keypair) -> anyhow::Result<(Pubkey, so
     let mint = settlement::token::create_mint(chain, &issuer, &issuer.pubkey(), 6)?;
     let account = settlement::token::ensure_token_account(chain, &r, &r.pubkey(), &mint)?;
     settlement::token::mint_to(chain, &issuer, &mint, &account, 100_000_000)?;
-    Ok((mint, issuer))
+    Ok(mint)
 }
 
 async fn token_balance(chain: &Arc<dyn Chain>, account: Pubkey) -> anyhow::Result<u64> {
@@ -217,14 +217,13 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         // holding 100 of it, and SOL for everyone's fees and rent.
         let chain: Arc<dyn Chain> = Arc::new(settlement::LocalChain::new());
         let renter = Keypair::generate();
-        let (mint, issuer) = {
+        let mint = {
             let (chain, renter) = (chain.clone(), Keypair::from_seed(renter.seed()));
             tokio::task::spawn_blocking(move || stablecoin(chain.as_ref(), &renter)).await??
         };
         say(format!("chain       in-process (LiteSVM), mint {mint} (6 decimals), renter {}", renter.public()));
         let renter_tokens = settlement::token::token_account(&settlement::address(&renter.public()), &mint);
         let renter_before = token_balance(&chain, renter_tokens).await?;
-        let _ = issuer;
         let listening = scheduler::start(scheduler::SchedulerConfig {
             http: loopback,
             quic: loopback,

@@ -22,6 +22,7 @@ fn terms() -> proto::api::JobPayment {
         receipt_digest: "ab".repeat(32),
         transaction: None,
         payer: None,
+        pending: None,
     }
 }
 

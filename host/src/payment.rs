@@ -269,6 +269,9 @@ mod tests {
         fn rent(&self, len: usize) -> Result<u64, ChainError> {
             self.0.rent(len)
         }
+        fn is_blockhash_valid(&self, h: &solana_sdk::hash::Hash) -> Result<bool, ChainError> {
+            self.0.is_blockhash_valid(h)
+        }
         fn airdrop(&self, to: &solana_sdk::pubkey::Pubkey, lamports: u64) -> Result<(), ChainError> {
             self.0.airdrop(to, lamports)
         }

@@ -143,6 +143,18 @@ pub struct JobPayment {
     /// The payment transaction's signature (base58), once it landed.
     pub transaction: Option<String>,
     pub payer: Option<PublicKey>,
+    /// A payment submitted whose outcome is not known yet (the chain did not answer): its
+    /// signature and blockhash. No other payment is taken while it could still land.
+    #[serde(default)]
+    pub pending: Option<PendingPayment>,
+}
+
+/// A job payment sent to the chain, outcome unknown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingPayment {
+    pub transaction: String,
+    pub blockhash: String,
+    pub payer: PublicKey,
 }
 
 /// `POST /v1/jobs/{id}/payment`: the renter's signed payment transaction.

@@ -320,6 +320,20 @@ fn router(shared: Shared) -> Router {
         .with_state(shared)
 }
 
+/// The router alone, taking job payments on `chain`, for tests.
+pub fn test_router_with_chain(state: State, chain: Arc<dyn settlement::Chain>) -> Router {
+    router(Shared {
+        state: Arc::new(Mutex::new(state)),
+        keypair: Arc::new(Keypair::generate()),
+        conns: Arc::new(Mutex::new(HashMap::new())),
+        wake: Arc::new(Notify::new()),
+        changed: Arc::new(tokio::sync::watch::channel(0).0),
+        control: Arc::new(Mutex::new(HashMap::new())),
+        listening: Arc::new(Mutex::new(None)),
+        chain: Some(chain),
+    })
+}
+
 /// The router alone, for tests that drive it without sockets.
 pub fn test_router(state: State) -> Router {
     router(Shared {
@@ -469,37 +483,116 @@ async fn pay_job(
         Err(e) if e.starts_with("no job") => return api_error(StatusCode::NOT_FOUND, e),
         Err(e) => return api_error(StatusCode::CONFLICT, e),
     };
+    // An earlier payment whose outcome was not known: settle that question first.
+    if let Some(p) = terms.pending.clone() {
+        let c = chain.clone();
+        let known = tokio::task::spawn_blocking(move || pending_outcome(c.as_ref(), &p)).await;
+        match known {
+            Ok(Ok(Some(true))) => {
+                let p = terms.pending.clone().map(|p| (p.transaction, p.payer));
+                if let Some((sig, payer)) = p {
+                    return record_payment(&shared, &id, sig, payer, true).await;
+                }
+            }
+            Ok(Ok(Some(false))) => {}
+            Ok(Ok(None)) => {
+                let _ = shared.state().payment_failed(&id, terms.pending.clone());
+                return api_error(
+                    StatusCode::CONFLICT,
+                    "an earlier payment for this job may still land; ask again in a minute".to_string(),
+                );
+            }
+            Ok(Err(e)) => {
+                let _ = shared.state().payment_failed(&id, terms.pending.clone());
+                return api_error(StatusCode::SERVICE_UNAVAILABLE, format!("the chain cannot be asked now: {e}"));
+            }
+            Err(e) => {
+                let _ = shared.state().payment_failed(&id, terms.pending.clone());
+                return api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+            }
+        }
+    }
     let checked = settlement::pay::decode_transaction(&req.transaction)
         .and_then(|tx| settlement::pay::check_job_payment(&tx, &terms).map(|payer| (tx, payer)));
     let (tx, payer) = match checked {
         Ok(t) => t,
         Err(e) => {
-            shared.state().payment_failed(&id);
+            let _ = shared.state().payment_failed(&id, None);
             return api_error(StatusCode::BAD_REQUEST, e);
         }
     };
-    let sent = tokio::task::spawn_blocking(move || chain.send(&tx)).await;
+    let signature = tx.signatures.first().map(ToString::to_string).unwrap_or_default();
+    let pending = proto::api::PendingPayment {
+        transaction: signature.clone(),
+        blockhash: tx.message.recent_blockhash.to_string(),
+        payer: settlement::wire_key(&payer),
+    };
+    // On disk before it is sent: a crash or a lost answer leaves it pending, never forgotten.
+    let noted = shared.state().payment_sending(&id, pending.clone());
+    if let Err(e) = noted.map_err(|e| e.to_string()) {
+        let _ = shared.state().payment_failed(&id, None);
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    if let Err(e) = durable(&shared).await {
+        let _ = shared.state().payment_failed(&id, Some(pending));
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    let c = chain.clone();
+    let sent = tokio::task::spawn_blocking(move || {
+        let sent = c.send(&tx);
+        // Failed to hear back is not failed to land: ask once more.
+        let landed = sent.is_err()
+            && tx.signatures.first().is_some_and(|sig| matches!(c.status(sig), Ok(settlement::Status::Succeeded)));
+        (sent, landed)
+    })
+    .await;
     match sent {
-        Ok(Ok(sig)) => {
-            let recorded = shared.state().paid(&id, sig.to_string(), settlement::wire_key(&payer));
-            if let Err(e) = recorded.map_err(|e| e.to_string()) {
-                return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
-            }
-            if let Err(e) = durable(&shared).await {
-                return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
-            }
-            shared.bump();
-            axum::Json(serde_json::json!({ "transaction": sig.to_string(), "already_paid": false })).into_response()
-        }
-        Ok(Err(e)) => {
-            shared.state().payment_failed(&id);
+        Ok((Ok(sig), _)) => record_payment(&shared, &id, sig.to_string(), settlement::wire_key(&payer), false).await,
+        Ok((Err(_), true)) => record_payment(&shared, &id, signature, settlement::wire_key(&payer), false).await,
+        Ok((Err(e @ settlement::ChainError::Failed(_)), false)) => {
+            let _ = shared.state().payment_failed(&id, None);
             api_error(StatusCode::PAYMENT_REQUIRED, format!("the payment did not go through: {e}"))
         }
+        Ok((Err(e), false)) => {
+            let _ = shared.state().payment_failed(&id, Some(pending));
+            api_error(StatusCode::SERVICE_UNAVAILABLE, format!("the payment's outcome is not known yet: {e}"))
+        }
         Err(e) => {
-            shared.state().payment_failed(&id);
+            let _ = shared.state().payment_failed(&id, Some(pending));
             api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
     }
+}
+
+/// Whether a pending payment landed (`Some(true)`), can no longer land (`Some(false)`), or
+/// may still land (`None`).
+fn pending_outcome(
+    chain: &dyn settlement::Chain,
+    p: &proto::api::PendingPayment,
+) -> Result<Option<bool>, settlement::ChainError> {
+    let sig: settlement::solana::Signature =
+        p.transaction.parse().map_err(|_| settlement::ChainError::Instruction("bad pending signature".into()))?;
+    match chain.status(&sig)? {
+        settlement::Status::Succeeded => Ok(Some(true)),
+        settlement::Status::Failed(_) => Ok(Some(false)),
+        settlement::Status::Unknown => {
+            let hash =
+                p.blockhash.parse().map_err(|_| settlement::ChainError::Instruction("bad pending blockhash".into()))?;
+            Ok(if chain.is_blockhash_valid(&hash)? { None } else { Some(false) })
+        }
+    }
+}
+
+async fn record_payment(shared: &Shared, id: &str, sig: String, payer: PublicKey, earlier: bool) -> Response {
+    let recorded = shared.state().paid(id, sig.clone(), payer);
+    if let Err(e) = recorded.map_err(|e| e.to_string()) {
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    if let Err(e) = durable(shared).await {
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    shared.bump();
+    axum::Json(serde_json::json!({ "transaction": sig, "already_paid": earlier })).into_response()
 }
 
 async fn get_log(AxumState(shared): AxumState<Shared>, Path(id): Path<String>) -> Response {

@@ -225,14 +225,35 @@ impl State {
         if let Some(p) = job.view.payment.as_mut() {
             p.transaction = Some(transaction);
             p.payer = Some(payer);
+            p.pending = None;
         }
         let job = job.clone();
         self.store.put_job(&job)
     }
 
-    /// The payment for a job did not land.
-    pub fn payment_failed(&mut self, id: &str) {
+    /// The payment for a job did not land (or its outcome is unknown: `pending` keeps it so
+    /// that no second payment is taken while it could still land).
+    pub fn payment_failed(&mut self, id: &str, pending: Option<proto::api::PendingPayment>) -> Result<(), StoreError> {
         self.paying.remove(id);
+        let Some(job) = self.jobs.get_mut(id) else { return Ok(()) };
+        if let Some(p) = job.view.payment.as_mut()
+            && p.pending != pending
+        {
+            p.pending = pending;
+            let job = job.clone();
+            self.store.put_job(&job)?;
+        }
+        Ok(())
+    }
+
+    /// Notes a payment about to be sent, before it is (a crash then leaves it pending).
+    pub fn payment_sending(&mut self, id: &str, pending: proto::api::PendingPayment) -> Result<(), StoreError> {
+        let Some(job) = self.jobs.get_mut(id) else { return Ok(()) };
+        if let Some(p) = job.view.payment.as_mut() {
+            p.pending = Some(pending);
+        }
+        let job = job.clone();
+        self.store.put_job(&job)
     }
 
     /// Records a session just granted.
@@ -691,6 +712,7 @@ impl State {
                             receipt_digest: hash_hex(&r.digest()),
                             transaction: None,
                             payer: None,
+                            pending: None,
                         });
                     }
                 }

@@ -48,6 +48,8 @@ pub trait Chain: Send + Sync + std::fmt::Debug {
     fn status(&self, signature: &Signature) -> Result<Status, ChainError>;
     /// An account's current state, `None` where it does not exist.
     fn account(&self, key: &Pubkey) -> Result<Option<Account>, ChainError>;
+    /// Whether a transaction signed against `blockhash` could still land.
+    fn is_blockhash_valid(&self, blockhash: &Hash) -> Result<bool, ChainError>;
     /// Lamports that keep an account of `len` bytes rent-exempt.
     fn rent(&self, len: usize) -> Result<u64, ChainError>;
     /// Lamports per signature in fees.
@@ -222,6 +224,10 @@ impl Chain for LocalChain {
 
     fn rent(&self, len: usize) -> Result<u64, ChainError> {
         Ok(self.lock().svm.minimum_balance_for_rent_exemption(len))
+    }
+
+    fn is_blockhash_valid(&self, blockhash: &Hash) -> Result<bool, ChainError> {
+        Ok(self.is_recent(blockhash))
     }
 
     fn airdrop(&self, to: &Pubkey, lamports: u64) -> Result<(), ChainError> {

@@ -107,6 +107,10 @@ impl Chain for RpcChain {
         self.call(self.client.get_minimum_balance_for_rent_exemption(len))
     }
 
+    fn is_blockhash_valid(&self, blockhash: &Hash) -> Result<bool, ChainError> {
+        self.call(self.client.is_blockhash_valid(blockhash, CommitmentConfig::processed()))
+    }
+
     fn airdrop(&self, to: &Pubkey, lamports: u64) -> Result<(), ChainError> {
         let signature = self.call(self.client.request_airdrop(to, lamports))?;
         for _ in 0..60 {

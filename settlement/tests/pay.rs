@@ -355,6 +355,9 @@ impl Chain for FailingChain<'_> {
     fn rent(&self, len: usize) -> Result<u64, settlement::ChainError> {
         self.0.rent(len)
     }
+    fn is_blockhash_valid(&self, h: &solana_sdk::hash::Hash) -> Result<bool, settlement::ChainError> {
+        self.0.is_blockhash_valid(h)
+    }
     fn airdrop(&self, to: &solana_sdk::pubkey::Pubkey, lamports: u64) -> Result<(), settlement::ChainError> {
         self.0.airdrop(to, lamports)
     }
