@@ -79,9 +79,21 @@ impl LinkPay {
         let refund = refund.ok_or("the provider sent no refund: not depositing")?;
         self.payer.accept_refund(&refund).map_err(|e| e.to_string())?;
         let (chain, r, terms) = (self.payment.chain.clone(), self.renter.clone(), self.payer.terms().clone());
-        blocking(move || settlement::fund_escrow(chain.as_ref(), &settlement::signer(&r), &terms))
-            .await?
-            .map_err(|e| format!("depositing the budget: {e}"))?;
+        blocking(move || {
+            let funded = settlement::fund_escrow(chain.as_ref(), &settlement::signer(&r), &terms);
+            // No answer is not no deposit: a deposit that landed anyway must not be made twice.
+            match funded {
+                Err(e)
+                    if settlement::token::token_balance(chain.as_ref(), &terms.escrow).ok() == Some(terms.budget) =>
+                {
+                    log::info!("the deposit landed though its answer was lost: {e}");
+                    Ok(())
+                }
+                other => other,
+            }
+        })
+        .await?
+        .map_err(|e| format!("depositing the budget: {e}"))?;
         Ok(())
     }
 
