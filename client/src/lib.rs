@@ -449,8 +449,17 @@ impl Session {
                 if pending.len() > 1024 {
                     return Err("the provider's receipts skip sequence numbers".into());
                 }
+                // Only a receipt that was checked is paid for: paid calls go one at a time, so
+                // this call's receipt must be the last one checked.
+                let checked = checker.last() == Some(&receipt);
                 drop(guard);
                 if let Some(p) = pay.as_mut() {
+                    if !checked {
+                        return Err(format!(
+                            "the provider's receipt {} is out of order on a paid session; not paying for it",
+                            receipt.sequence
+                        ));
+                    }
                     p.answered(&receipt, settled).await.map_err(|e| format!("paying the provider: {e}"))?;
                 }
                 Ok(Ok(Answer { response: bytes, usage, provider: link.provider, receipt }))

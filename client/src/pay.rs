@@ -136,8 +136,16 @@ impl LinkPay {
     ) -> Result<(), String> {
         if let Some(s) = settled {
             self.follow(&s).await?;
-        } else if let Some(r) = refund {
-            self.payer.accept_refund(&r).map_err(|e| e.to_string())?;
+        } else if let Some(r) = refund
+            && self.payer.accept_refund(&r).is_err()
+        {
+            // A settlement whose news was lost moved the nonce: take the current refund after
+            // checking the chain.
+            let (chain, mut payer) = (self.payment.chain.clone(), self.payer.clone());
+            let payer =
+                blocking(move || payer.resync(chain.as_ref(), &r).map(|()| payer)).await?.map_err(|e| e.to_string())?;
+            self.book.paid = payer.paid();
+            self.payer = payer;
         }
         self.recover().await
     }

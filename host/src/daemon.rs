@@ -723,7 +723,8 @@ impl Served {
     }
 
     fn answer(&mut self, msg: SessionMsg, keypair: &Keypair) -> SessionReply {
-        if let Some(why) = &self.over {
+        // A close is answered whatever happened before: the renter needs the current refund.
+        if let Some(why) = self.over.as_ref().filter(|_| !matches!(msg, SessionMsg::Close { .. })) {
             return SessionReply::Failed { kind: "payment".into(), limit: None, message: why.clone() };
         }
         match msg {
@@ -749,11 +750,9 @@ impl Served {
         if let Some(Err(message)) = self.pay.as_mut().map(|p| p.funded()) {
             return SessionReply::Failed { kind: "payment".into(), limit: None, message };
         }
-        let settled = match self.pay.as_mut().map(|p| p.before_serve(keypair, voucher)) {
-            None | Some(Ok(None)) => None,
-            Some(Ok(Some(s))) => Some(Box::new(s)),
-            Some(Err(e)) => return self.payment_failed(e),
-        };
+        if let Some(Err(e)) = self.pay.as_mut().map(|p| p.before_serve(voucher)) {
+            return self.payment_failed(e);
+        }
         match self.service.infer(&bytes) {
             Ok(inf) => {
                 let u = &inf.usage;
@@ -766,9 +765,10 @@ impl Served {
                     gpu_time_ns: u.gpu_time_ns,
                 };
                 let receipt = Box::new(self.signer.next(keypair, &call, &bytes, &inf.response));
-                if let Some(p) = self.pay.as_mut() {
+                let settled = self.pay.as_mut().and_then(|p| {
                     p.served(&receipt);
-                }
+                    p.after_serve(keypair).map(Box::new)
+                });
                 self.last = Some(receipt.clone());
                 if settled.is_some() {
                     self.report(false);

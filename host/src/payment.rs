@@ -65,9 +65,14 @@ impl PaymentConfig {
         for book in books.into_iter().filter(|b| b.role == Role::Provider && !b.closed) {
             let Some(payee) = book.payee.clone() else { continue };
             let mut s = SessionPay { config: self.clone(), payee, book, oldest_unsettled: None };
-            s.payee.resume(self.chain.as_ref(), keypair, &mut |_| Ok(())).map_err(|e| e.to_string())?;
-            if s.settle(keypair).map_err(|e| format!("session {}: {e}", s.book.session))?.is_some() {
-                settled += 1;
+            // Each session on its own: one that cannot settle (its escrow refunded, the chain
+            // away) must not keep the others, or new sessions, from being served.
+            let resumed = s.payee.resume(self.chain.as_ref(), keypair, &mut |_| Ok(())).map_err(|e| e.to_string());
+            let closed = s.payee.is_closed();
+            match resumed.and_then(|_| if closed { Ok(None) } else { s.settle(keypair) }) {
+                Ok(Some(_)) => settled += 1,
+                Ok(None) => {}
+                Err(e) => log::warn!("session {}: {e}; left for a later run", s.book.session),
             }
             s.sync();
             s.save(true);
@@ -129,22 +134,29 @@ impl SessionPay {
             .map_err(|e| format!("the escrow was never funded, nothing is served until it is: {e}"))
     }
 
-    /// Before serving a request: takes its voucher, settles if the policy says so, and checks
-    /// that one more inference may be served. An error ends the session, with its reason.
-    pub(crate) fn before_serve(
-        &mut self,
-        keypair: &Keypair,
-        voucher: Option<&Voucher>,
-    ) -> Result<Option<Settled>, String> {
+    /// Before serving a request: takes its voucher and checks that one more inference may be
+    /// served. An error ends the session, with its reason.
+    pub(crate) fn before_serve(&mut self, voucher: Option<&Voucher>) -> Result<(), String> {
         if let Some(v) = voucher {
             self.take(v)?;
         }
+        let next_due = (self.book.inferences + 1).saturating_mul(self.book.price_per_inference);
+        self.payee.may_serve(next_due, self.config.max_unvouched.max(1))
+    }
+
+    /// After a request was served (and its receipt noted): settles if the policy says so. The
+    /// settlement, with the new refund, goes back with this response, so the renter always
+    /// learns of it. A chain that cannot be reached now is not fatal: the voucher keeps.
+    pub(crate) fn after_serve(&mut self, keypair: &Keypair) -> Option<Settled> {
         let (n, amount) = self.payee.unsettled();
         let age = self.oldest_unsettled.map(|t| t.elapsed()).unwrap_or_default();
-        let settled = if self.config.policy.due(n, amount, age) { self.settle(keypair)? } else { None };
-        let next_due = (self.book.inferences + 1).saturating_mul(self.book.price_per_inference);
-        self.payee.may_serve(next_due, self.config.max_unvouched.max(1))?;
-        Ok(settled)
+        if !self.config.policy.due(n, amount, age) {
+            return None;
+        }
+        self.settle(keypair).unwrap_or_else(|e| {
+            log::warn!("session {}: {e}; settling later", self.book.session);
+            None
+        })
     }
 
     fn take(&mut self, v: &Voucher) -> Result<(), String> {
@@ -314,14 +326,19 @@ mod tests {
         payer.accept_refund(&refund).unwrap();
         settlement::fund_escrow(chain.as_ref(), &r, &terms).unwrap();
         pay.funded().unwrap();
-        assert_eq!(pay.before_serve(&provider, None).unwrap(), None);
+        pay.before_serve(None).unwrap();
         let mut receipts = ReceiptSigner::new([5; 16], renter.public(), 10);
-        let first = receipts.next(&provider, &Counts { inferences: 1, ..Counts::default() }, b"q", b"a");
+        let one = Counts { inferences: 1, ..Counts::default() };
+        let first = receipts.next(&provider, &one, b"q", b"a");
         pay.served(&first);
+        assert_eq!(pay.after_serve(&provider), None, "nothing vouched yet");
+        // The next request brings the voucher for the first; serving it, the provider settles
+        // that voucher, which lands, and the provider dies before it hears back.
         let voucher = payer.voucher(&renter, &first).unwrap();
-        // The next request brings the voucher; settling it lands, and the provider dies.
-        let died =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pay.before_serve(&provider, Some(&voucher))));
+        pay.before_serve(Some(&voucher)).unwrap();
+        let second = receipts.next(&provider, &one, b"q", b"a");
+        pay.served(&second);
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pay.after_serve(&provider)));
         assert!(died.is_err());
         let paid = |c: &LocalChain| {
             let mine = settlement::token::token_account(&settlement::address(&provider.public()), &mint);
@@ -338,7 +355,7 @@ mod tests {
         let (books, bad) = settlement::ledger::load(dir.path()).unwrap();
         assert!(bad.is_empty());
         let book = books.iter().find(|b| b.session == "05".repeat(16)).unwrap();
-        assert_eq!((book.paid, book.settlements.len(), book.inferences), (10, 1, 1));
+        assert_eq!((book.paid, book.settlements.len(), book.inferences), (10, 1, 2));
         assert_eq!(book.device, "gpu0");
     }
 }

@@ -483,6 +483,26 @@ async fn pay_job(
         Err(e) if e.starts_with("no job") => return api_error(StatusCode::NOT_FOUND, e),
         Err(e) => return api_error(StatusCode::CONFLICT, e),
     };
+    // The rest runs as its own task: a client that hangs up mid-payment must not leave the job
+    // marked as being paid (nor a sent payment unrecorded).
+    let task = tokio::spawn(pay_started(shared.clone(), id.clone(), req, terms, chain));
+    match task.await {
+        Ok(r) => r,
+        Err(e) => {
+            // Whatever it noted as pending stays noted.
+            shared.state().payment_abandoned(&id);
+            api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
+}
+
+async fn pay_started(
+    shared: Shared,
+    id: String,
+    req: proto::api::PayJob,
+    terms: proto::api::JobPayment,
+    chain: Arc<dyn settlement::Chain>,
+) -> Response {
     // An earlier payment whose outcome was not known: settle that question first.
     if let Some(p) = terms.pending.clone() {
         let c = chain.clone();

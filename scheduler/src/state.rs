@@ -246,6 +246,11 @@ impl State {
         Ok(())
     }
 
+    /// Nobody is submitting a payment for this job any more; what was noted stays.
+    pub fn payment_abandoned(&mut self, id: &str) {
+        self.paying.remove(id);
+    }
+
     /// Notes a payment about to be sent, before it is (a crash then leaves it pending).
     pub fn payment_sending(&mut self, id: &str, pending: proto::api::PendingPayment) -> Result<(), StoreError> {
         let Some(job) = self.jobs.get_mut(id) else { return Ok(()) };
@@ -292,6 +297,12 @@ impl State {
                 s.receipts = r.sequence;
                 s.amount_due = r.amount_due;
             }
+        }
+        if paid > s.amount_due {
+            return Err(format!(
+                "session {id}: {paid} reported paid, more than the {} its receipts make due",
+                s.amount_due
+            ));
         }
         if paid >= s.paid {
             s.paid = paid;

@@ -71,7 +71,7 @@ fn receipts_and_vouchers() {
     let receipts = per_second(n, t.elapsed());
 
     // Paid: the same, plus the renter's voucher and the provider's check of it.
-    let (payer, mut payee) = session(&w, u64::MAX / 8);
+    let (mut payer, mut payee) = session(&w, u64::MAX / 8);
     let mut signer_ = ReceiptSigner::new([2; 16], renter, PRICE);
     let mut checker = Checker::new([2; 16], provider.public(), renter, PRICE);
     let t = Instant::now();

@@ -121,7 +121,9 @@ impl LocalChain {
         let blockhash = *tx.message.recent_blockhash();
         // LiteSVM takes only its latest blockhash (or a durable nonce); one of the last blocks'
         // is as good on a cluster, so run the transaction as of that block.
-        let older = blockhash != latest && l.recent.contains(&blockhash);
+        // Never for a transaction touching a nonce: the System program derives a nonce from the
+        // block's hash, and an older one would let a nonce be rewound (and old vouchers paid).
+        let older = blockhash != latest && l.recent.contains(&blockhash) && !touches_nonce(&tx);
         if older {
             l.svm.set_latest_blockhash(blockhash);
         }
@@ -153,6 +155,17 @@ impl LocalChain {
             Err(e) => Err(ChainError::Failed(format!("{:?} {}", e.err, e.meta.logs.join(" | ")))),
         }
     }
+}
+
+/// Whether a transaction has a System instruction that reads the block's hash for a nonce
+/// (advance, withdraw, initialize).
+fn touches_nonce(tx: &VersionedTransaction) -> bool {
+    let keys = tx.message.static_account_keys();
+    tx.message.instructions().iter().any(|ix| {
+        let system = keys.get(usize::from(ix.program_id_index)) == Some(&solana_system_interface::program::ID);
+        let tag = ix.data.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes);
+        system && matches!(tag, Some(4..=6))
+    })
 }
 
 impl Local {

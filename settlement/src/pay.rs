@@ -360,13 +360,15 @@ pub struct Payer {
     paid: u64,
     refund: Option<Refund>,
     settled: Vec<Settled>,
+    /// The most this renter ever signed for, cumulatively.
+    vouched: u64,
 }
 
 impl Payer {
     /// After [`create_escrow`]: the renter's view, on the escrow's first nonce.
     pub fn new(chain: &dyn Chain, terms: Terms) -> Result<Payer, PayError> {
         let nonce = verify_escrow(chain, &terms, false)?;
-        Ok(Payer { terms, nonce, paid: 0, refund: None, settled: Vec::new() })
+        Ok(Payer { terms, nonce, paid: 0, refund: None, settled: Vec::new(), vouched: 0 })
     }
 
     pub fn terms(&self) -> &Terms {
@@ -388,13 +390,15 @@ impl Payer {
         self.refund.as_ref()
     }
 
-    /// Signs the voucher for a checked receipt.
-    pub fn voucher(&self, renter: &proto::Keypair, r: &Receipt) -> Result<Voucher, PayError> {
+    /// Signs the voucher for a receipt the caller checked (signature, order, counts, price:
+    /// `proto::receipt::Checker`). Refuses one over the budget.
+    pub fn voucher(&mut self, renter: &proto::Keypair, r: &Receipt) -> Result<Voucher, PayError> {
         if r.amount_due > self.terms.budget {
             return Err(PayError::OverBudget { budget: self.terms.budget, got: r.amount_due });
         }
         let amount = r.amount_due.saturating_sub(self.paid);
         let msg = self.terms.voucher_message(&self.nonce, amount, &r.digest())?;
+        self.vouched = self.vouched.max(r.amount_due);
         Ok(Voucher {
             sequence: r.sequence,
             cumulative: r.amount_due,
@@ -417,6 +421,7 @@ impl Payer {
     /// new nonce come from the chain, not from the provider.
     pub fn settled(&mut self, chain: &dyn Chain, s: &Settled) -> Result<(), PayError> {
         let Some((nonce, paid)) = on_chain(chain, &self.terms)? else { return Err(PayError::Closed) };
+        self.check_paid(paid)?;
         if paid != s.paid || nonce.to_bytes() != s.refund.nonce {
             return Err(PayError::BadSettlement(format!(
                 "it says {} paid on nonce {}, the chain says {paid} on {nonce}",
@@ -428,6 +433,31 @@ impl Payer {
         self.paid = paid;
         self.accept_refund(&s.refund)?;
         self.settled.push(s.clone());
+        Ok(())
+    }
+
+    /// Takes a refund on the escrow's current nonce after reading the chain: for when a
+    /// settlement's news was lost (the provider hands the current refund on close).
+    pub fn resync(&mut self, chain: &dyn Chain, r: &Refund) -> Result<(), PayError> {
+        let Some((nonce, paid)) = on_chain(chain, &self.terms)? else { return Err(PayError::Closed) };
+        self.check_paid(paid)?;
+        if r.nonce != nonce.to_bytes() {
+            return Err(PayError::BadRefund("it is not on the escrow's current nonce".into()));
+        }
+        check_refund(&self.terms, r, self.terms.budget.saturating_sub(paid))?;
+        self.nonce = nonce;
+        self.paid = paid;
+        self.refund = Some(r.clone());
+        Ok(())
+    }
+
+    fn check_paid(&self, paid: u64) -> Result<(), PayError> {
+        if paid > self.vouched {
+            return Err(PayError::BadSettlement(format!(
+                "the chain shows {paid} paid out of escrow, more than the {} this renter signed for",
+                self.vouched
+            )));
+        }
         Ok(())
     }
 

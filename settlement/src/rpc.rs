@@ -58,11 +58,16 @@ fn rpc_runtime() -> Result<&'static tokio::runtime::Runtime, ChainError> {
 
 type ClientError = solana_rpc_client::api::client_error::Error;
 
+/// Only what the chain itself refused is `Failed` (nothing landed); anything else (no answer,
+/// a timeout while confirming, a garbled reply) is `Unreachable`: the transaction may yet land.
 fn client_error(e: ClientError) -> ChainError {
     use solana_rpc_client::api::client_error::ErrorKind;
+    use solana_rpc_client::api::request::RpcError;
     match e.kind() {
-        ErrorKind::Io(_) | ErrorKind::Reqwest(_) | ErrorKind::Middleware(_) => ChainError::Unreachable(e.to_string()),
-        _ => ChainError::Failed(e.to_string()),
+        ErrorKind::TransactionError(_) => ChainError::Failed(e.to_string()),
+        // -32002: the node's preflight simulation refused the transaction; it was not sent.
+        ErrorKind::RpcError(RpcError::RpcResponseError { code: -32002, .. }) => ChainError::Failed(e.to_string()),
+        _ => ChainError::Unreachable(e.to_string()),
     }
 }
 
@@ -92,7 +97,13 @@ impl Chain for RpcChain {
     }
 
     fn status(&self, signature: &Signature) -> Result<Status, ChainError> {
-        Ok(match self.call(self.client.get_signature_status(signature))? {
+        // With history: a transaction that landed long ago must not read as unknown.
+        let status = self.client.get_signature_status_with_commitment_and_history(
+            signature,
+            CommitmentConfig::confirmed(),
+            true,
+        );
+        Ok(match self.call(status)? {
             None => Status::Unknown,
             Some(Ok(())) => Status::Succeeded,
             Some(Err(e)) => Status::Failed(e.to_string()),

@@ -163,7 +163,7 @@ fn bad_vouchers_are_each_refused() {
     unknown.sequence = 9;
     assert_eq!(s.payee.accept(&unknown), Err(PayError::UnknownReceipt(9)));
     // For another session: same renter and provider, another escrow.
-    let other = w.session();
+    let mut other = w.session();
     let v_other = other.payer.voucher(&w.renter, &r1).unwrap();
     assert_eq!(
         s.payee.accept(&v_other),
@@ -449,4 +449,35 @@ fn nothing_is_served_before_the_deposit_and_the_refund_comes_first() {
     // The provider vanishes at once: the renter has it all back.
     payer.recover(&w.chain, &w.renter).unwrap();
     assert_eq!(w.renter_tokens(), FUNDS);
+}
+
+#[test]
+fn the_local_chain_never_runs_a_nonce_instruction_against_an_older_block() {
+    let w = World::new();
+    let s = w.session();
+    let old = w.chain.latest_blockhash().unwrap();
+    w.chain.airdrop(&Keypair::new().pubkey(), 10_000_000).unwrap();
+    let (_, before) = settlement::pay::read_nonce(&w.chain, &s.terms.nonce_account).unwrap();
+    // A provider trying to rewind the nonce to an earlier block's value (to replay old
+    // vouchers) is refused.
+    let provider = signer(&w.provider);
+    let advance =
+        solana_system_interface::instruction::advance_nonce_account(&s.terms.nonce_account, &provider.pubkey());
+    let tx = solana_sdk::transaction::Transaction::new_signed_with_payer(
+        &[advance],
+        Some(&provider.pubkey()),
+        &[&provider],
+        old,
+    );
+    assert!(w.chain.send(&tx).is_err());
+    assert_eq!(settlement::pay::read_nonce(&w.chain, &s.terms.nonce_account).unwrap().1, before);
+    // An ordinary transaction signed against that block still runs, as on a cluster.
+    let pay = solana_system_interface::instruction::transfer(&provider.pubkey(), &Keypair::new().pubkey(), 1_000_000);
+    let tx = solana_sdk::transaction::Transaction::new_signed_with_payer(
+        &[pay],
+        Some(&provider.pubkey()),
+        &[&provider],
+        old,
+    );
+    w.chain.send(&tx).unwrap();
 }
