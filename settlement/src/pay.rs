@@ -147,18 +147,20 @@ impl Terms {
     }
 
     /// The refund transaction's message: advance the nonce, return `amount` to the renter's
-    /// token account, close the escrow account (its rent goes back to the renter too). The
-    /// renter pays the fee.
+    /// token account, and hand the escrow account to the renter (whatever else landed in it,
+    /// and its rent, are then the renter's to take). The renter pays the fee. It does not
+    /// close the account: a stranger's dust in it would make a close, and so the refund, fail.
     pub fn refund_message(&self, nonce: &Hash, amount: u64) -> Result<Message, ChainError> {
         let mut instructions =
             vec![solana_system_interface::instruction::advance_nonce_account(&self.nonce_account, &self.provider)];
         if amount > 0 {
             instructions.push(self.transfer_out(&token::token_account(&self.renter, &self.mint), amount)?);
         }
-        instructions.push(ix(spl_token_interface::instruction::close_account(
+        instructions.push(ix(spl_token_interface::instruction::set_authority(
             &spl_token_interface::id(),
             &self.escrow,
-            &self.renter,
+            Some(&self.renter),
+            spl_token_interface::instruction::AuthorityType::AccountOwner,
             &self.multisig,
             &[&self.renter, &self.provider],
         ))?);
@@ -330,13 +332,18 @@ pub fn verify_escrow(chain: &dyn Chain, t: &Terms, funded: bool) -> Result<Hash,
     Ok(nonce)
 }
 
-/// What the escrow shows now: its nonce, and what was paid out of it, or `None` when it was
-/// closed (the refund went through).
+/// What the escrow shows now: its nonce, and at least how much was paid out of it (tokens sent
+/// into it by anyone else make this an underestimate, never more), or `None` once the refund
+/// went through (the multisig no longer owns it).
 fn on_chain(chain: &dyn Chain, t: &Terms) -> Result<Option<(Hash, u64)>, ChainError> {
     if chain.account(&t.escrow)?.is_none() {
         return Ok(None);
     }
-    let balance = token::token_balance(chain, &t.escrow)?;
+    let state = token::token_state(chain, &t.escrow)?;
+    if state.owner != t.multisig {
+        return Ok(None);
+    }
+    let balance = state.amount;
     let (_, nonce) = read_nonce(chain, &t.nonce_account)?;
     Ok(Some((nonce, t.budget.saturating_sub(balance))))
 }
@@ -420,17 +427,22 @@ impl Payer {
     /// Takes a settlement the provider reports, after reading the chain: what was paid and the
     /// new nonce come from the chain, not from the provider.
     pub fn settled(&mut self, chain: &dyn Chain, s: &Settled) -> Result<(), PayError> {
-        let Some((nonce, paid)) = on_chain(chain, &self.terms)? else { return Err(PayError::Closed) };
-        self.check_paid(paid)?;
-        if paid != s.paid || nonce.to_bytes() != s.refund.nonce {
+        let Some((nonce, at_least)) = on_chain(chain, &self.terms)? else { return Err(PayError::Closed) };
+        self.check_paid(s.paid)?;
+        // The transaction it names landed, the nonce moved to the refund's, and the amount is
+        // one this renter signed for, no less than before and no less than the chain shows.
+        let landed = chain.status(&sol_signature(&s.transaction))? == crate::chain::Status::Succeeded;
+        if !landed || nonce.to_bytes() != s.refund.nonce || s.paid < self.paid || s.paid < at_least {
             return Err(PayError::BadSettlement(format!(
-                "it says {} paid on nonce {}, the chain says {paid} on {nonce}",
+                "it says {} paid by {} on nonce {}; the chain shows {} on {nonce} (at least {at_least} paid)",
                 s.paid,
-                Hash::new_from_array(s.refund.nonce)
+                crate::signature_text(&s.transaction),
+                Hash::new_from_array(s.refund.nonce),
+                if landed { "that transaction" } else { "no such transaction" }
             )));
         }
         self.nonce = nonce;
-        self.paid = paid;
+        self.paid = s.paid;
         self.accept_refund(&s.refund)?;
         self.settled.push(s.clone());
         Ok(())
@@ -439,12 +451,18 @@ impl Payer {
     /// Takes a refund on the escrow's current nonce after reading the chain: for when a
     /// settlement's news was lost (the provider hands the current refund on close).
     pub fn resync(&mut self, chain: &dyn Chain, r: &Refund) -> Result<(), PayError> {
-        let Some((nonce, paid)) = on_chain(chain, &self.terms)? else { return Err(PayError::Closed) };
-        self.check_paid(paid)?;
+        let Some((nonce, at_least)) = on_chain(chain, &self.terms)? else { return Err(PayError::Closed) };
         if r.nonce != nonce.to_bytes() {
             return Err(PayError::BadRefund("it is not on the escrow's current nonce".into()));
         }
-        check_refund(&self.terms, r, self.terms.budget.saturating_sub(paid))?;
+        // The refund says what was paid: no more than this renter signed for, no less than
+        // before or than the chain shows.
+        let paid = self.terms.budget.saturating_sub(r.amount);
+        self.check_paid(paid)?;
+        if paid < self.paid || paid < at_least {
+            return Err(PayError::BadRefund(format!("it returns {} where more is left", r.amount)));
+        }
+        check_refund(&self.terms, r, r.amount)?;
         self.nonce = nonce;
         self.paid = paid;
         self.refund = Some(r.clone());
@@ -730,11 +748,15 @@ impl Payee {
         };
         let pending = self.pending.take();
         let was_paid = self.paid;
-        self.paid = paid;
+        // The balance only underestimates what was paid (others may send tokens in).
+        self.paid = self.paid.max(paid);
         self.nonce = nonce.to_bytes();
         let Some(v) = pending else { return Ok(None) };
-        if paid >= v.cumulative && paid > was_paid {
-            let tx = self.transaction_id(&v, provider, was_paid)?;
+        let tx = self.transaction_id(&v, provider, was_paid)?;
+        let landed = chain.status(&sol_signature(&tx))? == crate::chain::Status::Succeeded;
+        if landed || (paid >= v.cumulative && paid > was_paid) {
+            self.paid = v.cumulative;
+            let paid = v.cumulative;
             self.settled_inferences = self.served.get(&v.sequence).map_or(self.settled_inferences, |s| s.inferences);
             self.served.retain(|seq, _| *seq > v.sequence);
             let s = Settled { transaction: tx, sequence: v.sequence, paid, refund: self.refund(provider)? };

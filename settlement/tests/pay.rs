@@ -119,7 +119,8 @@ fn a_session_of_n_inferences_pays_n_times_the_price_and_refunds_the_rest() {
     assert_eq!(s.payer.settlements().len(), n as usize);
     s.payer.recover(&w.chain, &w.renter).unwrap();
     assert_eq!(w.renter_tokens(), FUNDS - n * PRICE);
-    assert!(w.chain.account(&s.terms.escrow).unwrap().is_none(), "the escrow closes with the refund");
+    let escrow = token::token_state(&w.chain, &s.terms.escrow).unwrap();
+    assert_eq!((escrow.owner, escrow.amount), (signer(&w.renter).pubkey(), 0), "the emptied escrow is the renter's");
 }
 
 #[test]
@@ -480,4 +481,33 @@ fn the_local_chain_never_runs_a_nonce_instruction_against_an_older_block() {
         old,
     );
     w.chain.send(&tx).unwrap();
+}
+
+#[test]
+fn tokens_sent_into_the_escrow_from_outside_neither_block_the_refund_nor_skew_payments() {
+    let w = World::new();
+    let mut s = w.session();
+    s.paid_inference(&w);
+    // Anyone can send tokens to any token account: 3 units land in the escrow from outside.
+    let renter = signer(&w.renter);
+    let dust = spl_token_interface::instruction::transfer_checked(
+        &spl_token_interface::id(),
+        &token::token_account(&renter.pubkey(), &w.mint),
+        &w.mint,
+        &s.terms.escrow,
+        &renter.pubkey(),
+        &[],
+        3,
+        6,
+    )
+    .unwrap();
+    token::send(&w.chain, &[dust], &[&renter]).unwrap();
+    s.paid_inference(&w);
+    s.paid_inference(&w);
+    assert_eq!(w.provider_tokens(), 3 * PRICE, "each settlement counted exactly");
+    assert_eq!(s.payer.paid(), 3 * PRICE);
+    s.payer.recover(&w.chain, &w.renter).unwrap();
+    assert_eq!(w.renter_tokens(), FUNDS - 3 * PRICE - 3, "the rest came back; the 3 stay in the account");
+    let escrow = token::token_state(&w.chain, &s.terms.escrow).unwrap();
+    assert_eq!((escrow.owner, escrow.amount), (renter.pubkey(), 3), "and that account is now the renter's");
 }
