@@ -66,7 +66,8 @@ enum Command {
     /// or one per file given.
     Session(market::SessionArgs),
     /// Run a scheduler and two providers on loopback, submit the sample jobs and run an
-    /// inference session, and show who ran what.
+    /// inference session, all paid on an in-process Solana chain, and show who ran what and
+    /// who paid and earned what.
     Demo(demo::DemoArgs),
     /// Run a local chain (LiteSVM, with a new payment mint) behind JSON-RPC, for hosts and
     /// renters in separate processes to settle on; prints its URL and mint.
