@@ -490,7 +490,23 @@ impl Payer {
         let msg = self.terms.refund_message(&Hash::new_from_array(r.nonce), r.amount)?;
         let mine = renter.sign(&msg.serialize());
         let tx = assemble(msg, &[(self.terms.provider, r.signature), (self.terms.renter, mine)]);
-        Ok(chain.send(&tx)?)
+        let sig = chain.send(&tx)?;
+        // The emptied escrow account is the renter's now: close it for its rent, unless tokens
+        // sent from outside are still in it (then it stays, the renter's to empty).
+        let me = signer(renter);
+        if token::token_balance(chain, &self.terms.escrow).ok() == Some(0) {
+            let close = spl_token_interface::instruction::close_account(
+                &spl_token_interface::id(),
+                &self.terms.escrow,
+                &me.pubkey(),
+                &me.pubkey(),
+                &[],
+            );
+            if let Err(e) = ix(close).and_then(|i| token::send(chain, &[i], &[&me])) {
+                log::info!("the emptied escrow stays open: {e}");
+            }
+        }
+        Ok(sig)
     }
 }
 
@@ -707,7 +723,12 @@ impl Payee {
         self.pending = Some(v);
         save(self).map_err(PayError::Persist)?;
         let sent = chain.send(&tx);
-        let settled = self.reconcile(chain, provider)?;
+        let id = tx.signatures.first().map(|s| proto::Signature(<[u8; 64]>::from(*s)));
+        // Landed as sent: the transaction's own status says so, no need to look further.
+        let settled = match &sent {
+            Ok(_) => self.reconcile_known(chain, provider, id)?,
+            Err(_) => self.reconcile(chain, provider)?,
+        };
         save(self).map_err(PayError::Persist)?;
         match (settled, sent) {
             (Some(s), _) => Ok(Some(s)),
@@ -741,6 +762,17 @@ impl Payee {
     /// Reads the chain and moves the state to it: what was paid, the nonce, whether the
     /// pending voucher went through.
     fn reconcile(&mut self, chain: &dyn Chain, provider: &proto::Keypair) -> Result<Option<Settled>, PayError> {
+        self.reconcile_known(chain, provider, None)
+    }
+
+    /// [`Payee::reconcile`], given the pending transaction's id when it is known to have
+    /// landed.
+    fn reconcile_known(
+        &mut self,
+        chain: &dyn Chain,
+        provider: &proto::Keypair,
+        landed_as: Option<proto::Signature>,
+    ) -> Result<Option<Settled>, PayError> {
         let Some((nonce, paid)) = on_chain(chain, &self.terms())? else {
             self.closed = true;
             self.pending = None;
@@ -752,8 +784,13 @@ impl Payee {
         self.paid = self.paid.max(paid);
         self.nonce = nonce.to_bytes();
         let Some(v) = pending else { return Ok(None) };
-        let tx = self.transaction_id(&v, provider, was_paid)?;
-        let landed = chain.status(&sol_signature(&tx))? == crate::chain::Status::Succeeded;
+        let (tx, landed) = match landed_as {
+            Some(id) => (id, true),
+            None => {
+                let id = self.transaction_id(&v, provider, was_paid)?;
+                (id, chain.status(&sol_signature(&id))? == crate::chain::Status::Succeeded)
+            }
+        };
         if landed || (paid >= v.cumulative && paid > was_paid) {
             self.paid = v.cumulative;
             let paid = v.cumulative;
