@@ -705,12 +705,14 @@ struct Served {
 impl Served {
     /// Tells the scheduler where the session stands (usage, payments).
     fn report(&self, closed: bool) {
-        let (paid, settlements) = self.pay.as_ref().map(|p| p.paid_and_settlements()).unwrap_or_default();
+        let (paid, settlements, settlement_count) =
+            self.pay.as_ref().map(|p| p.paid_and_settlements()).unwrap_or_default();
         let msg = HostMsg::SessionReport(Box::new(proto::msg::SessionReport {
             session_id: self.session_id,
             receipt: self.last.as_deref().cloned(),
             paid,
             settlements,
+            settlement_count,
             closed,
         }));
         self.running.report(self.session_id, msg);

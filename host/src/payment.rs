@@ -64,10 +64,13 @@ impl PaymentConfig {
         let mut settled = 0;
         for book in books.into_iter().filter(|b| b.role == Role::Provider && !b.closed) {
             let Some(payee) = book.payee.clone() else { continue };
-            let mut s = SessionPay { config: self.clone(), payee, book, oldest_unsettled: None };
+            let mut s = SessionPay::new(self.clone(), payee, book);
             // Each session on its own: one that cannot settle (its escrow refunded, the chain
             // away) must not keep the others, or new sessions, from being served.
             let resumed = s.payee.resume(self.chain.as_ref(), keypair, &mut |_| Ok(())).map_err(|e| e.to_string());
+            if let Ok(Some(done)) = &resumed {
+                s.record(done);
+            }
             let closed = s.payee.is_closed();
             match resumed.and_then(|_| if closed { Ok(None) } else { s.settle(keypair) }) {
                 Ok(Some(_)) => settled += 1,
@@ -81,6 +84,12 @@ impl PaymentConfig {
     }
 }
 
+impl SessionPay {
+    fn new(config: PaymentConfig, payee: Payee, book: Book) -> SessionPay {
+        SessionPay { config, payee, book, oldest_unsettled: None, recent: Default::default() }
+    }
+}
+
 /// One paid session.
 pub(crate) struct SessionPay {
     config: PaymentConfig,
@@ -88,7 +97,13 @@ pub(crate) struct SessionPay {
     book: Book,
     /// When the oldest vouched and unsettled inference was vouched.
     oldest_unsettled: Option<Instant>,
+    /// The newest settlement transactions, for reports to the scheduler.
+    recent: std::collections::VecDeque<proto::Signature>,
 }
+
+/// Settlement signatures a report carries at most (the newest): reports are cumulative and a
+/// session may settle many thousand times, more than a control frame holds.
+pub const REPORTED_SETTLEMENTS: usize = 256;
 
 impl SessionPay {
     /// Checks the escrow on the chain; returns the session's payment state and the refund of
@@ -121,7 +136,7 @@ impl SessionPay {
         let mut book = Book::open(Role::Provider, ticket, &escrow);
         book.device = device.to_string();
         book.payee = Some(payee.clone());
-        let s = SessionPay { config: config.clone(), payee, book, oldest_unsettled: None };
+        let s = SessionPay::new(config.clone(), payee, book);
         s.save(false);
         Ok((s, refund))
     }
@@ -162,8 +177,8 @@ impl SessionPay {
     fn take(&mut self, v: &Voucher) -> Result<(), String> {
         self.payee.accept(v).map_err(|e| format!("voucher refused: {e}"))?;
         self.oldest_unsettled.get_or_insert_with(Instant::now);
+        // Saved with the receipt of the call it came with, or durably before it is settled.
         self.sync();
-        self.save(false);
         Ok(())
     }
 
@@ -200,6 +215,7 @@ impl SessionPay {
                 s.paid,
                 solana_signature(&s.transaction)
             );
+            self.record(s);
         }
         self.sync();
         self.save(true);
@@ -220,9 +236,18 @@ impl SessionPay {
         Ok((settled, refund))
     }
 
-    /// Paid out of escrow so far, and the settlement transactions.
-    pub(crate) fn paid_and_settlements(&self) -> (u64, Vec<proto::Signature>) {
-        (self.payee.paid(), self.payee.settlements().iter().map(|s| s.transaction).collect())
+    /// Paid out of escrow so far, the newest settlement transactions, and how many there were.
+    pub(crate) fn paid_and_settlements(&self) -> (u64, Vec<proto::Signature>, u64) {
+        (self.payee.paid(), self.recent.iter().copied().collect(), self.payee.settlement_count())
+    }
+
+    /// Adds a settlement to the session's record.
+    fn record(&mut self, s: &Settled) {
+        self.book.settlements.push(solana_signature(&s.transaction));
+        self.recent.push_back(s.transaction);
+        while self.recent.len() > REPORTED_SETTLEMENTS {
+            self.recent.pop_front();
+        }
     }
 
     /// The connection ended: settle whatever was vouched.
@@ -235,7 +260,6 @@ impl SessionPay {
     fn sync(&mut self) {
         self.book.vouched = self.payee.vouched();
         self.book.paid = self.payee.paid();
-        self.book.settlements = self.payee.settlements().iter().map(|s| solana_signature(&s.transaction)).collect();
         self.book.closed = self.payee.is_closed();
         self.book.updated_ms = ledger::now_ms();
         self.book.payee = Some(self.payee.clone());

@@ -186,9 +186,16 @@ pub struct SessionView {
     pub amount_due: u64,
     /// Paid out of the session's escrow on the chain.
     pub paid: u64,
-    /// Settlement transactions (base58 signatures), oldest first.
+    /// Settlement transactions (base58 signatures), oldest first; the newest
+    /// `SESSION_SETTLEMENTS_KEPT` when there were more.
     pub settlements: Vec<String>,
+    /// Settlements in all.
+    #[serde(default)]
+    pub settlement_count: u64,
 }
+
+/// Settlement signatures a session record keeps (the newest).
+pub const SESSION_SETTLEMENTS_KEPT: usize = 1000;
 
 /// What the scheduler stores per job: the view plus the bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -172,8 +172,11 @@ pub struct SessionReport {
     pub receipt: Option<crate::receipt::Receipt>,
     /// Paid out of escrow on the chain so far.
     pub paid: u64,
-    /// Settlement transaction signatures, oldest first.
+    /// The newest settlement transaction signatures (at most a few hundred), oldest first.
     pub settlements: Vec<crate::identity::Signature>,
+    /// Settlements in all.
+    #[serde(default)]
+    pub settlement_count: u64,
     pub closed: bool,
 }
 

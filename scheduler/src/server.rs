@@ -320,22 +320,17 @@ fn router(shared: Shared) -> Router {
         .with_state(shared)
 }
 
-/// The router alone, taking job payments on `chain`, for tests.
-pub fn test_router_with_chain(state: State, chain: Arc<dyn settlement::Chain>) -> Router {
-    router(Shared {
-        state: Arc::new(Mutex::new(state)),
-        keypair: Arc::new(Keypair::generate()),
-        conns: Arc::new(Mutex::new(HashMap::new())),
-        wake: Arc::new(Notify::new()),
-        changed: Arc::new(tokio::sync::watch::channel(0).0),
-        control: Arc::new(Mutex::new(HashMap::new())),
-        listening: Arc::new(Mutex::new(None)),
-        chain: Some(chain),
-    })
-}
-
 /// The router alone, for tests that drive it without sockets.
 pub fn test_router(state: State) -> Router {
+    test_shared(state, None)
+}
+
+/// The router alone, taking job payments on `chain`, for tests.
+pub fn test_router_with_chain(state: State, chain: Arc<dyn settlement::Chain>) -> Router {
+    test_shared(state, Some(chain))
+}
+
+fn test_shared(state: State, chain: Option<Arc<dyn settlement::Chain>>) -> Router {
     router(Shared {
         state: Arc::new(Mutex::new(state)),
         keypair: Arc::new(Keypair::generate()),
@@ -344,7 +339,7 @@ pub fn test_router(state: State) -> Router {
         changed: Arc::new(tokio::sync::watch::channel(0).0),
         control: Arc::new(Mutex::new(HashMap::new())),
         listening: Arc::new(Mutex::new(None)),
-        chain: None,
+        chain,
     })
 }
 
@@ -680,6 +675,7 @@ async fn open_session(
                 amount_due: 0,
                 paid: 0,
                 settlements: Vec::new(),
+                settlement_count: 0,
             };
             if let Err(e) = shared.state().open_session(view) {
                 return api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());

@@ -280,7 +280,7 @@ impl State {
         report: &proto::msg::SessionReport,
         now_ms: u64,
     ) -> Result<(), String> {
-        let proto::msg::SessionReport { session_id, receipt, paid, settlements, closed } = report;
+        let proto::msg::SessionReport { session_id, receipt, paid, settlements, settlement_count, closed } = report;
         let (paid, closed) = (*paid, *closed);
         let id = hash_hex_16(session_id);
         let s = self.sessions.get_mut(&id).ok_or_else(|| format!("no session {id}"))?;
@@ -306,7 +306,17 @@ impl State {
         }
         if paid >= s.paid {
             s.paid = paid;
-            s.settlements = settlements.iter().map(ToString::to_string).collect();
+            // Reports carry the newest settlements only: add the ones not seen yet, keep the
+            // newest few hundred.
+            let window = settlements.len().saturating_mul(2);
+            for sig in settlements.iter().map(ToString::to_string) {
+                if !s.settlements.iter().rev().take(window).any(|seen| *seen == sig) {
+                    s.settlements.push(sig);
+                }
+            }
+            let extra = s.settlements.len().saturating_sub(proto::api::SESSION_SETTLEMENTS_KEPT);
+            s.settlements.drain(..extra);
+            s.settlement_count = s.settlement_count.max(*settlement_count).max(s.settlements.len() as u64);
         }
         s.closed |= closed;
         s.updated_ms = now_ms;
@@ -1027,6 +1037,7 @@ mod tests {
             amount_due: 0,
             paid: 0,
             settlements: Vec::new(),
+            settlement_count: 0,
         })
         .unwrap();
         let mut signer = proto::receipt::Signer::new(id, renter.public(), 5);
@@ -1037,6 +1048,7 @@ mod tests {
             receipt,
             paid,
             settlements: vec![proto::Signature([1; 64])],
+            settlement_count: 1,
             closed: true,
         };
         let err = s.session_report(&other.public(), &report(Some(r.clone()), 5), 1).unwrap_err();
@@ -1061,5 +1073,16 @@ mod tests {
         let v = s.session(&hash_hex_16(&id)).unwrap();
         assert_eq!((v.receipts, v.amount_due, v.paid, v.closed), (1, 5, 5, true));
         assert_eq!(v.settlements, vec![proto::Signature([1; 64]).to_string()]);
+        // Reports carry the newest settlements: the record adds only the ones it has not seen.
+        let mut s = s;
+        let newer = proto::msg::SessionReport {
+            settlements: vec![proto::Signature([1; 64]), proto::Signature([2; 64])],
+            settlement_count: 2,
+            ..report(None, 5)
+        };
+        s.session_report(&provider.public(), &newer, 3).unwrap();
+        let v = s.session(&hash_hex_16(&id)).unwrap();
+        assert_eq!(v.settlements, vec![proto::Signature([1; 64]).to_string(), proto::Signature([2; 64]).to_string()]);
+        assert_eq!(v.settlement_count, 2);
     }
 }

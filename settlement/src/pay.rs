@@ -536,7 +536,10 @@ pub struct Payee {
     best: Option<(Voucher, u64)>,
     /// A voucher submitted and not yet seen confirmed.
     pending: Option<Voucher>,
-    settled: Vec<Settled>,
+    /// The newest settlement and how many there were (the full list is the caller's record:
+    /// this state is saved after every inference, so it must not grow with the session).
+    last_settled: Option<Settled>,
+    settlement_count: u64,
     /// Inferences the settled vouchers paid for.
     settled_inferences: u64,
     /// The chain showed the whole budget in escrow.
@@ -564,7 +567,8 @@ impl Payee {
             inferences: 0,
             best: None,
             pending: None,
-            settled: Vec::new(),
+            last_settled: None,
+            settlement_count: 0,
             settled_inferences: 0,
             funded: false,
             closed: false,
@@ -604,8 +608,14 @@ impl Payee {
         self.settled_inferences
     }
 
-    pub fn settlements(&self) -> &[Settled] {
-        &self.settled
+    /// The newest settlement.
+    pub fn last_settlement(&self) -> Option<&Settled> {
+        self.last_settled.as_ref()
+    }
+
+    /// Settlements so far.
+    pub fn settlement_count(&self) -> u64 {
+        self.settlement_count
     }
 
     pub fn is_closed(&self) -> bool {
@@ -680,11 +690,7 @@ impl Payee {
                 got: Hash::new_from_array(v.nonce).to_string(),
             });
         }
-        let msg = self.terms().voucher_message(
-            &Hash::new_from_array(v.nonce),
-            v.cumulative.saturating_sub(self.paid),
-            &served.digest,
-        )?;
+        let msg = self.voucher_message(v, self.paid)?;
         if !self.renter.verify(&msg.serialize(), &v.signature) {
             return Err(PayError::BadSignature);
         }
@@ -692,14 +698,16 @@ impl Payee {
         Ok(())
     }
 
+    /// The message voucher `v` signs, with `paid_before` already paid out of escrow.
+    fn voucher_message(&self, v: &Voucher, paid_before: u64) -> Result<Message, PayError> {
+        let served = self.served.get(&v.sequence).ok_or(PayError::UnknownReceipt(v.sequence))?;
+        let amount = v.cumulative.saturating_sub(paid_before);
+        Ok(self.terms().voucher_message(&Hash::new_from_array(v.nonce), amount, &served.digest)?)
+    }
+
     /// The voucher transaction, co-signed.
     fn transaction(&self, v: &Voucher, provider: &proto::Keypair) -> Result<Transaction, PayError> {
-        let served = self.served.get(&v.sequence).ok_or(PayError::UnknownReceipt(v.sequence))?;
-        let msg = self.terms().voucher_message(
-            &Hash::new_from_array(v.nonce),
-            v.cumulative.saturating_sub(self.paid),
-            &served.digest,
-        )?;
+        let msg = self.voucher_message(v, self.paid)?;
         let mine = provider.sign(&msg.serialize());
         Ok(assemble(msg, &[(address(&self.provider), mine), (address(&self.renter), v.signature)]))
     }
@@ -797,7 +805,8 @@ impl Payee {
             self.settled_inferences = self.served.get(&v.sequence).map_or(self.settled_inferences, |s| s.inferences);
             self.served.retain(|seq, _| *seq > v.sequence);
             let s = Settled { transaction: tx, sequence: v.sequence, paid, refund: self.refund(provider)? };
-            self.settled.push(s.clone());
+            self.last_settled = Some(s.clone());
+            self.settlement_count += 1;
             return Ok(Some(s));
         }
         if nonce.to_bytes() == v.nonce {
@@ -813,12 +822,7 @@ impl Payee {
         provider: &proto::Keypair,
         paid_before: u64,
     ) -> Result<proto::Signature, PayError> {
-        let served = self.served.get(&v.sequence).ok_or(PayError::UnknownReceipt(v.sequence))?;
-        let msg = self.terms().voucher_message(
-            &Hash::new_from_array(v.nonce),
-            v.cumulative.saturating_sub(paid_before),
-            &served.digest,
-        )?;
+        let msg = self.voucher_message(v, paid_before)?;
         // The fee payer's signature is the transaction's id; ed25519 signatures are
         // deterministic, so it is the same one that was sent.
         Ok(provider.sign(&msg.serialize()))
