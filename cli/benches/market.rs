@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use proto::Keypair;
-use proto::msg::{JobLimits, Price, Requirements};
+use proto::msg::{JobLimits, Requirements};
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -41,6 +41,8 @@ async fn plain_quic_echo(n: usize, payload: &[u8]) -> Vec<Duration> {
         while let Some(incoming) = server.accept().await {
             tokio::spawn(async move {
                 let conn = incoming.await.unwrap();
+                // The baseline trusts any peer: no ticket to check.
+                conn.authenticated();
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                     tokio::spawn(async move {
                         let msg: Option<Vec<u8>> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
@@ -78,6 +80,9 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let l = scheduler::start(scheduler::SchedulerConfig {
             http: loopback,
+            plain_http: false,
+            // The benchmarks send far more than a renter would.
+            renter_limits: None,
             quic: loopback,
             keypair: Keypair::generate(),
             providers: None,
@@ -87,28 +92,23 @@ fn main() {
         })
         .await
         .unwrap();
-        let host = tokio::task::spawn_blocking(|| host::Host::new(host::HostConfig::default()).unwrap()).await.unwrap();
-        println!("market benchmarks on loopback; GPU {} ({})", host.gpu().name, host.gpu().device_type);
-        let config = host::daemon::DaemonConfig {
-            scheduler: l.quic,
-            scheduler_key: l.key,
-            keypair: Keypair::generate(),
-            name: "bench".into(),
-            region: "local".into(),
-            price: Price { per_gpu_second: 1, per_inference: 1 },
-            capacity: 4,
-            vram_bytes: None,
-            session_listen: Some(loopback),
-            advertise: None,
-            payment: None,
+        let gpu = host::list_adapters().into_iter().next().unwrap();
+        println!("market benchmarks on loopback; GPU {} ({})", gpu.name, gpu.device_type);
+        // Jobs and sessions run in worker processes of the real binary, as on a provider.
+        let worker = provider::WorkerCommand {
+            program: env!("CARGO_BIN_EXE_wasmgrid").into(),
+            args: vec!["worker".into(), "--no-cache".into()],
         };
-        tokio::spawn(host::daemon::run_forever(host.clone(), config));
-        let client = client::Scheduler::new(&format!("http://{}", l.http));
-        let http = reqwest::Client::new();
+        let mut config = provider::DaemonConfig::new(l.quic, l.key, Keypair::generate(), worker);
+        config.name = "bench".into();
+        config.capacity = 4;
+        config.session_listen = Some(loopback);
+        tokio::spawn(provider::run_forever(config));
+        // HTTPS pinned to the scheduler's key, every request signed by the renter.
+        let renter = Keypair::generate();
+        let client = client::Scheduler::new(&l.url(), Some(l.key), Keypair::from_seed(renter.seed())).unwrap();
         loop {
-            let providers: Vec<serde_json::Value> =
-                http.get(format!("http://{}/v1/providers", l.http)).send().await.unwrap().json().await.unwrap();
-            if providers.iter().any(|p| p["online"] == true) {
+            if client.providers().await.unwrap().iter().any(|p| p.online) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -118,9 +118,7 @@ fn main() {
         let n = 2_000;
         println!("\ninference round trip, 64-byte request and response, sequential");
         let echo = std::fs::read(sample_artifacts::ECHO).unwrap();
-        let session = client::Session::open(&client, Keypair::generate(), echo, Vec::new(), Requirements::default())
-            .await
-            .unwrap();
+        let session = client::Session::open(&client, renter, echo, Vec::new(), Requirements::default()).await.unwrap();
         let mut samples = Vec::with_capacity(n);
         for i in 0..n + 100 {
             let t = Instant::now();
@@ -158,7 +156,7 @@ fn main() {
                 to_dispatch.push(elapsed.saturating_sub(run.saturating_sub(first)));
             }
         }
-        summary("submit -> result over HTTP and QUIC", end_to_end);
+        summary("submit -> result over HTTPS (signed requests) and QUIC", end_to_end);
         summary("submit -> first dispatch (upper bound)", to_dispatch);
         summary("baseline: the job's run time on the host", on_host);
     });

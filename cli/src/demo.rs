@@ -226,6 +226,8 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         let renter_before = token_balance(&chain, renter_tokens).await?;
         let listening = scheduler::start(scheduler::SchedulerConfig {
             http: loopback,
+            plain_http: false,
+            renter_limits: Some(scheduler::RenterLimits::default()),
             quic: loopback,
             keypair: Keypair::from_seed(scheduler_key.seed()),
             providers: None,
@@ -237,15 +239,15 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             chain: Some(chain.clone()),
         })
         .await?;
-        say(format!("scheduler   http://{}  quic {}  key {}", listening.http, listening.quic, listening.key));
+        say(format!("scheduler   {}  quic {}  key {}", listening.url(), listening.quic, listening.key));
 
 
-        // Both providers share this machine's GPU, each with its own key, price and sandbox pool.
-        let host = tokio::task::spawn_blocking(|| {
-            host::Host::new(host::HostConfig { max_instances: 16, ..host::HostConfig::default() })
-        })
-        .await??;
-        say(format!("GPU         {} ({}, {})", host.gpu().name, host.gpu().backend, host.gpu().device_type));
+        // Both providers share this machine's GPU, each with its own key, price and pool of
+        // worker processes (this program, as `wasmgrid worker`).
+        let gpu = tokio::task::spawn_blocking(host::list_adapters).await?.into_iter().next();
+        let gpu = gpu.ok_or_else(|| anyhow!("no GPU adapter (install mesa-vulkan-drivers for lavapipe)"))?;
+        let worker = provider::WorkerCommand::this_program(vec![])?;
+        say(format!("GPU         {} ({}, {})", gpu.name, gpu.backend, gpu.device_type));
         let mut names = HashMap::new();
         let mut ledgers = HashMap::new();
         for (name, per_second, per_inference) in [("alpha", 110, 100), ("beta", 150, 150)] {
@@ -256,35 +258,31 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             tokio::task::spawn_blocking(move || c.airdrop(&k, 1_000_000_000)).await??;
             let ledger = dir.join(format!("{name}-ledger"));
             ledgers.insert(key.public(), ledger.clone());
-            let payment = host::payment::PaymentConfig {
+            let payment = provider::payment::PaymentConfig {
                 chain: chain.clone(),
                 mint: settlement::wire_key(&mint),
                 policy: Policy::Inferences(1),
                 max_unvouched: 1,
                 ledger: Some(ledger),
             };
-            let config = host::daemon::DaemonConfig {
-                scheduler: listening.quic,
-                scheduler_key: listening.key,
-                keypair: key,
-                name: name.to_string(),
-                region: "local".into(),
-                price: Price { per_gpu_second: per_second, per_inference },
-                capacity: 2,
-                vram_bytes: None,
-                session_listen: Some(loopback),
-                advertise: None,
-                payment: Some(payment),
-            };
-            tokio::spawn(host::daemon::run_forever(host.clone(), config));
+            let mut config = provider::DaemonConfig::new(listening.quic, listening.key, key, worker.clone());
+            config.name = name.to_string();
+            config.price = Price { per_gpu_second: per_second, per_inference };
+            config.session_listen = Some(loopback);
+            config.payment = Some(payment);
+            tokio::spawn(async move {
+                if let Err(e) = provider::run_forever(config).await {
+                    log::error!("provider stopped: {e}");
+                }
+            });
             say(format!("provider    {name:<6} {per_second}/GPU-second, {per_inference}/inference"));
         }
-        let client = client::Scheduler::new(&format!("http://{}", listening.http));
-        let http = reqwest::Client::new();
+        // The renter's client pins the scheduler's key and signs every request with its own.
+        let client = client::Scheduler::new(&listening.url(), Some(listening.key), Keypair::from_seed(renter.seed()))?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let providers: Vec<proto::api::ProviderView> =
-                http.get(format!("http://{}/v1/providers", listening.http)).send().await?.json().await?;
+                client.providers().await?;
             if providers.iter().filter(|p| p.online).count() == 2 {
                 break;
             }
@@ -322,7 +320,8 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 }
                 None => None,
             };
-            let output = if view.output_bytes.is_some() { client.bytes(&id, "output").await? } else { Vec::new() };
+            // Checked against the provider's signed receipt.
+            let output = client.output(&view).await?;
             let head = match std::str::from_utf8(&output) {
                 Ok(s) => s.lines().last().unwrap_or("").to_string(),
                 Err(_) => format!("{} bytes of f32 results", output.len()),
@@ -436,7 +435,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         say(format!("\ndemo done in {:.1} s", t0.elapsed().as_secs_f64()));
         Ok::<Value, anyhow::Error>(json!({
             "scheduler": { "http": listening.http.to_string(), "quic": listening.quic.to_string(), "key": listening.key.to_string() },
-            "gpu": { "name": host.gpu().name, "backend": host.gpu().backend, "device_type": host.gpu().device_type },
+            "gpu": { "name": gpu.name, "backend": gpu.backend, "device_type": gpu.device_type },
             "providers": names.iter().map(|(k, n)| json!({ "name": n, "key": k.to_string() })).collect::<Vec<_>>(),
             "jobs": job_reports,
             "session": {

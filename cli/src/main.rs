@@ -3,6 +3,7 @@
 mod demo;
 mod market;
 mod money;
+mod provider;
 mod units;
 
 use std::io::{BufRead, IsTerminal, Read, Write};
@@ -56,8 +57,13 @@ enum Command {
     Keygen(market::KeygenArgs),
     /// Run a scheduler: the HTTP API for renters and the QUIC endpoint for providers.
     Scheduler(market::SchedulerArgs),
-    /// Run a provider host: connect to a scheduler and run the jobs it sends.
-    Host(market::HostDaemonArgs),
+    /// Run a provider host: connect to a scheduler and run the jobs it sends, each in a worker
+    /// process.
+    Host(provider::HostDaemonArgs),
+    /// One worker process of a provider host, spoken to over stdin and stdout (the host starts
+    /// these; not for people).
+    #[command(hide = true)]
+    Worker(provider::WorkerArgs),
     /// Submit a batch job to a scheduler; with --wait, follow it and print its output.
     Submit(market::SubmitArgs),
     /// Show a submitted job.
@@ -92,7 +98,7 @@ struct HostArgs {
 }
 
 #[derive(Args, Debug)]
-struct LimitArgs {
+pub(crate) struct LimitArgs {
     /// Largest linear memory of the job (e.g. 512MiB).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     memory: Option<u64>,
@@ -135,6 +141,24 @@ impl LimitArgs {
              gpu_memory => gpu_bytes, max_buffers => buffers, max_workgroups => workgroups_per_dispatch,
              max_dispatches => dispatches, max_output => output_bytes, max_log => log_bytes);
         l
+    }
+
+    /// The same limits on the wire, for a submitted job: what is not given is 0, the
+    /// provider's default (a provider never gives a job more than its own limits).
+    pub(crate) fn job_limits(&self) -> proto::msg::JobLimits {
+        let ms = |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        proto::msg::JobLimits {
+            memory_bytes: self.memory.unwrap_or(0),
+            fuel: self.fuel.unwrap_or(0),
+            cpu_time_ms: ms(self.cpu_time),
+            wall_time_ms: ms(self.wall_time),
+            gpu_bytes: self.gpu_memory.unwrap_or(0),
+            dispatches: self.max_dispatches.unwrap_or(0),
+            buffers: self.max_buffers.unwrap_or(0),
+            workgroups_per_dispatch: self.max_workgroups.unwrap_or(0),
+            output_bytes: self.max_output.unwrap_or(0),
+            log_bytes: self.max_log.unwrap_or(0),
+        }
     }
 }
 
@@ -188,7 +212,8 @@ fn main() -> ExitCode {
         Command::Infer(args) => infer(&args),
         Command::Keygen(args) => market::keygen(&args),
         Command::Scheduler(args) => market::scheduler(&args),
-        Command::Host(args) => market::host_daemon(&args),
+        Command::Host(args) => provider::host_daemon(&args),
+        Command::Worker(args) => provider::worker(&args),
         Command::Submit(args) => market::submit(&args),
         Command::Job(args) => market::job(&args),
         Command::Session(args) => market::session(&args),

@@ -1,4 +1,4 @@
-//! The market commands: `keygen`, `scheduler`, `host`, `submit`, `job`.
+//! The market commands: `keygen`, `scheduler`, `submit`, `job`, `session`.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use proto::api::{JobState, JobView};
-use proto::msg::{JobLimits, Outcome, Price, Requirements};
+use proto::msg::{FailureKind, Outcome, Requirements};
 use proto::{Keypair, PublicKey};
 use serde_json::{Value, json};
 
 use crate::{Exit, bad_input, exit, units};
 
-fn config_dir() -> PathBuf {
+pub(crate) fn config_dir() -> PathBuf {
     std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
@@ -24,7 +24,7 @@ fn config_dir() -> PathBuf {
 }
 
 /// Reads a keypair, or creates it when it does not exist yet (and says so).
-fn key_or_create(path: &Path) -> anyhow::Result<Keypair> {
+pub(crate) fn key_or_create(path: &Path) -> anyhow::Result<Keypair> {
     if path.exists() {
         return Ok(Keypair::read(path)?);
     }
@@ -63,9 +63,14 @@ pub(crate) fn keygen(args: &KeygenArgs) -> Result<u8, Exit> {
 
 #[derive(Args, Debug)]
 pub(crate) struct SchedulerArgs {
-    /// Address of the HTTP API for renters.
+    /// Address of the API for renters: HTTPS, with a certificate made from the scheduler's key
+    /// (renters pin that key).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// Serve the API as plain HTTP instead of HTTPS; refused unless --http is a loopback
+    /// address (for tests and a scheduler reached only from this machine).
+    #[arg(long)]
+    plain_http_loopback: bool,
     /// Address of the QUIC endpoint providers connect to.
     #[arg(long, default_value = "0.0.0.0:7070")]
     quic: SocketAddr,
@@ -79,12 +84,26 @@ pub(crate) struct SchedulerArgs {
     /// The database file that keeps jobs, modules and providers across restarts.
     #[arg(long, value_name = "FILE")]
     db: Option<PathBuf>,
-    /// A provider silent this long is offline and its running jobs run elsewhere.
+    /// How often providers send a heartbeat.
+    #[arg(long, default_value = "1s", value_parser = units::parse_duration)]
+    heartbeat_interval: Duration,
+    /// A provider silent this long is offline and its running jobs run elsewhere; at least
+    /// three heartbeat intervals.
     #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
     heartbeat_timeout: Duration,
     /// How often a job is started before it fails for good.
     #[arg(long, default_value_t = 3)]
     max_attempts: usize,
+    /// Signed requests per second each renter may send on average (0: no limit); past it, 429
+    /// with the time to wait.
+    #[arg(long, value_name = "N", default_value_t = 50.0)]
+    rate_limit: f64,
+    /// Requests a renter may send at once after a quiet spell.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    rate_burst: u32,
+    /// Jobs one renter may have queued or running at once; past it, 429 until one ends.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    max_jobs_per_renter: usize,
     /// Take payment for batch jobs on this chain and mint: a succeeded job's output is released
     /// once its renter paid the provider the amount on its signed receipt.
     #[command(flatten)]
@@ -110,16 +129,22 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> Result<u8, Exit> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display())).map_err(bad_input)?;
     }
     let (chain, payments) = args.pay.job_payments()?.unzip();
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let config = scheduler::SchedulerConfig {
         chain,
         http: args.http,
+        plain_http: args.plain_http_loopback,
+        renter_limits: (args.rate_limit > 0.0)
+            .then_some(scheduler::RenterLimits { requests_per_second: args.rate_limit, burst: args.rate_burst }),
         quic: args.quic,
         keypair,
         providers,
         db,
         state: scheduler::Config {
-            heartbeat_timeout_ms: args.heartbeat_timeout.as_millis() as u64,
+            heartbeat_interval_ms: ms(args.heartbeat_interval),
+            heartbeat_timeout_ms: ms(args.heartbeat_timeout),
             max_attempts: args.max_attempts.max(1),
+            max_jobs_per_renter: args.max_jobs_per_renter,
             payments,
             ..scheduler::Config::default()
         },
@@ -128,88 +153,23 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> Result<u8, Exit> {
     rt.block_on(async {
         let listening = scheduler::start(config).await.map_err(|e| bad_input(e.into()))?;
         // One line for people and scripts (tests read the addresses from it).
-        println!("scheduler listening http={} quic={} key={}", listening.http, listening.quic, listening.key);
+        println!(
+            "scheduler listening url={} http={} quic={} key={}",
+            listening.url(),
+            listening.http,
+            listening.quic,
+            listening.key
+        );
         let _ = std::io::stdout().flush();
+        eprintln!(
+            "renters and providers pin this key: --scheduler {} --scheduler-key {} (or WASMGRID_SCHEDULER_KEY={})",
+            listening.url(),
+            listening.key,
+            listening.key
+        );
         let _ = tokio::signal::ctrl_c().await;
         Ok(exit::OK)
     })
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct HostDaemonArgs {
-    /// The scheduler's QUIC address.
-    #[arg(long, value_name = "ADDR")]
-    scheduler: SocketAddr,
-    /// The scheduler's public key (base58), as `GET /v1/info` shows it.
-    #[arg(long, value_name = "KEY")]
-    scheduler_key: PublicKey,
-    /// This provider's keypair (created if missing).
-    #[arg(long, value_name = "FILE")]
-    key: Option<PathBuf>,
-    /// A name for people.
-    #[arg(long, default_value = "provider")]
-    name: String,
-    #[arg(long, default_value = "local")]
-    region: String,
-    /// Price per GPU-second of batch jobs, in the payment token's smallest unit.
-    #[arg(long, default_value_t = 1)]
-    price_per_gpu_second: u64,
-    /// Price per inference of sessions.
-    #[arg(long, default_value_t = 1)]
-    price_per_inference: u64,
-    /// Jobs run at once.
-    #[arg(long, default_value_t = 2)]
-    capacity: u32,
-    /// GPU memory offered (default: the adapter's largest buffer).
-    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
-    vram: Option<u64>,
-    /// Use the adapter whose name contains this text.
-    #[arg(long, value_name = "NAME")]
-    adapter: Option<String>,
-    /// Where compiled modules are cached (default: the user cache directory).
-    #[arg(long, value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
-    /// Where to listen for renters' inference sessions (QUIC).
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
-    sessions: SocketAddr,
-    /// Serve no inference sessions, batch jobs only.
-    #[arg(long)]
-    no_sessions: bool,
-    /// The session address to give renters, when it is not the one seen from the scheduler.
-    #[arg(long, value_name = "ADDR")]
-    advertise: Option<String>,
-    #[command(flatten)]
-    pay: crate::money::HostPayArgs,
-}
-
-pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
-    init_logging();
-    let keypair =
-        key_or_create(&args.key.clone().unwrap_or_else(|| config_dir().join("provider.json"))).map_err(bad_input)?;
-    let host = host::Host::new(host::HostConfig {
-        adapter: host::AdapterChoice { name: args.adapter.clone() },
-        max_instances: args.capacity.max(1) * 2,
-        cache_dir: args.cache_dir.clone().or_else(crate::cache_dir),
-        ..host::HostConfig::default()
-    })
-    .map_err(|e| Exit { code: exit::HOST, error: anyhow!(e) })?;
-    let config = host::daemon::DaemonConfig {
-        scheduler: args.scheduler,
-        scheduler_key: args.scheduler_key,
-        keypair,
-        name: args.name.clone(),
-        region: args.region.clone(),
-        price: Price { per_gpu_second: args.price_per_gpu_second, per_inference: args.price_per_inference },
-        capacity: args.capacity.max(1),
-        vram_bytes: args.vram,
-        session_listen: (!args.no_sessions).then_some(args.sessions),
-        advertise: args.advertise.clone(),
-        payment: args.pay.payment()?,
-    };
-    println!("provider {} serving {} for {}", config.keypair.public(), host.gpu().name, args.scheduler);
-    let _ = std::io::stdout().flush();
-    runtime()?.block_on(host::daemon::run_forever(host, config));
-    Ok(exit::OK)
 }
 
 /// What renters can ask of a provider, as flags.
@@ -252,13 +212,41 @@ impl RequirementArgs {
     }
 }
 
+/// Which scheduler a renter command talks to, and as whom: every request is signed with the
+/// renter's key, and HTTPS is pinned to the scheduler's.
+#[derive(Args, Debug)]
+pub(crate) struct RenterArgs {
+    /// The scheduler's API: https://HOST:PORT, or http:// for a scheduler on this machine
+    /// serving plain HTTP (--plain-http-loopback).
+    #[arg(long, value_name = "URL", default_value = "https://127.0.0.1:8080", env = "WASMGRID_SCHEDULER")]
+    scheduler: String,
+    /// The scheduler's public key (base58), as `wasmgrid scheduler` prints it at start: an HTTPS
+    /// server holding any other key is refused. Needed for https://.
+    #[arg(long, value_name = "KEY", env = "WASMGRID_SCHEDULER_KEY")]
+    scheduler_key: Option<PublicKey>,
+    /// The renter's keypair (created if missing): requests are signed with it, and the jobs and
+    /// sessions they create belong to it (use the same key to read them later, and to pay).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+}
+
+impl RenterArgs {
+    fn keypair(&self) -> Result<Keypair, Exit> {
+        key_or_create(&self.key.clone().unwrap_or_else(|| config_dir().join("renter.json"))).map_err(bad_input)
+    }
+
+    /// The scheduler's client, signing with `renter`.
+    fn client(&self, renter: Keypair) -> Result<client::Scheduler, Exit> {
+        client::Scheduler::new(&self.scheduler, self.scheduler_key, renter).map_err(|e| bad_input(e.into()))
+    }
+}
+
 #[derive(Args, Debug)]
 pub(crate) struct SubmitArgs {
     /// The job module.
     job: PathBuf,
-    /// The scheduler's HTTP address.
-    #[arg(long, default_value = "http://127.0.0.1:8080", env = "WASMGRID_SCHEDULER")]
-    scheduler: String,
+    #[command(flatten)]
+    renter: RenterArgs,
     /// File whose bytes are the job input.
     #[arg(long, short, value_name = "FILE")]
     input: Option<PathBuf>,
@@ -267,6 +255,9 @@ pub(crate) struct SubmitArgs {
     output: Option<PathBuf>,
     #[command(flatten)]
     requirements: RequirementArgs,
+    /// What the job may use (a provider gives it no more than its own limits).
+    #[command(flatten)]
+    limits: crate::LimitArgs,
     /// How long the job may wait and run before it is given up (e.g. 10m).
     #[arg(long, value_parser = units::parse_duration)]
     deadline: Option<Duration>,
@@ -276,20 +267,18 @@ pub(crate) struct SubmitArgs {
     /// Print JSON (the submission, or with --wait the finished job) instead of text.
     #[arg(long)]
     json: bool,
-    /// Pay for the job when it is done (with --wait), where the scheduler takes payment.
+    /// Pay for the job when it is done (with --wait), where the scheduler takes payment, from
+    /// the renter's key (--key).
     #[command(flatten)]
     pay: crate::money::ChainArgs,
-    /// The paying renter's keypair (created if missing).
-    #[arg(long, value_name = "FILE")]
-    key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 pub(crate) struct JobArgs {
     /// The job id `submit` printed.
     id: String,
-    #[arg(long, default_value = "http://127.0.0.1:8080", env = "WASMGRID_SCHEDULER")]
-    scheduler: String,
+    #[command(flatten)]
+    renter: RenterArgs,
     #[arg(long)]
     json: bool,
 }
@@ -297,8 +286,8 @@ pub(crate) struct JobArgs {
 fn job_exit(view: &JobView) -> u8 {
     match (&view.state, &view.outcome) {
         (JobState::Succeeded, _) => exit::OK,
-        (_, Some(Outcome::Failed { kind, .. })) if kind == "limit" => exit::LIMIT,
-        (_, Some(Outcome::Failed { kind, .. })) if kind == "host" => exit::HOST,
+        (_, Some(Outcome::Failed { kind: FailureKind::Limit, .. })) => exit::LIMIT,
+        (_, Some(Outcome::Failed { kind: FailureKind::Host, .. })) => exit::HOST,
         (JobState::Expired, _) => exit::EXPIRED,
         _ => exit::JOB_ERROR,
     }
@@ -316,15 +305,11 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
         Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display())).map_err(bad_input)?,
         None => Vec::new(),
     };
-    let client = client::Scheduler::new(&args.scheduler);
-    let infra = |e: client::Error| Exit { code: exit::HOST, error: e.into() };
+    let limits = args.limits.job_limits();
     let chain = args.pay.chain_and_mint()?;
-    let payer = match &chain {
-        Some(_) => {
-            key_or_create(&args.key.clone().unwrap_or_else(|| config_dir().join("renter.json"))).map_err(bad_input)?
-        }
-        None => Keypair::generate(),
-    };
+    let payer = args.renter.keypair()?;
+    let client = args.renter.client(Keypair::from_seed(payer.seed()))?;
+    let infra = |e: client::Error| Exit { code: exit::HOST, error: e.into() };
     runtime()?.block_on(async {
         let started = Instant::now();
         let uploaded = client.upload(module).await.map_err(infra)?;
@@ -336,7 +321,7 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
             );
         }
         let submitted = client
-            .submit(&uploaded.module, &input, args.requirements.requirements(), JobLimits::default(), args.deadline)
+            .submit(&uploaded.module, &input, args.requirements.requirements(), limits, args.deadline)
             .await
             .map_err(|e| bad_input(e.into()))?;
         if !args.wait {
@@ -393,15 +378,8 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
             }
             paid = Some(sig);
         }
-        let output = if view.output_bytes.is_some() {
-            client.bytes(&view.id, "output").await.map_err(infra)?
-        } else {
-            Vec::new()
-        };
-        // What came is what the provider signed for.
-        if let (Some(r), Some(p)) = (&view.receipt, view.provider) {
-            r.check(&view.id, &p, &output).map_err(|e| Exit { code: exit::HOST, error: anyhow!("job {}: {e}", view.id) })?;
-        }
+        // What comes is what the provider signed for (the client checks it against the receipt).
+        let output = client.output(&view).await.map_err(infra)?;
         let log =
             if view.output_bytes.is_some() { client.bytes(&view.id, "log").await.map_err(infra)? } else { Vec::new() };
         if let Some(path) = &args.output {
@@ -445,7 +423,7 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
 }
 
 pub(crate) fn job(args: &JobArgs) -> Result<u8, Exit> {
-    let client = client::Scheduler::new(&args.scheduler);
+    let client = args.renter.client(args.renter.keypair()?)?;
     runtime()?.block_on(async {
         let view = client.job(&args.id).await.map_err(|e| bad_input(e.into()))?;
         if args.json {
@@ -473,14 +451,12 @@ pub(crate) fn job(args: &JobArgs) -> Result<u8, Exit> {
 pub(crate) struct SessionArgs {
     /// The inference service module (a cdylib built for wasm32-wasip1).
     job: PathBuf,
-    #[arg(long, default_value = "http://127.0.0.1:8080", env = "WASMGRID_SCHEDULER")]
-    scheduler: String,
+    /// The scheduler, and the renter's key (the provider sees this key too).
+    #[command(flatten)]
+    renter: RenterArgs,
     /// File whose bytes are the input of `init` (for example the weights).
     #[arg(long, value_name = "FILE")]
     init: Option<PathBuf>,
-    /// The renter's keypair (created if missing); the provider sees this key.
-    #[arg(long, value_name = "FILE")]
-    key: Option<PathBuf>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
@@ -522,13 +498,12 @@ pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
             }
         }
     }
-    let keypair =
-        key_or_create(&args.key.clone().unwrap_or_else(|| config_dir().join("renter.json"))).map_err(bad_input)?;
+    let payment = args.pay.payment()?;
+    let keypair = args.renter.keypair()?;
     let mut requirements = args.requirements.requirements();
     requirements.max_price_per_inference = args.max_price_per_inference;
-    let scheduler = client::Scheduler::new(&args.scheduler);
+    let scheduler = args.renter.client(Keypair::from_seed(keypair.seed()))?;
     let json = args.json;
-    let payment = args.pay.payment()?;
     runtime()?.block_on(async {
         let started = Instant::now();
         let session = client::Session::open_paid(&scheduler, keypair, module, init, requirements, payment)

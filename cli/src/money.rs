@@ -89,12 +89,12 @@ pub(crate) struct HostPayArgs {
 }
 
 impl HostPayArgs {
-    pub(crate) fn payment(&self) -> Result<Option<host::payment::PaymentConfig>, Exit> {
+    pub(crate) fn payment(&self) -> Result<Option<provider::payment::PaymentConfig>, Exit> {
         let Some((chain, mint)) = self.chain.chain()? else {
             log::warn!("no --rpc-url: inference sessions are served unpaid");
             return Ok(None);
         };
-        Ok(Some(host::payment::PaymentConfig {
+        Ok(Some(provider::payment::PaymentConfig {
             chain,
             mint,
             policy: self.settle,

@@ -2,19 +2,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use base64::Engine;
-use proto::api::{JobView, ModuleUploaded, OpenSession, SessionGrant, SubmitJob, Submitted};
+use proto::api::{OpenSession, SessionGrant};
 use proto::frame::CONTROL_CAP;
-use proto::msg::{BLOB_CAP, JobLimits, Requirements, SessionMsg, SessionReply, WireUsage};
+use proto::msg::{BLOB_CAP, FailureKind, Requirements, SessionMsg, SessionReply, WireUsage};
 use proto::receipt::{self, Receipt};
 use proto::{Keypair, PublicKey};
 use quic::{Connection, Identity};
 use settlement::ledger::Book;
 
 mod pay;
+mod scheduler;
 pub use pay::Payment;
+pub use scheduler::{Scheduler, check_output};
 
 /// What can go wrong talking to the market.
 #[derive(Debug, thiserror::Error)]
@@ -27,191 +27,16 @@ pub enum Error {
     NoProvider(String),
     #[error("the provider refused the session: {0}")]
     Refused(String),
+    #[error("the provider is full: {0}")]
+    Busy(String),
     #[error("the request failed ({kind}): {message}")]
-    Failed { kind: String, limit: Option<String>, message: String },
+    Failed { kind: FailureKind, limit: Option<String>, message: String },
     #[error("the session failed over {0} times and gave up: {1}")]
     GaveUp(usize, String),
     #[error("link: {0}")]
     Link(String),
     #[error("payment: {0}")]
     Payment(String),
-}
-
-/// The scheduler's HTTP API.
-#[derive(Clone, Debug)]
-pub struct Scheduler {
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Scheduler {
-    /// `base` is the scheduler's HTTP address, such as `http://127.0.0.1:8080`.
-    pub fn new(base: &str) -> Scheduler {
-        Scheduler { base: base.trim_end_matches('/').to_string(), http: reqwest::Client::new() }
-    }
-
-    fn unreachable(&self, e: reqwest::Error) -> Error {
-        Error::Unreachable { url: self.base.clone(), reason: e.to_string() }
-    }
-
-    async fn check(&self, resp: reqwest::Response, what: &str) -> Result<reqwest::Response, Error> {
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status().as_u16();
-        let body = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<proto::api::ApiError>(&body).map(|e| e.error).unwrap_or(body);
-        Err(Error::Api { what: what.to_string(), status, message })
-    }
-
-    async fn json<T: serde::de::DeserializeOwned>(&self, resp: reqwest::Response, what: &str) -> Result<T, Error> {
-        self.check(resp, what).await?.json().await.map_err(|e| self.unreachable(e))
-    }
-
-    /// Uploads a module (once; the scheduler keeps it by hash).
-    pub async fn upload(&self, module: Vec<u8>) -> Result<ModuleUploaded, Error> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/modules", self.base))
-            .body(module)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        self.json(resp, "uploading the module").await
-    }
-
-    /// Submits a batch job for an uploaded module.
-    pub async fn submit(
-        &self,
-        module: &str,
-        input: &[u8],
-        requirements: Requirements,
-        limits: JobLimits,
-        deadline: Option<Duration>,
-    ) -> Result<Submitted, Error> {
-        let job = SubmitJob {
-            module: module.to_string(),
-            input_base64: base64::engine::general_purpose::STANDARD.encode(input),
-            requirements,
-            limits,
-            deadline_secs: deadline.map(|d| d.as_secs().max(1)),
-        };
-        let resp = self
-            .http
-            .post(format!("{}/v1/jobs", self.base))
-            .json(&job)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        self.json(resp, "submitting the job").await
-    }
-
-    pub async fn job(&self, id: &str) -> Result<JobView, Error> {
-        let resp =
-            self.http.get(format!("{}/v1/jobs/{id}", self.base)).send().await.map_err(|e| self.unreachable(e))?;
-        self.json(resp, "reading the job").await
-    }
-
-    /// Follows a job until it ends, calling `progress` whenever its view changes. Uses the
-    /// scheduler's long poll, so a change is seen as soon as it happens.
-    pub async fn wait(&self, id: &str, mut progress: impl FnMut(&JobView)) -> Result<JobView, Error> {
-        let mut last: Option<(proto::api::JobState, Option<u32>, usize)> = None;
-        let mut state: Option<proto::api::JobState> = None;
-        loop {
-            let url = match state {
-                Some(s) => format!("{}/v1/jobs/{id}?wait_ms=10000&state={}", self.base, state_name(s)),
-                None => format!("{}/v1/jobs/{id}", self.base),
-            };
-            let resp = self.http.get(url).send().await.map_err(|e| self.unreachable(e))?;
-            let view: JobView = self.json(resp, "reading the job").await?;
-            let now = (view.state, view.queue_position, view.attempts.len());
-            if last != Some(now) {
-                progress(&view);
-                last = Some(now);
-            }
-            if view.state.is_final() {
-                return Ok(view);
-            }
-            state = Some(view.state);
-        }
-    }
-
-    /// A finished job's output or log (`what` is `output` or `log`).
-    pub async fn bytes(&self, id: &str, what: &str) -> Result<Vec<u8>, Error> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/jobs/{id}/{what}", self.base))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let resp = self.check(resp, &format!("reading the job's {what}")).await?;
-        Ok(resp.bytes().await.map_err(|e| self.unreachable(e))?.to_vec())
-    }
-
-    /// Pays for a finished job from `payer`'s token account, the amount on the provider's
-    /// signed receipt (checked here first); returns the payment transaction's signature. Paying
-    /// a job already paid returns the first payment's signature and pays nothing.
-    pub async fn pay_job(&self, id: &str, chain: Arc<dyn settlement::Chain>, payer: &Keypair) -> Result<String, Error> {
-        let view = self.job(id).await?;
-        let terms = view.payment.clone().ok_or_else(|| Error::Payment(format!("job {id} has nothing to pay")))?;
-        if let Some(sig) = terms.transaction {
-            return Ok(sig);
-        }
-        // The output is withheld until paid: check everything else the receipt says now, and
-        // the output against its digest once it comes.
-        match (&view.receipt, view.provider) {
-            (Some(r), Some(p)) => {
-                r.check_terms(id, &p).map_err(|e| Error::Payment(format!("not paying job {id}: {e}")))?;
-                if r.amount_due != terms.amount || settlement::pay::hex(&r.digest()) != terms.receipt_digest {
-                    return Err(Error::Payment(format!("job {id}'s payment does not match its receipt")));
-                }
-            }
-            _ => return Err(Error::Payment(format!("job {id} has no receipt to pay against"))),
-        }
-        let payer = Keypair::from_seed(payer.seed());
-        let tx = tokio::task::spawn_blocking(move || settlement::pay::job_payment(chain.as_ref(), &payer, &terms))
-            .await
-            .map_err(|e| Error::Payment(e.to_string()))?
-            .map_err(|e| Error::Payment(e.to_string()))?;
-        let resp = self
-            .http
-            .post(format!("{}/v1/jobs/{id}/payment", self.base))
-            .json(&proto::api::PayJob { transaction: tx })
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let v: serde_json::Value = self.json(resp, "paying for the job").await?;
-        v.get("transaction")
-            .and_then(|t| t.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| Error::Payment("the scheduler did not say which transaction paid".into()))
-    }
-
-    /// Asks for a provider to serve an inference session.
-    pub async fn open_session(&self, req: &OpenSession) -> Result<SessionGrant, Error> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/sessions", self.base))
-            .json(req)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        if resp.status().as_u16() == 503 {
-            let body: serde_json::Value = resp.json().await.map_err(|e| self.unreachable(e))?;
-            return Err(Error::NoProvider(body.get("error").and_then(|e| e.as_str()).unwrap_or("").to_string()));
-        }
-        self.json(resp, "opening a session").await
-    }
-}
-
-fn state_name(s: proto::api::JobState) -> &'static str {
-    match s {
-        proto::api::JobState::Queued => "queued",
-        proto::api::JobState::Running => "running",
-        proto::api::JobState::Succeeded => "succeeded",
-        proto::api::JobState::Failed => "failed",
-        proto::api::JobState::Expired => "expired",
-    }
 }
 
 /// One served request.
@@ -265,6 +90,8 @@ impl std::fmt::Debug for Session {
 
 /// How often a session moves to another provider before it gives up.
 const MAX_FAILOVERS: usize = 3;
+/// Full providers a session is turned away by before it gives up.
+const MAX_BUSY: usize = 8;
 
 impl Session {
     /// Uploads the module, asks the scheduler for a provider, connects and runs `init`; an
@@ -355,18 +182,38 @@ impl Session {
                 _ => return Ok(l.clone()),
             }
         }
-        let grant = self
-            .scheduler
-            .open_session(&OpenSession {
-                module: self.module_hash.clone(),
-                renter: self.renter,
-                requirements: self.requirements.clone(),
-                exclude: excluded.clone(),
-            })
-            .await?;
-        let link = Arc::new(self.connect(&grant).await?);
-        *current = Some(link.clone());
-        Ok(link)
+        // A provider that is full says so before anything runs: ask for another, a bounded
+        // number of times.
+        let mut busy = Vec::new();
+        loop {
+            let grant = self
+                .scheduler
+                .open_session(&OpenSession {
+                    module: self.module_hash.clone(),
+                    renter: self.renter,
+                    requirements: self.requirements.clone(),
+                    exclude: excluded.iter().chain(&busy).copied().collect(),
+                })
+                .await
+                .map_err(|e| match (&e, busy.is_empty()) {
+                    (Error::NoProvider(why), false) => {
+                        Error::NoProvider(format!("{why}; {} more were full", busy.len()))
+                    }
+                    _ => e,
+                })?;
+            match self.connect(&grant).await {
+                Ok(link) => {
+                    let link = Arc::new(link);
+                    *current = Some(link.clone());
+                    return Ok(link);
+                }
+                Err(Error::Busy(reason)) if busy.len() < MAX_BUSY => {
+                    log::info!("provider {} is full ({reason}); asking for another", grant.provider);
+                    busy.push(grant.provider);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn connect(&self, grant: &SessionGrant) -> Result<Link, Error> {
@@ -381,12 +228,12 @@ impl Session {
             Some(p) => Some(pay::LinkPay::create(p, self.keypair.clone(), grant).await.map_err(Error::Payment)?),
             None => None,
         };
-        let open = SessionMsg::Open {
-            ticket: Box::new(grant.ticket.clone()),
-            init_input: self.init_input.clone(),
-            escrow: pay.as_ref().map(|p| p.terms()),
-        };
-        quic::write_msg(&mut send, &open, BLOB_CAP).await.map_err(link_err)?;
+        // The ticket goes first, alone and small: the provider reads nothing more from a peer
+        // before it has checked it. The init input follows at once.
+        let open = SessionMsg::Open { ticket: Box::new(grant.ticket.clone()), escrow: pay.as_ref().map(|p| p.terms()) };
+        quic::write_msg(&mut send, &open, proto::msg::OPEN_CAP).await.map_err(link_err)?;
+        let init = SessionMsg::Init { init_input: self.init_input.clone() };
+        quic::write_msg(&mut send, &init, BLOB_CAP).await.map_err(link_err)?;
         loop {
             match quic::read_msg::<SessionReply>(&mut recv, CONTROL_CAP).await.map_err(link_err)? {
                 Some(SessionReply::NeedModule) => {
@@ -412,6 +259,7 @@ impl Session {
                     });
                 }
                 Some(SessionReply::Refused { reason }) => return Err(Error::Refused(reason)),
+                Some(SessionReply::Busy { reason }) => return Err(Error::Busy(reason)),
                 Some(SessionReply::Failed { kind, limit, message }) => {
                     return Err(Error::Failed { kind, limit, message });
                 }
@@ -465,12 +313,12 @@ impl Session {
                 Ok(Ok(Answer { response: bytes, usage, provider: link.provider, receipt }))
             }
             // The guest's own error fails this request only.
-            Some(SessionReply::Failed { kind, limit, message }) if kind == "guest" => {
+            Some(SessionReply::Failed { kind, limit, message }) if kind == FailureKind::Guest => {
                 Ok(Err(Error::Failed { kind, limit, message }))
             }
             // The provider stopped for want of payment (the budget is spent, say): another
             // provider would not change that.
-            Some(SessionReply::Failed { kind, limit, message }) if kind == "payment" => {
+            Some(SessionReply::Failed { kind, limit, message }) if kind == FailureKind::Payment => {
                 Ok(Err(Error::Failed { kind, limit, message }))
             }
             // A limit, a crash or a host failure ended the instance there: move on.

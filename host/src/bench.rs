@@ -77,3 +77,9 @@ pub fn compile_and_deserialize(
     loaded.map_err(|e| e.to_string())?;
     Ok((compile, deserialize))
 }
+
+/// Loses the host's GPU device as a driver fault or reset would, for the tests of device
+/// loss: jobs running on it, and every later one, fail with `Failure::Host`.
+pub fn lose_device(host: &Host) {
+    host.gpu_handle().destroy_device();
+}

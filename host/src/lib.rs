@@ -2,13 +2,12 @@
 
 #[doc(hidden)]
 pub mod bench;
-pub mod daemon;
 mod error;
 mod gpu;
 mod limits;
 mod meter;
-pub mod payment;
 mod sandbox;
+pub mod worker;
 
 pub use gpu::{AdapterChoice, AdapterSummary, list_adapters};
 pub use limits::{LimitKind, Limits};

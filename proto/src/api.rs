@@ -1,5 +1,9 @@
 //! The scheduler's HTTP API, as JSON. The same records are what the scheduler stores, so a
 //! restart reads back exactly what clients were shown.
+//!
+//! Every request that creates or reads a renter's work is signed by that renter
+//! ([`crate::httpsig`]); jobs and sessions belong to the key that signed their creation, and
+//! nobody else can see them (they read as not found).
 
 use serde::{Deserialize, Serialize};
 
@@ -46,8 +50,8 @@ pub struct NoMatch {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReasonCount {
-    /// A stable key: `offline`, `busy`, `gpu_count`, `vram`, `gpu`, `backend`, `region`,
-    /// `price`, `rtt`.
+    /// A stable key: `offline`, `busy`, `sessions_full`, `gpu_count`, `vram`, `gpu`, `backend`,
+    /// `region`, `price`, `rtt`.
     pub reason: String,
     pub count: u32,
 }
@@ -55,6 +59,8 @@ pub struct ReasonCount {
 /// `POST /v1/jobs` answers this.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Submitted {
+    /// `job-` and 32 hex digits (128 random bits): not to be guessed, and readable only with
+    /// the submitting renter's signature anyway.
     pub id: String,
     pub state: JobState,
     /// Present when no provider matches now: the job waits until one does or its deadline
@@ -94,6 +100,10 @@ pub struct Attempt {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobView {
     pub id: String,
+    /// The renter that submitted it (the key that signed the submission): the only one that
+    /// may read it. `None` on records from before requests were signed: nobody may.
+    #[serde(default)]
+    pub renter: Option<PublicKey>,
     pub module: String,
     pub state: JobState,
     pub requirements: Requirements,
@@ -222,12 +232,22 @@ pub struct ProviderView {
     /// Where renters reach the provider for inference sessions, if it serves them.
     #[serde(default)]
     pub session_addr: Option<String>,
+    /// Inference sessions it serves at once, and how many it has now (as it last reported,
+    /// plus those granted since).
+    #[serde(default)]
+    pub session_capacity: u32,
+    #[serde(default)]
+    pub sessions: u32,
 }
 
 /// Every error of the HTTP API.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     pub error: String,
+    /// On `429 Too Many Requests` (and a full nonce table, `503`): seconds to wait before
+    /// asking again, as the `Retry-After` header says too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
 }
 
 /// `POST /v1/sessions`: a renter asks for a provider to serve an inference module.
@@ -237,7 +257,7 @@ pub struct OpenSession {
     /// Hex SHA-256 of a module uploaded with `POST /v1/modules`.
     pub module: String,
     /// The renter's key: the ticket is issued to it, and the renter must connect to the
-    /// provider with it.
+    /// provider with it. It must be the key that signed the request.
     pub renter: PublicKey,
     #[serde(default)]
     pub requirements: Requirements,

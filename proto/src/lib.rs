@@ -2,11 +2,13 @@
 
 pub mod api;
 pub mod frame;
+pub mod httpsig;
 pub mod identity;
 pub mod msg;
 pub mod receipt;
 pub mod ticket;
 pub mod voucher;
+pub mod worker;
 
 pub use frame::{FrameDecoder, FrameError, PROTOCOL_VERSION};
 pub use identity::{KeyError, Keypair, PublicKey, Signature};

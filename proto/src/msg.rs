@@ -92,6 +92,18 @@ pub struct JobLimits {
     pub wall_time_ms: u64,
     pub gpu_bytes: u64,
     pub dispatches: u64,
+    /// GPU buffers held at once.
+    #[serde(default)]
+    pub buffers: u32,
+    /// Workgroups in one dispatch (x * y * z).
+    #[serde(default)]
+    pub workgroups_per_dispatch: u64,
+    /// Bytes of output.
+    #[serde(default)]
+    pub output_bytes: u64,
+    /// Bytes of log kept.
+    #[serde(default)]
+    pub log_bytes: u64,
 }
 
 /// The billed counts of a job or a call, on the wire.
@@ -109,13 +121,66 @@ pub struct WireUsage {
     pub gpu_time_source: String,
 }
 
+/// What kind of failure ended a job, a session or one inference. Spelled in lowercase on the
+/// wire and in the HTTP API (`"limit"`, `"trap"`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureKind {
+    /// The job hit one of its limits (`limit` names it).
+    Limit,
+    /// The guest trapped: a panic, an unreachable instruction, a bad memory access.
+    Trap,
+    /// A batch job exited with a non-zero status.
+    Exit,
+    /// The guest reported an error (an inference call returned one).
+    Guest,
+    /// The module was refused before anything ran (bad imports, not a module, wrong kind).
+    Load,
+    /// The worker process running the job died (a compiler stack overflow, an abort); the
+    /// daemon and every other tenant carried on.
+    Crash,
+    /// The renter stopped paying, or a payment was refused.
+    Payment,
+    /// The provider could not serve it (device lost, worker could not start, host error).
+    Host,
+}
+
+impl FailureKind {
+    /// The name as the wire and the API spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::Limit => "limit",
+            FailureKind::Trap => "trap",
+            FailureKind::Exit => "exit",
+            FailureKind::Guest => "guest",
+            FailureKind::Load => "load",
+            FailureKind::Crash => "crash",
+            FailureKind::Payment => "payment",
+            FailureKind::Host => "host",
+        }
+    }
+
+    /// Whether the kernel (or its renter) caused it: running it again on another provider
+    /// would fail the same way, so the scheduler does not. Only provider-side failures
+    /// ([`FailureKind::Host`]) are re-run elsewhere.
+    pub fn is_kernel_fault(self) -> bool {
+        !matches!(self, FailureKind::Host)
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How a job ended on a host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Succeeded,
-    /// The job failed: `kind` is `limit`, `trap`, `exit`, `guest`, `host` or `load`.
+    /// The job failed: `limit` names the limit when `kind` is [`FailureKind::Limit`].
     Failed {
-        kind: String,
+        kind: FailureKind,
         limit: Option<String>,
         message: String,
     },
@@ -155,10 +220,17 @@ pub enum HostMsg {
         capacity: u32,
         /// Where renters reach this host for inference sessions (`ip:port`), if it serves them.
         session_addr: Option<String>,
+        /// Inference sessions the host serves at once (a count of its own: light sessions may
+        /// outnumber batch jobs).
+        #[serde(default)]
+        session_capacity: u32,
     },
     Heartbeat {
         /// Jobs running now.
         running: u32,
+        /// Inference sessions open now.
+        #[serde(default)]
+        sessions: u32,
     },
     /// Where an inference session stands: sent after a settlement and when it ends.
     SessionReport(Box<SessionReport>),
@@ -287,6 +359,7 @@ mod tests {
             price: Price { per_gpu_second: 1, per_inference: 2 },
             capacity: 4,
             session_addr: None,
+            session_capacity: 8,
         };
         let frame = encode(&reg, CONTROL_CAP).unwrap();
         assert_eq!(decode_body::<HostMsg>(&frame[4..]).unwrap(), reg);
@@ -301,17 +374,26 @@ mod tests {
     }
 }
 
-/// Renter to provider, on a session connection. The first stream carries `Open` (and `Module`
-/// if the provider asks); every later stream carries one `Request`.
+/// Cap of the first frame on a session connection ([`SessionMsg::Open`]), which a provider
+/// reads before it knows who the peer is: a ticket and escrow terms fit in far less.
+pub const OPEN_CAP: usize = 16 << 10;
+
+/// Renter to provider, on a session connection. The first stream carries `Open` (at most
+/// [`OPEN_CAP`] bytes: read before the ticket is checked) and right after it `Init` (read only
+/// once the ticket is good), then `Module` if the provider asks; every later stream carries one
+/// `Request` or the `Close`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SessionMsg {
     Open {
         ticket: Box<crate::ticket::Ticket>,
-        #[serde(with = "bytes")]
-        init_input: Vec<u8>,
         /// The escrow the renter opened for this session; a provider that takes payment
         /// refuses a session without one.
         escrow: Option<crate::voucher::EscrowTerms>,
+    },
+    /// The input of the service's `init` (weights, say).
+    Init {
+        #[serde(with = "bytes")]
+        init_input: Vec<u8>,
     },
     Module {
         #[serde(with = "bytes")]
@@ -355,12 +437,17 @@ pub enum SessionReply {
         settled: Option<Box<crate::voucher::Settled>>,
         refund: Option<Box<crate::voucher::Refund>>,
     },
-    /// The request (or `init`) failed; `kind` as in [`Outcome::Failed`], or `payment` when
-    /// the provider stops serving for want of a valid voucher. After a `limit`, `trap`,
-    /// `host` or `payment` failure the session is over.
+    /// The request (or `init`) failed; `kind` as in [`Outcome::Failed`], or
+    /// [`FailureKind::Payment`] when the provider stops serving for want of a valid voucher.
+    /// After any failure but [`FailureKind::Guest`] the session is over.
     Failed {
-        kind: String,
+        kind: FailureKind,
         limit: Option<String>,
         message: String,
+    },
+    /// The provider has no free session slot (or is shutting down): nothing ran, and the
+    /// renter should ask the scheduler for another provider.
+    Busy {
+        reason: String,
     },
 }

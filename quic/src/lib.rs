@@ -14,7 +14,13 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use quinn::{Connection, Endpoint, RecvStream, SendStream};
+pub mod https;
+
+mod limits;
+mod link;
+
+pub use limits::{AUTH_TIMEOUT, Budget, FIRST_FRAME_CAP, ServerLimits};
+pub use link::{CLOSE_UNAUTHENTICATED, CloseCode, Connection, Endpoint, Incoming, RecvStream, SendStream};
 
 /// The ALPN protocol every wasmgrid QUIC connection speaks.
 pub const ALPN: &[u8] = b"wasmgrid/1";
@@ -28,8 +34,16 @@ pub enum QuicError {
     Endpoint(String),
     #[error("connecting to {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
+    #[error("handshake: {0}")]
+    Handshake(String),
+    #[error("connection: {0}")]
+    Connection(String),
     #[error("stream: {0}")]
     Stream(String),
+    #[error("no first message within {0:?}")]
+    FirstMessageTimeout(Duration),
+    #[error("server limits: {0}")]
+    Limits(String),
     #[error(transparent)]
     Frame(#[from] FrameError),
 }
@@ -39,7 +53,7 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b,
 
 /// The ed25519 public key a certificate carries, read by a real X.509 parser (not by searching
 /// bytes, which a crafted subject name could fool).
-pub fn cert_key(cert: &CertificateDer<'_>) -> Option<PublicKey> {
+pub(crate) fn cert_key(cert: &CertificateDer<'_>) -> Option<PublicKey> {
     let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
     let spki = parsed.subject_public_key_info();
     let rest = spki.as_ref().strip_prefix(&ED25519_SPKI_PREFIX[..])?;
@@ -195,18 +209,24 @@ impl ClientCertVerifier for ClientPolicy {
     }
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// The transport settings of every connection: a server's start on `budget` (the one before
+/// authentication) and are raised per connection later; a client's are its full budget.
+fn transport(budget: Budget, stream_receive_window: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
         t.max_idle_timeout(Some(idle));
     }
-    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
+    t.receive_window(quinn::VarInt::from_u32(budget.receive_window));
+    t.stream_receive_window(quinn::VarInt::from_u32(stream_receive_window));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(budget.bidi_streams));
+    // Neither is used, and both would be buffers a peer could fill.
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t.datagram_receive_buffer_size(None);
     Arc::new(t)
 }
 
-fn server_config(identity: &Identity, peers: Peers) -> Result<quinn::ServerConfig, QuicError> {
+fn server_config(identity: &Identity, peers: Peers, limits: &ServerLimits) -> Result<quinn::ServerConfig, QuicError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| QuicError::Identity(e.to_string()))?
@@ -217,9 +237,19 @@ fn server_config(identity: &Identity, peers: Peers) -> Result<quinn::ServerConfi
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| QuicError::Identity(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport(limits.before_auth, limits.stream_receive_window));
+    // Attempts the application has not taken yet: a few per place among the connections waiting
+    // for authentication, each with a little buffered (no 0-RTT is accepted, so a client has
+    // nothing large to send before the handshake ends).
+    let queued = limits.max_unauthenticated.saturating_mul(2).max(16);
+    config.max_incoming(queued);
+    config.incoming_buffer_size(INCOMING_BUFFER);
+    config.incoming_buffer_size_total(INCOMING_BUFFER.saturating_mul(queued as u64));
     Ok(config)
 }
+
+/// Bytes buffered for one connection attempt not yet taken by the application.
+const INCOMING_BUFFER: u64 = 16 << 10;
 
 fn client_config(identity: &Identity, expected: PublicKey) -> Result<quinn::ClientConfig, QuicError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -233,18 +263,37 @@ fn client_config(identity: &Identity, expected: PublicKey) -> Result<quinn::Clie
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| QuicError::Identity(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport());
+    let full = ServerLimits::default();
+    config.transport_config(transport(full.full, full.stream_receive_window));
     Ok(config)
 }
 
-/// A server endpoint on `addr` that accepts `peers`.
+/// A server endpoint on `addr` that accepts `peers`, with the default [`ServerLimits`].
 pub fn server(identity: &Identity, addr: SocketAddr, peers: Peers) -> Result<Endpoint, QuicError> {
-    Endpoint::server(server_config(identity, peers)?, addr).map_err(|e| QuicError::Endpoint(e.to_string()))
+    server_with(identity, addr, peers, ServerLimits::default())
+}
+
+/// A server endpoint on `addr` that accepts `peers` and keeps each to `limits`. A connection
+/// from a key in `Peers::Only` is authenticated by its handshake; under `Peers::Any` the
+/// application must call [`Connection::authenticated`] once it has checked the peer (its first
+/// message, read with [`read_first_msg`]), or the connection is closed at the deadline.
+pub fn server_with(
+    identity: &Identity,
+    addr: SocketAddr,
+    peers: Peers,
+    limits: ServerLimits,
+) -> Result<Endpoint, QuicError> {
+    limits.check()?;
+    let pinned = matches!(peers, Peers::Only(_));
+    let config = server_config(identity, peers, &limits)?;
+    let endpoint = quinn::Endpoint::server(config, addr).map_err(|e| QuicError::Endpoint(e.to_string()))?;
+    Ok(Endpoint::server(endpoint, limits, pinned))
 }
 
 /// A client-only endpoint on an ephemeral port.
 pub fn client(bind: SocketAddr) -> Result<Endpoint, QuicError> {
-    Endpoint::client(bind).map_err(|e| QuicError::Endpoint(e.to_string()))
+    let endpoint = quinn::Endpoint::client(bind).map_err(|e| QuicError::Endpoint(e.to_string()))?;
+    Ok(Endpoint::client(endpoint))
 }
 
 /// Connects to `addr`, which must prove it holds `expected`'s key; this side proves `identity`.
@@ -256,37 +305,46 @@ pub async fn connect(
 ) -> Result<Connection, QuicError> {
     let config = client_config(identity, expected)?;
     let connecting = endpoint
+        .quinn()
         .connect_with(config, addr, "wasmgrid")
         .map_err(|e| QuicError::Connect { addr, reason: e.to_string() })?;
-    connecting.await.map_err(|e| QuicError::Connect { addr, reason: e.to_string() })
+    let conn = connecting.await.map_err(|e| QuicError::Connect { addr, reason: e.to_string() })?;
+    Ok(Connection::client(conn))
 }
 
 /// The key the peer of an established connection proved.
 pub fn peer_key(conn: &Connection) -> Option<PublicKey> {
-    let identity = conn.peer_identity()?;
-    let certs = identity.downcast_ref::<Vec<CertificateDer<'static>>>()?;
-    certs.first().and_then(cert_key)
+    conn.peer_key()
 }
 
 /// Writes one frame.
 pub async fn write_msg<T: Serialize>(send: &mut SendStream, msg: &T, cap: usize) -> Result<(), QuicError> {
     let bytes = frame::encode(msg, cap)?;
-    send.write_all(&bytes).await.map_err(|e| QuicError::Stream(e.to_string()))
+    send.write_all(&bytes).await
 }
 
 /// Reads one frame, checking its length against `cap` before reading the body. `Ok(None)` at a
-/// clean end of stream.
+/// clean end of stream. The body's buffer grows with the bytes that arrive, not with the length
+/// the prefix claims.
 pub async fn read_msg<T: DeserializeOwned>(recv: &mut RecvStream, cap: usize) -> Result<Option<T>, QuicError> {
     let mut prefix = [0u8; 4];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(QuicError::Stream(e.to_string())),
+    if !recv.read_exact_or_end(&mut prefix).await? {
+        return Ok(None);
     }
     let len = frame::body_len(prefix, cap)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| QuicError::Stream(e.to_string()))?;
+    let body = recv.read_vec(len).await?;
     Ok(Some(frame::decode_body(&body)?))
+}
+
+/// Reads the first frame of a peer not yet authenticated: [`read_msg`] with a small `cap` (see
+/// [`FIRST_FRAME_CAP`]) under `timeout`. The endpoint closes the connection at its own deadline
+/// ([`ServerLimits::auth_timeout`]) whatever `timeout` says.
+pub async fn read_first_msg<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+    cap: usize,
+    timeout: Duration,
+) -> Result<Option<T>, QuicError> {
+    tokio::time::timeout(timeout, read_msg(recv, cap)).await.map_err(|_| QuicError::FirstMessageTimeout(timeout))?
 }
 
 #[cfg(test)]

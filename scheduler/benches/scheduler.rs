@@ -62,8 +62,8 @@ fn populate(state: &mut State, n: u32, rng: &mut Rng) {
         let key = PublicKey(key);
         let price = Price { per_gpu_second: 1 + rng.below(100), per_inference: 1 + rng.below(10) };
         let region = REGIONS[rng.below(4) as usize].to_string();
-        state.register(key, format!("sim-{i}"), region, gpus, price, 1 + rng.below(8) as u32, None, 0).unwrap();
-        state.heartbeat(&key, 0, Some(1 + rng.below(200) as u32), 0);
+        state.register(key, format!("sim-{i}"), region, gpus, price, 1 + rng.below(8) as u32, None, 0, 0).unwrap();
+        state.heartbeat(&key, 0, 0, Some(1 + rng.below(200) as u32), 0);
     }
 }
 
@@ -90,7 +90,10 @@ fn us(d: Duration) -> f64 {
 }
 
 fn bench_state(label: &str, store: Box<dyn Store>, providers: u32, jobs: u32) {
-    let mut state = State::load(Config::default(), store, 0).unwrap();
+    // One renter submits them all: no per-renter cap here.
+    let config = Config { max_jobs_per_renter: usize::MAX, ..Config::default() };
+    let mut state = State::load(config, store, 0).unwrap();
+    let renter = Keypair::generate().public();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     populate(&mut state, providers, &mut rng);
     let module = hash_hex(&state.put_module(b"\0asm\x01\0\0\0").unwrap());
@@ -105,7 +108,7 @@ fn bench_state(label: &str, store: Box<dyn Store>, providers: u32, jobs: u32) {
     let start = Instant::now();
     for r in &reqs {
         let t = Instant::now();
-        state.submit(&module, vec![0; 64], r.clone(), JobLimits::default(), Some(3600), 1).unwrap();
+        state.submit(renter, &module, vec![0; 64], r.clone(), JobLimits::default(), Some(3600), 1).unwrap();
         // Durable before the answer, one job at a time: no group commit to share the flush.
         state.store().sync().unwrap();
         let t2 = Instant::now();
@@ -154,6 +157,20 @@ fn bench_state(label: &str, store: Box<dyn Store>, providers: u32, jobs: u32) {
     );
 }
 
+/// `rb` with `key`'s signature over `method path` and `body`.
+fn signed(
+    rb: reqwest::RequestBuilder,
+    key: &Keypair,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> reqwest::RequestBuilder {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut nonce = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    proto::httpsig::sign(key, method, path, body, now, nonce).into_iter().fold(rb, |rb, (k, v)| rb.header(k, v))
+}
+
 fn main() {
     println!("scheduler benchmarks (state machine, no network)");
     for providers in [10_000, 100_000] {
@@ -165,47 +182,50 @@ fn main() {
         bench_state("redb", Box::new(store), providers, 2_000);
     }
 
-    println!("\nHTTP submits on loopback (redb store, 0 providers), 32 concurrent clients, 3 s each");
+    println!(
+        "\nHTTPS submits on loopback (redb store, 0 providers), each request signed, 32 concurrent clients, 3 s each"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         let l = scheduler::start(scheduler::SchedulerConfig {
             http: loopback,
+            plain_http: false,
+            renter_limits: None,
             quic: loopback,
             keypair: Keypair::generate(),
             providers: None,
             db: dir.path().join("http.redb"),
             chain: None,
-            state: Config::default(),
+            state: Config { max_jobs_per_renter: usize::MAX, ..Config::default() },
         })
         .await
         .unwrap();
-        let base = format!("http://{}", l.http);
-        let http = reqwest::Client::new();
-        let module: serde_json::Value = http
-            .post(format!("{base}/v1/modules"))
-            .body(b"\0asm\x01\0\0\0".to_vec())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let base = l.url();
+        let http = quic::https::pinned_client(l.key).unwrap().build().unwrap();
+        let renter = std::sync::Arc::new(Keypair::generate());
+        let wasm = b"\0asm\x01\0\0\0".to_vec();
+        let module: serde_json::Value =
+            signed(http.post(format!("{base}/v1/modules")), &renter, "POST", "/v1/modules", &wasm)
+                .body(wasm)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
         let body = serde_json::json!({ "module": module["module"], "input_base64": "AAAA" }).to_string();
         for (label, submit) in [("GET /v1/info (baseline)", false), ("POST /v1/jobs", true)] {
             let deadline = Instant::now() + Duration::from_secs(3);
             let mut set = tokio::task::JoinSet::new();
             for _ in 0..32 {
-                let (http, base, body) = (http.clone(), base.clone(), body.clone());
+                let (http, base, body, renter) = (http.clone(), base.clone(), body.clone(), renter.clone());
                 set.spawn(async move {
                     let mut n = 0u64;
                     while Instant::now() < deadline {
                         let resp = if submit {
-                            http.post(format!("{base}/v1/jobs"))
-                                .header("content-type", "application/json")
-                                .body(body.clone())
-                                .send()
-                                .await
+                            let rb = http.post(format!("{base}/v1/jobs")).header("content-type", "application/json");
+                            signed(rb, &renter, "POST", "/v1/jobs", body.as_bytes()).body(body.clone()).send().await
                         } else {
                             http.get(format!("{base}/v1/info")).send().await
                         };

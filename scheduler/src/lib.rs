@@ -1,10 +1,13 @@
 #![doc = include_str!("../README.md")]
 
+mod auth;
 pub mod matching;
+pub mod ratelimit;
 pub mod server;
 pub mod state;
 pub mod store;
 
-pub use server::{Listening, SchedulerConfig, start};
+pub use ratelimit::RenterLimits;
+pub use server::{Listening, SchedulerConfig, StartError, start};
 pub use state::{Config, JobPricing, State};
 pub use store::{MemoryStore, RedbStore, Store, StoreError};

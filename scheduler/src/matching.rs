@@ -41,6 +41,8 @@ pub enum Reason {
     Price,
     Rtt,
     Busy,
+    /// Every session slot is taken (for sessions, which have slots of their own).
+    SessionsFull,
 }
 
 impl Reason {
@@ -55,6 +57,7 @@ impl Reason {
             Reason::Price => "price",
             Reason::Rtt => "rtt",
             Reason::Busy => "busy",
+            Reason::SessionsFull => "sessions_full",
         }
     }
 
@@ -69,6 +72,7 @@ impl Reason {
             Reason::Price => ("is over your price", "are over your price"),
             Reason::Rtt => ("is too far away (round trip)", "are too far away (round trip)"),
             Reason::Busy => ("is busy (at capacity)", "are busy (at capacity)"),
+            Reason::SessionsFull => ("has every session slot taken", "have every session slot taken"),
         };
         format!("{n} {}", if n == 1 { one } else { many })
     }
@@ -141,7 +145,7 @@ impl Query {
             return Some(Reason::Rtt);
         }
         if !ignore_load && c.running >= c.capacity {
-            return Some(Reason::Busy);
+            return Some(if self.session { Reason::SessionsFull } else { Reason::Busy });
         }
         None
     }

@@ -1,5 +1,6 @@
-//! The scheduler process: the HTTP API for renters, the QUIC endpoint providers connect to, and
-//! the dispatcher between them. This is the IO around [`State`].
+//! The scheduler process: the HTTPS API for renters (requests signed, see [`crate::auth`]), the
+//! QUIC endpoint providers connect to, and the dispatcher between them. This is the IO around
+//! [`State`].
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -10,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, State as AxumState};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State as AxumState};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,7 +23,9 @@ use proto::{Keypair, PublicKey};
 use quic::{Connection, Identity, Peers};
 use tokio::sync::Notify;
 
-use crate::state::{Assignment, Config, State};
+use crate::auth::{Gate, Renter};
+use crate::ratelimit::RenterLimits;
+use crate::state::{Assignment, Config, ConfigError, State};
 use crate::store::RedbStore;
 
 /// Milliseconds since the Unix epoch.
@@ -33,7 +36,14 @@ pub fn now_ms() -> u64 {
 /// How a scheduler process is set up.
 #[derive(Debug)]
 pub struct SchedulerConfig {
+    /// Where the renters' API listens: HTTPS with a certificate made from `keypair`, or plain
+    /// HTTP with `plain_http`.
     pub http: SocketAddr,
+    /// Serve the API as plain HTTP, not HTTPS: only on a loopback address (anything else is
+    /// refused at start), where nobody is on the path.
+    pub plain_http: bool,
+    /// How fast each renter may send requests; `None` for no limit.
+    pub renter_limits: Option<RenterLimits>,
     pub quic: SocketAddr,
     pub keypair: Keypair,
     /// Provider keys allowed to connect; `None` lets any key register.
@@ -48,8 +58,17 @@ pub struct SchedulerConfig {
 #[derive(Clone, Debug)]
 pub struct Listening {
     pub http: SocketAddr,
+    /// Whether the API is served over TLS (clients pin `key`).
+    pub tls: bool,
     pub quic: SocketAddr,
     pub key: PublicKey,
+}
+
+impl Listening {
+    /// The API's base URL, `https://ADDR` (or `http://` on plain loopback).
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.http)
+    }
 }
 
 #[derive(Clone)]
@@ -64,6 +83,8 @@ struct Shared {
     changed: Arc<tokio::sync::watch::Sender<u64>>,
     listening: Arc<Mutex<Option<Listening>>>,
     chain: Option<Arc<dyn settlement::Chain>>,
+    gate: Arc<Gate>,
+    heartbeat_ms: u64,
 }
 
 impl Shared {
@@ -85,10 +106,20 @@ pub enum StartError {
     Quic(#[from] quic::QuicError),
     #[error("listening on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "plain HTTP is served only on a loopback address, not {0}: drop the plain-HTTP option to serve HTTPS there"
+    )]
+    PlainHttp(SocketAddr),
 }
 
 /// Starts the scheduler's tasks on the current tokio runtime and returns where it listens.
 pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
+    config.state.validate()?;
+    if config.plain_http && !config.http.ip().is_loopback() {
+        return Err(StartError::PlainHttp(config.http));
+    }
     let store = RedbStore::open(&config.db)?;
     let state = State::load(config.state.clone(), Box::new(store), now_ms())?;
     let identity = Identity::new(&config.keypair)?;
@@ -102,7 +133,9 @@ pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
         .await
         .map_err(|source| StartError::Listen { addr: config.http, source })?;
     let http_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.http, source })?;
-    let listening = Listening { http: http_addr, quic: quic_addr, key: config.keypair.public() };
+    let tls = !config.plain_http;
+    let listening = Listening { http: http_addr, tls, quic: quic_addr, key: config.keypair.public() };
+    let acceptor = if tls { Some(quic::https::Acceptor::new(&identity)?) } else { None };
 
     let shared = Shared {
         state: Arc::new(Mutex::new(state)),
@@ -113,16 +146,85 @@ pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
         control: Arc::new(Mutex::new(HashMap::new())),
         listening: Arc::new(Mutex::new(Some(listening.clone()))),
         chain: config.chain.clone(),
+        gate: Arc::new(Gate::new(config.renter_limits)),
+        heartbeat_ms: config.state.heartbeat_interval_ms,
     };
     tokio::spawn(accept_providers(endpoint, shared.clone()));
     tokio::spawn(dispatch(shared.clone(), config.state.heartbeat_timeout_ms));
     let app = router(shared);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = match acceptor {
+            Some(acceptor) => axum::serve(TlsListener::start(listener, acceptor), app).await,
+            None => axum::serve(listener, app).await,
+        };
+        if let Err(e) = served {
             log::error!("http server stopped: {e}");
         }
     });
     Ok(listening)
+}
+
+/// TLS handshakes in progress at once; more connections wait in the kernel's backlog.
+const MAX_HANDSHAKES: usize = 256;
+
+/// The API's listener over TLS: handshakes run concurrently (each within the acceptor's time
+/// budget, at most [`MAX_HANDSHAKES`] at once), and axum gets the connections that finished.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(quic::https::TlsStream, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    fn start(listener: tokio::net::TcpListener, acceptor: quic::https::Acceptor) -> TlsListener {
+        let local = listener.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors, say: wait rather than spin.
+                        log::warn!("accepting an API connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, ready) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match acceptor.accept(tcp).await {
+                        Ok(tls) => {
+                            drop(permit);
+                            let _ = ready.send((tls, peer)).await;
+                        }
+                        Err(e) => log::debug!("API connection from {peer}: {e}"),
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        TlsListener { ready, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = quic::https::TlsStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The accepting task ended (the server is going away): nothing more comes.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 // ---- providers over QUIC ----
@@ -145,8 +247,10 @@ async fn serve_provider(conn: Connection, shared: Shared) {
         return;
     };
     let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
-    let first: Result<Option<HostMsg>, _> = quic::read_msg(&mut recv, CONTROL_CAP).await;
-    let Ok(Some(HostMsg::Register { name, region, gpus, price, capacity, session_addr })) = first else {
+    let first: Result<Option<HostMsg>, _> =
+        quic::read_first_msg(&mut recv, quic::FIRST_FRAME_CAP, quic::AUTH_TIMEOUT).await;
+    let Ok(Some(HostMsg::Register { name, region, gpus, price, capacity, session_addr, session_capacity })) = first
+    else {
         let _ = quic::write_msg(
             &mut send,
             &SchedulerMsg::Refused { reason: "expected Register first".into() },
@@ -156,15 +260,27 @@ async fn serve_provider(conn: Connection, shared: Shared) {
         conn.close(2u32.into(), b"protocol");
         return;
     };
-    let registered = shared.state().register(key, name.clone(), region, gpus, price, capacity, session_addr, now_ms());
+    let registered = shared.state().register(
+        key,
+        name.clone(),
+        region,
+        gpus,
+        price,
+        capacity,
+        session_addr,
+        session_capacity,
+        now_ms(),
+    );
     if let Err(e) = registered {
         log::error!("registering {key}: {e}");
         conn.close(3u32.into(), b"store");
         return;
     }
+    // Registered: the provider is who its key says, and gets the full budget of a peer.
+    conn.authenticated();
     shared.conns.lock().unwrap_or_else(PoisonError::into_inner).insert(key, conn.clone());
     log::info!("provider {key} ({name}) registered from {}", conn.remote_address());
-    let heartbeat_ms = 1_000;
+    let heartbeat_ms = shared.heartbeat_ms;
     let _ = quic::write_msg(&mut send, &SchedulerMsg::Registered { provider: key, heartbeat_ms }, CONTROL_CAP).await;
     // From here the control stream's send half belongs to a writer fed by the dispatcher.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SchedulerMsg>();
@@ -179,9 +295,9 @@ async fn serve_provider(conn: Connection, shared: Shared) {
     shared.wake.notify_one();
     loop {
         match quic::read_msg::<HostMsg>(&mut recv, CONTROL_CAP).await {
-            Ok(Some(HostMsg::Heartbeat { running })) => {
+            Ok(Some(HostMsg::Heartbeat { running, sessions })) => {
                 let rtt = u32::try_from(conn.rtt().as_millis()).ok();
-                shared.state().heartbeat(&key, running, rtt, now_ms());
+                shared.state().heartbeat(&key, running, sessions, rtt, now_ms());
                 shared.wake.notify_one();
             }
             Ok(Some(HostMsg::SessionReport(report))) => {
@@ -298,39 +414,55 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
 
 // ---- HTTP ----
 
-fn api_error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(ApiError { error: message.into() })).into_response()
+pub(crate) fn api_error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(ApiError { error: message.into(), retry_after_secs: None })).into_response()
+}
+
+/// What a job that is not the caller's reads as: the same as one that does not exist.
+fn no_job(id: &str) -> Response {
+    api_error(StatusCode::NOT_FOUND, format!("no job {id:?}"))
 }
 
 fn router(shared: Shared) -> Router {
-    Router::new()
+    // Everything that creates or reads a renter's work: signed by that renter.
+    let signed = Router::new()
         .route("/v1/modules", post(upload_module))
         .route("/v1/jobs", post(submit_job))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/output", get(get_output))
         .route("/v1/jobs/{id}/payment", post(pay_job))
         .route("/v1/jobs/{id}/log", get(get_log))
-        .route("/v1/providers", get(list_providers))
         .route("/v1/sessions", post(open_session))
         .route("/v1/sessions/{id}", get(get_session))
+        .route_layer(axum::middleware::from_fn_with_state(shared.gate.clone(), crate::auth::authenticate));
+    Router::new()
+        .route("/v1/providers", get(list_providers))
         .route("/v1/info", get(info))
         .route("/openapi.json", get(openapi))
+        .merge(signed)
         .fallback(|| async { api_error(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json") })
         .layer(DefaultBodyLimit::max(BLOB_CAP))
         .with_state(shared)
 }
 
+/// What [`test_router`] runs with besides the state.
+#[derive(Default)]
+pub struct TestOptions {
+    /// The chain job payments go to, if it takes payment.
+    pub chain: Option<Arc<dyn settlement::Chain>>,
+    /// How fast each renter may send requests; `None` for no limit.
+    pub renter_limits: Option<RenterLimits>,
+}
+
+impl std::fmt::Debug for TestOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestOptions").field("renter_limits", &self.renter_limits).finish_non_exhaustive()
+    }
+}
+
 /// The router alone, for tests that drive it without sockets.
-pub fn test_router(state: State) -> Router {
-    test_shared(state, None)
-}
-
-/// The router alone, taking job payments on `chain`, for tests.
-pub fn test_router_with_chain(state: State, chain: Arc<dyn settlement::Chain>) -> Router {
-    test_shared(state, Some(chain))
-}
-
-fn test_shared(state: State, chain: Option<Arc<dyn settlement::Chain>>) -> Router {
+pub fn test_router(state: State, options: TestOptions) -> Router {
+    let heartbeat_ms = Config::default().heartbeat_interval_ms;
     router(Shared {
         state: Arc::new(Mutex::new(state)),
         keypair: Arc::new(Keypair::generate()),
@@ -339,7 +471,9 @@ fn test_shared(state: State, chain: Option<Arc<dyn settlement::Chain>>) -> Route
         changed: Arc::new(tokio::sync::watch::channel(0).0),
         control: Arc::new(Mutex::new(HashMap::new())),
         listening: Arc::new(Mutex::new(None)),
-        chain,
+        chain: options.chain,
+        gate: Arc::new(Gate::new(options.renter_limits)),
+        heartbeat_ms,
     })
 }
 
@@ -354,6 +488,7 @@ async fn durable(shared: &Shared) -> Result<(), String> {
 }
 
 async fn upload_module(AxumState(shared): AxumState<Shared>, body: Bytes) -> Response {
+    // Signed like every write, though a module belongs to nobody: it is named by its hash.
     if body.is_empty() {
         return api_error(StatusCode::BAD_REQUEST, "the request body must be the module's bytes");
     }
@@ -375,6 +510,7 @@ async fn upload_module(AxumState(shared): AxumState<Shared>, body: Bytes) -> Res
 
 async fn submit_job(
     AxumState(shared): AxumState<Shared>,
+    Extension(Renter(renter)): Extension<Renter>,
     body: Result<axum::Json<SubmitJob>, JsonRejection>,
 ) -> Response {
     let axum::Json(req) = match body {
@@ -387,7 +523,7 @@ async fn submit_job(
         Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("input_base64 is not base64: {e}")),
     };
     let submitted =
-        shared.state().submit(&req.module, input, req.requirements, req.limits, req.deadline_secs, now_ms());
+        shared.state().submit(renter, &req.module, input, req.requirements, req.limits, req.deadline_secs, now_ms());
     shared.wake.notify_one();
     match submitted {
         Ok(s) => {
@@ -399,6 +535,11 @@ async fn submit_job(
         }
         Err(e @ crate::state::SubmitError::UnknownModule(_)) => api_error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ crate::state::SubmitError::Invalid(_)) => api_error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ crate::state::SubmitError::TooManyJobs { .. }) => crate::auth::retry_later(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{e} (retry in {} s)", QUEUE_FULL_RETRY_MS / 1000),
+            QUEUE_FULL_RETRY_MS,
+        ),
         Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -414,8 +555,12 @@ struct JobQuery {
 /// Longest long poll.
 const MAX_WAIT_MS: u64 = 30_000;
 
+/// When a renter at its job cap is told to try again: jobs take seconds at least.
+const QUEUE_FULL_RETRY_MS: u64 = 5_000;
+
 async fn get_job(
     AxumState(shared): AxumState<Shared>,
+    Extension(Renter(renter)): Extension<Renter>,
     Path(id): Path<String>,
     query: Result<axum::extract::Query<JobQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
@@ -426,8 +571,14 @@ async fn get_job(
     let deadline = tokio::time::Instant::now() + Duration::from_millis(query.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
     let mut changes = shared.changed.subscribe();
     loop {
-        let view = shared.state().job(&id);
-        let Some(view) = view else { return api_error(StatusCode::NOT_FOUND, format!("no job {id:?}")) };
+        let view = {
+            let state = shared.state();
+            if !state.owns(&id, &renter) {
+                return no_job(&id);
+            }
+            state.job(&id)
+        };
+        let Some(view) = view else { return no_job(&id) };
         let moved = query.state.is_none_or(|s| s != view.state);
         if view.state.is_final() || moved || tokio::time::Instant::now() >= deadline {
             return axum::Json(view).into_response();
@@ -438,10 +589,17 @@ async fn get_job(
     }
 }
 
-async fn get_output(AxumState(shared): AxumState<Shared>, Path(id): Path<String>) -> Response {
+async fn get_output(
+    AxumState(shared): AxumState<Shared>,
+    Extension(Renter(renter)): Extension<Renter>,
+    Path(id): Path<String>,
+) -> Response {
     let state = shared.state();
+    if !state.owns(&id, &renter) {
+        return no_job(&id);
+    }
     match (state.job(&id), state.output(&id)) {
-        (None, _) => api_error(StatusCode::NOT_FOUND, format!("no job {id:?}")),
+        (None, _) => no_job(&id),
         (Some(v), Some(_)) if v.payment.as_ref().is_some_and(|p| p.transaction.is_none()) => {
             let due = v.payment.as_ref().map(|p| format!("{} to {}", p.amount, p.pay_to)).unwrap_or_default();
             api_error(
@@ -460,9 +618,13 @@ async fn get_output(AxumState(shared): AxumState<Shared>, Path(id): Path<String>
 /// receipt calls for, submitted to the chain, and recorded; then the output is released.
 async fn pay_job(
     AxumState(shared): AxumState<Shared>,
+    Extension(Renter(renter)): Extension<Renter>,
     Path(id): Path<String>,
     body: Result<axum::Json<proto::api::PayJob>, JsonRejection>,
 ) -> Response {
+    if !shared.state().owns(&id, &renter) {
+        return no_job(&id);
+    }
     let axum::Json(req) = match body {
         Ok(j) => j,
         Err(rejection) => return api_error(rejection.status(), rejection.body_text()),
@@ -610,10 +772,17 @@ async fn record_payment(shared: &Shared, id: &str, sig: String, payer: PublicKey
     axum::Json(serde_json::json!({ "transaction": sig, "already_paid": earlier })).into_response()
 }
 
-async fn get_log(AxumState(shared): AxumState<Shared>, Path(id): Path<String>) -> Response {
+async fn get_log(
+    AxumState(shared): AxumState<Shared>,
+    Extension(Renter(renter)): Extension<Renter>,
+    Path(id): Path<String>,
+) -> Response {
     let state = shared.state();
+    if !state.owns(&id, &renter) {
+        return no_job(&id);
+    }
     match (state.job(&id), state.log(&id)) {
-        (None, _) => api_error(StatusCode::NOT_FOUND, format!("no job {id:?}")),
+        (None, _) => no_job(&id),
         (Some(_), Some(log)) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log.to_vec()).into_response(),
         (Some(v), None) => api_error(StatusCode::CONFLICT, format!("job {id} has no log yet (it is {:?})", v.state)),
     }
@@ -624,12 +793,19 @@ const TICKET_LIFETIME_MS: u64 = 10 * 60 * 1000;
 
 async fn open_session(
     AxumState(shared): AxumState<Shared>,
+    Extension(Renter(signer)): Extension<Renter>,
     body: Result<axum::Json<OpenSession>, JsonRejection>,
 ) -> Response {
     let axum::Json(req) = match body {
         Ok(j) => j,
         Err(rejection) => return api_error(rejection.status(), rejection.body_text()),
     };
+    if req.renter != signer {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            format!("the session's renter {} is not the key that signed the request ({signer})", req.renter),
+        );
+    }
     let Some(module) = parse_hash(&req.module) else {
         return api_error(StatusCode::BAD_REQUEST, format!("{:?} is not a hex SHA-256", req.module));
     };
@@ -691,8 +867,12 @@ async fn open_session(
     }
 }
 
-async fn get_session(AxumState(shared): AxumState<Shared>, Path(id): Path<String>) -> Response {
-    match shared.state().session(&id) {
+async fn get_session(
+    AxumState(shared): AxumState<Shared>,
+    Extension(Renter(renter)): Extension<Renter>,
+    Path(id): Path<String>,
+) -> Response {
+    match shared.state().session(&id, &renter) {
         Some(v) => axum::Json(v.clone()).into_response(),
         None => api_error(StatusCode::NOT_FOUND, format!("no session {id:?}")),
     }
@@ -705,10 +885,10 @@ async fn list_providers(AxumState(shared): AxumState<Shared>) -> Response {
 async fn info(AxumState(shared): AxumState<Shared>) -> Response {
     let listening = shared.listening.lock().unwrap_or_else(PoisonError::into_inner).clone();
     match listening {
-        Some(l) => {
-            axum::Json(serde_json::json!({ "key": l.key, "quic": l.quic.to_string(), "http": l.http.to_string() }))
-                .into_response()
-        }
+        Some(l) => axum::Json(serde_json::json!({
+            "key": l.key, "quic": l.quic.to_string(), "http": l.http.to_string(), "tls": l.tls, "url": l.url(),
+        }))
+        .into_response(),
         None => axum::Json(serde_json::json!({})).into_response(),
     }
 }

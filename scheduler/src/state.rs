@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use proto::PublicKey;
 use proto::api::{Attempt, JobRecord, JobState, JobView, NoMatch, ProviderView, SessionView, Submitted};
 use proto::msg::{GpuInfo, JobLimits, JobResult, ModuleHash, Outcome, Price, Requirements, hash_hex, parse_hash};
+use rand_core::RngCore;
 
 use crate::matching::{Candidate, Query, explain, gpu_search, rank};
 use crate::store::{Store, StoreError};
@@ -13,7 +14,10 @@ use crate::store::{Store, StoreError};
 /// Tunables of the state machine.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// A provider silent this long is offline, and its running jobs go back to the queue.
+    /// How often providers are asked to send a heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// A provider silent this long is offline, and its running jobs go back to the queue. At
+    /// least [`MIN_TIMEOUT_HEARTBEATS`] heartbeat intervals (see [`Config::validate`]).
     pub heartbeat_timeout_ms: u64,
     /// How often a job may be started before it fails for good.
     pub max_attempts: usize,
@@ -22,6 +26,50 @@ pub struct Config {
     /// When set, a succeeded job's output is released once its renter paid the provider in
     /// this SPL mint (the amount on the provider's signed receipt).
     pub payments: Option<JobPricing>,
+    /// Jobs one renter may have queued or running at once; past it, submissions are refused
+    /// until one ends.
+    pub max_jobs_per_renter: usize,
+}
+
+/// Heartbeat intervals a provider may miss before it is offline: one late heartbeat (a busy
+/// host, a lost packet) must not take a provider and its jobs away.
+pub const MIN_TIMEOUT_HEARTBEATS: u64 = 3;
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "the provider timeout ({timeout_ms} ms) must be at least {MIN_TIMEOUT_HEARTBEATS} heartbeat intervals ({interval_ms} ms each): raise --heartbeat-timeout to {} ms or lower --heartbeat-interval",
+        interval_ms.saturating_mul(MIN_TIMEOUT_HEARTBEATS)
+    )]
+    Timeout { timeout_ms: u64, interval_ms: u64 },
+    #[error("the heartbeat interval must be at least {MIN_HEARTBEAT_MS} ms (it is {0} ms)")]
+    Interval(u64),
+    #[error("max_attempts must be at least 1")]
+    Attempts,
+}
+
+/// Shortest heartbeat interval: each heartbeat costs every provider a message.
+pub const MIN_HEARTBEAT_MS: u64 = 50;
+
+impl Config {
+    /// Checks the timing knobs against each other: a timeout shorter than a few heartbeat
+    /// intervals would take every provider offline between two heartbeats.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval_ms < MIN_HEARTBEAT_MS {
+            return Err(ConfigError::Interval(self.heartbeat_interval_ms));
+        }
+        if self.heartbeat_timeout_ms < self.heartbeat_interval_ms.saturating_mul(MIN_TIMEOUT_HEARTBEATS) {
+            return Err(ConfigError::Timeout {
+                timeout_ms: self.heartbeat_timeout_ms,
+                interval_ms: self.heartbeat_interval_ms,
+            });
+        }
+        if self.max_attempts == 0 {
+            return Err(ConfigError::Attempts);
+        }
+        Ok(())
+    }
 }
 
 /// The payment token for batch jobs.
@@ -33,7 +81,14 @@ pub struct JobPricing {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { heartbeat_timeout_ms: 3_000, max_attempts: 3, default_deadline_ms: 3_600_000, payments: None }
+        Config {
+            heartbeat_interval_ms: 1_000,
+            heartbeat_timeout_ms: 3_000,
+            max_attempts: 3,
+            default_deadline_ms: 3_600_000,
+            payments: None,
+            max_jobs_per_renter: 1_000,
+        }
     }
 }
 
@@ -59,12 +114,26 @@ struct Provider {
     /// heartbeat's count is shown, not trusted).
     assigned: HashSet<String>,
     connected: bool,
+    /// Sessions open as of its last heartbeat, and sessions granted to it since: a session
+    /// granted counts before the renter has even connected.
+    sessions_reported: u32,
+    sessions_granted: u32,
 }
 
 impl Provider {
     fn new(view: ProviderView, connected: bool) -> Provider {
         let gpu_search = view.gpus.iter().map(gpu_search).collect();
-        Provider { view, gpu_search, assigned: HashSet::new(), connected }
+        Provider { view, gpu_search, assigned: HashSet::new(), connected, sessions_reported: 0, sessions_granted: 0 }
+    }
+
+    fn sessions(&self) -> u32 {
+        self.sessions_reported.saturating_add(self.sessions_granted)
+    }
+
+    /// Sessions it serves at once. A provider that did not say (an older daemon) gets as
+    /// many as it runs batch jobs.
+    fn session_capacity(&self) -> u32 {
+        if self.view.session_capacity == 0 { self.view.capacity.max(1) } else { self.view.session_capacity }
     }
 
     fn candidate(&self) -> Candidate<'_> {
@@ -128,7 +197,9 @@ pub struct State {
     sessions: HashMap<String, SessionView>,
     /// Jobs whose payment is being submitted now (one at a time per job).
     paying: HashSet<String>,
-    next_id: u64,
+    /// Per renter, jobs that may still be queued or running (ended ones are dropped when the
+    /// renter next submits): what the per-renter cap counts.
+    unfinished: HashMap<PublicKey, BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for State {
@@ -144,6 +215,10 @@ pub enum SubmitError {
     UnknownModule(String),
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "renter {renter} has {count} jobs queued or running, the most one renter may have: submit again once one of them ends"
+    )]
+    TooManyJobs { renter: PublicKey, count: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -155,7 +230,7 @@ impl State {
     pub fn load(config: Config, store: Box<dyn Store>, now_ms: u64) -> Result<State, StoreError> {
         let store: std::sync::Arc<dyn Store> = std::sync::Arc::from(store);
         let mut jobs = BTreeMap::new();
-        let mut max_id = 0;
+        let mut unfinished: HashMap<PublicKey, BTreeSet<String>> = HashMap::new();
         for mut job in store.jobs()? {
             if job.view.state == JobState::Running {
                 job.view.state = JobState::Queued;
@@ -166,8 +241,8 @@ impl State {
                 job.view.provider = None;
                 store.put_job(&job)?;
             }
-            if let Some(n) = job.view.id.strip_prefix("job-").and_then(|n| n.parse::<u64>().ok()) {
-                max_id = max_id.max(n);
+            if let Some(renter) = job.view.renter.filter(|_| !job.view.state.is_final()) {
+                unfinished.entry(renter).or_default().insert(job.view.id.clone());
             }
             jobs.insert(job.view.id.clone(), job);
         }
@@ -195,7 +270,7 @@ impl State {
             revoked: HashMap::new(),
             sessions,
             paying: HashSet::new(),
-            next_id: max_id + 1,
+            unfinished,
         })
     }
 
@@ -261,15 +336,21 @@ impl State {
         self.store.put_job(&job)
     }
 
-    /// Records a session just granted.
+    /// Records a session just granted; it takes one of its provider's session slots until the
+    /// provider's next heartbeat counts it.
     pub fn open_session(&mut self, view: SessionView) -> Result<(), StoreError> {
         self.store.put_session(&view)?;
+        if let Some(p) = self.providers.get_mut(&view.provider) {
+            p.sessions_granted = p.sessions_granted.saturating_add(1);
+            p.view.sessions = p.sessions();
+        }
         self.sessions.insert(view.id.clone(), view);
         Ok(())
     }
 
-    pub fn session(&self, id: &str) -> Option<&SessionView> {
-        self.sessions.get(id)
+    /// A session record, to its renter only: anyone else is told it does not exist.
+    pub fn session(&self, id: &str, renter: &PublicKey) -> Option<&SessionView> {
+        self.sessions.get(id).filter(|s| s.renter == *renter)
     }
 
     /// A provider's report on one of its sessions. Only the session's provider may report,
@@ -401,9 +482,12 @@ impl State {
         self.explained.get_mut().clear();
     }
 
-    /// Accepts a job for a module already uploaded.
+    /// Accepts `renter`'s job for a module already uploaded. The job gets an id nobody can
+    /// guess (128 random bits) and belongs to `renter`.
+    #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &mut self,
+        renter: PublicKey,
         module: &str,
         input: Vec<u8>,
         requirements: Requirements,
@@ -420,12 +504,28 @@ impl State {
             return Err(SubmitError::Invalid("gpu_count must be at least 1".into()));
         }
         let deadline = deadline_secs.map_or(self.config.default_deadline_ms, |s| s.saturating_mul(1000));
-        let id = format!("job-{:06}", self.next_id);
-        self.next_id += 1;
+        let jobs = &self.jobs;
+        let mine = self.unfinished.entry(renter).or_default();
+        if mine.len() >= self.config.max_jobs_per_renter {
+            // Only now drop the ones that ended: a scan per cap's worth of submissions.
+            mine.retain(|id| jobs.get(id).is_some_and(|j| !j.view.state.is_final()));
+        }
+        if mine.len() >= self.config.max_jobs_per_renter {
+            return Err(SubmitError::TooManyJobs { renter, count: mine.len() });
+        }
+        let id = loop {
+            let mut bits = [0u8; 16];
+            rand_core::OsRng.fill_bytes(&mut bits);
+            let id = format!("job-{}", hash_hex_16(&bits));
+            if !self.jobs.contains_key(&id) {
+                break id;
+            }
+        };
         let no_match = self.explain(&requirements);
         let record = JobRecord {
             view: JobView {
                 id: id.clone(),
+                renter: Some(renter),
                 module: hash_hex(&hash),
                 state: JobState::Queued,
                 requirements,
@@ -451,6 +551,7 @@ impl State {
         };
         self.store.put_job(&record)?;
         self.jobs.insert(id.clone(), record);
+        self.unfinished.entry(renter).or_default().insert(id.clone());
         self.queue.push(id.clone());
         let queue_position = Some(self.queue.len() as u32);
         Ok(Submitted { id, state: JobState::Queued, no_match, queue_position })
@@ -458,6 +559,11 @@ impl State {
 
     fn queue_position(&self, id: &str) -> Option<u32> {
         self.queue.iter().position(|q| q == id).map(|p| p as u32 + 1)
+    }
+
+    /// Whether `renter` submitted job `id`. Everyone else is told the job does not exist.
+    pub fn owns(&self, id: &str, renter: &PublicKey) -> bool {
+        self.jobs.get(id).is_some_and(|j| j.view.renter.as_ref() == Some(renter))
     }
 
     /// A job as the API shows it, with its live queue position and no-match explanation.
@@ -506,6 +612,8 @@ impl State {
             .map(|p| {
                 let mut v = p.view.clone();
                 v.running = v.running.max(p.assigned.len() as u32);
+                v.session_capacity = if v.session_addr.is_some() { p.session_capacity() } else { 0 };
+                v.sessions = p.sessions();
                 v
             })
             .collect();
@@ -524,10 +632,13 @@ impl State {
         price: Price,
         capacity: u32,
         session_addr: Option<String>,
+        session_capacity: u32,
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let view = ProviderView {
             session_addr,
+            session_capacity,
+            sessions: 0,
             key,
             name,
             region,
@@ -560,10 +671,15 @@ impl State {
         Ok(())
     }
 
-    pub fn heartbeat(&mut self, key: &PublicKey, running: u32, rtt_ms: Option<u32>, now_ms: u64) {
+    /// A provider's heartbeat: it is alive, runs `running` jobs and serves `sessions` sessions
+    /// (which from now on stand for the sessions granted to it before).
+    pub fn heartbeat(&mut self, key: &PublicKey, running: u32, sessions: u32, rtt_ms: Option<u32>, now_ms: u64) {
         let flipped = self.update_provider(key, |p| {
             let was = p.view.online;
             p.view.running = running;
+            p.sessions_reported = sessions;
+            p.sessions_granted = 0;
+            p.view.sessions = sessions;
             p.view.last_seen_ms = now_ms;
             p.view.rtt_ms = rtt_ms;
             p.view.online = p.connected;
@@ -709,6 +825,13 @@ impl State {
         result: JobResult,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        if let Outcome::Failed { kind, message, .. } = &result.outcome
+            && !kind.is_kernel_fault()
+        {
+            // The provider could not serve it (not the kernel's doing): another provider may.
+            let reason = format!("the provider failed ({kind}): {message}");
+            return self.end_attempt(id, provider, &reason, Some(result), now_ms);
+        }
         let price = self.providers.get(provider).map(|p| p.view.price.per_gpu_second);
         let pricing = self.config.payments;
         let Some(job) = self.running_on(id, provider) else { return Ok(()) };
@@ -763,6 +886,20 @@ impl State {
         reason: &str,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        self.end_attempt(id, provider, reason, None, now_ms)
+    }
+
+    /// A try ended for a reason another provider may not have: the job is queued again unless
+    /// it has had its tries. `result` is the provider's report of a failure on its side, kept
+    /// (outcome, usage, log) when the job fails for good.
+    fn end_attempt(
+        &mut self,
+        id: &str,
+        provider: &PublicKey,
+        reason: &str,
+        result: Option<JobResult>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         let max_attempts = self.config.max_attempts;
         let Some(job) = self.running_on(id, provider) else { return Ok(()) };
         if let Some(a) = job.view.attempts.last_mut() {
@@ -777,6 +914,15 @@ impl State {
             job.view.state = JobState::Failed;
             let reasons: Vec<String> = job.view.attempts.iter().filter_map(|a| a.error.clone()).collect();
             job.view.error = Some(format!("gave up after {} tries: {}", job.view.attempts.len(), reasons.join("; ")));
+            if let Some(r) = result {
+                job.view.provider = Some(*provider);
+                job.view.outcome = Some(r.outcome.clone());
+                job.view.usage = Some(r.usage.clone());
+                job.view.output_bytes = Some(r.output.len() as u64);
+                job.view.wall_time_ms = Some(r.wall_time_ms);
+                job.view.wall_time_us = Some(r.wall_time_us);
+                job.result = Some(r);
+            }
         }
         let job = job.clone();
         // A new try starts a new log.
@@ -798,20 +944,24 @@ impl State {
             .filter(|j| j.view.provider.as_ref() == Some(provider) && j.view.state == JobState::Running)
     }
 
-    /// Picks a provider for an inference session: online, serving sessions, fitting the
-    /// requirements, not excluded; cheapest per inference, then least loaded, then nearest.
+    /// Picks a provider for an inference session: online, serving sessions, with a free
+    /// session slot, fitting the requirements, not excluded; cheapest per inference, then
+    /// least loaded, then nearest. When none fits, the reasons with counts (`sessions_full`
+    /// for those whose slots are all taken).
     pub fn pick_session_provider(
         &self,
         req: &Requirements,
         exclude: &[PublicKey],
     ) -> Result<(PublicKey, String, Price), NoMatch> {
         let candidates: Vec<Candidate<'_>> = self
-            .candidates()
-            .filter(|c| !exclude.contains(&c.key))
-            .filter(|c| self.providers.get(&c.key).is_some_and(|p| p.view.session_addr.is_some()))
-            .map(|mut c| {
-                // Sessions share a provider with batch jobs; a busy provider still serves them.
-                c.running = 0;
+            .providers
+            .values()
+            .filter(|p| !exclude.contains(&p.view.key) && p.view.session_addr.is_some())
+            .map(|p| {
+                // Sessions have slots of their own, apart from batch jobs.
+                let mut c = p.candidate();
+                c.capacity = p.session_capacity();
+                c.running = p.sessions();
                 c
             })
             .collect();
@@ -894,15 +1044,25 @@ mod tests {
             Price { per_gpu_second: 1, per_inference: 1 },
             1,
             None,
+            0,
             now,
         )
         .unwrap();
         key
     }
 
+    /// A renter key that is a real curve point (stored records are read back as keys).
+    fn renter(n: u8) -> PublicKey {
+        proto::Keypair::from_seed([n; 32]).public()
+    }
+
+    const R: u8 = 42;
+
     fn submit(s: &mut State, now: u64) -> String {
         let hash = hash_hex(&s.put_module(WASM).unwrap());
-        s.submit(&hash, b"in".to_vec(), Requirements::default(), JobLimits::default(), Some(10), now).unwrap().id
+        s.submit(renter(R), &hash, b"in".to_vec(), Requirements::default(), JobLimits::default(), Some(10), now)
+            .unwrap()
+            .id
     }
 
     fn done() -> JobResult {
@@ -946,7 +1106,7 @@ mod tests {
         let p2 = register(&mut s, 2, 0);
         let first = s.assign(1).unwrap()[0].provider;
         let other = if first == p1 { p2 } else { p1 };
-        s.heartbeat(&other, 0, Some(1), 150);
+        s.heartbeat(&other, 0, 0, Some(1), 150);
         s.tick(200).unwrap();
         let view = s.job(&id).unwrap();
         assert_eq!(view.state, JobState::Queued);
@@ -1004,16 +1164,19 @@ mod tests {
         let mut s = state(&dir, Config::default());
         let unknown = hash_hex(&[1; 32]);
         assert!(matches!(
-            s.submit(&unknown, vec![], Requirements::default(), JobLimits::default(), None, 0),
+            s.submit(renter(R), &unknown, vec![], Requirements::default(), JobLimits::default(), None, 0),
             Err(SubmitError::UnknownModule(_))
         ));
         assert!(matches!(
-            s.submit("xyz", vec![], Requirements::default(), JobLimits::default(), None, 0),
+            s.submit(renter(R), "xyz", vec![], Requirements::default(), JobLimits::default(), None, 0),
             Err(SubmitError::Invalid(_))
         ));
         let hash = hash_hex(&s.put_module(WASM).unwrap());
         let zero = Requirements { gpu_count: Some(0), ..Default::default() };
-        assert!(matches!(s.submit(&hash, vec![], zero, JobLimits::default(), None, 0), Err(SubmitError::Invalid(_))));
+        assert!(matches!(
+            s.submit(renter(R), &hash, vec![], zero, JobLimits::default(), None, 0),
+            Err(SubmitError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -1070,7 +1233,8 @@ mod tests {
         s.store_handle().sync().unwrap();
         drop(s);
         let s = state(&dir, Config::default());
-        let v = s.session(&hash_hex_16(&id)).unwrap();
+        assert!(s.session(&hash_hex_16(&id), &other.public()).is_none(), "only its renter sees it");
+        let v = s.session(&hash_hex_16(&id), &renter.public()).unwrap();
         assert_eq!((v.receipts, v.amount_due, v.paid, v.closed), (1, 5, 5, true));
         assert_eq!(v.settlements, vec![proto::Signature([1; 64]).to_string()]);
         // Reports carry the newest settlements: the record adds only the ones it has not seen.
@@ -1081,8 +1245,156 @@ mod tests {
             ..report(None, 5)
         };
         s.session_report(&provider.public(), &newer, 3).unwrap();
-        let v = s.session(&hash_hex_16(&id)).unwrap();
+        let v = s.session(&hash_hex_16(&id), &renter.public()).unwrap();
         assert_eq!(v.settlements, vec![proto::Signature([1; 64]).to_string(), proto::Signature([2; 64]).to_string()]);
         assert_eq!(v.settlement_count, 2);
+    }
+
+    fn failed(kind: proto::msg::FailureKind) -> JobResult {
+        JobResult {
+            outcome: Outcome::Failed { kind, limit: None, message: format!("{kind} on purpose") },
+            output: Vec::new(),
+            ..done()
+        }
+    }
+
+    #[test]
+    fn job_ids_are_unguessable_and_jobs_belong_to_their_renter() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config::default());
+        let (a, b) = (submit(&mut s, 0), submit(&mut s, 0));
+        for id in [&a, &b] {
+            let hex = id.strip_prefix("job-").unwrap();
+            assert!(hex.len() == 32 && hex.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        assert_ne!(a, b);
+        assert!(s.owns(&a, &renter(R)));
+        assert!(!s.owns(&a, &PublicKey([7; 32])));
+        assert!(!s.owns("job-000001", &renter(R)));
+        assert_eq!(s.job(&a).unwrap().renter, Some(renter(R)));
+    }
+
+    #[test]
+    fn a_renter_at_its_job_cap_is_refused_until_one_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { max_jobs_per_renter: 2, ..Config::default() };
+        let mut s = state(&dir, config.clone());
+        let first = submit(&mut s, 0);
+        submit(&mut s, 0);
+        let hash = hash_hex(&s.put_module(WASM).unwrap());
+        let third = |s: &mut State, renter| {
+            s.submit(renter, &hash, vec![], Requirements::default(), JobLimits::default(), None, 1)
+        };
+        let err = third(&mut s, renter(R)).unwrap_err();
+        assert!(matches!(err, SubmitError::TooManyJobs { count: 2, .. }), "{err}");
+        assert!(err.to_string().contains("once one of them ends"), "{err}");
+        // Another renter is not held back, and the count survives a restart.
+        third(&mut s, renter(8)).unwrap();
+        drop(s);
+        let mut s = state(&dir, config);
+        assert!(matches!(third(&mut s, renter(R)), Err(SubmitError::TooManyJobs { .. })));
+        let p = register(&mut s, 1, 1);
+        let a = s.assign(2).unwrap();
+        assert_eq!(a[0].job_id, first, "oldest first");
+        s.finished(&first, &p, done(), 3).unwrap();
+        third(&mut s, renter(R)).unwrap();
+    }
+
+    #[test]
+    fn a_provider_side_failure_runs_again_elsewhere_and_a_kernel_fault_is_final() {
+        use proto::msg::FailureKind;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config::default());
+        let id = submit(&mut s, 0);
+        let (p1, p2) = (register(&mut s, 1, 0), register(&mut s, 2, 0));
+        let first = s.assign(1).unwrap()[0].provider;
+        s.finished(&id, &first, failed(FailureKind::Host), 2).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Queued, "{view:?}");
+        let why = view.attempts[0].error.clone().unwrap();
+        assert!(why.contains("the provider failed (host): host on purpose"), "{why}");
+        let second = s.assign(3).unwrap()[0].provider;
+        assert_ne!(second, first, "the re-run goes to the other provider");
+        assert!([p1, p2].contains(&second));
+        // The kernel's own fault would fail the same way anywhere: it is final.
+        s.finished(&id, &second, failed(FailureKind::Trap), 4).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Failed);
+        assert_eq!(view.attempts.len(), 2);
+        assert!(matches!(view.outcome, Some(Outcome::Failed { kind: FailureKind::Trap, .. })));
+        assert!(s.assign(5).unwrap().is_empty());
+    }
+
+    #[test]
+    fn provider_side_failures_are_bounded_by_the_tries_and_keep_the_last_report() {
+        use proto::msg::FailureKind;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config { max_attempts: 2, ..Config::default() });
+        let id = submit(&mut s, 0);
+        register(&mut s, 1, 0);
+        for now in [1, 3] {
+            let p = s.assign(now).unwrap()[0].provider;
+            s.finished(&id, &p, failed(FailureKind::Host), now + 1).unwrap();
+        }
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Failed);
+        assert!(view.error.as_deref().unwrap().starts_with("gave up after 2 tries"), "{view:?}");
+        assert!(matches!(view.outcome, Some(Outcome::Failed { kind: FailureKind::Host, .. })));
+    }
+
+    fn session_view(n: u8, provider: PublicKey) -> SessionView {
+        SessionView {
+            id: hash_hex_16(&[n; 16]),
+            renter: renter(R),
+            provider,
+            module: "ab".into(),
+            price_per_inference: 1,
+            opened_ms: 0,
+            updated_ms: 0,
+            closed: false,
+            usage: None,
+            receipts: 0,
+            amount_due: 0,
+            paid: 0,
+            settlements: Vec::new(),
+            settlement_count: 0,
+        }
+    }
+
+    #[test]
+    fn sessions_take_slots_and_a_full_provider_gets_none_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config::default());
+        let key = PublicKey([1; 32]);
+        let price = Price { per_gpu_second: 1, per_inference: 1 };
+        s.register(key, "p".into(), "eu".into(), vec![gpu()], price, 1, Some("127.0.0.1:1".into()), 2, 0).unwrap();
+        let none = Requirements::default();
+        for n in 0..2 {
+            let (picked, _, _) = s.pick_session_provider(&none, &[]).unwrap();
+            assert_eq!(picked, key);
+            s.open_session(session_view(n, key)).unwrap();
+        }
+        // Both slots granted, though the provider has not heartbeat since: none is left.
+        let full = s.pick_session_provider(&none, &[]).unwrap_err();
+        assert_eq!(full.summary, "0 of 1 providers match: 1 has every session slot taken");
+        assert_eq!(full.reasons[0].reason, "sessions_full");
+        assert_eq!((s.providers()[0].sessions, s.providers()[0].session_capacity), (2, 2));
+        // Its heartbeat says one session ended.
+        s.heartbeat(&key, 0, 1, None, 10);
+        assert_eq!(s.pick_session_provider(&none, &[]).unwrap().0, key);
+        // Batch jobs do not take session slots, nor sessions job slots.
+        submit(&mut s, 11);
+        assert_eq!(s.assign(12).unwrap().len(), 1);
+        assert_eq!(s.pick_session_provider(&none, &[]).unwrap().0, key);
+    }
+
+    #[test]
+    fn a_provider_timeout_under_three_heartbeats_is_refused() {
+        let ok = Config { heartbeat_interval_ms: 1_000, heartbeat_timeout_ms: 3_000, ..Config::default() };
+        ok.validate().unwrap();
+        let short = Config { heartbeat_timeout_ms: 2_999, ..ok.clone() };
+        let err = short.validate().unwrap_err().to_string();
+        assert!(err.contains("at least 3 heartbeat intervals") && err.contains("3000 ms"), "{err}");
+        assert!(Config { heartbeat_interval_ms: 10, heartbeat_timeout_ms: 1_000, ..ok }.validate().is_err());
     }
 }

@@ -1,11 +1,12 @@
 //! The market with real processes on loopback: a scheduler, provider hosts, renters' submits.
-//! Processes are killed (some with SIGKILL) to test failure; every wait is bounded.
+//! Processes are killed (some with SIGKILL) to test failure; every wait is bounded. The API is
+//! HTTPS pinned to the scheduler's key, every request signed by a renter, as renters use it.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -33,11 +34,21 @@ impl Drop for Proc {
 
 struct Market {
     dir: tempfile::TempDir,
+    /// The renter every renter command of this market signs as (its default key file).
+    renter: proto::Keypair,
 }
 
 impl Market {
     fn new() -> Market {
-        Market { dir: tempfile::tempdir().unwrap() }
+        let dir = tempfile::tempdir().unwrap();
+        let renter = proto::Keypair::generate();
+        renter.write_new(&dir.path().join("config/wasmgrid/renter.json")).unwrap();
+        Market { dir, renter }
+    }
+
+    /// The default renter's key file, where `submit`, `job` and `session` find it.
+    fn renter_key(&self) -> PathBuf {
+        self.path("config/wasmgrid/renter.json")
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -86,6 +97,8 @@ impl Market {
             db.to_str().unwrap(),
             "--key",
             key.to_str().unwrap(),
+            "--heartbeat-interval",
+            "250ms",
             "--heartbeat-timeout",
             "1500ms",
         ];
@@ -98,7 +111,12 @@ impl Market {
                 .unwrap_or_else(|| panic!("no {name} in {:?}", p.first_line))
                 .to_string()
         };
-        let s = Sched { http: field("http"), quic: field("quic"), key: field("key") };
+        let s = Sched {
+            url: field("url"),
+            quic: field("quic"),
+            key: field("key"),
+            renter: proto::Keypair::from_seed(self.renter.seed()),
+        };
         (p, s)
     }
 
@@ -128,8 +146,7 @@ impl Market {
     }
 
     fn submit(&self, s: &Sched, module: &str, extra: &[&str]) -> Value {
-        let url = format!("http://{}", s.http);
-        let mut args = vec!["submit", module, "--scheduler", &url, "--json"];
+        let mut args = vec!["submit", module, "--scheduler", &s.url, "--scheduler-key", &s.key, "--json"];
         args.extend_from_slice(extra);
         let out = self.cmd(&args).output().unwrap();
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -143,34 +160,81 @@ impl Market {
 }
 
 struct Sched {
-    http: String,
+    /// `https://127.0.0.1:PORT`.
+    url: String,
     quic: String,
     key: String,
+    /// The market's renter, whom [`http`] signs as.
+    renter: proto::Keypair,
 }
 
-/// A plain HTTP/1.1 request over a real socket: (status, body).
-fn http(addr: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let ct = content_type.map(|c| format!("Content-Type: {c}\r\n")).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{ct}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+impl Sched {
+    fn key(&self) -> proto::PublicKey {
+        self.key.parse().unwrap()
+    }
+
+    /// The client library as `renter` sees this scheduler: pinned, signing.
+    fn client(&self, renter: &proto::Keypair) -> client::Scheduler {
+        client::Scheduler::new(&self.url, Some(self.key()), proto::Keypair::from_seed(renter.seed())).unwrap()
+    }
+}
+
+fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(runtime)
+}
+
+/// A nonce no other request of this process has used.
+fn nonce() -> [u8; 16] {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&n.to_le_bytes());
+    out[8..].copy_from_slice(&(nanos ^ u64::from(std::process::id())).to_le_bytes());
+    out
+}
+
+/// One HTTPS request to the scheduler, pinned to its key and signed by `signer` (unsigned
+/// without): (status, body).
+fn request(
+    s: &Sched,
+    signer: Option<&proto::Keypair>,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    rt().block_on(async {
+        let http = quic::https::pinned_client(s.key()).unwrap().timeout(WAIT).build().unwrap();
+        let mut rb = http.request(method.parse().unwrap(), format!("{}{path}", s.url)).body(body.to_vec());
+        if let Some(ct) = content_type {
+            rb = rb.header("content-type", ct);
+        }
+        if let Some(key) = signer {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            for (name, value) in proto::httpsig::sign(key, method, path, body, now, nonce()) {
+                rb = rb.header(name, value);
+            }
+        }
+        let resp = rb.send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    })
+}
+
+/// A request signed by the market's renter.
+fn http(s: &Sched, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+    request(s, Some(&s.renter), method, path, content_type, body)
+}
+
+fn get_json_as(s: &Sched, renter: &proto::Keypair, path: &str) -> Value {
+    let (status, body) = request(s, Some(renter), "GET", path, None, b"");
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
 }
 
 fn get_json(s: &Sched, path: &str) -> Value {
-    let (status, body) = http(&s.http, "GET", path, None, b"");
-    assert_eq!(status, 200, "{path}: {body}");
-    serde_json::from_str(&body).unwrap()
+    get_json_as(s, &s.renter, path)
 }
 
 /// Polls until `f` gives a value, for at most `WAIT`.
@@ -298,7 +362,7 @@ fn a_scheduler_restart_mid_queue_loses_nothing() {
         (v["state"] == "succeeded").then_some(v)
     });
     assert_eq!(view["provider"], provider.as_str());
-    let (status, output) = http(&s2.http, "GET", &format!("/v1/jobs/{id}/output"), None, b"");
+    let (status, output) = http(&s2, "GET", &format!("/v1/jobs/{id}/output"), None, b"");
     assert_eq!(status, 200);
     assert!(output.contains("matches the CPU reference"), "{output}");
 }
@@ -336,22 +400,71 @@ fn malformed_http_bodies_get_4xx_with_a_json_error() {
         ("GET", "/v1/jobs/job-999999", None, b"", 404),
     ];
     for (method, path, ct, body, want) in cases {
-        let (status, text) = http(&s.http, method, path, ct, body);
+        let (status, text) = http(&s, method, path, ct, body);
         assert_eq!(status, want, "{method} {path} {:?}: {text}", String::from_utf8_lossy(body));
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
         assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{text}");
     }
-    let (status, text) = http(
-        &s.http,
-        "POST",
-        "/v1/jobs",
-        Some("application/json"),
-        b"{\"module\":\"x\",\"requirements\":{\"gpus\":1}}",
-    );
+    let (status, text) =
+        http(&s, "POST", "/v1/jobs", Some("application/json"), b"{\"module\":\"x\",\"requirements\":{\"gpus\":1}}");
     assert_eq!(status, 422, "unknown fields are refused, not ignored: {text}");
+    // Unsigned, or signed by someone else over another body: refused before the body counts.
+    let (status, text) = request(&s, None, "POST", "/v1/jobs", Some("application/json"), b"{}");
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("not signed"), "{text}");
     // The scheduler still serves.
-    let (status, _) = http(&s.http, "GET", "/openapi.json", None, b"");
+    let (status, _) = http(&s, "GET", "/openapi.json", None, b"");
     assert_eq!(status, 200);
+}
+
+#[test]
+fn renter_commands_pin_the_scheduler_key_sign_as_their_renter_and_take_the_limit_flags() {
+    let m = Market::new();
+    // A provider timeout the heartbeats cannot meet is refused at start, saying why.
+    let out = m
+        .cmd(&["scheduler", "--http", "127.0.0.1:0", "--heartbeat-interval", "1s", "--heartbeat-timeout", "2s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 3 heartbeat intervals"));
+    let (_sched, s) = m.scheduler(&[]);
+    assert!(s.url.starts_with("https://"), "{}", s.url);
+    let submit = |key: &str, extra: &[&str]| {
+        let mut args = vec!["submit", sample_artifacts::MATMUL, "--scheduler", &s.url, "--scheduler-key", key];
+        args.extend_from_slice(extra);
+        m.cmd(&args).output().unwrap()
+    };
+    // Pinned to another key: the connection is refused, nothing is sent.
+    let stranger = proto::Keypair::generate().public().to_string();
+    let out = submit(&stranger, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reaching the scheduler"));
+    // No key for https://: told how to give one.
+    let out = m.cmd(&["job", "job-1", "--scheduler", &s.url]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WASMGRID_SCHEDULER_KEY"));
+    // The right key, with limit flags: they travel with the job.
+    let out = submit(&s.key, &["--wall-time", "1500ms", "--gpu-memory", "64MiB", "--max-output", "1KiB", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("job-") && id.len() == 36, "{id}");
+    let job = |key: &str| {
+        m.cmd(&["job", &id, "--json", "--scheduler", &s.url, "--key", key])
+            .env("WASMGRID_SCHEDULER_KEY", &s.key)
+            .output()
+            .unwrap()
+    };
+    let mine = job(m.renter_key().to_str().unwrap());
+    assert_eq!(mine.status.code(), Some(0), "{}", String::from_utf8_lossy(&mine.stderr));
+    let view: Value = serde_json::from_slice(&mine.stdout).unwrap();
+    assert_eq!(view["renter"], m.renter.public().to_string());
+    let limits = &view["limits"];
+    assert_eq!((limits["wall_time_ms"].as_u64(), limits["gpu_bytes"].as_u64()), (Some(1500), Some(64 << 20)));
+    assert_eq!(limits["output_bytes"], 1024);
+    // Another renter's key: the job does not exist for it.
+    let theirs = job(m.path("other.json").to_str().unwrap());
+    assert_eq!(theirs.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&theirs.stderr).contains("404"), "{}", String::from_utf8_lossy(&theirs.stderr));
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -372,12 +485,11 @@ fn a_session_serves_concurrent_requests_and_fails_over_when_its_provider_dies() 
     online(&s, 2);
     let rt = runtime();
     rt.block_on(async {
-        let scheduler = client::Scheduler::new(&format!("http://{}", s.http));
+        let renter = proto::Keypair::generate();
+        let scheduler = s.client(&renter);
         let module = std::fs::read(sample_artifacts::MLP).unwrap();
         let session = std::sync::Arc::new(
-            client::Session::open(&scheduler, proto::Keypair::generate(), module, Vec::new(), Default::default())
-                .await
-                .unwrap(),
+            client::Session::open(&scheduler, renter, module, Vec::new(), Default::default()).await.unwrap(),
         );
         // The cheaper provider serves first.
         assert_eq!(session.provider().await.unwrap().to_string(), key_a);
@@ -444,8 +556,8 @@ fn forged_and_misissued_tickets_are_refused_before_any_work() {
             let id = quic::Identity::new(&renter).unwrap();
             let conn = quic::connect(&endpoint, &id, addr, provider).await.unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
-            let open = proto::msg::SessionMsg::Open { ticket: Box::new(ticket), init_input: Vec::new(), escrow: None };
-            quic::write_msg(&mut send, &open, proto::msg::BLOB_CAP).await.unwrap();
+            let open = proto::msg::SessionMsg::Open { ticket: Box::new(ticket), escrow: None };
+            quic::write_msg(&mut send, &open, proto::msg::OPEN_CAP).await.unwrap();
             let reply: Option<proto::msg::SessionReply> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
             match reply {
                 Some(proto::msg::SessionReply::Refused { reason }) => assert!(reason.contains(want), "{reason}"),
@@ -466,12 +578,13 @@ fn forged_and_misissued_tickets_are_refused_before_any_work() {
         }
         // A ticket the scheduler really issued, but to another renter, is refused too (and the
         // provider still serves after the bad frames above).
-        let scheduler = client::Scheduler::new(&format!("http://{}", s.http));
+        let other = proto::Keypair::generate();
+        let scheduler = s.client(&other);
         let uploaded = scheduler.upload(std::fs::read(sample_artifacts::MLP).unwrap()).await.unwrap();
         let grant = scheduler
             .open_session(&proto::api::OpenSession {
                 module: uploaded.module,
-                renter: proto::Keypair::generate().public(),
+                renter: other.public(),
                 requirements: Default::default(),
                 exclude: Vec::new(),
             })
@@ -483,8 +596,8 @@ fn forged_and_misissued_tickets_are_refused_before_any_work() {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         quic::write_msg(
             &mut send,
-            &proto::msg::SessionMsg::Open { ticket: Box::new(grant.ticket), init_input: Vec::new(), escrow: None },
-            proto::msg::BLOB_CAP,
+            &proto::msg::SessionMsg::Open { ticket: Box::new(grant.ticket), escrow: None },
+            proto::msg::OPEN_CAP,
         )
         .await
         .unwrap();
@@ -550,14 +663,14 @@ fn a_running_job_streams_its_log() {
     // While it runs, the log already shows its progress.
     let partial = until("log lines from the running job", || {
         let state = get_json(&s, &format!("/v1/jobs/{id}"))["state"].as_str().unwrap().to_string();
-        let (status, log) = http(&s.http, "GET", &format!("/v1/jobs/{id}/log"), None, b"");
+        let (status, log) = http(&s, "GET", &format!("/v1/jobs/{id}/log"), None, b"");
         (state == "running" && status == 200 && log.contains("[info] epoch")).then_some(log)
     });
     let view = until("the job to end", || {
         let v = get_json(&s, &format!("/v1/jobs/{id}"));
         (v["state"] == "succeeded").then_some(v)
     });
-    let (status, full) = http(&s.http, "GET", &format!("/v1/jobs/{id}/log"), None, b"");
+    let (status, full) = http(&s, "GET", &format!("/v1/jobs/{id}/log"), None, b"");
     assert_eq!(status, 200);
     assert!(full.starts_with(partial.lines().next().unwrap()), "the final log continues the streamed one");
     assert!(full.contains("epoch 5999"), "{view}");
@@ -632,8 +745,17 @@ fn a_paid_session_across_processes_settles_each_inference_and_shows_in_earnings_
     let (_host, key) = m.host(&s, "p", &host_args);
     assert_eq!(key, provider);
     online(&s, 1);
-    let sched_url = format!("http://{}", s.http);
-    let mut args = vec!["session", sample_artifacts::MLP, "--scheduler", &sched_url, "--json", "--budget", "1000"];
+    let mut args = vec![
+        "session",
+        sample_artifacts::MLP,
+        "--scheduler",
+        &s.url,
+        "--scheduler-key",
+        &s.key,
+        "--json",
+        "--budget",
+        "1000",
+    ];
     let renter_key = m.path("renter.json");
     args.extend_from_slice(&["--key", renter_key.to_str().unwrap(), "--ledger", rledger.to_str().unwrap()]);
     args.extend_from_slice(&pay);
@@ -668,14 +790,18 @@ fn a_paid_session_across_processes_settles_each_inference_and_shows_in_earnings_
     );
     // The scheduler's record of the session shows its usage and the same settlements.
     let id = sp["sessions"][0]["session"].as_str().unwrap().to_string();
+    // It is the renter's record: read with its key, and nobody else's.
+    let renter_key = proto::Keypair::read(&m.path("renter.json")).unwrap();
     let record = until("the provider's final session report", || {
-        let v = get_json(&s, &format!("/v1/sessions/{id}"));
+        let v = get_json_as(&s, &renter_key, &format!("/v1/sessions/{id}"));
         (v["closed"] == true).then_some(v)
     });
+    let (status, _) = http(&s, "GET", &format!("/v1/sessions/{id}"), None, b"");
+    assert_eq!(status, 404, "another renter cannot tell the session exists");
     assert_eq!((record["usage"]["inferences"].as_u64(), record["paid"].as_u64()), (Some(5), Some(35)), "{record}");
     assert_eq!(record["amount_due"], 35);
     assert_eq!(record["settlements"], e["sessions"][0]["settlements"]);
-    let (status, _) = http(&s.http, "GET", "/v1/sessions/00", None, b"");
+    let (status, _) = http(&s, "GET", "/v1/sessions/00", None, b"");
     assert_eq!(status, 404);
     // And as tables for people.
     let table = m.cmd(&["earnings", "--ledger", pledger.to_str().unwrap()]).output().unwrap();
@@ -701,7 +827,7 @@ fn a_paid_provider_refuses_unpaid_sessions_and_stops_a_renter_that_stops_paying(
     let (_host, _) = m.host(&s, "p", &["--sessions", "127.0.0.1:0", "--rpc-url", &url, "--mint", &mint]);
     online(&s, 1);
     let module = std::fs::read(sample_artifacts::MLP).unwrap();
-    let scheduler = client::Scheduler::new(&format!("http://{}", s.http));
+    let scheduler = s.client(&renter);
     let rt = runtime();
     // A renter without an escrow is refused, with the reason.
     let unpaid = rt.block_on(client::Session::open(
@@ -745,9 +871,10 @@ fn a_paid_provider_refuses_unpaid_sessions_and_stops_a_renter_that_stops_paying(
         let id = quic::Identity::new(&renter).unwrap();
         let conn = quic::connect(&endpoint, &id, addr, grant.provider).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let open =
-            SessionMsg::Open { ticket: Box::new(grant.ticket), init_input: Vec::new(), escrow: Some(terms.wire()) };
-        quic::write_msg(&mut send, &open, proto::msg::BLOB_CAP).await.unwrap();
+        let open = SessionMsg::Open { ticket: Box::new(grant.ticket), escrow: Some(terms.wire()) };
+        quic::write_msg(&mut send, &open, proto::msg::OPEN_CAP).await.unwrap();
+        let init = SessionMsg::Init { init_input: Vec::new() };
+        quic::write_msg(&mut send, &init, proto::msg::BLOB_CAP).await.unwrap();
         loop {
             match quic::read_msg::<SessionReply>(&mut recv, 1 << 20).await.unwrap() {
                 Some(SessionReply::NeedModule) => {
@@ -770,7 +897,7 @@ fn a_paid_provider_refuses_unpaid_sessions_and_stops_a_renter_that_stops_paying(
         })
     };
     let payment_failure = |reply: SessionReply| match reply {
-        SessionReply::Failed { kind, message, .. } if kind == "payment" => message,
+        SessionReply::Failed { kind: proto::msg::FailureKind::Payment, message, .. } => message,
         other => panic!("expected a payment failure, got {other:?}"),
     };
     // Not funded yet: nothing is served, and the renter may still deposit.
@@ -797,29 +924,37 @@ fn a_paid_provider_refuses_unpaid_sessions_and_stops_a_renter_that_stops_paying(
 #[test]
 fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_refused() {
     let m = Market::new();
-    let renter = keygen(&m, "renter.json");
+    let renter = m.renter.public().to_string();
     let provider = keygen(&m, "p.json");
     let (_chain, url, mint) = local_chain(&m, &[&renter, &provider]);
     let (_sched, s) = m.scheduler(&["--rpc-url", &url, "--mint", &mint]);
     let (_host, _) = m.host(&s, "p", &["--price-per-gpu-second", "200000", "--no-sessions"]);
     online(&s, 1);
-    let sched_url = format!("http://{}", s.http);
     // Without the means to pay, the job runs but its output is withheld, and the renter is told.
-    let out = m.cmd(&["submit", sample_artifacts::MATMUL, "--scheduler", &sched_url, "--wait"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("released once paid"));
-    let view = get_json(&s, "/v1/jobs/job-000001");
-    let (status, body) = http(&s.http, "GET", "/v1/jobs/job-000001/output", None, b"");
+    let out = m
+        .cmd(&["submit", sample_artifacts::MATMUL, "--scheduler", &s.url, "--scheduler-key", &s.key, "--wait"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("released once paid"), "{stderr}");
+    let job1 = stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("job-"))
+        .unwrap_or_else(|| panic!("no job id in {stderr}"))
+        .to_string();
+    let view = get_json(&s, &format!("/v1/jobs/{job1}"));
+    let (status, body) = http(&s, "GET", &format!("/v1/jobs/{job1}/output"), None, b"");
     assert_eq!(status, 402, "{body}");
     let terms: proto::api::JobPayment = serde_json::from_value(view["payment"].clone()).unwrap();
     assert!(terms.amount > 0);
     assert_eq!(view["receipt"]["amount_due"].as_u64(), Some(terms.amount));
 
     let chain = settlement::rpc::RpcChain::new(&url);
-    let payer = proto::Keypair::read(&m.path("renter.json")).unwrap();
+    let payer = proto::Keypair::read(&m.renter_key()).unwrap();
     let post = |tx: &str| {
         let body = serde_json::to_vec(&proto::api::PayJob { transaction: tx.to_string() }).unwrap();
-        http(&s.http, "POST", "/v1/jobs/job-000001/payment", Some("application/json"), &body)
+        http(&s, "POST", &format!("/v1/jobs/{job1}/payment"), Some("application/json"), &body)
     };
     // Less than the receipt says, to someone else, signed by someone else, or not a
     // transaction at all: each refused with the reason, and nothing moves.
@@ -850,7 +985,13 @@ fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_re
     assert_eq!(status, 400);
     assert!(body.contains("signature does not verify"), "{body}");
     assert_eq!(post("not base64!").0, 400);
-    assert_eq!(get_json(&s, "/v1/jobs/job-000001")["payment"]["transaction"], Value::Null);
+    // Another renter cannot pay for it (nor see it).
+    let tx = settlement::pay::job_payment(&chain, &payer, &terms).unwrap();
+    let body = serde_json::to_vec(&proto::api::PayJob { transaction: tx }).unwrap();
+    let path = format!("/v1/jobs/{job1}/payment");
+    let (status, _) = request(&s, Some(&stranger), "POST", &path, Some("application/json"), &body);
+    assert_eq!(status, 404);
+    assert_eq!(get_json(&s, &format!("/v1/jobs/{job1}"))["payment"]["transaction"], Value::Null);
 
     // Submitted again with the means to pay: paid through the CLI, and the output comes.
     let out = m
@@ -858,7 +999,9 @@ fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_re
             "submit",
             sample_artifacts::MATMUL,
             "--scheduler",
-            &sched_url,
+            &s.url,
+            "--scheduler-key",
+            &s.key,
             "--wait",
             "--json",
             "--rpc-url",
@@ -866,7 +1009,7 @@ fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_re
             "--mint",
             &mint,
             "--key",
-            m.path("renter.json").to_str().unwrap(),
+            m.renter_key().to_str().unwrap(),
         ])
         .output()
         .unwrap();
@@ -874,6 +1017,7 @@ fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_re
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["payment_transaction"].is_string(), "{v}");
     assert!(v["output"].as_str().unwrap().contains("matches the CPU reference"), "{v}");
+    let job2 = v["id"].as_str().unwrap().to_string();
     // Paying job 1 by hand now: exactly once, whatever is sent after.
     let tx = settlement::pay::job_payment(&chain, &payer, &terms).unwrap();
     let (status, body) = post(&tx);
@@ -885,11 +1029,15 @@ fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_re
     let second: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(second["transaction"], first["transaction"]);
     assert_eq!(second["already_paid"], true);
-    let (status, _) = http(&s.http, "GET", "/v1/jobs/job-000001/output", None, b"");
+    let (status, _) = http(&s, "GET", &format!("/v1/jobs/{job1}/output"), None, b"");
     assert_eq!(status, 200);
     let paid_to = settlement::token::token_balance(&chain, &terms.pay_to.parse().unwrap()).unwrap();
-    let job2: u64 = get_json(&s, "/v1/jobs/job-000002")["payment"]["amount"].as_u64().unwrap();
-    assert_eq!(paid_to, 100_000_000 + terms.amount + job2, "each job paid once (on top of what `chain --fund` gave)");
+    let amount2: u64 = get_json(&s, &format!("/v1/jobs/{job2}"))["payment"]["amount"].as_u64().unwrap();
+    assert_eq!(
+        paid_to,
+        100_000_000 + terms.amount + amount2,
+        "each job paid once (on top of what `chain --fund` gave)"
+    );
 }
 
 #[test]
@@ -926,7 +1074,7 @@ fn a_paid_session_whose_provider_dies_recovers_its_escrow_and_pays_the_next_one(
         settlement::token::token_account(&settlement::address(&renter.public()), &settlement::address(&mint_key));
     let rt = runtime();
     let books = rt.block_on(async {
-        let scheduler = client::Scheduler::new(&format!("http://{}", s.http));
+        let scheduler = s.client(&renter);
         let payment = client::Payment { chain: chain.clone(), mint: mint_key, budget: 1_000, ledger: None };
         let session = client::Session::open_paid(
             &scheduler,

@@ -6,8 +6,9 @@
 pub(crate) mod wgsl;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use abi::{BindingDesc, DispatchDesc, ErrorCode};
@@ -125,7 +126,7 @@ pub(crate) struct DeviceCtx {
     timestamp_period: f64,
     /// Set once a job gave up waiting for this device; no new job gets it.
     abandoned: AtomicBool,
-    lost: Arc<AtomicBool>,
+    lost: Arc<Lost>,
     /// Compiled pipelines by hash of (WGSL, entry point), shared by every job on this device:
     /// a pipeline holds no tenant data, and compiling the same kernel again for each job (a
     /// warm host's commonest case) costs more than running it.
@@ -135,6 +136,33 @@ pub(crate) struct DeviceCtx {
 impl std::fmt::Debug for DeviceCtx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceCtx").field("timestamps", &self.timestamps).finish_non_exhaustive()
+    }
+}
+
+/// Whether a device was lost, and why. Set by wgpu's device-lost callback, or by the host when
+/// wgpu reports a device error while waiting.
+#[derive(Debug, Default)]
+struct Lost {
+    flag: AtomicBool,
+    why: Mutex<Option<String>>,
+}
+
+impl Lost {
+    /// Records the first reason; later ones add nothing.
+    fn set(&self, why: String) {
+        let mut slot = self.why.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(why);
+        }
+        self.flag.store(true, Ordering::SeqCst);
+    }
+
+    fn get(&self) -> Option<String> {
+        if !self.flag.load(Ordering::SeqCst) {
+            return None;
+        }
+        let why = self.why.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        Some(why.unwrap_or_else(|| "no reason given".into()))
     }
 }
 
@@ -149,6 +177,8 @@ struct GpuShared {
     adapter: wgpu::Adapter,
     summary: AdapterSummary,
     current: Mutex<Arc<DeviceCtx>>,
+    /// Devices given up on because GPU work hung past a job's wall time.
+    replaced: AtomicU64,
 }
 
 impl Gpu {
@@ -169,7 +199,9 @@ impl Gpu {
         })?;
         let summary = summarize(&adapter);
         let ctx = open_device(&adapter)?;
-        Ok(Gpu { shared: Arc::new(GpuShared { adapter, summary, current: Mutex::new(ctx) }) })
+        Ok(Gpu {
+            shared: Arc::new(GpuShared { adapter, summary, current: Mutex::new(ctx), replaced: AtomicU64::new(0) }),
+        })
     }
 
     pub(crate) fn summary(&self) -> &AdapterSummary {
@@ -181,6 +213,28 @@ impl Gpu {
         self.shared.current.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// Why the device new work would use was lost, if it was. Work on a lost device fails; this
+    /// host does not open another one (a worker that sees this reports it and exits, and its
+    /// supervisor starts a fresh worker).
+    pub(crate) fn device_lost(&self) -> Option<String> {
+        self.device().lost.get()
+    }
+
+    /// How many times GPU work hung past a job's wall time and the device was given up on (and
+    /// replaced, for later jobs). A worker whose count grew during a job should be replaced: the
+    /// hung work still holds the GPU and a thread of this process.
+    pub(crate) fn replaced_count(&self) -> u64 {
+        self.shared.replaced.load(Ordering::SeqCst)
+    }
+
+    /// Destroys the current device as a driver fault would lose it, for tests of device loss.
+    pub(crate) fn destroy_device(&self) {
+        let ctx = self.device();
+        ctx.device.destroy();
+        // The lost callback runs from the next poll once the queue is empty.
+        poll_now(&ctx);
+    }
+
     /// Replaces `broken` with a fresh device, unless another job already did. Jobs still holding
     /// `broken` finish (or time out) on it; new jobs get the new one.
     fn replace(&self, broken: &Arc<DeviceCtx>) {
@@ -189,6 +243,7 @@ impl Gpu {
         if !Arc::ptr_eq(&current, broken) {
             return;
         }
+        self.shared.replaced.fetch_add(1, Ordering::SeqCst);
         match open_device(&self.shared.adapter) {
             Ok(fresh) => {
                 log::warn!("gpu work hung past a job's wall time; opened a fresh device");
@@ -290,14 +345,21 @@ fn open_device(adapter: &wgpu::Adapter) -> Result<Arc<DeviceCtx>, String> {
         ..Default::default()
     }))
     .map_err(|e| format!("could not open the GPU device: {e}"))?;
+    let lost = Arc::new(Lost::default());
     // Errors outside a scope would otherwise panic in wgpu's default handler. Every call a guest
-    // can trigger is scoped; anything that still lands here is logged, never a crash.
+    // can trigger is scoped; anything that still lands here is logged, never a crash. (A lost
+    // device is told by the callback below, not by errors.)
     device.on_uncaptured_error(Arc::new(|e| log::error!("uncaptured gpu error: {e}")));
-    let lost = Arc::new(AtomicBool::new(false));
     let flag = lost.clone();
     device.set_device_lost_callback(move |reason, message| {
         log::error!("gpu device lost ({reason:?}): {message}");
-        flag.store(true, Ordering::SeqCst);
+        let why = match (reason, message.is_empty()) {
+            (wgpu::DeviceLostReason::Destroyed, true) => "the device was destroyed".to_string(),
+            (wgpu::DeviceLostReason::Destroyed, false) => format!("the device was destroyed: {message}"),
+            (wgpu::DeviceLostReason::Unknown, true) => "the driver gave no reason".to_string(),
+            (wgpu::DeviceLostReason::Unknown, false) => message,
+        };
+        flag.set(why);
     });
     let timestamp_period = f64::from(queue.get_timestamp_period());
     let limits = device.limits();
@@ -354,6 +416,24 @@ struct PipelineEntry {
 /// Compiled pipelines a device keeps for reuse.
 const PIPELINE_CACHE: usize = 256;
 
+/// The message of a job whose GPU work was still running at its wall-time limit: the device
+/// that work runs on is given up on (see [`Gpu::replaced_count`]).
+pub(crate) const GPU_HANG: &str = "GPU work was still running at the wall-time limit";
+
+/// Most bytes of buffer writes one job may have staged in host memory before the host submits
+/// them and waits: `queue.write_buffer` copies into host memory until the next submission, so
+/// without a bound a guest that writes without submitting grows the host without end. A job
+/// with a smaller GPU quota gets that quota as its bound (but at least `MIN_STAGING`). The same
+/// bound sizes the staging buffer of a readback.
+const STAGING_BUDGET: u64 = 64 << 20;
+const MIN_STAGING: u64 = 1 << 20;
+
+/// Stack of the thread that compiles a shader. naga's WGSL front end and the driver's compiler
+/// recurse over the shader; [`wgsl::check_shape`] bounds how deep before any of them runs, and
+/// this stack (reserved address space, touched only as far as a compile goes) leaves a wide
+/// margin over what the deepest shader that passes needs.
+const COMPILE_STACK: usize = 256 << 20;
+
 /// One job's GPU resources, quotas and counts.
 #[derive(Debug)]
 pub(crate) struct JobGpu {
@@ -365,6 +445,9 @@ pub(crate) struct JobGpu {
     /// Handles are never reused, so a freed handle stays unknown.
     next_handle: u32,
     gpu_bytes: u64,
+    /// Bytes of buffer writes staged in host memory since the last submission that was waited
+    /// for.
+    staged: u64,
     pub(crate) usage: Usage,
     /// When the job's first dispatch was submitted.
     pub(crate) first_dispatch: Option<Instant>,
@@ -382,6 +465,7 @@ impl JobGpu {
             pipelines: HashMap::new(),
             next_handle: 1,
             gpu_bytes: 0,
+            staged: 0,
             usage: Usage::new(source),
             first_dispatch: None,
         }
@@ -397,9 +481,31 @@ impl JobGpu {
     }
 
     fn check_device(&self) -> Result<(), CallError> {
-        if self.ctx.lost.load(Ordering::SeqCst) {
-            return Err(Fatal::Host("the GPU device was lost".into()).into());
+        match self.ctx.lost.get() {
+            Some(why) => Err(Fatal::Host(format!("the GPU device was lost: {why}")).into()),
+            None => Ok(()),
         }
+    }
+
+    /// The most bytes of writes this job may have staged in host memory at once; a multiple of
+    /// the copy alignment.
+    fn staging_budget(&self) -> u64 {
+        let budget = self.limits.gpu_bytes.clamp(MIN_STAGING, STAGING_BUDGET);
+        budget - budget % abi::COPY_ALIGNMENT
+    }
+
+    /// Submits the buffer writes wgpu has staged and waits for them until `deadline`, which
+    /// frees their host memory.
+    fn flush_writes(&mut self, deadline: Instant) -> Result<(), CallError> {
+        if self.staged == 0 {
+            return Ok(());
+        }
+        let (index, err) = scoped(&self.ctx.device, || self.ctx.queue.submit(std::iter::empty()));
+        if let Some(e) = err {
+            return Err(gpu_error("flushing buffer writes", &e).into());
+        }
+        self.wait(index, deadline)?;
+        self.staged = 0;
         Ok(())
     }
 
@@ -486,22 +592,43 @@ impl JobGpu {
         Ok(offset)
     }
 
-    pub(crate) fn buffer_write(&mut self, handle: i32, offset: i64, data: &[u8]) -> Result<(), CallError> {
+    /// Copies `data` into a buffer. The copy is staged in host memory until the next submission;
+    /// past the job's staging budget the staged writes are submitted and waited for (until
+    /// `deadline`) first, so host memory stays bounded whatever the guest writes.
+    pub(crate) fn buffer_write(
+        &mut self,
+        handle: i32,
+        offset: i64,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<(), CallError> {
         self.check_device()?;
         let entry = self.buffer(handle)?;
         let offset = Self::range(entry, offset, data.len())?;
         if data.is_empty() {
             return Ok(());
         }
-        let ((), err) = scoped(&self.ctx.device, || self.ctx.queue.write_buffer(&entry.buffer, offset, data));
-        if let Some(e) = err {
-            return Err(gpu_error("writing a buffer", &e).into());
+        let buffer = entry.buffer.clone();
+        let budget = self.staging_budget();
+        let mut at = offset;
+        for part in data.chunks(usize::try_from(budget).unwrap_or(usize::MAX)) {
+            let n = part.len() as u64;
+            if self.staged.saturating_add(n) > budget {
+                self.flush_writes(deadline)?;
+            }
+            let ((), err) = scoped(&self.ctx.device, || self.ctx.queue.write_buffer(&buffer, at, part));
+            if let Some(e) = err {
+                return Err(gpu_error("writing a buffer", &e).into());
+            }
+            self.staged = self.staged.saturating_add(n);
+            at += n;
         }
         self.usage.bytes_uploaded += data.len() as u64;
         Ok(())
     }
 
-    /// Copies buffer bytes into `dst`, waiting for the GPU until `deadline` at most.
+    /// Copies buffer bytes into `dst`, waiting for the GPU until `deadline` at most. A large read
+    /// goes through one staging buffer of the job's staging budget, a part at a time.
     pub(crate) fn buffer_read(
         &mut self,
         handle: i32,
@@ -515,46 +642,62 @@ impl JobGpu {
         if dst.is_empty() {
             return Ok(());
         }
+        let source = entry.buffer.clone();
         let len = dst.len() as u64;
-        let device = &self.ctx.device;
-        let (staging, err) = scoped(device, || {
-            let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        let budget = self.staging_budget();
+        let size = len.min(budget);
+        let device = self.ctx.device.clone();
+        let (staging, err) = scoped(&device, || {
+            device.create_buffer(&wgpu::BufferDescriptor {
                 label: None,
-                size: len,
+                size,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
-            });
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-            encoder.copy_buffer_to_buffer(&entry.buffer, offset, &staging, 0, len);
-            let index = self.ctx.queue.submit([encoder.finish()]);
-            (staging, index)
+            })
         });
         if let Some(e) = err {
             return Err(gpu_error("reading a buffer", &e).into());
         }
-        let (staging, index) = staging;
-        let mapped = Arc::new(Mutex::new(None));
-        let slot = mapped.clone();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
-        });
-        self.wait(index, deadline)?;
-        // The map callback runs during the poll that saw the copy finish; poll once more in case
-        // it was queued behind it.
-        let _ = device.poll(wgpu::PollType::Poll);
-        match mapped.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(Fatal::Host(format!("mapping a readback buffer failed: {e}")).into()),
-            None => return Err(Fatal::Host("a readback buffer was never mapped".into()).into()),
+        let mut at = offset;
+        for part in dst.chunks_mut(usize::try_from(budget).unwrap_or(usize::MAX)) {
+            let n = part.len() as u64;
+            let (index, err) = scoped(&device, || {
+                let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+                encoder.copy_buffer_to_buffer(&source, at, &staging, 0, n);
+                self.ctx.queue.submit([encoder.finish()])
+            });
+            if let Some(e) = err {
+                return Err(gpu_error("reading a buffer", &e).into());
+            }
+            let mapped = Arc::new(Mutex::new(None));
+            let slot = mapped.clone();
+            staging.slice(..n).map_async(wgpu::MapMode::Read, move |r| {
+                *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+            });
+            self.wait(index, deadline)?;
+            // Staged writes went out with this submission and are done.
+            self.staged = 0;
+            // The map callback runs during the poll that saw the copy finish; poll once more in
+            // case it was queued behind it.
+            poll_now(&self.ctx);
+            match mapped.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(Fatal::Host(format!("mapping a readback buffer failed: {e}")).into()),
+                None => return Err(Fatal::Host("a readback buffer was never mapped".into()).into()),
+            }
+            {
+                let view = staging
+                    .slice(..n)
+                    .get_mapped_range()
+                    .map_err(|e| Fatal::Host(format!("reading a mapped buffer failed: {e}")))?;
+                if view.len() != part.len() {
+                    return Err(Fatal::Host("a readback buffer was mapped at the wrong size".into()).into());
+                }
+                part.copy_from_slice(&view);
+            }
+            staging.unmap();
+            at += n;
         }
-        {
-            let view = staging
-                .slice(..)
-                .get_mapped_range()
-                .map_err(|e| Fatal::Host(format!("reading a mapped buffer failed: {e}")))?;
-            dst.copy_from_slice(&view);
-        }
-        staging.unmap();
         self.usage.bytes_downloaded += len;
         Ok(())
     }
@@ -585,7 +728,19 @@ impl JobGpu {
         }
     }
 
-    pub(crate) fn pipeline_create(&mut self, source: &[u8], entry: &[u8]) -> Result<u32, CallError> {
+    /// Checks and compiles a compute pipeline, or takes it from the device's cache. The compile
+    /// runs on a thread of its own with a large stack ([`COMPILE_STACK`]), after
+    /// [`wgsl::check_shape`] has bounded how deep it can recurse; this call waits for it until
+    /// `deadline` (the call's wall time) or `cpu_deadline` (the rest of the job's CPU time: a
+    /// compile is work done for the guest) and then ends the job with that limit. A compile
+    /// given up on finishes on its own thread, and its result is dropped.
+    pub(crate) fn pipeline_create(
+        &mut self,
+        source: &[u8],
+        entry: &[u8],
+        deadline: Instant,
+        cpu_deadline: Instant,
+    ) -> Result<u32, CallError> {
         self.check_device()?;
         if source.len() as u64 > self.limits.wgsl_bytes {
             return guest(
@@ -619,58 +774,31 @@ impl JobGpu {
             .map_err(|e| GuestError::new(ErrorCode::InvalidWgsl, format!("WGSL is not UTF-8: {e}")))?;
         let entry = std::str::from_utf8(entry)
             .map_err(|e| GuestError::new(ErrorCode::InvalidArgument, format!("entry point is not UTF-8: {e}")))?;
-        let reflection = wgsl::check(source, entry, &self.shader_limits())
-            .map_err(|m| GuestError::new(ErrorCode::InvalidWgsl, m))?;
+        wgsl::check_shape(source).map_err(|m| GuestError::new(ErrorCode::InvalidWgsl, m))?;
 
-        let device = &self.ctx.device;
-        let ((pipeline, layout), err) = scoped(device, || {
-            let entries: Vec<wgpu::BindGroupLayoutEntry> = reflection
-                .bindings
-                .iter()
-                .map(|b| wgpu::BindGroupLayoutEntry {
-                    binding: b.binding,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: match b.kind {
-                            BindingKind::Storage { read_only } => wgpu::BufferBindingType::Storage { read_only },
-                            BindingKind::Uniform => wgpu::BufferBindingType::Uniform,
-                        },
-                        has_dynamic_offset: false,
-                        min_binding_size: std::num::NonZeroU64::new(b.min_size),
-                    },
-                    count: None,
-                })
-                .collect();
-            let layout =
-                device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: None, entries: &entries });
-            let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: None,
-                bind_group_layouts: &[Some(&layout)],
-                immediate_size: 0,
-            });
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: None,
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: None,
-                layout: Some(&pipeline_layout),
-                module: &module,
-                entry_point: Some(entry),
-                compilation_options: wgpu::PipelineCompilationOptions::default(),
-                cache: None,
-            });
-            (pipeline, layout)
-        });
-        if let Some(e) = err {
-            return Err(match e {
-                wgpu::Error::Validation { description, .. } => GuestError::new(ErrorCode::InvalidWgsl, description),
-                other => gpu_error("creating a pipeline", &other),
+        let (tx, rx) = mpsc::sync_channel(1);
+        let (device, source, entry, limits) =
+            (self.ctx.device.clone(), source.to_owned(), entry.to_owned(), self.shader_limits());
+        std::thread::Builder::new()
+            .name("wasmgrid-shader-compile".into())
+            .stack_size(COMPILE_STACK)
+            .spawn(move || {
+                let _ = tx.send(compile_pipeline(&device, &source, &entry, &limits));
+            })
+            .map_err(|e| Fatal::Host(format!("could not start a thread to compile the shader: {e}")))?;
+        let until = deadline.min(cpu_deadline);
+        let compiled = match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(result) => result?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let kind = if cpu_deadline < deadline { LimitKind::CpuTime } else { LimitKind::WallTime };
+                return Err(Fatal::limit(kind, "the shader was still compiling when the job's time ran out").into());
             }
-            .into());
-        }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Fatal::Host("the shader compiler failed on this shader".into()).into());
+            }
+        };
         let h = self.handle()?;
-        let compiled = Arc::new(PipelineEntry { pipeline, layout, reflection });
+        let compiled = Arc::new(compiled);
         {
             let mut cache = self.ctx.pipelines.lock().unwrap_or_else(PoisonError::into_inner);
             if cache.len() >= PIPELINE_CACHE {
@@ -899,8 +1027,10 @@ impl JobGpu {
             (buffer, slot)
         });
         self.wait(index, deadline)?;
+        // Staged writes went out with this submission and are done.
+        self.staged = 0;
         let wall_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let _ = self.ctx.device.poll(wgpu::PollType::Poll);
+        poll_now(&self.ctx);
         let gpu_ns = stamps.and_then(|(buffer, slot)| {
             let mapped = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
             if !matches!(mapped, Some(Ok(()))) {
@@ -932,21 +1062,108 @@ impl JobGpu {
     /// job's thread goes on without waiting.
     fn wait(&self, index: wgpu::SubmissionIndex, deadline: Instant) -> Result<(), CallError> {
         let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        match self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: Some(timeout) }) {
-            Ok(_) => Ok(()),
-            Err(wgpu::PollError::Timeout) => {
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: Some(timeout) })
+        }));
+        match polled {
+            Ok(Ok(_)) => self.check_device(),
+            Ok(Err(wgpu::PollError::Timeout)) => {
                 self.gpu.replace(&self.ctx);
-                Err(Fatal::limit(LimitKind::WallTime, "GPU work was still running at the job's wall-time limit").into())
+                Err(Fatal::limit(LimitKind::WallTime, GPU_HANG).into())
             }
-            Err(e) => Err(Fatal::Host(format!("waiting for the GPU failed: {e}")).into()),
+            Ok(Err(e)) => Err(Fatal::Host(format!("waiting for the GPU failed: {e}")).into()),
+            // wgpu panics on a device error while polling (a lost device among them).
+            Err(panic) => {
+                self.ctx.lost.set(panic_message(panic.as_ref()));
+                self.check_device()
+            }
         }
     }
+}
+
+/// naga's check of the WGSL, then wgpu's shader module and pipeline (where the driver compiles
+/// it), inside error scopes, which wgpu keeps per thread: this runs whole on the compile thread.
+fn compile_pipeline(
+    device: &wgpu::Device,
+    source: &str,
+    entry: &str,
+    limits: &ShaderLimits,
+) -> Result<PipelineEntry, CallError> {
+    let reflection = wgsl::check(source, entry, limits).map_err(|m| GuestError::new(ErrorCode::InvalidWgsl, m))?;
+    let ((pipeline, layout), err) = scoped(device, || {
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = reflection
+            .bindings
+            .iter()
+            .map(|b| wgpu::BindGroupLayoutEntry {
+                binding: b.binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match b.kind {
+                        BindingKind::Storage { read_only } => wgpu::BufferBindingType::Storage { read_only },
+                        BindingKind::Uniform => wgpu::BufferBindingType::Uniform,
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: std::num::NonZeroU64::new(b.min_size),
+                },
+                count: None,
+            })
+            .collect();
+        let layout =
+            device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: None, entries: &entries });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: None,
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: None,
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: None,
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions::default(),
+            cache: None,
+        });
+        (pipeline, layout)
+    });
+    if let Some(e) = err {
+        return Err(match e {
+            wgpu::Error::Validation { description, .. } => GuestError::new(ErrorCode::InvalidWgsl, description),
+            other => gpu_error("creating a pipeline", &other),
+        }
+        .into());
+    }
+    Ok(PipelineEntry { pipeline, layout, reflection })
+}
+
+/// Polls `ctx` once without waiting. wgpu panics on a device error while polling; that is
+/// taken for a lost device.
+fn poll_now(ctx: &DeviceCtx) {
+    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.device.poll(wgpu::PollType::Poll))) {
+        ctx.lost.set(panic_message(panic.as_ref()));
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "the driver failed".into())
 }
 
 impl Drop for JobGpu {
     fn drop(&mut self) {
         self.buffers.clear();
         self.pipelines.clear();
+        if self.staged > 0 && !self.ctx.abandoned.load(Ordering::SeqCst) {
+            // Writes the job staged and never submitted would otherwise wait in host memory for
+            // the next job's submission.
+            let _ = scoped(&self.ctx.device, || self.ctx.queue.submit(std::iter::empty()));
+        }
         if self.ctx.abandoned.load(Ordering::SeqCst) {
             // Dropping a device with work still running can block until that work ends, which
             // for a hung shader may be hours: let a throwaway thread hold the last reference.

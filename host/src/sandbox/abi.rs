@@ -67,7 +67,8 @@ fn finish(state: &mut JobState, result: Result<i32, CallError>) -> wasmtime::Res
 }
 
 /// Runs a host call that may block on the GPU, counting its time as host time rather than
-/// guest CPU time.
+/// guest CPU time. (Work the host does for the guest, such as compiling its shaders, is not
+/// wrapped in this: it counts as CPU time.)
 fn timed<T>(state: &mut JobState, f: impl FnOnce(&mut JobState, Instant) -> T) -> T {
     let start = Instant::now();
     let deadline = state.clock.deadline;
@@ -169,7 +170,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<JobState>) -> wasmtime::Result<(
     linker.func_wrap(m, func::BUFFER_WRITE, |mut caller: Ctx<'_>, buffer: i32, offset: i64, src: i32, len: i32| {
         let r = split(&mut caller).and_then(|(mem, state)| {
             let data = bytes(mem, src, len)?;
-            state.gpu.buffer_write(buffer, offset, data).map(|()| 0)
+            // A write may wait for earlier staged writes to reach the GPU.
+            timed(state, |state, deadline| state.gpu.buffer_write(buffer, offset, data, deadline)).map(|()| 0)
         });
         finish(caller.data_mut(), r)
     })?;
@@ -195,7 +197,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<JobState>) -> wasmtime::Result<(
             let r = split(&mut caller).and_then(|(mem, state)| {
                 let source = bytes(mem, src, len)?;
                 let entry = bytes(mem, entry, entry_len)?;
-                timed(state, |state, _| state.gpu.pipeline_create(source, entry)).map(|h| h as i32)
+                // Compiling is work done for the guest: its time counts as CPU time (it is not
+                // `timed`), and it may take no longer than the CPU and wall time left.
+                let (deadline, cpu_deadline) = (state.clock.deadline, state.clock.cpu_deadline(&state.limits));
+                state.gpu.pipeline_create(source, entry, deadline, cpu_deadline).map(|h| h as i32)
             });
             finish(caller.data_mut(), r)
         },

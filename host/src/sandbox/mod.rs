@@ -2,12 +2,13 @@
 //! modules keyed by content hash, and a store per job holding its limits, meter and GPU state.
 
 mod abi;
+mod wasi;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::{
@@ -38,10 +39,15 @@ pub struct HostConfig {
     pub max_memory_bytes: u64,
     /// Largest WebAssembly stack of a job, in bytes.
     pub max_wasm_stack: usize,
-    /// Where compiled modules are kept between runs; `None` keeps them in memory only.
+    /// Where compiled modules are kept between runs; `None` keeps them in memory only. Several
+    /// hosts (worker processes) may share one directory: files are written whole under a
+    /// temporary name and renamed into place, so no reader sees a partial one.
     pub cache_dir: Option<PathBuf>,
     /// Compiled modules kept in memory.
     pub cached_modules: usize,
+    /// Most bytes of compiled modules kept in `cache_dir`. After each write the least recently
+    /// used files (by modification time, which a load refreshes) are removed down to this.
+    pub cache_max_bytes: u64,
 }
 
 impl Default for HostConfig {
@@ -53,6 +59,7 @@ impl Default for HostConfig {
             max_wasm_stack: 1 << 20,
             cache_dir: None,
             cached_modules: 256,
+            cache_max_bytes: 2 << 30,
         }
     }
 }
@@ -82,6 +89,9 @@ pub enum LoadError {
     NotService,
     #[error("the host could not prepare the module: {0}")]
     Host(String),
+    /// The compile was still running at the deadline given to [`Host::load_with_deadline`].
+    #[error("limit wall-time exceeded: the module was still compiling after {0:.1?}, the job's wall time")]
+    CompileTimeout(Duration),
 }
 
 /// Why a job (or one inference call) did not succeed.
@@ -135,6 +145,7 @@ pub struct JobModule {
     hash: [u8; 32],
     kind: JobKind,
     pre: InstancePre<JobState>,
+    compile_time: Duration,
 }
 
 impl std::fmt::Debug for JobModule {
@@ -155,6 +166,14 @@ impl JobModule {
 
     pub fn kind(&self) -> JobKind {
         self.kind
+    }
+
+    /// How long the load that returned this module took: the import check, and the compile or
+    /// the read of the disk cache (near zero for a module that was in memory). This is time
+    /// the host spent on the job's behalf: a caller counts it toward the job's wall time and its
+    /// bill.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
     }
 }
 
@@ -258,8 +277,20 @@ pub(crate) struct CallClock {
 impl CallClock {
     fn start(limits: &Limits) -> CallClock {
         let now = Instant::now();
-        CallClock { started: now, deadline: now + limits.wall_time, host_time: Duration::ZERO }
+        CallClock { started: now, deadline: later(now, limits.wall_time), host_time: Duration::ZERO }
     }
+
+    /// When the call's CPU time runs out if everything from now on counts as CPU time.
+    pub(crate) fn cpu_deadline(&self, limits: &Limits) -> Instant {
+        let now = Instant::now();
+        let cpu = now.duration_since(self.started).saturating_sub(self.host_time);
+        later(now, limits.cpu_time.saturating_sub(cpu))
+    }
+}
+
+/// `now + d`, or about 34 years from now where `d` is larger than an `Instant` can hold.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d).or_else(|| now.checked_add(Duration::from_secs(1 << 30))).unwrap_or(now)
 }
 
 #[derive(Debug)]
@@ -300,6 +331,8 @@ pub(crate) struct JobState {
     pub(crate) failure: Option<String>,
     pub(crate) fatal: Option<Fatal>,
     pub(crate) clock: CallClock,
+    /// Where the guest's monotonic clock starts.
+    clock_base: Instant,
     /// Set from outside to end the job (the scheduler gave it to another provider).
     cancel: Option<Arc<AtomicBool>>,
 }
@@ -392,6 +425,8 @@ impl Host {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut JobState| &mut s.wasi)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        // The WASI calls that can block are the host's own, bounded by the call's deadline.
+        wasi::shadow_blocking(&mut linker).map_err(|e| HostError::Engine(format!("{e:#}")))?;
         abi::add_to_linker(&mut linker).map_err(|e| HostError::Engine(format!("{e:#}")))?;
 
         let ticker = EpochTicker::start(&engine);
@@ -413,16 +448,27 @@ impl Host {
     }
 
     /// Checks and compiles a module, or takes it from the cache when these exact bytes were
-    /// loaded before.
+    /// loaded before. The imports and entry points are checked before anything is compiled.
     pub fn load(&self, wasm: &[u8]) -> Result<JobModule, LoadError> {
+        self.load_with_deadline(wasm, None)
+    }
+
+    /// Like [`Host::load`], giving up on a compile still running at `deadline` (the job's wall
+    /// time, counted from when the job started) with [`LoadError::CompileTimeout`]. wasmtime
+    /// cannot stop a compile half way: the given-up compile goes on, on a thread of its own,
+    /// until it ends, and its result is dropped. A host that must get that CPU back at once
+    /// (a worker process) is stopped by its supervisor instead.
+    pub fn load_with_deadline(&self, wasm: &[u8], deadline: Option<Instant>) -> Result<JobModule, LoadError> {
+        let started = Instant::now();
         let hash: [u8; 32] = Sha256::digest(wasm).into();
         if let Some(m) = self.inner.cache.lock().unwrap_or_else(PoisonError::into_inner).get(&hash) {
-            return Ok(m.clone());
+            return Ok(JobModule { compile_time: started.elapsed(), ..m.clone() });
         }
-        let module = self.compile(wasm, &hash)?;
+        precheck(wasm)?;
+        let module = self.compile(wasm, &hash, deadline.map(|d| (started, d)))?;
         let kind = check_module(&module)?;
         let pre = self.inner.linker.instantiate_pre(&module).map_err(|e| LoadError::Host(format!("{e:#}")))?;
-        let job = JobModule { hash, kind, pre };
+        let job = JobModule { hash, kind, pre, compile_time: started.elapsed() };
         let mut cache = self.inner.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() >= self.inner.config.cached_modules {
             // Any entry will do: a miss costs one compile (or one load from the disk cache).
@@ -442,16 +488,34 @@ impl Host {
     /// The module with this hash if this host has it compiled, in memory or in its disk cache,
     /// so that a module fetched once need not travel again.
     pub fn cached(&self, hash: &[u8; 32]) -> Option<JobModule> {
+        let started = Instant::now();
         if let Some(m) = self.inner.cache.lock().unwrap_or_else(PoisonError::into_inner).get(hash) {
-            return Some(m.clone());
+            return Some(JobModule { compile_time: started.elapsed(), ..m.clone() });
         }
         let dir = self.inner.config.cache_dir.as_ref()?;
-        let module = load_precompiled(&self.inner.engine, &dir.join(format!("{}.cwasm", hex(hash))))?;
+        let module = load_precompiled(&self.inner.engine, &cache_path(dir, hash))?;
         let kind = check_module(&module).ok()?;
         let pre = self.inner.linker.instantiate_pre(&module).ok()?;
-        let job = JobModule { hash: *hash, kind, pre };
+        let job = JobModule { hash: *hash, kind, pre, compile_time: started.elapsed() };
         self.inner.cache.lock().unwrap_or_else(PoisonError::into_inner).insert(*hash, job.clone());
         Some(job)
+    }
+
+    /// Why this host's GPU device was lost, if it was (a driver reset, a GPU that fell off the
+    /// bus). Jobs running when it is lost, and every later one, fail with
+    /// `Failure::Host("the GPU device was lost: ...")`; this host opens no other device, so a
+    /// worker that sees this should report it and exit.
+    pub fn device_lost(&self) -> Option<String> {
+        self.inner.gpu.device_lost()
+    }
+
+    /// How many times GPU work ran past a job's wall time and this host gave up on its device
+    /// (such a job fails with limit `wall-time`, "GPU work was still running at the wall-time
+    /// limit"). Later jobs here get a fresh device, but the hung work keeps the old one and a
+    /// thread of this process busy until it ends: a worker whose count grew during a job should
+    /// be replaced.
+    pub fn device_replaced_count(&self) -> u64 {
+        self.inner.gpu.replaced_count()
     }
 
     /// Measures this host's GPU: f32 matmul throughput in GFLOP/s, for the score providers
@@ -460,16 +524,21 @@ impl Host {
         self.inner.gpu.benchmark_gflops()
     }
 
-    fn compile(&self, wasm: &[u8], hash: &[u8; 32]) -> Result<Module, LoadError> {
+    /// Compiles `wasm`, or reads it from the disk cache. With a `window` (start, deadline) the
+    /// compile runs on a thread of its own and is given up on at the deadline.
+    fn compile(&self, wasm: &[u8], hash: &[u8; 32], window: Option<(Instant, Instant)>) -> Result<Module, LoadError> {
         let engine = &self.inner.engine;
-        let path = self.inner.config.cache_dir.as_ref().map(|d| d.join(format!("{}.cwasm", hex(hash))));
+        let path = self.inner.config.cache_dir.as_ref().map(|d| cache_path(d, hash));
         if let Some(m) = path.as_ref().and_then(|p| load_precompiled(engine, p)) {
             return Ok(m);
         }
-        let module = Module::new(engine, wasm).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let module = match window {
+            None => Module::new(engine, wasm).map_err(|e| LoadError::Invalid(format!("{e:#}")))?,
+            Some((started, deadline)) => compile_until(engine, wasm, started, deadline)?,
+        };
         if let Some(path) = &path {
             // A cache that cannot be written only costs a compile next time.
-            if let Err(e) = store_precompiled(&module, path) {
+            if let Err(e) = store_precompiled(&module, path, self.inner.config.cache_max_bytes) {
                 log::warn!("could not write the module cache {}: {e}", path.display());
             }
         }
@@ -481,6 +550,10 @@ impl Host {
         Module::new(&self.inner.engine, wasm).map(drop).map_err(|e| LoadError::Invalid(format!("{e:#}")))
     }
 
+    pub(crate) fn gpu_handle(&self) -> &Gpu {
+        &self.inner.gpu
+    }
+
     pub(crate) fn engine(&self) -> &Engine {
         &self.inner.engine
     }
@@ -490,7 +563,9 @@ impl Host {
         // Randomness is derived from the module and its input, so a re-run on another provider
         // sees the same bytes and can be compared with the first.
         let seed: [u8; 32] = Sha256::new().chain_update(module.hash).chain_update(&input).finalize().into();
+        let clock_base = Instant::now();
         let wasi = WasiCtxBuilder::new()
+            .monotonic_clock(wasi::JobMonotonicClock { base: clock_base })
             .stdout(log.pipe.clone())
             .stderr(log.pipe.clone())
             .args(&["job.wasm"])
@@ -510,6 +585,7 @@ impl Host {
             failure: None,
             fatal: None,
             clock: CallClock::start(limits),
+            clock_base,
             cancel: None,
         };
         let mut store = Store::new(&self.inner.engine, state);
@@ -650,32 +726,226 @@ impl Host {
     }
 }
 
-fn load_precompiled(engine: &Engine, path: &std::path::Path) -> Option<Module> {
+/// Compiles `wasm` on a thread of its own and waits for it until `deadline`.
+fn compile_until(engine: &Engine, wasm: &[u8], started: Instant, deadline: Instant) -> Result<Module, LoadError> {
+    if Instant::now() >= deadline {
+        return Err(LoadError::CompileTimeout(deadline.saturating_duration_since(started)));
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let (engine, bytes) = (engine.clone(), wasm.to_vec());
+    std::thread::Builder::new()
+        .name("wasmgrid-module-compile".into())
+        .spawn(move || {
+            let _ = tx.send(Module::new(&engine, &bytes).map_err(|e| LoadError::Invalid(format!("{e:#}"))));
+        })
+        .map_err(|e| LoadError::Host(format!("could not start a thread to compile the module: {e}")))?;
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(compiled) => compiled,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            Err(LoadError::CompileTimeout(deadline.saturating_duration_since(started)))
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            Err(LoadError::Host("the module compiler stopped without an answer".into()))
+        }
+    }
+}
+
+/// Where the disk cache keeps the compiled module of the source with this hash.
+fn cache_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
+    dir.join(format!("{}.cwasm", hex(hash)))
+}
+
+fn load_precompiled(engine: &Engine, path: &Path) -> Option<Module> {
     if !path.exists() {
         return None;
     }
-    // SAFETY: the file is one this host wrote with `Module::serialize` into its own cache
-    // directory, named by the hash of the source module; wasmtime also checks that it was
-    // compiled by a compatible engine with the same settings and refuses it otherwise.
+    // SAFETY: the file is one this host (or another sharing the directory) wrote with
+    // `Module::serialize` into its own cache directory, named by the hash of the source
+    // module, and renamed into place only once complete; wasmtime also checks that it was
+    // compiled by a compatible engine with the same settings and refuses it otherwise. Files
+    // are replaced by rename and removed by unlink, never changed in place, so the mapping
+    // wasmtime makes of it stays whole.
     #[allow(unsafe_code)]
     let loaded = unsafe { Module::deserialize_file(engine, path) };
     match loaded {
-        Ok(m) => Some(m),
+        Ok(m) => {
+            // The cache evicts by modification time: a module in use stays.
+            let touched = std::fs::File::open(path).and_then(|f| f.set_modified(SystemTime::now()));
+            if let Err(e) = touched {
+                log::debug!("could not mark {} as used: {e}", path.display());
+            }
+            Some(m)
+        }
         Err(e) => {
-            log::warn!("ignoring the cached module {}: {e}", path.display());
+            log::warn!("ignoring the cached module {}: {e:#}", path.display());
             None
         }
     }
 }
 
-fn store_precompiled(module: &Module, path: &std::path::Path) -> std::io::Result<()> {
+/// Writes a compiled module into the disk cache: whole, under a name no other writer uses,
+/// synced, then renamed into place, so that a reader in any process finds the old file, the new
+/// one or none, never part of one. Then trims the directory to `max_bytes`.
+fn store_precompiled(module: &Module, path: &Path, max_bytes: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    static WRITES: AtomicU64 = AtomicU64::new(0);
     let bytes = module.serialize().map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("the cache path has no directory"))?;
+    std::fs::create_dir_all(dir)?;
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let nonce = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), (n, Instant::now()));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.{n}.{nonce:016x}{TMP_SUFFIX}", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        // The rename itself reaches the disk with the directory.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    written?;
+    evict(dir, max_bytes, path);
+    Ok(())
+}
+
+/// Ending of a cache file still being written.
+const TMP_SUFFIX: &str = ".tmp";
+/// A temporary file older than this was left by a writer that died.
+const STALE_TMP: Duration = Duration::from_secs(3600);
+
+/// Removes the least recently used compiled modules in `dir` until the rest fit in
+/// `max_bytes`; `keep` (just written) goes last. Other processes may be evicting at once: a
+/// file already gone is no error.
+fn evict(dir: &Path, max_bytes: u64, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let now = SystemTime::now();
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let modified = meta.modified().unwrap_or(now);
+        if name.ends_with(TMP_SUFFIX) {
+            if now.duration_since(modified).is_ok_and(|age| age > STALE_TMP) {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        if !name.ends_with(".cwasm") {
+            continue;
+        }
+        total = total.saturating_add(meta.len());
+        files.push((path == keep, modified, path, meta.len()));
+    }
+    if total <= max_bytes {
+        return;
+    }
+    // Oldest first, the file just written last.
+    files.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    for (_, _, path, len) in files {
+        if total <= max_bytes {
+            break;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => log::debug!("evicted {} from the module cache", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                log::warn!("could not evict {} from the module cache: {e}", path.display());
+                continue;
+            }
+        }
+        total = total.saturating_sub(len);
+    }
+}
+
+/// Checks a module's imports and entry points from its header sections, before anything is
+/// compiled: a module that imports what the sandbox does not provide, with the wrong
+/// signature, or that has no entry point, costs a parse of its first sections, not a compile.
+/// `check_module` repeats the check on the compiled module.
+fn precheck(wasm: &[u8]) -> Result<(), LoadError> {
+    use wasmparser::{CompositeInnerType, Encoding, ExternalKind, Parser, Payload, TypeRef};
+    let invalid = |e: wasmparser::BinaryReaderError| LoadError::Invalid(e.to_string());
+    // Function types by type index (`None` for other kinds of type).
+    let mut types: Vec<Option<(Vec<wasmparser::ValType>, Vec<wasmparser::ValType>)>> = Vec::new();
+    let mut exports: Vec<String> = Vec::new();
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload.map_err(invalid)? {
+            Payload::Version { encoding: Encoding::Component, .. } => {
+                return Err(LoadError::Invalid("this is a WebAssembly component, not a core module".into()));
+            }
+            Payload::TypeSection(reader) => {
+                for group in reader {
+                    for ty in group.map_err(invalid)?.into_types() {
+                        types.push(match ty.composite_type.inner {
+                            CompositeInnerType::Func(f) => Some((f.params().to_vec(), f.results().to_vec())),
+                            _ => None,
+                        });
+                    }
+                }
+            }
+            Payload::ImportSection(reader) => {
+                for import in reader.into_imports() {
+                    let import = import.map_err(invalid)?;
+                    let (m, name) = (import.module, import.name);
+                    if let Some(found) = ::abi::import_module_version(m).filter(|&v| v != ::abi::ABI_VERSION) {
+                        return Err(LoadError::AbiVersion { found, expected: ::abi::ABI_VERSION });
+                    }
+                    let forbidden = || LoadError::ForbiddenImport { module: m.to_string(), name: name.to_string() };
+                    if !::abi::import_allowed(m, name) {
+                        return Err(forbidden());
+                    }
+                    // Everything the sandbox provides is a function.
+                    let TypeRef::Func(index) = import.ty else { return Err(forbidden()) };
+                    if m == ::abi::IMPORT_MODULE {
+                        let want = ::abi::import(name).ok_or_else(forbidden)?;
+                        let same = |have: &[wasmparser::ValType], want: &[::abi::ValType]| {
+                            have.len() == want.len()
+                                && have.iter().zip(want).all(|(h, w)| match w {
+                                    ::abi::ValType::I32 => *h == wasmparser::ValType::I32,
+                                    ::abi::ValType::I64 => *h == wasmparser::ValType::I64,
+                                })
+                        };
+                        let ok = usize::try_from(index)
+                            .ok()
+                            .and_then(|i| types.get(i))
+                            .and_then(Option::as_ref)
+                            .is_some_and(|(params, results)| same(params, want.params) && same(results, want.results));
+                        if !ok {
+                            return Err(LoadError::Signature { name: name.to_string(), version: ::abi::ABI_VERSION });
+                        }
+                    }
+                }
+            }
+            Payload::ExportSection(reader) => {
+                for export in reader {
+                    let export = export.map_err(invalid)?;
+                    if matches!(export.kind, ExternalKind::Func) {
+                        exports.push(export.name.to_string());
+                    }
+                }
+            }
+            // The code and data come after every section this check reads.
+            Payload::CodeSectionStart { .. } | Payload::DataSection(_) | Payload::End(_) => break,
+            _ => {}
+        }
+    }
+    let has = |name: &str| exports.iter().any(|e| e == name);
+    if !(has(::abi::EXPORT_START) || (has(::abi::EXPORT_INIT) && has(::abi::EXPORT_INFER))) {
+        return Err(LoadError::NoEntryPoint);
+    }
+    Ok(())
 }
 
 /// Checks a module's imports against the ABI and tells batch jobs from services.

@@ -8,7 +8,7 @@ use host::{Failure, Host, HostConfig, LimitKind, Limits};
 use crate::{host, run, text};
 
 /// A small matmul on `h`, checked: the host still serves good jobs after a hostile one.
-fn still_serves(h: &Host) {
+pub(crate) fn still_serves(h: &Host) {
     let (m, k, n) = (16u32, 16u32, 16u32);
     let mut input: Vec<u8> = [m, k, n].iter().flat_map(|w| w.to_le_bytes()).collect();
     let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
@@ -26,13 +26,13 @@ fn still_serves(h: &Host) {
     }
 }
 
-fn case(name: &str, limits: &Limits) -> host::JobReport {
+pub(crate) fn case(name: &str, limits: &Limits) -> host::JobReport {
     let report = run(sample_artifacts::HOSTILE, name.as_bytes(), limits);
     still_serves(host());
     report
 }
 
-fn expect_limit(report: &host::JobReport, want: LimitKind) {
+pub(crate) fn expect_limit(report: &host::JobReport, want: LimitKind) {
     match &report.outcome {
         Err(Failure::Limit { limit, message }) => {
             assert_eq!(*limit, want, "{message}");
@@ -44,7 +44,7 @@ fn expect_limit(report: &host::JobReport, want: LimitKind) {
 }
 
 /// Lines of the case's output as (name, rest).
-fn lines(report: &host::JobReport) -> Vec<(String, String)> {
+pub(crate) fn lines(report: &host::JobReport) -> Vec<(String, String)> {
     assert_eq!(report.outcome, Ok(()), "log: {}", text(&report.log));
     text(&report.output)
         .lines()
@@ -222,9 +222,15 @@ fn hung_shader_ends_at_wall_time_and_the_host_recovers() {
     // About five seconds of work on a software driver (which keeps a CPU busy until it is done,
     // so no longer), and far more than a second on any GPU.
     let case: &[u8] = if own.gpu().device_type == "Cpu" { b"long-shader 5000" } else { b"long-shader 60000 1000" };
+    assert_eq!(own.device_replaced_count(), 0);
     let report = own.run_batch(&module, case.to_vec(), &limits).unwrap();
     expect_limit(&report, LimitKind::WallTime);
+    let shown = report.outcome.as_ref().unwrap_err().to_string();
+    assert!(shown.contains("GPU work was still running at the wall-time limit"), "{shown}");
     assert!(started.elapsed() < Duration::from_secs(20), "the kill came {:?} after the start", started.elapsed());
+    // A worker learns from the count that its device was given up on, and that it should go.
+    assert_eq!(own.device_replaced_count(), 1);
+    assert_eq!(own.device_lost(), None, "the fresh device works");
     still_serves(&own);
 }
 

@@ -80,3 +80,142 @@ fn the_disk_cache_serves_a_precompiled_module() {
     assert_eq!(report.outcome, Ok(()));
     assert!(std::fs::read(&path).unwrap().len() > 1000, "rewritten");
 }
+
+/// A module with `imports` whose one big function fails validation (it leaves an i64 where it
+/// declares an i32): any compile refuses it as invalid, so a refusal that names the import
+/// shows the import check ran before compiling.
+fn with_invalid_body(imports: &str, exports: &str) -> Vec<u8> {
+    let body = "i32.const 1 drop ".repeat(100_000);
+    wat::parse_str(format!(
+        r#"(module {imports} (memory (export "memory") 1) {exports} (func (result i32) {body} i64.const 0))"#
+    ))
+    .unwrap()
+}
+
+#[test]
+fn imports_are_checked_before_the_module_is_compiled() {
+    let start = r#"(func (export "_start"))"#;
+    // The body alone is refused by the compiler.
+    let control = with_invalid_body("", start);
+    assert!(matches!(host().load(&control), Err(LoadError::Invalid(_))), "the body really is invalid");
+    let cases = [
+        (
+            r#"(import "env" "system" (func))"#,
+            start,
+            LoadError::ForbiddenImport { module: "env".into(), name: "system".into() },
+        ),
+        (
+            r#"(import "wasi_snapshot_preview1" "fd_write" (global i32))"#,
+            start,
+            LoadError::ForbiddenImport { module: "wasi_snapshot_preview1".into(), name: "fd_write".into() },
+        ),
+        (r#"(import "wasmgrid_v2" "submit" (func))"#, start, LoadError::AbiVersion { found: 2, expected: 1 }),
+        (
+            r#"(import "wasmgrid_v1" "submit" (func (param i64) (result i32)))"#,
+            start,
+            LoadError::Signature { name: "submit".into(), version: 1 },
+        ),
+        ("", r#"(func (export "main"))"#, LoadError::NoEntryPoint),
+    ];
+    for (imports, exports, want) in cases {
+        assert_eq!(host().load(&with_invalid_body(imports, exports)).unwrap_err(), want, "{imports}");
+    }
+}
+
+/// The matmul sample made distinct (and so compiled and cached apart) by a custom section.
+fn variant(tag: &str) -> Vec<u8> {
+    let mut wasm = sample_artifacts::read(sample_artifacts::MATMUL);
+    wasm.extend_from_slice(&crate::limits::custom_section(tag));
+    wasm
+}
+
+fn cache_files(dir: &std::path::Path) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
+    let all: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    all.into_iter().partition(|p| p.extension().is_some_and(|e| e == "cwasm"))
+}
+
+#[test]
+fn concurrent_loads_of_one_module_through_a_shared_cache_never_read_a_torn_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = 4;
+    let rounds = 3;
+    let barrier = std::sync::Barrier::new(hosts);
+    std::thread::scope(|scope| {
+        for _ in 0..hosts {
+            scope.spawn(|| {
+                // A host of its own, as a worker process has: its memory cache is empty, so
+                // every load goes through the directory, where the others write at once.
+                let own = host::Host::new(host::HostConfig {
+                    cache_dir: Some(dir.path().to_path_buf()),
+                    max_instances: 2,
+                    ..Default::default()
+                })
+                .unwrap();
+                for round in 0..rounds {
+                    let wasm = variant(&format!("shared-cache-{round}"));
+                    barrier.wait();
+                    let module = own.load(&wasm).unwrap();
+                    let report = own.run_batch(&module, Vec::new(), &host::Limits::default()).unwrap();
+                    assert_eq!(report.outcome, Ok(()));
+                }
+            });
+        }
+    });
+    let (modules, others) = cache_files(dir.path());
+    assert_eq!(modules.len(), rounds, "one file per module: {modules:?}");
+    assert!(others.is_empty(), "no temporary file is left: {others:?}");
+}
+
+#[test]
+fn the_disk_cache_keeps_to_its_size_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stale temporary file, left by a writer that died, and a fresh one still being written.
+    let stale = dir.path().join(".dead.cwasm.1.0.0.tmp");
+    std::fs::write(&stale, b"partial").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
+    let writing = dir.path().join(".busy.cwasm.2.0.0.tmp");
+    std::fs::write(&writing, b"partial").unwrap();
+
+    let probe = host::Host::new(host::HostConfig {
+        cache_dir: Some(dir.path().join("probe")),
+        max_instances: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    probe.load(&variant("size-probe")).unwrap();
+    let (files, _) = cache_files(&dir.path().join("probe"));
+    let one = std::fs::metadata(&files[0]).unwrap().len();
+
+    // Room for two and a half modules.
+    let bound = one * 5 / 2;
+    let own = host::Host::new(host::HostConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        cache_max_bytes: bound,
+        max_instances: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut last = [0u8; 32];
+    for i in 0..4 {
+        last = own.load(&variant(&format!("bounded-{i}"))).unwrap().hash();
+        // Distinct modification times, so "oldest" is well defined.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (modules, others) = cache_files(dir.path());
+    let total: u64 = modules.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    assert!(total <= bound, "{total} bytes on disk, over the bound of {bound}");
+    assert_eq!(modules.len(), 2, "{modules:?}");
+    let newest = modules.iter().any(|p| p.file_stem().unwrap().to_string_lossy() == hex(&last));
+    assert!(newest, "the module just written stays: {modules:?}");
+    assert!(!stale.exists(), "a stale temporary file is removed");
+    assert!(others.iter().any(|p| p == &writing), "a fresh one is left to its writer: {others:?}");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

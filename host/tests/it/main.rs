@@ -4,8 +4,10 @@
 
 mod hostile;
 mod imports;
+mod limits;
 mod load;
 mod samples;
+mod worker;
 
 use std::sync::OnceLock;
 

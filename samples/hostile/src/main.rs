@@ -19,7 +19,63 @@ mod wasi {
     #[link(wasm_import_module = "wasi_snapshot_preview1")]
     unsafe extern "C" {
         pub(crate) safe fn sock_accept(fd: i32, flags: i32, result_fd: i32) -> i32;
+        // SAFETY: WASI preview 1's `poll_oneoff`; the host checks every pointer.
+        pub(crate) safe fn poll_oneoff(subs: i32, events: i32, n: i32, nevents: i32) -> i32;
     }
+
+    /// A WASI `subscription`: a clock (`kind` 0: `clock_id`, `timeout` ns, `flags`) or an fd
+    /// (`kind` 1 read, 2 write: `clock_id` is the fd).
+    pub(crate) fn subscription(userdata: u64, kind: u8, clock_id: u32, timeout: u64, flags: u16) -> [u8; 48] {
+        let mut s = [0u8; 48];
+        s[0..8].copy_from_slice(&userdata.to_le_bytes());
+        s[8] = kind;
+        s[16..20].copy_from_slice(&clock_id.to_le_bytes());
+        s[24..32].copy_from_slice(&timeout.to_le_bytes());
+        s[40..42].copy_from_slice(&flags.to_le_bytes());
+        s
+    }
+}
+
+/// A shader of one of a few shapes, `n` deep or long, that stresses how deep the compiler
+/// recurses: the host refuses those over its bounds before compiling and compiles the rest.
+fn deep_wgsl(shape: &str, n: usize) -> Option<String> {
+    let head = "@group(0) @binding(0) var<storage, read_write> d: array<u32>;\n";
+    let body = |expr: String| {
+        format!("{head}@compute @workgroup_size(1) fn main() {{ let x = d[0]; let y = i32(x); d[1] = {expr}; }}\n")
+    };
+    Some(match shape {
+        // A flat sum: naga lowers it recursively, one level per term. This one, 300,000 terms
+        // long, overflowed the stack of the daemon's async worker thread.
+        "sum" => format!(
+            "{head}fn f() -> u32 {{ return 1u{}; }}\n@compute @workgroup_size(1) fn main() {{ d[1] = f(); }}\n",
+            "+1u".repeat(n.saturating_sub(1))
+        ),
+        // The same over a value only known when it runs, so that the driver compiles it too.
+        "xsum" => body(format!("x{}", "+x".repeat(n.saturating_sub(1)))),
+        "neg" => body(format!("u32({}y)", "- ".repeat(n))),
+        "parens" => body(format!("{}x{}", "(".repeat(n), ")".repeat(n))),
+        "else-if" => {
+            let mut chain = String::from("if x == 0u { d[1] = 0u; }");
+            for i in 1..n {
+                chain.push_str(&format!(" else if x == {i}u {{ d[1] = {i}u; }}"));
+            }
+            format!("{head}@compute @workgroup_size(1) fn main() {{ let x = d[0]; {chain} }}\n")
+        }
+        // Each constant uses the next: naga orders them with a recursive search.
+        "decls" => {
+            let mut s = String::from(head);
+            for i in 0..n {
+                s.push_str(&format!("const c{i} = c{};\n", i + 1));
+            }
+            s.push_str(&format!("const c{n} = 1u;\n@compute @workgroup_size(1) fn main() {{ d[1] = c0; }}\n"));
+            s
+        }
+        "types" => {
+            let ty = format!("{}u32{}", "array<".repeat(n), ", 1>".repeat(n));
+            format!("{head}var<private> t: {ty};\n@compute @workgroup_size(1) fn main() {{ _ = t; d[1] = 1u; }}\n")
+        }
+        _ => return None,
+    })
 }
 
 const FILL_WGSL: &str = r#"
@@ -47,6 +103,13 @@ fn spin(@builtin(global_invocation_id) gid: vec3<u32>) {
 "#;
 
 const MB: u64 = 1 << 20;
+
+// SAFETY: WASI preview 1's `clock_time_get(id, precision, *mut timestamp) -> errno`.
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+unsafe extern "C" {
+    #[link_name = "clock_time_get"]
+    fn wasip1_clock_time_get(id: i32, precision: i64, time: i32) -> i32;
+}
 
 fn main() -> Result<(), wasmgrid::Error> {
     let input =
@@ -253,6 +316,79 @@ fn main() -> Result<(), wasmgrid::Error> {
             let data = Buffer::storage_from(&[arg.clamp(1, 60_000) as u32, 1u32])?;
             pipe.dispatch(&[(0, &data)], [65_535, rows.clamp(1, 65_535), 1])?;
             writeln!(out, "spun {:?}", data.read::<u32>()?).ok();
+        }
+        "sleep" => {
+            // `std::thread::sleep` is WASI `poll_oneoff` with one relative clock.
+            std::thread::sleep(std::time::Duration::from_millis(arg));
+            writeln!(out, "slept {arg} ms").ok();
+        }
+        "sleep-until" => {
+            // An absolute monotonic deadline `arg` ms from now, through the raw call.
+            let mut now = 0u64;
+            // SAFETY: WASI preview 1's `clock_time_get` writes one u64 at the pointer.
+            let errno = unsafe { wasip1_clock_time_get(1, 1, &mut now as *mut u64 as i32) };
+            let sub = wasi::subscription(7, 0, 1, now + arg * 1_000_000, 1);
+            let mut event = [0u8; 32];
+            let mut n = 0u32;
+            let r = wasi::poll_oneoff(sub.as_ptr() as i32, event.as_mut_ptr() as i32, 1, &mut n as *mut u32 as i32);
+            writeln!(out, "clock {errno} poll {r} events {n} userdata {}", event[0]).ok();
+        }
+        "poll-stdin" => {
+            // stdin is ready (empty) at once, so a ten-second clock beside it never sleeps.
+            let subs = [wasi::subscription(1, 0, 1, 10_000_000_000, 0), wasi::subscription(2, 1, 0, 0, 0)];
+            let mut events = [0u8; 64];
+            let mut n = 0u32;
+            let r = wasi::poll_oneoff(subs.as_ptr() as i32, events.as_mut_ptr() as i32, 2, &mut n as *mut u32 as i32);
+            writeln!(out, "poll {r} events {n} first {} type {}", events[0], events[10]).ok();
+        }
+        "stdin" => {
+            use std::io::Read;
+            let mut buf = Vec::new();
+            let r = std::io::stdin().read_to_end(&mut buf);
+            writeln!(out, "stdin {:?} bytes", r.map_err(|e| e.to_string())).ok();
+        }
+        "write-flood" => {
+            // Writes one buffer `times` times and never submits: each write is staged in host
+            // memory until the next submission.
+            let times: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(1);
+            let size = arg.max(1) * MB;
+            let b = Buffer::storage(size)?;
+            let data = vec![0x5Au8; size as usize];
+            for _ in 0..times {
+                b.write_bytes(0, &data)?;
+            }
+            writeln!(out, "wrote {} MiB", times * arg.max(1)).ok();
+        }
+        "wgsl" => {
+            // `wgsl <n> <shape>`: one line, what the host answered.
+            let shape = words.next().unwrap_or("");
+            let n = arg as usize;
+            let src =
+                deep_wgsl(shape, n).ok_or_else(|| wasmgrid::Error::bad_input(format!("unknown shape {shape}")))?;
+            match Pipeline::new(&src, "main") {
+                Ok(_) => writeln!(out, "{shape} {n} ok"),
+                Err(e) => writeln!(out, "{shape} {n} {:?}: {}", e.code(), e.to_string().replace('\n', " | ")),
+            }
+            .ok();
+        }
+        "compile-loop" => {
+            // `arg` different shaders, one after another: compiling is work the host does for
+            // the guest, so it uses up the job's CPU time.
+            for i in 0..arg {
+                let src = format!(
+                    "@group(0) @binding(0) var<storage, read_write> d: array<u32>;
+                     @compute @workgroup_size(1) fn main() {{ d[0] = d[1] * {i}u + {i}u; }}"
+                );
+                Pipeline::new(&src, "main")?;
+            }
+            writeln!(out, "compiled {arg}").ok();
+        }
+        "gpu-after-sleep" => {
+            // Holds a buffer, sleeps `arg` ms (the device may be lost meanwhile), then uses it.
+            let b = Buffer::storage(64)?;
+            std::thread::sleep(std::time::Duration::from_millis(arg));
+            b.write_bytes(0, &[1u8; 64])?;
+            writeln!(out, "read {:?}", b.read_bytes(0, 4)?).ok();
         }
         other => return Err(wasmgrid::Error::bad_input(format!("unknown case {other:?}"))),
     }

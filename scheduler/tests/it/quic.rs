@@ -1,6 +1,5 @@
 //! The scheduler's QUIC endpoint against misbehaving peers: oversized and malformed frames are
 //! refused, that connection is closed, and the scheduler goes on serving everyone else.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,6 +13,8 @@ async fn start() -> (scheduler::Listening, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let listening = scheduler::start(scheduler::SchedulerConfig {
         http: SocketAddr::from(([127, 0, 0, 1], 0)),
+        plain_http: false,
+        renter_limits: None,
         quic: SocketAddr::from(([127, 0, 0, 1], 0)),
         keypair: Keypair::generate(),
         providers: None,
@@ -40,11 +41,17 @@ fn register(name: &str) -> HostMsg {
         price: Price { per_gpu_second: 1, per_inference: 1 },
         capacity: 1,
         session_addr: None,
+        session_capacity: 1,
     }
 }
 
+async fn get(l: &scheduler::Listening, path: &str) -> serde_json::Value {
+    let http = quic::https::pinned_client(l.key).unwrap().build().unwrap();
+    http.get(format!("{}{path}", l.url())).send().await.unwrap().json().await.unwrap()
+}
+
 async fn providers(l: &scheduler::Listening) -> Vec<serde_json::Value> {
-    reqwest::get(format!("http://{}/v1/providers", l.http)).await.unwrap().json().await.unwrap()
+    serde_json::from_value(get(l, "/v1/providers").await).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -91,7 +98,6 @@ async fn bad_frames_close_only_their_connection() {
     assert_eq!(list[0]["online"], false, "a closed provider is offline at once");
 
     // And the HTTP side never noticed.
-    let info: serde_json::Value =
-        reqwest::get(format!("http://{}/v1/info", l.http)).await.unwrap().json().await.unwrap();
+    let info = get(&l, "/v1/info").await;
     assert_eq!(info["key"], l.key.to_string());
 }

@@ -2,13 +2,11 @@
 //! answer was lost is found on the chain, and no second payment is taken while the first could
 //! still land.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use proto::Keypair;
-use proto::msg::{GpuInfo, JobLimits, JobResult, Outcome, Price, Requirements, hash_hex};
+use proto::msg::{JobLimits, JobResult, Outcome, Price, Requirements, hash_hex};
 use scheduler::{Config, JobPricing, MemoryStore, State};
 use settlement::solana::Signer;
 use settlement::{Chain, ChainError, LocalChain, Status};
@@ -85,18 +83,13 @@ async fn a_lost_answer_is_found_on_the_chain_and_no_second_payment_is_taken_mean
     let mut state =
         State::load(Config { payments: Some(pricing), ..Config::default() }, Box::new(MemoryStore::default()), 0)
             .unwrap();
-    let gpu = GpuInfo {
-        name: "gpu".into(),
-        vendor: "v".into(),
-        backend: "vulkan".into(),
-        device_type: "DiscreteGpu".into(),
-        vram_bytes: 1 << 30,
-        score_gflops: 1.0,
-    };
     let price = Price { per_gpu_second: 1_000_000, per_inference: 1 };
-    state.register(provider.public(), "p".into(), "eu".into(), vec![gpu], price, 1, None, 0).unwrap();
+    state.register(provider.public(), "p".into(), "eu".into(), vec![crate::gpu()], price, 1, None, 0, 0).unwrap();
     let module = hash_hex(&state.put_module(b"\0asm\x01\0\0\0").unwrap());
-    let id = state.submit(&module, Vec::new(), Requirements::default(), JobLimits::default(), None, 1).unwrap().id;
+    let id = state
+        .submit(renter.public(), &module, Vec::new(), Requirements::default(), JobLimits::default(), None, 1)
+        .unwrap()
+        .id;
     let a = state.assign(2).unwrap().remove(0);
     let receipt =
         proto::receipt::JobReceipt::sign(&provider, &id, a.module, b"out", Default::default(), 1234, 1_000_000);
@@ -114,20 +107,21 @@ async fn a_lost_answer_is_found_on_the_chain_and_no_second_payment_is_taken_mean
     let terms = state.job(&id).unwrap().payment.clone().unwrap();
     assert_eq!(terms.amount, 1234);
 
-    let app = scheduler::server::test_router_with_chain(state, flaky.clone());
+    let chain: Arc<dyn Chain> = flaky.clone();
+    let options = scheduler::server::TestOptions { chain: Some(chain), ..Default::default() };
+    let app = scheduler::server::test_router(state, options);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     let http = reqwest::Client::new();
     let pay = |tx: String| {
         let (http, id) = (http.clone(), id.clone());
+        let renter = Keypair::from_seed(renter.seed());
         async move {
-            let resp = http
-                .post(format!("http://{addr}/v1/jobs/{id}/payment"))
-                .json(&proto::api::PayJob { transaction: tx })
-                .send()
-                .await
-                .unwrap();
+            let path = format!("/v1/jobs/{id}/payment");
+            let body = serde_json::to_vec(&proto::api::PayJob { transaction: tx }).unwrap();
+            let rb = http.post(format!("http://{addr}{path}")).header("content-type", "application/json");
+            let resp = crate::sign_reqwest(rb, &renter, "POST", &path, &body).body(body).send().await.unwrap();
             (resp.status().as_u16(), resp.json::<serde_json::Value>().await.unwrap())
         }
     };

@@ -1,0 +1,144 @@
+//! The provider's commands: `host` (the daemon, a supervisor of worker processes) and
+//! `worker` (one worker, spoken to over its stdin and stdout; the daemon starts these).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::anyhow;
+use clap::Args;
+use proto::PublicKey;
+use proto::msg::Price;
+
+use crate::market::{config_dir, init_logging, key_or_create, runtime};
+use crate::{Exit, bad_input, exit, units};
+
+#[derive(Args, Debug)]
+pub(crate) struct HostDaemonArgs {
+    /// The scheduler's QUIC address.
+    #[arg(long, value_name = "ADDR")]
+    scheduler: SocketAddr,
+    /// The scheduler's public key (base58), as `GET /v1/info` shows it.
+    #[arg(long, value_name = "KEY")]
+    scheduler_key: PublicKey,
+    /// This provider's keypair (created if missing).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// A name for people.
+    #[arg(long, default_value = "provider")]
+    name: String,
+    #[arg(long, default_value = "local")]
+    region: String,
+    /// Price per GPU-second of batch jobs, in the payment token's smallest unit.
+    #[arg(long, default_value_t = 1)]
+    price_per_gpu_second: u64,
+    /// Price per inference of sessions.
+    #[arg(long, default_value_t = 1)]
+    price_per_inference: u64,
+    /// Batch jobs run at once (each in its own worker process).
+    #[arg(long, default_value_t = 2)]
+    capacity: u32,
+    /// Inference sessions served at once (each in its own worker process).
+    #[arg(long, default_value_t = 16)]
+    session_capacity: u32,
+    /// Workers kept started ahead of work, beyond one per job slot.
+    #[arg(long, default_value_t = 2)]
+    warm_workers: u32,
+    /// End a session after this long without a request (e.g. 300s, 5m).
+    #[arg(long, value_name = "TIME", default_value = "300s", value_parser = units::parse_duration)]
+    session_idle: std::time::Duration,
+    /// GPU memory offered (default: the adapter's largest buffer).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    vram: Option<u64>,
+    /// Use the adapter whose name contains this text.
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
+    /// Where compiled modules are cached (default: the user cache directory).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Where to listen for renters' inference sessions (QUIC).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
+    sessions: SocketAddr,
+    /// Serve no inference sessions, batch jobs only.
+    #[arg(long)]
+    no_sessions: bool,
+    /// The session address to give renters, when it is not the one seen from the scheduler.
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<String>,
+    #[command(flatten)]
+    pay: crate::money::HostPayArgs,
+}
+
+pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
+    init_logging();
+    let keypair =
+        key_or_create(&args.key.clone().unwrap_or_else(|| config_dir().join("provider.json"))).map_err(bad_input)?;
+    if args.session_idle.is_zero() {
+        return Err(bad_input(anyhow!("--session-idle must be more than zero")));
+    }
+    let mut worker_args = Vec::new();
+    if let Some(a) = &args.adapter {
+        worker_args.extend(["--adapter".into(), a.into()]);
+    }
+    match args.cache_dir.clone().or_else(crate::cache_dir) {
+        Some(dir) => worker_args.extend(["--cache-dir".into(), dir.into_os_string()]),
+        None => worker_args.push("--no-cache".into()),
+    }
+    let worker = provider::WorkerCommand::this_program(worker_args)
+        .map_err(|e| Exit { code: exit::HOST, error: anyhow!("finding this program to start workers: {e}") })?;
+    let mut config = provider::DaemonConfig::new(args.scheduler, args.scheduler_key, keypair, worker);
+    config.name = args.name.clone();
+    config.region = args.region.clone();
+    config.price = Price { per_gpu_second: args.price_per_gpu_second, per_inference: args.price_per_inference };
+    config.capacity = args.capacity.max(1);
+    config.session_capacity = args.session_capacity;
+    config.warm_workers = args.warm_workers;
+    config.vram_bytes = args.vram;
+    config.session_listen = (!args.no_sessions).then_some(args.sessions);
+    config.advertise = args.advertise.clone();
+    config.payment = args.pay.payment()?;
+    config.session_idle = args.session_idle;
+    println!("provider {} connecting to {}", config.keypair.public(), args.scheduler);
+    let _ = std::io::stdout().flush();
+    match runtime()?.block_on(provider::run_forever(config)) {
+        Ok(()) => Ok(exit::OK),
+        Err(e) => Err(Exit { code: exit::HOST, error: anyhow!(e) }),
+    }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct WorkerArgs {
+    /// Use the adapter whose name contains this text.
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
+    /// Where compiled modules are cached, shared with the other workers.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Keep compiled modules in memory only.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+/// One worker: opens the GPU, then serves the daemon over stdin and stdout until the daemon
+/// closes stdin. Logs go to stderr, which the daemon reads.
+pub(crate) fn worker(args: &WorkerArgs) -> Result<u8, Exit> {
+    init_logging();
+    let config = host::HostConfig {
+        adapter: host::AdapterChoice { name: args.adapter.clone() },
+        // One tenant at a time; a spare slot for the instance being torn down.
+        max_instances: 2,
+        cache_dir: if args.no_cache { None } else { args.cache_dir.clone() },
+        ..host::HostConfig::default()
+    };
+    let host = match host::Host::new(config) {
+        Ok(h) => h,
+        Err(e) => {
+            host::worker::refuse(std::io::stdout(), &e.to_string());
+            return Err(Exit { code: exit::HOST, error: anyhow!(e) });
+        }
+    };
+    match host::worker::serve(&host, std::io::stdin(), std::io::stdout()) {
+        Ok(()) => Ok(exit::OK),
+        Err(e) => Err(Exit { code: exit::HOST, error: anyhow!(e) }),
+    }
+}

@@ -1,0 +1,387 @@
+//! The scheduler's HTTP API, as a renter's program calls it: over HTTPS pinned to the
+//! scheduler's key, every request signed with the renter's key ([`proto::httpsig`]).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use proto::api::{JobView, ModuleUploaded, OpenSession, SessionGrant, SubmitJob, Submitted};
+use proto::msg::{JobLimits, Requirements};
+use proto::receipt::JobReceiptError;
+use proto::{Keypair, PublicKey};
+use rand_core::RngCore;
+use reqwest::Method;
+
+use crate::Error;
+
+/// Tries of a request the scheduler answered `429` with a short `Retry-After`.
+const RATE_TRIES: usize = 3;
+/// Longest `Retry-After` waited out here; a longer one is the caller's to handle.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(2);
+
+/// The scheduler's HTTP API, on behalf of one renter: every request is signed with its key,
+/// and the jobs and sessions it creates are that key's (nobody else can read them).
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    base: String,
+    http: reqwest::Client,
+    renter: Arc<Keypair>,
+}
+
+impl Scheduler {
+    /// `base` is the scheduler's URL. `https://HOST:PORT` must prove it holds
+    /// `scheduler_key` (the key `wasmgrid scheduler` prints; certificate authorities play no
+    /// part), so nobody on the path can read or change what the scheduler says. Plain
+    /// `http://` is accepted only for a loopback address (a scheduler started with
+    /// `--plain-http-loopback`), where `scheduler_key` is not needed. Every request is signed
+    /// with `renter`.
+    pub fn new(base: &str, scheduler_key: Option<PublicKey>, renter: Keypair) -> Result<Scheduler, Error> {
+        let base = base.trim_end_matches('/').to_string();
+        let bad = |reason: String| Error::Unreachable { url: base.clone(), reason };
+        let url = reqwest::Url::parse(&base).map_err(|e| bad(format!("not a URL: {e}")))?;
+        let builder = match (url.scheme(), scheduler_key) {
+            ("https", Some(key)) => quic::https::pinned_client(key).map_err(|e| bad(e.to_string()))?,
+            ("https", None) => {
+                return Err(bad(
+                    "no scheduler key to pin: give the scheduler's public key (--scheduler-key or WASMGRID_SCHEDULER_KEY; `wasmgrid scheduler` prints it, and so does GET /v1/info)"
+                        .into(),
+                ));
+            }
+            ("http", _) if is_loopback(&url) => reqwest::Client::builder(),
+            ("http", _) => {
+                return Err(
+                    bad("plain HTTP is used only on loopback: use https:// and pin the scheduler's key".into()),
+                );
+            }
+            (other, _) => return Err(bad(format!("{other}:// is not a scheduler URL; use https://"))),
+        };
+        let http = builder.connect_timeout(Duration::from_secs(10)).build().map_err(|e| bad(e.to_string()))?;
+        Ok(Scheduler { base, http, renter: Arc::new(renter) })
+    }
+
+    /// The renter this client signs for.
+    pub fn renter(&self) -> PublicKey {
+        self.renter.public()
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> Error {
+        Error::Unreachable { url: self.base.clone(), reason: e.to_string() }
+    }
+
+    /// Sends `method path_and_query` with `body`, signed; a short `429` is waited out.
+    async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        json: bool,
+    ) -> Result<reqwest::Response, Error> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let mut nonce = [0u8; 16];
+            rand_core::OsRng.fill_bytes(&mut nonce);
+            let headers = proto::httpsig::sign(&self.renter, method.as_str(), path_and_query, &body, now, nonce);
+            let mut rb = self.http.request(method.clone(), format!("{}{path_and_query}", self.base));
+            for (name, value) in headers {
+                rb = rb.header(name, value);
+            }
+            if json {
+                rb = rb.header(reqwest::header::CONTENT_TYPE, "application/json");
+            }
+            let resp = rb.body(body.clone()).send().await.map_err(|e| self.unreachable(e))?;
+            let wait = (resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS)
+                .then(|| resp.headers().get(reqwest::header::RETRY_AFTER))
+                .flatten()
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .map(Duration::from_secs)
+                .filter(|w| *w <= MAX_RETRY_WAIT && tries < RATE_TRIES);
+            match wait {
+                Some(w) => tokio::time::sleep(w).await,
+                None => return Ok(resp),
+            }
+        }
+    }
+
+    async fn get(&self, path_and_query: &str) -> Result<reqwest::Response, Error> {
+        self.send(Method::GET, path_and_query, Vec::new(), false).await
+    }
+
+    async fn post_json<T: serde::Serialize>(&self, path: &str, body: &T) -> Result<reqwest::Response, Error> {
+        let bytes = serde_json::to_vec(body).map_err(|e| Error::Api {
+            what: format!("encoding the request to {path}"),
+            status: 0,
+            message: e.to_string(),
+        })?;
+        self.send(Method::POST, path, bytes, true).await
+    }
+
+    async fn check(&self, resp: reqwest::Response, what: &str) -> Result<reqwest::Response, Error> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<proto::api::ApiError>(&body).map(|e| e.error).unwrap_or(body);
+        Err(Error::Api { what: what.to_string(), status, message })
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, resp: reqwest::Response, what: &str) -> Result<T, Error> {
+        self.check(resp, what).await?.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    /// Uploads a module (once; the scheduler keeps it by hash).
+    pub async fn upload(&self, module: Vec<u8>) -> Result<ModuleUploaded, Error> {
+        let resp = self.send(Method::POST, "/v1/modules", module, false).await?;
+        self.json(resp, "uploading the module").await
+    }
+
+    /// Submits a batch job for an uploaded module.
+    pub async fn submit(
+        &self,
+        module: &str,
+        input: &[u8],
+        requirements: Requirements,
+        limits: JobLimits,
+        deadline: Option<Duration>,
+    ) -> Result<Submitted, Error> {
+        let job = SubmitJob {
+            module: module.to_string(),
+            input_base64: base64::engine::general_purpose::STANDARD.encode(input),
+            requirements,
+            limits,
+            deadline_secs: deadline.map(|d| d.as_secs().max(1)),
+        };
+        let resp = self.post_json("/v1/jobs", &job).await?;
+        self.json(resp, "submitting the job").await
+    }
+
+    /// One of this renter's jobs (anyone else's reads as not found).
+    pub async fn job(&self, id: &str) -> Result<JobView, Error> {
+        let resp = self.get(&format!("/v1/jobs/{id}")).await?;
+        self.json(resp, "reading the job").await
+    }
+
+    /// Follows a job until it ends, calling `progress` whenever its view changes. Uses the
+    /// scheduler's long poll, so a change is seen as soon as it happens.
+    pub async fn wait(&self, id: &str, mut progress: impl FnMut(&JobView)) -> Result<JobView, Error> {
+        let mut last: Option<(proto::api::JobState, Option<u32>, usize)> = None;
+        let mut state: Option<proto::api::JobState> = None;
+        loop {
+            let path = match state {
+                Some(s) => format!("/v1/jobs/{id}?wait_ms=10000&state={}", state_name(s)),
+                None => format!("/v1/jobs/{id}"),
+            };
+            let resp = self.get(&path).await?;
+            let view: JobView = self.json(resp, "reading the job").await?;
+            let now = (view.state, view.queue_position, view.attempts.len());
+            if last != Some(now) {
+                progress(&view);
+                last = Some(now);
+            }
+            if view.state.is_final() {
+                return Ok(view);
+            }
+            state = Some(view.state);
+        }
+    }
+
+    /// A finished job's output or log (`what` is `output` or `log`), as the scheduler sends
+    /// it; [`Scheduler::output`] checks the output against the provider's receipt.
+    pub async fn bytes(&self, id: &str, what: &str) -> Result<Vec<u8>, Error> {
+        let resp = self.get(&format!("/v1/jobs/{id}/{what}")).await?;
+        let resp = self.check(resp, &format!("reading the job's {what}")).await?;
+        Ok(resp.bytes().await.map_err(|e| self.unreachable(e))?.to_vec())
+    }
+
+    /// A finished job's output, checked against the receipt its provider signed when there is
+    /// one ([`check_output`]): what comes is what the provider signed for, or an error. Empty
+    /// when the job has no output.
+    pub async fn output(&self, view: &JobView) -> Result<Vec<u8>, Error> {
+        if view.output_bytes.is_none() {
+            return Ok(Vec::new());
+        }
+        let output = self.bytes(&view.id, "output").await?;
+        check_output(view, &output).map_err(|e| {
+            Error::Payment(format!("job {}: {e}: the output is not what the provider signed for", view.id))
+        })?;
+        Ok(output)
+    }
+
+    /// Pays for a finished job from `payer`'s token account, the amount on the provider's
+    /// signed receipt (checked here first); returns the payment transaction's signature. Paying
+    /// a job already paid returns the first payment's signature and pays nothing.
+    pub async fn pay_job(&self, id: &str, chain: Arc<dyn settlement::Chain>, payer: &Keypair) -> Result<String, Error> {
+        let view = self.job(id).await?;
+        let terms = view.payment.clone().ok_or_else(|| Error::Payment(format!("job {id} has nothing to pay")))?;
+        if let Some(sig) = terms.transaction {
+            return Ok(sig);
+        }
+        // The output is withheld until paid: check everything else the receipt says now, and
+        // the output against its digest once it comes.
+        match (&view.receipt, view.provider) {
+            (Some(r), Some(p)) => {
+                r.check_terms(id, &p).map_err(|e| Error::Payment(format!("not paying job {id}: {e}")))?;
+                if r.amount_due != terms.amount || settlement::pay::hex(&r.digest()) != terms.receipt_digest {
+                    return Err(Error::Payment(format!("job {id}'s payment does not match its receipt")));
+                }
+            }
+            _ => return Err(Error::Payment(format!("job {id} has no receipt to pay against"))),
+        }
+        let payer = Keypair::from_seed(payer.seed());
+        let tx = tokio::task::spawn_blocking(move || settlement::pay::job_payment(chain.as_ref(), &payer, &terms))
+            .await
+            .map_err(|e| Error::Payment(e.to_string()))?
+            .map_err(|e| Error::Payment(e.to_string()))?;
+        let resp = self.post_json(&format!("/v1/jobs/{id}/payment"), &proto::api::PayJob { transaction: tx }).await?;
+        let v: serde_json::Value = self.json(resp, "paying for the job").await?;
+        v.get("transaction")
+            .and_then(|t| t.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| Error::Payment("the scheduler did not say which transaction paid".into()))
+    }
+
+    /// Asks for a provider to serve an inference session. `req.renter` must be this client's
+    /// renter (the key that signs the request).
+    pub async fn open_session(&self, req: &OpenSession) -> Result<SessionGrant, Error> {
+        let resp = self.post_json("/v1/sessions", req).await?;
+        if resp.status().as_u16() == 503 {
+            let body: serde_json::Value = resp.json().await.map_err(|e| self.unreachable(e))?;
+            return Err(Error::NoProvider(body.get("error").and_then(|e| e.as_str()).unwrap_or("").to_string()));
+        }
+        self.json(resp, "opening a session").await
+    }
+
+    /// One of this renter's session records.
+    pub async fn session(&self, id: &str) -> Result<proto::api::SessionView, Error> {
+        let resp = self.get(&format!("/v1/sessions/{id}")).await?;
+        self.json(resp, "reading the session").await
+    }
+
+    /// Every provider the scheduler knows (public: not signed).
+    pub async fn providers(&self) -> Result<Vec<proto::api::ProviderView>, Error> {
+        let resp =
+            self.http.get(format!("{}/v1/providers", self.base)).send().await.map_err(|e| self.unreachable(e))?;
+        self.json(resp, "listing providers").await
+    }
+}
+
+/// Whether a job's output is the one its provider's signed receipt covers: the receipt's
+/// signature, job and provider, and the output's digest. A job without a receipt (nothing to
+/// bill: a failure, a scheduler that takes no payment) passes.
+pub fn check_output(view: &JobView, output: &[u8]) -> Result<(), JobReceiptError> {
+    match (&view.receipt, view.provider) {
+        (Some(r), Some(p)) => r.check(&view.id, &p, output),
+        _ => Ok(()),
+    }
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else { return false };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+fn state_name(s: proto::api::JobState) -> &'static str {
+    match s {
+        proto::api::JobState::Queued => "queued",
+        proto::api::JobState::Running => "running",
+        proto::api::JobState::Succeeded => "succeeded",
+        proto::api::JobState::Failed => "failed",
+        proto::api::JobState::Expired => "expired",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    async fn start(dir: &tempfile::TempDir, plain_http: bool) -> scheduler::Listening {
+        scheduler::start(scheduler::SchedulerConfig {
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            plain_http,
+            renter_limits: None,
+            quic: SocketAddr::from(([127, 0, 0, 1], 0)),
+            keypair: Keypair::generate(),
+            providers: None,
+            db: dir.path().join("db"),
+            state: scheduler::Config::default(),
+            chain: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    const WASM: &[u8] = b"\0asm\x01\0\0\0";
+
+    #[test]
+    fn urls_that_cannot_be_trusted_are_refused_with_what_to_do() {
+        let key = Some(Keypair::generate().public());
+        let err = Scheduler::new("https://sched:8080", None, Keypair::generate()).unwrap_err().to_string();
+        assert!(err.contains("--scheduler-key or WASMGRID_SCHEDULER_KEY"), "{err}");
+        let err = Scheduler::new("http://10.0.0.1:8080", key, Keypair::generate()).unwrap_err().to_string();
+        assert!(err.contains("only on loopback"), "{err}");
+        assert!(Scheduler::new("ftp://127.0.0.1", key, Keypair::generate()).is_err());
+        for ok in ["http://127.0.0.1:8080", "http://[::1]:8080/", "http://localhost:1", "https://sched:8080"] {
+            Scheduler::new(ok, key, Keypair::generate()).unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_renter_reaches_only_the_pinned_scheduler_and_reads_only_its_own_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = start(&dir, false).await;
+        // Pinned to another key: refused in the handshake, nothing sent.
+        let wrong = Scheduler::new(&l.url(), Some(Keypair::generate().public()), Keypair::generate()).unwrap();
+        let err = wrong.upload(WASM.to_vec()).await.unwrap_err();
+        assert!(matches!(err, Error::Unreachable { .. }), "{err}");
+        // The right key: upload, submit, read back, signed all the way.
+        let me = Scheduler::new(&l.url(), Some(l.key), Keypair::generate()).unwrap();
+        let module = me.upload(WASM.to_vec()).await.unwrap().module;
+        let submitted = me.submit(&module, b"in", Requirements::default(), JobLimits::default(), None).await.unwrap();
+        assert_eq!(me.job(&submitted.id).await.unwrap().renter, Some(me.renter()));
+        assert!(me.providers().await.unwrap().is_empty());
+        // Another renter cannot tell the job exists.
+        let other = Scheduler::new(&l.url(), Some(l.key), Keypair::generate()).unwrap();
+        let err = other.job(&submitted.id).await.unwrap_err();
+        assert!(matches!(err, Error::Api { status: 404, .. }), "{err}");
+        // A session for someone else's key is refused.
+        let req =
+            OpenSession { module, renter: other.renter(), requirements: Requirements::default(), exclude: Vec::new() };
+        assert!(matches!(me.open_session(&req).await, Err(Error::Api { status: 400, .. })));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn plain_http_on_loopback_needs_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = start(&dir, true).await;
+        let me = Scheduler::new(&l.url(), None, Keypair::generate()).unwrap();
+        me.upload(WASM.to_vec()).await.unwrap();
+    }
+
+    #[test]
+    fn an_output_is_checked_against_the_providers_receipt() {
+        let provider = Keypair::generate();
+        let receipt = proto::receipt::JobReceipt::sign(&provider, "job-1", [0; 32], b"out", Default::default(), 5, 1);
+        let view: JobView = serde_json::from_value(serde_json::json!({
+            "id": "job-1", "module": "00", "state": "succeeded", "requirements": {}, "limits": {},
+            "submitted_at_ms": 0, "deadline_ms": 0, "attempts": [],
+            "provider": provider.public(), "output_bytes": 3, "receipt": receipt,
+        }))
+        .unwrap();
+        check_output(&view, b"out").unwrap();
+        assert!(matches!(check_output(&view, b"bad"), Err(JobReceiptError::Output)));
+        let mut other = view.clone();
+        other.provider = Some(Keypair::generate().public());
+        assert!(check_output(&other, b"out").is_err(), "signed by another provider than the one that ran it");
+        let mut unbilled = view;
+        unbilled.receipt = None;
+        check_output(&unbilled, b"anything").unwrap();
+    }
+}

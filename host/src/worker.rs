@@ -1,0 +1,423 @@
+//! The worker process: one tenant at a time in its own process, so that whatever a tenant's
+//! code does to the process (a shader that overflows the compiler's stack, GPU work that never
+//! ends, a driver fault) costs this worker and its job, never the provider's daemon or another
+//! tenant. The daemon starts workers ahead of time (`wasmgrid worker`), speaks
+//! [`proto::worker`] frames to them over stdin and stdout, and replaces a worker that ended a
+//! tenant's work abnormally or died.
+//!
+//! [`serve`] is the whole loop: decoding frames on a reader thread (so a cancellation is seen
+//! while a job runs), running jobs and services on the calling thread, streaming logs from a
+//! third. It holds no key and signs nothing: receipts are the daemon's.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use proto::frame::{self, FrameError};
+use proto::msg::{FailureKind, GpuInfo, JobLimits, JobResult, Outcome, WireUsage};
+use proto::worker::{FromWorker, Inferred, ToWorker, WORKER_CAP, WorkerFailure};
+use sha2::{Digest, Sha256};
+
+use crate::limits::Limits;
+use crate::meter::Usage;
+use crate::sandbox::{Failure, Host, JobModule, LoadError, StartError};
+
+/// How often a running job's new log lines go to the daemon.
+const LOG_EVERY: Duration = Duration::from_millis(250);
+
+/// Why a worker stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the daemon's frame was refused: {0}")]
+    Frame(#[from] FrameError),
+    #[error("talking to the daemon: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon broke the worker protocol: {0}")]
+    Protocol(String),
+    #[error("the GPU device was lost: {0}")]
+    DeviceLost(String),
+}
+
+/// Reads one frame from `input`; `None` at a clean end of stream (the daemon went away).
+fn read_frame(input: &mut impl Read, cap: usize) -> Result<Option<ToWorker>, WorkerError> {
+    let mut prefix = [0u8; 4];
+    match input.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = frame::body_len(prefix, cap)?;
+    let mut body = vec![0u8; len];
+    input.read_exact(&mut body)?;
+    Ok(Some(frame::decode_body(&body)?))
+}
+
+/// The frames a worker writes, shared by the job's thread and the log streamer.
+#[derive(Clone)]
+struct Out(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Out {
+    fn send(&self, msg: &FromWorker) -> Result<(), WorkerError> {
+        let bytes = frame::encode(msg, WORKER_CAP)?;
+        let mut w = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        w.write_all(&bytes)?;
+        w.flush()?;
+        Ok(())
+    }
+}
+
+/// The limits a job runs under: what it asked for, never more than this host's defaults.
+pub fn limits_from(w: &JobLimits) -> Limits {
+    let d = Limits::default();
+    let pick = |v: u64, default: u64| if v == 0 { default } else { v.min(default) };
+    let time = |ms: u64, default: Duration| if ms == 0 { default } else { Duration::from_millis(ms).min(default) };
+    Limits {
+        memory_bytes: pick(w.memory_bytes, d.memory_bytes),
+        fuel: pick(w.fuel, d.fuel),
+        cpu_time: time(w.cpu_time_ms, d.cpu_time),
+        wall_time: time(w.wall_time_ms, d.wall_time),
+        gpu_bytes: pick(w.gpu_bytes, d.gpu_bytes),
+        dispatches: pick(w.dispatches, d.dispatches),
+        buffers: if w.buffers == 0 { d.buffers } else { w.buffers.min(d.buffers) },
+        workgroups_per_dispatch: pick(w.workgroups_per_dispatch, d.workgroups_per_dispatch),
+        output_bytes: pick(w.output_bytes, d.output_bytes),
+        log_bytes: pick(w.log_bytes, d.log_bytes),
+        ..d
+    }
+}
+
+/// This host's default limits on the wire: the most a job may ask for.
+pub fn default_limits() -> JobLimits {
+    let d = Limits::default();
+    JobLimits {
+        memory_bytes: d.memory_bytes,
+        fuel: d.fuel,
+        cpu_time_ms: d.cpu_time.as_millis() as u64,
+        wall_time_ms: d.wall_time.as_millis() as u64,
+        gpu_bytes: d.gpu_bytes,
+        dispatches: d.dispatches,
+        buffers: d.buffers,
+        workgroups_per_dispatch: d.workgroups_per_dispatch,
+        output_bytes: d.output_bytes,
+        log_bytes: d.log_bytes,
+    }
+}
+
+/// Usage as it goes on the wire.
+pub fn wire_usage(u: &Usage) -> WireUsage {
+    WireUsage {
+        inferences: u.inferences,
+        fuel: u.fuel,
+        dispatches: u.dispatches,
+        workgroups: u.workgroups,
+        invocations: u.invocations,
+        bytes_uploaded: u.bytes_uploaded,
+        bytes_downloaded: u.bytes_downloaded,
+        peak_gpu_bytes: u.peak_gpu_bytes,
+        gpu_time_ns: u.gpu_time_ns,
+        gpu_time_source: u.gpu_time_source.name().to_string(),
+    }
+}
+
+/// A failure as it goes on the wire.
+pub fn wire_failure(f: &Failure) -> WorkerFailure {
+    let (kind, limit) = match f {
+        Failure::Limit { limit, .. } => (FailureKind::Limit, Some(limit.name().to_string())),
+        Failure::Trap(_) => (FailureKind::Trap, None),
+        Failure::Exit(_) => (FailureKind::Exit, None),
+        Failure::Guest(_) => (FailureKind::Guest, None),
+        Failure::Host(_) => (FailureKind::Host, None),
+    };
+    WorkerFailure { kind, limit, message: f.to_string() }
+}
+
+fn load_failure(e: &LoadError) -> WorkerFailure {
+    let kind = if matches!(e, LoadError::Host(_)) { FailureKind::Host } else { FailureKind::Load };
+    WorkerFailure { kind, limit: None, message: e.to_string() }
+}
+
+/// Whether a worker may serve the next tenant after this ending: only after one that left
+/// nothing behind. A limit kill may leave GPU work running, a trap or a host failure may leave
+/// state nobody checked: those workers are replaced.
+fn reusable(outcome: &Result<(), Failure>) -> bool {
+    matches!(outcome, Ok(()) | Err(Failure::Exit(_) | Failure::Guest(_)))
+}
+
+/// What a worker reports about itself at start.
+pub fn ready(host: &Host) -> FromWorker {
+    let gpu = host.gpu();
+    FromWorker::Ready {
+        gpu: GpuInfo {
+            name: gpu.name.clone(),
+            vendor: gpu.vendor.clone(),
+            backend: gpu.backend.clone(),
+            device_type: gpu.device_type.clone(),
+            vram_bytes: gpu.max_buffer_size,
+            score_gflops: 0.0,
+        },
+        defaults: default_limits(),
+    }
+}
+
+/// Serves the daemon until it closes `input` (then `Ok`), breaks the protocol, or the GPU device
+/// is lost. Sends [`FromWorker::Ready`] first.
+pub fn serve(
+    host: &Host,
+    input: impl Read + Send + 'static,
+    output: impl Write + Send + 'static,
+) -> Result<(), WorkerError> {
+    let out = Out(Arc::new(Mutex::new(Box::new(output))));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let flag = cancel.clone();
+    std::thread::Builder::new().name("wasmgrid-worker-in".into()).spawn(move || reader(input, &tx, &flag))?;
+    out.send(&ready(host))?;
+    let mut worker = Worker { host, out, rx, cancel };
+    worker.run()
+}
+
+/// Decodes the daemon's frames; a cancellation takes effect here, at once, while the job's
+/// thread is busy. A new job clears the flag in stream order, so a late cancel of the previous
+/// job cannot stop the next one, and an early one cannot be lost.
+fn reader(mut input: impl Read, tx: &Sender<Result<ToWorker, WorkerError>>, cancel: &AtomicBool) {
+    loop {
+        let msg = match read_frame(&mut input, WORKER_CAP) {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        match msg {
+            ToWorker::Cancel => cancel.store(true, Ordering::SeqCst),
+            ToWorker::Job { .. } | ToWorker::Service { .. } => cancel.store(false, Ordering::SeqCst),
+            _ => {}
+        }
+        if tx.send(Ok(msg)).is_err() {
+            return;
+        }
+    }
+}
+
+struct Worker<'h> {
+    host: &'h Host,
+    out: Out,
+    rx: Receiver<Result<ToWorker, WorkerError>>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Worker<'_> {
+    fn next(&self) -> Result<Option<ToWorker>, WorkerError> {
+        match self.rx.recv() {
+            Ok(Ok(m)) => Ok(Some(m)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn run(&mut self) -> Result<(), WorkerError> {
+        while let Some(msg) = self.next()? {
+            match msg {
+                ToWorker::Benchmark => {
+                    let gflops = self.host.benchmark_gflops();
+                    self.out.send(&FromWorker::Benchmarked { gflops })?;
+                }
+                ToWorker::Job { job_id, module_hash, input, limits } => {
+                    self.job(&job_id, module_hash, input, &limits)?;
+                }
+                ToWorker::Service { module_hash, init_input, limits } => {
+                    self.service(module_hash, init_input, &limits)?;
+                }
+                // A cancel that arrived after its job ended: nothing to stop.
+                ToWorker::Cancel => {}
+                other => return Err(WorkerError::Protocol(format!("{other:?} while idle"))),
+            }
+            self.check_device()?;
+        }
+        Ok(())
+    }
+
+    /// A lost device ends the worker: every later job here would fail.
+    fn check_device(&self) -> Result<(), WorkerError> {
+        if let Some(why) = self.host.device_lost() {
+            let _ = self.out.send(&FromWorker::Fatal { reason: format!("the GPU device was lost: {why}") });
+            return Err(WorkerError::DeviceLost(why));
+        }
+        Ok(())
+    }
+
+    /// The compiled module with this hash: from this worker's caches, or from bytes the daemon
+    /// sends. `Err` is why the job cannot run (nothing of it ran), `Ok(None)` a cancellation.
+    fn module(&self, hash: [u8; 32]) -> Result<Result<(JobModule, Duration), WorkerFailure>, WorkerError> {
+        let started = Instant::now();
+        if let Some(m) = self.host.cached(&hash) {
+            return Ok(Ok((m, started.elapsed())));
+        }
+        self.out.send(&FromWorker::NeedModule { module_hash: hash })?;
+        loop {
+            match self.next()? {
+                Some(ToWorker::Module { bytes }) => {
+                    let got: [u8; 32] = Sha256::digest(&bytes).into();
+                    if got != hash {
+                        return Err(WorkerError::Protocol("the module bytes do not match their hash".into()));
+                    }
+                    // Compile time is the job's: it counts toward its wall time and its bill.
+                    let compiling = Instant::now();
+                    return Ok(self.host.load(&bytes).map(|m| (m, compiling.elapsed())).map_err(|e| load_failure(&e)));
+                }
+                Some(ToWorker::NoModule { reason }) => {
+                    return Ok(Err(WorkerFailure { kind: FailureKind::Load, limit: None, message: reason }));
+                }
+                Some(ToWorker::Cancel) => {}
+                Some(other) => return Err(WorkerError::Protocol(format!("{other:?} while waiting for a module"))),
+                None => return Err(WorkerError::Protocol("the daemon went while a module was awaited".into())),
+            }
+        }
+    }
+
+    fn job(&mut self, job_id: &str, hash: [u8; 32], input: Vec<u8>, wire: &JobLimits) -> Result<(), WorkerError> {
+        let limits = limits_from(wire);
+        let (module, compile) = match self.module(hash)? {
+            Ok(m) => m,
+            Err(f) => {
+                let result = not_run(f);
+                return self.out.send(&FromWorker::JobDone { result: Box::new(result), reusable: true });
+            }
+        };
+        log::info!("worker {}: running job {job_id}", std::process::id());
+        let replaced = self.host.device_replaced_count();
+        let done = Arc::new(AtomicBool::new(false));
+        let mut streamer = None;
+        let report = self.host.run_batch_cancellable(
+            &module,
+            input,
+            &limits,
+            |watch| {
+                let (out, done) = (self.out.clone(), done.clone());
+                streamer = std::thread::Builder::new()
+                    .name("wasmgrid-worker-log".into())
+                    .spawn(move || {
+                        let mut sent = 0usize;
+                        while !done.load(Ordering::SeqCst) {
+                            std::thread::sleep(LOG_EVERY);
+                            let fresh = watch.since(sent);
+                            if !fresh.is_empty() {
+                                sent += fresh.len();
+                                if out.send(&FromWorker::Log { bytes: fresh }).is_err() {
+                                    return sent;
+                                }
+                            }
+                        }
+                        sent
+                    })
+                    .ok();
+            },
+            Some(self.cancel.clone()),
+        );
+        done.store(true, Ordering::SeqCst);
+        // The log went in pieces while the job ran; the final report carries it whole.
+        let _ = streamer.map(std::thread::JoinHandle::join);
+        let (result, reusable) = match report {
+            Ok(report) => {
+                let wall = report.wall_time + compile;
+                let outcome = match &report.outcome {
+                    Ok(()) => Outcome::Succeeded,
+                    Err(f) => {
+                        let w = wire_failure(f);
+                        Outcome::Failed { kind: w.kind, limit: w.limit, message: w.message }
+                    }
+                };
+                let result = JobResult {
+                    outcome,
+                    output: report.output,
+                    log: report.log,
+                    usage: wire_usage(&report.usage),
+                    wall_time_ms: wall.as_millis() as u64,
+                    wall_time_us: wall.as_micros() as u64,
+                    first_dispatch_us: report.first_dispatch.map(|d| (d + compile).as_micros() as u64),
+                    receipt: None,
+                };
+                // GPU work abandoned past the wall time keeps a thread and the old device busy:
+                // such a worker is replaced, never handed to the next tenant.
+                let clean = self.host.device_replaced_count() == replaced;
+                (result, clean && reusable(&report.outcome))
+            }
+            Err(e) => (not_run(load_failure(&e)), true),
+        };
+        self.out.send(&FromWorker::JobDone { result: Box::new(result), reusable })
+    }
+
+    fn service(&mut self, hash: [u8; 32], init_input: Vec<u8>, wire: &JobLimits) -> Result<(), WorkerError> {
+        let limits = limits_from(wire);
+        let module = match self.module(hash)? {
+            Ok((m, _)) => m,
+            Err(f) => {
+                return self.out.send(&FromWorker::ServiceStarted { result: Err(f), log: Vec::new(), reusable: true });
+            }
+        };
+        let mut service = match self.host.start_service(&module, init_input, &limits) {
+            Ok(s) => s,
+            Err(StartError::Load(e)) => {
+                let result = Err(load_failure(&e));
+                return self.out.send(&FromWorker::ServiceStarted { result, log: Vec::new(), reusable: true });
+            }
+            Err(StartError::Failed(f)) => {
+                let outcome = Err(f.failure.clone());
+                let msg = FromWorker::ServiceStarted {
+                    result: Err(wire_failure(&f.failure)),
+                    log: f.log,
+                    reusable: reusable(&outcome),
+                };
+                return self.out.send(&msg);
+            }
+        };
+        self.out.send(&FromWorker::ServiceStarted {
+            result: Ok(wire_usage(&service.usage())),
+            log: Vec::new(),
+            reusable: true,
+        })?;
+        loop {
+            match self.next()? {
+                Some(ToWorker::Infer { bytes }) => {
+                    let result = service
+                        .infer(&bytes)
+                        .map(|inf| Inferred { response: inf.response, usage: wire_usage(&inf.usage) });
+                    self.out.send(&FromWorker::Inferred { result: result.map_err(|f| wire_failure(&f)) })?;
+                    self.check_device()?;
+                }
+                Some(ToWorker::EndService) => {
+                    drop(service);
+                    return self.out.send(&FromWorker::Idle);
+                }
+                Some(ToWorker::Cancel) => {}
+                Some(other) => return Err(WorkerError::Protocol(format!("{other:?} while a service runs"))),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+/// The result of a job that could not start.
+fn not_run(f: WorkerFailure) -> JobResult {
+    JobResult {
+        outcome: Outcome::Failed { kind: f.kind, limit: f.limit, message: f.message },
+        output: Vec::new(),
+        log: Vec::new(),
+        usage: WireUsage::default(),
+        wall_time_ms: 0,
+        wall_time_us: 0,
+        first_dispatch_us: None,
+        receipt: None,
+    }
+}
+
+/// Tells the daemon this worker cannot start (no GPU, say), as its one frame.
+pub fn refuse(mut output: impl Write, reason: &str) {
+    if let Ok(bytes) = frame::encode(&FromWorker::Fatal { reason: reason.to_string() }, WORKER_CAP) {
+        let _ = output.write_all(&bytes);
+        let _ = output.flush();
+    }
+}

@@ -1,0 +1,951 @@
+//! The provider daemon: connects out to the scheduler over QUIC (so a provider behind NAT needs
+//! no port forwarding), registers its GPU, price and capacity, sends heartbeats, runs the jobs
+//! the scheduler sends down the connection and serves renters' inference sessions.
+//!
+//! The daemon holds no tenant's wasmtime store and no tenant's GPU device: every job and every
+//! session runs in a worker process from [`crate::pool`], and the daemon only moves bytes,
+//! enforces wall time from outside (a worker past its job's wall time is killed), signs receipts
+//! and takes payment. Whatever a tenant's code does costs its worker, never the daemon.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use proto::frame::CONTROL_CAP;
+use proto::msg::{
+    BLOB_CAP, FailureKind, GpuInfo, HostMsg, JobMsg, JobReply, JobResult, OPEN_CAP, Outcome, Price, SchedulerMsg,
+    SessionMsg, SessionReply, WireUsage,
+};
+use proto::worker::{FromWorker, ToWorker, WorkerFailure};
+use proto::{Keypair, PublicKey};
+use quic::{Connection, Identity, RecvStream, SendStream};
+
+use crate::pool::{Pool, Worker, WorkerCommand, WorkerDied, kill_deadline};
+
+/// How a provider daemon is set up.
+#[derive(Debug)]
+pub struct DaemonConfig {
+    pub scheduler: SocketAddr,
+    pub scheduler_key: PublicKey,
+    pub keypair: Keypair,
+    pub name: String,
+    pub region: String,
+    pub price: Price,
+    /// Batch jobs run at once.
+    pub capacity: u32,
+    /// Inference sessions served at once, a count of their own (each holds a worker).
+    pub session_capacity: u32,
+    /// Workers kept started ahead of work, beyond those busy.
+    pub warm_workers: u32,
+    /// How the daemon starts a worker process.
+    pub worker: WorkerCommand,
+    /// GPU memory offered to jobs; `None` offers the adapter's largest buffer size.
+    pub vram_bytes: Option<u64>,
+    /// Where to listen for renters' inference sessions; `None` serves none.
+    pub session_listen: Option<SocketAddr>,
+    /// The session address to tell renters, when it differs from the listening one (behind NAT
+    /// with a forwarded port, say).
+    pub advertise: Option<String>,
+    /// How sessions are paid; `None` serves them unpaid (a private fleet, a test).
+    pub payment: Option<crate::payment::PaymentConfig>,
+    /// A session with no request for this long is ended (its worker goes back to the pool).
+    pub session_idle: Duration,
+    /// Requests of one session being served or waiting at once; more streams wait.
+    pub session_in_flight: u32,
+}
+
+impl DaemonConfig {
+    /// A configuration with the defaults for everything but who and where.
+    pub fn new(scheduler: SocketAddr, scheduler_key: PublicKey, keypair: Keypair, worker: WorkerCommand) -> Self {
+        DaemonConfig {
+            scheduler,
+            scheduler_key,
+            keypair,
+            name: "provider".into(),
+            region: "local".into(),
+            price: Price { per_gpu_second: 1, per_inference: 1 },
+            capacity: 2,
+            session_capacity: 16,
+            warm_workers: 2,
+            worker,
+            vram_bytes: None,
+            session_listen: None,
+            advertise: None,
+            payment: None,
+            session_idle: Duration::from_secs(300),
+            session_in_flight: 16,
+        }
+    }
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Quic(#[from] quic::QuicError),
+    #[error("the scheduler refused this provider: {0}")]
+    Refused(String),
+    #[error("the connection to the scheduler ended: {0}")]
+    Lost(String),
+    #[error("no worker could be started: {0}")]
+    Worker(String),
+}
+
+/// What the daemon learnt about its GPU at start, from a worker.
+#[derive(Clone, Debug)]
+pub struct Started {
+    pub gpu: GpuInfo,
+}
+
+/// The jobs and sessions a provider runs, across reconnections to the scheduler.
+#[derive(Debug, Default)]
+pub struct Running {
+    jobs: AtomicU32,
+    sessions: AtomicU32,
+    cancels: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    /// Session reports waiting for the control stream, newest per session.
+    reports: Mutex<HashMap<[u8; 16], HostMsg>>,
+    report_ready: tokio::sync::Notify,
+    /// Session ids of tickets already used, with their expiry: a ticket opens one session.
+    used_tickets: Mutex<HashMap<[u8; 16], u64>>,
+}
+
+impl Running {
+    /// Queues a session report for the scheduler (a newer one replaces an unsent older one).
+    fn report(&self, session_id: [u8; 16], msg: HostMsg) {
+        self.reports.lock().unwrap_or_else(PoisonError::into_inner).insert(session_id, msg);
+        self.report_ready.notify_one();
+    }
+
+    fn take_reports(&self) -> Vec<HostMsg> {
+        self.reports.lock().unwrap_or_else(PoisonError::into_inner).drain().map(|(_, m)| m).collect()
+    }
+
+    /// Jobs and sessions running now.
+    pub fn counts(&self) -> (u32, u32) {
+        (self.jobs.load(Ordering::SeqCst), self.sessions.load(Ordering::SeqCst))
+    }
+
+    /// Marks a ticket used; `false` if it was already.
+    fn use_ticket(&self, session_id: [u8; 16], expires_at_ms: u64, now_ms: u64) -> bool {
+        let mut used = self.used_tickets.lock().unwrap_or_else(PoisonError::into_inner);
+        used.retain(|_, expiry| *expiry >= now_ms);
+        used.insert(session_id, expires_at_ms).is_none()
+    }
+}
+
+/// One slot of a bounded count, given back when dropped, however its job or session ends.
+struct Slot<'a>(&'a AtomicU32);
+
+impl<'a> Slot<'a> {
+    /// Takes a slot if fewer than `capacity` are taken.
+    fn take(count: &'a AtomicU32, capacity: u32) -> Option<Slot<'a>> {
+        count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < capacity).then_some(n + 1)).ok()?;
+        Some(Slot(count))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Everything the daemon's tasks share.
+struct Shared {
+    config: DaemonConfig,
+    pool: Pool,
+    running: Arc<Running>,
+    gpu: GpuInfo,
+    keypair: Arc<Keypair>,
+    payment: Option<Arc<crate::payment::PaymentConfig>>,
+}
+
+/// Starts the worker pool, learns the GPU from a first worker (and benchmarks it), and serves
+/// until the process ends, reconnecting to the scheduler with a growing pause when it is away.
+pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
+    let warm = (config.capacity + config.warm_workers) as usize;
+    let pool = Pool::new(config.worker.clone(), warm.max(1));
+    let mut first = pool.take().await.map_err(|e| DaemonError::Worker(e.message))?;
+    let mut gpu = first.gpu.clone();
+    gpu.score_gflops = benchmark(&mut first).await;
+    pool.give_back(first, true).await;
+    if let Err(e) = pool.fill().await {
+        log::warn!("the worker pool is not full: {e}");
+    }
+    log::info!("GPU {}: {:.1} GFLOP/s f32 matmul; {} workers ready", gpu.name, gpu.score_gflops, pool.stats().idle);
+    let paid_ready = match config.payment.clone() {
+        Some(payment) => {
+            let keypair = Keypair::from_seed(config.keypair.seed());
+            let ready = tokio::task::spawn_blocking(move || {
+                payment.prepare(&keypair)?;
+                payment.resume(&keypair)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            match &ready {
+                Ok(n) if *n > 0 => log::info!("settled {n} session(s) left unsettled by the last run"),
+                Ok(_) => {}
+                Err(e) => log::error!("not serving paid sessions: {e}"),
+            }
+            ready.is_ok()
+        }
+        None => true,
+    };
+    if let Some(v) = config.vram_bytes {
+        gpu.vram_bytes = v;
+    }
+    let shared = Arc::new(Shared {
+        keypair: Arc::new(Keypair::from_seed(config.keypair.seed())),
+        payment: config.payment.clone().map(Arc::new),
+        config,
+        pool,
+        running: Arc::new(Running::default()),
+        gpu,
+    });
+    let sessions = match shared.config.session_listen.filter(|_| paid_ready) {
+        Some(addr) => match start_sessions(&shared, addr) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                log::error!("not serving inference sessions: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match run(&shared, sessions).await {
+            Ok(()) => pause = Duration::from_millis(200),
+            Err(e @ DaemonError::Refused(_)) => {
+                log::error!("{e}");
+                pause = Duration::from_secs(5);
+            }
+            Err(e) => log::warn!("{e}; reconnecting in {pause:?}"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The GPU's measured score, from a worker; 0 when it cannot say.
+async fn benchmark(worker: &mut Worker) -> f64 {
+    if worker.send(&ToWorker::Benchmark).await.is_err() {
+        return 0.0;
+    }
+    match tokio::time::timeout(Duration::from_secs(120), worker.recv()).await {
+        Ok(Ok(FromWorker::Benchmarked { gflops })) => gflops,
+        _ => 0.0,
+    }
+}
+
+/// Connects, registers and serves until the connection ends; returns why it ended.
+async fn run(shared: &Arc<Shared>, sessions: Option<SocketAddr>) -> Result<(), DaemonError> {
+    let config = &shared.config;
+    let identity = Identity::new(&config.keypair)?;
+    let bind =
+        if config.scheduler.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
+    let endpoint = quic::client(bind)?;
+    let conn = quic::connect(&endpoint, &identity, config.scheduler, config.scheduler_key).await?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| DaemonError::Lost(e.to_string()))?;
+    // Renters reach the session endpoint at the address the scheduler sees this host from,
+    // unless told otherwise.
+    let session_addr = config.advertise.clone().or_else(|| {
+        sessions.map(|a| {
+            let ip = if a.ip().is_unspecified() {
+                conn.local_ip()
+                    .filter(|ip| !ip.is_unspecified())
+                    .or_else(|| route_ip(config.scheduler))
+                    .unwrap_or(a.ip())
+            } else {
+                a.ip()
+            };
+            SocketAddr::new(ip, a.port()).to_string()
+        })
+    });
+    let register = HostMsg::Register {
+        name: config.name.clone(),
+        region: config.region.clone(),
+        gpus: vec![shared.gpu.clone()],
+        price: config.price,
+        capacity: config.capacity,
+        session_addr,
+        session_capacity: if sessions.is_some() { config.session_capacity } else { 0 },
+    };
+    quic::write_msg(&mut send, &register, CONTROL_CAP).await?;
+    let heartbeat = match quic::read_msg::<SchedulerMsg>(&mut recv, CONTROL_CAP).await? {
+        Some(SchedulerMsg::Registered { heartbeat_ms, .. }) => Duration::from_millis(heartbeat_ms.clamp(50, 60_000)),
+        Some(SchedulerMsg::Refused { reason }) => return Err(DaemonError::Refused(reason)),
+        Some(SchedulerMsg::Cancel { .. }) => {
+            return Err(DaemonError::Lost("the scheduler sent Cancel before Registered".into()));
+        }
+        None => return Err(DaemonError::Refused("the scheduler closed the connection (is this key allowed?)".into())),
+    };
+    log::info!("registered with the scheduler at {} as {}", config.scheduler, config.keypair.public());
+
+    let jobs = tokio::spawn(accept_jobs(conn.clone(), shared.clone()));
+    // The scheduler cancels jobs it gave to another provider (after this one missed its
+    // heartbeats, say): stop them, their results would be ignored and they hold slots.
+    let watching = shared.running.clone();
+    let control = tokio::spawn(async move {
+        while let Ok(Some(msg)) = quic::read_msg::<SchedulerMsg>(&mut recv, CONTROL_CAP).await {
+            if let SchedulerMsg::Cancel { job_ids } = msg {
+                let cancels = watching.cancels.lock().unwrap_or_else(PoisonError::into_inner);
+                for id in job_ids {
+                    match cancels.get(&id) {
+                        Some(flag) => {
+                            flag.notify_one();
+                            log::info!("cancelled job {id}: the scheduler gave it to another provider");
+                        }
+                        None => log::info!("the scheduler cancelled job {id}, which is not running here"),
+                    }
+                }
+            }
+        }
+    });
+    let running = &shared.running;
+    // Heartbeats keep their pace however often session reports go out between them.
+    let mut next_beat = tokio::time::Instant::now() + heartbeat;
+    let result = loop {
+        let beat = tokio::select! {
+            () = tokio::time::sleep_until(next_beat) => true,
+            () = running.report_ready.notified() => false,
+        };
+        if beat {
+            next_beat = tokio::time::Instant::now() + heartbeat;
+        }
+        let mut out = running.take_reports();
+        if beat {
+            let (jobs, sessions) = running.counts();
+            out.push(HostMsg::Heartbeat { running: jobs, sessions });
+        }
+        let mut sent = Ok(());
+        for msg in &out {
+            sent = quic::write_msg(&mut send, msg, CONTROL_CAP).await;
+            if sent.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = sent {
+            break Err(DaemonError::Lost(e.to_string()));
+        }
+        if let Some(reason) = conn.close_reason() {
+            break Err(DaemonError::Lost(reason.to_string()));
+        }
+    };
+    jobs.abort();
+    control.abort();
+    result
+}
+
+/// The local address this machine uses to reach `peer` (no packet is sent: connecting a UDP
+/// socket only picks the route).
+fn route_ip(peer: SocketAddr) -> Option<std::net::IpAddr> {
+    let bind = if peer.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(peer).ok()?;
+    socket.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified())
+}
+
+// ---- batch jobs ----
+
+async fn accept_jobs(conn: Connection, shared: Arc<Shared>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_job(send, recv, &shared).await {
+                log::warn!("job stream: {e}");
+            }
+        });
+    }
+}
+
+/// How long a worker past its job's wall time has to end the job itself before it is killed.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// The result of a job that never ran, or whose worker was lost.
+fn failed_result(kind: FailureKind, limit: Option<String>, message: String) -> JobResult {
+    JobResult {
+        outcome: Outcome::Failed { kind, limit, message },
+        output: Vec::new(),
+        log: Vec::new(),
+        usage: WireUsage::default(),
+        wall_time_ms: 0,
+        wall_time_us: 0,
+        first_dispatch_us: None,
+        receipt: None,
+    }
+}
+
+/// Takes one job off a stream: hand it to a worker, fetch the module when the worker asks,
+/// stream the log, kill the worker if it runs past the wall time, sign the receipt, report.
+async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) -> Result<(), quic::QuicError> {
+    let Some(JobMsg::Run { job_id, module_hash, input, limits }) =
+        quic::read_msg::<JobMsg>(&mut recv, BLOB_CAP).await?
+    else {
+        return Ok(());
+    };
+    let Some(slot) = Slot::take(&shared.running.jobs, shared.config.capacity) else {
+        let reason = format!("at capacity ({} jobs)", shared.config.capacity);
+        quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
+        return Ok(());
+    };
+    let mut worker = match shared.pool.take().await {
+        Ok(w) => w,
+        Err(e) => {
+            let reason = format!("no worker to run it: {e}");
+            quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
+            return Ok(());
+        }
+    };
+    quic::write_msg(&mut send, &JobReply::Started, CONTROL_CAP).await?;
+    log::info!("running job {job_id} in worker {}", worker.pid());
+    let cancel = Arc::new(tokio::sync::Notify::new());
+    shared.running.cancels.lock().unwrap_or_else(PoisonError::into_inner).insert(job_id.clone(), cancel.clone());
+    let started = Instant::now();
+    let deadline = kill_deadline(started, &limits, &worker.defaults, KILL_GRACE);
+    let run = ToWorker::Job { job_id: job_id.clone(), module_hash, input, limits };
+    let (mut result, reusable) = match worker.send(&run).await {
+        Ok(()) => drive_job(&mut worker, &mut send, &mut recv, &cancel, deadline).await?,
+        Err(died) => (failed_result(died.kind, None, died.message), false),
+    };
+    shared.running.cancels.lock().unwrap_or_else(PoisonError::into_inner).remove(&job_id);
+    shared.pool.give_back(worker, reusable).await;
+    if result.outcome == Outcome::Succeeded {
+        let u = &result.usage;
+        let counts = proto::receipt::Counts {
+            inferences: 0,
+            fuel: u.fuel,
+            invocations: u.invocations,
+            bytes_uploaded: u.bytes_uploaded,
+            bytes_downloaded: u.bytes_downloaded,
+            gpu_time_ns: u.gpu_time_ns,
+        };
+        result.receipt = Some(proto::receipt::JobReceipt::sign(
+            &shared.keypair,
+            &job_id,
+            module_hash,
+            &result.output,
+            counts,
+            result.wall_time_us,
+            shared.config.price.per_gpu_second,
+        ));
+    }
+    match &result.outcome {
+        Outcome::Succeeded => log::info!("job {job_id} ended: succeeded"),
+        Outcome::Failed { message, .. } => log::info!("job {job_id} ended: {message}"),
+    }
+    // Free the slot before reporting: the scheduler may send the next job the moment it hears.
+    drop(slot);
+    quic::write_msg(&mut send, &JobReply::Finished(Box::new(result)), BLOB_CAP).await?;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+/// Pumps one job between its worker and the scheduler's job stream until it ends. Returns the
+/// result and whether the worker may serve another tenant.
+async fn drive_job(
+    worker: &mut Worker,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    cancel: &tokio::sync::Notify,
+    deadline: Instant,
+) -> Result<(JobResult, bool), quic::QuicError> {
+    let mut cancelled = false;
+    loop {
+        let msg = tokio::select! {
+            msg = worker.recv() => msg,
+            () = cancel.notified(), if !cancelled => {
+                cancelled = true;
+                if worker.send(&ToWorker::Cancel).await.is_err() {
+                    let r = failed_result(FailureKind::Host, None, "the job was cancelled".into());
+                    return Ok((r, false));
+                }
+                continue;
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                let r = failed_result(
+                    FailureKind::Limit,
+                    Some("wall-time".into()),
+                    "GPU work was still running at the wall-time limit: the worker was stopped".into(),
+                );
+                return Ok((r, false));
+            }
+        };
+        match msg {
+            Ok(FromWorker::NeedModule { module_hash }) => {
+                let reply = fetch_module(send, recv, module_hash).await?;
+                if let Err(died) = worker.send(&reply).await {
+                    return Ok((failed_result(died.kind, None, died.message), false));
+                }
+            }
+            Ok(FromWorker::Log { bytes }) => {
+                quic::write_msg(send, &JobReply::Log { bytes }, BLOB_CAP).await?;
+            }
+            Ok(FromWorker::JobDone { result, reusable }) => return Ok((*result, reusable)),
+            Ok(FromWorker::Fatal { reason }) => return Ok((failed_result(FailureKind::Host, None, reason), false)),
+            Ok(other) => {
+                let message = format!("the worker broke the protocol ({other:?} during a job)");
+                return Ok((failed_result(FailureKind::Crash, None, message), false));
+            }
+            Err(WorkerDied { kind, message }) => return Ok((failed_result(kind, None, message), false)),
+        }
+    }
+}
+
+/// Asks the scheduler for a module's bytes on the job's stream.
+async fn fetch_module(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    hash: [u8; 32],
+) -> Result<ToWorker, quic::QuicError> {
+    quic::write_msg(send, &JobReply::NeedModule, CONTROL_CAP).await?;
+    match quic::read_msg::<JobMsg>(recv, BLOB_CAP).await? {
+        Some(JobMsg::Module { bytes }) => {
+            use sha2::Digest;
+            let got: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+            if got == hash {
+                Ok(ToWorker::Module { bytes })
+            } else {
+                Ok(ToWorker::NoModule { reason: "the module bytes do not match the hash they were sent for".into() })
+            }
+        }
+        _ => Ok(ToWorker::NoModule { reason: "the scheduler sent no module".into() }),
+    }
+}
+
+// ---- inference sessions ----
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Opens the session endpoint and serves it in the background; returns where it listens.
+fn start_sessions(shared: &Arc<Shared>, addr: SocketAddr) -> Result<SocketAddr, DaemonError> {
+    let identity = Identity::new(&shared.config.keypair)?;
+    // Any renter key may connect; what it may do is decided by the ticket it shows. Until then
+    // it gets the small pre-authentication budget; after, as many streams as requests it may
+    // have in flight (and one for the close).
+    let full = quic::Budget { bidi_streams: shared.config.session_in_flight.max(1) + 1, ..quic::Budget::FULL };
+    let limits = quic::ServerLimits::default().full(full);
+    let endpoint = quic::server_with(&identity, addr, quic::Peers::Any, limits)?;
+    let local = endpoint.local_addr().map_err(|e| DaemonError::Lost(e.to_string()))?;
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let served = match incoming.await {
+                    Ok(conn) => serve_session(conn, &shared).await,
+                    Err(e) => Err(quic::QuicError::Stream(e.to_string())),
+                };
+                if let Err(e) = served {
+                    log::info!("session: {e}");
+                }
+            });
+        }
+    });
+    log::info!("serving inference sessions on {local}");
+    Ok(local)
+}
+
+fn failed(f: WorkerFailure) -> SessionReply {
+    SessionReply::Failed { kind: f.kind, limit: f.limit, message: f.message }
+}
+
+/// Tells the renter why its session is refused, and closes the connection.
+async fn refuse_session(
+    send: &mut SendStream,
+    conn: &Connection,
+    peer: &PublicKey,
+    reply: SessionReply,
+) -> Result<(), quic::QuicError> {
+    log::info!("refused a session from {peer}: {reply:?}");
+    quic::write_msg(send, &reply, CONTROL_CAP).await?;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+    conn.close(1u32.into(), b"refused");
+    Ok(())
+}
+
+fn refused(reason: impl Into<String>) -> SessionReply {
+    SessionReply::Refused { reason: reason.into() }
+}
+
+/// One renter's session: check the ticket before anything else, take a session slot and a
+/// worker, get the module, run `init`, then serve one request per stream until the renter goes
+/// or the session is idle too long.
+async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), quic::QuicError> {
+    let me = shared.keypair.public();
+    let refuse = |conn: &Connection| conn.close(1u32.into(), b"refused");
+    let Some(peer) = quic::peer_key(&conn) else {
+        refuse(&conn);
+        return Ok(());
+    };
+    // Before the ticket is checked the peer gets one small frame and a short time.
+    let first = tokio::time::timeout(quic::AUTH_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let msg = quic::read_first_msg::<SessionMsg>(&mut recv, OPEN_CAP, quic::AUTH_TIMEOUT).await?;
+        Ok::<_, quic::QuicError>((send, recv, msg))
+    })
+    .await;
+    let (mut send, mut recv, ticket, escrow) = match first {
+        Ok(Ok((send, recv, Some(SessionMsg::Open { ticket, escrow })))) => (send, recv, ticket, escrow),
+        Ok(Err(e)) => {
+            refuse(&conn);
+            return Err(e);
+        }
+        _ => {
+            refuse(&conn);
+            return Ok(());
+        }
+    };
+    let now = now_ms();
+    if let Err(e) = ticket.check(&shared.config.scheduler_key, &me, &peer, now) {
+        return refuse_session(&mut send, &conn, &peer, refused(e.to_string())).await;
+    }
+    if !shared.running.use_ticket(ticket.session_id, ticket.expires_at_ms, now) {
+        let reason = "this ticket was already used: ask the scheduler for a new session";
+        return refuse_session(&mut send, &conn, &peer, refused(reason)).await;
+    }
+    let Some(_slot) = Slot::take(&shared.running.sessions, shared.config.session_capacity) else {
+        let reason = format!(
+            "this provider is serving its {} sessions: ask the scheduler for another provider",
+            shared.config.session_capacity
+        );
+        return refuse_session(&mut send, &conn, &peer, SessionReply::Busy { reason }).await;
+    };
+    // The renter is who its ticket says: from here on it may send real data.
+    conn.authenticated();
+    let init_input = match quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await? {
+        Some(SessionMsg::Init { init_input }) => init_input,
+        _ => {
+            refuse(&conn);
+            return Ok(());
+        }
+    };
+    // A paid session starts only on an escrow the chain shows as promised.
+    let pay = match &shared.payment {
+        Some(config) => {
+            let (config, kp, t, device) =
+                (config.clone(), shared.keypair.clone(), ticket.clone(), shared.gpu.name.clone());
+            let opened = tokio::task::spawn_blocking(move || {
+                crate::payment::SessionPay::open(&config, &kp, &t, escrow, &device)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            match opened {
+                Ok(p) => Some(p),
+                Err(reason) => return refuse_session(&mut send, &conn, &peer, refused(reason)).await,
+            }
+        }
+        None => None,
+    };
+    let (pay, refund) = match pay {
+        Some((p, r)) => (Some(p), Some(Box::new(r))),
+        None => (None, None),
+    };
+    let mut worker = match shared.pool.take().await {
+        Ok(w) => w,
+        Err(e) => {
+            let reason = format!("no worker to serve it: {e}; ask the scheduler for another provider");
+            return refuse_session(&mut send, &conn, &peer, SessionReply::Busy { reason }).await;
+        }
+    };
+    let limits = proto::msg::JobLimits::default();
+    let start = ToWorker::Service { module_hash: ticket.module_hash, init_input, limits: limits.clone() };
+    let deadline = kill_deadline(Instant::now(), &limits, &worker.defaults, KILL_GRACE);
+    let started = match worker.send(&start).await {
+        Ok(()) => start_service(&mut worker, &mut send, &mut recv, ticket.module_hash, deadline).await?,
+        Err(died) => Err((WorkerFailure { kind: died.kind, limit: None, message: died.message }, false)),
+    };
+    let usage = match started {
+        Ok(usage) => usage,
+        Err((f, reusable)) => {
+            shared.pool.give_back(worker, reusable).await;
+            let reply = if f.kind == FailureKind::Load { refused(f.message) } else { failed(f) };
+            return refuse_session(&mut send, &conn, &peer, reply).await;
+        }
+    };
+    quic::write_msg(&mut send, &SessionReply::Opened { usage, refund }, CONTROL_CAP).await?;
+    let _ = send.finish();
+    let id: String = ticket.session_id.iter().map(|b| format!("{b:02x}")).collect();
+    log::info!("session {id} opened for {peer} in worker {}", worker.pid());
+    // The instance serves one call at a time, and the receipt of each call is signed in that
+    // same order, so the renter can check the chain.
+    let signer = proto::receipt::Signer::new(ticket.session_id, peer, ticket.price_per_inference);
+    let served = Arc::new(tokio::sync::Mutex::new(Served {
+        worker: Some(worker),
+        limits: limits,
+        signer,
+        pay: pay.map(|p| Arc::new(Mutex::new(p))),
+        over: None,
+        session_id: ticket.session_id,
+        last: None,
+        running: shared.running.clone(),
+        keypair: shared.keypair.clone(),
+        pool: shared.pool.clone(),
+    }));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(shared.config.session_in_flight.max(1) as usize));
+    let last_active = Arc::new(Mutex::new(Instant::now()));
+    let idle = shared.config.session_idle;
+    loop {
+        let accepted = tokio::select! {
+            a = conn.accept_bi() => a,
+            () = tokio::time::sleep(idle.min(Duration::from_secs(1))) => {
+                let quiet = last_active.lock().unwrap_or_else(PoisonError::into_inner).elapsed();
+                let busy = in_flight.available_permits() < shared.config.session_in_flight.max(1) as usize;
+                if quiet >= idle && !busy {
+                    log::info!("session {id}: idle for {quiet:.0?}, ending it");
+                    conn.close(2u32.into(), b"idle");
+                    break;
+                }
+                continue;
+            }
+        };
+        let Ok((mut send, mut recv)) = accepted else { break };
+        let (served, in_flight, last_active) = (served.clone(), in_flight.clone(), last_active.clone());
+        tokio::spawn(async move {
+            let Ok(_permit) = in_flight.acquire_owned().await else { return };
+            *last_active.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+            let Ok(Some(msg)) = quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await else {
+                return;
+            };
+            let reply = served.lock().await.answer(msg).await;
+            *last_active.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+            if quic::write_msg(&mut send, &reply, BLOB_CAP).await.is_ok() {
+                let _ = send.finish();
+                let _ = send.stopped().await;
+            }
+        });
+    }
+    // The renter went (or the session idled out): settle what it vouched for, free the worker.
+    let mut guard = served.lock().await;
+    if let Some(p) = guard.pay.clone() {
+        let kp = shared.keypair.clone();
+        let _ = tokio::task::spawn_blocking(move || p.lock().unwrap_or_else(PoisonError::into_inner).ended(&kp)).await;
+    }
+    guard.report(true).await;
+    if let Some(worker) = guard.worker.take() {
+        end_service(&shared.pool, worker).await;
+    }
+    log::info!("session {id} ended");
+    Ok(())
+}
+
+/// Waits for the worker's `ServiceStarted`, fetching the module from the renter if asked.
+/// `Err` carries the failure and whether the worker may be reused.
+async fn start_service(
+    worker: &mut Worker,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    hash: [u8; 32],
+    deadline: Instant,
+) -> Result<Result<WireUsage, (WorkerFailure, bool)>, quic::QuicError> {
+    let lost = |d: WorkerDied| Ok(Err((WorkerFailure { kind: d.kind, limit: None, message: d.message }, false)));
+    loop {
+        let msg = tokio::select! {
+            m = worker.recv() => m,
+            () = tokio::time::sleep_until(deadline.into()) => {
+                let f = WorkerFailure {
+                    kind: FailureKind::Limit,
+                    limit: Some("wall-time".into()),
+                    message: "init was still running at the wall-time limit: the worker was stopped".into(),
+                };
+                return Ok(Err((f, false)));
+            }
+        };
+        match msg {
+            Ok(FromWorker::NeedModule { .. }) => {
+                quic::write_msg(send, &SessionReply::NeedModule, CONTROL_CAP).await?;
+                let reply = match quic::read_msg::<SessionMsg>(recv, BLOB_CAP).await? {
+                    Some(SessionMsg::Module { bytes }) => {
+                        use sha2::Digest;
+                        let got: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+                        if got == hash {
+                            ToWorker::Module { bytes }
+                        } else {
+                            ToWorker::NoModule { reason: "the module bytes do not match the ticket's module".into() }
+                        }
+                    }
+                    _ => ToWorker::NoModule { reason: "the renter sent no module".into() },
+                };
+                if let Err(d) = worker.send(&reply).await {
+                    return lost(d);
+                }
+            }
+            Ok(FromWorker::ServiceStarted { result, reusable, .. }) => {
+                return Ok(result.map_err(|f| (f, reusable)));
+            }
+            Ok(FromWorker::Fatal { reason }) => {
+                return Ok(Err((WorkerFailure { kind: FailureKind::Host, limit: None, message: reason }, false)));
+            }
+            Ok(other) => {
+                let message = format!("the worker broke the protocol ({other:?} while starting a service)");
+                return Ok(Err((WorkerFailure { kind: FailureKind::Crash, limit: None, message }, false)));
+            }
+            Err(d) => return lost(d),
+        }
+    }
+}
+
+/// Ends a session's service and hands its worker back: reused if it comes back idle in time.
+async fn end_service(pool: &Pool, mut worker: Worker) {
+    let idle = async {
+        worker.send(&ToWorker::EndService).await.ok()?;
+        match worker.recv().await {
+            Ok(FromWorker::Idle) => Some(()),
+            _ => None,
+        }
+    };
+    let reusable = matches!(tokio::time::timeout(Duration::from_secs(5), idle).await, Ok(Some(())));
+    pool.give_back(worker, reusable).await;
+}
+
+/// A session's worker, its receipts and its payment; one call at a time.
+struct Served {
+    /// `None` once the service ended (its worker died or was killed).
+    worker: Option<Worker>,
+    limits: proto::msg::JobLimits,
+    signer: proto::receipt::Signer,
+    pay: Option<Arc<Mutex<crate::payment::SessionPay>>>,
+    /// Why the session stopped, once it has.
+    over: Option<(FailureKind, String)>,
+    session_id: [u8; 16],
+    /// The newest receipt signed.
+    last: Option<Box<proto::receipt::Receipt>>,
+    /// Where reports to the scheduler queue.
+    running: Arc<Running>,
+    keypair: Arc<Keypair>,
+    pool: Pool,
+}
+
+impl Served {
+    /// Runs a payment step on a blocking thread (it may talk to the chain).
+    async fn pay<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::payment::SessionPay, &Keypair) -> R + Send + 'static,
+    ) -> Option<R> {
+        let p = self.pay.clone()?;
+        let kp = self.keypair.clone();
+        tokio::task::spawn_blocking(move || f(&mut p.lock().unwrap_or_else(PoisonError::into_inner), &kp)).await.ok()
+    }
+
+    /// Tells the scheduler where the session stands (usage, payments).
+    async fn report(&self, closed: bool) {
+        let (paid, settlements, settlement_count) = self.pay(|p, _| p.paid_and_settlements()).await.unwrap_or_default();
+        let msg = HostMsg::SessionReport(Box::new(proto::msg::SessionReport {
+            session_id: self.session_id,
+            receipt: self.last.as_deref().cloned(),
+            paid,
+            settlements,
+            settlement_count,
+            closed,
+        }));
+        self.running.report(self.session_id, msg);
+    }
+
+    fn stop(&mut self, kind: FailureKind, message: String) -> SessionReply {
+        log::info!("session stopped: {message}");
+        self.over = Some((kind, message.clone()));
+        SessionReply::Failed { kind, limit: None, message }
+    }
+
+    async fn answer(&mut self, msg: SessionMsg) -> SessionReply {
+        // A close is answered whatever happened before: the renter needs the current refund.
+        if let Some((kind, why)) = self.over.as_ref().filter(|_| !matches!(msg, SessionMsg::Close { .. })) {
+            return SessionReply::Failed { kind: *kind, limit: None, message: why.clone() };
+        }
+        match msg {
+            SessionMsg::Request { bytes, voucher } => self.infer(bytes, voucher).await,
+            SessionMsg::Close { voucher } => match self.pay(move |p, kp| p.close(kp, voucher.as_deref())).await {
+                None => SessionReply::Closed { settled: None, refund: None },
+                Some(Ok((settled, refund))) => {
+                    self.over = Some((FailureKind::Payment, "the renter closed the session".into()));
+                    self.report(true).await;
+                    SessionReply::Closed { settled: settled.map(Box::new), refund: Some(Box::new(refund)) }
+                }
+                Some(Err(e)) => self.stop(FailureKind::Payment, e),
+            },
+            other => SessionReply::Failed {
+                kind: FailureKind::Host,
+                limit: None,
+                message: format!("a session stream must carry a request or a close, not {other:?}"),
+            },
+        }
+    }
+
+    async fn infer(&mut self, bytes: Vec<u8>, voucher: Option<Box<proto::voucher::Voucher>>) -> SessionReply {
+        if let Some(Err(message)) = self.pay(|p, _| p.funded()).await {
+            return SessionReply::Failed { kind: FailureKind::Payment, limit: None, message };
+        }
+        if let Some(Err(e)) = self.pay(move |p, _| p.before_serve(voucher.as_deref())).await {
+            return self.stop(FailureKind::Payment, e);
+        }
+        let Some(worker) = self.worker.as_mut() else {
+            return self.stop(FailureKind::Host, "the session's worker is gone".into());
+        };
+        let deadline = kill_deadline(Instant::now(), &self.limits, &worker.defaults, KILL_GRACE);
+        let answer = async {
+            worker.send(&ToWorker::Infer { bytes: bytes.clone() }).await?;
+            worker.recv().await
+        };
+        let outcome = match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(FromWorker::Inferred { result })) => result,
+            Ok(Ok(FromWorker::Fatal { reason })) => {
+                Err(WorkerFailure { kind: FailureKind::Host, limit: None, message: reason })
+            }
+            Ok(Ok(other)) => Err(WorkerFailure {
+                kind: FailureKind::Crash,
+                limit: None,
+                message: format!("the worker broke the protocol ({other:?} for an inference)"),
+            }),
+            Ok(Err(d)) => Err(WorkerFailure { kind: d.kind, limit: None, message: d.message }),
+            Err(_) => Err(WorkerFailure {
+                kind: FailureKind::Limit,
+                limit: Some("wall-time".into()),
+                message: "GPU work was still running at the wall-time limit: the worker was stopped".into(),
+            }),
+        };
+        match outcome {
+            Ok(inf) => {
+                let u = &inf.usage;
+                let call = proto::receipt::Counts {
+                    inferences: u.inferences,
+                    fuel: u.fuel,
+                    invocations: u.invocations,
+                    bytes_uploaded: u.bytes_uploaded,
+                    bytes_downloaded: u.bytes_downloaded,
+                    gpu_time_ns: u.gpu_time_ns,
+                };
+                let receipt = Box::new(self.signer.next(&self.keypair, &call, &bytes, &inf.response));
+                let r = receipt.clone();
+                let settled = self
+                    .pay(move |p, kp| {
+                        p.served(&r);
+                        p.after_serve(kp)
+                    })
+                    .await
+                    .flatten()
+                    .map(Box::new);
+                self.last = Some(receipt.clone());
+                if settled.is_some() {
+                    self.report(false).await;
+                }
+                SessionReply::Response { bytes: inf.response, usage: inf.usage, receipt, settled }
+            }
+            Err(f) if f.kind == FailureKind::Guest => failed(f),
+            Err(f) => {
+                // The instance is over: its worker is not reused.
+                if let Some(w) = self.worker.take() {
+                    self.pool.give_back(w, false).await;
+                }
+                self.over = Some((f.kind, f.message.clone()));
+                failed(f)
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+#![doc = include_str!("../README.md")]
+
+pub mod daemon;
+pub mod payment;
+pub mod pool;
+
+pub use daemon::{DaemonConfig, DaemonError, run_forever};
+pub use pool::{Pool, WorkerCommand};

@@ -1,0 +1,421 @@
+//! Worker processes, supervised: started ahead of time so that isolation costs no cold start,
+//! handed one tenant at a time, reused after work that ended normally, killed and replaced
+//! after anything else. A worker's death is described from its exit status and the last lines
+//! it wrote to stderr, so the job it took down gets a reason that says what happened.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use proto::frame;
+use proto::msg::{FailureKind, GpuInfo, JobLimits};
+use proto::worker::{FromWorker, ToWorker, WORKER_CAP};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+/// How long a new worker may take to open its GPU and say it is ready (a software driver
+/// takes a second or two).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bytes of a worker's stderr kept to explain its death.
+const STDERR_TAIL: usize = 8 << 10;
+
+/// How the daemon starts a worker: `wasmgrid worker` and its flags, normally.
+#[derive(Clone, Debug)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl WorkerCommand {
+    /// This very program with `worker` and `args`: what the `wasmgrid` binary uses.
+    pub fn this_program(args: Vec<OsString>) -> std::io::Result<WorkerCommand> {
+        let mut all = vec![OsString::from("worker")];
+        all.extend(args);
+        Ok(WorkerCommand { program: std::env::current_exe()?, args: all })
+    }
+}
+
+/// Why a worker could not be had or used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct WorkerDied {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+/// One worker process, with the pipes the protocol runs over.
+#[derive(Debug)]
+pub struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    pid: u32,
+    stderr: Arc<Mutex<VecDeque<u8>>>,
+    /// The GPU the worker opened and its default limits, from its `Ready`.
+    pub gpu: GpuInfo,
+    pub defaults: JobLimits,
+}
+
+impl Worker {
+    /// Starts a worker and waits for its `Ready`.
+    pub async fn start(command: &WorkerCommand) -> Result<Worker, WorkerDied> {
+        let host_failure = |message: String| WorkerDied { kind: FailureKind::Host, message };
+        let mut child = tokio::process::Command::new(&command.program)
+            .args(&command.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| host_failure(format!("starting a worker ({}): {e}", command.program.display())))?;
+        let pid = child.id().unwrap_or(0);
+        let (Some(stdin), Some(stdout), Some(err)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(host_failure("a worker started without its pipes".into()));
+        };
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        tokio::spawn(keep_stderr(pid, err, stderr.clone()));
+        let mut worker = Worker {
+            child,
+            stdin,
+            stdout,
+            pid,
+            stderr,
+            gpu: GpuInfo {
+                name: String::new(),
+                vendor: String::new(),
+                backend: String::new(),
+                device_type: String::new(),
+                vram_bytes: 0,
+                score_gflops: 0.0,
+            },
+            defaults: JobLimits::default(),
+        };
+        match tokio::time::timeout(READY_TIMEOUT, worker.recv()).await {
+            Ok(Ok(FromWorker::Ready { gpu, defaults })) => {
+                worker.gpu = gpu;
+                worker.defaults = defaults;
+                Ok(worker)
+            }
+            Ok(Ok(FromWorker::Fatal { reason })) => Err(host_failure(format!("a worker could not start: {reason}"))),
+            Ok(Ok(other)) => Err(host_failure(format!("a new worker said {other:?} instead of Ready"))),
+            Ok(Err(died)) => Err(host_failure(format!("a worker died at start: {}", died.message))),
+            Err(_) => {
+                worker.kill().await;
+                Err(host_failure(format!("a worker was not ready within {READY_TIMEOUT:?}")))
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends one frame. A worker that cannot take it is dead: its death is described.
+    pub async fn send(&mut self, msg: &ToWorker) -> Result<(), WorkerDied> {
+        let bytes = frame::encode(msg, WORKER_CAP)
+            .map_err(|e| WorkerDied { kind: FailureKind::Host, message: format!("encoding for the worker: {e}") })?;
+        let sent = async {
+            self.stdin.write_all(&bytes).await?;
+            self.stdin.flush().await
+        }
+        .await;
+        match sent {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.death().await),
+        }
+    }
+
+    /// Receives one frame. The worker runs tenant code: a frame over the cap or that does not
+    /// decode is treated as the worker's death (it is killed).
+    pub async fn recv(&mut self) -> Result<FromWorker, WorkerDied> {
+        let mut prefix = [0u8; 4];
+        if self.stdout.read_exact(&mut prefix).await.is_err() {
+            return Err(self.death().await);
+        }
+        let body = match frame::body_len(prefix, WORKER_CAP) {
+            Ok(len) => {
+                let mut body = vec![0u8; len];
+                if self.stdout.read_exact(&mut body).await.is_err() {
+                    return Err(self.death().await);
+                }
+                body
+            }
+            Err(e) => return Err(self.broke(format!("the worker sent a bad frame: {e}")).await),
+        };
+        match frame::decode_body(&body) {
+            Ok(m) => Ok(m),
+            Err(e) => Err(self.broke(format!("the worker sent a bad frame: {e}")).await),
+        }
+    }
+
+    async fn broke(&mut self, message: String) -> WorkerDied {
+        self.kill_now().await;
+        WorkerDied { kind: FailureKind::Crash, message }
+    }
+
+    async fn kill_now(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+
+    /// Kills the worker and reaps it.
+    pub async fn kill(mut self) {
+        self.kill_now().await;
+    }
+
+    /// Why the worker's pipes closed: waits for its exit and reads what it last wrote.
+    async fn death(&mut self) -> WorkerDied {
+        let status = match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
+            Ok(Ok(s)) => Some(s),
+            _ => {
+                self.kill_now().await;
+                None
+            }
+        };
+        // The stderr reader may still be draining the last lines.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let tail = {
+            let t = self.stderr.lock().unwrap_or_else(PoisonError::into_inner);
+            String::from_utf8_lossy(&t.iter().copied().collect::<Vec<u8>>()).into_owned()
+        };
+        describe_death(status, &tail)
+    }
+}
+
+/// Forwards a worker's stderr to the daemon's log and keeps its tail.
+async fn keep_stderr(pid: u32, err: tokio::process::ChildStderr, tail: Arc<Mutex<VecDeque<u8>>>) {
+    let mut lines = BufReader::new(err).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        log::info!("worker {pid}: {line}");
+        let mut t = tail.lock().unwrap_or_else(PoisonError::into_inner);
+        t.extend(line.as_bytes());
+        t.push_back(b'\n');
+        while t.len() > STDERR_TAIL {
+            t.pop_front();
+        }
+    }
+}
+
+/// A dead worker's exit, in words a renter can act on.
+pub fn describe_death(status: Option<ExitStatus>, stderr: &str) -> WorkerDied {
+    let crash = |message: String| WorkerDied { kind: FailureKind::Crash, message };
+    if let Some(line) = stderr.lines().rev().find(|l| l.contains("has overflowed its stack")) {
+        let compiling = ["wgsl", "shader", "naga", "compile"].iter().any(|w| line.contains(w));
+        return crash(if compiling {
+            "the kernel's shader overflowed the compiler's stack: the worker running it was stopped".into()
+        } else {
+            "the worker running the kernel overflowed its stack and was stopped".into()
+        });
+    }
+    if stderr.contains("memory allocation of") {
+        return crash("the worker running the kernel ran out of host memory and was stopped".into());
+    }
+    let how = match status {
+        None => "did not exit when its pipes closed".to_string(),
+        Some(s) => match (s.code(), signal_of(&s)) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(sig)) => format!("was ended by signal {sig}{}", signal_name(sig)),
+            (None, None) => "ended".to_string(),
+        },
+    };
+    crash(format!("the worker running the kernel died: it {how}"))
+}
+
+#[cfg(unix)]
+fn signal_of(s: &ExitStatus) -> Option<i32> {
+    std::os::unix::process::ExitStatusExt::signal(s)
+}
+
+#[cfg(not(unix))]
+fn signal_of(_: &ExitStatus) -> Option<i32> {
+    None
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        6 => " (abort)",
+        9 => " (killed)",
+        11 => " (segmentation fault)",
+        7 => " (bus error)",
+        4 => " (illegal instruction)",
+        _ => "",
+    }
+}
+
+/// A pool of ready workers for one GPU.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    command: WorkerCommand,
+    /// Workers kept started and idle, waiting for work.
+    warm: usize,
+    idle: Mutex<Vec<Worker>>,
+    /// Starts in flight, so that a burst of takes does not start more than it needs.
+    starting: AtomicUsize,
+    started: AtomicUsize,
+    replaced: AtomicUsize,
+}
+
+/// Counts of what a pool did, for reports and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub idle: usize,
+    pub started: usize,
+    pub replaced: usize,
+}
+
+impl Pool {
+    /// A pool that keeps `warm` workers started ahead of work. Call [`Pool::fill`] to start
+    /// them.
+    pub fn new(command: WorkerCommand, warm: usize) -> Pool {
+        Pool {
+            inner: Arc::new(PoolInner {
+                command,
+                warm,
+                idle: Mutex::new(Vec::new()),
+                starting: AtomicUsize::new(0),
+                started: AtomicUsize::new(0),
+                replaced: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Worker>> {
+        self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts workers until `warm` are idle (or starting). Returns the first start's error,
+    /// if any.
+    pub async fn fill(&self) -> Result<(), WorkerDied> {
+        let mut first_error = None;
+        loop {
+            let have = self.idle().len() + self.inner.starting.load(Ordering::SeqCst);
+            if have >= self.inner.warm {
+                break;
+            }
+            self.inner.starting.fetch_add(1, Ordering::SeqCst);
+            let started = Worker::start(&self.inner.command).await;
+            self.inner.starting.fetch_sub(1, Ordering::SeqCst);
+            match started {
+                Ok(w) => {
+                    self.inner.started.fetch_add(1, Ordering::SeqCst);
+                    self.idle().push(w);
+                }
+                Err(e) => {
+                    log::error!("{e}");
+                    first_error = Some(e);
+                    break;
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Fills the pool in the background.
+    pub fn refill(&self) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let _ = pool.fill().await;
+        });
+    }
+
+    /// A ready worker: an idle one, or a new one when none is idle. The pool refills itself.
+    pub async fn take(&self) -> Result<Worker, WorkerDied> {
+        let idle = self.idle().pop();
+        let worker = match idle {
+            Some(w) => Ok(w),
+            None => {
+                let w = Worker::start(&self.inner.command).await;
+                if w.is_ok() {
+                    self.inner.started.fetch_add(1, Ordering::SeqCst);
+                }
+                w
+            }
+        };
+        self.refill();
+        worker
+    }
+
+    /// Hands a worker back after its tenant's work: kept if that work ended normally (and the
+    /// pool wants it), killed otherwise, with a fresh one started in its place.
+    pub async fn give_back(&self, worker: Worker, reusable: bool) {
+        if reusable {
+            let mut idle = self.idle();
+            if idle.len() < self.inner.warm {
+                idle.push(worker);
+                return;
+            }
+        } else {
+            self.inner.replaced.fetch_add(1, Ordering::SeqCst);
+            log::info!("replacing worker {}", worker.pid);
+        }
+        worker.kill().await;
+        self.refill();
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            idle: self.idle().len(),
+            started: self.inner.started.load(Ordering::SeqCst),
+            replaced: self.inner.replaced.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The pids of the idle workers (for tests and reports).
+    pub fn idle_pids(&self) -> Vec<u32> {
+        self.idle().iter().map(|w| w.pid).collect()
+    }
+}
+
+/// When a job's worker is killed for running over: its wall time, plus a grace for the worker
+/// to end it itself and report.
+pub fn kill_deadline(started: Instant, limits: &JobLimits, defaults: &JobLimits, grace: Duration) -> Instant {
+    let ms = match (limits.wall_time_ms, defaults.wall_time_ms) {
+        (0, d) => d,
+        (l, 0) => l,
+        (l, d) => l.min(d),
+    };
+    started + Duration::from_millis(ms) + grace
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deaths_are_described_from_stderr_and_status() {
+        let d = describe_death(
+            None,
+            "thread 'wasmgrid-wgsl' has overflowed its stack\nfatal runtime error: stack overflow",
+        );
+        assert_eq!(d.kind, FailureKind::Crash);
+        assert!(d.message.contains("shader overflowed the compiler's stack"), "{}", d.message);
+        let d = describe_death(None, "thread 'main' has overflowed its stack");
+        assert!(d.message.contains("overflowed its stack"), "{}", d.message);
+        assert!(!d.message.contains("shader"), "{}", d.message);
+        let d = describe_death(None, "memory allocation of 1000000 bytes failed");
+        assert!(d.message.contains("out of host memory"), "{}", d.message);
+        let d = describe_death(None, "");
+        assert!(d.message.contains("did not exit"), "{}", d.message);
+    }
+
+    #[test]
+    fn the_kill_deadline_is_the_smaller_wall_time_plus_grace() {
+        let t = Instant::now();
+        let asked = JobLimits { wall_time_ms: 1000, ..JobLimits::default() };
+        let defaults = JobLimits { wall_time_ms: 120_000, ..JobLimits::default() };
+        let g = Duration::from_secs(2);
+        assert_eq!(kill_deadline(t, &asked, &defaults, g), t + Duration::from_millis(3000));
+        assert_eq!(kill_deadline(t, &JobLimits::default(), &defaults, g), t + Duration::from_millis(122_000));
+    }
+}

@@ -1,0 +1,208 @@
+//! The HTTP API through the router: every request that creates or reads a renter's work is
+//! signed; forged, stale, replayed, altered and unsigned requests are refused with the reason;
+//! a job or session reads as not found to anyone but its renter; renters over their rate or
+//! their job cap are told when to come back. Each refusal is followed by a request served.
+
+use axum::Router;
+use axum::http::StatusCode;
+use proto::Keypair;
+use proto::msg::{Price, hash_hex};
+use scheduler::server::{TestOptions, test_router};
+use scheduler::{Config, MemoryStore, RenterLimits, State};
+use serde_json::Value;
+
+use crate::{error_of, nonce, now_secs, send, signed, signed_as};
+
+const WASM: &[u8] = b"\0asm\x01\0\0\0";
+
+/// A router over a state with one provider (serving sessions) and one module; the module's hash.
+fn app(config: Config, renter_limits: Option<RenterLimits>) -> (Router, String) {
+    let mut state = State::load(config, Box::new(MemoryStore::default()), 0).unwrap();
+    let price = Price { per_gpu_second: 1, per_inference: 1 };
+    let provider = Keypair::generate().public();
+    let addr = Some("127.0.0.1:9".to_string());
+    state.register(provider, "p".into(), "eu".into(), vec![crate::gpu()], price, 1, addr, 4, 0).unwrap();
+    let module = hash_hex(&state.put_module(WASM).unwrap());
+    (test_router(state, TestOptions { renter_limits, ..Default::default() }), module)
+}
+
+fn job_body(module: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "module": module, "input_base64": "aW4=" })).unwrap()
+}
+
+async fn submit(app: &Router, key: &Keypair, module: &str) -> String {
+    let (status, _, body) = send(app, signed(key, "POST", "/v1/jobs", &job_body(module))).await;
+    assert_eq!(status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn unsigned_forged_stale_replayed_and_altered_requests_get_401_with_the_reason() {
+    let (app, module) = app(Config::default(), None);
+    let renter = Keypair::generate();
+    let id = submit(&app, &renter, &module).await;
+    let path = format!("/v1/jobs/{id}");
+
+    // Unsigned: refused, saying how to sign.
+    let unsigned = axum::http::Request::builder().uri(&path).body(axum::body::Body::empty()).unwrap();
+    let (status, headers, body) = send(&app, unsigned).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(error_of(&body).contains("not signed: header x-wasmgrid-key is missing"), "{}", error_of(&body));
+    assert!(headers.get("www-authenticate").is_some());
+
+    // Forged: someone else's key named over the forger's signature.
+    let forger = Keypair::generate();
+    let mut forged = signed(&forger, "GET", &path, b"");
+    forged.headers_mut().insert("x-wasmgrid-key", renter.public().to_string().parse().unwrap());
+    let (status, _, body) = send(&app, forged).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(error_of(&body).starts_with("bad signature"), "{}", error_of(&body));
+
+    // Stale: signed two minutes ago.
+    let stale = signed_as(&renter, "GET", &path, b"", b"", now_secs() - 120, nonce());
+    let (status, _, body) = send(&app, stale).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(error_of(&body).starts_with("stale timestamp"), "{}", error_of(&body));
+
+    // Altered: the body changed after signing.
+    let honest = job_body(&module);
+    let mut altered = honest.clone();
+    altered.extend_from_slice(b" ");
+    let req = signed_as(&renter, "POST", "/v1/jobs", &honest, &altered, now_secs(), nonce());
+    let (status, _, body) = send(&app, req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(error_of(&body).contains("changed after it was signed"), "{}", error_of(&body));
+
+    // Replayed: the same signed request twice.
+    let (ts, n) = (now_secs(), nonce());
+    let (status, _, _) = send(&app, signed_as(&renter, "GET", &path, b"", b"", ts, n)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, body) = send(&app, signed_as(&renter, "GET", &path, b"", b"", ts, n)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(error_of(&body).starts_with("replayed nonce"), "{}", error_of(&body));
+
+    // A path other than the one signed.
+    let mut moved = signed(&renter, "GET", &path, b"");
+    *moved.uri_mut() = format!("{path}/log").parse().unwrap();
+    let (status, _, _) = send(&app, moved).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // And a good request is served.
+    let (status, _, body) = send(&app, signed(&renter, "GET", &path, b"")).await;
+    assert_eq!(status, StatusCode::OK);
+    let view: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(view["renter"], renter.public().to_string());
+}
+
+#[tokio::test]
+async fn a_job_or_session_reads_as_not_found_to_everyone_but_its_renter() {
+    let (app, module) = app(Config::default(), None);
+    let (owner, other) = (Keypair::generate(), Keypair::generate());
+    let id = submit(&app, &owner, &module).await;
+    assert!(id.starts_with("job-") && id.len() == 4 + 32, "{id}");
+    let unknown = format!("job-{}", "0".repeat(32));
+    for suffix in ["", "/output", "/log"] {
+        let (status, _, theirs) = send(&app, signed(&other, "GET", &format!("/v1/jobs/{id}{suffix}"), b"")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{suffix}");
+        let (_, _, none) = send(&app, signed(&other, "GET", &format!("/v1/jobs/{unknown}{suffix}"), b"")).await;
+        assert_eq!(
+            error_of(&theirs),
+            error_of(&none).replace(&unknown, &id),
+            "no different from a job that does not exist"
+        );
+    }
+    let pay = br#"{"transaction":"AA=="}"#;
+    let (status, _, _) = send(&app, signed(&other, "POST", &format!("/v1/jobs/{id}/payment"), pay)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The owner reads it (no output yet: it has not run).
+    let (status, _, _) = send(&app, signed(&owner, "GET", &format!("/v1/jobs/{id}"), b"")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = send(&app, signed(&owner, "GET", &format!("/v1/jobs/{id}/output"), b"")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // Sessions: granted to the signer only, read by it only.
+    let open = |renter: &Keypair| {
+        serde_json::to_vec(&serde_json::json!({ "module": module, "renter": renter.public() })).unwrap()
+    };
+    let (status, _, body) = send(&app, signed(&owner, "POST", "/v1/sessions", &open(&other))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&body).contains("not the key that signed"), "{}", error_of(&body));
+    let (status, _, body) = send(&app, signed(&owner, "POST", "/v1/sessions", &open(&owner))).await;
+    assert_eq!(status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&body));
+    let grant: proto::api::SessionGrant = serde_json::from_slice(&body).unwrap();
+    let sid: String = grant.ticket.session_id.iter().map(|b| format!("{b:02x}")).collect();
+    let (status, _, _) = send(&app, signed(&other, "GET", &format!("/v1/sessions/{sid}"), b"")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, body) = send(&app, signed(&owner, "GET", &format!("/v1/sessions/{sid}"), b"")).await;
+    assert_eq!(status, StatusCode::OK);
+    let record: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(record["renter"], owner.public().to_string());
+}
+
+#[tokio::test]
+async fn a_renter_over_its_rate_gets_429_with_retry_after_and_others_are_served() {
+    let limits = RenterLimits { requests_per_second: 1.0, burst: 2 };
+    let (app, module) = app(Config::default(), Some(limits));
+    let (busy, calm) = (Keypair::generate(), Keypair::generate());
+    let id = submit(&app, &busy, &module).await;
+    let path = format!("/v1/jobs/{id}");
+    let (status, _, _) = send(&app, signed(&busy, "GET", &path, b"")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, headers, body) = send(&app, signed(&busy, "GET", &path, b"")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["retry_after_secs"], 1);
+    assert!(v["error"].as_str().unwrap().contains("retry in 1 s"), "{v}");
+    // Another renter is not held back, and public endpoints are not counted.
+    submit(&app, &calm, &module).await;
+    let public = axum::http::Request::builder().uri("/v1/providers").body(axum::body::Body::empty()).unwrap();
+    assert_eq!(send(&app, public).await.0, StatusCode::OK);
+    // After the wait it said, the busy renter is served again.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let (status, _, _) = send(&app, signed(&busy, "GET", &path, b"")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_renter_at_its_job_cap_gets_429_and_others_are_served() {
+    let (app, module) = app(Config { max_jobs_per_renter: 1, ..Config::default() }, None);
+    let (renter, other) = (Keypair::generate(), Keypair::generate());
+    submit(&app, &renter, &module).await;
+    let (status, headers, body) = send(&app, signed(&renter, "POST", "/v1/jobs", &job_body(&module))).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers.get("retry-after").unwrap(), "5");
+    let error = error_of(&body);
+    assert!(error.contains("1 jobs queued or running") && error.contains("retry in 5 s"), "{error}");
+    submit(&app, &other, &module).await;
+}
+
+#[tokio::test]
+async fn public_endpoints_need_no_signature_and_the_openapi_document_describes_signing() {
+    let (app, _) = app(Config::default(), None);
+    for path in ["/v1/providers", "/v1/info", "/openapi.json"] {
+        let req = axum::http::Request::builder().uri(path).body(axum::body::Body::empty()).unwrap();
+        let (status, _, body) = send(&app, req).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let _: Value = serde_json::from_slice(&body).unwrap();
+    }
+    let req = axum::http::Request::builder().uri("/openapi.json").body(axum::body::Body::empty()).unwrap();
+    let doc: Value = serde_json::from_slice(&send(&app, req).await.2).unwrap();
+    let schemes = &doc["components"]["securitySchemes"];
+    for header in proto::httpsig::HEADERS {
+        assert!(schemes.to_string().contains(header), "{header} is not described: {schemes}");
+    }
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let public = ["/v1/providers", "/v1/info", "/openapi.json"].contains(&path.as_str());
+            assert_eq!(op.get("security").is_some_and(|s| s == &serde_json::json!([])), public, "{method} {path}");
+            if !public {
+                for code in ["401", "429"] {
+                    assert!(op["responses"].get(code).is_some(), "{method} {path} lacks {code}");
+                }
+            }
+        }
+    }
+    assert_eq!(doc["security"], serde_json::json!([{ "renterSignature": [] }]));
+}
