@@ -214,6 +214,9 @@ pub struct JobRecord {
     #[serde(with = "crate::msg::bytes")]
     pub input: Vec<u8>,
     pub result: Option<JobResult>,
+    /// Order of submission (ids are random): the queue's order after a restart.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// `GET /v1/providers`: one entry per provider the scheduler knows.

@@ -679,7 +679,7 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
     let signer = proto::receipt::Signer::new(ticket.session_id, peer, ticket.price_per_inference);
     let served = Arc::new(tokio::sync::Mutex::new(Served {
         worker: Some(worker),
-        limits: limits,
+        limits,
         signer,
         pay: pay.map(|p| Arc::new(Mutex::new(p))),
         over: None,

@@ -1,4 +1,4 @@
-//! The scheduler process: the HTTPS API for renters (requests signed, see [`crate::auth`]), the
+//! The scheduler process: the HTTPS API for renters (requests signed: [`proto::httpsig`]), the
 //! QUIC endpoint providers connect to, and the dispatcher between them. This is the IO around
 //! [`State`].
 
@@ -164,13 +164,19 @@ pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
     Ok(listening)
 }
 
-/// TLS handshakes in progress at once; more connections wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 256;
+/// API connections open at once (handshakes included); more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 2048;
 
-/// The API's listener over TLS: handshakes run concurrently (each within the acceptor's time
-/// budget, at most [`MAX_HANDSHAKES`] at once), and axum gets the connections that finished.
+/// A connection that sends nothing for this long is closed: longer than the longest long
+/// poll, so a renter waiting on one is not cut off.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(MAX_WAIT_MS / 1000 * 2);
+
+/// The API's listener over TLS. Before a client has sent a signed request it has a fixed
+/// budget: one of [`MAX_CONNECTIONS`] slots, the acceptor's handshake time, and
+/// [`IDLE_TIMEOUT`] without a byte. Handshakes run concurrently; axum gets the connections
+/// that finished theirs.
 struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(quic::https::TlsStream, SocketAddr)>,
+    ready: tokio::sync::mpsc::Receiver<(ApiConn, SocketAddr)>,
     local: SocketAddr,
 }
 
@@ -178,10 +184,10 @@ impl TlsListener {
     fn start(listener: tokio::net::TcpListener, acceptor: quic::https::Acceptor) -> TlsListener {
         let local = listener.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         let (tx, ready) = tokio::sync::mpsc::channel(64);
-        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             loop {
-                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
                 let (tcp, peer) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -195,8 +201,8 @@ impl TlsListener {
                 tokio::spawn(async move {
                     match acceptor.accept(tcp).await {
                         Ok(tls) => {
-                            drop(permit);
-                            let _ = ready.send((tls, peer)).await;
+                            let idle = Box::pin(tokio::time::sleep(IDLE_TIMEOUT));
+                            let _ = ready.send((ApiConn { tls, idle, _slot: slot }, peer)).await;
                         }
                         Err(e) => log::debug!("API connection from {peer}: {e}"),
                     }
@@ -211,7 +217,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = quic::https::TlsStream;
+    type Io = ApiConn;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -224,6 +230,68 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+/// One API connection over TLS: closed after [`IDLE_TIMEOUT`] without a byte either way, and
+/// holding its slot until it closes.
+struct ApiConn {
+    tls: quic::https::TlsStream,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl ApiConn {
+    fn touched(&mut self) {
+        self.idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+    }
+}
+
+impl tokio::io::AsyncRead for ApiConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.tls).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                self.touched();
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ApiConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.tls).poll_write(cx, buf);
+        if polled.is_ready() {
+            self.touched();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_shutdown(cx)
     }
 }
 

@@ -200,6 +200,8 @@ pub struct State {
     /// Per renter, jobs that may still be queued or running (ended ones are dropped when the
     /// renter next submits): what the per-renter cap counts.
     unfinished: HashMap<PublicKey, BTreeSet<String>>,
+    /// The next job's place in the order of submission.
+    next_seq: u64,
 }
 
 impl std::fmt::Debug for State {
@@ -231,7 +233,9 @@ impl State {
         let store: std::sync::Arc<dyn Store> = std::sync::Arc::from(store);
         let mut jobs = BTreeMap::new();
         let mut unfinished: HashMap<PublicKey, BTreeSet<String>> = HashMap::new();
+        let mut next_seq = 0;
         for mut job in store.jobs()? {
+            next_seq = next_seq.max(job.seq.saturating_add(1));
             if job.view.state == JobState::Running {
                 job.view.state = JobState::Queued;
                 if let Some(a) = job.view.attempts.last_mut().filter(|a| a.ended_at_ms.is_none()) {
@@ -247,7 +251,7 @@ impl State {
             jobs.insert(job.view.id.clone(), job);
         }
         let mut queue: Vec<&JobRecord> = jobs.values().filter(|j| j.view.state == JobState::Queued).collect();
-        queue.sort_by_key(|j| (j.view.submitted_at_ms, j.view.id.clone()));
+        queue.sort_by_key(|j| (j.view.submitted_at_ms, j.seq, j.view.id.clone()));
         let queue = queue.into_iter().map(|j| j.view.id.clone()).collect();
         let mut providers = HashMap::new();
         for mut view in store.providers()? {
@@ -271,6 +275,7 @@ impl State {
             sessions,
             paying: HashSet::new(),
             unfinished,
+            next_seq,
         })
     }
 
@@ -548,7 +553,9 @@ impl State {
             },
             input,
             result: None,
+            seq: self.next_seq,
         };
+        self.next_seq += 1;
         self.store.put_job(&record)?;
         self.jobs.insert(id.clone(), record);
         self.unfinished.entry(renter).or_default().insert(id.clone());

@@ -14,8 +14,8 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A child process killed when dropped.
-struct Proc {
-    child: Child,
+pub(super) struct Proc {
+    pub(super) child: Child,
     first_line: String,
 }
 
@@ -32,14 +32,14 @@ impl Drop for Proc {
     }
 }
 
-struct Market {
+pub(super) struct Market {
     dir: tempfile::TempDir,
     /// The renter every renter command of this market signs as (its default key file).
     renter: proto::Keypair,
 }
 
 impl Market {
-    fn new() -> Market {
+    pub(super) fn new() -> Market {
         let dir = tempfile::tempdir().unwrap();
         let renter = proto::Keypair::generate();
         renter.write_new(&dir.path().join("config/wasmgrid/renter.json")).unwrap();
@@ -51,11 +51,11 @@ impl Market {
         self.path("config/wasmgrid/renter.json")
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(super) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn cmd(&self, args: &[&str]) -> Command {
+    pub(super) fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_wasmgrid"));
         c.args(args)
             .env("XDG_CONFIG_HOME", self.path("config"))
@@ -84,7 +84,7 @@ impl Market {
         Proc { child, first_line }
     }
 
-    fn scheduler(&self, extra: &[&str]) -> (Proc, Sched) {
+    pub(super) fn scheduler(&self, extra: &[&str]) -> (Proc, Sched) {
         let db = self.path("sched.redb");
         let key = self.path("sched.json");
         let mut args = vec![
@@ -121,7 +121,7 @@ impl Market {
     }
 
     /// Starts a provider; returns it with its public key.
-    fn host(&self, s: &Sched, name: &str, extra: &[&str]) -> (Proc, String) {
+    pub(super) fn host(&self, s: &Sched, name: &str, extra: &[&str]) -> (Proc, String) {
         let key = self.path(&format!("{name}.json"));
         let cache = self.path(&format!("{name}-cache"));
         let mut args = vec![
@@ -145,7 +145,7 @@ impl Market {
         (p, provider)
     }
 
-    fn submit(&self, s: &Sched, module: &str, extra: &[&str]) -> Value {
+    pub(super) fn submit(&self, s: &Sched, module: &str, extra: &[&str]) -> Value {
         let mut args = vec!["submit", module, "--scheduler", &s.url, "--scheduler-key", &s.key, "--json"];
         args.extend_from_slice(extra);
         let out = self.cmd(&args).output().unwrap();
@@ -159,7 +159,7 @@ impl Market {
     }
 }
 
-struct Sched {
+pub(super) struct Sched {
     /// `https://127.0.0.1:PORT`.
     url: String,
     quic: String,
@@ -174,7 +174,7 @@ impl Sched {
     }
 
     /// The client library as `renter` sees this scheduler: pinned, signing.
-    fn client(&self, renter: &proto::Keypair) -> client::Scheduler {
+    pub(super) fn client(&self, renter: &proto::Keypair) -> client::Scheduler {
         client::Scheduler::new(&self.url, Some(self.key()), proto::Keypair::from_seed(renter.seed())).unwrap()
     }
 }
@@ -233,12 +233,12 @@ fn get_json_as(s: &Sched, renter: &proto::Keypair, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
-fn get_json(s: &Sched, path: &str) -> Value {
+pub(super) fn get_json(s: &Sched, path: &str) -> Value {
     get_json_as(s, &s.renter, path)
 }
 
 /// Polls until `f` gives a value, for at most `WAIT`.
-fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub(super) fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -249,14 +249,14 @@ fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-fn online(s: &Sched, n: usize) {
+pub(super) fn online(s: &Sched, n: usize) {
     until(&format!("{n} providers online"), || {
         let list = get_json(s, "/v1/providers");
         (list.as_array().unwrap().iter().filter(|p| p["online"] == true).count() >= n).then_some(())
     });
 }
 
-fn log_of(m: &Market, name: &str) -> String {
+pub(super) fn log_of(m: &Market, name: &str) -> String {
     std::fs::read_to_string(m.path(name)).unwrap_or_default()
 }
 
@@ -467,7 +467,7 @@ fn renter_commands_pin_the_scheduler_key_sign_as_their_renter_and_take_the_limit
     assert!(String::from_utf8_lossy(&theirs.stderr).contains("404"), "{}", String::from_utf8_lossy(&theirs.stderr));
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(super) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
 }
 

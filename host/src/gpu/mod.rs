@@ -434,6 +434,9 @@ const MIN_STAGING: u64 = 1 << 20;
 /// margin over what the deepest shader that passes needs.
 const COMPILE_STACK: usize = 256 << 20;
 
+/// How often a wait for the GPU or for a shader compile looks at the job's cancel flag.
+const CANCEL_CHECK: Duration = Duration::from_millis(50);
+
 /// One job's GPU resources, quotas and counts.
 #[derive(Debug)]
 pub(crate) struct JobGpu {
@@ -448,6 +451,8 @@ pub(crate) struct JobGpu {
     /// Bytes of buffer writes staged in host memory since the last submission that was waited
     /// for.
     staged: u64,
+    /// Set from outside to end the job.
+    cancel: Option<Arc<AtomicBool>>,
     pub(crate) usage: Usage,
     /// When the job's first dispatch was submitted.
     pub(crate) first_dispatch: Option<Instant>,
@@ -466,6 +471,7 @@ impl JobGpu {
             next_handle: 1,
             gpu_bytes: 0,
             staged: 0,
+            cancel: None,
             usage: Usage::new(source),
             first_dispatch: None,
         }
@@ -485,6 +491,18 @@ impl JobGpu {
             Some(why) => Err(Fatal::Host(format!("the GPU device was lost: {why}")).into()),
             None => Ok(()),
         }
+    }
+
+    /// Sets the flag that cancels the job: waits for the GPU and for shader compiles see it.
+    pub(crate) fn set_cancel(&mut self, cancel: Option<Arc<AtomicBool>>) {
+        self.cancel = cancel;
+    }
+
+    fn check_cancel(&self) -> Result<(), CallError> {
+        if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Fatal::Host("the job was cancelled".into()).into());
+        }
+        Ok(())
     }
 
     /// The most bytes of writes this job may have staged in host memory at once; a multiple of
@@ -787,14 +805,19 @@ impl JobGpu {
             })
             .map_err(|e| Fatal::Host(format!("could not start a thread to compile the shader: {e}")))?;
         let until = deadline.min(cpu_deadline);
-        let compiled = match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok(result) => result?,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let kind = if cpu_deadline < deadline { LimitKind::CpuTime } else { LimitKind::WallTime };
-                return Err(Fatal::limit(kind, "the shader was still compiling when the job's time ran out").into());
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(Fatal::Host("the shader compiler failed on this shader".into()).into());
+        let compiled = loop {
+            self.check_cancel()?;
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(CANCEL_CHECK)) {
+                Ok(result) => break result?,
+                Err(mpsc::RecvTimeoutError::Timeout) if left > CANCEL_CHECK => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let kind = if cpu_deadline < deadline { LimitKind::CpuTime } else { LimitKind::WallTime };
+                    return Err(Fatal::limit(kind, "the shader was still compiling when the job's time ran out").into());
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Fatal::Host("the shader compiler failed on this shader".into()).into());
+                }
             }
         };
         let h = self.handle()?;
@@ -1060,11 +1083,26 @@ impl JobGpu {
     /// Waits for a submission. GPU work cannot be interrupted like WebAssembly, so past the
     /// deadline the job ends, the device is handed over to a fresh one for later jobs, and this
     /// job's thread goes on without waiting.
+    ///
+    /// A cancellation is seen within [`CANCEL_CHECK`]; the work already submitted still runs to
+    /// its end on the GPU (a later job that waits behind hung work meets its own wall time).
     fn wait(&self, index: wgpu::SubmissionIndex, deadline: Instant) -> Result<(), CallError> {
-        let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: Some(timeout) })
-        }));
+        let polled = loop {
+            self.check_cancel()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timeout = left.min(CANCEL_CHECK).max(Duration::from_millis(1));
+            let t0 = Instant::now();
+            let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                self.ctx
+                    .device
+                    .poll(wgpu::PollType::Wait { submission_index: Some(index.clone()), timeout: Some(timeout) })
+            }));
+            eprintln!("DBG poll {:?} took {:?} -> {:?}", timeout, t0.elapsed(), polled.as_ref().map(|r| r.is_ok()));
+            match polled {
+                Ok(Err(wgpu::PollError::Timeout)) if left > CANCEL_CHECK => {}
+                other => break other,
+            }
+        };
         match polled {
             Ok(Ok(_)) => self.check_device(),
             Ok(Err(wgpu::PollError::Timeout)) => {

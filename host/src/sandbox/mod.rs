@@ -648,9 +648,10 @@ impl Host {
         self.run_batch_cancellable(module, input, limits, watch, None)
     }
 
-    /// Runs a batch job like [`Host::run_batch_watched`]; setting `cancel` ends it at the next
-    /// epoch tick (within milliseconds while it runs WebAssembly; GPU work in flight finishes or
-    /// meets the wall-time limit first).
+    /// Runs a batch job like [`Host::run_batch_watched`]; setting `cancel` ends it within
+    /// milliseconds whatever it is doing: running WebAssembly (at the next epoch tick),
+    /// sleeping, waiting for the GPU or for a shader compile. GPU work already submitted still
+    /// runs to its end on the device.
     pub fn run_batch_cancellable(
         &self,
         module: &JobModule,
@@ -664,6 +665,7 @@ impl Host {
         }
         let started = Instant::now();
         let mut store = self.new_store(module, input, limits);
+        store.data_mut().gpu.set_cancel(cancel.clone());
         store.data_mut().cancel = cancel;
         watch(LogWatch { sink: store.data().log.clone() });
         let outcome = self.instantiate(module, &mut store).and_then(|instance| {
@@ -680,6 +682,7 @@ impl Host {
                 },
             }
         });
+        eprintln!("DBG call returned after {:?}", started.elapsed());
         let usage = usage_of(&store);
         let state = store.data();
         let first_dispatch = state.gpu.first_dispatch.map(|t| t.saturating_duration_since(started));
@@ -853,7 +856,7 @@ fn evict(dir: &Path, max_bytes: u64, keep: &Path) {
         return;
     }
     // Oldest first, the file just written last.
-    files.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    files.sort_by_key(|f| (f.0, f.1));
     for (_, _, path, len) in files {
         if total <= max_bytes {
             break;

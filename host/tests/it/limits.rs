@@ -219,3 +219,23 @@ fn a_lost_device_fails_the_jobs_on_it_and_is_reported() {
     let report = own.run_batch(&module, b"gpu-after-sleep 0".to_vec(), &limits).unwrap();
     assert!(matches!(&report.outcome, Err(Failure::Host(m)) if m.contains("device was lost")), "{:?}", report.outcome);
 }
+
+#[test]
+fn a_cancelled_job_waiting_for_the_gpu_ends_promptly() {
+    // A host of its own: the shader keeps its device busy after the job is gone.
+    let own = Host::new(HostConfig { max_instances: 2, ..HostConfig::default() }).unwrap();
+    let module = own.load(&sample_artifacts::read(sample_artifacts::HOSTILE)).unwrap();
+    let limits = Limits { wall_time: Duration::from_secs(120), ..Limits::default() };
+    let case: &[u8] = if own.gpu().device_type == "Cpu" { b"long-shader 5000" } else { b"long-shader 60000 1000" };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        flag.store(true, Ordering::SeqCst);
+    });
+    let started = Instant::now();
+    let report = own.run_batch_cancellable(&module, case.to_vec(), &limits, |_| {}, Some(cancel)).unwrap();
+    canceller.join().unwrap();
+    assert_eq!(report.outcome, Err(Failure::Host("the job was cancelled".into())));
+    assert!(started.elapsed() < Duration::from_millis(500) + SLACK, "cancelled after {:?}", started.elapsed());
+}
