@@ -11,6 +11,17 @@ echo "== fmt" >&2
 cargo fmt --all --check
 echo "== clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== dependency boundaries" >&2
+# What a worker runs (the sandbox, the GPU) links no network or chain code; the daemon links no
+# tenant-facing engine or GPU driver.
+if cargo tree -p host -e normal --locked | grep -Eq '(quinn|solana-[a-z-]+|rustls|litesvm) v'; then
+    echo "the host crate (what workers run) depends on quinn, rustls or Solana crates" >&2
+    exit 1
+fi
+if cargo tree -p provider -e normal --locked | grep -Eq '(wasmtime|wgpu|naga) v'; then
+    echo "the provider daemon depends on wasmtime or wgpu" >&2
+    exit 1
+fi
 echo "== tests" >&2
 cargo test --workspace --locked
 echo "== fuzz (${FUZZ_SECONDS}s)" >&2

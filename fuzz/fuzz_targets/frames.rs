@@ -1,6 +1,6 @@
-//! Feeds arbitrary bytes to every decoder that reads the network: the frame splitter, each
-//! message type, the HTTP bodies, a job payment's transaction and its check, and the local
-//! chain's JSON-RPC front. None may panic; each either decodes or refuses with an error.
+//! Feeds arbitrary bytes to every decoder that reads the network or a worker's pipe: the frame
+//! splitter, each message type (the worker protocol's both ways included), the HTTP bodies, a
+//! job payment's transaction and its check, and the local chain's JSON-RPC front. None may panic; each either decodes or refuses with an error.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -43,6 +43,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = decode_body::<JobReply>(data);
     let _ = decode_body::<SessionMsg>(data);
     let _ = decode_body::<SessionReply>(data);
+    let _ = decode_body::<proto::worker::ToWorker>(data);
+    let _ = decode_body::<proto::worker::FromWorker>(data);
     let _ = serde_json::from_slice::<proto::api::SubmitJob>(data);
     let _ = serde_json::from_slice::<proto::api::PayJob>(data);
     let _ = serde_json::from_slice::<proto::api::JobView>(data);
