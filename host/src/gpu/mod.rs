@@ -453,6 +453,8 @@ pub(crate) struct JobGpu {
     staged: u64,
     /// Set from outside to end the job.
     cancel: Option<Arc<AtomicBool>>,
+    /// A wait for the GPU was cut short by a cancellation: work of this job may still run.
+    in_flight: bool,
     pub(crate) usage: Usage,
     /// When the job's first dispatch was submitted.
     pub(crate) first_dispatch: Option<Instant>,
@@ -472,6 +474,7 @@ impl JobGpu {
             gpu_bytes: 0,
             staged: 0,
             cancel: None,
+            in_flight: false,
             usage: Usage::new(source),
             first_dispatch: None,
         }
@@ -1086,18 +1089,19 @@ impl JobGpu {
     ///
     /// A cancellation is seen within [`CANCEL_CHECK`]; the work already submitted still runs to
     /// its end on the GPU (a later job that waits behind hung work meets its own wall time).
-    fn wait(&self, index: wgpu::SubmissionIndex, deadline: Instant) -> Result<(), CallError> {
+    fn wait(&mut self, index: wgpu::SubmissionIndex, deadline: Instant) -> Result<(), CallError> {
         let polled = loop {
-            self.check_cancel()?;
+            if let Err(cancelled) = self.check_cancel() {
+                self.in_flight = true;
+                return Err(cancelled);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             let timeout = left.min(CANCEL_CHECK).max(Duration::from_millis(1));
-            let t0 = Instant::now();
             let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 self.ctx
                     .device
                     .poll(wgpu::PollType::Wait { submission_index: Some(index.clone()), timeout: Some(timeout) })
             }));
-            eprintln!("DBG poll {:?} took {:?} -> {:?}", timeout, t0.elapsed(), polled.as_ref().map(|r| r.is_ok()));
             match polled {
                 Ok(Err(wgpu::PollError::Timeout)) if left > CANCEL_CHECK => {}
                 other => break other,
@@ -1195,18 +1199,27 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 impl Drop for JobGpu {
     fn drop(&mut self) {
-        self.buffers.clear();
-        self.pipelines.clear();
-        if self.staged > 0 && !self.ctx.abandoned.load(Ordering::SeqCst) {
-            // Writes the job staged and never submitted would otherwise wait in host memory for
-            // the next job's submission.
-            let _ = scoped(&self.ctx.device, || self.ctx.queue.submit(std::iter::empty()));
+        let abandoned = self.ctx.abandoned.load(Ordering::SeqCst);
+        if !abandoned && !self.in_flight {
+            self.buffers.clear();
+            self.pipelines.clear();
+            if self.staged > 0 {
+                // Writes the job staged and never submitted would otherwise wait in host memory
+                // for the next job's submission.
+                let _ = scoped(&self.ctx.device, || self.ctx.queue.submit(std::iter::empty()));
+            }
+            return;
         }
-        if self.ctx.abandoned.load(Ordering::SeqCst) {
-            // Dropping a device with work still running can block until that work ends, which
-            // for a hung shader may be hours: let a throwaway thread hold the last reference.
-            let hung = std::mem::replace(&mut self.ctx, self.gpu.device());
-            let _ = std::thread::Builder::new().name("wasmgrid-gpu-reaper".into()).spawn(move || drop(hung));
-        }
+        // Dropping resources that GPU work still uses, or a device with work still running,
+        // blocks until that work ends, which for a hung shader may be hours: let a throwaway
+        // thread hold the last references.
+        let buffers = std::mem::take(&mut self.buffers);
+        let pipelines = std::mem::take(&mut self.pipelines);
+        let ctx = if abandoned { std::mem::replace(&mut self.ctx, self.gpu.device()) } else { self.ctx.clone() };
+        let _ = std::thread::Builder::new().name("wasmgrid-gpu-reaper".into()).spawn(move || {
+            drop(buffers);
+            drop(pipelines);
+            drop(ctx);
+        });
     }
 }

@@ -682,7 +682,6 @@ impl Host {
                 },
             }
         });
-        eprintln!("DBG call returned after {:?}", started.elapsed());
         let usage = usage_of(&store);
         let state = store.data();
         let first_dispatch = state.gpu.first_dispatch.map(|t| t.saturating_duration_since(started));
