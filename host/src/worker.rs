@@ -134,8 +134,15 @@ pub fn wire_failure(f: &Failure) -> WorkerFailure {
 }
 
 fn load_failure(e: &LoadError) -> WorkerFailure {
-    let kind = if matches!(e, LoadError::Host(_)) { FailureKind::Host } else { FailureKind::Load };
-    WorkerFailure { kind, limit: None, message: e.to_string() }
+    let (kind, limit) = match e {
+        LoadError::Host(_) => (FailureKind::Host, None),
+        // Compiling is work done for the job: past its wall time, it is the job's limit.
+        LoadError::CompileTimeout(_) => {
+            (FailureKind::Limit, Some(crate::limits::LimitKind::WallTime.name().to_string()))
+        }
+        _ => (FailureKind::Load, None),
+    };
+    WorkerFailure { kind, limit, message: e.to_string() }
 }
 
 /// Whether a worker may serve the next tenant after this ending: only after one that left
@@ -220,6 +227,8 @@ impl Worker<'_> {
 
     fn run(&mut self) -> Result<(), WorkerError> {
         while let Some(msg) = self.next()? {
+            // A device lost while idle must not take the next tenant's job down with it.
+            self.check_device()?;
             match msg {
                 ToWorker::Benchmark => {
                     let gflops = self.host.benchmark_gflops();
@@ -251,10 +260,15 @@ impl Worker<'_> {
 
     /// The compiled module with this hash: from this worker's caches, or from bytes the daemon
     /// sends. `Err` is why the job cannot run (nothing of it ran), `Ok(None)` a cancellation.
-    fn module(&self, hash: [u8; 32]) -> Result<Result<(JobModule, Duration), WorkerFailure>, WorkerError> {
-        let started = Instant::now();
+    fn module(
+        &self,
+        hash: [u8; 32],
+        wall_time: Duration,
+    ) -> Result<Result<(JobModule, Duration), WorkerFailure>, WorkerError> {
         if let Some(m) = self.host.cached(&hash) {
-            return Ok(Ok((m, started.elapsed())));
+            // A load from the disk cache is work for the job too.
+            let took = m.compile_time();
+            return Ok(Ok((m, took)));
         }
         self.out.send(&FromWorker::NeedModule { module_hash: hash })?;
         loop {
@@ -264,9 +278,11 @@ impl Worker<'_> {
                     if got != hash {
                         return Err(WorkerError::Protocol("the module bytes do not match their hash".into()));
                     }
-                    // Compile time is the job's: it counts toward its wall time and its bill.
+                    // Compile time is the job's: it counts toward its wall time and its bill, and
+                    // a compile that outlasts the wall time ends the job.
                     let compiling = Instant::now();
-                    return Ok(self.host.load(&bytes).map(|m| (m, compiling.elapsed())).map_err(|e| load_failure(&e)));
+                    let loaded = self.host.load_with_deadline(&bytes, Some(compiling + wall_time));
+                    return Ok(loaded.map(|m| (m, compiling.elapsed())).map_err(|e| load_failure(&e)));
                 }
                 Some(ToWorker::NoModule { reason }) => {
                     return Ok(Err(WorkerFailure { kind: FailureKind::Load, limit: None, message: reason }));
@@ -280,7 +296,7 @@ impl Worker<'_> {
 
     fn job(&mut self, job_id: &str, hash: [u8; 32], input: Vec<u8>, wire: &JobLimits) -> Result<(), WorkerError> {
         let limits = limits_from(wire);
-        let (module, compile) = match self.module(hash)? {
+        let (module, compile) = match self.module(hash, limits.wall_time)? {
             Ok(m) => m,
             Err(f) => {
                 let result = not_run(f);
@@ -352,7 +368,7 @@ impl Worker<'_> {
 
     fn service(&mut self, hash: [u8; 32], init_input: Vec<u8>, wire: &JobLimits) -> Result<(), WorkerError> {
         let limits = limits_from(wire);
-        let module = match self.module(hash)? {
+        let module = match self.module(hash, limits.wall_time)? {
             Ok((m, _)) => m,
             Err(f) => {
                 return self.out.send(&FromWorker::ServiceStarted { result: Err(f), log: Vec::new(), reusable: true });

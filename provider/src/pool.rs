@@ -56,6 +56,8 @@ pub struct Worker {
     stdout: ChildStdout,
     pid: u32,
     stderr: Arc<Mutex<VecDeque<u8>>>,
+    /// The task copying stderr: done once the worker's stderr closed.
+    stderr_done: Option<tokio::task::JoinHandle<()>>,
     /// The GPU the worker opened and its default limits, from its `Ready`.
     pub gpu: GpuInfo,
     pub defaults: JobLimits,
@@ -79,13 +81,14 @@ impl Worker {
             return Err(host_failure("a worker started without its pipes".into()));
         };
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
-        tokio::spawn(keep_stderr(pid, err, stderr.clone()));
+        let stderr_done = Some(tokio::spawn(keep_stderr(pid, err, stderr.clone())));
         let mut worker = Worker {
             child,
             stdin,
             stdout,
             pid,
             stderr,
+            stderr_done,
             gpu: GpuInfo {
                 name: String::new(),
                 vendor: String::new(),
@@ -179,7 +182,9 @@ impl Worker {
             }
         };
         // The stderr reader may still be draining the last lines.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Some(done) = self.stderr_done.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
+        }
         let tail = {
             let t = self.stderr.lock().unwrap_or_else(PoisonError::into_inner);
             String::from_utf8_lossy(&t.iter().copied().collect::<Vec<u8>>()).into_owned()
@@ -331,7 +336,16 @@ impl Pool {
 
     /// A ready worker: an idle one, or a new one when none is idle. The pool refills itself.
     pub async fn take(&self) -> Result<Worker, WorkerDied> {
-        let idle = self.idle().pop();
+        // An idle worker can die too (the OOM killer, a lost device it noticed): never hand one
+        // out, or its death would be blamed on the next tenant's kernel.
+        let idle = loop {
+            let Some(mut w) = self.idle().pop() else { break None };
+            if matches!(w.child.try_wait(), Ok(None)) {
+                break Some(w);
+            }
+            log::warn!("worker {} died while idle; starting another", w.pid);
+            self.inner.replaced.fetch_add(1, Ordering::SeqCst);
+        };
         let worker = match idle {
             Some(w) => Ok(w),
             None => {

@@ -54,10 +54,13 @@ struct Daemon {
 
 impl Daemon {
     fn start() -> Daemon {
+        Daemon::start_on(crate::host())
+    }
+
+    fn start_on(host: &'static host::Host) -> Daemon {
         let (to, rx) = channel();
         let (tx, from) = channel();
-        let worker =
-            std::thread::spawn(move || host::worker::serve(crate::host(), In { rx, buf: Vec::new() }, Out(tx)));
+        let worker = std::thread::spawn(move || host::worker::serve(host, In { rx, buf: Vec::new() }, Out(tx)));
         Daemon { to: Some(to), from, decoder: FrameDecoder::new(WORKER_CAP), worker: Some(worker) }
     }
 
@@ -260,4 +263,26 @@ fn bytes_that_do_not_match_their_hash_and_oversized_frames_end_the_worker() {
         other => panic!("expected JobDone, got {other:?}"),
     }
     assert!(d.close().is_ok());
+}
+
+#[test]
+fn a_worker_whose_device_is_lost_says_so_and_ends_instead_of_failing_the_next_tenant() {
+    // A host of its own: losing the shared one would fail every other test.
+    let host: &'static host::Host = Box::leak(Box::new(host::Host::new(host::HostConfig::default()).unwrap()));
+    let mut d = Daemon::start_on(host);
+    assert!(matches!(d.recv(), FromWorker::Ready { .. }));
+    host::bench::lose_device(host);
+    let (_, hash) = sample(sample_artifacts::HOSTILE);
+    d.send(&ToWorker::Job {
+        job_id: "next".into(),
+        module_hash: hash,
+        input: b"zeros".to_vec(),
+        limits: JobLimits::default(),
+    });
+    match d.recv() {
+        FromWorker::Fatal { reason } => assert!(reason.contains("device was lost"), "{reason}"),
+        other => panic!("expected Fatal, got {other:?}"),
+    }
+    let ended = d.close();
+    assert!(matches!(ended, Err(host::worker::WorkerError::DeviceLost(_))), "{ended:?}");
 }
