@@ -47,6 +47,9 @@ pub(crate) struct HostDaemonArgs {
     /// End a session after this long without a request (e.g. 300s, 5m).
     #[arg(long, value_name = "TIME", default_value = "300s", value_parser = units::parse_duration)]
     session_idle: std::time::Duration,
+    /// How long a renter whose ticket was accepted has to send its init input or module.
+    #[arg(long, value_name = "TIME", default_value = "120s", value_parser = units::parse_duration)]
+    upload_timeout: std::time::Duration,
     /// GPU memory offered (default: the adapter's largest buffer).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     vram: Option<u64>,
@@ -73,8 +76,8 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     init_logging();
     let keypair =
         key_or_create(&args.key.clone().unwrap_or_else(|| config_dir().join("provider.json"))).map_err(bad_input)?;
-    if args.session_idle.is_zero() {
-        return Err(bad_input(anyhow!("--session-idle must be more than zero")));
+    if args.session_idle.is_zero() || args.upload_timeout.is_zero() {
+        return Err(bad_input(anyhow!("--session-idle and --upload-timeout must be more than zero")));
     }
     let mut worker_args = Vec::new();
     if let Some(a) = &args.adapter {
@@ -98,6 +101,7 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     config.advertise = args.advertise.clone();
     config.payment = args.pay.payment()?;
     config.session_idle = args.session_idle;
+    config.upload_timeout = args.upload_timeout;
     println!("provider {} connecting to {}", config.keypair.public(), args.scheduler);
     let _ = std::io::stdout().flush();
     match runtime()?.block_on(provider::run_forever(config)) {

@@ -82,10 +82,16 @@ pub fn limits_from(w: &JobLimits) -> Limits {
         dispatches: pick(w.dispatches, d.dispatches),
         buffers: if w.buffers == 0 { d.buffers } else { w.buffers.min(d.buffers) },
         workgroups_per_dispatch: pick(w.workgroups_per_dispatch, d.workgroups_per_dispatch),
-        output_bytes: pick(w.output_bytes, d.output_bytes),
+        output_bytes: pick(w.output_bytes, d.output_bytes).min(output_room(pick(w.log_bytes, d.log_bytes))),
         log_bytes: pick(w.log_bytes, d.log_bytes),
         ..d
     }
+}
+
+/// The most output a job run by a worker may write: its result (output, log and a little
+/// headroom) travels as one frame to the daemon and one to the scheduler.
+fn output_room(log_bytes: u64) -> u64 {
+    (proto::msg::BLOB_CAP as u64).saturating_sub(log_bytes).saturating_sub(1 << 20)
 }
 
 /// This host's default limits on the wire: the most a job may ask for.
@@ -100,7 +106,7 @@ pub fn default_limits() -> JobLimits {
         dispatches: d.dispatches,
         buffers: d.buffers,
         workgroups_per_dispatch: d.workgroups_per_dispatch,
-        output_bytes: d.output_bytes,
+        output_bytes: d.output_bytes.min(output_room(d.log_bytes)),
         log_bytes: d.log_bytes,
     }
 }

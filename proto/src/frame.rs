@@ -83,6 +83,12 @@ impl FrameDecoder {
         self.next_frame()
     }
 
+    /// Adds bytes without taking a frame out: [`FrameDecoder::next_frame`] does (and checks
+    /// the length prefix against the cap as soon as it is there).
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
     /// The next complete frame body already buffered, if any.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         let Some(prefix) = self.buf.get(..4) else { return Ok(None) };

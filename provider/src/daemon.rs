@@ -54,6 +54,11 @@ pub struct DaemonConfig {
     pub session_idle: Duration,
     /// Requests of one session being served or waiting at once; more streams wait.
     pub session_in_flight: u32,
+    /// Largest request of a session, in bytes.
+    pub session_request_bytes: usize,
+    /// How long a renter has to send its `Init` (weights, say) or a module the provider asked
+    /// for, once its ticket is accepted; a session slot is held meanwhile.
+    pub upload_timeout: Duration,
 }
 
 impl DaemonConfig {
@@ -76,6 +81,8 @@ impl DaemonConfig {
             payment: None,
             session_idle: Duration::from_secs(300),
             session_in_flight: 16,
+            session_request_bytes: 16 << 20,
+            upload_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -379,6 +386,37 @@ fn failed_result(kind: FailureKind, limit: Option<String>, message: String) -> J
     }
 }
 
+/// A job's entry in the cancel map, removed however the job's stream ends.
+struct Cancellable<'a> {
+    running: &'a Running,
+    job_id: String,
+    flag: Arc<tokio::sync::Notify>,
+}
+
+impl<'a> Cancellable<'a> {
+    fn register(running: &'a Running, job_id: &str) -> Cancellable<'a> {
+        let flag = Arc::new(tokio::sync::Notify::new());
+        running.cancels.lock().unwrap_or_else(PoisonError::into_inner).insert(job_id.to_string(), flag.clone());
+        Cancellable { running, job_id: job_id.to_string(), flag }
+    }
+}
+
+impl Cancellable<'_> {
+    /// Whether a cancel came (and was not yet taken by a waiter).
+    fn flag_fired(&self) -> bool {
+        // `notify_one` stores a permit when nobody waits: take it to see.
+        let waiter = self.flag.notified();
+        tokio::pin!(waiter);
+        waiter.as_mut().enable()
+    }
+}
+
+impl Drop for Cancellable<'_> {
+    fn drop(&mut self) {
+        self.running.cancels.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.job_id);
+    }
+}
+
 /// Takes one job off a stream: hand it to a worker, fetch the module when the worker asks,
 /// stream the log, kill the worker if it runs past the wall time, sign the receipt, report.
 async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) -> Result<(), quic::QuicError> {
@@ -392,6 +430,9 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
         quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
         return Ok(());
     };
+    // Cancellable from the moment it is taken: a cancel that comes while a worker starts is
+    // kept until the job runs.
+    let cancel = Cancellable::register(&shared.running, &job_id);
     let mut worker = match shared.pool.take().await {
         Ok(w) => w,
         Err(e) => {
@@ -400,19 +441,42 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
             return Ok(());
         }
     };
-    quic::write_msg(&mut send, &JobReply::Started, CONTROL_CAP).await?;
-    log::info!("running job {job_id} in worker {}", worker.pid());
-    let cancel = Arc::new(tokio::sync::Notify::new());
-    shared.running.cancels.lock().unwrap_or_else(PoisonError::into_inner).insert(job_id.clone(), cancel.clone());
     let started = Instant::now();
     let deadline = kill_deadline(started, &limits, &worker.defaults, KILL_GRACE);
-    let run = ToWorker::Job { job_id: job_id.clone(), module_hash, input, limits };
-    let (mut result, reusable) = match worker.send(&run).await {
-        Ok(()) => drive_job(&mut worker, &mut send, &mut recv, &cancel, deadline).await?,
-        Err(died) => (failed_result(died.kind, None, died.message), false),
+    let wall = deadline.saturating_duration_since(started).saturating_sub(KILL_GRACE);
+    log::info!("running job {job_id} in worker {}", worker.pid());
+    let run = ToWorker::Job { job_id: job_id.clone(), module_hash, input, limits: limits.clone() };
+    let log_cap = if limits.log_bytes == 0 { worker.defaults.log_bytes } else { limits.log_bytes };
+    // Whatever happens on the scheduler's stream, the worker goes back to the pool (or is
+    // replaced): the pool never shrinks.
+    let driven = async {
+        quic::write_msg(&mut send, &JobReply::Started, CONTROL_CAP).await?;
+        match worker.send(&run).await {
+            Ok(()) => drive_job(&mut worker, &mut send, &mut recv, &cancel.flag, deadline, log_cap).await,
+            Err(died) => Ok((failed_result(died.kind, None, died.message), false)),
+        }
+    }
+    .await;
+    let elapsed = started.elapsed();
+    let (mut result, reported_reusable) = match driven {
+        Ok(r) => r,
+        Err(e) => {
+            shared.pool.give_back(worker, false).await;
+            return Err(e);
+        }
     };
-    shared.running.cancels.lock().unwrap_or_else(PoisonError::into_inner).remove(&job_id);
+    // The worker's word is not enough to hand it to the next tenant: only after an ending that
+    // leaves nothing behind, within the wall time, and never after a cancel.
+    let clean_end = match &result.outcome {
+        Outcome::Succeeded => true,
+        Outcome::Failed { kind, .. } => matches!(kind, FailureKind::Exit | FailureKind::Guest | FailureKind::Load),
+    };
+    let reusable = reported_reusable && clean_end && elapsed <= wall && !cancel.flag_fired();
     shared.pool.give_back(worker, reusable).await;
+    drop(cancel);
+    // What is billed is never more than the daemon itself saw the job take.
+    result.wall_time_us = result.wall_time_us.min(elapsed.as_micros() as u64);
+    result.wall_time_ms = result.wall_time_us / 1000;
     if result.outcome == Outcome::Succeeded {
         let u = &result.usage;
         let counts = proto::receipt::Counts {
@@ -439,22 +503,35 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
     }
     // Free the slot before reporting: the scheduler may send the next job the moment it hears.
     drop(slot);
-    quic::write_msg(&mut send, &JobReply::Finished(Box::new(result)), BLOB_CAP).await?;
+    let finished = JobReply::Finished(Box::new(result));
+    if let Err(e) = proto::frame::encode(&finished, BLOB_CAP) {
+        // Output and log too big for one frame: a failure with a reason, not a lost stream
+        // (which the scheduler would take for the provider's fault and run again).
+        let message = format!("the job's output and log do not fit in one result ({e}): write less output");
+        let reply =
+            JobReply::Finished(Box::new(failed_result(FailureKind::Limit, Some("output-bytes".into()), message)));
+        quic::write_msg(&mut send, &reply, BLOB_CAP).await?;
+    } else {
+        quic::write_msg(&mut send, &finished, BLOB_CAP).await?;
+    }
     let _ = send.finish();
     let _ = send.stopped().await;
     Ok(())
 }
 
 /// Pumps one job between its worker and the scheduler's job stream until it ends. Returns the
-/// result and whether the worker may serve another tenant.
+/// result and whether the worker says it may serve another tenant.
 async fn drive_job(
     worker: &mut Worker,
     send: &mut SendStream,
     recv: &mut RecvStream,
     cancel: &tokio::sync::Notify,
     deadline: Instant,
+    log_cap: u64,
 ) -> Result<(JobResult, bool), quic::QuicError> {
     let mut cancelled = false;
+    let mut fetched = false;
+    let mut logged = 0u64;
     loop {
         let msg = tokio::select! {
             msg = worker.recv() => msg,
@@ -476,23 +553,44 @@ async fn drive_job(
             }
         };
         match msg {
-            Ok(FromWorker::NeedModule { module_hash }) => {
+            Ok(FromWorker::NeedModule { module_hash }) if !fetched => {
+                fetched = true;
                 let reply = fetch_module(send, recv, module_hash).await?;
                 if let Err(died) = worker.send(&reply).await {
                     return Ok((failed_result(died.kind, None, died.message), false));
                 }
             }
             Ok(FromWorker::Log { bytes }) => {
+                logged = logged.saturating_add(bytes.len() as u64);
+                if logged > log_cap {
+                    let message = format!("the worker sent more than the job's {log_cap} bytes of log");
+                    return Ok((failed_result(FailureKind::Crash, None, message), false));
+                }
                 quic::write_msg(send, &JobReply::Log { bytes }, BLOB_CAP).await?;
             }
-            Ok(FromWorker::JobDone { result, reusable }) => return Ok((*result, reusable)),
+            Ok(FromWorker::JobDone { result, reusable }) => return Ok((*result, reusable && !cancelled)),
             Ok(FromWorker::Fatal { reason }) => return Ok((failed_result(FailureKind::Host, None, reason), false)),
             Ok(other) => {
-                let message = format!("the worker broke the protocol ({other:?} during a job)");
+                let message = format!("the worker broke the protocol ({} during a job)", variant(&other));
                 return Ok((failed_result(FailureKind::Crash, None, message), false));
             }
             Err(WorkerDied { kind, message }) => return Ok((failed_result(kind, None, message), false)),
         }
+    }
+}
+
+/// A worker message's name, for reasons (never its payload, which the tenant may have shaped).
+fn variant(m: &FromWorker) -> &'static str {
+    match m {
+        FromWorker::Ready { .. } => "Ready",
+        FromWorker::Benchmarked { .. } => "Benchmarked",
+        FromWorker::NeedModule { .. } => "NeedModule",
+        FromWorker::Log { .. } => "Log",
+        FromWorker::JobDone { .. } => "JobDone",
+        FromWorker::ServiceStarted { .. } => "ServiceStarted",
+        FromWorker::Inferred { .. } => "Inferred",
+        FromWorker::Idle => "Idle",
+        FromWorker::Fatal { .. } => "Fatal",
     }
 }
 
@@ -523,13 +621,20 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// How long one request may take to arrive once it is its turn, and its answer to leave.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Opens the session endpoint and serves it in the background; returns where it listens.
 fn start_sessions(shared: &Arc<Shared>, addr: SocketAddr) -> Result<SocketAddr, DaemonError> {
     let identity = Identity::new(&shared.config.keypair)?;
     // Any renter key may connect; what it may do is decided by the ticket it shows. Until then
     // it gets the small pre-authentication budget; after, as many streams as requests it may
     // have in flight (and one for the close).
-    let full = quic::Budget { bidi_streams: shared.config.session_in_flight.max(1) + 1, ..quic::Budget::FULL };
+    let full = quic::Budget {
+        bidi_streams: shared.config.session_in_flight.max(1) + 1,
+        // What a session may have in flight unread, all streams together.
+        receive_window: 16 << 20,
+    };
     let limits = quic::ServerLimits::default().full(full);
     let endpoint = quic::server_with(&identity, addr, quic::Peers::Any, limits)?;
     let local = endpoint.local_addr().map_err(|e| DaemonError::Lost(e.to_string()))?;
@@ -620,8 +725,16 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
     };
     // The renter is who its ticket says: from here on it may send real data.
     conn.authenticated();
-    let init_input = match quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await? {
-        Some(SessionMsg::Init { init_input }) => init_input,
+    // A renter that never sends it (or sends it at a trickle) holds a slot: it has a bounded
+    // time, like every later read.
+    let init =
+        tokio::time::timeout(shared.config.upload_timeout, quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP)).await;
+    let init_input = match init {
+        Ok(Ok(Some(SessionMsg::Init { init_input }))) => init_input,
+        Ok(Err(e)) => {
+            refuse(&conn);
+            return Err(e);
+        }
         _ => {
             refuse(&conn);
             return Ok(());
@@ -657,9 +770,25 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
     };
     let limits = proto::msg::JobLimits::default();
     let start = ToWorker::Service { module_hash: ticket.module_hash, init_input, limits: limits.clone() };
-    let deadline = kill_deadline(Instant::now(), &limits, &worker.defaults, KILL_GRACE);
+    let now = Instant::now();
+    let budget = kill_deadline(now, &limits, &worker.defaults, KILL_GRACE).saturating_duration_since(now);
     let started = match worker.send(&start).await {
-        Ok(()) => start_service(&mut worker, &mut send, &mut recv, ticket.module_hash, deadline).await?,
+        Ok(()) => match start_service(
+            &mut worker,
+            &mut send,
+            &mut recv,
+            ticket.module_hash,
+            budget,
+            shared.config.upload_timeout,
+        )
+        .await
+        {
+            Ok(started) => started,
+            Err(e) => {
+                shared.pool.give_back(worker, false).await;
+                return Err(e);
+            }
+        },
         Err(died) => Err((WorkerFailure { kind: died.kind, limit: None, message: died.message }, false)),
     };
     let usage = match started {
@@ -670,7 +799,10 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
             return refuse_session(&mut send, &conn, &peer, reply).await;
         }
     };
-    quic::write_msg(&mut send, &SessionReply::Opened { usage, refund }, CONTROL_CAP).await?;
+    if let Err(e) = quic::write_msg(&mut send, &SessionReply::Opened { usage, refund }, CONTROL_CAP).await {
+        end_service(&shared.pool, worker).await;
+        return Err(e);
+    }
     let _ = send.finish();
     let id: String = ticket.session_id.iter().map(|b| format!("{b:02x}")).collect();
     log::info!("session {id} opened for {peer} in worker {}", worker.pid());
@@ -691,14 +823,17 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
     }));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(shared.config.session_in_flight.max(1) as usize));
     let last_active = Arc::new(Mutex::new(Instant::now()));
+    let answering = Arc::new(AtomicU32::new(0));
     let idle = shared.config.session_idle;
+    let request_cap = shared.config.session_request_bytes;
     loop {
         let accepted = tokio::select! {
             a = conn.accept_bi() => a,
             () = tokio::time::sleep(idle.min(Duration::from_secs(1))) => {
+                // Idle means no request answered for that long and none being answered: open
+                // streams that carry nothing, or half a request, do not keep a session alive.
                 let quiet = last_active.lock().unwrap_or_else(PoisonError::into_inner).elapsed();
-                let busy = in_flight.available_permits() < shared.config.session_in_flight.max(1) as usize;
-                if quiet >= idle && !busy {
+                if quiet >= idle && answering.load(Ordering::SeqCst) == 0 {
                     log::info!("session {id}: idle for {quiet:.0?}, ending it");
                     conn.close(2u32.into(), b"idle");
                     break;
@@ -707,19 +842,25 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
             }
         };
         let Ok((mut send, mut recv)) = accepted else { break };
-        let (served, in_flight, last_active) = (served.clone(), in_flight.clone(), last_active.clone());
+        let (served, in_flight, last_active, answering) =
+            (served.clone(), in_flight.clone(), last_active.clone(), answering.clone());
         tokio::spawn(async move {
             let Ok(_permit) = in_flight.acquire_owned().await else { return };
+            // One request is read at a time, in the instance's turn, within a bounded time and
+            // size: a renter cannot make the daemon buffer many large requests at once.
+            let mut turn = served.lock().await;
+            let read = tokio::time::timeout(REQUEST_TIMEOUT, quic::read_msg::<SessionMsg>(&mut recv, request_cap));
+            let Ok(Ok(Some(msg))) = read.await else { return };
+            answering.fetch_add(1, Ordering::SeqCst);
+            let reply = turn.answer(msg).await;
+            drop(turn);
             *last_active.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
-            let Ok(Some(msg)) = quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP).await else {
-                return;
-            };
-            let reply = served.lock().await.answer(msg).await;
-            *last_active.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
-            if quic::write_msg(&mut send, &reply, BLOB_CAP).await.is_ok() {
+            let write = tokio::time::timeout(REQUEST_TIMEOUT, quic::write_msg(&mut send, &reply, BLOB_CAP));
+            if matches!(write.await, Ok(Ok(()))) {
                 let _ = send.finish();
-                let _ = send.stopped().await;
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, send.stopped()).await;
             }
+            answering.fetch_sub(1, Ordering::SeqCst);
         });
     }
     // The renter went (or the session idled out): settle what it vouched for, free the worker.
@@ -743,9 +884,12 @@ async fn start_service(
     send: &mut SendStream,
     recv: &mut RecvStream,
     hash: [u8; 32],
-    deadline: Instant,
+    budget: Duration,
+    upload_timeout: Duration,
 ) -> Result<Result<WireUsage, (WorkerFailure, bool)>, quic::QuicError> {
+    let mut deadline = Instant::now() + budget;
     let lost = |d: WorkerDied| Ok(Err((WorkerFailure { kind: d.kind, limit: None, message: d.message }, false)));
+    let mut fetched = false;
     loop {
         let msg = tokio::select! {
             m = worker.recv() => m,
@@ -759,9 +903,12 @@ async fn start_service(
             }
         };
         match msg {
-            Ok(FromWorker::NeedModule { .. }) => {
+            Ok(FromWorker::NeedModule { .. }) if !fetched => {
+                fetched = true;
                 quic::write_msg(send, &SessionReply::NeedModule, CONTROL_CAP).await?;
-                let reply = match quic::read_msg::<SessionMsg>(recv, BLOB_CAP).await? {
+                let upload = tokio::time::timeout(upload_timeout, quic::read_msg::<SessionMsg>(recv, BLOB_CAP)).await;
+                let waited = upload.is_err();
+                let reply = match upload.unwrap_or(Ok(None))? {
                     Some(SessionMsg::Module { bytes }) => {
                         use sha2::Digest;
                         let got: [u8; 32] = sha2::Sha256::digest(&bytes).into();
@@ -771,11 +918,16 @@ async fn start_service(
                             ToWorker::NoModule { reason: "the module bytes do not match the ticket's module".into() }
                         }
                     }
+                    _ if waited => {
+                        ToWorker::NoModule { reason: format!("the renter sent no module within {upload_timeout:?}") }
+                    }
                     _ => ToWorker::NoModule { reason: "the renter sent no module".into() },
                 };
                 if let Err(d) = worker.send(&reply).await {
                     return lost(d);
                 }
+                // The upload was the renter's time; init's wall time starts now.
+                deadline = Instant::now() + budget;
             }
             Ok(FromWorker::ServiceStarted { result, reusable, .. }) => {
                 return Ok(result.map_err(|f| (f, reusable)));
@@ -914,7 +1066,8 @@ impl Served {
             Ok(inf) => {
                 let u = &inf.usage;
                 let call = proto::receipt::Counts {
-                    inferences: u.inferences,
+                    // One call is one inference, whatever the worker says.
+                    inferences: 1,
                     fuel: u.fuel,
                     invocations: u.invocations,
                     bytes_uploaded: u.bytes_uploaded,

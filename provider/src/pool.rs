@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use proto::frame;
 use proto::msg::{FailureKind, GpuInfo, JobLimits};
 use proto::worker::{FromWorker, ToWorker, WORKER_CAP};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 /// How long a new worker may take to open its GPU and say it is ready (a software driver
@@ -54,6 +54,9 @@ pub struct Worker {
     child: Child,
     stdin: ChildStdin,
     stdout: ChildStdout,
+    /// Bytes read from stdout not yet a whole frame: kept here so that a `recv` dropped
+    /// mid-frame (a `select!` that took another branch) loses nothing and framing holds.
+    frames: proto::FrameDecoder,
     pid: u32,
     stderr: Arc<Mutex<VecDeque<u8>>>,
     /// The task copying stderr: done once the worker's stderr closed.
@@ -67,7 +70,16 @@ impl Worker {
     /// Starts a worker and waits for its `Ready`.
     pub async fn start(command: &WorkerCommand) -> Result<Worker, WorkerDied> {
         let host_failure = |message: String| WorkerDied { kind: FailureKind::Host, message };
-        let mut child = tokio::process::Command::new(&command.program)
+        let mut cmd = tokio::process::Command::new(&command.program);
+        // A worker gets what it needs to find its GPU driver and log, not the daemon's whole
+        // environment (which may hold secrets meant for the daemon).
+        cmd.env_clear();
+        for (key, value) in std::env::vars_os() {
+            if key.to_str().is_some_and(worker_env) {
+                cmd.env(key, value);
+            }
+        }
+        let mut child = cmd
             .args(&command.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -76,6 +88,10 @@ impl Worker {
             .spawn()
             .map_err(|e| host_failure(format!("starting a worker ({}): {e}", command.program.display())))?;
         let pid = child.id().unwrap_or(0);
+        // Under memory pressure the kernel ends a worker (one tenant) before the daemon.
+        if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000") {
+            log::debug!("could not raise worker {pid}'s OOM score: {e}");
+        }
         let (Some(stdin), Some(stdout), Some(err)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(host_failure("a worker started without its pipes".into()));
@@ -86,6 +102,7 @@ impl Worker {
             child,
             stdin,
             stdout,
+            frames: proto::FrameDecoder::new(WORKER_CAP),
             pid,
             stderr,
             stderr_done,
@@ -135,25 +152,28 @@ impl Worker {
     }
 
     /// Receives one frame. The worker runs tenant code: a frame over the cap or that does not
-    /// decode is treated as the worker's death (it is killed).
+    /// decode is treated as the worker's death (it is killed). Cancel-safe: dropped while
+    /// waiting, it keeps what it read for the next call.
     pub async fn recv(&mut self) -> Result<FromWorker, WorkerDied> {
-        let mut prefix = [0u8; 4];
-        if self.stdout.read_exact(&mut prefix).await.is_err() {
-            return Err(self.death().await);
-        }
-        let body = match frame::body_len(prefix, WORKER_CAP) {
-            Ok(len) => {
-                let mut body = vec![0u8; len];
-                if self.stdout.read_exact(&mut body).await.is_err() {
-                    return Err(self.death().await);
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            match self.frames.next_frame() {
+                Ok(Some(body)) => {
+                    return match frame::decode_body(&body) {
+                        Ok(m) => Ok(m),
+                        Err(e) => Err(self.broke(format!("the worker sent a bad frame: {e}")).await),
+                    };
                 }
-                body
+                Ok(None) => {}
+                Err(e) => return Err(self.broke(format!("the worker sent a bad frame: {e}")).await),
             }
-            Err(e) => return Err(self.broke(format!("the worker sent a bad frame: {e}")).await),
-        };
-        match frame::decode_body(&body) {
-            Ok(m) => Ok(m),
-            Err(e) => Err(self.broke(format!("the worker sent a bad frame: {e}")).await),
+            // `read` is cancel-safe: bytes are only taken once it returns.
+            match self.stdout.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Err(self.death().await),
+                Ok(n) => {
+                    self.frames.extend(chunk.get(..n).unwrap_or_default());
+                }
+            }
         }
     }
 
@@ -193,16 +213,62 @@ impl Worker {
     }
 }
 
-/// Forwards a worker's stderr to the daemon's log and keeps its tail.
-async fn keep_stderr(pid: u32, err: tokio::process::ChildStderr, tail: Arc<Mutex<VecDeque<u8>>>) {
-    let mut lines = BufReader::new(err).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        log::info!("worker {pid}: {line}");
-        let mut t = tail.lock().unwrap_or_else(PoisonError::into_inner);
-        t.extend(line.as_bytes());
-        t.push_back(b'\n');
-        while t.len() > STDERR_TAIL {
-            t.pop_front();
+/// Longest stderr line a worker's log line keeps; the rest is cut.
+const STDERR_LINE: usize = 1 << 10;
+/// Stderr lines of one worker that go to the daemon's log; later ones only to the tail.
+const STDERR_LOGGED: usize = 256;
+
+/// Whether a variable of the daemon's environment goes to its workers: the GPU drivers' and the
+/// loggers' own, and where the user's runtime, cache and data directories are.
+fn worker_env(key: &str) -> bool {
+    const EXACT: [&str; 11] = [
+        "PATH",
+        "HOME",
+        "LANG",
+        "XDG_RUNTIME_DIR",
+        "XDG_DATA_DIRS",
+        "XDG_CACHE_HOME",
+        "XDG_CONFIG_DIRS",
+        "LD_LIBRARY_PATH",
+        "RUST_LOG",
+        "RUST_BACKTRACE",
+        "DISPLAY",
+    ];
+    const PREFIXES: [&str; 7] = ["VK_", "MESA_", "LP_", "WGPU_", "__GL", "__NV", "NVIDIA_"];
+    EXACT.contains(&key) || PREFIXES.iter().any(|p| key.starts_with(p))
+}
+
+/// Forwards a worker's stderr to the daemon's log and keeps its tail. Read in fixed chunks and
+/// cut into bounded lines: a worker writing gigabytes without a newline costs the daemon
+/// nothing but the tail.
+async fn keep_stderr(pid: u32, mut err: tokio::process::ChildStderr, tail: Arc<Mutex<VecDeque<u8>>>) {
+    let mut chunk = vec![0u8; 8 << 10];
+    let mut line = Vec::new();
+    let mut logged = 0usize;
+    while let Ok(n) = err.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        let bytes = chunk.get(..n).unwrap_or_default();
+        {
+            let mut t = tail.lock().unwrap_or_else(PoisonError::into_inner);
+            t.extend(bytes);
+            let over = t.len().saturating_sub(STDERR_TAIL);
+            t.drain(..over);
+        }
+        for &b in bytes {
+            if b == b'\n' || line.len() >= STDERR_LINE {
+                if logged < STDERR_LOGGED {
+                    log::info!("worker {pid}: {}", String::from_utf8_lossy(&line));
+                } else if logged == STDERR_LOGGED {
+                    log::info!("worker {pid}: (more output; only its last {STDERR_TAIL} bytes are kept)");
+                }
+                logged += 1;
+                line.clear();
+            }
+            if b != b'\n' {
+                line.push(b);
+            }
         }
     }
 }
@@ -304,19 +370,22 @@ impl Pool {
     pub async fn fill(&self) -> Result<(), WorkerDied> {
         let mut first_error = None;
         loop {
-            let have = self.idle().len() + self.inner.starting.load(Ordering::SeqCst);
-            if have >= self.inner.warm {
+            // Claim a start first, then check: concurrent fills never start more than `warm`.
+            let before = self.inner.starting.fetch_add(1, Ordering::SeqCst);
+            if self.idle().len() + before >= self.inner.warm {
+                self.inner.starting.fetch_sub(1, Ordering::SeqCst);
                 break;
             }
-            self.inner.starting.fetch_add(1, Ordering::SeqCst);
             let started = Worker::start(&self.inner.command).await;
-            self.inner.starting.fetch_sub(1, Ordering::SeqCst);
             match started {
                 Ok(w) => {
                     self.inner.started.fetch_add(1, Ordering::SeqCst);
+                    // Counted idle before it stops counting as starting.
                     self.idle().push(w);
+                    self.inner.starting.fetch_sub(1, Ordering::SeqCst);
                 }
                 Err(e) => {
+                    self.inner.starting.fetch_sub(1, Ordering::SeqCst);
                     log::error!("{e}");
                     first_error = Some(e);
                     break;

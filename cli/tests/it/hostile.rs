@@ -303,3 +303,116 @@ fn strangers_without_a_ticket_get_a_small_budget_and_renters_are_still_served() 
         "24 strangers grew the daemon from {rss_before} KiB to {rss_after} KiB"
     );
 }
+
+#[test]
+fn a_ticketed_renter_that_stalls_or_sends_empty_streams_does_not_keep_its_slot() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let args =
+        ["--sessions", "127.0.0.1:0", "--session-capacity", "1", "--session-idle", "2s", "--upload-timeout", "2s"];
+    let (host, key) = m.host(&s, "h", &args);
+    online(&s, 1);
+    let pid = host.child.id();
+    let addr = session_addr(&s);
+    let provider: proto::PublicKey = key.parse().unwrap();
+    let echo = std::fs::read(sample_artifacts::ECHO).unwrap();
+    let rss_before = rss_kib(pid);
+    runtime().block_on(async {
+        let renter = proto::Keypair::generate();
+        let scheduler = s.client(&renter);
+        let uploaded = scheduler.upload(echo.clone()).await.unwrap();
+        let ask = proto::api::OpenSession {
+            module: uploaded.module.clone(),
+            renter: renter.public(),
+            requirements: Default::default(),
+            exclude: Vec::new(),
+        };
+        let slot_back = || {
+            tokio::task::block_in_place(|| {
+                super::market::until("the session slot back", || {
+                    (get_json(&s, "/v1/providers")[0]["sessions"] == 0).then_some(())
+                })
+            })
+        };
+        // A good ticket, then nothing: the slot comes back after the upload timeout.
+        let grant = scheduler.open_session(&ask).await.unwrap();
+        let endpoint = quic::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let id = quic::Identity::new(&renter).unwrap();
+        let stalled = quic::connect(&endpoint, &id, addr, provider).await.unwrap();
+        let (mut send, _recv) = stalled.open_bi().await.unwrap();
+        let open = SessionMsg::Open { ticket: Box::new(grant.ticket), escrow: None };
+        quic::write_msg(&mut send, &open, proto::msg::OPEN_CAP).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), stalled.closed()).await.expect("the stalled renter is closed");
+        slot_back();
+
+        // An open session whose renter only opens empty streams, and one request's prefix
+        // with most of its body never sent, still ends when idle.
+        let grant = scheduler.open_session(&ask).await.unwrap();
+        let (conn, reply) = open_with(addr, provider, &renter, &grant.ticket, &echo).await;
+        assert!(matches!(reply, Some(SessionReply::Opened { .. })), "{reply:?}");
+        let (mut half, _r) = conn.open_bi().await.unwrap();
+        half.write_all(&(8u32 << 20).to_be_bytes()).await.unwrap();
+        half.write_all(&vec![1u8; 1 << 20]).await.unwrap();
+        let mut streams = Vec::new();
+        for _ in 0..8 {
+            if let Ok(Ok(pair)) = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await {
+                streams.push(pair);
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(60), conn.closed()).await.expect("the idle session is closed");
+        slot_back();
+
+        // Sixteen requests that claim more than a request may be are refused on their length,
+        // one at a time, and the daemon buffers none of them.
+        let grant = scheduler.open_session(&ask).await.unwrap();
+        let (conn, reply) = open_with(addr, provider, &renter, &grant.ticket, &echo).await;
+        assert!(matches!(reply, Some(SessionReply::Opened { .. })), "{reply:?}");
+        for _ in 0..16 {
+            let c = conn.clone();
+            tokio::spawn(async move {
+                if let Ok((mut send, _recv)) = c.open_bi().await {
+                    let _ = send.write_all(&(64u32 << 20).to_be_bytes()).await;
+                    let junk = vec![7u8; 1 << 20];
+                    for _ in 0..63 {
+                        if send.write_all(&junk).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss_now = rss_kib(pid);
+        assert!(
+            rss_now < rss_before + 64 * 1024,
+            "oversized requests grew the daemon from {rss_before} KiB to {rss_now} KiB"
+        );
+        conn.close(0u32.into(), b"done");
+        slot_back();
+
+        // And the provider still serves a renter that behaves.
+        let session = client::Session::open(&scheduler, renter, echo, Vec::new(), Default::default()).await.unwrap();
+        assert_eq!(session.infer(b"ok").await.unwrap().response, b"ko");
+    });
+    assert!(alive(pid));
+}
+
+#[test]
+fn a_worker_that_died_while_idle_is_not_blamed_on_the_next_kernel() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (host, _) = m.host(&s, "h", &["--warm-workers", "1"]);
+    online(&s, 1);
+    let pid = host.child.id();
+    good_job(&m, &s);
+    let idle = super::market::until("idle workers", || {
+        let c = children(pid);
+        (c.len() >= 2).then_some(c)
+    });
+    for worker in &idle {
+        std::process::Command::new("kill").args(["-9", &worker.to_string()]).status().unwrap();
+    }
+    let job = m.submit(&s, sample_artifacts::MATMUL, &["--wait"]);
+    assert_eq!(job["state"], "succeeded", "a job after its provider's idle workers died: {job}");
+    assert!(alive(pid));
+}
