@@ -22,6 +22,7 @@ use proto::worker::{FromWorker, ToWorker, WorkerFailure};
 use proto::{Keypair, PublicKey};
 use quic::{Connection, Identity, RecvStream, SendStream};
 
+use crate::flow::{JobAction, JobFlow, KILL_GRACE, failed_result, variant};
 use crate::pool::{Pool, Worker, WorkerCommand, WorkerDied, kill_deadline};
 
 /// How a provider daemon is set up.
@@ -369,23 +370,6 @@ async fn accept_jobs(conn: Connection, shared: Arc<Shared>) {
     }
 }
 
-/// How long a worker past its job's wall time has to end the job itself before it is killed.
-const KILL_GRACE: Duration = Duration::from_secs(2);
-
-/// The result of a job that never ran, or whose worker was lost.
-fn failed_result(kind: FailureKind, limit: Option<String>, message: String) -> JobResult {
-    JobResult {
-        outcome: Outcome::Failed { kind, limit, message },
-        output: Vec::new(),
-        log: Vec::new(),
-        usage: WireUsage::default(),
-        wall_time_ms: 0,
-        wall_time_us: 0,
-        first_dispatch_us: None,
-        receipt: None,
-    }
-}
-
 /// A job's entry in the cancel map, removed however the job's stream ends.
 struct Cancellable<'a> {
     running: &'a Running,
@@ -441,42 +425,20 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
             return Ok(());
         }
     };
-    let started = Instant::now();
-    let deadline = kill_deadline(started, &limits, &worker.defaults, KILL_GRACE);
-    let wall = deadline.saturating_duration_since(started).saturating_sub(KILL_GRACE);
     log::info!("running job {job_id} in worker {}", worker.pid());
-    let run = ToWorker::Job { job_id: job_id.clone(), module_hash, input, limits: limits.clone() };
-    let log_cap = if limits.log_bytes == 0 { worker.defaults.log_bytes } else { limits.log_bytes };
+    let defaults = worker.defaults.clone();
+    let (mut flow, actions) = JobFlow::start(job_id.clone(), module_hash, input, limits, &defaults, Instant::now());
     // Whatever happens on the scheduler's stream, the worker goes back to the pool (or is
     // replaced): the pool never shrinks.
-    let driven = async {
-        quic::write_msg(&mut send, &JobReply::Started, CONTROL_CAP).await?;
-        match worker.send(&run).await {
-            Ok(()) => drive_job(&mut worker, &mut send, &mut recv, &cancel.flag, deadline, log_cap).await,
-            Err(died) => Ok((failed_result(died.kind, None, died.message), false)),
-        }
-    }
-    .await;
-    let elapsed = started.elapsed();
-    let (mut result, reported_reusable) = match driven {
-        Ok(r) => r,
+    let (mut result, reusable) = match pump_job(&mut flow, actions, &mut worker, &mut send, &mut recv, &cancel).await {
+        Ok(end) => end,
         Err(e) => {
             shared.pool.give_back(worker, false).await;
             return Err(e);
         }
     };
-    // The worker's word is not enough to hand it to the next tenant: only after an ending that
-    // leaves nothing behind, within the wall time, and never after a cancel.
-    let clean_end = match &result.outcome {
-        Outcome::Succeeded => true,
-        Outcome::Failed { kind, .. } => matches!(kind, FailureKind::Exit | FailureKind::Guest | FailureKind::Load),
-    };
-    let reusable = reported_reusable && clean_end && elapsed <= wall && !cancel.flag_fired();
-    shared.pool.give_back(worker, reusable).await;
+    shared.pool.give_back(worker, reusable && !cancel.flag_fired()).await;
     drop(cancel);
-    // What is billed is never more than the daemon itself saw the job take.
-    result.wall_time_us = result.wall_time_us.min(elapsed.as_micros() as u64);
-    result.wall_time_ms = result.wall_time_us / 1000;
     if result.outcome == Outcome::Succeeded {
         let u = &result.usage;
         let counts = proto::receipt::Counts {
@@ -519,78 +481,42 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
     Ok(())
 }
 
-/// Pumps one job between its worker and the scheduler's job stream until it ends. Returns the
-/// result and whether the worker says it may serve another tenant.
-async fn drive_job(
+/// Pumps one job between its worker, the scheduler's job stream, the cancel flag and a timer
+/// until its [`JobFlow`] says it is done. Returns the result and whether the worker may serve
+/// another tenant.
+async fn pump_job(
+    flow: &mut JobFlow,
+    mut actions: Vec<JobAction>,
     worker: &mut Worker,
     send: &mut SendStream,
     recv: &mut RecvStream,
-    cancel: &tokio::sync::Notify,
-    deadline: Instant,
-    log_cap: u64,
+    cancel: &Cancellable<'_>,
 ) -> Result<(JobResult, bool), quic::QuicError> {
-    let mut cancelled = false;
-    let mut fetched = false;
-    let mut logged = 0u64;
     loop {
-        let msg = tokio::select! {
-            msg = worker.recv() => msg,
-            () = cancel.notified(), if !cancelled => {
-                cancelled = true;
-                if worker.send(&ToWorker::Cancel).await.is_err() {
-                    let r = failed_result(FailureKind::Host, None, "the job was cancelled".into());
-                    return Ok((r, false));
+        for action in std::mem::take(&mut actions) {
+            match action {
+                JobAction::ToScheduler(reply) => quic::write_msg(send, &reply, BLOB_CAP).await?,
+                JobAction::ToWorker(msg) => {
+                    if let Err(died) = worker.send(&msg).await {
+                        actions.extend(flow.on_worker(Err(died), Instant::now()));
+                    }
                 }
-                continue;
-            }
-            () = tokio::time::sleep_until(deadline.into()) => {
-                let r = failed_result(
-                    FailureKind::Limit,
-                    Some("wall-time".into()),
-                    "GPU work was still running at the wall-time limit: the worker was stopped".into(),
-                );
-                return Ok((r, false));
-            }
-        };
-        match msg {
-            Ok(FromWorker::NeedModule { module_hash }) if !fetched => {
-                fetched = true;
-                let reply = fetch_module(send, recv, module_hash).await?;
-                if let Err(died) = worker.send(&reply).await {
-                    return Ok((failed_result(died.kind, None, died.message), false));
+                JobAction::FetchModule(hash) => {
+                    let reply = fetch_module(send, recv, hash).await?;
+                    actions.extend(flow.on_module(reply));
                 }
+                JobAction::Done { result, reusable } => return Ok((*result, reusable)),
             }
-            Ok(FromWorker::Log { bytes }) => {
-                logged = logged.saturating_add(bytes.len() as u64);
-                if logged > log_cap {
-                    let message = format!("the worker sent more than the job's {log_cap} bytes of log");
-                    return Ok((failed_result(FailureKind::Crash, None, message), false));
-                }
-                quic::write_msg(send, &JobReply::Log { bytes }, BLOB_CAP).await?;
-            }
-            Ok(FromWorker::JobDone { result, reusable }) => return Ok((*result, reusable && !cancelled)),
-            Ok(FromWorker::Fatal { reason }) => return Ok((failed_result(FailureKind::Host, None, reason), false)),
-            Ok(other) => {
-                let message = format!("the worker broke the protocol ({} during a job)", variant(&other));
-                return Ok((failed_result(FailureKind::Crash, None, message), false));
-            }
-            Err(WorkerDied { kind, message }) => return Ok((failed_result(kind, None, message), false)),
         }
-    }
-}
-
-/// A worker message's name, for reasons (never its payload, which the tenant may have shaped).
-fn variant(m: &FromWorker) -> &'static str {
-    match m {
-        FromWorker::Ready { .. } => "Ready",
-        FromWorker::Benchmarked { .. } => "Benchmarked",
-        FromWorker::NeedModule { .. } => "NeedModule",
-        FromWorker::Log { .. } => "Log",
-        FromWorker::JobDone { .. } => "JobDone",
-        FromWorker::ServiceStarted { .. } => "ServiceStarted",
-        FromWorker::Inferred { .. } => "Inferred",
-        FromWorker::Idle => "Idle",
-        FromWorker::Fatal { .. } => "Fatal",
+        if !actions.is_empty() {
+            continue;
+        }
+        let deadline = flow.deadline();
+        actions = tokio::select! {
+            msg = worker.recv() => flow.on_worker(msg, Instant::now()),
+            () = cancel.flag.notified() => flow.on_cancel(),
+            () = tokio::time::sleep_until(deadline.into()) => flow.on_deadline(Instant::now()),
+        };
     }
 }
 
@@ -936,7 +862,7 @@ async fn start_service(
                 return Ok(Err((WorkerFailure { kind: FailureKind::Host, limit: None, message: reason }, false)));
             }
             Ok(other) => {
-                let message = format!("the worker broke the protocol ({other:?} while starting a service)");
+                let message = format!("the worker broke the protocol ({} while starting a service)", variant(&other));
                 return Ok(Err((WorkerFailure { kind: FailureKind::Crash, limit: None, message }, false)));
             }
             Err(d) => return lost(d),
@@ -1025,7 +951,15 @@ impl Served {
             other => SessionReply::Failed {
                 kind: FailureKind::Host,
                 limit: None,
-                message: format!("a session stream must carry a request or a close, not {other:?}"),
+                message: format!(
+                    "a session stream must carry a request or a close, not {}",
+                    match other {
+                        SessionMsg::Open { .. } => "Open",
+                        SessionMsg::Init { .. } => "Init",
+                        SessionMsg::Module { .. } => "Module",
+                        SessionMsg::Request { .. } | SessionMsg::Close { .. } => "a request",
+                    }
+                ),
             },
         }
     }
@@ -1053,7 +987,7 @@ impl Served {
             Ok(Ok(other)) => Err(WorkerFailure {
                 kind: FailureKind::Crash,
                 limit: None,
-                message: format!("the worker broke the protocol ({other:?} for an inference)"),
+                message: format!("the worker broke the protocol ({} for an inference)", variant(&other)),
             }),
             Ok(Err(d)) => Err(WorkerFailure { kind: d.kind, limit: None, message: d.message }),
             Err(_) => Err(WorkerFailure {

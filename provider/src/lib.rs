@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod daemon;
+mod flow;
 pub mod payment;
 pub mod pool;
 

@@ -131,6 +131,20 @@ pub(crate) struct DeviceCtx {
     /// a pipeline holds no tenant data, and compiling the same kernel again for each job (a
     /// warm host's commonest case) costs more than running it.
     pipelines: Mutex<HashMap<[u8; 32], Arc<PipelineEntry>>>,
+    /// Held across every `poll` of this device. wgpu-core 30 asserts, and panics, when two
+    /// threads poll one device at once and the other drained the queue between this one's
+    /// fence read and its check (fixed upstream in gfx-rs/wgpu#9958); one poll at a time keeps
+    /// jobs that share a device from taking that panic for a lost device. Waits poll in short
+    /// slices, so nobody holds it for long.
+    polling: Mutex<()>,
+}
+
+impl DeviceCtx {
+    /// Polls the device, one caller at a time; `Err` is wgpu's panic (a device error).
+    fn poll(&self, kind: wgpu::PollType) -> Result<Result<wgpu::PollStatus, wgpu::PollError>, String> {
+        let _one = self.polling.lock().unwrap_or_else(PoisonError::into_inner);
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.device.poll(kind))).map_err(|p| panic_message(p.as_ref()))
+    }
 }
 
 impl std::fmt::Debug for DeviceCtx {
@@ -323,9 +337,9 @@ impl Gpu {
                 pass.dispatch_workgroups(n / 16, n / 16, 1);
             }
             let index = ctx.queue.submit([encoder.finish()]);
-            let done = device
+            let done = ctx
                 .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: Some(Duration::from_secs(60)) });
-            if done.is_err() {
+            if !matches!(done, Ok(Ok(_))) {
                 return 0.0;
             }
             best = best.min(start.elapsed().as_secs_f64());
@@ -372,6 +386,7 @@ fn open_device(adapter: &wgpu::Adapter) -> Result<Arc<DeviceCtx>, String> {
         abandoned: AtomicBool::new(false),
         lost,
         pipelines: Mutex::new(HashMap::new()),
+        polling: Mutex::new(()),
     }))
 }
 
@@ -1097,11 +1112,8 @@ impl JobGpu {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let timeout = left.min(CANCEL_CHECK).max(Duration::from_millis(1));
-            let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                self.ctx
-                    .device
-                    .poll(wgpu::PollType::Wait { submission_index: Some(index.clone()), timeout: Some(timeout) })
-            }));
+            let polled =
+                self.ctx.poll(wgpu::PollType::Wait { submission_index: Some(index.clone()), timeout: Some(timeout) });
             match polled {
                 Ok(Err(wgpu::PollError::Timeout)) if left > CANCEL_CHECK => {}
                 other => break other,
@@ -1116,7 +1128,7 @@ impl JobGpu {
             Ok(Err(e)) => Err(Fatal::Host(format!("waiting for the GPU failed: {e}")).into()),
             // wgpu panics on a device error while polling (a lost device among them).
             Err(panic) => {
-                self.ctx.lost.set(panic_message(panic.as_ref()));
+                self.ctx.lost.set(panic);
                 self.check_device()
             }
         }
@@ -1184,8 +1196,8 @@ fn compile_pipeline(
 /// Polls `ctx` once without waiting. wgpu panics on a device error while polling; that is
 /// taken for a lost device.
 fn poll_now(ctx: &DeviceCtx) {
-    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.device.poll(wgpu::PollType::Poll))) {
-        ctx.lost.set(panic_message(panic.as_ref()));
+    if let Err(panic) = ctx.poll(wgpu::PollType::Poll) {
+        ctx.lost.set(panic);
     }
 }
 

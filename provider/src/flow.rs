@@ -1,0 +1,334 @@
+//! The batch-job protocol between the daemon, one worker and the scheduler, as a sans-IO core:
+//! events and `now` in, actions out. `daemon::serve_job` only pumps it (worker frames, the
+//! scheduler's job stream, the cancel flag, a timer); everything the daemon decides about a
+//! job (what it trusts of the worker, when it kills it, whether it reuses it, what it bills) is
+//! here, and tested without processes or sockets.
+
+use std::time::{Duration, Instant};
+
+use proto::msg::{FailureKind, JobLimits, JobReply, JobResult, Outcome, WireUsage};
+use proto::worker::{FromWorker, ToWorker};
+
+use crate::pool::WorkerDied;
+
+/// How long a worker past its job's wall time has to end the job itself before it is killed.
+pub(crate) const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// What the pump must do next.
+#[derive(Debug, PartialEq)]
+pub(crate) enum JobAction {
+    ToWorker(ToWorker),
+    ToScheduler(JobReply),
+    /// Ask the scheduler for the module's bytes; answer with [`JobFlow::on_module`].
+    FetchModule([u8; 32]),
+    /// The job is over: report `result`; hand the worker back as `reusable` says (a worker
+    /// that is not reusable is killed).
+    Done {
+        result: Box<JobResult>,
+        reusable: bool,
+    },
+}
+
+/// One job in one worker.
+#[derive(Debug)]
+pub(crate) struct JobFlow {
+    started: Instant,
+    /// The job's wall time, the smaller of what it asked and the worker's most.
+    wall: Duration,
+    log_cap: u64,
+    logged: u64,
+    fetched: bool,
+    cancelled: bool,
+    done: bool,
+}
+
+/// The result of a job that never ran, or whose worker was lost.
+pub(crate) fn failed_result(kind: FailureKind, limit: Option<String>, message: String) -> JobResult {
+    JobResult {
+        outcome: Outcome::Failed { kind, limit, message },
+        output: Vec::new(),
+        log: Vec::new(),
+        usage: WireUsage::default(),
+        wall_time_ms: 0,
+        wall_time_us: 0,
+        first_dispatch_us: None,
+        receipt: None,
+    }
+}
+
+/// The smaller of a job's asked-for value and the worker's most, 0 meaning "not asked".
+fn smaller(asked: u64, most: u64) -> u64 {
+    match (asked, most) {
+        (0, m) => m,
+        (a, 0) => a,
+        (a, m) => a.min(m),
+    }
+}
+
+impl JobFlow {
+    /// Starts a job: tells the scheduler it started and hands it to the worker.
+    pub(crate) fn start(
+        job_id: String,
+        module_hash: [u8; 32],
+        input: Vec<u8>,
+        limits: JobLimits,
+        defaults: &JobLimits,
+        now: Instant,
+    ) -> (JobFlow, Vec<JobAction>) {
+        let flow = JobFlow {
+            started: now,
+            wall: Duration::from_millis(smaller(limits.wall_time_ms, defaults.wall_time_ms)),
+            log_cap: smaller(limits.log_bytes, defaults.log_bytes),
+            logged: 0,
+            fetched: false,
+            cancelled: false,
+            done: false,
+        };
+        let run = ToWorker::Job { job_id, module_hash, input, limits };
+        (flow, vec![JobAction::ToScheduler(JobReply::Started), JobAction::ToWorker(run)])
+    }
+
+    /// When the worker is killed if the job has not ended: its wall time plus a grace.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.started + self.wall + KILL_GRACE
+    }
+
+    #[cfg(test)]
+    fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn end(&mut self, result: JobResult, reusable: bool) -> Vec<JobAction> {
+        self.done = true;
+        vec![JobAction::Done { result: Box::new(result), reusable }]
+    }
+
+    /// Ends the job with the worker not reused.
+    fn lost(&mut self, kind: FailureKind, message: String) -> Vec<JobAction> {
+        self.end(failed_result(kind, None, message), false)
+    }
+
+    /// A frame from the worker (or its death).
+    pub(crate) fn on_worker(&mut self, msg: Result<FromWorker, WorkerDied>, now: Instant) -> Vec<JobAction> {
+        if self.done {
+            return Vec::new();
+        }
+        match msg {
+            Ok(FromWorker::NeedModule { module_hash }) if !self.fetched => {
+                self.fetched = true;
+                vec![JobAction::FetchModule(module_hash)]
+            }
+            Ok(FromWorker::NeedModule { .. }) => {
+                self.lost(FailureKind::Crash, "the worker asked for the module twice".into())
+            }
+            Ok(FromWorker::Log { bytes }) => {
+                self.logged = self.logged.saturating_add(bytes.len() as u64);
+                if self.logged > self.log_cap {
+                    let message = format!("the worker sent more than the job's {} bytes of log", self.log_cap);
+                    return self.lost(FailureKind::Crash, message);
+                }
+                vec![JobAction::ToScheduler(JobReply::Log { bytes })]
+            }
+            Ok(FromWorker::JobDone { result, reusable }) => self.job_done(*result, reusable, now),
+            Ok(FromWorker::Fatal { reason }) => self.lost(FailureKind::Host, reason),
+            Ok(other) => {
+                let message = format!("the worker broke the protocol ({} during a job)", variant(&other));
+                self.lost(FailureKind::Crash, message)
+            }
+            Err(WorkerDied { kind, message }) => self.lost(kind, message),
+        }
+    }
+
+    /// The worker's report of the job's end, checked against what the daemon saw.
+    fn job_done(&mut self, mut result: JobResult, reported_reusable: bool, now: Instant) -> Vec<JobAction> {
+        let elapsed = now.saturating_duration_since(self.started);
+        // The worker's word is not enough to hand it to the next tenant: only after an ending
+        // that leaves nothing behind, within the wall time, and never after a cancel.
+        let clean_end = match &result.outcome {
+            Outcome::Succeeded => true,
+            Outcome::Failed { kind, .. } => matches!(kind, FailureKind::Exit | FailureKind::Guest | FailureKind::Load),
+        };
+        let reusable = reported_reusable && clean_end && elapsed <= self.wall && !self.cancelled;
+        // What is billed is never more than the daemon itself saw the job take.
+        result.wall_time_us = result.wall_time_us.min(elapsed.as_micros() as u64);
+        result.wall_time_ms = result.wall_time_us / 1000;
+        result.receipt = None;
+        self.end(result, reusable)
+    }
+
+    /// The scheduler's answer to [`JobAction::FetchModule`], as the worker should get it.
+    pub(crate) fn on_module(&mut self, reply: ToWorker) -> Vec<JobAction> {
+        if self.done { Vec::new() } else { vec![JobAction::ToWorker(reply)] }
+    }
+
+    /// The scheduler cancelled the job (it gave it to another provider).
+    pub(crate) fn on_cancel(&mut self) -> Vec<JobAction> {
+        if self.done || self.cancelled {
+            return Vec::new();
+        }
+        self.cancelled = true;
+        vec![JobAction::ToWorker(ToWorker::Cancel)]
+    }
+
+    /// The deadline passed: the worker is killed.
+    pub(crate) fn on_deadline(&mut self, now: Instant) -> Vec<JobAction> {
+        if self.done || now < self.deadline() {
+            return Vec::new();
+        }
+        let result = failed_result(
+            FailureKind::Limit,
+            Some("wall-time".into()),
+            "GPU work was still running at the wall-time limit: the worker was stopped".into(),
+        );
+        self.end(result, false)
+    }
+}
+
+/// A worker message's name, for reasons (never its payload, which the tenant may have shaped).
+pub(crate) fn variant(m: &FromWorker) -> &'static str {
+    match m {
+        FromWorker::Ready { .. } => "Ready",
+        FromWorker::Benchmarked { .. } => "Benchmarked",
+        FromWorker::NeedModule { .. } => "NeedModule",
+        FromWorker::Log { .. } => "Log",
+        FromWorker::JobDone { .. } => "JobDone",
+        FromWorker::ServiceStarted { .. } => "ServiceStarted",
+        FromWorker::Inferred { .. } => "Inferred",
+        FromWorker::Idle => "Idle",
+        FromWorker::Fatal { .. } => "Fatal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> JobLimits {
+        JobLimits { wall_time_ms: 120_000, log_bytes: 1000, ..JobLimits::default() }
+    }
+
+    fn start(now: Instant) -> JobFlow {
+        let limits = JobLimits { wall_time_ms: 1000, ..JobLimits::default() };
+        let (flow, actions) = JobFlow::start("j".into(), [1; 32], vec![9], limits, &defaults(), now);
+        assert_eq!(actions.first(), Some(&JobAction::ToScheduler(JobReply::Started)));
+        assert!(matches!(actions.get(1), Some(JobAction::ToWorker(ToWorker::Job { .. }))));
+        flow
+    }
+
+    fn done(result: JobResult, reusable: bool) -> Result<FromWorker, WorkerDied> {
+        Ok(FromWorker::JobDone { result: Box::new(result), reusable })
+    }
+
+    fn succeeded(wall_time_us: u64) -> JobResult {
+        JobResult { outcome: Outcome::Succeeded, wall_time_us, ..failed_result(FailureKind::Host, None, String::new()) }
+    }
+
+    fn ended(actions: &[JobAction]) -> (&JobResult, bool) {
+        match actions {
+            [JobAction::Done { result, reusable }] => (result, *reusable),
+            other => panic!("expected the job's end, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_job_fetches_its_module_once_streams_its_log_and_ends_reusable() {
+        let t = Instant::now();
+        let mut f = start(t);
+        assert_eq!(
+            f.on_worker(Ok(FromWorker::NeedModule { module_hash: [1; 32] }), t),
+            vec![JobAction::FetchModule([1; 32])]
+        );
+        let reply = ToWorker::Module { bytes: vec![0] };
+        assert_eq!(f.on_module(reply.clone()), vec![JobAction::ToWorker(reply)]);
+        let log = f.on_worker(Ok(FromWorker::Log { bytes: b"hi".to_vec() }), t);
+        assert_eq!(log, vec![JobAction::ToScheduler(JobReply::Log { bytes: b"hi".to_vec() })]);
+        let end = f.on_worker(done(succeeded(500_000), true), t + Duration::from_millis(600));
+        let (result, reusable) = ended(&end);
+        assert!(reusable);
+        assert_eq!(result.wall_time_us, 500_000);
+        assert!(f.is_done());
+    }
+
+    #[test]
+    fn the_daemon_bills_no_more_than_it_saw_and_reuses_a_worker_only_after_a_clean_end() {
+        let t = Instant::now();
+        // A worker that claims more time than passed is billed what passed.
+        let mut f = start(t);
+        let end = f.on_worker(done(succeeded(9_000_000), true), t + Duration::from_millis(300));
+        let (result, _) = ended(&end);
+        assert_eq!(result.wall_time_us, 300_000);
+        // A limit failure the worker calls reusable is not.
+        let mut f = start(t);
+        let limit = failed_result(FailureKind::Limit, Some("fuel".into()), "out".into());
+        let end = f.on_worker(done(limit, true), t);
+        assert!(!ended(&end).1);
+        // Past the wall time, even a success is not reused.
+        let mut f = start(t);
+        let end = f.on_worker(done(succeeded(1), true), t + Duration::from_millis(1500));
+        assert!(!ended(&end).1);
+        // After a cancel, never.
+        let mut f = start(t);
+        assert_eq!(f.on_cancel(), vec![JobAction::ToWorker(ToWorker::Cancel)]);
+        assert_eq!(f.on_cancel(), vec![], "one cancel is sent once");
+        let end = f.on_worker(done(succeeded(1), true), t);
+        assert!(!ended(&end).1);
+        // A guest's own failure leaves the worker fit to serve.
+        let mut f = start(t);
+        let guest = failed_result(FailureKind::Exit, None, "status 3".into());
+        let end = f.on_worker(done(guest, true), t);
+        assert!(ended(&end).1);
+    }
+
+    #[test]
+    fn a_worker_that_misbehaves_ends_its_job_and_is_not_reused() {
+        let t = Instant::now();
+        let mut f = start(t);
+        let _ = f.on_worker(Ok(FromWorker::NeedModule { module_hash: [1; 32] }), t);
+        let end = f.on_worker(Ok(FromWorker::NeedModule { module_hash: [1; 32] }), t);
+        let (result, reusable) = ended(&end);
+        assert!(!reusable);
+        assert!(matches!(&result.outcome, Outcome::Failed { message, .. } if message.contains("twice")));
+
+        let mut f = start(t);
+        let _ = f.on_worker(Ok(FromWorker::Log { bytes: vec![0; 600] }), t);
+        let end = f.on_worker(Ok(FromWorker::Log { bytes: vec![0; 600] }), t);
+        let (result, reusable) = ended(&end);
+        assert!(!reusable);
+        assert!(
+            matches!(&result.outcome, Outcome::Failed { kind: FailureKind::Crash, message, .. } if message.contains("log"))
+        );
+
+        let mut f = start(t);
+        let end = f.on_worker(Ok(FromWorker::Idle), t);
+        let (result, _) = ended(&end);
+        assert!(matches!(&result.outcome, Outcome::Failed { message, .. } if message.contains("Idle")));
+
+        let mut f = start(t);
+        let died = WorkerDied { kind: FailureKind::Crash, message: "signal 9".into() };
+        let end = f.on_worker(Err(died), t);
+        let (result, reusable) = ended(&end);
+        assert!(!reusable && matches!(&result.outcome, Outcome::Failed { kind: FailureKind::Crash, .. }));
+
+        let mut f = start(t);
+        let end = f.on_worker(Ok(FromWorker::Fatal { reason: "device lost".into() }), t);
+        let (result, _) = ended(&end);
+        assert!(
+            matches!(&result.outcome, Outcome::Failed { kind: FailureKind::Host, .. }),
+            "a provider-side end is re-run"
+        );
+        assert_eq!(f.on_worker(Ok(FromWorker::Log { bytes: vec![1] }), t), vec![], "nothing after the end");
+    }
+
+    #[test]
+    fn a_worker_past_its_wall_time_and_grace_is_killed_with_the_reason() {
+        let t = Instant::now();
+        let mut f = start(t);
+        assert_eq!(f.deadline(), t + Duration::from_millis(1000) + KILL_GRACE);
+        assert_eq!(f.on_deadline(t + Duration::from_millis(2000)), vec![], "not yet");
+        let end = f.on_deadline(f.deadline());
+        let (result, reusable) = ended(&end);
+        assert!(!reusable);
+        assert!(matches!(&result.outcome, Outcome::Failed { limit: Some(l), message, .. }
+            if l == "wall-time" && message.contains("still running at the wall-time limit")));
+    }
+}
