@@ -241,9 +241,11 @@ impl Worker<'_> {
                     self.out.send(&FromWorker::Benchmarked { gflops })?;
                 }
                 ToWorker::Job { job_id, module_hash, input, limits } => {
+                    self.out.send(&FromWorker::Accepted)?;
                     self.job(&job_id, module_hash, input, &limits)?;
                 }
                 ToWorker::Service { module_hash, init_input, limits } => {
+                    self.out.send(&FromWorker::Accepted)?;
                     self.service(module_hash, init_input, &limits)?;
                 }
                 // A cancel that arrived after its job ended: nothing to stop.

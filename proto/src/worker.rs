@@ -6,7 +6,7 @@
 //!
 //! A worker serves one tenant at a time:
 //! - at start it sends [`FromWorker::Ready`] with the GPU it opened and its default limits;
-//! - [`ToWorker::Job`] runs a batch job: the worker may ask [`FromWorker::NeedModule`] (answered
+//! - [`ToWorker::Job`] runs a batch job: the worker says [`FromWorker::Accepted`], may ask [`FromWorker::NeedModule`] (answered
 //!   by [`ToWorker::Module`]), streams [`FromWorker::Log`] and ends with
 //!   [`FromWorker::JobDone`];
 //! - [`ToWorker::Service`] starts an inference service ([`FromWorker::ServiceStarted`]), then
@@ -86,6 +86,9 @@ pub enum FromWorker {
     Benchmarked {
         gflops: f64,
     },
+    /// The worker took the job or service just sent, before running anything of it: a worker
+    /// that dies before this failed on its own (the daemon tries another), not by the tenant.
+    Accepted,
     /// The worker has no compiled module with this hash: send [`ToWorker::Module`].
     NeedModule {
         module_hash: ModuleHash,

@@ -417,27 +417,35 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
     // Cancellable from the moment it is taken: a cancel that comes while a worker starts is
     // kept until the job runs.
     let cancel = Cancellable::register(&shared.running, &job_id);
-    let mut worker = match shared.pool.take().await {
-        Ok(w) => w,
-        Err(e) => {
-            let reason = format!("no worker to run it: {e}");
-            quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
-            return Ok(());
+    quic::write_msg(&mut send, &JobReply::Started, CONTROL_CAP).await?;
+    // A worker that dies before it takes the job (one that died idle, say) is the provider's
+    // failure: another worker gets the job, once.
+    let mut tries = 0;
+    let mut result = loop {
+        tries += 1;
+        let mut worker = match shared.pool.take().await {
+            Ok(w) => w,
+            Err(e) => break failed_result(FailureKind::Host, None, format!("no worker to run it: {e}")),
+        };
+        log::info!("running job {job_id} in worker {}", worker.pid());
+        let defaults = worker.defaults.clone();
+        let (mut flow, actions) =
+            JobFlow::start(job_id.clone(), module_hash, input.clone(), limits.clone(), &defaults, Instant::now());
+        // Whatever happens on the scheduler's stream, the worker goes back to the pool (or is
+        // replaced): the pool never shrinks.
+        let (result, reusable) = match pump_job(&mut flow, actions, &mut worker, &mut send, &mut recv, &cancel).await {
+            Ok(end) => end,
+            Err(e) => {
+                shared.pool.give_back(worker, false).await;
+                return Err(e);
+            }
+        };
+        shared.pool.give_back(worker, reusable && !cancel.flag_fired()).await;
+        if !(flow.never_taken() && tries < 2) {
+            break result;
         }
+        log::warn!("job {job_id}: its worker died before taking it; trying another");
     };
-    log::info!("running job {job_id} in worker {}", worker.pid());
-    let defaults = worker.defaults.clone();
-    let (mut flow, actions) = JobFlow::start(job_id.clone(), module_hash, input, limits, &defaults, Instant::now());
-    // Whatever happens on the scheduler's stream, the worker goes back to the pool (or is
-    // replaced): the pool never shrinks.
-    let (mut result, reusable) = match pump_job(&mut flow, actions, &mut worker, &mut send, &mut recv, &cancel).await {
-        Ok(end) => end,
-        Err(e) => {
-            shared.pool.give_back(worker, false).await;
-            return Err(e);
-        }
-    };
-    shared.pool.give_back(worker, reusable && !cancel.flag_fired()).await;
     drop(cancel);
     if result.outcome == Outcome::Succeeded {
         let u = &result.usage;
@@ -855,6 +863,7 @@ async fn start_service(
                 // The upload was the renter's time; init's wall time starts now.
                 deadline = Instant::now() + budget;
             }
+            Ok(FromWorker::Accepted) => {}
             Ok(FromWorker::ServiceStarted { result, reusable, .. }) => {
                 return Ok(result.map_err(|f| (f, reusable)));
             }

@@ -40,6 +40,8 @@ pub(crate) struct JobFlow {
     fetched: bool,
     cancelled: bool,
     done: bool,
+    /// The worker said it took the job.
+    accepted: bool,
 }
 
 /// The result of a job that never ran, or whose worker was lost.
@@ -66,7 +68,8 @@ fn smaller(asked: u64, most: u64) -> u64 {
 }
 
 impl JobFlow {
-    /// Starts a job: tells the scheduler it started and hands it to the worker.
+    /// Starts a job in a worker: hands it over. (The scheduler heard `Started` when the job
+    /// took its slot.)
     pub(crate) fn start(
         job_id: String,
         module_hash: [u8; 32],
@@ -83,9 +86,10 @@ impl JobFlow {
             fetched: false,
             cancelled: false,
             done: false,
+            accepted: false,
         };
         let run = ToWorker::Job { job_id, module_hash, input, limits };
-        (flow, vec![JobAction::ToScheduler(JobReply::Started), JobAction::ToWorker(run)])
+        (flow, vec![JobAction::ToWorker(run)])
     }
 
     /// When the worker is killed if the job has not ended: its wall time plus a grace.
@@ -114,6 +118,15 @@ impl JobFlow {
             return Vec::new();
         }
         match msg {
+            Ok(FromWorker::Accepted) if !self.accepted => {
+                self.accepted = true;
+                Vec::new()
+            }
+            // Dead before it took the job: the worker's own failure (it died idle, say), never
+            // the tenant's. The pump tries another worker.
+            Err(WorkerDied { message, .. }) if !self.accepted => {
+                self.lost(FailureKind::Host, format!("the worker died before it took the job: {message}"))
+            }
             Ok(FromWorker::NeedModule { module_hash }) if !self.fetched => {
                 self.fetched = true;
                 vec![JobAction::FetchModule(module_hash)]
@@ -170,6 +183,12 @@ impl JobFlow {
         vec![JobAction::ToWorker(ToWorker::Cancel)]
     }
 
+    /// Whether the job ended before its worker took it (the worker died first): nothing of the
+    /// tenant's ran, and another worker may take it.
+    pub(crate) fn never_taken(&self) -> bool {
+        self.done && !self.accepted
+    }
+
     /// The deadline passed: the worker is killed.
     pub(crate) fn on_deadline(&mut self, now: Instant) -> Vec<JobAction> {
         if self.done || now < self.deadline() {
@@ -189,6 +208,7 @@ pub(crate) fn variant(m: &FromWorker) -> &'static str {
     match m {
         FromWorker::Ready { .. } => "Ready",
         FromWorker::Benchmarked { .. } => "Benchmarked",
+        FromWorker::Accepted => "Accepted",
         FromWorker::NeedModule { .. } => "NeedModule",
         FromWorker::Log { .. } => "Log",
         FromWorker::JobDone { .. } => "JobDone",
@@ -210,8 +230,9 @@ mod tests {
     fn start(now: Instant) -> JobFlow {
         let limits = JobLimits { wall_time_ms: 1000, ..JobLimits::default() };
         let (flow, actions) = JobFlow::start("j".into(), [1; 32], vec![9], limits, &defaults(), now);
-        assert_eq!(actions.first(), Some(&JobAction::ToScheduler(JobReply::Started)));
-        assert!(matches!(actions.get(1), Some(JobAction::ToWorker(ToWorker::Job { .. }))));
+        assert!(matches!(actions.as_slice(), [JobAction::ToWorker(ToWorker::Job { .. })]));
+        let mut flow = flow;
+        assert_eq!(flow.on_worker(Ok(FromWorker::Accepted), now), vec![]);
         flow
     }
 
@@ -317,6 +338,17 @@ mod tests {
             "a provider-side end is re-run"
         );
         assert_eq!(f.on_worker(Ok(FromWorker::Log { bytes: vec![1] }), t), vec![], "nothing after the end");
+    }
+
+    #[test]
+    fn a_worker_that_dies_before_taking_the_job_is_the_providers_failure() {
+        let t = Instant::now();
+        let (mut f, _) = JobFlow::start("j".into(), [1; 32], Vec::new(), JobLimits::default(), &defaults(), t);
+        let died = WorkerDied { kind: FailureKind::Crash, message: "signal 9".into() };
+        let end = f.on_worker(Err(died), t);
+        let (result, reusable) = ended(&end);
+        assert!(!reusable && f.never_taken());
+        assert!(matches!(&result.outcome, Outcome::Failed { kind: FailureKind::Host, .. }), "{:?}", result.outcome);
     }
 
     #[test]

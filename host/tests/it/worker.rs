@@ -72,7 +72,17 @@ impl Daemon {
         self.to.as_ref().unwrap().send(bytes).unwrap();
     }
 
+    /// The next frame, past `Accepted` (which every job and service gets first).
     fn recv(&mut self) -> FromWorker {
+        loop {
+            match self.recv_any() {
+                FromWorker::Accepted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn recv_any(&mut self) -> FromWorker {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(body) = self.decoder.push(&[]).unwrap() {
@@ -132,6 +142,7 @@ fn a_worker_fetches_a_module_once_runs_jobs_and_serves_a_service() {
         input: b"zeros".to_vec(),
         limits: JobLimits::default(),
     });
+    assert!(matches!(d.recv_any(), FromWorker::Accepted), "a worker says it took the job first");
     let (result, reusable) = d.job_done(&hostile);
     assert_eq!(result.outcome, Outcome::Succeeded, "{}", String::from_utf8_lossy(&result.log));
     assert!(reusable);
