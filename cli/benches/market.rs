@@ -1,163 +1,901 @@
-//! Market round trips on loopback, each beside its baseline from the same run:
-//! - an inference over an open session (renter -> provider over QUIC, one sandbox call of the
-//!   `echo` sample, metered) against a plain QUIC echo over the same link code;
-//! - a batch job from submit to result on a warm host with the module cached (an upper bound on
-//!   submit to first dispatch), against the job's own run time on the host.
+//! Market benchmarks on loopback, each figure printed beside its baseline from the same run.
 //!
-//! Run: `cargo bench -p cli --bench market`.
+//! - `session`: 64-byte requests over an open session to the `echo` sample: (a) the real path,
+//!   `client::Session` -> provider daemon -> a pre-started worker process -> back, a receipt
+//!   signed per inference and checked by the renter; (b) the same messages, receipts and checks
+//!   served in the bench process (the same sandbox call on a thread of its own, the same QUIC
+//!   link code, no daemon, no worker); (b0) that in-process sandbox without receipts (raw bytes
+//!   in, raw bytes out); (c) a plain QUIC echo. Then where the time goes: the daemon-worker pipe
+//!   round trip alone (a `wasmgrid worker` child driven with `ToWorker::Infer` frames), the
+//!   sandbox call alone, a receipt's signing and its check.
+//! - `job`: a batch job on a warm host (worker pre-started, module compiled, pipeline cached)
+//!   from the signed HTTPS submit to its result, and from it an upper bound on submit -> first
+//!   dispatch; baseline: the job's own run time on the host.
+//! - `workers`: a worker's start (spawn -> `Ready`) and replacement (kill -> a new one ready),
+//!   through `provider::pool`; baseline: opening the same host in the bench process.
+//! - `memory`: resident memory of an idle `wasmgrid host` process and of each of its idle
+//!   workers, read from `/proc`.
+//! - `concurrent`: N sessions at once (200 requests each) on one `wasmgrid host` process with
+//!   `--session-capacity N`, for N = 16, 32, 64: whether all complete, how long, and the memory
+//!   each session adds (its worker process, read from `/proc`).
+//!
+//! Run: `cargo bench -p cli --bench market [-- SECTION...]` (every section when none is named).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::Keypair;
-use proto::msg::{JobLimits, Requirements};
+use proto::msg::{BLOB_CAP, JobLimits, Requirements, SessionMsg, SessionReply, WireUsage};
+use proto::receipt::{Checker, Counts, Signer};
+use proto::worker::{FromWorker, ToWorker};
+use provider::WorkerCommand;
+use provider::pool::{Pool, Worker};
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+const LOOPBACK: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+/// Requests before each timed round, not counted.
+const WARM_UP: usize = 100;
+/// Every wait for a process or a provider is bounded.
+const WAIT: Duration = Duration::from_secs(120);
+
+// ---- figures ----
+
+#[derive(Clone, Copy, Debug)]
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(samples: &[Duration]) -> Stats {
+    let mut s = samples.to_vec();
+    s.sort();
+    let at = |p: f64| s[((s.len() - 1) as f64 * p).round() as usize];
+    Stats { p50: at(0.5), p99: at(0.99) }
 }
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-fn summary(label: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    println!(
-        "  {label:<52} p50 {:>8.1} us  p99 {:>8.1} us  ({} samples)",
-        us(pct(&samples, 0.5)),
-        us(pct(&samples, 0.99)),
-        samples.len()
-    );
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
-async fn plain_quic_echo(n: usize, payload: &[u8]) -> Vec<Duration> {
-    let server_key = Keypair::generate();
-    let server_id = quic::Identity::new(&server_key).unwrap();
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let server = quic::server(&server_id, loopback, quic::Peers::Any).unwrap();
-    let addr = server.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Some(incoming) = server.accept().await {
-            tokio::spawn(async move {
-                let conn = incoming.await.unwrap();
-                // The baseline trusts any peer: no ticket to check.
-                conn.authenticated();
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    tokio::spawn(async move {
-                        let msg: Option<Vec<u8>> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
-                        let mut back = msg.unwrap();
-                        back.reverse();
-                        quic::write_msg(&mut send, &back, 1 << 20).await.unwrap();
-                        let _ = send.finish();
-                    });
-                }
-            });
-        }
-    });
-    let endpoint = quic::client(loopback).unwrap();
-    let id = quic::Identity::new(&Keypair::generate()).unwrap();
-    let conn = quic::connect(&endpoint, &id, addr, server_key.public()).await.unwrap();
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n + 100 {
-        let t = Instant::now();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        quic::write_msg(&mut send, &payload.to_vec(), 1 << 20).await.unwrap();
-        let _ = send.finish();
-        let back: Option<Vec<u8>> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
-        assert_eq!(back.unwrap().len(), payload.len());
-        if i >= 100 {
-            out.push(t.elapsed());
+fn line(label: &str, samples: &[Duration]) -> Stats {
+    let s = stats(samples);
+    println!("  {label:<62} p50 {:>9.1} us  p99 {:>9.1} us  ({} samples)", us(s.p50), us(s.p99), samples.len());
+    s
+}
+
+fn line_ms(label: &str, samples: &[Duration]) -> Stats {
+    let s = stats(samples);
+    println!("  {label:<62} p50 {:>9.2} ms  p99 {:>9.2} ms  ({} samples)", ms(s.p50), ms(s.p99), samples.len());
+    s
+}
+
+// ---- /proc ----
+
+/// Resident memory of one process, in KiB: all of it, its anonymous part (not shared with
+/// files: heap, stacks, driver allocations), and its proportional share (shared pages divided
+/// among the processes that map them).
+#[derive(Clone, Copy, Debug, Default)]
+struct Mem {
+    rss: u64,
+    anon: u64,
+    pss: u64,
+}
+
+impl std::ops::Add for Mem {
+    type Output = Mem;
+    fn add(self, o: Mem) -> Mem {
+        Mem { rss: self.rss + o.rss, anon: self.anon + o.anon, pss: self.pss + o.pss }
+    }
+}
+
+fn proc_kb(pid: u32, file: &str, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+}
+
+fn mem(pid: u32) -> Mem {
+    Mem {
+        rss: proc_kb(pid, "status", "VmRSS:"),
+        anon: proc_kb(pid, "status", "RssAnon:"),
+        pss: proc_kb(pid, "smaps_rollup", "Pss:"),
+    }
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        // The command name may hold spaces and parentheses: fields start after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        if rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(child);
         }
     }
     out
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-        let dir = tempfile::tempdir().unwrap();
-        let l = scheduler::start(scheduler::SchedulerConfig {
-            http: loopback,
-            plain_http: false,
-            // The benchmarks send far more than a renter would.
-            renter_limits: None,
-            quic: loopback,
-            keypair: Keypair::generate(),
-            providers: None,
-            db: dir.path().join("bench.redb"),
-            chain: None,
-            state: scheduler::Config::default(),
+fn mib(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+fn mem_line(label: &str, m: Mem) {
+    println!(
+        "  {label:<46} RSS {:>7.1} MiB  anonymous {:>7.1} MiB  PSS {:>7.1} MiB",
+        mib(m.rss),
+        mib(m.anon),
+        mib(m.pss)
+    );
+}
+
+// ---- a market in the bench process ----
+
+async fn start_scheduler(dir: &Path) -> scheduler::Listening {
+    scheduler::start(scheduler::SchedulerConfig {
+        http: LOOPBACK,
+        plain_http: false,
+        // The benchmarks send far more than a renter would.
+        renter_limits: None,
+        quic: LOOPBACK,
+        keypair: Keypair::generate(),
+        providers: None,
+        db: dir.join("bench.redb"),
+        chain: None,
+        state: scheduler::Config::default(),
+    })
+    .await
+    .unwrap()
+}
+
+/// The client library as a renter uses it: HTTPS pinned to the scheduler's key, every request
+/// signed.
+fn renter_client(l: &scheduler::Listening, renter: &Keypair) -> client::Scheduler {
+    client::Scheduler::new(&l.url(), Some(l.key), Keypair::from_seed(renter.seed())).unwrap()
+}
+
+async fn wait_online(client: &client::Scheduler, name: &str) {
+    let t = Instant::now();
+    loop {
+        if client.providers().await.unwrap().iter().any(|p| p.online && p.name == name) {
+            return;
+        }
+        assert!(t.elapsed() < WAIT, "provider {name} did not come online within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `wasmgrid worker` of the built binary, with `args`.
+fn worker_command(args: &[&std::ffi::OsStr]) -> WorkerCommand {
+    let mut all = vec!["worker".into()];
+    all.extend(args.iter().map(|&a| a.to_owned()));
+    WorkerCommand { program: env!("CARGO_BIN_EXE_wasmgrid").into(), args: all }
+}
+
+/// A worker with no disk cache of compiled modules.
+fn bare_worker() -> WorkerCommand {
+    worker_command(&["--no-cache".as_ref()])
+}
+
+/// A `wasmgrid host` process, killed when dropped (its workers end when their pipes close).
+struct HostProcess {
+    child: std::process::Child,
+}
+
+impl HostProcess {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts a provider daemon as users run it and waits until the scheduler has it online
+    /// and its pool is full (`capacity` 1 plus 2 warm workers).
+    async fn start(l: &scheduler::Listening, dir: &Path, name: &str, session_capacity: u32) -> HostProcess {
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgrid"))
+            .args(["host", "--scheduler", &l.quic.to_string(), "--scheduler-key", &l.key.to_string()])
+            .arg("--key")
+            .arg(dir.join(format!("{name}.json")))
+            .arg("--cache-dir")
+            .arg(dir.join(format!("{name}-cache")))
+            .args(["--name", name, "--capacity", "1", "--warm-workers", "2", "--sessions", "127.0.0.1:0"])
+            .args(["--session-capacity", &session_capacity.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let host = HostProcess { child };
+        let first = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next();
+            std::thread::spawn(move || for _ in lines {});
+            first
+        });
+        let first = tokio::time::timeout(WAIT, first).await.unwrap().unwrap();
+        assert!(matches!(first, Some(Ok(ref l)) if l.starts_with("provider ")), "wasmgrid host printed {first:?}");
+        let client = renter_client(l, &Keypair::generate());
+        wait_online(&client, name).await;
+        host.settle(3).await;
+        host
+    }
+
+    /// Waits until the daemon has `workers` children and has been quiet for a moment.
+    async fn settle(&self, workers: usize) {
+        let t = Instant::now();
+        while children(self.pid()).len() < workers {
+            assert!(t.elapsed() < WAIT, "the daemon did not start its {workers} workers within {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    fn workers_mem(&self) -> (usize, Mem) {
+        let kids = children(self.pid());
+        (kids.len(), kids.iter().map(|&p| mem(p)).fold(Mem::default(), |a, b| a + b))
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- session round trips ----
+
+/// (a) The real path.
+async fn real_round(session: &client::Session, n: usize, payload: &[u8]) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let a = session.infer(payload).await.unwrap();
+        out.push(t.elapsed());
+        assert_eq!(a.response.len(), payload.len());
+    }
+    out
+}
+
+/// One request for the in-process sandbox thread, and where its answer goes.
+type Call = (Vec<u8>, tokio::sync::oneshot::Sender<(Vec<u8>, WireUsage)>);
+
+/// The echo service in the bench process, on a thread of its own (what a daemon without
+/// workers does with `spawn_blocking`): requests in, responses and usage out. Before it serves,
+/// it times the sandbox call alone (`Service::infer`, nothing around it).
+async fn sandbox_thread(echo: Vec<u8>, n: usize, payload: Vec<u8>) -> (std::sync::mpsc::Sender<Call>, Vec<Duration>) {
+    let (tx, rx) = std::sync::mpsc::channel::<Call>();
+    let (ready, alone) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-sandbox".into())
+        .spawn(move || {
+            // As a worker sets its host up.
+            let config = host::HostConfig { max_instances: 2, ..host::HostConfig::default() };
+            let host = host::Host::new(config).unwrap();
+            let module = host.load(&echo).unwrap();
+            let limits = host::worker::limits_from(&JobLimits::default());
+            let mut service = host.start_service(&module, Vec::new(), &limits).unwrap();
+            let mut times = Vec::with_capacity(n);
+            for i in 0..n + WARM_UP {
+                let t = Instant::now();
+                let inf = service.infer(&payload).unwrap();
+                if i >= WARM_UP {
+                    times.push(t.elapsed());
+                }
+                assert_eq!(inf.response.len(), payload.len());
+            }
+            let _ = ready.send(times);
+            while let Ok((request, back)) = rx.recv() {
+                let inf = service.infer(&request).unwrap();
+                let _ = back.send((inf.response, host::worker::wire_usage(&inf.usage)));
+            }
+        })
+        .unwrap();
+    (tx, alone.await.unwrap())
+}
+
+async fn call(calls: &std::sync::mpsc::Sender<Call>, request: Vec<u8>) -> (Vec<u8>, WireUsage) {
+    let (back, answer) = tokio::sync::oneshot::channel();
+    calls.send((request, back)).unwrap();
+    answer.await.unwrap()
+}
+
+/// What the in-process server does around the sandbox call: (b) is `Checked`, the rest take
+/// its steps away one at a time to show what each costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Raw bytes in, raw bytes out: no session messages, no receipt.
+    Raw,
+    /// The session messages with a receipt signed once ahead of time: encoding only.
+    Messages,
+    /// A receipt signed per inference; the renter does not check it.
+    Signed,
+    /// A receipt signed per inference and checked by the renter, as `client::Session` does.
+    Checked,
+}
+
+/// (b) and its variants: a QUIC server in the bench process in front of [`sandbox_thread`], and
+/// the renter's connection to it.
+struct InProcess {
+    conn: quic::Connection,
+    _endpoint: quic::Endpoint,
+    mode: Mode,
+    checker: Checker,
+}
+
+/// The server's side of one [`InProcess`].
+struct Serving {
+    calls: std::sync::mpsc::Sender<Call>,
+    mode: Mode,
+    key: Keypair,
+    signer: tokio::sync::Mutex<Signer>,
+    presigned: Box<proto::receipt::Receipt>,
+}
+
+impl InProcess {
+    async fn start(calls: std::sync::mpsc::Sender<Call>, mode: Mode) -> InProcess {
+        let server_key = Keypair::generate();
+        let renter = Keypair::generate();
+        let session_id = [9u8; 16];
+        let server_id = quic::Identity::new(&server_key).unwrap();
+        // The daemon's session endpoint limits, so both sides run the same link code alike.
+        let limits = quic::ServerLimits::default().full(quic::Budget { bidi_streams: 17, receive_window: 16 << 20 });
+        let server = quic::server_with(&server_id, LOOPBACK, quic::Peers::Any, limits).unwrap();
+        let addr = server.local_addr().unwrap();
+        let presigned =
+            Box::new(Signer::new(session_id, renter.public(), 1).next(&server_key, &Counts::default(), &[], &[]));
+        let serving = Arc::new(Serving {
+            calls,
+            mode,
+            key: Keypair::from_seed(server_key.seed()),
+            signer: tokio::sync::Mutex::new(Signer::new(session_id, renter.public(), 1)),
+            presigned,
+        });
+        tokio::spawn(async move {
+            while let Some(incoming) = server.accept().await {
+                let serving = serving.clone();
+                tokio::spawn(async move {
+                    let conn = incoming.await.unwrap();
+                    // No ticket to check: the baseline trusts its one peer.
+                    conn.authenticated();
+                    while let Ok((send, recv)) = conn.accept_bi().await {
+                        tokio::spawn(serve_in_process(send, recv, serving.clone()));
+                    }
+                });
+            }
+        });
+        let endpoint = quic::client(LOOPBACK).unwrap();
+        let id = quic::Identity::new(&renter).unwrap();
+        let conn = quic::connect(&endpoint, &id, addr, server_key.public()).await.unwrap();
+        let checker = Checker::new(session_id, server_key.public(), renter.public(), 1);
+        InProcess { conn, _endpoint: endpoint, mode, checker }
+    }
+
+    async fn round(&mut self, n: usize, payload: &[u8]) -> Vec<Duration> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+            if self.mode == Mode::Raw {
+                quic::write_msg(&mut send, &payload.to_vec(), BLOB_CAP).await.unwrap();
+                let _ = send.finish();
+                let back: Option<Vec<u8>> = quic::read_msg(&mut recv, BLOB_CAP).await.unwrap();
+                assert_eq!(back.unwrap().len(), payload.len());
+            } else {
+                let request = SessionMsg::Request { bytes: payload.to_vec(), voucher: None };
+                quic::write_msg(&mut send, &request, BLOB_CAP).await.unwrap();
+                let _ = send.finish();
+                match quic::read_msg::<SessionReply>(&mut recv, BLOB_CAP).await.unwrap() {
+                    Some(SessionReply::Response { bytes, receipt, .. }) => {
+                        assert_eq!(bytes.len(), payload.len());
+                        if self.mode == Mode::Checked {
+                            self.checker.check(&receipt, payload, &bytes).unwrap();
+                        }
+                    }
+                    other => panic!("the in-process server answered {other:?}"),
+                }
+            }
+            out.push(t.elapsed());
+        }
+        out
+    }
+}
+
+/// One stream of the in-process server: as the daemon serves a request (read it, call the
+/// sandbox, sign the receipt, answer), with no worker between.
+async fn serve_in_process(mut send: quic::SendStream, mut recv: quic::RecvStream, serving: Arc<Serving>) {
+    if serving.mode == Mode::Raw {
+        let request: Vec<u8> = quic::read_msg(&mut recv, BLOB_CAP).await.unwrap().unwrap();
+        let (response, _) = call(&serving.calls, request).await;
+        quic::write_msg(&mut send, &response, BLOB_CAP).await.unwrap();
+    } else {
+        let Some(SessionMsg::Request { bytes, .. }) = quic::read_msg(&mut recv, BLOB_CAP).await.unwrap() else {
+            panic!("the bench sent something else than a request");
+        };
+        let (response, usage) = call(&serving.calls, bytes.clone()).await;
+        let receipt = if serving.mode == Mode::Messages {
+            serving.presigned.clone()
+        } else {
+            let counts = Counts {
+                inferences: 1,
+                fuel: usage.fuel,
+                invocations: usage.invocations,
+                bytes_uploaded: usage.bytes_uploaded,
+                bytes_downloaded: usage.bytes_downloaded,
+                gpu_time_ns: usage.gpu_time_ns,
+            };
+            Box::new(serving.signer.lock().await.next(&serving.key, &counts, &bytes, &response))
+        };
+        let reply = SessionReply::Response { bytes: response, usage, receipt, settled: None };
+        quic::write_msg(&mut send, &reply, BLOB_CAP).await.unwrap();
+    }
+    let _ = send.finish();
+}
+
+/// (c) A plain QUIC echo over the same link code.
+struct PlainEcho {
+    conn: quic::Connection,
+    _endpoint: quic::Endpoint,
+}
+
+impl PlainEcho {
+    async fn start() -> PlainEcho {
+        let server_key = Keypair::generate();
+        let server_id = quic::Identity::new(&server_key).unwrap();
+        let server = quic::server(&server_id, LOOPBACK, quic::Peers::Any).unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Some(incoming) = server.accept().await {
+                tokio::spawn(async move {
+                    let conn = incoming.await.unwrap();
+                    conn.authenticated();
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        tokio::spawn(async move {
+                            let msg: Option<Vec<u8>> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
+                            let mut back = msg.unwrap();
+                            back.reverse();
+                            quic::write_msg(&mut send, &back, 1 << 20).await.unwrap();
+                            let _ = send.finish();
+                        });
+                    }
+                });
+            }
+        });
+        let endpoint = quic::client(LOOPBACK).unwrap();
+        let id = quic::Identity::new(&Keypair::generate()).unwrap();
+        let conn = quic::connect(&endpoint, &id, addr, server_key.public()).await.unwrap();
+        PlainEcho { conn, _endpoint: endpoint }
+    }
+
+    async fn round(&self, n: usize, payload: &[u8]) -> Vec<Duration> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+            quic::write_msg(&mut send, &payload.to_vec(), 1 << 20).await.unwrap();
+            let _ = send.finish();
+            let back: Option<Vec<u8>> = quic::read_msg(&mut recv, 1 << 20).await.unwrap();
+            assert_eq!(back.unwrap().len(), payload.len());
+            out.push(t.elapsed());
+        }
+        out
+    }
+}
+
+/// The daemon-worker pipe alone: a `wasmgrid worker` child serving the echo sample, driven
+/// with the daemon's own `Worker::send`/`recv`.
+struct Pipe {
+    worker: Worker,
+}
+
+impl Pipe {
+    async fn start(command: &WorkerCommand, echo: &[u8], hash: [u8; 32]) -> Pipe {
+        let mut worker = Worker::start(command).await.unwrap();
+        let start = ToWorker::Service { module_hash: hash, init_input: Vec::new(), limits: JobLimits::default() };
+        worker.send(&start).await.unwrap();
+        loop {
+            match worker.recv().await.unwrap() {
+                FromWorker::Accepted => {}
+                FromWorker::NeedModule { .. } => worker.send(&ToWorker::Module { bytes: echo.to_vec() }).await.unwrap(),
+                FromWorker::ServiceStarted { result, .. } => {
+                    result.unwrap();
+                    break;
+                }
+                other => panic!("the worker said {other:?} while starting the service"),
+            }
+        }
+        Pipe { worker }
+    }
+
+    async fn round(&mut self, n: usize, payload: &[u8]) -> Vec<Duration> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            self.worker.send(&ToWorker::Infer { bytes: payload.to_vec() }).await.unwrap();
+            match self.worker.recv().await.unwrap() {
+                FromWorker::Inferred { result: Ok(inf) } => assert_eq!(inf.response.len(), payload.len()),
+                other => panic!("the worker said {other:?} for an inference"),
+            }
+            out.push(t.elapsed());
+        }
+        out
+    }
+}
+
+/// A receipt's signing (the provider, per inference) and its check (the renter), alone.
+fn receipt_costs(n: usize, payload: &[u8]) -> (Vec<Duration>, Vec<Duration>) {
+    let (provider, renter) = (Keypair::generate(), Keypair::generate());
+    let mut signer = Signer::new([1; 16], renter.public(), 1);
+    let mut checker = Checker::new([1; 16], provider.public(), renter.public(), 1);
+    let call = Counts { inferences: 1, fuel: 2_000, invocations: 0, ..Counts::default() };
+    let (mut sign, mut check) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n + WARM_UP {
+        let t = Instant::now();
+        let r = signer.next(&provider, &call, payload, payload);
+        let signed = t.elapsed();
+        let t = Instant::now();
+        checker.check(&r, payload, payload).unwrap();
+        if i >= WARM_UP {
+            sign.push(signed);
+            check.push(t.elapsed());
+        }
+    }
+    (sign, check)
+}
+
+async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
+    let payload = vec![7u8; 64];
+    let (rounds, n) = (2, 1_000);
+    println!("\ninference round trip, echo sample, 64-byte request and response, sequential");
+    println!(
+        "  ({rounds} rounds of {n} after {WARM_UP} warm-up each, the variants alternating round by round; figures \
+         pooled)"
+    );
+    let echo = std::fs::read(sample_artifacts::ECHO).unwrap();
+    let client = renter_client(l, renter);
+    let renter = Keypair::from_seed(renter.seed());
+    let real = client::Session::open(&client, renter, echo.clone(), Vec::new(), Requirements::default()).await.unwrap();
+    let (calls, alone) = sandbox_thread(echo.clone(), n * rounds, payload.clone()).await;
+    let modes = [Mode::Checked, Mode::Signed, Mode::Messages, Mode::Raw];
+    let mut in_process = Vec::new();
+    for mode in modes {
+        in_process.push(InProcess::start(calls.clone(), mode).await);
+    }
+    let plain = PlainEcho::start().await;
+    let hash = {
+        let host = host::Host::new(host::HostConfig { max_instances: 1, ..host::HostConfig::default() }).unwrap();
+        host.load(&echo).unwrap().hash()
+    };
+    let mut pipe = Pipe::start(&bare_worker(), &echo, hash).await;
+    let (mut a, mut c, mut p) = (Vec::new(), Vec::new(), Vec::new());
+    let mut b: Vec<Vec<Duration>> = vec![Vec::new(); modes.len()];
+    for _ in 0..rounds {
+        real_round(&real, WARM_UP, &payload).await;
+        a.extend(real_round(&real, n, &payload).await);
+        for (server, times) in in_process.iter_mut().zip(&mut b) {
+            server.round(WARM_UP, &payload).await;
+            times.extend(server.round(n, &payload).await);
+        }
+        plain.round(WARM_UP, &payload).await;
+        c.extend(plain.round(n, &payload).await);
+        pipe.round(WARM_UP, &payload).await;
+        p.extend(pipe.round(n, &payload).await);
+    }
+    let sa = line("(a) client::Session -> daemon -> worker, receipt per inference", &a);
+    let sb = line("(b) in-process sandbox, same messages, receipt signed + checked", &b[0]);
+    let sc = line("(c) plain QUIC echo, same link code", &c);
+    println!(
+        "  (a)/(b) p50 {:.2}x (target <= 1.2x); (a)/(c) {:.2}x; (b)/(c) {:.2}x",
+        us(sa.p50) / us(sb.p50),
+        us(sa.p50) / us(sc.p50),
+        us(sb.p50) / us(sc.p50)
+    );
+    println!("  where the time goes: (b) with its steps taken away one at a time");
+    let s_signed = line("(b) without the renter's check", &b[1]);
+    let s_msgs = line("(b) with one receipt signed ahead (messages only)", &b[2]);
+    let s_raw = line("(b) raw bytes, no session messages, no receipt", &b[3]);
+    println!("  and alone:");
+    let sp = line("daemon -> worker pipe -> daemon, ToWorker::Infer", &p);
+    let sx = line("the sandbox call (Service::infer, in-process)", &alone);
+    let (sign, check) = receipt_costs(n * rounds, &payload);
+    let ss = line("receipt: provider signs (Signer::next)", &sign);
+    let sk = line("receipt: renter checks (Checker::check)", &check);
+    let d = |x: Stats, y: Stats| us(x.p50) - us(y.p50);
+    println!("  p50 steps:");
+    println!(
+        "    sandbox call + hop to its thread (raw - plain echo)    {:>7.1} us (the call alone {:.1})",
+        d(s_raw, sc),
+        us(sx.p50)
+    );
+    println!("    session messages (messages - raw)                      {:>7.1} us", d(s_msgs, s_raw));
+    println!(
+        "    provider signs per inference (signed - messages)       {:>7.1} us (alone {:.1})",
+        d(s_signed, s_msgs),
+        us(ss.p50)
+    );
+    println!(
+        "    renter checks (b - signed)                             {:>7.1} us (alone {:.1})",
+        d(sb, s_signed),
+        us(sk.p50)
+    );
+    println!(
+        "    worker and daemon (a - b)                              {:>7.1} us (the pipe round trip alone {:.1})",
+        d(sa, sb),
+        us(sp.p50)
+    );
+    pipe.worker.kill().await;
+}
+
+// ---- batch jobs ----
+
+async fn job_section(l: &scheduler::Listening, renter: &Keypair) {
+    println!("\nbatch job on a warm host: pre-started worker, module compiled, pipeline cached (16x16x16 matmul)");
+    let client = renter_client(l, renter);
+    let matmul = std::fs::read(sample_artifacts::MATMUL).unwrap();
+    let uploaded = client.upload(matmul).await.unwrap();
+    let mut input: Vec<u8> = [16u32, 16, 16].iter().flat_map(|w| w.to_le_bytes()).collect();
+    input.extend((0..512).flat_map(|i| (i as f32).to_le_bytes()));
+    let (mut submit, mut end_to_end, mut on_host, mut to_dispatch) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..60 {
+        let t = Instant::now();
+        let s =
+            client.submit(&uploaded.module, &input, Requirements::default(), JobLimits::default(), None).await.unwrap();
+        let accepted = t.elapsed();
+        let view = client.wait(&s.id, |_| {}).await.unwrap();
+        let elapsed = t.elapsed();
+        assert_eq!(view.state, proto::api::JobState::Succeeded);
+        if i >= 10 {
+            let run = Duration::from_micros(view.wall_time_us.unwrap_or(0));
+            let first = Duration::from_micros(view.first_dispatch_us.unwrap_or(0));
+            submit.push(accepted);
+            end_to_end.push(elapsed);
+            on_host.push(run);
+            // Everything but the job's time after its first dispatch: an upper bound on
+            // submit to first dispatch (it still includes returning the result).
+            to_dispatch.push(elapsed.saturating_sub(run.saturating_sub(first)));
+        }
+    }
+    line("signed HTTPS submit, until accepted (durable in redb)", &submit);
+    line("submit -> result (signed HTTPS, QUIC to the host, worker, back)", &end_to_end);
+    line("submit -> first dispatch (upper bound: includes the way back)", &to_dispatch);
+    line("baseline: the job's run time on the host (in the worker)", &on_host);
+}
+
+// ---- workers ----
+
+async fn workers_section() {
+    println!("\nworker processes (`wasmgrid worker --no-cache`), one at a time");
+    let command = bare_worker();
+    let (rounds, mut start, mut replace) = (10, Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let w = Worker::start(&command).await.unwrap();
+        start.push(t.elapsed());
+        let t = Instant::now();
+        w.kill().await;
+        let w = Worker::start(&command).await.unwrap();
+        replace.push(t.elapsed());
+        w.kill().await;
+    }
+    line_ms("start: spawn -> Ready (Worker::start)", &start);
+    line_ms("replacement: SIGKILL and reap -> a new one Ready", &replace);
+    let mut in_process = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let host = tokio::task::spawn_blocking(|| {
+            host::Host::new(host::HostConfig { max_instances: 2, ..host::HostConfig::default() }).unwrap()
         })
         .await
         .unwrap();
-        let gpu = host::list_adapters().into_iter().next().unwrap();
-        println!("market benchmarks on loopback; GPU {} ({})", gpu.name, gpu.device_type);
-        // Jobs and sessions run in worker processes of the real binary, as on a provider.
-        let worker = provider::WorkerCommand {
-            program: env!("CARGO_BIN_EXE_wasmgrid").into(),
-            args: vec!["worker".into(), "--no-cache".into()],
-        };
-        let mut config = provider::DaemonConfig::new(l.quic, l.key, Keypair::generate(), worker);
-        config.name = "bench".into();
-        config.capacity = 4;
-        config.session_listen = Some(loopback);
-        tokio::spawn(provider::run_forever(config));
-        // HTTPS pinned to the scheduler's key, every request signed by the renter.
-        let renter = Keypair::generate();
-        let client = client::Scheduler::new(&l.url(), Some(l.key), Keypair::from_seed(renter.seed())).unwrap();
-        loop {
-            if client.providers().await.unwrap().iter().any(|p| p.online) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        in_process.push(t.elapsed());
+        drop(host);
+    }
+    line_ms("baseline: the same host opened in-process (Host::new)", &in_process);
 
-        let payload = vec![7u8; 64];
-        let n = 2_000;
-        println!("\ninference round trip, 64-byte request and response, sequential");
-        let echo = std::fs::read(sample_artifacts::ECHO).unwrap();
-        let session = client::Session::open(&client, renter, echo, Vec::new(), Requirements::default()).await.unwrap();
-        let mut samples = Vec::with_capacity(n);
-        for i in 0..n + 100 {
-            let t = Instant::now();
-            let a = session.infer(&payload).await.unwrap();
-            if i >= 100 {
-                samples.push(t.elapsed());
-            }
-            assert_eq!(a.response.len(), 64);
+    let warm = 2;
+    let pool = Pool::new(command, warm);
+    let t = Instant::now();
+    pool.fill().await.unwrap();
+    let filled = t.elapsed();
+    let (mut take, mut whole, mut give_back) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let w = pool.take().await.unwrap();
+        take.push(t.elapsed());
+        // The take started a replacement in the background: until when is the pool short?
+        while pool.stats().idle < warm {
+            assert!(t.elapsed() < WAIT, "the pool did not refill");
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        summary("session: renter -> provider, echo sample in the sandbox", samples);
-        summary("baseline: plain QUIC echo, same link code", plain_quic_echo(n, &payload).await);
+        whole.push(t.elapsed());
+        // As after a tenant that crashed its worker: killed and reaped on the daemon's path.
+        let t = Instant::now();
+        pool.give_back(w, false).await;
+        give_back.push(t.elapsed());
+    }
+    println!("  pool of {warm} warm workers:");
+    println!("  {:<62} {:>9.2} ms", "fill from empty (2 starts, one after the other)", ms(filled));
+    line("take: a pre-started worker handed out", &take);
+    line_ms("take -> pool whole again (its replacement started and Ready)", &whole);
+    line_ms("give back a broken worker (kill and reap)", &give_back);
+    let s = pool.stats();
+    println!("  pool stats: {} started, {} replaced, {} idle", s.started, s.replaced, s.idle);
+    // Dropping the pool kills its idle workers.
+}
 
-        println!("\nbatch job on a warm host, module and pipeline cached (16x16 matmul)");
-        let matmul = std::fs::read(sample_artifacts::MATMUL).unwrap();
-        let uploaded = client.upload(matmul).await.unwrap();
-        let mut input: Vec<u8> = [16u32, 16, 16].iter().flat_map(|w| w.to_le_bytes()).collect();
-        input.extend((0..512).flat_map(|i| (i as f32).to_le_bytes()));
-        let (mut end_to_end, mut on_host, mut to_dispatch) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..60 {
-            let t = Instant::now();
-            let s = client
-                .submit(&uploaded.module, &input, Requirements::default(), JobLimits::default(), None)
-                .await
-                .unwrap();
-            let view = client.wait(&s.id, |_| {}).await.unwrap();
-            let elapsed = t.elapsed();
-            assert_eq!(view.state, proto::api::JobState::Succeeded);
-            if i >= 10 {
-                let run = Duration::from_micros(view.wall_time_us.unwrap_or(0));
-                let first = Duration::from_micros(view.first_dispatch_us.unwrap_or(0));
-                end_to_end.push(elapsed);
-                on_host.push(run);
-                // Everything but the job's time after its first dispatch: an upper bound on
-                // submit to first dispatch (it still includes returning the result).
-                to_dispatch.push(elapsed.saturating_sub(run.saturating_sub(first)));
+// ---- memory, concurrency: a real `wasmgrid host` process ----
+
+async fn memory_section() {
+    println!("\nresident memory, a `wasmgrid host` process (capacity 1, 2 warm workers) idle after start");
+    let dir = tempfile::tempdir().unwrap();
+    let l = start_scheduler(dir.path()).await;
+    let host = HostProcess::start(&l, dir.path(), "idle", 16).await;
+    mem_line("daemon (the `wasmgrid host` process)", mem(host.pid()));
+    for pid in children(host.pid()) {
+        mem_line(&format!("idle worker {pid}"), mem(pid));
+    }
+    mem_line("for scale: this bench process", mem(std::process::id()));
+}
+
+async fn concurrent_section() {
+    println!("\nconcurrent sessions on one `wasmgrid host` process, echo sample, 200 requests of 64 bytes each");
+    println!("  (all N sessions opened at once; once all are open, all send their requests at once)");
+    let echo = std::fs::read(sample_artifacts::ECHO).unwrap();
+    for n in [16u32, 32, 64] {
+        let dir = tempfile::tempdir().unwrap();
+        let l = start_scheduler(dir.path()).await;
+        let host = HostProcess::start(&l, dir.path(), "concurrent", n).await;
+        let idle_daemon = mem(host.pid());
+        let (idle_count, idle_workers) = host.workers_mem();
+        let client = renter_client(&l, &Keypair::generate());
+        let t = Instant::now();
+        let opening: Vec<_> = (0..n)
+            .map(|_| {
+                let (client, echo) = (client.clone(), echo.clone());
+                tokio::spawn(async move {
+                    let renter = Keypair::generate();
+                    let open = client::Session::open(&client, renter, echo, Vec::new(), Requirements::default());
+                    tokio::time::timeout(WAIT, open).await
+                })
+            })
+            .collect();
+        let mut sessions = Vec::new();
+        let mut failed = Vec::new();
+        for o in opening {
+            match o.await.unwrap() {
+                Ok(Ok(s)) => sessions.push(Arc::new(s)),
+                Ok(Err(e)) => failed.push(e.to_string()),
+                Err(_) => failed.push(format!("not open within {WAIT:?}")),
             }
         }
-        summary("submit -> result over HTTPS (signed requests) and QUIC", end_to_end);
-        summary("submit -> first dispatch (upper bound)", to_dispatch);
-        summary("baseline: the job's run time on the host", on_host);
+        let opened = t.elapsed();
+        let t = Instant::now();
+        let serving: Vec<_> = sessions
+            .iter()
+            .map(|s| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let payload = vec![7u8; 64];
+                    let mut times = Vec::with_capacity(200);
+                    for _ in 0..200 {
+                        let t = Instant::now();
+                        match tokio::time::timeout(WAIT, s.infer(&payload)).await {
+                            Ok(Ok(a)) if a.response.len() == payload.len() => times.push(t.elapsed()),
+                            Ok(Ok(_)) => return Err("a response of the wrong length".to_string()),
+                            Ok(Err(e)) => return Err(e.to_string()),
+                            Err(_) => return Err(format!("a request not answered within {WAIT:?}")),
+                        }
+                    }
+                    Ok(times)
+                })
+            })
+            .collect();
+        let mut times = Vec::new();
+        for s in serving {
+            match s.await.unwrap() {
+                Ok(t) => times.extend(t),
+                Err(e) => failed.push(e),
+            }
+        }
+        let served = t.elapsed();
+        // Measured with every session still open, each holding its worker.
+        let busy_daemon = mem(host.pid());
+        let (busy_count, busy_workers) = host.workers_mem();
+        for s in &sessions {
+            let _ = s.close().await;
+        }
+        drop(sessions);
+        let complete = failed.is_empty();
+        println!(
+            "  N = {n}: {} {}; open all {:.2} s, then {} requests in {:.2} s ({:.0}/s)",
+            if complete { "all complete" } else { "NOT all complete" },
+            if complete { String::new() } else { format!("({} failed: {:?})", failed.len(), failed.first()) },
+            opened.as_secs_f64(),
+            times.len(),
+            served.as_secs_f64(),
+            times.len() as f64 / served.as_secs_f64()
+        );
+        if !times.is_empty() {
+            line("    request round trip, all sessions at once", &times);
+        }
+        mem_line(&format!("    daemon idle, {idle_count} idle workers together"), idle_workers);
+        mem_line("    daemon idle", idle_daemon);
+        mem_line(&format!("    {n} sessions open: {busy_count} workers together"), busy_workers);
+        mem_line(&format!("    {n} sessions open: daemon"), busy_daemon);
+        let per = |busy: u64, idle: u64| mib(busy.saturating_sub(idle)) / f64::from(n);
+        println!(
+            "    memory a session adds (workers and daemon, open minus idle, / N): RSS {:.1} MiB  anonymous {:.1} MiB  \
+             PSS {:.1} MiB",
+            per(busy_workers.rss + busy_daemon.rss, idle_workers.rss + idle_daemon.rss),
+            per(busy_workers.anon + busy_daemon.anon, idle_workers.anon + idle_daemon.anon),
+            per(busy_workers.pss + busy_daemon.pss, idle_workers.pss + idle_daemon.pss),
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        mem_line("    daemon after the sessions closed", mem(host.pid()));
+        drop(host);
+    }
+}
+
+fn main() {
+    // Quiet unless asked: `RUST_LOG=info` shows the in-process scheduler's and daemon's logs.
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off"))
+        .format_timestamp_micros()
+        .try_init();
+    let named: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let wants = |s: &str| named.is_empty() || named.iter().any(|n| n == s);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let gpu = host::list_adapters().into_iter().next().unwrap();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_default();
+    println!(
+        "market benchmarks on loopback; {} cores ({cpu}); GPU {} ({}, {} {})",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        gpu.name,
+        gpu.device_type,
+        gpu.driver,
+        gpu.driver_info
+    );
+    rt.block_on(async {
+        if wants("session") || wants("job") {
+            // One scheduler and one provider daemon in the bench process; tenants run in worker
+            // processes of the real binary, as on a provider.
+            let dir = tempfile::tempdir().unwrap();
+            let l = start_scheduler(dir.path()).await;
+            // Workers as `wasmgrid host` starts them: sharing a disk cache of compiled modules.
+            let cache = dir.path().join("cache");
+            let worker = worker_command(&["--cache-dir".as_ref(), cache.as_os_str()]);
+            let mut config = provider::DaemonConfig::new(l.quic, l.key, Keypair::generate(), worker);
+            config.name = "bench".into();
+            config.capacity = 4;
+            config.session_listen = Some(LOOPBACK);
+            tokio::spawn(provider::run_forever(config));
+            let renter = Keypair::generate();
+            wait_online(&renter_client(&l, &renter), "bench").await;
+            if wants("session") {
+                session_section(&l, &renter).await;
+            }
+            if wants("job") {
+                job_section(&l, &renter).await;
+            }
+        }
+        if wants("workers") {
+            workers_section().await;
+        }
+        if wants("memory") {
+            memory_section().await;
+        }
+        if wants("concurrent") {
+            concurrent_section().await;
+        }
     });
 }
