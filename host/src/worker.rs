@@ -426,16 +426,7 @@ impl Worker<'_> {
 
 /// The result of a job that could not start.
 fn not_run(f: WorkerFailure) -> JobResult {
-    JobResult {
-        outcome: Outcome::Failed { kind: f.kind, limit: f.limit, message: f.message },
-        output: Vec::new(),
-        log: Vec::new(),
-        usage: WireUsage::default(),
-        wall_time_ms: 0,
-        wall_time_us: 0,
-        first_dispatch_us: None,
-        receipt: None,
-    }
+    JobResult::failed(f.kind, f.limit, f.message)
 }
 
 /// Tells the daemon this worker cannot start (no GPU, say), as its one frame.

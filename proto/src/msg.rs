@@ -207,6 +207,23 @@ pub struct JobResult {
     pub receipt: Option<crate::receipt::JobReceipt>,
 }
 
+impl JobResult {
+    /// The result of a job that failed before it produced anything (it never ran, or its
+    /// worker was lost): no output, no log, no usage.
+    pub fn failed(kind: FailureKind, limit: Option<String>, message: String) -> JobResult {
+        JobResult {
+            outcome: Outcome::Failed { kind, limit, message },
+            output: Vec::new(),
+            log: Vec::new(),
+            usage: WireUsage::default(),
+            wall_time_ms: 0,
+            wall_time_us: 0,
+            first_dispatch_us: None,
+            receipt: None,
+        }
+    }
+}
+
 /// Host to scheduler, on the control stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum HostMsg {

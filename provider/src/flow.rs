@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use proto::msg::{FailureKind, JobLimits, JobReply, JobResult, Outcome, WireUsage};
+use proto::msg::{FailureKind, JobLimits, JobReply, JobResult, Outcome};
 use proto::worker::{FromWorker, ToWorker};
 
 use crate::pool::WorkerDied;
@@ -46,16 +46,7 @@ pub(crate) struct JobFlow {
 
 /// The result of a job that never ran, or whose worker was lost.
 pub(crate) fn failed_result(kind: FailureKind, limit: Option<String>, message: String) -> JobResult {
-    JobResult {
-        outcome: Outcome::Failed { kind, limit, message },
-        output: Vec::new(),
-        log: Vec::new(),
-        usage: WireUsage::default(),
-        wall_time_ms: 0,
-        wall_time_us: 0,
-        first_dispatch_us: None,
-        receipt: None,
-    }
+    JobResult::failed(kind, limit, message)
 }
 
 /// The smaller of a job's asked-for value and the worker's most, 0 meaning "not asked".
