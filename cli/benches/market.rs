@@ -4,22 +4,25 @@
 //!   `client::Session` -> provider daemon -> a pre-started worker process -> back, a receipt
 //!   signed per inference and checked by the renter; (b) the same messages, receipts and checks
 //!   served in the bench process (the same sandbox call on a thread of its own, the same QUIC
-//!   link code, no daemon, no worker); (b0) that in-process sandbox without receipts (raw bytes
-//!   in, raw bytes out); (c) a plain QUIC echo. Then where the time goes: the daemon-worker pipe
-//!   round trip alone (a `wasmgrid worker` child driven with `ToWorker::Infer` frames), the
-//!   sandbox call alone, a receipt's signing and its check.
-//! - `job`: a batch job on a warm host (worker pre-started, module compiled, pipeline cached)
+//!   link code, no daemon, no worker); (c) a plain QUIC echo. Then where the time goes: (b) with
+//!   its steps taken away one at a time (the renter's check, the per-inference signature, the
+//!   session messages), and alone: the daemon-worker pipe round trip (a `wasmgrid worker` child
+//!   driven with `ToWorker::Infer` frames), the sandbox call, a receipt's signing and its check.
+//! - `job`: a batch job on a warm host (workers pre-started, the module in their disk cache)
 //!   from the signed HTTPS submit to its result, and from it an upper bound on submit -> first
 //!   dispatch; baseline: the job's own run time on the host.
 //! - `workers`: a worker's start (spawn -> `Ready`) and replacement (kill -> a new one ready),
-//!   through `provider::pool`; baseline: opening the same host in the bench process.
+//!   directly and through `provider::pool`; baseline: opening the same host in the bench
+//!   process.
 //! - `memory`: resident memory of an idle `wasmgrid host` process and of each of its idle
 //!   workers, read from `/proc`.
 //! - `concurrent`: N sessions at once (200 requests each) on one `wasmgrid host` process with
-//!   `--session-capacity N`, for N = 16, 32, 64: whether all complete, how long, and the memory
-//!   each session adds (its worker process, read from `/proc`).
+//!   `--session-capacity N`, for N = 16, 32, 64 (or `WASMGRID_BENCH_SESSIONS=16,128`): whether all
+//!   complete, how long, and the memory each session adds (its worker process, read from
+//!   `/proc`).
 //!
-//! Run: `cargo bench -p cli --bench market [-- SECTION...]` (every section when none is named).
+//! Run: `cargo bench -p cli --bench market [-- SECTION...]` (every section when none is named;
+//! `RUST_LOG=info` shows the in-process scheduler's and daemon's logs).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader};
@@ -319,7 +322,13 @@ enum Mode {
     Signed,
     /// A receipt signed per inference and checked by the renter, as `client::Session` does.
     Checked,
+    /// As `Checked`, but the renter checks each receipt on a thread of its own, in order, while
+    /// its next request is under way: what checking on another core would give.
+    CheckedAside,
 }
+
+/// A receipt to check, with the request and response it covers.
+type ToCheck = (Box<proto::receipt::Receipt>, Vec<u8>, Vec<u8>);
 
 /// (b) and its variants: a QUIC server in the bench process in front of [`sandbox_thread`], and
 /// the renter's connection to it.
@@ -328,6 +337,8 @@ struct InProcess {
     _endpoint: quic::Endpoint,
     mode: Mode,
     checker: Checker,
+    /// For `CheckedAside`: where receipts go to be checked.
+    aside: Option<std::sync::mpsc::Sender<ToCheck>>,
 }
 
 /// The server's side of one [`InProcess`].
@@ -375,7 +386,17 @@ impl InProcess {
         let id = quic::Identity::new(&renter).unwrap();
         let conn = quic::connect(&endpoint, &id, addr, server_key.public()).await.unwrap();
         let checker = Checker::new(session_id, server_key.public(), renter.public(), 1);
-        InProcess { conn, _endpoint: endpoint, mode, checker }
+        let aside = (mode == Mode::CheckedAside).then(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<ToCheck>();
+            let mut checker = Checker::new(session_id, server_key.public(), renter.public(), 1);
+            std::thread::spawn(move || {
+                while let Ok((receipt, request, response)) = rx.recv() {
+                    checker.check(&receipt, &request, &response).unwrap();
+                }
+            });
+            tx
+        });
+        InProcess { conn, _endpoint: endpoint, mode, checker, aside }
     }
 
     async fn round(&mut self, n: usize, payload: &[u8]) -> Vec<Duration> {
@@ -397,6 +418,9 @@ impl InProcess {
                         assert_eq!(bytes.len(), payload.len());
                         if self.mode == Mode::Checked {
                             self.checker.check(&receipt, payload, &bytes).unwrap();
+                        }
+                        if let Some(aside) = &self.aside {
+                            aside.send((receipt, payload.to_vec(), bytes)).unwrap();
                         }
                     }
                     other => panic!("the in-process server answered {other:?}"),
@@ -529,6 +553,67 @@ impl Pipe {
     }
 }
 
+/// The floor of a pipe round trip through another process: the same `Infer` frame written to
+/// `cat` and read back, by the daemon's tokio pipes, no decoding.
+struct PipeFloor {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+}
+
+impl PipeFloor {
+    fn start() -> PipeFloor {
+        let mut child = tokio::process::Command::new("cat")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (stdin, stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+        PipeFloor { child, stdin, stdout }
+    }
+
+    async fn round(&mut self, n: usize, payload: &[u8]) -> Vec<Duration> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let frame =
+            proto::frame::encode(&ToWorker::Infer { bytes: payload.to_vec() }, proto::worker::WORKER_CAP).unwrap();
+        let mut back = vec![0u8; frame.len()];
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            self.stdin.write_all(&frame).await.unwrap();
+            self.stdin.flush().await.unwrap();
+            self.stdout.read_exact(&mut back).await.unwrap();
+            out.push(t.elapsed());
+        }
+        out
+    }
+}
+
+/// Encoding and decoding the session messages of one request, as both sides do (no network).
+/// Returns the times and the two frames' sizes in bytes.
+fn codec_costs(n: usize, payload: &[u8]) -> (Vec<Duration>, usize) {
+    let key = Keypair::generate();
+    let receipt = Box::new(Signer::new([1; 16], key.public(), 1).next(&key, &Counts::default(), payload, payload));
+    let usage = WireUsage::default();
+    let (mut out, mut size) = (Vec::with_capacity(n), 0);
+    for i in 0..n + WARM_UP {
+        let t = Instant::now();
+        let request = SessionMsg::Request { bytes: payload.to_vec(), voucher: None };
+        let frame = proto::frame::encode(&request, BLOB_CAP).unwrap();
+        let got: SessionMsg = proto::frame::decode_body(&frame[4..]).unwrap();
+        let SessionMsg::Request { bytes, .. } = got else { panic!("decoded {got:?}") };
+        let reply = SessionReply::Response { bytes, usage: usage.clone(), receipt: receipt.clone(), settled: None };
+        let back = proto::frame::encode(&reply, BLOB_CAP).unwrap();
+        let _: SessionReply = proto::frame::decode_body(&back[4..]).unwrap();
+        if i >= WARM_UP {
+            out.push(t.elapsed());
+        }
+        size = frame.len() + back.len();
+    }
+    (out, size)
+}
+
 /// A receipt's signing (the provider, per inference) and its check (the renter), alone.
 fn receipt_costs(n: usize, payload: &[u8]) -> (Vec<Duration>, Vec<Duration>) {
     let (provider, renter) = (Keypair::generate(), Keypair::generate());
@@ -563,7 +648,7 @@ async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
     let renter = Keypair::from_seed(renter.seed());
     let real = client::Session::open(&client, renter, echo.clone(), Vec::new(), Requirements::default()).await.unwrap();
     let (calls, alone) = sandbox_thread(echo.clone(), n * rounds, payload.clone()).await;
-    let modes = [Mode::Checked, Mode::Signed, Mode::Messages, Mode::Raw];
+    let modes = [Mode::Checked, Mode::Signed, Mode::Messages, Mode::Raw, Mode::CheckedAside];
     let mut in_process = Vec::new();
     for mode in modes {
         in_process.push(InProcess::start(calls.clone(), mode).await);
@@ -574,7 +659,8 @@ async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
         host.load(&echo).unwrap().hash()
     };
     let mut pipe = Pipe::start(&bare_worker(), &echo, hash).await;
-    let (mut a, mut c, mut p) = (Vec::new(), Vec::new(), Vec::new());
+    let mut floor = PipeFloor::start();
+    let (mut a, mut c, mut p, mut f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut b: Vec<Vec<Duration>> = vec![Vec::new(); modes.len()];
     for _ in 0..rounds {
         real_round(&real, WARM_UP, &payload).await;
@@ -587,6 +673,8 @@ async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
         c.extend(plain.round(n, &payload).await);
         pipe.round(WARM_UP, &payload).await;
         p.extend(pipe.round(n, &payload).await);
+        floor.round(WARM_UP, &payload).await;
+        f.extend(floor.round(n, &payload).await);
     }
     let sa = line("(a) client::Session -> daemon -> worker, receipt per inference", &a);
     let sb = line("(b) in-process sandbox, same messages, receipt signed + checked", &b[0]);
@@ -601,9 +689,14 @@ async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
     let s_signed = line("(b) without the renter's check", &b[1]);
     let s_msgs = line("(b) with one receipt signed ahead (messages only)", &b[2]);
     let s_raw = line("(b) raw bytes, no session messages, no receipt", &b[3]);
+    println!("  what checking on another core would give:");
+    line("(b) with the renter's check on a thread of its own", &b[4]);
     println!("  and alone:");
     let sp = line("daemon -> worker pipe -> daemon, ToWorker::Infer", &p);
+    let sf = line("the same frame through `cat` and back (a process hop's floor)", &f);
     let sx = line("the sandbox call (Service::infer, in-process)", &alone);
+    let (codec, size) = codec_costs(n * rounds, &payload);
+    let sm = line(&format!("session messages: encode + decode request and response ({size} B)"), &codec);
     let (sign, check) = receipt_costs(n * rounds, &payload);
     let ss = line("receipt: provider signs (Signer::next)", &sign);
     let sk = line("receipt: renter checks (Checker::check)", &check);
@@ -614,7 +707,11 @@ async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
         d(s_raw, sc),
         us(sx.p50)
     );
-    println!("    session messages (messages - raw)                      {:>7.1} us", d(s_msgs, s_raw));
+    println!(
+        "    session messages (messages - raw)                      {:>7.1} us (codec alone {:.1})",
+        d(s_msgs, s_raw),
+        us(sm.p50)
+    );
     println!(
         "    provider signs per inference (signed - messages)       {:>7.1} us (alone {:.1})",
         d(s_signed, s_msgs),
@@ -626,23 +723,27 @@ async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
         us(sk.p50)
     );
     println!(
-        "    worker and daemon (a - b)                              {:>7.1} us (the pipe round trip alone {:.1})",
+        "    worker and daemon (a - b)                              {:>7.1} us (the pipe round trip alone {:.1}, \
+         of which `cat` {:.1})",
         d(sa, sb),
-        us(sp.p50)
+        us(sp.p50),
+        us(sf.p50)
     );
+    floor.child.kill().await.unwrap();
     pipe.worker.kill().await;
 }
 
 // ---- batch jobs ----
 
 async fn job_section(l: &scheduler::Listening, renter: &Keypair) {
-    println!("\nbatch job on a warm host: pre-started worker, module compiled, pipeline cached (16x16x16 matmul)");
+    println!("\nbatch job on a warm host: workers pre-started, the module in their disk cache (16x16x16 matmul)");
     let client = renter_client(l, renter);
     let matmul = std::fs::read(sample_artifacts::MATMUL).unwrap();
     let uploaded = client.upload(matmul).await.unwrap();
     let mut input: Vec<u8> = [16u32, 16, 16].iter().flat_map(|w| w.to_le_bytes()).collect();
     input.extend((0..512).flat_map(|i| (i as f32).to_le_bytes()));
     let (mut submit, mut end_to_end, mut on_host, mut to_dispatch) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut read, mut public) = (Vec::new(), Vec::new());
     for i in 0..60 {
         let t = Instant::now();
         let s =
@@ -660,12 +761,21 @@ async fn job_section(l: &scheduler::Listening, renter: &Keypair) {
             // Everything but the job's time after its first dispatch: an upper bound on
             // submit to first dispatch (it still includes returning the result).
             to_dispatch.push(elapsed.saturating_sub(run.saturating_sub(first)));
+            // For scale, over the same connection: a signed read (no write), a public read.
+            let t = Instant::now();
+            client.job(&s.id).await.unwrap();
+            read.push(t.elapsed());
+            let t = Instant::now();
+            client.providers().await.unwrap();
+            public.push(t.elapsed());
         }
     }
     line("signed HTTPS submit, until accepted (durable in redb)", &submit);
     line("submit -> result (signed HTTPS, QUIC to the host, worker, back)", &end_to_end);
     line("submit -> first dispatch (upper bound: includes the way back)", &to_dispatch);
     line("baseline: the job's run time on the host (in the worker)", &on_host);
+    line("for scale: signed HTTPS GET of the job (a read, no write)", &read);
+    line("for scale: public HTTPS GET /v1/providers (no signature)", &public);
 }
 
 // ---- workers ----
@@ -741,26 +851,33 @@ async fn memory_section() {
     for pid in children(host.pid()) {
         mem_line(&format!("idle worker {pid}"), mem(pid));
     }
-    mem_line("for scale: this bench process", mem(std::process::id()));
 }
 
 async fn concurrent_section() {
     println!("\nconcurrent sessions on one `wasmgrid host` process, echo sample, 200 requests of 64 bytes each");
     println!("  (all N sessions opened at once; once all are open, all send their requests at once)");
     let echo = std::fs::read(sample_artifacts::ECHO).unwrap();
-    for n in [16u32, 32, 64] {
+    // `WASMGRID_BENCH_SESSIONS=16,64,128` tries other counts.
+    let counts: Vec<u32> = std::env::var("WASMGRID_BENCH_SESSIONS")
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|_| vec![16, 32, 64]);
+    for n in counts {
         let dir = tempfile::tempdir().unwrap();
         let l = start_scheduler(dir.path()).await;
         let host = HostProcess::start(&l, dir.path(), "concurrent", n).await;
         let idle_daemon = mem(host.pid());
         let (idle_count, idle_workers) = host.workers_mem();
-        let client = renter_client(&l, &Keypair::generate());
+        // A renter per session, each with its own client (a session belongs to the key that
+        // signed its request).
+        let renters: Vec<Keypair> = (0..n).map(|_| Keypair::generate()).collect();
+        let clients: Vec<client::Scheduler> = renters.iter().map(|r| renter_client(&l, r)).collect();
         let t = Instant::now();
-        let opening: Vec<_> = (0..n)
-            .map(|_| {
-                let (client, echo) = (client.clone(), echo.clone());
+        let opening: Vec<_> = renters
+            .into_iter()
+            .zip(clients)
+            .map(|(renter, client)| {
+                let echo = echo.clone();
                 tokio::spawn(async move {
-                    let renter = Keypair::generate();
                     let open = client::Session::open(&client, renter, echo, Vec::new(), Requirements::default());
                     tokio::time::timeout(WAIT, open).await
                 })

@@ -313,20 +313,20 @@ impl Worker<'_> {
         };
         log::info!("worker {}: running job {job_id}", std::process::id());
         let replaced = self.host.device_replaced_count();
-        let done = Arc::new(AtomicBool::new(false));
+        // Dropping `stop` wakes the streamer at once: the job's end does not wait out a tick.
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let mut streamer = None;
         let report = self.host.run_batch_cancellable(
             &module,
             input,
             &limits,
             |watch| {
-                let (out, done) = (self.out.clone(), done.clone());
+                let out = self.out.clone();
                 streamer = std::thread::Builder::new()
                     .name("wasmgrid-worker-log".into())
                     .spawn(move || {
                         let mut sent = 0usize;
-                        while !done.load(Ordering::SeqCst) {
-                            std::thread::sleep(LOG_EVERY);
+                        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(LOG_EVERY) {
                             let fresh = watch.since(sent);
                             if !fresh.is_empty() {
                                 sent += fresh.len();
@@ -341,7 +341,7 @@ impl Worker<'_> {
             },
             Some(self.cancel.clone()),
         );
-        done.store(true, Ordering::SeqCst);
+        drop(stop);
         // The log went in pieces while the job ran; the final report carries it whole.
         let _ = streamer.map(std::thread::JoinHandle::join);
         let (result, reusable) = match report {

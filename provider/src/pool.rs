@@ -61,6 +61,9 @@ pub struct Worker {
     stderr: Arc<Mutex<VecDeque<u8>>>,
     /// The task copying stderr: done once the worker's stderr closed.
     stderr_done: Option<tokio::task::JoinHandle<()>>,
+    /// Set while the worker is handed out: counts it busy, and uncounts it however the worker
+    /// ends (given back, or dropped on an error path).
+    busy: Option<Busy>,
     /// The GPU the worker opened and its default limits, from its `Ready`.
     pub gpu: GpuInfo,
     pub defaults: JobLimits,
@@ -106,6 +109,7 @@ impl Worker {
             pid,
             stderr,
             stderr_done,
+            busy: None,
             gpu: GpuInfo {
                 name: String::new(),
                 vendor: String::new(),
@@ -319,6 +323,23 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+/// One worker handed out by a pool, counted until dropped.
+#[derive(Debug)]
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::SeqCst);
+        Busy(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A pool of ready workers for one GPU.
 #[derive(Clone, Debug)]
 pub struct Pool {
@@ -335,6 +356,9 @@ struct PoolInner {
     starting: AtomicUsize,
     started: AtomicUsize,
     replaced: AtomicUsize,
+    /// Workers handed out and not yet back: they count toward `warm`, so taking one does not
+    /// start a spare that would then push the returning (warm, compiled) worker out.
+    busy: Arc<AtomicUsize>,
 }
 
 /// Counts of what a pool did, for reports and benchmarks.
@@ -357,6 +381,7 @@ impl Pool {
                 starting: AtomicUsize::new(0),
                 started: AtomicUsize::new(0),
                 replaced: AtomicUsize::new(0),
+                busy: Arc::new(AtomicUsize::new(0)),
             }),
         }
     }
@@ -372,7 +397,7 @@ impl Pool {
         loop {
             // Claim a start first, then check: concurrent fills never start more than `warm`.
             let before = self.inner.starting.fetch_add(1, Ordering::SeqCst);
-            if self.idle().len() + before >= self.inner.warm {
+            if self.idle().len() + before + self.inner.busy.load(Ordering::SeqCst) >= self.inner.warm {
                 self.inner.starting.fetch_sub(1, Ordering::SeqCst);
                 break;
             }
@@ -425,23 +450,33 @@ impl Pool {
                 w
             }
         };
+        let worker = worker.map(|mut w| {
+            w.busy = Some(Busy::new(&self.inner.busy));
+            w
+        });
         self.refill();
         worker
     }
 
-    /// Hands a worker back after its tenant's work: kept if that work ended normally (and the
-    /// pool wants it), killed otherwise, with a fresh one started in its place.
-    pub async fn give_back(&self, worker: Worker, reusable: bool) {
+    /// Hands a worker back after its tenant's work: kept if that work ended normally, killed
+    /// otherwise, with a fresh one started in its place. A returning worker has its module
+    /// compiled and its pipelines built: it is worth more than a spare started meanwhile, so it
+    /// goes on top (the next take gets it) and the oldest spare goes if the pool is over.
+    pub async fn give_back(&self, mut worker: Worker, reusable: bool) {
+        worker.busy = None;
         if reusable {
-            let mut idle = self.idle();
-            if idle.len() < self.inner.warm {
+            let spare = {
+                let mut idle = self.idle();
                 idle.push(worker);
-                return;
+                (idle.len() + self.inner.busy.load(Ordering::SeqCst) > self.inner.warm).then(|| idle.remove(0))
+            };
+            if let Some(spare) = spare {
+                spare.kill().await;
             }
-        } else {
-            self.inner.replaced.fetch_add(1, Ordering::SeqCst);
-            log::info!("replacing worker {}", worker.pid);
+            return;
         }
+        self.inner.replaced.fetch_add(1, Ordering::SeqCst);
+        log::info!("replacing worker {}", worker.pid);
         worker.kill().await;
         self.refill();
     }
