@@ -180,10 +180,10 @@ pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
     let mut gpu = first.gpu.clone();
     gpu.score_gflops = benchmark(&mut first).await;
     pool.give_back(first, true).await;
-    if let Err(e) = pool.fill().await {
-        log::warn!("the worker pool is not full: {e}");
-    }
-    log::info!("GPU {}: {:.1} GFLOP/s f32 matmul; {} workers ready", gpu.name, gpu.score_gflops, pool.stats().idle);
+    // The rest of the pool starts while the daemon registers: a provider is online (and can
+    // run a job in the worker it has) without waiting for every worker to open its GPU.
+    pool.refill();
+    log::info!("GPU {}: {:.1} GFLOP/s f32 matmul", gpu.name, gpu.score_gflops);
     let paid_ready = match config.payment.clone() {
         Some(payment) => {
             let keypair = Keypair::from_seed(config.keypair.seed());
