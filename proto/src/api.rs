@@ -204,6 +204,35 @@ pub struct SessionView {
     pub settlement_count: u64,
 }
 
+impl SessionView {
+    /// A session as the scheduler records it when it grants it: nothing served or paid yet.
+    pub fn granted(
+        id: String,
+        renter: PublicKey,
+        provider: PublicKey,
+        module: String,
+        price_per_inference: u64,
+        now_ms: u64,
+    ) -> SessionView {
+        SessionView {
+            id,
+            renter,
+            provider,
+            module,
+            price_per_inference,
+            opened_ms: now_ms,
+            updated_ms: now_ms,
+            closed: false,
+            usage: None,
+            receipts: 0,
+            amount_due: 0,
+            paid: 0,
+            settlements: Vec::new(),
+            settlement_count: 0,
+        }
+    }
+}
+
 /// Settlement signatures a session record keeps (the newest).
 pub const SESSION_SETTLEMENTS_KEPT: usize = 1000;
 

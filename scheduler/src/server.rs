@@ -905,22 +905,14 @@ async fn open_session(
                 now_ms() + TICKET_LIFETIME_MS,
             );
             let now = now_ms();
-            let view = proto::api::SessionView {
-                id: session_id.iter().map(|b| format!("{b:02x}")).collect(),
-                renter: req.renter,
+            let view = proto::api::SessionView::granted(
+                session_id.iter().map(|b| format!("{b:02x}")).collect(),
+                req.renter,
                 provider,
-                module: req.module.clone(),
-                price_per_inference: price.per_inference,
-                opened_ms: now,
-                updated_ms: now,
-                closed: false,
-                usage: None,
-                receipts: 0,
-                amount_due: 0,
-                paid: 0,
-                settlements: Vec::new(),
-                settlement_count: 0,
-            };
+                req.module.clone(),
+                price.per_inference,
+                now,
+            );
             if let Err(e) = shared.state().open_session(view) {
                 return api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
             }

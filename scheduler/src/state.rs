@@ -1193,23 +1193,8 @@ mod tests {
         let (renter, provider, other) =
             (proto::Keypair::generate(), proto::Keypair::generate(), proto::Keypair::generate());
         let id = [9u8; 16];
-        s.open_session(SessionView {
-            id: hash_hex_16(&id),
-            renter: renter.public(),
-            provider: provider.public(),
-            module: "ab".into(),
-            price_per_inference: 5,
-            opened_ms: 0,
-            updated_ms: 0,
-            closed: false,
-            usage: None,
-            receipts: 0,
-            amount_due: 0,
-            paid: 0,
-            settlements: Vec::new(),
-            settlement_count: 0,
-        })
-        .unwrap();
+        s.open_session(SessionView::granted(hash_hex_16(&id), renter.public(), provider.public(), "ab".into(), 5, 0))
+            .unwrap();
         let mut signer = proto::receipt::Signer::new(id, renter.public(), 5);
         let call = proto::receipt::Counts { inferences: 1, ..Default::default() };
         let r = signer.next(&provider, &call, b"q", b"a");
@@ -1350,22 +1335,7 @@ mod tests {
     }
 
     fn session_view(n: u8, provider: PublicKey) -> SessionView {
-        SessionView {
-            id: hash_hex_16(&[n; 16]),
-            renter: renter(R),
-            provider,
-            module: "ab".into(),
-            price_per_inference: 1,
-            opened_ms: 0,
-            updated_ms: 0,
-            closed: false,
-            usage: None,
-            receipts: 0,
-            amount_due: 0,
-            paid: 0,
-            settlements: Vec::new(),
-            settlement_count: 0,
-        }
+        SessionView::granted(hash_hex_16(&[n; 16]), renter(R), provider, "ab".into(), 1, 0)
     }
 
     #[test]
