@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use proto::Keypair;
 use proto::msg::{BLOB_CAP, JobLimits, Requirements, SessionMsg, SessionReply, WireUsage};
-use proto::receipt::{Checker, Counts, Signer};
+use proto::receipt::{Checker, Counts, Signer, request_digest};
 use proto::worker::{FromWorker, ToWorker};
 use provider::WorkerCommand;
 use provider::pool::{Pool, Worker};
@@ -50,13 +50,15 @@ const WAIT: Duration = Duration::from_secs(120);
 struct Stats {
     p50: Duration,
     p99: Duration,
+    mean: Duration,
 }
 
 fn stats(samples: &[Duration]) -> Stats {
     let mut s = samples.to_vec();
     s.sort();
     let at = |p: f64| s[((s.len() - 1) as f64 * p).round() as usize];
-    Stats { p50: at(0.5), p99: at(0.99) }
+    let mean = s.iter().sum::<Duration>() / s.len().max(1) as u32;
+    Stats { p50: at(0.5), p99: at(0.99), mean }
 }
 
 fn us(d: Duration) -> f64 {
@@ -69,7 +71,13 @@ fn ms(d: Duration) -> f64 {
 
 fn line(label: &str, samples: &[Duration]) -> Stats {
     let s = stats(samples);
-    println!("  {label:<62} p50 {:>9.1} us  p99 {:>9.1} us  ({} samples)", us(s.p50), us(s.p99), samples.len());
+    println!(
+        "  {label:<62} p50 {:>9.1} us  p99 {:>9.1} us  mean {:>9.1} us  ({} samples)",
+        us(s.p50),
+        us(s.p99),
+        us(s.mean),
+        samples.len()
+    );
     s
 }
 
@@ -311,24 +319,25 @@ async fn call(calls: &std::sync::mpsc::Sender<Call>, request: Vec<u8>) -> (Vec<u
 }
 
 /// What the in-process server does around the sandbox call: (b) is `Checked`, the rest take
-/// its steps away one at a time to show what each costs.
+/// its steps away one at a time to show what each costs, or (`EveryCall`) sign every call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     /// Raw bytes in, raw bytes out: no session messages, no receipt.
     Raw,
-    /// The session messages with a receipt signed once ahead of time: encoding only.
+    /// The session messages and the provider's chain, with no receipt signed: encoding only.
     Messages,
-    /// A receipt signed per inference; the renter does not check it.
+    /// A receipt signed every `RECEIPT_EVERY` calls; the renter does not follow or check it.
     Signed,
-    /// A receipt signed per inference and checked by the renter, as `client::Session` does.
+    /// A receipt signed every `RECEIPT_EVERY` calls; the renter follows every call and checks
+    /// every receipt, as `client::Session` does.
     Checked,
-    /// As `Checked`, but the renter checks each receipt on a thread of its own, in order, while
-    /// its next request is under way: what checking on another core would give.
-    CheckedAside,
+    /// As `Checked`, with a receipt signed and checked after every call (what a paid session
+    /// does, and what every session did before receipts were batched).
+    EveryCall,
 }
 
-/// A receipt to check, with the request and response it covers.
-type ToCheck = (Box<proto::receipt::Receipt>, Vec<u8>, Vec<u8>);
+/// A signed receipt every this many calls, as the daemon signs by default.
+const RECEIPT_EVERY: u64 = provider::daemon::DEFAULT_RECEIPT_EVERY as u64;
 
 /// (b) and its variants: a QUIC server in the bench process in front of [`sandbox_thread`], and
 /// the renter's connection to it.
@@ -337,8 +346,6 @@ struct InProcess {
     _endpoint: quic::Endpoint,
     mode: Mode,
     checker: Checker,
-    /// For `CheckedAside`: where receipts go to be checked.
-    aside: Option<std::sync::mpsc::Sender<ToCheck>>,
 }
 
 /// The server's side of one [`InProcess`].
@@ -347,7 +354,6 @@ struct Serving {
     mode: Mode,
     key: Keypair,
     signer: tokio::sync::Mutex<Signer>,
-    presigned: Box<proto::receipt::Receipt>,
 }
 
 impl InProcess {
@@ -360,14 +366,11 @@ impl InProcess {
         let limits = quic::ServerLimits::default().full(quic::Budget { bidi_streams: 17, receive_window: 16 << 20 });
         let server = quic::server_with(&server_id, LOOPBACK, quic::Peers::Any, limits).unwrap();
         let addr = server.local_addr().unwrap();
-        let presigned =
-            Box::new(Signer::new(session_id, renter.public(), 1).next(&server_key, &Counts::default(), &[], &[]));
         let serving = Arc::new(Serving {
             calls,
             mode,
             key: Keypair::from_seed(server_key.seed()),
             signer: tokio::sync::Mutex::new(Signer::new(session_id, renter.public(), 1)),
-            presigned,
         });
         tokio::spawn(async move {
             while let Some(incoming) = server.accept().await {
@@ -386,17 +389,7 @@ impl InProcess {
         let id = quic::Identity::new(&renter).unwrap();
         let conn = quic::connect(&endpoint, &id, addr, server_key.public()).await.unwrap();
         let checker = Checker::new(session_id, server_key.public(), renter.public(), 1);
-        let aside = (mode == Mode::CheckedAside).then(|| {
-            let (tx, rx) = std::sync::mpsc::channel::<ToCheck>();
-            let mut checker = Checker::new(session_id, server_key.public(), renter.public(), 1);
-            std::thread::spawn(move || {
-                while let Ok((receipt, request, response)) = rx.recv() {
-                    checker.check(&receipt, &request, &response).unwrap();
-                }
-            });
-            tx
-        });
-        InProcess { conn, _endpoint: endpoint, mode, checker, aside }
+        InProcess { conn, _endpoint: endpoint, mode, checker }
     }
 
     async fn round(&mut self, n: usize, payload: &[u8]) -> Vec<Duration> {
@@ -414,13 +407,13 @@ impl InProcess {
                 quic::write_msg(&mut send, &request, BLOB_CAP).await.unwrap();
                 let _ = send.finish();
                 match quic::read_msg::<SessionReply>(&mut recv, BLOB_CAP).await.unwrap() {
-                    Some(SessionReply::Response { bytes, receipt, .. }) => {
+                    Some(SessionReply::Response { bytes, usage, sequence, receipt, .. }) => {
                         assert_eq!(bytes.len(), payload.len());
-                        if self.mode == Mode::Checked {
-                            self.checker.check(&receipt, payload, &bytes).unwrap();
-                        }
-                        if let Some(aside) = &self.aside {
-                            aside.send((receipt, payload.to_vec(), bytes)).unwrap();
+                        if matches!(self.mode, Mode::Checked | Mode::EveryCall) {
+                            self.checker.call(sequence, &Counts::of_call(&usage), payload, &bytes).unwrap();
+                            if let Some(r) = receipt {
+                                self.checker.signed(&r).unwrap();
+                            }
                         }
                     }
                     other => panic!("the in-process server answered {other:?}"),
@@ -433,7 +426,7 @@ impl InProcess {
 }
 
 /// One stream of the in-process server: as the daemon serves a request (read it, call the
-/// sandbox, sign the receipt, answer), with no worker between.
+/// sandbox, follow the chain, sign when due, answer), with no worker between.
 async fn serve_in_process(mut send: quic::SendStream, mut recv: quic::RecvStream, serving: Arc<Serving>) {
     if serving.mode == Mode::Raw {
         let request: Vec<u8> = quic::read_msg(&mut recv, BLOB_CAP).await.unwrap().unwrap();
@@ -443,21 +436,18 @@ async fn serve_in_process(mut send: quic::SendStream, mut recv: quic::RecvStream
         let Some(SessionMsg::Request { bytes, .. }) = quic::read_msg(&mut recv, BLOB_CAP).await.unwrap() else {
             panic!("the bench sent something else than a request");
         };
-        let (response, usage) = call(&serving.calls, bytes.clone()).await;
-        let receipt = if serving.mode == Mode::Messages {
-            serving.presigned.clone()
-        } else {
-            let counts = Counts {
-                inferences: 1,
-                fuel: usage.fuel,
-                invocations: usage.invocations,
-                bytes_uploaded: usage.bytes_uploaded,
-                bytes_downloaded: usage.bytes_downloaded,
-                gpu_time_ns: usage.gpu_time_ns,
-            };
-            Box::new(serving.signer.lock().await.next(&serving.key, &counts, &bytes, &response))
+        let digest = request_digest(&bytes);
+        let (response, usage) = call(&serving.calls, bytes).await;
+        let mut signer = serving.signer.lock().await;
+        let sequence = signer.record(&Counts::of_call(&usage), &digest, &response);
+        let due = match serving.mode {
+            Mode::EveryCall => true,
+            Mode::Messages => false,
+            _ => sequence.is_multiple_of(RECEIPT_EVERY),
         };
-        let reply = SessionReply::Response { bytes: response, usage, receipt, settled: None };
+        let receipt = due.then(|| Box::new(signer.sign(&serving.key)));
+        drop(signer);
+        let reply = SessionReply::Response { bytes: response, usage, sequence, receipt, settled: None };
         quic::write_msg(&mut send, &reply, BLOB_CAP).await.unwrap();
     }
     let _ = send.finish();
@@ -593,8 +583,6 @@ impl PipeFloor {
 /// Encoding and decoding the session messages of one request, as both sides do (no network).
 /// Returns the times and the two frames' sizes in bytes.
 fn codec_costs(n: usize, payload: &[u8]) -> (Vec<Duration>, usize) {
-    let key = Keypair::generate();
-    let receipt = Box::new(Signer::new([1; 16], key.public(), 1).next(&key, &Counts::default(), payload, payload));
     let usage = WireUsage::default();
     let (mut out, mut size) = (Vec::with_capacity(n), 0);
     for i in 0..n + WARM_UP {
@@ -603,7 +591,7 @@ fn codec_costs(n: usize, payload: &[u8]) -> (Vec<Duration>, usize) {
         let frame = proto::frame::encode(&request, BLOB_CAP).unwrap();
         let got: SessionMsg = proto::frame::decode_body(&frame[4..]).unwrap();
         let SessionMsg::Request { bytes, .. } = got else { panic!("decoded {got:?}") };
-        let reply = SessionReply::Response { bytes, usage: usage.clone(), receipt: receipt.clone(), settled: None };
+        let reply = SessionReply::Response { bytes, usage: usage.clone(), sequence: 1, receipt: None, settled: None };
         let back = proto::frame::encode(&reply, BLOB_CAP).unwrap();
         let _: SessionReply = proto::frame::decode_body(&back[4..]).unwrap();
         if i >= WARM_UP {
@@ -614,8 +602,9 @@ fn codec_costs(n: usize, payload: &[u8]) -> (Vec<Duration>, usize) {
     (out, size)
 }
 
-/// A receipt's signing (the provider, per inference) and its check (the renter), alone.
-fn receipt_costs(n: usize, payload: &[u8]) -> (Vec<Duration>, Vec<Duration>) {
+/// A receipt's signing (the provider) and its check (the renter), alone, each with one call
+/// followed before it; and following one call alone (both sides' chain and counts).
+fn receipt_costs(n: usize, payload: &[u8]) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>) {
     let (provider, renter) = (Keypair::generate(), Keypair::generate());
     let mut signer = Signer::new([1; 16], renter.public(), 1);
     let mut checker = Checker::new([1; 16], provider.public(), renter.public(), 1);
@@ -632,7 +621,17 @@ fn receipt_costs(n: usize, payload: &[u8]) -> (Vec<Duration>, Vec<Duration>) {
             check.push(t.elapsed());
         }
     }
-    (sign, check)
+    let mut follow = Vec::with_capacity(n);
+    let digest = request_digest(payload);
+    for i in 0..n + WARM_UP {
+        let t = Instant::now();
+        let sequence = signer.record(&call, &digest, payload);
+        checker.call(sequence, &call, payload, payload).unwrap();
+        if i >= WARM_UP {
+            follow.push(t.elapsed());
+        }
+    }
+    (sign, check, follow)
 }
 
 async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
@@ -648,7 +647,7 @@ async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
     let renter = Keypair::from_seed(renter.seed());
     let real = client::Session::open(&client, renter, echo.clone(), Vec::new(), Requirements::default()).await.unwrap();
     let (calls, alone) = sandbox_thread(echo.clone(), n * rounds, payload.clone()).await;
-    let modes = [Mode::Checked, Mode::Signed, Mode::Messages, Mode::Raw, Mode::CheckedAside];
+    let modes = [Mode::Checked, Mode::Signed, Mode::Messages, Mode::Raw, Mode::EveryCall];
     let mut in_process = Vec::new();
     for mode in modes {
         in_process.push(InProcess::start(calls.clone(), mode).await);
@@ -676,8 +675,8 @@ async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
         floor.round(WARM_UP, &payload).await;
         f.extend(floor.round(n, &payload).await);
     }
-    let sa = line("(a) client::Session -> daemon -> worker, receipt per inference", &a);
-    let sb = line("(b) in-process sandbox, same messages, receipt signed + checked", &b[0]);
+    let sa = line(&format!("(a) client::Session -> daemon -> worker, receipt every {RECEIPT_EVERY}"), &a);
+    let sb = line("(b) in-process sandbox, same messages and receipts", &b[0]);
     let sc = line("(c) plain QUIC echo, same link code", &c);
     println!(
         "  (a)/(b) p50 {:.2}x (target <= 1.2x); (a)/(c) {:.2}x; (b)/(c) {:.2}x",
@@ -685,42 +684,53 @@ async fn session_section(l: &scheduler::Listening, renter: &Keypair) {
         us(sa.p50) / us(sc.p50),
         us(sb.p50) / us(sc.p50)
     );
+    println!("  the receipt batched against signed and checked after every call (a paid session's path):");
+    let s_every = line("(b) with a receipt signed and checked after every call", &b[4]);
     println!("  where the time goes: (b) with its steps taken away one at a time");
-    let s_signed = line("(b) without the renter's check", &b[1]);
-    let s_msgs = line("(b) with one receipt signed ahead (messages only)", &b[2]);
+    let s_signed = line("(b) without the renter following and checking", &b[1]);
+    let s_msgs = line("(b) with no receipt signed (messages and chain only)", &b[2]);
     let s_raw = line("(b) raw bytes, no session messages, no receipt", &b[3]);
-    println!("  what checking on another core would give:");
-    line("(b) with the renter's check on a thread of its own", &b[4]);
     println!("  and alone:");
     let sp = line("daemon -> worker pipe -> daemon, ToWorker::Infer", &p);
     let sf = line("the same frame through `cat` and back (a process hop's floor)", &f);
     let sx = line("the sandbox call (Service::infer, in-process)", &alone);
     let (codec, size) = codec_costs(n * rounds, &payload);
     let sm = line(&format!("session messages: encode + decode request and response ({size} B)"), &codec);
-    let (sign, check) = receipt_costs(n * rounds, &payload);
+    let (sign, check, follow) = receipt_costs(n * rounds, &payload);
     let ss = line("receipt: provider signs (Signer::next)", &sign);
     let sk = line("receipt: renter checks (Checker::check)", &check);
+    let sf2 = line("one call followed by both sides (record + Checker::call)", &follow);
     let d = |x: Stats, y: Stats| us(x.p50) - us(y.p50);
-    println!("  p50 steps:");
+    let dm = |x: Stats, y: Stats| us(x.mean) - us(y.mean);
+    println!("  p50 steps (mean in brackets where batching makes the p50 hide a cost):");
     println!(
         "    sandbox call + hop to its thread (raw - plain echo)    {:>7.1} us (the call alone {:.1})",
         d(s_raw, sc),
         us(sx.p50)
     );
     println!(
-        "    session messages (messages - raw)                      {:>7.1} us (codec alone {:.1})",
+        "    session messages and chain (messages - raw)            {:>7.1} us (codec alone {:.1}, chain {:.1})",
         d(s_msgs, s_raw),
-        us(sm.p50)
+        us(sm.p50),
+        us(sf2.p50)
     );
     println!(
-        "    provider signs per inference (signed - messages)       {:>7.1} us (alone {:.1})",
+        "    provider signs every {RECEIPT_EVERY} (signed - messages)           {:>7.1} us (mean {:.1}; one signature alone \
+         {:.1})",
         d(s_signed, s_msgs),
+        dm(s_signed, s_msgs),
         us(ss.p50)
     );
     println!(
-        "    renter checks (b - signed)                             {:>7.1} us (alone {:.1})",
+        "    renter follows and checks (b - signed)                 {:>7.1} us (mean {:.1}; one check alone {:.1})",
         d(sb, s_signed),
+        dm(sb, s_signed),
         us(sk.p50)
+    );
+    println!(
+        "    batching saves (every call - b)                        {:>7.1} us (mean {:.1})",
+        d(s_every, sb),
+        dm(s_every, sb)
     );
     println!(
         "    worker and daemon (a - b)                              {:>7.1} us (the pipe round trip alone {:.1}, \

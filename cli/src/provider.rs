@@ -47,6 +47,11 @@ pub(crate) struct HostDaemonArgs {
     /// End a session after this long without a request (e.g. 300s, 5m).
     #[arg(long, value_name = "TIME", default_value = "300s", value_parser = units::parse_duration)]
     session_idle: std::time::Duration,
+    /// On an unpaid session, sign a receipt every this many inferences, and at its end (a paid
+    /// session gets one after every inference, for the renter's vouchers).
+    #[arg(long, value_name = "N", default_value_t = provider::daemon::DEFAULT_RECEIPT_EVERY,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    receipt_every: u32,
     /// How long a renter whose ticket was accepted has to send its init input or module.
     #[arg(long, value_name = "TIME", default_value = "120s", value_parser = units::parse_duration)]
     upload_timeout: std::time::Duration,
@@ -102,6 +107,7 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     config.payment = args.pay.payment()?;
     config.session_idle = args.session_idle;
     config.upload_timeout = args.upload_timeout;
+    config.receipt_every = args.receipt_every;
     println!("provider {} connecting to {}", config.keypair.public(), args.scheduler);
     let _ = std::io::stdout().flush();
     match runtime()?.block_on(provider::run_forever(config)) {

@@ -46,13 +46,17 @@ pub struct Answer {
     pub usage: WireUsage,
     /// The provider that served it.
     pub provider: PublicKey,
-    /// The provider's signed receipt after this call (checked, possibly after the receipts of
-    /// calls served before it).
-    pub receipt: Receipt,
+    /// The provider's signed receipt of the session after this call, when this call carried
+    /// one (checked, possibly after the calls served before it): every call of a paid session,
+    /// every few of an unpaid one.
+    pub receipt: Option<Receipt>,
 }
 
-/// Receipts waiting to be checked in sequence order (concurrent calls answer out of order).
-type Pending = std::collections::BTreeMap<u64, (Receipt, Vec<u8>, Vec<u8>)>;
+/// An answered call as the renter follows it: its counts, request, response and receipt.
+type Followed = (receipt::Counts, Vec<u8>, Vec<u8>, Option<Receipt>);
+
+/// Calls waiting to be followed in sequence order (concurrent calls answer out of order).
+type Pending = std::collections::BTreeMap<u64, Followed>;
 
 struct Link {
     conn: Connection,
@@ -80,6 +84,8 @@ pub struct Session {
     link: tokio::sync::Mutex<(Option<Arc<Link>>, Vec<PublicKey>)>,
     /// Times the session moved to another provider.
     failovers: std::sync::atomic::AtomicUsize,
+    /// The receipt the provider signed when the session closed.
+    closed_receipt: tokio::sync::Mutex<Option<Receipt>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -133,6 +139,7 @@ impl Session {
             requirements,
             link: tokio::sync::Mutex::new((None, Vec::new())),
             failovers: std::sync::atomic::AtomicUsize::new(0),
+            closed_receipt: tokio::sync::Mutex::new(None),
         };
         session.link(None).await?;
         Ok(session)
@@ -148,9 +155,12 @@ impl Session {
         self.link.lock().await.0.as_ref().map(|l| l.price_per_inference)
     }
 
-    /// The last receipt checked from the current provider: what this renter owes it so far.
+    /// The last signed receipt checked from the current provider (after [`Session::close`],
+    /// the one it signed at the close): what this renter owes it so far.
     pub async fn last_receipt(&self) -> Option<Receipt> {
-        let link = self.link.lock().await.0.clone()?;
+        let Some(link) = self.link.lock().await.0.clone() else {
+            return self.closed_receipt.lock().await.clone();
+        };
         let guard = link.receipts.lock().await;
         guard.0.last().cloned()
     }
@@ -281,34 +291,33 @@ impl Session {
             .map_err(|e| e.to_string())?;
         let _ = send.finish();
         match quic::read_msg::<SessionReply>(&mut recv, BLOB_CAP).await.map_err(|e| e.to_string())? {
-            Some(SessionReply::Response { bytes, usage, receipt, settled }) => {
-                let receipt = *receipt;
-                // Check receipts in the order the provider served the calls.
+            Some(SessionReply::Response { bytes, usage, sequence, receipt, settled }) => {
+                let receipt = receipt.map(|r| *r);
+                // Follow the calls in the order the provider served them.
                 let mut guard = link.receipts.lock().await;
                 let (checker, pending) = &mut *guard;
-                pending.insert(receipt.sequence, (receipt.clone(), request.to_vec(), bytes.clone()));
-                loop {
-                    let next = checker.last().map_or(1, |r| r.sequence + 1);
-                    let Some((r, req, resp)) = pending.remove(&next) else { break };
-                    if let Err(e) = checker.check(&r, &req, &resp) {
+                let call = receipt::Counts::of_call(&usage);
+                pending.insert(sequence, (call, request.to_vec(), bytes.clone(), receipt.clone()));
+                while let Some((call, req, resp, signed)) = pending.remove(&(checker.calls() + 1)) {
+                    let followed = checker.call(checker.calls() + 1, &call, &req, &resp);
+                    if let Err(e) = followed.and_then(|()| signed.as_ref().map_or(Ok(()), |r| checker.signed(r))) {
                         return Err(format!("the provider sent a bad receipt: {e}"));
                     }
                 }
                 if pending.len() > 1024 {
-                    return Err("the provider's receipts skip sequence numbers".into());
+                    return Err("the provider's answers skip sequence numbers".into());
                 }
                 // Only a receipt that was checked is paid for: paid calls go one at a time, so
                 // this call's receipt must be the last one checked.
-                let checked = checker.last() == Some(&receipt);
+                let checked = receipt.is_some() && checker.last() == receipt.as_ref();
                 drop(guard);
                 if let Some(p) = pay.as_mut() {
-                    if !checked {
+                    let Some(r) = receipt.as_ref().filter(|_| checked) else {
                         return Err(format!(
-                            "the provider's receipt {} is out of order on a paid session; not paying for it",
-                            receipt.sequence
+                            "the provider's answer {sequence} on a paid session has no receipt in order; not paying for it"
                         ));
-                    }
-                    p.answered(&receipt, settled).await.map_err(|e| format!("paying the provider: {e}"))?;
+                    };
+                    p.answered(r, settled).await.map_err(|e| format!("paying the provider: {e}"))?;
                 }
                 Ok(Ok(Answer { response: bytes, usage, provider: link.provider, receipt }))
             }
@@ -356,22 +365,41 @@ impl Session {
         let link = self.link.lock().await.0.take();
         let mut books = std::mem::take(&mut *self.left.lock().await);
         let Some(link) = link else { return Ok(books) };
-        if let Some(p) = &link.pay {
-            let mut p = p.lock().await;
-            let closed = async {
-                let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
-                quic::write_msg(&mut send, &SessionMsg::Close { voucher: p.voucher() }, CONTROL_CAP)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = send.finish();
-                match quic::read_msg::<SessionReply>(&mut recv, CONTROL_CAP).await.map_err(|e| e.to_string())? {
-                    Some(SessionReply::Closed { settled, refund }) => Ok((settled, refund)),
-                    other => Err(format!("unexpected answer to close: {other:?}")),
-                }
+        let mut pay = match &link.pay {
+            Some(p) => Some(p.lock().await),
+            None => None,
+        };
+        let voucher = pay.as_ref().and_then(|p| p.voucher());
+        let closed = async {
+            let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
+            quic::write_msg(&mut send, &SessionMsg::Close { voucher }, CONTROL_CAP).await.map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            match quic::read_msg::<SessionReply>(&mut recv, CONTROL_CAP).await.map_err(|e| e.to_string())? {
+                Some(SessionReply::Closed { settled, refund, receipt }) => Ok((settled, refund, receipt)),
+                other => Err(format!("unexpected answer to close: {other:?}")),
             }
-            .await;
-            match closed {
-                Ok((settled, refund)) => p.closed(settled, refund).await.map_err(Error::Payment)?,
+        }
+        .await;
+        let (settled, refund) = match closed {
+            Ok((settled, refund, receipt)) => {
+                // The provider's word on the whole session, checked against every call followed.
+                if let Some(r) = receipt {
+                    let mut guard = link.receipts.lock().await;
+                    match guard.0.signed(&r) {
+                        Ok(()) => *self.closed_receipt.lock().await = Some(*r),
+                        Err(e) => log::warn!("provider {}: its closing receipt is refused: {e}", link.provider),
+                    }
+                }
+                (settled, Ok(refund))
+            }
+            Err(e) => (None, Err(e)),
+        };
+        if let (None, Err(e)) = (&pay, &refund) {
+            log::info!("closing with provider {}: {e}", link.provider);
+        }
+        if let Some(p) = pay.as_mut() {
+            match refund {
+                Ok(refund) => p.closed(settled, refund).await.map_err(Error::Payment)?,
                 Err(e) => {
                     log::warn!("closing with provider {}: {e}; recovering the escrow", link.provider);
                     p.recover().await.map_err(Error::Payment)?;

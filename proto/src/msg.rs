@@ -444,15 +444,21 @@ pub enum SessionReply {
         #[serde(with = "bytes")]
         bytes: Vec<u8>,
         usage: WireUsage,
-        /// The session's cumulative counts and amount due after this call, signed.
-        receipt: Box<crate::receipt::Receipt>,
+        /// This call's number in the session, 1 for the first: the renter follows the receipt
+        /// chain in this order.
+        sequence: u64,
+        /// The session's cumulative counts and amount due after this call, signed: on every
+        /// call of a paid session, every few calls of an unpaid one.
+        receipt: Option<Box<crate::receipt::Receipt>>,
         /// A settlement made before this call was served, if the provider's policy said so.
         settled: Option<Box<crate::voucher::Settled>>,
     },
-    /// The answer to `Close`: the last settlement, if one was due, and the refund of the rest.
+    /// The answer to `Close`: the last settlement, if one was due, the refund of the rest, and
+    /// the signed receipt of every call served.
     Closed {
         settled: Option<Box<crate::voucher::Settled>>,
         refund: Option<Box<crate::voucher::Refund>>,
+        receipt: Option<Box<crate::receipt::Receipt>>,
     },
     /// The request (or `init`) failed; `kind` as in [`Outcome::Failed`], or
     /// [`FailureKind::Payment`] when the provider stops serving for want of a valid voucher.

@@ -1,6 +1,10 @@
-//! Usage receipts: after every inference the provider signs the session's cumulative counts and
-//! the amount due, chained over the digests of every request and response. The renter checks
-//! each one before it sends the next request; what it has checked is what it will pay for.
+//! Usage receipts: the provider signs a session's cumulative counts and the amount due, chained
+//! over the digests of every request and response. It signs one every few calls (on a paid
+//! session, every call), not necessarily each: every answer carries its sequence number and its
+//! usage, so the renter follows the chain and the counts call by call at the cost of two hashes,
+//! and a signed receipt must then match what the renter itself added up. What the renter has
+//! checked in a signed receipt is what it will pay for; a provider can never sign more than the
+//! usage it reported call by call.
 //!
 //! The signature covers [`Receipt::signing_bytes`], a fixed little-endian layout (not whatever
 //! serde emits), so any implementation can check a receipt byte for byte.
@@ -25,6 +29,19 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// One served call's counts, from the usage its answer reported (one call is one inference,
+    /// whatever the usage says).
+    pub fn of_call(u: &crate::msg::WireUsage) -> Counts {
+        Counts {
+            inferences: 1,
+            fuel: u.fuel,
+            invocations: u.invocations,
+            bytes_uploaded: u.bytes_uploaded,
+            bytes_downloaded: u.bytes_downloaded,
+            gpu_time_ns: u.gpu_time_ns,
+        }
+    }
+
     /// These counts plus one call's.
     pub fn plus(&self, call: &Counts) -> Counts {
         Counts {
@@ -43,6 +60,18 @@ impl Counts {
             [self.inferences, self.fuel, self.invocations, self.bytes_uploaded, self.bytes_downloaded, self.gpu_time_ns]
         {
             out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    /// These counts less `earlier`'s (which they cover).
+    fn minus(&self, earlier: &Counts) -> Counts {
+        Counts {
+            inferences: self.inferences - earlier.inferences,
+            fuel: self.fuel - earlier.fuel,
+            invocations: self.invocations - earlier.invocations,
+            bytes_uploaded: self.bytes_uploaded - earlier.bytes_uploaded,
+            bytes_downloaded: self.bytes_downloaded - earlier.bytes_downloaded,
+            gpu_time_ns: self.gpu_time_ns - earlier.gpu_time_ns,
         }
     }
 
@@ -82,9 +111,19 @@ pub fn chain_start(session_id: &[u8; 16]) -> [u8; 32] {
 
 /// The chain after one more request and response.
 pub fn chain_next(previous: &[u8; 32], request: &[u8], response: &[u8]) -> [u8; 32] {
-    let req: [u8; 32] = Sha256::digest(request).into();
+    chain_link(previous, &Sha256::digest(request).into(), response)
+}
+
+/// SHA-256 of a request (what [`Signer::record`] takes).
+pub fn request_digest(request: &[u8]) -> [u8; 32] {
+    Sha256::digest(request).into()
+}
+
+/// [`chain_next`] with the request already digested (the provider hands the bytes on before
+/// the response exists).
+pub fn chain_link(previous: &[u8; 32], request_digest: &[u8; 32], response: &[u8]) -> [u8; 32] {
     let resp: [u8; 32] = Sha256::digest(response).into();
-    Sha256::new().chain_update(previous).chain_update(req).chain_update(resp).finalize().into()
+    Sha256::new().chain_update(previous).chain_update(request_digest).chain_update(resp).finalize().into()
 }
 
 impl Receipt {
@@ -111,7 +150,7 @@ impl Receipt {
     }
 }
 
-/// The provider's side: signs a receipt after each inference.
+/// The provider's side: follows the session call by call and signs its receipt when asked.
 #[derive(Debug)]
 pub struct Signer {
     session_id: [u8; 16],
@@ -134,11 +173,22 @@ impl Signer {
         }
     }
 
-    /// The receipt for one more served call, with its counts.
-    pub fn next(&mut self, keypair: &Keypair, call: &Counts, request: &[u8], response: &[u8]) -> Receipt {
+    /// Adds one served call (`request_digest` is the SHA-256 of its request); returns its
+    /// sequence number, 1 for the first.
+    pub fn record(&mut self, call: &Counts, request_digest: &[u8; 32], response: &[u8]) -> u64 {
         self.sequence += 1;
         self.counts = self.counts.plus(call);
-        self.chain = chain_next(&self.chain, request, response);
+        self.chain = chain_link(&self.chain, request_digest, response);
+        self.sequence
+    }
+
+    /// Calls recorded so far.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// The signed receipt of every call recorded so far.
+    pub fn sign(&self, keypair: &Keypair) -> Receipt {
         let mut r = Receipt {
             session_id: self.session_id,
             provider: keypair.public(),
@@ -152,6 +202,12 @@ impl Signer {
         };
         r.signature = keypair.sign(&r.signing_bytes());
         r
+    }
+
+    /// Records one more call and signs the receipt after it.
+    pub fn next(&mut self, keypair: &Keypair, call: &Counts, request: &[u8], response: &[u8]) -> Receipt {
+        self.record(call, &Sha256::digest(request).into(), response);
+        self.sign(keypair)
     }
 }
 
@@ -172,6 +228,8 @@ pub enum ReceiptError {
     Amount { want: u64, got: u64 },
     #[error("the receipt's chain does not match the requests and responses exchanged")]
     Chain,
+    #[error("the receipt's counts are not the sum of the usage the provider reported call by call")]
+    Unreported,
 }
 
 /// The renter's side: checks each receipt against the last one and what was exchanged.
@@ -183,37 +241,59 @@ pub struct Checker {
     price_per_inference: u64,
     last: Option<Receipt>,
     chain: [u8; 32],
+    /// Calls followed so far, and the sum of their reported counts.
+    calls: u64,
+    counts: Counts,
 }
 
 impl Checker {
     pub fn new(session_id: [u8; 16], provider: PublicKey, renter: PublicKey, price_per_inference: u64) -> Checker {
-        Checker { session_id, provider, renter, price_per_inference, last: None, chain: chain_start(&session_id) }
-    }
-
-    /// The last receipt that passed.
-    pub fn last(&self) -> Option<&Receipt> {
-        self.last.as_ref()
-    }
-
-    /// Checks the receipt for the request/response just exchanged; on success it becomes the
-    /// last receipt. Receipts must be checked in the order the calls were made.
-    pub fn check(&mut self, r: &Receipt, request: &[u8], response: &[u8]) -> Result<(), ReceiptError> {
-        if !r.provider.verify(&r.signing_bytes(), &r.signature) {
-            return Err(ReceiptError::BadSignature);
+        Checker {
+            session_id,
+            provider,
+            renter,
+            price_per_inference,
+            last: None,
+            chain: chain_start(&session_id),
+            calls: 0,
+            counts: Counts::default(),
         }
+    }
+
+    /// Calls followed so far.
+    pub fn calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// Follows one more call, answered as number `sequence` with the counts its answer reported.
+    /// Calls must be followed in sequence order.
+    pub fn call(&mut self, sequence: u64, call: &Counts, request: &[u8], response: &[u8]) -> Result<(), ReceiptError> {
+        if sequence != self.calls + 1 {
+            return Err(ReceiptError::OutOfOrder { want: self.calls + 1, got: sequence });
+        }
+        if call.inferences != 1 {
+            return Err(ReceiptError::Counts);
+        }
+        self.calls = sequence;
+        self.counts = self.counts.plus(call);
+        self.chain = chain_next(&self.chain, request, response);
+        Ok(())
+    }
+
+    /// Checks a signed receipt of every call followed so far; on success it becomes the last
+    /// receipt.
+    pub fn signed(&mut self, r: &Receipt) -> Result<(), ReceiptError> {
         if r.session_id != self.session_id || r.provider != self.provider || r.renter != self.renter {
             return Err(ReceiptError::WrongParties);
         }
-        let want = self.last.as_ref().map_or(1, |l| l.sequence + 1);
-        if r.sequence != want {
-            return Err(ReceiptError::OutOfOrder { want, got: r.sequence });
-        }
-        let before = self.last.as_ref().map(|l| l.counts).unwrap_or_default();
-        if !r.counts.covers(&before) || r.counts.inferences != before.inferences + 1 {
-            return Err(ReceiptError::Counts);
+        if r.sequence != self.calls {
+            return Err(ReceiptError::OutOfOrder { want: self.calls, got: r.sequence });
         }
         if r.price_per_inference != self.price_per_inference {
             return Err(ReceiptError::Price { want: self.price_per_inference, got: r.price_per_inference });
+        }
+        if r.counts != self.counts {
+            return Err(ReceiptError::Unreported);
         }
         let due = r
             .counts
@@ -223,13 +303,36 @@ impl Checker {
         if r.amount_due != due {
             return Err(ReceiptError::Amount { want: due, got: r.amount_due });
         }
-        let chain = chain_next(&self.chain, request, response);
-        if r.chain != chain {
+        if r.chain != self.chain {
             return Err(ReceiptError::Chain);
         }
-        self.chain = chain;
+        // The cheap checks first: a receipt that fails them costs no signature check.
+        if !r.provider.verify(&r.signing_bytes(), &r.signature) {
+            return Err(ReceiptError::BadSignature);
+        }
         self.last = Some(r.clone());
         Ok(())
+    }
+
+    /// The last receipt that passed.
+    pub fn last(&self) -> Option<&Receipt> {
+        self.last.as_ref()
+    }
+
+    /// Follows one call and checks the receipt signed right after it, taking the call's counts
+    /// from the receipt (for a party that signs every call and reports no usage of its own).
+    pub fn check(&mut self, r: &Receipt, request: &[u8], response: &[u8]) -> Result<(), ReceiptError> {
+        if r.sequence != self.calls + 1 {
+            return Err(ReceiptError::OutOfOrder { want: self.calls + 1, got: r.sequence });
+        }
+        let before = self.counts;
+        if !r.counts.covers(&before) || r.counts.inferences != before.inferences + 1 {
+            return Err(ReceiptError::Counts);
+        }
+        let call = r.counts.minus(&before);
+        let saved = (self.calls, self.counts, self.chain);
+        self.call(r.sequence, &call, request, response)?;
+        self.signed(r).inspect_err(|_| (self.calls, self.counts, self.chain) = saved)
     }
 }
 
@@ -378,17 +481,57 @@ mod tests {
     }
 
     #[test]
+    fn a_receipt_signed_every_few_calls_covers_them_all_and_only_what_was_reported() {
+        let (provider, _, mut signer, mut checker) = setup();
+        for i in 1..=20u8 {
+            let seq = signer.record(&call(), &Sha256::digest([i]).into(), &[i, i]);
+            checker.call(seq, &call(), &[i], &[i, i]).unwrap();
+            if i % 8 == 0 {
+                checker.signed(&signer.sign(&provider)).unwrap();
+            }
+        }
+        assert_eq!(checker.last().map(|r| r.sequence), Some(16));
+        let last = signer.sign(&provider);
+        checker.signed(&last).unwrap();
+        assert_eq!((last.sequence, last.amount_due, last.counts.fuel), (20, 100, 2000));
+        assert_eq!(checker.signed(&last), Ok(()), "the same receipt again is the same promise");
+
+        // A receipt of more usage than the calls reported, even signed, is refused.
+        let mut signer2 = Signer::new([3; 16], last.renter, 5);
+        let mut checker2 = Checker::new([3; 16], provider.public(), last.renter, 5);
+        let heavy = Counts { gpu_time_ns: 9_999, ..call() };
+        let seq = signer2.record(&heavy, &Sha256::digest(b"q").into(), b"r");
+        checker2.call(seq, &call(), b"q", b"r").unwrap();
+        assert_eq!(checker2.signed(&signer2.sign(&provider)), Err(ReceiptError::Unreported));
+
+        // Calls followed out of order, or a receipt for calls not yet followed, are refused.
+        assert_eq!(checker2.call(3, &call(), b"x", b"y"), Err(ReceiptError::OutOfOrder { want: 2, got: 3 }));
+        let two = Counts { inferences: 2, ..call() };
+        assert_eq!(checker2.call(2, &two, b"x", b"y"), Err(ReceiptError::Counts), "one call is one inference");
+        let _ = signer2.record(&call(), &Sha256::digest(b"x").into(), b"y");
+        assert_eq!(checker2.signed(&signer2.sign(&provider)), Err(ReceiptError::OutOfOrder { want: 1, got: 2 }));
+        // A response the renter saw differently breaks the chain.
+        checker2.call(2, &call(), b"x", b"not y").unwrap();
+        let mut honest = Signer::new([3; 16], last.renter, 5);
+        honest.record(&call(), &Sha256::digest(b"q").into(), b"r");
+        honest.record(&call(), &Sha256::digest(b"x").into(), b"y");
+        let mut c3 = Checker::new([3; 16], provider.public(), last.renter, 5);
+        c3.call(1, &call(), b"q", b"r").unwrap();
+        c3.call(2, &call(), b"x", b"not y").unwrap();
+        assert_eq!(c3.signed(&honest.sign(&provider)), Err(ReceiptError::Chain));
+    }
+
+    #[test]
     fn tampered_replayed_and_foreign_receipts_are_refused() {
         let (provider, renter, mut signer, mut checker) = setup();
         let first = signer.next(&provider, &call(), b"a", b"b");
 
         let mut more = first.clone();
         more.amount_due = 1;
-        assert_eq!(
-            checker.check(&more, b"a", b"b"),
-            Err(ReceiptError::BadSignature),
-            "any change breaks the signature"
-        );
+        assert_eq!(checker.check(&more, b"a", b"b"), Err(ReceiptError::Amount { want: 5, got: 1 }));
+        let mut forged = first.clone();
+        forged.signature = Signature([7; 64]);
+        assert_eq!(checker.check(&forged, b"a", b"b"), Err(ReceiptError::BadSignature));
 
         let mut resigned = first.clone();
         resigned.amount_due = 7;

@@ -16,14 +16,18 @@ use std::time::{Duration, Instant};
 use proto::frame::CONTROL_CAP;
 use proto::msg::{
     BLOB_CAP, FailureKind, GpuInfo, HostMsg, JobMsg, JobReply, JobResult, OPEN_CAP, Outcome, Price, SchedulerMsg,
-    SessionMsg, SessionReply, WireUsage,
+    SessionMsg, SessionReply,
 };
-use proto::worker::{FromWorker, ToWorker, WorkerFailure};
+use proto::worker::{FromWorker, ToWorker};
 use proto::{Keypair, PublicKey};
 use quic::{Connection, Identity, RecvStream, SendStream};
 
-use crate::flow::{JobAction, JobFlow, KILL_GRACE, failed_result, variant};
-use crate::pool::{Pool, Worker, WorkerCommand, WorkerDied, kill_deadline};
+use crate::flow::{JobAction, JobFlow, failed_result};
+use crate::pool::{Pool, Worker, WorkerCommand, WorkerDied};
+use crate::session::{Handback, Paid, PayStep, SessionAction, SessionFlow, SessionTerms, Unpaid};
+
+/// Calls of an unpaid session per signed receipt, unless configured.
+pub const DEFAULT_RECEIPT_EVERY: u32 = 16;
 
 /// How a provider daemon is set up.
 #[derive(Debug)]
@@ -57,6 +61,9 @@ pub struct DaemonConfig {
     pub session_in_flight: u32,
     /// Largest request of a session, in bytes.
     pub session_request_bytes: usize,
+    /// On an unpaid session, sign a receipt after every this many calls (and at its end); a
+    /// paid session gets one after every call, for its vouchers.
+    pub receipt_every: u32,
     /// How long a renter has to send its `Init` (weights, say) or a module the provider asked
     /// for, once its ticket is accepted; a session slot is held meanwhile.
     pub upload_timeout: Duration,
@@ -83,6 +90,7 @@ impl DaemonConfig {
             session_idle: Duration::from_secs(300),
             session_in_flight: 16,
             session_request_bytes: 16 << 20,
+            receipt_every: DEFAULT_RECEIPT_EVERY,
             upload_timeout: Duration::from_secs(120),
         }
     }
@@ -591,10 +599,6 @@ fn start_sessions(shared: &Arc<Shared>, addr: SocketAddr) -> Result<SocketAddr, 
     Ok(local)
 }
 
-fn failed(f: WorkerFailure) -> SessionReply {
-    SessionReply::Failed { kind: f.kind, limit: f.limit, message: f.message }
-}
-
 /// Tells the renter why its session is refused, and closes the connection.
 async fn refuse_session(
     send: &mut SendStream,
@@ -695,66 +699,59 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
         Some((p, r)) => (Some(p), Some(Box::new(r))),
         None => (None, None),
     };
-    let mut worker = match shared.pool.take().await {
+    let worker = match shared.pool.take().await {
         Ok(w) => w,
         Err(e) => {
             let reason = format!("no worker to serve it: {e}; ask the scheduler for another provider");
             return refuse_session(&mut send, &conn, &peer, SessionReply::Busy { reason }).await;
         }
     };
-    let limits = proto::msg::JobLimits::default();
-    let start = ToWorker::Service { module_hash: ticket.module_hash, init_input, limits: limits.clone() };
-    let now = Instant::now();
-    let budget = kill_deadline(now, &limits, &worker.defaults, KILL_GRACE).saturating_duration_since(now);
-    let started = match worker.send(&start).await {
-        Ok(()) => match start_service(
-            &mut worker,
-            &mut send,
-            &mut recv,
-            ticket.module_hash,
-            budget,
-            shared.config.upload_timeout,
-        )
-        .await
-        {
-            Ok(started) => started,
-            Err(e) => {
-                shared.pool.give_back(worker, false).await;
-                return Err(e);
-            }
-        },
-        Err(died) => Err((WorkerFailure { kind: died.kind, limit: None, message: died.message }, false)),
-    };
-    let usage = match started {
-        Ok(usage) => usage,
-        Err((f, reusable)) => {
-            shared.pool.give_back(worker, reusable).await;
-            let reply = if f.kind == FailureKind::Load { refused(f.message) } else { failed(f) };
-            return refuse_session(&mut send, &conn, &peer, reply).await;
-        }
-    };
-    if let Err(e) = quic::write_msg(&mut send, &SessionReply::Opened { usage, refund }, CONTROL_CAP).await {
-        end_service(&shared.pool, worker).await;
-        return Err(e);
-    }
-    let _ = send.finish();
-    let id: String = ticket.session_id.iter().map(|b| format!("{b:02x}")).collect();
-    log::info!("session {id} opened for {peer} in worker {}", worker.pid());
-    // The instance serves one call at a time, and the receipt of each call is signed in that
-    // same order, so the renter can check the chain.
-    let signer = proto::receipt::Signer::new(ticket.session_id, peer, ticket.price_per_inference);
-    let served = Arc::new(tokio::sync::Mutex::new(Served {
-        worker: Some(worker),
-        limits,
-        signer,
-        pay: pay.map(|p| Arc::new(Mutex::new(p))),
-        over: None,
+    let terms = SessionTerms {
         session_id: ticket.session_id,
-        last: None,
+        renter: peer,
+        price_per_inference: ticket.price_per_inference,
+        module_hash: ticket.module_hash,
+        limits: proto::msg::JobLimits::default(),
+        sign_every: u64::from(shared.config.receipt_every),
+        refund,
+    };
+    let (flow, actions) =
+        SessionFlow::start(terms, init_input, &worker.defaults, shared.keypair.clone(), Instant::now());
+    let mut pump = SessionPump {
+        flow,
+        worker: Some(worker),
+        pay: pay.map(|p| Arc::new(Mutex::new(p))),
+        session_id: ticket.session_id,
         running: shared.running.clone(),
         keypair: shared.keypair.clone(),
         pool: shared.pool.clone(),
-    }));
+    };
+    let upload = Some((&mut send, &mut recv, shared.config.upload_timeout));
+    let opened = match pump.drive(actions, upload).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            pump.abandon().await;
+            return Err(e);
+        }
+    };
+    match opened {
+        Some(reply @ SessionReply::Opened { .. }) if !pump.flow.is_done() => {
+            if let Err(e) = quic::write_msg(&mut send, &reply, CONTROL_CAP).await {
+                let end = pump.flow.on_end();
+                let _ = pump.drive(end, None).await;
+                return Err(e);
+            }
+        }
+        reply => {
+            pump.abandon().await;
+            let reply = reply.unwrap_or_else(|| refused("the session's service did not start"));
+            return refuse_session(&mut send, &conn, &peer, reply).await;
+        }
+    }
+    let _ = send.finish();
+    let id: String = ticket.session_id.iter().map(|b| format!("{b:02x}")).collect();
+    log::info!("session {id} opened for {peer} in worker {}", pump.worker.as_ref().map_or(0, Worker::pid));
+    let pump = Arc::new(tokio::sync::Mutex::new(pump));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(shared.config.session_in_flight.max(1) as usize));
     let last_active = Arc::new(Mutex::new(Instant::now()));
     let answering = Arc::new(AtomicU32::new(0));
@@ -776,107 +773,37 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
             }
         };
         let Ok((mut send, mut recv)) = accepted else { break };
-        let (served, in_flight, last_active, answering) =
-            (served.clone(), in_flight.clone(), last_active.clone(), answering.clone());
+        let (pump, in_flight, last_active, answering) =
+            (pump.clone(), in_flight.clone(), last_active.clone(), answering.clone());
         tokio::spawn(async move {
             let Ok(_permit) = in_flight.acquire_owned().await else { return };
             // One request is read at a time, in the instance's turn, within a bounded time and
             // size: a renter cannot make the daemon buffer many large requests at once.
-            let mut turn = served.lock().await;
+            let mut turn = pump.lock().await;
             let read = tokio::time::timeout(REQUEST_TIMEOUT, quic::read_msg::<SessionMsg>(&mut recv, request_cap));
             let Ok(Ok(Some(msg))) = read.await else { return };
             answering.fetch_add(1, Ordering::SeqCst);
-            let reply = turn.answer(msg).await;
+            let actions = turn.flow.on_request(msg, Instant::now());
+            let reply = turn.drive(actions, None).await;
             drop(turn);
             *last_active.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
-            let write = tokio::time::timeout(REQUEST_TIMEOUT, quic::write_msg(&mut send, &reply, BLOB_CAP));
-            if matches!(write.await, Ok(Ok(()))) {
-                let _ = send.finish();
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, send.stopped()).await;
+            if let Ok(Some(reply)) = reply {
+                let write = tokio::time::timeout(REQUEST_TIMEOUT, quic::write_msg(&mut send, &reply, BLOB_CAP));
+                if matches!(write.await, Ok(Ok(()))) {
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, send.stopped()).await;
+                }
             }
             answering.fetch_sub(1, Ordering::SeqCst);
         });
     }
-    // The renter went (or the session idled out): settle what it vouched for, free the worker.
-    let mut guard = served.lock().await;
-    if let Some(p) = guard.pay.clone() {
-        let kp = shared.keypair.clone();
-        let _ = tokio::task::spawn_blocking(move || p.lock().unwrap_or_else(PoisonError::into_inner).ended(&kp)).await;
-    }
-    guard.report(true).await;
-    if let Some(worker) = guard.worker.take() {
-        end_service(&shared.pool, worker).await;
-    }
+    // The renter went (or the session idled out): settle what it vouched for, report, free the
+    // worker.
+    let mut pump = pump.lock().await;
+    let end = pump.flow.on_end();
+    let _ = pump.drive(end, None).await;
     log::info!("session {id} ended");
     Ok(())
-}
-
-/// Waits for the worker's `ServiceStarted`, fetching the module from the renter if asked.
-/// `Err` carries the failure and whether the worker may be reused.
-async fn start_service(
-    worker: &mut Worker,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
-    hash: [u8; 32],
-    budget: Duration,
-    upload_timeout: Duration,
-) -> Result<Result<WireUsage, (WorkerFailure, bool)>, quic::QuicError> {
-    let mut deadline = Instant::now() + budget;
-    let lost = |d: WorkerDied| Ok(Err((WorkerFailure { kind: d.kind, limit: None, message: d.message }, false)));
-    let mut fetched = false;
-    loop {
-        let msg = tokio::select! {
-            m = worker.recv() => m,
-            () = tokio::time::sleep_until(deadline.into()) => {
-                let f = WorkerFailure {
-                    kind: FailureKind::Limit,
-                    limit: Some("wall-time".into()),
-                    message: "init was still running at the wall-time limit: the worker was stopped".into(),
-                };
-                return Ok(Err((f, false)));
-            }
-        };
-        match msg {
-            Ok(FromWorker::NeedModule { .. }) if !fetched => {
-                fetched = true;
-                quic::write_msg(send, &SessionReply::NeedModule, CONTROL_CAP).await?;
-                let upload = tokio::time::timeout(upload_timeout, quic::read_msg::<SessionMsg>(recv, BLOB_CAP)).await;
-                let waited = upload.is_err();
-                let reply = match upload.unwrap_or(Ok(None))? {
-                    Some(SessionMsg::Module { bytes }) => {
-                        use sha2::Digest;
-                        let got: [u8; 32] = sha2::Sha256::digest(&bytes).into();
-                        if got == hash {
-                            ToWorker::Module { bytes }
-                        } else {
-                            ToWorker::NoModule { reason: "the module bytes do not match the ticket's module".into() }
-                        }
-                    }
-                    _ if waited => {
-                        ToWorker::NoModule { reason: format!("the renter sent no module within {upload_timeout:?}") }
-                    }
-                    _ => ToWorker::NoModule { reason: "the renter sent no module".into() },
-                };
-                if let Err(d) = worker.send(&reply).await {
-                    return lost(d);
-                }
-                // The upload was the renter's time; init's wall time starts now.
-                deadline = Instant::now() + budget;
-            }
-            Ok(FromWorker::Accepted) => {}
-            Ok(FromWorker::ServiceStarted { result, reusable, .. }) => {
-                return Ok(result.map_err(|f| (f, reusable)));
-            }
-            Ok(FromWorker::Fatal { reason }) => {
-                return Ok(Err((WorkerFailure { kind: FailureKind::Host, limit: None, message: reason }, false)));
-            }
-            Ok(other) => {
-                let message = format!("the worker broke the protocol ({} while starting a service)", variant(&other));
-                return Ok(Err((WorkerFailure { kind: FailureKind::Crash, limit: None, message }, false)));
-            }
-            Err(d) => return lost(d),
-        }
-    }
 }
 
 /// Ends a session's service and hands its worker back: reused if it comes back idle in time.
@@ -892,41 +819,135 @@ async fn end_service(pool: &Pool, mut worker: Worker) {
     pool.give_back(worker, reusable).await;
 }
 
-/// A session's worker, its receipts and its payment; one call at a time.
-struct Served {
-    /// `None` once the service ended (its worker died or was killed).
+/// Runs one session's [`SessionFlow`]: its worker, its payment and its reports.
+struct SessionPump {
+    flow: SessionFlow,
+    /// `None` once the flow retired it.
     worker: Option<Worker>,
-    limits: proto::msg::JobLimits,
-    signer: proto::receipt::Signer,
     pay: Option<Arc<Mutex<crate::payment::SessionPay>>>,
-    /// Why the session stopped, once it has.
-    over: Option<(FailureKind, String)>,
     session_id: [u8; 16],
-    /// The newest receipt signed.
-    last: Option<Box<proto::receipt::Receipt>>,
     /// Where reports to the scheduler queue.
     running: Arc<Running>,
     keypair: Arc<Keypair>,
     pool: Pool,
 }
 
-impl Served {
+impl SessionPump {
+    /// Carries out the flow's actions, and waits for the worker while the flow does, until the
+    /// flow has nothing left to do: returns its answer to the renter's current stream, if any.
+    /// `upload` is the opening stream and how long the renter has to send the module, while the
+    /// session opens.
+    async fn drive(
+        &mut self,
+        mut actions: Vec<SessionAction>,
+        mut upload: Option<(&mut SendStream, &mut RecvStream, Duration)>,
+    ) -> Result<Option<SessionReply>, quic::QuicError> {
+        let mut reply = None;
+        loop {
+            for action in std::mem::take(&mut actions) {
+                match action {
+                    SessionAction::ToWorker(msg) => {
+                        let sent = match self.worker.as_mut() {
+                            Some(w) => w.send(&msg).await,
+                            None => Err(WorkerDied { kind: FailureKind::Host, message: "the worker is gone".into() }),
+                        };
+                        if let Err(died) = sent {
+                            actions.extend(self.flow.on_worker(Err(died), Instant::now()));
+                        }
+                    }
+                    SessionAction::FetchModule => {
+                        let module = match upload.as_mut() {
+                            Some((send, recv, timeout)) => fetch_session_module(send, recv, *timeout).await?,
+                            None => Err("the module can only be sent while the session opens".into()),
+                        };
+                        actions.extend(self.flow.on_module(module, Instant::now()));
+                    }
+                    SessionAction::Pay(step) => {
+                        let paid = self.pay_step(step).await;
+                        actions.extend(self.flow.on_paid(paid, Instant::now()));
+                    }
+                    SessionAction::Reply(r) => reply = Some(r),
+                    SessionAction::Report { receipt, closed } => self.report(receipt, closed),
+                    SessionAction::Retire(how) => {
+                        if let Some(w) = self.worker.take() {
+                            match how {
+                                Handback::Idle => self.pool.give_back(w, true).await,
+                                Handback::EndService => end_service(&self.pool, w).await,
+                                Handback::Kill => self.pool.give_back(w, false).await,
+                            }
+                        }
+                    }
+                }
+            }
+            if !actions.is_empty() {
+                continue;
+            }
+            let (Some(deadline), Some(worker)) = (self.flow.deadline(), self.worker.as_mut()) else {
+                return Ok(reply);
+            };
+            actions = tokio::select! {
+                msg = worker.recv() => self.flow.on_worker(msg, Instant::now()),
+                () = tokio::time::sleep_until(deadline.into()) => self.flow.on_deadline(Instant::now()),
+            };
+        }
+    }
+
+    /// Kills the worker of a session that could not open.
+    async fn abandon(&mut self) {
+        if let Some(w) = self.worker.take() {
+            self.pool.give_back(w, false).await;
+        }
+    }
+
     /// Runs a payment step on a blocking thread (it may talk to the chain).
-    async fn pay<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut crate::payment::SessionPay, &Keypair) -> R + Send + 'static,
-    ) -> Option<R> {
-        let p = self.pay.clone()?;
+    async fn pay_step(&self, step: PayStep) -> Paid {
+        let Some(p) = self.pay.clone() else {
+            // An unpaid session's flow asks for none; answer as if there were nothing to pay.
+            return match step {
+                PayStep::Before(_) => Paid::Before(Ok(())),
+                PayStep::After(_) => Paid::After(None),
+                PayStep::Close(_) => Paid::Close(Err("this session is not paid".into())),
+                PayStep::End => Paid::End,
+            };
+        };
         let kp = self.keypair.clone();
-        tokio::task::spawn_blocking(move || f(&mut p.lock().unwrap_or_else(PoisonError::into_inner), &kp)).await.ok()
+        let run = move || {
+            let mut p = p.lock().unwrap_or_else(PoisonError::into_inner);
+            match step {
+                PayStep::Before(voucher) => Paid::Before(match p.funded() {
+                    Err(m) => Err(Unpaid::NotYet(m)),
+                    Ok(()) => p.before_serve(voucher.as_deref()).map_err(Unpaid::Stopped),
+                }),
+                PayStep::After(receipt) => {
+                    p.served(&receipt);
+                    Paid::After(p.after_serve(&kp))
+                }
+                PayStep::Close(voucher) => Paid::Close(p.close(&kp, voucher.as_deref())),
+                PayStep::End => {
+                    p.ended(&kp);
+                    Paid::End
+                }
+            }
+        };
+        match tokio::task::spawn_blocking(run).await {
+            Ok(paid) => paid,
+            Err(e) => {
+                let why = format!("the payment step failed: {e}");
+                Paid::Before(Err(Unpaid::Stopped(why)))
+            }
+        }
     }
 
     /// Tells the scheduler where the session stands (usage, payments).
-    async fn report(&self, closed: bool) {
-        let (paid, settlements, settlement_count) = self.pay(|p, _| p.paid_and_settlements()).await.unwrap_or_default();
+    fn report(&self, receipt: Option<Box<proto::receipt::Receipt>>, closed: bool) {
+        let (paid, settlements, settlement_count) = self
+            .pay
+            .as_ref()
+            .map(|p| p.lock().unwrap_or_else(PoisonError::into_inner).paid_and_settlements())
+            .unwrap_or_default();
         let msg = HostMsg::SessionReport(Box::new(proto::msg::SessionReport {
             session_id: self.session_id,
-            receipt: self.last.as_deref().cloned(),
+            receipt: receipt.map(|r| *r),
             paid,
             settlements,
             settlement_count,
@@ -934,114 +955,19 @@ impl Served {
         }));
         self.running.report(self.session_id, msg);
     }
+}
 
-    fn stop(&mut self, kind: FailureKind, message: String) -> SessionReply {
-        log::info!("session stopped: {message}");
-        self.over = Some((kind, message.clone()));
-        SessionReply::Failed { kind, limit: None, message }
-    }
-
-    async fn answer(&mut self, msg: SessionMsg) -> SessionReply {
-        // A close is answered whatever happened before: the renter needs the current refund.
-        if let Some((kind, why)) = self.over.as_ref().filter(|_| !matches!(msg, SessionMsg::Close { .. })) {
-            return SessionReply::Failed { kind: *kind, limit: None, message: why.clone() };
-        }
-        match msg {
-            SessionMsg::Request { bytes, voucher } => self.infer(bytes, voucher).await,
-            SessionMsg::Close { voucher } => match self.pay(move |p, kp| p.close(kp, voucher.as_deref())).await {
-                None => SessionReply::Closed { settled: None, refund: None },
-                Some(Ok((settled, refund))) => {
-                    self.over = Some((FailureKind::Payment, "the renter closed the session".into()));
-                    self.report(true).await;
-                    SessionReply::Closed { settled: settled.map(Box::new), refund: Some(Box::new(refund)) }
-                }
-                Some(Err(e)) => self.stop(FailureKind::Payment, e),
-            },
-            other => SessionReply::Failed {
-                kind: FailureKind::Host,
-                limit: None,
-                message: format!(
-                    "a session stream must carry a request or a close, not {}",
-                    match other {
-                        SessionMsg::Open { .. } => "Open",
-                        SessionMsg::Init { .. } => "Init",
-                        SessionMsg::Module { .. } => "Module",
-                        SessionMsg::Request { .. } | SessionMsg::Close { .. } => "a request",
-                    }
-                ),
-            },
-        }
-    }
-
-    async fn infer(&mut self, bytes: Vec<u8>, voucher: Option<Box<proto::voucher::Voucher>>) -> SessionReply {
-        if let Some(Err(message)) = self.pay(|p, _| p.funded()).await {
-            return SessionReply::Failed { kind: FailureKind::Payment, limit: None, message };
-        }
-        if let Some(Err(e)) = self.pay(move |p, _| p.before_serve(voucher.as_deref())).await {
-            return self.stop(FailureKind::Payment, e);
-        }
-        let Some(worker) = self.worker.as_mut() else {
-            return self.stop(FailureKind::Host, "the session's worker is gone".into());
-        };
-        let deadline = kill_deadline(Instant::now(), &self.limits, &worker.defaults, KILL_GRACE);
-        let answer = async {
-            worker.send(&ToWorker::Infer { bytes: bytes.clone() }).await?;
-            worker.recv().await
-        };
-        let outcome = match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(FromWorker::Inferred { result })) => result,
-            Ok(Ok(FromWorker::Fatal { reason })) => {
-                Err(WorkerFailure { kind: FailureKind::Host, limit: None, message: reason })
-            }
-            Ok(Ok(other)) => Err(WorkerFailure {
-                kind: FailureKind::Crash,
-                limit: None,
-                message: format!("the worker broke the protocol ({} for an inference)", variant(&other)),
-            }),
-            Ok(Err(d)) => Err(WorkerFailure { kind: d.kind, limit: None, message: d.message }),
-            Err(_) => Err(WorkerFailure {
-                kind: FailureKind::Limit,
-                limit: Some("wall-time".into()),
-                message: "GPU work was still running at the wall-time limit: the worker was stopped".into(),
-            }),
-        };
-        match outcome {
-            Ok(inf) => {
-                let u = &inf.usage;
-                let call = proto::receipt::Counts {
-                    // One call is one inference, whatever the worker says.
-                    inferences: 1,
-                    fuel: u.fuel,
-                    invocations: u.invocations,
-                    bytes_uploaded: u.bytes_uploaded,
-                    bytes_downloaded: u.bytes_downloaded,
-                    gpu_time_ns: u.gpu_time_ns,
-                };
-                let receipt = Box::new(self.signer.next(&self.keypair, &call, &bytes, &inf.response));
-                let r = receipt.clone();
-                let settled = self
-                    .pay(move |p, kp| {
-                        p.served(&r);
-                        p.after_serve(kp)
-                    })
-                    .await
-                    .flatten()
-                    .map(Box::new);
-                self.last = Some(receipt.clone());
-                if settled.is_some() {
-                    self.report(false).await;
-                }
-                SessionReply::Response { bytes: inf.response, usage: inf.usage, receipt, settled }
-            }
-            Err(f) if f.kind == FailureKind::Guest => failed(f),
-            Err(f) => {
-                // The instance is over: its worker is not reused.
-                if let Some(w) = self.worker.take() {
-                    self.pool.give_back(w, false).await;
-                }
-                self.over = Some((f.kind, f.message.clone()));
-                failed(f)
-            }
-        }
+/// Asks the renter for the session's module on the opening stream; the flow checks its hash.
+async fn fetch_session_module(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    timeout: Duration,
+) -> Result<Result<Vec<u8>, String>, quic::QuicError> {
+    quic::write_msg(send, &SessionReply::NeedModule, CONTROL_CAP).await?;
+    match tokio::time::timeout(timeout, quic::read_msg::<SessionMsg>(recv, BLOB_CAP)).await {
+        Ok(Ok(Some(SessionMsg::Module { bytes }))) => Ok(Ok(bytes)),
+        Ok(Ok(_)) => Ok(Err("the renter sent no module".into())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(Err(format!("the renter sent no module within {timeout:?}"))),
     }
 }

@@ -50,7 +50,7 @@ pub(crate) fn failed_result(kind: FailureKind, limit: Option<String>, message: S
 }
 
 /// The smaller of a job's asked-for value and the worker's most, 0 meaning "not asked".
-fn smaller(asked: u64, most: u64) -> u64 {
+pub(crate) fn smaller(asked: u64, most: u64) -> u64 {
     match (asked, most) {
         (0, m) => m,
         (a, 0) => a,

@@ -4,6 +4,7 @@ pub mod daemon;
 mod flow;
 pub mod payment;
 pub mod pool;
+mod session;
 
 pub use daemon::{DaemonConfig, DaemonError, run_forever};
 pub use pool::{Pool, WorkerCommand};

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use proto::frame;
 use proto::msg::{FailureKind, GpuInfo, JobLimits};
@@ -495,17 +495,6 @@ impl Pool {
     }
 }
 
-/// When a job's worker is killed for running over: its wall time, plus a grace for the worker
-/// to end it itself and report.
-pub fn kill_deadline(started: Instant, limits: &JobLimits, defaults: &JobLimits, grace: Duration) -> Instant {
-    let ms = match (limits.wall_time_ms, defaults.wall_time_ms) {
-        (0, d) => d,
-        (l, 0) => l,
-        (l, d) => l.min(d),
-    };
-    started + Duration::from_millis(ms) + grace
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,15 +514,5 @@ mod tests {
         assert!(d.message.contains("out of host memory"), "{}", d.message);
         let d = describe_death(None, "");
         assert!(d.message.contains("did not exit"), "{}", d.message);
-    }
-
-    #[test]
-    fn the_kill_deadline_is_the_smaller_wall_time_plus_grace() {
-        let t = Instant::now();
-        let asked = JobLimits { wall_time_ms: 1000, ..JobLimits::default() };
-        let defaults = JobLimits { wall_time_ms: 120_000, ..JobLimits::default() };
-        let g = Duration::from_secs(2);
-        assert_eq!(kill_deadline(t, &asked, &defaults, g), t + Duration::from_millis(3000));
-        assert_eq!(kill_deadline(t, &JobLimits::default(), &defaults, g), t + Duration::from_millis(122_000));
     }
 }

@@ -480,8 +480,9 @@ fn mlp_request(seed: u32) -> Vec<u8> {
 fn a_session_serves_concurrent_requests_and_fails_over_when_its_provider_dies() {
     let m = Market::new();
     let (_sched, s) = m.scheduler(&[]);
-    let (mut a, key_a) = m.host(&s, "a", &["--sessions", "127.0.0.1:0", "--price-per-inference", "2"]);
-    let (mut b, key_b) = m.host(&s, "b", &["--sessions", "127.0.0.1:0", "--price-per-inference", "3"]);
+    let host_args = |price| ["--sessions", "127.0.0.1:0", "--price-per-inference", price, "--receipt-every", "3"];
+    let (mut a, key_a) = m.host(&s, "a", &host_args("2"));
+    let (mut b, key_b) = m.host(&s, "b", &host_args("3"));
     online(&s, 2);
     let rt = runtime();
     rt.block_on(async {
@@ -508,7 +509,10 @@ fn a_session_serves_concurrent_requests_and_fails_over_when_its_provider_dies() 
         }
         // Same request, same answer: the instance keeps no state between requests.
         assert_eq!(session.infer(&mlp_request(3)).await.unwrap().response, answers[3].1.response);
-        // Every call came with a signed receipt; checked in order, they add up.
+        // Every third call came with a signed receipt of all calls so far; followed in order,
+        // they add up.
+        let signed = answers.iter().filter(|(_, a)| a.receipt.is_some()).count();
+        assert_eq!(signed, 2, "receipts after calls 3 and 6 of the 8 concurrent ones");
         let receipt = session.last_receipt().await.unwrap();
         assert_eq!((receipt.sequence, receipt.counts.inferences, receipt.amount_due), (9, 9, 18));
         assert_eq!(receipt.provider.to_string(), key_a);
@@ -520,6 +524,9 @@ fn a_session_serves_concurrent_requests_and_fails_over_when_its_provider_dies() 
         assert_eq!(after.provider.to_string(), *survivor, "the session moved to the other provider");
         assert_eq!(after.response, answers[3].1.response, "and the other provider computes the same answer");
         assert_eq!(session.failovers(), 1);
+        assert!(after.receipt.is_none() && session.last_receipt().await.is_none(), "no receipt due yet");
+        // Closing gets the provider's receipt of every call it served.
+        session.close().await.unwrap();
         let receipt = session.last_receipt().await.unwrap();
         assert_eq!(
             (receipt.sequence, receipt.amount_due),
@@ -904,8 +911,8 @@ fn a_paid_provider_refuses_unpaid_sessions_and_stops_a_renter_that_stops_paying(
     assert!(payment_failure(ask(None)).contains("never funded"));
     settlement::fund_escrow(&chain, &settlement::signer(&renter), &terms).unwrap();
     let first = match ask(None) {
-        SessionReply::Response { receipt, .. } => receipt,
-        other => panic!("expected an answer, got {other:?}"),
+        SessionReply::Response { receipt: Some(receipt), .. } => receipt,
+        other => panic!("expected an answer with its receipt, got {other:?}"),
     };
     assert_eq!(first.amount_due, 1);
     // No voucher for it: no second inference, and a clear reason; later vouchers do not
