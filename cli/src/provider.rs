@@ -52,6 +52,11 @@ pub(crate) struct HostDaemonArgs {
     #[arg(long, value_name = "N", default_value_t = provider::daemon::DEFAULT_RECEIPT_EVERY,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     receipt_every: u32,
+    /// The most memory all open sessions' workers may hold of their own together (e.g. 8GiB);
+    /// a session that would not fit is turned away and the scheduler sends it elsewhere.
+    /// Default: half of this machine's memory; `none` bounds sessions by their count alone.
+    #[arg(long, value_name = "SIZE")]
+    session_memory: Option<String>,
     /// How long a renter whose ticket was accepted has to send its init input or module.
     #[arg(long, value_name = "TIME", default_value = "120s", value_parser = units::parse_duration)]
     upload_timeout: std::time::Duration,
@@ -75,6 +80,14 @@ pub(crate) struct HostDaemonArgs {
     advertise: Option<String>,
     #[command(flatten)]
     pay: crate::money::HostPayArgs,
+}
+
+/// Half of this machine's memory (`MemTotal`), where `/proc/meminfo` says it.
+fn half_of_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.trim_start_matches("MemTotal:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024 / 2)
 }
 
 pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
@@ -108,6 +121,11 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     config.session_idle = args.session_idle;
     config.upload_timeout = args.upload_timeout;
     config.receipt_every = args.receipt_every;
+    config.session_memory = match args.session_memory.as_deref() {
+        Some("none") => None,
+        Some(size) => Some(units::parse_size(size).map_err(|e| bad_input(anyhow!("--session-memory: {e}")))?),
+        None => half_of_memory(),
+    };
     println!("provider {} connecting to {}", config.keypair.public(), args.scheduler);
     let _ = std::io::stdout().flush();
     match runtime()?.block_on(provider::run_forever(config)) {

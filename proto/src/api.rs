@@ -270,6 +270,11 @@ pub struct ProviderView {
     pub session_capacity: u32,
     #[serde(default)]
     pub sessions: u32,
+    /// Sessions it said at its last heartbeat it can still open, when its memory for sessions
+    /// bounds that below its free slots (less those granted since); `None` when only the
+    /// slots do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_room: Option<u32>,
 }
 
 /// Every error of the HTTP API.

@@ -248,6 +248,10 @@ pub enum HostMsg {
         /// Inference sessions open now.
         #[serde(default)]
         sessions: u32,
+        /// Sessions it can open now, when its memory for sessions bounds that below its free
+        /// slots; `None` when only the slots do.
+        #[serde(default)]
+        session_room: Option<u32>,
     },
     /// Where an inference session stands: sent after a settlement and when it ends.
     SessionReport(Box<SessionReport>),

@@ -23,6 +23,7 @@ use proto::{Keypair, PublicKey};
 use quic::{Connection, Identity, RecvStream, SendStream};
 
 use crate::flow::{JobAction, JobFlow, failed_result};
+use crate::memory::SessionMemory;
 use crate::pool::{Pool, Worker, WorkerCommand, WorkerDied};
 use crate::session::{Handback, Paid, PayStep, SessionAction, SessionFlow, SessionTerms, Unpaid};
 
@@ -64,6 +65,10 @@ pub struct DaemonConfig {
     /// On an unpaid session, sign a receipt after every this many calls (and at its end); a
     /// paid session gets one after every call, for its vouchers.
     pub receipt_every: u32,
+    /// The most private memory (the workers' own resident pages) all open sessions may hold
+    /// together; a session that would not fit is turned away as `Busy`. `None`: bounded by
+    /// `session_capacity` alone.
+    pub session_memory: Option<u64>,
     /// How long a renter has to send its `Init` (weights, say) or a module the provider asked
     /// for, once its ticket is accepted; a session slot is held meanwhile.
     pub upload_timeout: Duration,
@@ -91,6 +96,7 @@ impl DaemonConfig {
             session_in_flight: 16,
             session_request_bytes: 16 << 20,
             receipt_every: DEFAULT_RECEIPT_EVERY,
+            session_memory: None,
             upload_timeout: Duration::from_secs(120),
         }
     }
@@ -177,6 +183,8 @@ struct Shared {
     gpu: GpuInfo,
     keypair: Arc<Keypair>,
     payment: Option<Arc<crate::payment::PaymentConfig>>,
+    /// What each open session's worker holds, against `config.session_memory`.
+    memory: SessionMemory,
 }
 
 /// Starts the worker pool, learns the GPU from a first worker (and benchmarks it), and serves
@@ -216,6 +224,7 @@ pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
     let shared = Arc::new(Shared {
         keypair: Arc::new(Keypair::from_seed(config.keypair.seed())),
         payment: config.payment.clone().map(Arc::new),
+        memory: SessionMemory::new(config.session_memory),
         config,
         pool,
         running: Arc::new(Running::default()),
@@ -335,7 +344,9 @@ async fn run(shared: &Arc<Shared>, sessions: Option<SocketAddr>) -> Result<(), D
         let mut out = running.take_reports();
         if beat {
             let (jobs, sessions) = running.counts();
-            out.push(HostMsg::Heartbeat { running: jobs, sessions });
+            let slots_left = shared.config.session_capacity.saturating_sub(sessions);
+            let session_room = shared.memory.room(slots_left);
+            out.push(HostMsg::Heartbeat { running: jobs, sessions, session_room });
         }
         let mut sent = Ok(());
         for msg in &out {
@@ -559,6 +570,24 @@ async fn fetch_module(
 
 // ---- inference sessions ----
 
+/// How often each session's worker memory is read.
+const MEMORY_SAMPLE: Duration = Duration::from_secs(1);
+
+/// A session's place in the memory budget, given back when dropped.
+struct MemoryHold<'a> {
+    memory: &'a SessionMemory,
+    session_id: [u8; 16],
+}
+
+impl Drop for MemoryHold<'_> {
+    fn drop(&mut self) {
+        if let Some(peak) = self.memory.release(&self.session_id) {
+            let id: String = self.session_id.iter().map(|b| format!("{b:02x}")).collect();
+            log::info!("session {id}: its worker held at most {:.1} MiB of its own", peak as f64 / 1048576.0);
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -580,6 +609,14 @@ fn start_sessions(shared: &Arc<Shared>, addr: SocketAddr) -> Result<SocketAddr, 
     let limits = quic::ServerLimits::default().full(full);
     let endpoint = quic::server_with(&identity, addr, quic::Peers::Any, limits)?;
     let local = endpoint.local_addr().map_err(|e| DaemonError::Lost(e.to_string()))?;
+    let sampled = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        while let Some(shared) = sampled.upgrade() {
+            shared.memory.sample_with(crate::memory::private_bytes);
+            drop(shared);
+            tokio::time::sleep(MEMORY_SAMPLE).await;
+        }
+    });
     let shared = shared.clone();
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
@@ -706,6 +743,14 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
             return refuse_session(&mut send, &conn, &peer, SessionReply::Busy { reason }).await;
         }
     };
+    // The worker's memory before the session is what the session holds at least; once it runs,
+    // it is measured.
+    let baseline = crate::memory::private_bytes(worker.pid()).unwrap_or(0);
+    if let Err(reason) = shared.memory.admit(ticket.session_id, worker.pid(), baseline) {
+        shared.pool.give_back(worker, true).await;
+        return refuse_session(&mut send, &conn, &peer, SessionReply::Busy { reason }).await;
+    }
+    let _memory = MemoryHold { memory: &shared.memory, session_id: ticket.session_id };
     let terms = SessionTerms {
         session_id: ticket.session_id,
         renter: peer,

@@ -247,7 +247,7 @@ impl SessionFlow {
     }
 
     /// A frame from the worker (or its death).
-    pub(crate) fn on_worker(&mut self, msg: Result<FromWorker, WorkerDied>, now: Instant) -> Vec<SessionAction> {
+    pub(crate) fn on_worker(&mut self, msg: Result<FromWorker, WorkerDied>, _now: Instant) -> Vec<SessionAction> {
         if !self.awaits_worker() {
             return Vec::new();
         }

@@ -72,7 +72,10 @@ impl Reason {
             Reason::Price => ("is over your price", "are over your price"),
             Reason::Rtt => ("is too far away (round trip)", "are too far away (round trip)"),
             Reason::Busy => ("is busy (at capacity)", "are busy (at capacity)"),
-            Reason::SessionsFull => ("has every session slot taken", "have every session slot taken"),
+            Reason::SessionsFull => (
+                "has no room for another session (its slots or its memory for sessions)",
+                "have no room for another session (their slots or their memory for sessions)",
+            ),
         };
         format!("{n} {}", if n == 1 { one } else { many })
     }

@@ -363,9 +363,12 @@ async fn serve_provider(conn: Connection, shared: Shared) {
     shared.wake.notify_one();
     loop {
         match quic::read_msg::<HostMsg>(&mut recv, CONTROL_CAP).await {
-            Ok(Some(HostMsg::Heartbeat { running, sessions })) => {
+            Ok(Some(HostMsg::Heartbeat { running, sessions, session_room })) => {
                 let rtt = u32::try_from(conn.rtt().as_millis()).ok();
-                shared.state().heartbeat(&key, running, sessions, rtt, now_ms());
+                let mut state = shared.state();
+                state.heartbeat(&key, running, sessions, rtt, now_ms());
+                state.session_room(&key, session_room);
+                drop(state);
                 shared.wake.notify_one();
             }
             Ok(Some(HostMsg::SessionReport(report))) => {

@@ -118,12 +118,22 @@ struct Provider {
     /// granted counts before the renter has even connected.
     sessions_reported: u32,
     sessions_granted: u32,
+    /// Sessions it could still open by its memory, as of its last heartbeat.
+    session_room: Option<u32>,
 }
 
 impl Provider {
     fn new(view: ProviderView, connected: bool) -> Provider {
         let gpu_search = view.gpus.iter().map(gpu_search).collect();
-        Provider { view, gpu_search, assigned: HashSet::new(), connected, sessions_reported: 0, sessions_granted: 0 }
+        Provider {
+            view,
+            gpu_search,
+            assigned: HashSet::new(),
+            connected,
+            sessions_reported: 0,
+            sessions_granted: 0,
+            session_room: None,
+        }
     }
 
     fn sessions(&self) -> u32 {
@@ -134,6 +144,16 @@ impl Provider {
     /// many as it runs batch jobs.
     fn session_capacity(&self) -> u32 {
         if self.view.session_capacity == 0 { self.view.capacity.max(1) } else { self.view.session_capacity }
+    }
+
+    /// Sessions it may hold at once now: its slots, or fewer when it said its memory for
+    /// sessions has room for fewer.
+    fn session_limit(&self) -> u32 {
+        let slots = self.session_capacity();
+        match self.session_room {
+            Some(room) => slots.min(self.sessions_reported.saturating_add(room)),
+            None => slots,
+        }
     }
 
     fn candidate(&self) -> Candidate<'_> {
@@ -646,6 +666,7 @@ impl State {
             session_addr,
             session_capacity,
             sessions: 0,
+            session_room: None,
             key,
             name,
             region,
@@ -680,6 +701,15 @@ impl State {
 
     /// A provider's heartbeat: it is alive, runs `running` jobs and serves `sessions` sessions
     /// (which from now on stand for the sessions granted to it before).
+    /// A provider's word on how many more sessions its memory has room for (`None`: its slots
+    /// alone decide), from the same heartbeat as [`State::heartbeat`].
+    pub fn session_room(&mut self, key: &PublicKey, room: Option<u32>) {
+        self.update_provider(key, |p| {
+            p.session_room = room;
+            p.view.session_room = room;
+        });
+    }
+
     pub fn heartbeat(&mut self, key: &PublicKey, running: u32, sessions: u32, rtt_ms: Option<u32>, now_ms: u64) {
         let flipped = self.update_provider(key, |p| {
             let was = p.view.online;
@@ -967,7 +997,7 @@ impl State {
             .map(|p| {
                 // Sessions have slots of their own, apart from batch jobs.
                 let mut c = p.candidate();
-                c.capacity = p.session_capacity();
+                c.capacity = p.session_limit();
                 c.running = p.sessions();
                 c
             })
@@ -1353,7 +1383,10 @@ mod tests {
         }
         // Both slots granted, though the provider has not heartbeat since: none is left.
         let full = s.pick_session_provider(&none, &[]).unwrap_err();
-        assert_eq!(full.summary, "0 of 1 providers match: 1 has every session slot taken");
+        assert_eq!(
+            full.summary,
+            "0 of 1 providers match: 1 has no room for another session (its slots or its memory for sessions)"
+        );
         assert_eq!(full.reasons[0].reason, "sessions_full");
         assert_eq!((s.providers()[0].sessions, s.providers()[0].session_capacity), (2, 2));
         // Its heartbeat says one session ended.
@@ -1363,6 +1396,35 @@ mod tests {
         submit(&mut s, 11);
         assert_eq!(s.assign(12).unwrap().len(), 1);
         assert_eq!(s.pick_session_provider(&none, &[]).unwrap().0, key);
+    }
+
+    #[test]
+    fn a_provider_whose_memory_has_no_room_gets_no_session_though_it_has_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config::default());
+        let key = PublicKey([1; 32]);
+        let price = Price { per_gpu_second: 1, per_inference: 1 };
+        s.register(key, "p".into(), "eu".into(), vec![gpu()], price, 1, Some("127.0.0.1:1".into()), 8, 0).unwrap();
+        let none = Requirements::default();
+        // One session open, and room for one more by its memory: one is granted, then none.
+        s.heartbeat(&key, 0, 1, None, 10);
+        s.session_room(&key, Some(1));
+        assert_eq!(s.providers()[0].session_room, Some(1));
+        assert_eq!(s.pick_session_provider(&none, &[]).unwrap().0, key);
+        s.open_session(session_view(0, key)).unwrap();
+        let full = s.pick_session_provider(&none, &[]).unwrap_err();
+        assert_eq!(full.reasons[0].reason, "sessions_full");
+        // Its next heartbeat has room again (a heavy session ended).
+        s.heartbeat(&key, 0, 1, None, 20);
+        s.session_room(&key, Some(5));
+        assert_eq!(s.pick_session_provider(&none, &[]).unwrap().0, key);
+        // A provider that says nothing of memory is bounded by its slots alone.
+        s.session_room(&key, None);
+        for n in 1..8 {
+            assert!(s.pick_session_provider(&none, &[]).is_ok(), "slot {n}");
+            s.open_session(session_view(n, key)).unwrap();
+        }
+        assert!(s.pick_session_provider(&none, &[]).is_err(), "all 8 slots taken");
     }
 
     #[test]

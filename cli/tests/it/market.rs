@@ -477,6 +477,45 @@ fn mlp_request(seed: u32) -> Vec<u8> {
 }
 
 #[test]
+fn sessions_share_the_providers_memory_budget_and_the_scheduler_sends_none_past_it() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let args = ["--sessions", "127.0.0.1:0", "--session-capacity", "4", "--session-memory", "64MiB"];
+    let (mut host, _key) = m.host(&s, "h", &args);
+    online(&s, 1);
+    let room = |s: &Sched| get_json(s, "/v1/providers")[0]["session_room"].as_u64();
+    until("the provider to report room by memory", || room(&s).filter(|r| *r > 0));
+    let rt = runtime();
+    rt.block_on(async {
+        let echo = std::fs::read(sample_artifacts::ECHO).unwrap();
+        let open = |init: Vec<u8>| {
+            let (renter, echo) = (proto::Keypair::generate(), echo.clone());
+            let scheduler = s.client(&renter);
+            async move { client::Session::open(&scheduler, renter, echo, init, Default::default()).await }
+        };
+        // A heavy session: its init input (60 MB) lands in its instance's linear memory.
+        let heavy = open(vec![7; 60 << 20]).await.unwrap();
+        assert_eq!(heavy.infer(b"abc").await.unwrap().response, b"cba");
+        // Once its worker is measured, the provider says it has no room, and the scheduler
+        // sends no other session there, with the reason.
+        let wait = |what, want: fn(Option<u64>) -> bool| {
+            tokio::task::block_in_place(|| until(what, || want(room(&s)).then_some(())));
+        };
+        wait("the provider to report no room", |r| r == Some(0));
+        let why = open(Vec::new()).await.unwrap_err().to_string();
+        assert!(why.contains("no room for another session"), "{why}");
+        // When the heavy session ends its memory is free again, and the next session is served.
+        heavy.close().await.unwrap();
+        drop(heavy);
+        wait("the provider to report room again", |r| r.is_some_and(|r| r > 0));
+        let light = open(Vec::new()).await.unwrap();
+        assert_eq!(light.infer(b"xyz").await.unwrap().response, b"zyx");
+        light.close().await.unwrap();
+    });
+    assert!(host.child.try_wait().unwrap().is_none(), "the daemon is alive");
+}
+
+#[test]
 fn a_session_serves_concurrent_requests_and_fails_over_when_its_provider_dies() {
     let m = Market::new();
     let (_sched, s) = m.scheduler(&[]);
