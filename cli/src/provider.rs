@@ -82,6 +82,23 @@ pub(crate) struct HostDaemonArgs {
     pay: crate::money::HostPayArgs,
 }
 
+/// The worker's stdout for frames, unbuffered: each frame goes out whole in one write (the
+/// process's own stdout is line-buffered, and would split a binary frame at every newline byte).
+#[cfg(unix)]
+fn frame_output() -> Result<Box<dyn Write + Send>, Exit> {
+    use std::os::fd::AsFd;
+    let out = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Exit { code: exit::HOST, error: anyhow!("opening stdout for frames: {e}") })?;
+    Ok(Box::new(std::fs::File::from(out)))
+}
+
+#[cfg(not(unix))]
+fn frame_output() -> Result<Box<dyn Write + Send>, Exit> {
+    Ok(Box::new(std::io::stdout()))
+}
+
 /// Half of this machine's memory (`MemTotal`), where `/proc/meminfo` says it.
 fn half_of_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -165,7 +182,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<u8, Exit> {
             return Err(Exit { code: exit::HOST, error: anyhow!(e) });
         }
     };
-    match host::worker::serve(&host, std::io::stdin(), std::io::stdout()) {
+    match host::worker::serve(&host, std::io::stdin(), frame_output()?) {
         Ok(()) => Ok(exit::OK),
         Err(e) => Err(Exit { code: exit::HOST, error: anyhow!(e) }),
     }

@@ -57,6 +57,8 @@ pub struct Worker {
     /// Bytes read from stdout not yet a whole frame: kept here so that a `recv` dropped
     /// mid-frame (a `select!` that took another branch) loses nothing and framing holds.
     frames: proto::FrameDecoder,
+    /// Where `recv` reads into, kept between calls (a session reads once per inference).
+    chunk: Box<[u8]>,
     pid: u32,
     stderr: Arc<Mutex<VecDeque<u8>>>,
     /// The task copying stderr: done once the worker's stderr closed.
@@ -106,6 +108,7 @@ impl Worker {
             stdin,
             stdout,
             frames: proto::FrameDecoder::new(WORKER_CAP),
+            chunk: vec![0u8; 64 << 10].into_boxed_slice(),
             pid,
             stderr,
             stderr_done,
@@ -159,7 +162,6 @@ impl Worker {
     /// decode is treated as the worker's death (it is killed). Cancel-safe: dropped while
     /// waiting, it keeps what it read for the next call.
     pub async fn recv(&mut self) -> Result<FromWorker, WorkerDied> {
-        let mut chunk = vec![0u8; 64 << 10];
         loop {
             match self.frames.next_frame() {
                 Ok(Some(body)) => {
@@ -172,10 +174,10 @@ impl Worker {
                 Err(e) => return Err(self.broke(format!("the worker sent a bad frame: {e}")).await),
             }
             // `read` is cancel-safe: bytes are only taken once it returns.
-            match self.stdout.read(&mut chunk).await {
+            match self.stdout.read(&mut self.chunk).await {
                 Ok(0) | Err(_) => return Err(self.death().await),
                 Ok(n) => {
-                    self.frames.extend(chunk.get(..n).unwrap_or_default());
+                    self.frames.extend(self.chunk.get(..n).unwrap_or_default());
                 }
             }
         }
