@@ -343,7 +343,11 @@ impl SessionFlow {
     /// One message from the renter on a request stream.
     pub(crate) fn on_request(&mut self, msg: SessionMsg, now: Instant) -> Vec<SessionAction> {
         if !matches!(self.phase, Phase::Ready) {
-            let message = "the session answers one request at a time".to_string();
+            let message = if self.is_done() {
+                "the session has ended: open a new one".to_string()
+            } else {
+                "the session answers one request at a time".to_string()
+            };
             return vec![SessionAction::Reply(SessionReply::Failed { kind: FailureKind::Host, limit: None, message })];
         }
         // A close is answered whatever happened before: the renter needs the current refund.
@@ -627,6 +631,10 @@ mod tests {
         assert_eq!(pair.end(), None);
         assert_eq!(pair.log.last(), Some(&SessionAction::Retire(Handback::EndService)));
         assert!(pair.flow.is_done());
+        let late = pair.flow.on_request(SessionMsg::Request { bytes: vec![1], voucher: None }, pair.now);
+        assert!(
+            matches!(&late[..], [SessionAction::Reply(SessionReply::Failed { message, .. })] if message.contains("ended"))
+        );
     }
 
     #[test]
