@@ -42,7 +42,7 @@ impl From<Error> for ProgramError {
 pub fn process_instruction(program_id: &Address, accounts: &mut [AccountView], data: &[u8]) -> ProgramResult {
     match Instruction::decode(data)? {
         Instruction::Open { id, deposit, window, voucher_key } => {
-            open(program_id, accounts, id, deposit, window, voucher_key)
+            open(program_id, accounts, &OpenArgs { id, deposit, window, voucher_key })
         }
         Instruction::TopUp { amount } => top_up(program_id, accounts, amount),
         Instruction::Claim { cumulative, receipt_digest } => claim(program_id, accounts, cumulative, &receipt_digest),
@@ -129,15 +129,19 @@ fn with_channel_signer<R>(c: &Channel, f: impl FnOnce(&[Signer]) -> R) -> R {
     f(&[Signer::from(&seeds)])
 }
 
-#[inline(never)]
-fn open(
-    program_id: &Address,
-    accounts: &mut [AccountView],
+/// Open's fields, passed by reference: BPF passes five arguments in registers and no more (a
+/// sixth arrived as zero), and `accounts` alone takes two.
+#[derive(Clone, Copy)]
+struct OpenArgs {
     id: u64,
     deposit: u64,
     window: i64,
     voucher_key: [u8; 32],
-) -> ProgramResult {
+}
+
+#[inline(never)]
+fn open(program_id: &Address, accounts: &mut [AccountView], args: &OpenArgs) -> ProgramResult {
+    let OpenArgs { id, deposit, window, voucher_key } = *args;
     let [renter, provider, mint, channel, vault, renter_token, token, system, ..] = accounts else {
         return Err(ProgramError::NotEnoughAccountKeys);
     };
