@@ -20,6 +20,16 @@ if ! have_vulkan_driver; then
     $sudo apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
 fi
 
+# The payment-channel program's tests run LiteSVM, whose signature precompiles link OpenSSL.
+if ! pkg-config --exists openssl 2>/dev/null; then
+    echo "installing OpenSSL's headers and pkg-config (for the payment-channel tests)" >&2
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq >/dev/null
+    $sudo apt-get install -y -qq libssl-dev pkg-config >/dev/null
+fi
+
 # The Vulkan loader warns on every start without a runtime directory.
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
     export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/wasmgrid-runtime-$(id -u)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check CI runs: formatting, lints, all tests (GPU tests on lavapipe where there is no
-# GPU), and a short fuzzing run of the host ABI. Installs what it needs first.
+# GPU), the payment-channel program built for BPF and tested in LiteSVM, and a short fuzzing run. Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -24,6 +24,19 @@ if cargo tree -p provider -e normal --locked | grep -Eq '(wasmtime|wgpu|naga) v'
 fi
 echo "== tests" >&2
 cargo test --workspace --locked
+echo "== paychan: the on-chain program, built for BPF and run in LiteSVM" >&2
+scripts/build-paychan.sh >/dev/null
+stable=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
+host=$(rustc -vV | sed -n 's/^host: //p')
+(
+    cd paychan
+    cargo "+$stable" fmt --check
+    cargo "+$stable" fmt --check --manifest-path tests/litesvm/Cargo.toml
+    cargo "+$stable" clippy --locked --target "$host" --all-targets -- -D warnings
+    cargo "+$stable" test --locked --target "$host"
+    # litesvm's precompiles link OpenSSL: Debian's (setup.sh installs libssl-dev).
+    OPENSSL_NO_VENDOR=1 cargo "+$stable" test --locked --target "$host" --manifest-path tests/litesvm/Cargo.toml
+)
 echo "== fuzz (${FUZZ_SECONDS}s)" >&2
 scripts/fuzz.sh "$FUZZ_SECONDS"
 echo "all checks passed" >&2
