@@ -12,7 +12,7 @@ if ! rustup run "$toolchain" rustc --version >/dev/null 2>&1 ||
     echo "installing the $toolchain toolchain (with rust-src) for the on-chain program" >&2
     rustup toolchain install "$toolchain" --profile minimal -c rust-src >/dev/null
 fi
-if ! command -v sbpf-linker >/dev/null 2>&1 || ! sbpf-linker --version 2>/dev/null | grep -q '0\.2\.6'; then
+if ! cargo +stable install --list 2>/dev/null | grep -q '^sbpf-linker v0\.2\.6:'; then
     echo "installing sbpf-linker 0.2.6 (a few minutes, once)" >&2
     cargo +stable install sbpf-linker --version 0.2.6 --locked >&2
 fi

@@ -9,7 +9,7 @@ use pinocchio::sysvars::clock::Clock;
 use pinocchio::sysvars::instructions::{INSTRUCTIONS_ID, Instructions};
 use pinocchio::sysvars::rent::Rent;
 use pinocchio::{AccountView, ProgramResult, no_allocator, nostd_panic_handler, program_entrypoint};
-use pinocchio_system::instructions::CreateAccount;
+use pinocchio_system::instructions::{Allocate, Assign, CreateAccount, Transfer as SystemTransfer};
 use pinocchio_token::instructions::{CloseAccount, InitializeAccount3, Transfer};
 use pinocchio_token::state::Account as TokenAccount;
 
@@ -129,8 +129,8 @@ fn with_channel_signer<R>(c: &Channel, f: impl FnOnce(&[Signer]) -> R) -> R {
     f(&[Signer::from(&seeds)])
 }
 
-/// Open's fields, passed by reference: BPF passes five arguments in registers and no more (a
-/// sixth arrived as zero), and `accounts` alone takes two.
+/// Open's fields, passed by reference: BPF passes five argument words in registers and the rest
+/// on the stack (`accounts` alone takes two), and registers are cheaper.
 #[derive(Clone, Copy)]
 struct OpenArgs {
     id: u64,
@@ -183,24 +183,24 @@ fn open(program_id: &Address, accounts: &mut [AccountView], args: &OpenArgs) -> 
         Seed::from(&bump_bytes),
     ];
     // An account that already exists (a channel open at this address) makes this fail.
-    CreateAccount {
-        from: renter,
-        to: channel,
-        lamports: rent.try_minimum_balance(Channel::LEN)?,
-        space: Channel::LEN as u64,
-        owner: program_id,
-    }
-    .invoke_signed(&[Signer::from(&channel_seeds)])?;
+    create_pda(
+        renter,
+        channel,
+        Channel::LEN as u64,
+        program_id,
+        rent.try_minimum_balance(Channel::LEN)?,
+        &[Signer::from(&channel_seeds)],
+    )?;
     let vault_bump_bytes = [vault_bump];
     let vault_seeds = [Seed::from(VAULT_SEED), Seed::from(channel.address().as_ref()), Seed::from(&vault_bump_bytes)];
-    CreateAccount {
-        from: renter,
-        to: vault,
-        lamports: rent.try_minimum_balance(TOKEN_ACCOUNT_LEN as usize)?,
-        space: TOKEN_ACCOUNT_LEN,
-        owner: &pinocchio_token::ID,
-    }
-    .invoke_signed(&[Signer::from(&vault_seeds)])?;
+    create_pda(
+        renter,
+        vault,
+        TOKEN_ACCOUNT_LEN,
+        &pinocchio_token::ID,
+        rent.try_minimum_balance(TOKEN_ACCOUNT_LEN as usize)?,
+        &[Signer::from(&vault_seeds)],
+    )?;
     InitializeAccount3::new(vault, mint, channel.address()).invoke()?;
     Transfer::new(renter_token, vault, renter, deposit).invoke()?;
 
@@ -220,6 +220,29 @@ fn open(program_id: &Address, accounts: &mut [AccountView], args: &OpenArgs) -> 
         vault_bump,
     };
     store(channel, &c)
+}
+
+/// Creates the PDA `to`, even when someone sent lamports to its address first (CreateAccount
+/// refuses an account with lamports): tops it up to `lamports`, allocates and assigns it. An
+/// account with data or another owner (a channel already open there) still makes this fail.
+#[inline(always)]
+fn create_pda(
+    from: &AccountView,
+    to: &AccountView,
+    space: u64,
+    owner: &Address,
+    lamports: u64,
+    signers: &[Signer],
+) -> ProgramResult {
+    let have = to.lamports();
+    if have == 0 {
+        return CreateAccount { from, to, lamports, space, owner }.invoke_signed(signers);
+    }
+    if have < lamports {
+        SystemTransfer { from, to, lamports: lamports - have }.invoke()?;
+    }
+    Allocate { account: to, space }.invoke_signed(signers)?;
+    Assign { account: to, owner }.invoke_signed(signers)
 }
 
 #[inline(never)]
@@ -397,6 +420,12 @@ fn cooperative_close(program_id: &Address, accounts: &mut [AccountView]) -> Prog
     let c = load(program_id, channel)?;
     if provider.address().as_ref() != &c.provider || renter.address().as_ref() != &c.renter {
         return Err(Error::WrongAccount.into());
+    }
+    // A channel closed in the slot it was opened in could be opened again at this address in
+    // that slot, with the same generation: its vouchers would pay again. (finalize cannot
+    // come in the opening slot: the window is at least a minute.)
+    if Clock::get()?.slot == c.generation {
+        return Err(Error::TooEarly.into());
     }
     vault_of(program_id, channel, vault, &c)?;
     writable(renter_token)?;
