@@ -58,6 +58,20 @@ type Followed = (receipt::Counts, Vec<u8>, Vec<u8>, Option<Receipt>);
 /// Calls waiting to be followed in sequence order (concurrent calls answer out of order).
 type Pending = std::collections::BTreeMap<u64, Followed>;
 
+/// Follows the next call in order and checks its signed receipt, if it brought one.
+fn follow(
+    checker: &mut receipt::Checker,
+    call: &receipt::Counts,
+    request: &[u8],
+    response: &[u8],
+    signed: Option<&Receipt>,
+) -> Result<(), String> {
+    checker
+        .call(checker.calls() + 1, call, request, response)
+        .and_then(|()| signed.map_or(Ok(()), |r| checker.signed(r)))
+        .map_err(|e| format!("the provider sent a bad receipt: {e}"))
+}
+
 struct Link {
     conn: Connection,
     provider: PublicKey,
@@ -297,12 +311,15 @@ impl Session {
                 let mut guard = link.receipts.lock().await;
                 let (checker, pending) = &mut *guard;
                 let call = receipt::Counts::of_call(&usage);
-                pending.insert(sequence, (call, request.to_vec(), bytes.clone(), receipt.clone()));
+                // The call next in order is followed at once; only calls answered ahead of an
+                // earlier one are kept (with copies of their bytes) until it comes.
+                if sequence == checker.calls() + 1 {
+                    follow(checker, &call, request, &bytes, receipt.as_ref())?;
+                } else {
+                    pending.insert(sequence, (call, request.to_vec(), bytes.clone(), receipt.clone()));
+                }
                 while let Some((call, req, resp, signed)) = pending.remove(&(checker.calls() + 1)) {
-                    let followed = checker.call(checker.calls() + 1, &call, &req, &resp);
-                    if let Err(e) = followed.and_then(|()| signed.as_ref().map_or(Ok(()), |r| checker.signed(r))) {
-                        return Err(format!("the provider sent a bad receipt: {e}"));
-                    }
+                    follow(checker, &call, &req, &resp, signed.as_ref())?;
                 }
                 if pending.len() > 1024 {
                     return Err("the provider's answers skip sequence numbers".into());
