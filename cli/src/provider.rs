@@ -99,14 +99,6 @@ fn frame_output() -> Result<Box<dyn Write + Send>, Exit> {
     Ok(Box::new(std::io::stdout()))
 }
 
-/// Half of this machine's memory (`MemTotal`), where `/proc/meminfo` says it.
-fn half_of_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: u64 = line.trim_start_matches("MemTotal:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kb * 1024 / 2)
-}
-
 pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     init_logging();
     let keypair =
@@ -141,7 +133,7 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     config.session_memory = match args.session_memory.as_deref() {
         Some("none") => None,
         Some(size) => Some(units::parse_size(size).map_err(|e| bad_input(anyhow!("--session-memory: {e}")))?),
-        None => half_of_memory(),
+        None => provider::memory::machine_bytes().map(|b| b / 2),
     };
     println!("provider {} connecting to {}", config.keypair.public(), args.scheduler);
     let _ = std::io::stdout().flush();

@@ -2,7 +2,7 @@
 
 pub mod daemon;
 mod flow;
-mod memory;
+pub mod memory;
 pub mod payment;
 pub mod pool;
 mod session;

@@ -12,12 +12,22 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
+/// A `Key:   N kB` field of a `/proc` file, in bytes.
+fn proc_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?;
+    let kb: u64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
+    kb.checked_mul(1024)
+}
+
 /// The private (anonymous resident) memory of process `pid`, in bytes.
 pub(crate) fn private_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
-    let kb: u64 = line.trim_start_matches("RssAnon:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kb * 1024)
+    proc_field(&format!("/proc/{pid}/status"), "RssAnon")
+}
+
+/// This machine's memory (`MemTotal`), in bytes.
+pub fn machine_bytes() -> Option<u64> {
+    proc_field("/proc/meminfo", "MemTotal")
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -155,6 +165,7 @@ mod tests {
     fn this_process_has_private_memory() {
         if cfg!(target_os = "linux") {
             assert!(private_bytes(std::process::id()).is_some_and(|b| b > 0));
+            assert!(machine_bytes().is_some_and(|b| b > 0));
         }
         assert_eq!(private_bytes(u32::MAX), None);
     }
