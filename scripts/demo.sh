@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo: builds wasmgrid and the sample kernels, then runs a scheduler and two provider hosts
 # on loopback, submits the sample jobs, runs an inference session, pays for all of it on an
-# in-process Solana chain (LiteSVM), and prints who ran what, with timings and usage, and who
+# in-process Solana chain (LiteSVM, with our payment-channel program), and prints who ran what, with timings and usage, and who
 # paid and earned what, checked against the chain. Jobs run in the wasmtime sandbox on this
 # machine's GPU (or lavapipe, on the CPU, where there is none).
 set -euo pipefail

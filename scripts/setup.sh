@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and running wasmgrid needs on a Debian machine that has only the Rust
-# toolchain: the wasm32-wasip1 target, and a Vulkan driver (Mesa's lavapipe, software) when the
-# machine has none. Safe to run again.
+# toolchain: the wasm32-wasip1 target, a Vulkan driver (Mesa's lavapipe, software) when the
+# machine has none, OpenSSL's headers, and the payment-channel program (built from source with
+# the toolchain it pins). Safe to run again.
 set -euo pipefail
 
 rustup target add wasm32-wasip1 >/dev/null
@@ -20,7 +21,7 @@ if ! have_vulkan_driver; then
     $sudo apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
 fi
 
-# The payment-channel program's tests run LiteSVM, whose signature precompiles link OpenSSL.
+# The in-process chain (LiteSVM) checks signatures with its precompiles, which link OpenSSL.
 if ! pkg-config --exists openssl 2>/dev/null; then
     echo "installing OpenSSL's headers and pkg-config (for the payment-channel tests)" >&2
     sudo=""
@@ -29,6 +30,10 @@ if ! pkg-config --exists openssl 2>/dev/null; then
     $sudo apt-get update -qq >/dev/null
     $sudo apt-get install -y -qq libssl-dev pkg-config >/dev/null
 fi
+
+# The payment-channel program, built from source for Solana's BPF target (installing its pinned
+# nightly and sbpf-linker when missing): the settlement crate embeds it for the in-process chain.
+"$(dirname "${BASH_SOURCE[0]}")/build-paychan.sh" >/dev/null
 
 # The Vulkan loader warns on every start without a runtime directory.
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then

@@ -447,7 +447,7 @@ async fn serve_in_process(mut send: quic::SendStream, mut recv: quic::RecvStream
         };
         let receipt = due.then(|| Box::new(signer.sign(&serving.key)));
         drop(signer);
-        let reply = SessionReply::Response { bytes: response, usage, sequence, receipt, settled: None };
+        let reply = SessionReply::Response { bytes: response, usage, sequence, receipt, claimed: None };
         quic::write_msg(&mut send, &reply, BLOB_CAP).await.unwrap();
     }
     let _ = send.finish();
@@ -591,7 +591,7 @@ fn codec_costs(n: usize, payload: &[u8]) -> (Vec<Duration>, usize) {
         let frame = proto::frame::encode(&request, BLOB_CAP).unwrap();
         let got: SessionMsg = proto::frame::decode_body(&frame[4..]).unwrap();
         let SessionMsg::Request { bytes, .. } = got else { panic!("decoded {got:?}") };
-        let reply = SessionReply::Response { bytes, usage: usage.clone(), sequence: 1, receipt: None, settled: None };
+        let reply = SessionReply::Response { bytes, usage: usage.clone(), sequence: 1, receipt: None, claimed: None };
         let back = proto::frame::encode(&reply, BLOB_CAP).unwrap();
         let _: SessionReply = proto::frame::decode_body(&back[4..]).unwrap();
         if i >= WARM_UP {

@@ -60,8 +60,11 @@ fn matmul_input(n: u32) -> Vec<u8> {
     input
 }
 
-/// What the renter deposits with a provider: $0.01 in a mint of 6 decimals.
-const BUDGET: u64 = 10_000;
+/// What the renter's payment channel with a provider holds: $0.01 in a mint of 6 decimals.
+const DEPOSIT: u64 = 10_000;
+
+/// How the demo's providers claim: once, when the session ends.
+const POLICY: Policy = Policy::End;
 
 /// A new mint, 100 of it (6 decimals) in the renter's token account, and SOL for the renter.
 fn stablecoin(chain: &dyn Chain, renter: &Keypair) -> anyhow::Result<Pubkey> {
@@ -81,7 +84,10 @@ async fn token_balance(chain: &Arc<dyn Chain>, account: Pubkey) -> anyhow::Resul
     Ok(tokio::task::spawn_blocking(move || settlement::token::token_balance(chain.as_ref(), &account)).await??)
 }
 
-/// Who paid and earned what, from each party's own ledger, checked against the chain.
+/// Who paid and earned what, from each party's own ledger, checked against the chain: every
+/// figure is the chain's (balances, the channels' deposits and claims) or a signature the other
+/// party made (the renter's vouchers, the provider's receipts).
+#[allow(clippy::too_many_arguments)]
 async fn settlement_table(
     chain: &Arc<dyn Chain>,
     mint: &Pubkey,
@@ -90,6 +96,7 @@ async fn settlement_table(
     jobs: &[(proto::PublicKey, u64, String)],
     ledgers: &HashMap<proto::PublicKey, PathBuf>,
     names: &HashMap<proto::PublicKey, String>,
+    policy: Policy,
 ) -> anyhow::Result<Value> {
     let dollars = |units: u64| format!("${:.6}", units as f64 / 1e6);
     let mut rows = Vec::new();
@@ -97,16 +104,31 @@ async fn settlement_table(
     let renter_balance =
         token_balance(chain, settlement::token::token_account(&settlement::address(&renter.public()), mint)).await?;
     let jobs_paid: u64 = jobs.iter().map(|j| j.1).sum();
-    let paid: u64 = renter_books.iter().map(|b| b.paid).sum::<u64>() + jobs_paid;
+    // The renter's channels, as the chain shows them.
+    let mut channels = Vec::new();
+    for address in renter_books.iter().map(|b| b.channel).collect::<std::collections::BTreeSet<_>>() {
+        let (c, a) = (chain.clone(), settlement::address_of(&address));
+        let program = settlement::channel::LOCAL_PROGRAM_ID;
+        let on = tokio::task::spawn_blocking(move || settlement::channel::read_at(c.as_ref(), &program, &a)).await??;
+        let on = on.ok_or_else(|| anyhow!("payment channel {address} is not on the chain"))?;
+        channels.push((address, on.state));
+    }
+    let claimed: u64 = channels.iter().map(|(_, c)| c.claimed).sum();
+    let in_channels: u64 = channels.iter().map(|(_, c)| c.deposited.saturating_sub(c.claimed)).sum();
+    let vouched: u64 = renter_books.iter().map(|b| b.vouched).sum();
     let inferences: u64 = renter_books.iter().map(|b| b.inferences).sum();
-    if renter_balance != renter_before - paid {
+    let paid = jobs_paid + claimed;
+    if Some(renter_balance + in_channels) != renter_before.checked_sub(paid) {
         return Err(anyhow!(
-            "the renter's ledger says {paid} paid, but its balance went from {renter_before} to {renter_balance}"
+            "the renter paid {paid} by the chain and holds {in_channels} in channels, but its balance went from {renter_before} to {renter_balance}"
         ));
     }
+    if vouched != claimed {
+        return Err(anyhow!("the renter vouched {vouched} this session, the providers claimed {claimed}"));
+    }
     let mut transactions: Vec<String> = jobs.iter().map(|j| j.2.clone()).collect();
-    transactions.extend(renter_books.iter().flat_map(|b| b.settlements.clone()));
-    transactions.extend(renter_books.iter().filter_map(|b| b.refund.clone()));
+    let claims: Vec<String> = renter_books.iter().flat_map(|b| b.claims.clone()).collect();
+    transactions.extend(claims.iter().cloned());
     let price = renter_books.last().map_or(0, |b| b.price_per_inference);
     rows.push(format!(
         "  {:<16} {:>5} {:>10} {:>10} {:>12} {:>14} {:>8}",
@@ -126,9 +148,12 @@ async fn settlement_table(
         "jobs": jobs.len(),
         "jobs_paid": jobs_paid,
         "paid": paid,
-        "refunded": renter_books.iter().map(|b| b.refunded).sum::<u64>(),
+        "vouched": vouched,
+        "in_channels": in_channels,
         "balance": renter_balance,
         "balance_before": renter_before,
+        "claims": claims,
+        "channels": channels.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>(),
         "transactions": transactions,
     }));
     let mut ledgers: Vec<(&proto::PublicKey, &PathBuf)> = ledgers.iter().collect();
@@ -138,11 +163,14 @@ async fn settlement_table(
         let books: Vec<&Book> = books.iter().filter(|b| b.role == Role::Provider).collect();
         let mine: Vec<&(proto::PublicKey, u64, String)> = jobs.iter().filter(|j| j.0 == *key).collect();
         let from_jobs: u64 = mine.iter().map(|j| j.1).sum();
-        let earned: u64 = books.iter().map(|b| b.paid).sum::<u64>() + from_jobs;
+        let from_channels: u64 = channels.iter().filter(|(_, c)| c.provider == key.0).map(|(_, c)| c.claimed).sum();
+        let earned = from_jobs + from_channels;
         let inferences: u64 = books.iter().map(|b| b.inferences).sum();
         let balance = token_balance(chain, settlement::token::token_account(&settlement::address(key), mint)).await?;
         if balance != earned {
-            return Err(anyhow!("provider {key}'s ledger says {earned} earned, the chain shows {balance}"));
+            return Err(anyhow!(
+                "provider {key}: the chain shows {earned} earned by jobs and claims, and a balance of {balance}"
+            ));
         }
         let name = names.get(key).cloned().unwrap_or_default();
         let price = books.last().map_or(0, |b| b.price_per_inference);
@@ -157,6 +185,7 @@ async fn settlement_table(
             dollars(balance),
             "ok"
         ));
+        let my_claims: Vec<String> = books.iter().flat_map(|b| b.claims.clone()).collect();
         parties.push(json!({
             "role": "provider",
             "name": name,
@@ -166,14 +195,23 @@ async fn settlement_table(
             "inferences": inferences,
             "price_per_inference": price,
             "earned": earned,
+            "claimed": from_channels,
             "balance": balance,
-            "transactions": mine.iter().map(|j| j.2.clone()).chain(books.iter().flat_map(|b| b.settlements.clone())).collect::<Vec<_>>(),
+            "claims": my_claims,
+            "channels": channels.iter().filter(|(_, c)| c.provider == key.0).map(|(a, _)| a.to_string()).collect::<Vec<_>>(),
+            "transactions": mine.iter().map(|j| j.2.clone()).chain(my_claims.iter().cloned()).collect::<Vec<_>>(),
         }));
     }
-    let settlements: usize = renter_books.iter().map(|b| b.settlements.len()).sum();
+    // Each claim is one transaction with two signatures (the fee payer's and the Ed25519
+    // check's); settling every inference on the chain would have been one per inference.
+    let fee = 2 * chain.fee_per_signature();
+    let saved = inferences.saturating_sub(claims.len() as u64) * fee;
     let table = format!(
-        "\nsettlement on the in-process chain ({} job payments; the session settles every inference: {settlements} settlement transactions, 1 refund)\n  {:<16} {:>5} {:>10} {:>10} {:>12} {:>14} {:>8}\n{}",
+        "\nsettlement on the in-process chain ({} job payments; the session paid through a payment channel, claim policy `{policy}`: {} claim(s) for {inferences} inferences, {} lamports in claim fees where settling each inference would cost {}, {saved} saved)\n  {:<16} {:>5} {:>10} {:>10} {:>12} {:>14} {:>8}\n{}",
         jobs.len(),
+        claims.len(),
+        claims.len() as u64 * fee,
+        inferences * fee,
         "party",
         "jobs",
         "inferences",
@@ -185,9 +223,13 @@ async fn settlement_table(
     );
     Ok(json!({
         "chain": "in-process (LiteSVM)",
+        "program": settlement::channel::LOCAL_PROGRAM_ID.to_string(),
         "mint": mint.to_string(),
         "decimals": 6,
-        "policy": Policy::Inferences(1).to_string(),
+        "policy": policy.to_string(),
+        "claims": claims.len(),
+        "inferences": inferences,
+        "fee_lamports": { "claims": claims.len() as u64 * fee, "per_inference_settlement": inferences * fee, "saved": saved },
         "parties": parties,
         "table": table,
     }))
@@ -260,10 +302,12 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             ledgers.insert(key.public(), ledger.clone());
             let payment = provider::payment::PaymentConfig {
                 chain: chain.clone(),
+                program: settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID),
                 mint: settlement::wire_key(&mint),
-                policy: Policy::Inferences(1),
+                policy: POLICY,
                 max_unvouched: 1,
                 ledger: Some(ledger),
+                channels: Default::default(),
             };
             let mut config = provider::DaemonConfig::new(listening.quic, listening.key, key, worker.clone());
             config.name = name.to_string();
@@ -357,12 +401,15 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             }
         }
 
-        // An inference session, straight to the provider the scheduler picks, paid per inference.
+        // An inference session, straight to the provider the scheduler picks, paid through a
+        // payment channel: a voucher per inference, off the chain.
         let t = Instant::now();
         let payment = client::Payment {
             chain: chain.clone(),
+            program: settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID),
             mint: settlement::wire_key(&mint),
-            budget: BUDGET,
+            deposit: DEPOSIT,
+            channel_id: 0,
             ledger: Some(dir.join("renter-ledger")),
         };
         let session = Arc::new(
@@ -411,7 +458,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         latencies.sort();
         let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default();
         say(format!(
-            "{} inferences (4 sent at a time, each paid before the next): p50 {:.1} ms, p99 {:.1} ms; {}",
+            "{} inferences (4 sent at a time, each vouched for before the next): p50 {:.1} ms, p99 {:.1} ms; {}",
             total.inferences,
             pct(0.5).as_secs_f64() * 1e3,
             pct(0.99).as_secs_f64() * 1e3,
@@ -428,7 +475,9 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         let session_provider = session.provider().await;
         let price_per_inference = session.price_per_inference().await;
         let books = session.close().await?;
-        let settlement = settlement_table(&chain, &mint, (&renter, renter_before), &books, &job_payments, &ledgers, &names).await?;
+        let settlement =
+            settlement_table(&chain, &mint, (&renter, renter_before), &books, &job_payments, &ledgers, &names, POLICY)
+                .await?;
         if text {
             eprintln!("{}", settlement.get("table").and_then(Value::as_str).unwrap_or(""));
         }

@@ -78,10 +78,11 @@ enum Command {
     /// Run a local chain (LiteSVM, with a new payment mint) behind JSON-RPC, for hosts and
     /// renters in separate processes to settle on; prints its URL and mint.
     Chain(money::ChainCmdArgs),
-    /// A provider's earnings per device and per session: settled and pending.
+    /// A provider's earnings per device, session and payment channel: claimed (by the chain)
+    /// and vouched for (by the renter's signatures).
     Earnings(money::LedgerArgs),
-    /// A renter's spend per session: paid, pending and refunded.
-    Spend(money::LedgerArgs),
+    /// A renter's spend per payment channel and session; `--close` closes its channels.
+    Spend(money::SpendArgs),
 }
 
 #[derive(Args, Debug)]

@@ -558,7 +558,7 @@ pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
         let provider = session.provider().await.map(|p| p.to_string()).unwrap_or_default();
         let price = session.price_per_inference().await;
         let amount_due = session.last_receipt().await.map(|r| r.amount_due);
-        // Settle the last voucher and take back the rest of the escrow.
+        // Hand over the last voucher; the channel stays open for the next session.
         let books = session.close().await.map_err(|e| Exit { code: exit::HOST, error: e.into() })?;
         let spent = crate::money::spend_summary(&books);
         if json {
@@ -570,10 +570,11 @@ pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
             );
         } else {
             if !books.is_empty() {
-                let paid: u64 = books.iter().map(|b| b.paid).sum();
-                let refunded: u64 = books.iter().map(|b| b.refunded).sum();
-                let settlements: usize = books.iter().map(|b| b.settlements.len()).sum();
-                eprintln!("paid {paid} in {settlements} settlement(s); {refunded} refunded from escrow");
+                let vouched: u64 = books.iter().map(|b| b.vouched).sum();
+                let claims: usize = books.iter().map(|b| b.claims.len()).sum();
+                eprintln!(
+                    "vouched {vouched} through the payment channel; the provider claimed {claims} time(s) this session (the channel stays open: `wasmgrid spend`)"
+                );
             }
             eprintln!(
                 "{served} inferences on {provider} ({} failovers), fuel {fuel}, GPU time {:.3} ms",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use clap::Args;
-use proto::PublicKey;
+use proto::{Keypair, PublicKey};
 use serde_json::{Value, json};
 use settlement::ledger::{Book, Role};
 use settlement::{Chain, Policy};
@@ -39,12 +39,21 @@ pub(crate) struct ChainArgs {
     /// The SPL mint payments are in (base58).
     #[arg(long, value_name = "MINT", env = "WASMGRID_MINT")]
     mint: Option<PublicKey>,
+    /// The payment-channel program's address on that chain (where `wasmgrid chain deploy` put
+    /// it); the default is where `wasmgrid chain` loads it.
+    #[arg(long, value_name = "ADDRESS", env = "WASMGRID_PROGRAM_ID")]
+    program_id: Option<proto::Address>,
 }
 
 impl ChainArgs {
     /// The chain and mint, when paying.
     pub(crate) fn chain_and_mint(&self) -> Result<Option<ChainAndMint>, Exit> {
         self.chain()
+    }
+
+    /// The payment-channel program.
+    pub(crate) fn program(&self) -> proto::Address {
+        self.program_id.unwrap_or_else(|| settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID))
     }
 
     /// For a scheduler: the chain job payments go to, and the mint with its decimals (read from
@@ -60,16 +69,18 @@ impl ChainArgs {
     fn chain(&self) -> Result<Option<ChainAndMint>, Exit> {
         match (&self.rpc_url, self.mint) {
             (None, None) => Ok(None),
-            (Some(url), Some(mint)) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(bad_input(anyhow!("--rpc-url {url:?} is not an http:// or https:// URL")));
-                }
-                Ok(Some((Arc::new(settlement::rpc::RpcChain::new(url)), mint)))
-            }
+            (Some(url), Some(mint)) => Ok(Some((rpc(url)?, mint))),
             (Some(_), None) => Err(bad_input(anyhow!("--rpc-url needs --mint: the SPL mint payments are in"))),
             (None, Some(_)) => Err(bad_input(anyhow!("--mint needs --rpc-url: the chain the mint is on"))),
         }
     }
+}
+
+fn rpc(url: &str) -> Result<Arc<dyn Chain>, Exit> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad_input(anyhow!("--rpc-url {url:?} is not an http:// or https:// URL")));
+    }
+    Ok(Arc::new(settlement::rpc::RpcChain::new(url)))
 }
 
 /// How a provider is paid.
@@ -77,10 +88,12 @@ impl ChainArgs {
 pub(crate) struct HostPayArgs {
     #[command(flatten)]
     chain: ChainArgs,
-    /// When to settle: every (inference), every:N, every:30s, or over:AMOUNT.
-    #[arg(long, value_name = "POLICY", default_value = "every")]
-    settle: Policy,
-    /// Inferences served past the last valid voucher before a session stops.
+    /// When to claim from a payment channel: end (when a session ends), every (inference),
+    /// every:N, every:30s, or over:AMOUNT. Whatever it says, a channel whose renter starts a
+    /// close is claimed at once.
+    #[arg(long, value_name = "POLICY", default_value = "end", alias = "settle")]
+    claim: Policy,
+    /// Inferences served past the newest valid voucher before a session stops.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     max_unvouched: u64,
     /// The provider's ledger (read by `wasmgrid earnings`).
@@ -96,10 +109,12 @@ impl HostPayArgs {
         };
         Ok(Some(provider::payment::PaymentConfig {
             chain,
+            program: self.chain.program(),
             mint,
-            policy: self.settle,
+            policy: self.claim,
             max_unvouched: self.max_unvouched,
             ledger: Some(self.ledger.clone().unwrap_or_else(|| data_dir().join("earnings"))),
+            channels: Default::default(),
         }))
     }
 }
@@ -109,9 +124,14 @@ impl HostPayArgs {
 pub(crate) struct SessionPayArgs {
     #[command(flatten)]
     chain: ChainArgs,
-    /// Tokens deposited in escrow with each provider: the most the session may cost there.
-    #[arg(long, value_name = "AMOUNT")]
-    budget: Option<u64>,
+    /// Tokens a new payment channel with a provider gets, and what it is topped up to before
+    /// a session once half of it is spent.
+    #[arg(long, value_name = "AMOUNT", alias = "budget")]
+    deposit: Option<u64>,
+    /// Which of this renter's channels with the provider pays (another for a second session
+    /// with the same provider at the same time).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    channel_id: u64,
     /// The renter's ledger (read by `wasmgrid spend`).
     #[arg(long, value_name = "DIR")]
     ledger: Option<PathBuf>,
@@ -120,31 +140,32 @@ pub(crate) struct SessionPayArgs {
 impl SessionPayArgs {
     pub(crate) fn payment(&self) -> Result<Option<client::Payment>, Exit> {
         let Some((chain, mint)) = self.chain.chain()? else {
-            if self.budget.is_some() {
-                return Err(bad_input(anyhow!("--budget needs --rpc-url and --mint")));
+            if self.deposit.is_some() {
+                return Err(bad_input(anyhow!("--deposit needs --rpc-url and --mint")));
             }
             return Ok(None);
         };
-        let budget = self
-            .budget
-            .filter(|b| *b > 0)
-            .ok_or_else(|| bad_input(anyhow!("a paid session needs --budget: the most it may cost, in token units")))?;
+        let deposit = self.deposit.filter(|b| *b > 0).ok_or_else(|| {
+            bad_input(anyhow!("a paid session needs --deposit: what its payment channel holds, in token units"))
+        })?;
         Ok(Some(client::Payment {
             chain,
+            program: self.chain.program(),
             mint,
-            budget,
+            deposit,
+            channel_id: self.channel_id,
             ledger: Some(self.ledger.clone().unwrap_or_else(|| data_dir().join("spend"))),
         }))
     }
 }
 
-/// What a closed session cost, for `session`'s summary.
+/// What a closed session cost, for `session`'s summary: the amount its vouchers cover and the
+/// claims the provider said it made (`wasmgrid spend` shows what the chain holds).
 pub(crate) fn spend_summary(books: &[Book]) -> Value {
     json!({
-        "paid": books.iter().map(|b| b.paid).sum::<u64>(),
-        "refunded": books.iter().map(|b| b.refunded).sum::<u64>(),
-        "settlements": books.iter().flat_map(|b| b.settlements.clone()).collect::<Vec<_>>(),
-        "refunds": books.iter().filter_map(|b| b.refund.clone()).collect::<Vec<_>>(),
+        "vouched": books.iter().map(|b| b.vouched).sum::<u64>(),
+        "claims": books.iter().flat_map(|b| b.claims.clone()).collect::<Vec<_>>(),
+        "channels": books.iter().map(|b| b.channel.to_string()).collect::<Vec<_>>(),
     })
 }
 
@@ -209,6 +230,26 @@ pub(crate) struct LedgerArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Read each channel's deposit and claims from this chain (without it: as last seen).
+    #[arg(long, value_name = "URL", env = "WASMGRID_RPC_URL")]
+    rpc_url: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SpendArgs {
+    #[command(flatten)]
+    ledger: LedgerArgs,
+    /// Close this renter's payment channels: start the close of each open one (the provider
+    /// has the dispute window to claim), and finalize each whose window has ended (the rest
+    /// comes back). Needs --rpc-url and --key.
+    #[arg(long)]
+    close: bool,
+    /// Only this channel (its address, base58).
+    #[arg(long, value_name = "ADDRESS")]
+    channel: Option<proto::Address>,
+    /// The renter's keypair, for --close.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
 }
 
 fn read_books(dir: &Path, role: Role) -> Result<Vec<Book>, Exit> {
@@ -221,6 +262,18 @@ fn read_books(dir: &Path, role: Role) -> Result<Vec<Book>, Exit> {
     Ok(books.into_iter().filter(|b| b.role == role).collect())
 }
 
+/// The channel files under a ledger, of a provider (`Payee`) or a renter (`Payer`).
+fn read_channels<T>(
+    loaded: std::io::Result<(Vec<T>, settlement::ledger::Unreadable)>,
+    dir: &Path,
+) -> Result<Vec<T>, Exit> {
+    let (channels, bad) = loaded.with_context(|| format!("reading the ledger {}", dir.display())).map_err(bad_input)?;
+    for (path, e) in bad {
+        eprintln!("skipping {}: {e}", path.display());
+    }
+    Ok(channels)
+}
+
 fn session_json(b: &Book) -> Value {
     json!({
         "session": b.session,
@@ -228,112 +281,237 @@ fn session_json(b: &Book) -> Value {
         "provider": b.provider.to_string(),
         "device": b.device,
         "mint": b.mint.to_string(),
+        "channel": b.channel.to_string(),
         "inferences": b.inferences,
         "price_per_inference": b.price_per_inference,
-        "budget": b.budget,
         "amount_due": b.amount_due,
         "vouched": b.vouched,
-        "settled": b.paid,
         "pending": b.pending(),
-        "refunded": b.refunded,
         "closed": b.closed,
-        "settlements": b.settlements,
-        "refund": b.refund,
+        "claims": b.claims,
     })
 }
 
-/// `wasmgrid earnings`: a provider's takings per device and per session, from its receipts.
+/// A channel as the chain shows it now, when a chain was given and answers.
+fn on_chain(
+    chain: Option<&Arc<dyn Chain>>,
+    ids: &settlement::Ids,
+) -> Option<Result<Option<settlement::channel::OnChain>, String>> {
+    chain.map(|c| settlement::channel::read(c.as_ref(), &ids.channel()).map_err(|e| e.to_string()))
+}
+
+/// `wasmgrid earnings`: a provider's takings per device and session (by the renter's vouchers)
+/// and per channel (claimed, by the chain; vouched, by the renter's signature it holds).
 pub(crate) fn earnings(args: &LedgerArgs) -> Result<u8, Exit> {
     let dir = args.ledger.clone().unwrap_or_else(|| data_dir().join("earnings"));
     let books = read_books(&dir, Role::Provider)?;
+    let payees = read_channels(settlement::ledger::load_channels::<settlement::Payee>(&dir), &dir)?;
+    let chain = args.rpc_url.as_deref().map(rpc).transpose()?;
     let mut devices: std::collections::BTreeMap<&str, (u64, u64, u64, u64)> = Default::default();
     for b in &books {
         let d = devices.entry(b.device.as_str()).or_default();
-        *d = (d.0 + 1, d.1 + b.inferences, d.2 + b.paid, d.3 + b.pending());
+        *d = (d.0 + 1, d.1 + b.inferences, d.2 + b.vouched, d.3 + b.pending());
     }
+    let channels: Vec<Value> = payees
+        .iter()
+        .map(|p| {
+            let (claimed, deposited, closing, source) = match on_chain(chain.as_ref(), &p.ids) {
+                Some(Ok(Some(on))) if on.state.generation == p.generation => {
+                    (on.state.claimed, on.state.deposited, on.closing(), "chain")
+                }
+                Some(Ok(_)) => (p.claimed, p.deposited, true, "chain: closed"),
+                Some(Err(_)) | None => (p.claimed, p.deposited, p.closing(), "last seen"),
+            };
+            json!({ "channel": p.address.to_string(), "renter": p.ids.renter.to_string(), "deposited": deposited,
+                    "claimed": claimed, "vouched": p.vouched(), "unclaimed": p.vouched().saturating_sub(claimed),
+                    "closing": closing, "source": source, "claims": p.claim_count, "last_claim": p.claims.last() })
+        })
+        .collect();
+    let claimed: u64 = channels.iter().filter_map(|c| c["claimed"].as_u64()).sum();
+    let unclaimed: u64 = channels.iter().filter_map(|c| c["unclaimed"].as_u64()).sum();
     if args.json {
         let devices: Vec<Value> = devices
             .iter()
-            .map(|(name, (n, inf, settled, pending))| {
-                json!({ "device": name, "sessions": n, "inferences": inf, "settled": settled, "pending": pending })
+            .map(|(name, (n, inf, vouched, pending))| {
+                json!({ "device": name, "sessions": n, "inferences": inf, "vouched": vouched, "pending": pending })
             })
             .collect();
-        let total_settled: u64 = books.iter().map(|b| b.paid).sum();
-        let total_pending: u64 = books.iter().map(Book::pending).sum();
         println!(
             "{}",
-            json!({ "ledger": dir.display().to_string(), "settled": total_settled, "pending": total_pending,
-                    "devices": devices, "sessions": books.iter().map(session_json).collect::<Vec<_>>() })
-        );
-        return Ok(exit::OK);
-    }
-    println!("earnings in {} (token units; pending = due by receipts, not yet settled)", dir.display());
-    println!("{:<36} {:>8} {:>11} {:>12} {:>10}", "device", "sessions", "inferences", "settled", "pending");
-    for (name, (n, inf, settled, pending)) in &devices {
-        println!("{name:<36} {n:>8} {inf:>11} {settled:>12} {pending:>10}");
-    }
-    println!();
-    println!(
-        "{:<32} {:<12} {:>10} {:>7} {:>10} {:>10} {:>8}  last settlement",
-        "session", "renter", "inferences", "price", "settled", "pending", "settles"
-    );
-    for b in &books {
-        println!(
-            "{:<32} {:<12} {:>10} {:>7} {:>10} {:>10} {:>8}  {}",
-            b.session,
-            short(&b.renter),
-            b.inferences,
-            b.price_per_inference,
-            b.paid,
-            b.pending(),
-            b.settlements.len(),
-            b.settlements.last().map_or("-", String::as_str)
-        );
-    }
-    Ok(exit::OK)
-}
-
-/// `wasmgrid spend`: what a renter paid, per session and provider, from the receipts it checked.
-pub(crate) fn spend(args: &LedgerArgs) -> Result<u8, Exit> {
-    let dir = args.ledger.clone().unwrap_or_else(|| data_dir().join("spend"));
-    let books = read_books(&dir, Role::Renter)?;
-    let paid: u64 = books.iter().map(|b| b.paid).sum();
-    let pending: u64 = books.iter().map(Book::pending).sum();
-    let in_escrow: u64 = books.iter().filter(|b| !b.closed).map(|b| b.budget.saturating_sub(b.paid)).sum();
-    if args.json {
-        println!(
-            "{}",
-            json!({ "ledger": dir.display().to_string(), "paid": paid, "pending": pending, "in_escrow": in_escrow,
+            json!({ "ledger": dir.display().to_string(), "claimed": claimed, "unclaimed": unclaimed,
+                    "devices": devices, "channels": channels,
                     "sessions": books.iter().map(session_json).collect::<Vec<_>>() })
         );
         return Ok(exit::OK);
     }
+    println!("earnings in {}: {claimed} claimed, {unclaimed} vouched and not yet claimed (token units)", dir.display());
+    println!("{:<36} {:>8} {:>11} {:>12} {:>10}", "device", "sessions", "inferences", "vouched", "pending");
+    for (name, (n, inf, vouched, pending)) in &devices {
+        println!("{name:<36} {n:>8} {inf:>11} {vouched:>12} {pending:>10}");
+    }
+    println!();
     println!(
-        "spend in {}: {paid} paid, {pending} due and not yet settled, {in_escrow} still in open escrows (token units)",
-        dir.display()
+        "{:<46} {:<12} {:>10} {:>10} {:>10} {:>7}  source",
+        "channel", "renter", "deposited", "claimed", "unclaimed", "claims"
     );
-    println!(
-        "{:<32} {:<12} {:>10} {:>7} {:>8} {:>8} {:>8} {:>8}  refund",
-        "session", "provider", "inferences", "price", "paid", "pending", "refunded", "settles"
-    );
-    for b in &books {
+    for c in &channels {
         println!(
-            "{:<32} {:<12} {:>10} {:>7} {:>8} {:>8} {:>8} {:>8}  {}",
-            b.session,
-            short(&b.provider),
-            b.inferences,
-            b.price_per_inference,
-            b.paid,
-            b.pending(),
-            b.refunded,
-            b.settlements.len(),
-            b.refund.as_deref().unwrap_or(if b.closed { "-" } else { "(escrow open)" })
+            "{:<46} {:<12} {:>10} {:>10} {:>10} {:>7}  {}",
+            c["channel"].as_str().unwrap_or(""),
+            c["renter"].as_str().map_or(String::new(), short_text),
+            c["deposited"],
+            c["claimed"],
+            c["unclaimed"],
+            c["claims"],
+            c["source"].as_str().unwrap_or("")
         );
     }
     Ok(exit::OK)
 }
 
+/// `wasmgrid spend`: what a renter owes and paid, per channel (deposited and claimed, by the
+/// chain; vouched, by its own signatures) and per session; `--close` closes its channels.
+pub(crate) fn spend(args: &SpendArgs) -> Result<u8, Exit> {
+    let dir = args.ledger.ledger.clone().unwrap_or_else(|| data_dir().join("spend"));
+    let books = read_books(&dir, Role::Renter)?;
+    let mut payers = read_channels(settlement::ledger::load_channels::<settlement::Payer>(&dir), &dir)?;
+    if let Some(only) = args.channel {
+        payers.retain(|p| p.address == only);
+        if payers.is_empty() {
+            return Err(bad_input(anyhow!("no channel {only} in the ledger {}", dir.display())));
+        }
+    }
+    let chain = args.ledger.rpc_url.as_deref().map(rpc).transpose()?;
+    if args.close {
+        let chain = chain
+            .clone()
+            .ok_or_else(|| bad_input(anyhow!("--close needs --rpc-url: the chain the channels are on")))?;
+        let key = args.key.as_deref().ok_or_else(|| bad_input(anyhow!("--close needs --key: the renter's keypair")))?;
+        let renter = Keypair::read(key).with_context(|| format!("reading {}", key.display())).map_err(bad_input)?;
+        close_channels(chain.as_ref(), &renter, &dir, &mut payers)?;
+    }
+    let channels: Vec<Value> = payers
+        .iter()
+        .map(|p| {
+            let (deposited, claimed, close_at, state) = match on_chain(chain.as_ref(), &p.ids) {
+                Some(Ok(Some(on))) if on.state.generation == p.generation => {
+                    let state = if on.closing() { "closing" } else { "open" };
+                    (on.state.deposited, on.state.claimed, on.state.close_at, state)
+                }
+                Some(Ok(_)) => (p.deposited, p.claimed, p.close_at, "closed"),
+                Some(Err(_)) | None => (p.deposited, p.claimed, p.close_at, "as last seen"),
+            };
+            json!({ "channel": p.address.to_string(), "provider": p.ids.provider.to_string(), "deposited": deposited,
+                    "claimed": claimed, "vouched": p.vouched, "locked": deposited.saturating_sub(claimed),
+                    "state": state, "close_at": close_at, "transactions": p.transactions })
+        })
+        .collect();
+    let claimed: u64 = channels.iter().filter_map(|c| c["claimed"].as_u64()).sum();
+    let vouched: u64 = payers.iter().map(|p| p.vouched).sum();
+    let locked: u64 = channels.iter().filter(|c| c["state"] != "closed").filter_map(|c| c["locked"].as_u64()).sum();
+    if args.ledger.json {
+        println!(
+            "{}",
+            json!({ "ledger": dir.display().to_string(), "claimed": claimed, "vouched": vouched, "in_channels": locked,
+                    "channels": channels, "sessions": books.iter().map(session_json).collect::<Vec<_>>() })
+        );
+        return Ok(exit::OK);
+    }
+    println!(
+        "spend in {}: {vouched} vouched, {claimed} of it claimed by providers, {locked} still in open channels (token units)",
+        dir.display()
+    );
+    println!("{:<46} {:<12} {:>10} {:>10} {:>10}  state", "channel", "provider", "deposited", "vouched", "claimed");
+    for (c, p) in channels.iter().zip(&payers) {
+        println!(
+            "{:<46} {:<12} {:>10} {:>10} {:>10}  {}",
+            c["channel"].as_str().unwrap_or(""),
+            short(&p.ids.provider),
+            c["deposited"],
+            p.vouched,
+            c["claimed"],
+            c["state"].as_str().unwrap_or("")
+        );
+    }
+    println!();
+    println!(
+        "{:<32} {:<12} {:>10} {:>7} {:>8} {:>8}",
+        "session", "provider", "inferences", "price", "vouched", "pending"
+    );
+    for b in &books {
+        println!(
+            "{:<32} {:<12} {:>10} {:>7} {:>8} {:>8}",
+            b.session,
+            short(&b.provider),
+            b.inferences,
+            b.price_per_inference,
+            b.vouched,
+            b.pending()
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// `spend --close`: starts the close of every open channel and finalizes every channel whose
+/// dispute window has ended, saying which is which.
+fn close_channels(
+    chain: &dyn Chain,
+    renter: &Keypair,
+    dir: &Path,
+    payers: &mut [settlement::Payer],
+) -> Result<(), Exit> {
+    let now = settlement::channel::chain_time(chain)
+        .map_err(|e| Exit { code: exit::HOST, error: anyhow!("reading the chain's clock: {e}") })?;
+    let mut failed = None;
+    for p in payers.iter_mut() {
+        if p.ids.renter != renter.public() {
+            eprintln!("channel {}: not this key's (renter {}); skipped", p.address, p.ids.renter);
+            continue;
+        }
+        let step = match p.refresh(chain) {
+            Ok(None) => {
+                eprintln!("channel {}: closed", p.address);
+                continue;
+            }
+            Ok(Some(on)) if on.state.generation != p.generation => {
+                eprintln!("channel {}: closed (and opened again since)", p.address);
+                continue;
+            }
+            Ok(Some(on)) if !on.closing() => p.start_close(chain, renter).map(|()| {
+                format!(
+                    "close started: the provider may claim until {}; run this again after that to finalize",
+                    p.close_at
+                )
+            }),
+            Ok(Some(on)) if on.state.close_at > now => {
+                Ok(format!("closing: finalize after {} ({} s from now)", on.state.close_at, on.state.close_at - now))
+            }
+            Ok(Some(on)) => p
+                .finalize(chain, renter)
+                .map(|()| format!("finalized: {} came back", on.state.deposited.saturating_sub(on.state.claimed))),
+            Err(e) => Err(e),
+        };
+        match step {
+            Ok(what) => eprintln!("channel {}: {what}", p.address),
+            Err(e) => {
+                eprintln!("channel {}: {e}", p.address);
+                failed = Some(e);
+            }
+        }
+        if let Err(e) = settlement::ledger::save_payer(dir, p, true) {
+            eprintln!("writing the ledger in {}: {e}", dir.display());
+        }
+    }
+    match failed {
+        Some(e) => Err(Exit { code: exit::HOST, error: anyhow!("closing channels: {e}") }),
+        None => Ok(()),
+    }
+}
+
 fn short(k: &PublicKey) -> String {
-    let s = k.to_string();
-    format!("{}..", s.get(..10).unwrap_or(&s))
+    short_text(&k.to_string())
+}
+
+fn short_text(s: &str) -> String {
+    format!("{}..", s.get(..10).unwrap_or(s))
 }

@@ -126,8 +126,9 @@ impl Session {
         Session::open_paid(scheduler, renter, module, init_input, requirements, None).await
     }
 
-    /// As [`Session::open`], paying with `payment`: each provider gets an escrow of
-    /// `payment.budget`, a voucher for every receipt, and its refund submitted at the end.
+    /// As [`Session::open`], paying with `payment`: through the payment channel with each
+    /// provider (opened on first use, topped up to `payment.deposit`), a voucher for every
+    /// receipt.
     pub async fn open_paid(
         scheduler: &Scheduler,
         renter: Keypair,
@@ -192,12 +193,11 @@ impl Session {
             match broken {
                 Some(b) if Arc::ptr_eq(l, b) => {
                     excluded.push(l.provider);
-                    // The provider is gone: take back what is left in its escrow.
+                    // The provider is gone: the channel keeps the deposit for another session
+                    // (or `wasmgrid spend --close`); its vouchers stay payable to it.
                     if let Some(p) = &l.pay {
                         let mut p = p.lock().await;
-                        if let Err(e) = p.recover().await {
-                            log::warn!("recovering the escrow with provider {}: {e}", l.provider);
-                        }
+                        p.ended(None);
                         self.left.lock().await.push(p.book().clone());
                     }
                     *current = None;
@@ -254,7 +254,10 @@ impl Session {
         };
         // The ticket goes first, alone and small: the provider reads nothing more from a peer
         // before it has checked it. The init input follows at once.
-        let open = SessionMsg::Open { ticket: Box::new(grant.ticket.clone()), escrow: pay.as_ref().map(|p| p.terms()) };
+        let open = SessionMsg::Open {
+            ticket: Box::new(grant.ticket.clone()),
+            channel: pay.as_ref().map(|p| Box::new(p.terms())),
+        };
         quic::write_msg(&mut send, &open, proto::msg::OPEN_CAP).await.map_err(link_err)?;
         let init = SessionMsg::Init { init_input: self.init_input.clone() };
         quic::write_msg(&mut send, &init, BLOB_CAP).await.map_err(link_err)?;
@@ -264,9 +267,9 @@ impl Session {
                     let bytes = self.module.as_ref().clone();
                     quic::write_msg(&mut send, &SessionMsg::Module { bytes }, BLOB_CAP).await.map_err(link_err)?;
                 }
-                Some(SessionReply::Opened { refund, .. }) => {
+                Some(SessionReply::Opened { newest, .. }) => {
                     if let Some(p) = pay.as_mut() {
-                        p.opened(refund).await.map_err(Error::Payment)?;
+                        p.opened(newest).map_err(Error::Payment)?;
                     }
                     let checker = receipt::Checker::new(
                         grant.ticket.session_id,
@@ -305,44 +308,41 @@ impl Session {
             .map_err(|e| e.to_string())?;
         let _ = send.finish();
         match quic::read_msg::<SessionReply>(&mut recv, BLOB_CAP).await.map_err(|e| e.to_string())? {
-            Some(SessionReply::Response { bytes, usage, sequence, receipt, settled }) => {
+            Some(SessionReply::Response { bytes, usage, sequence, receipt, claimed }) => {
                 let receipt = receipt.map(|r| *r);
-                // Follow the calls in the order the provider served them.
-                let mut guard = link.receipts.lock().await;
-                let (checker, pending) = &mut *guard;
                 let call = receipt::Counts::of_call(&usage);
-                // The call next in order is followed at once; only calls answered ahead of an
-                // earlier one are kept (with copies of their bytes) until it comes.
-                if sequence == checker.calls() + 1 {
-                    follow(checker, &call, request, &bytes, receipt.as_ref())?;
-                } else {
-                    pending.insert(sequence, (call, request.to_vec(), bytes.clone(), receipt.clone()));
-                }
-                while let Some((call, req, resp, signed)) = pending.remove(&(checker.calls() + 1)) {
-                    follow(checker, &call, &req, &resp, signed.as_ref())?;
-                }
-                if pending.len() > 1024 {
-                    return Err("the provider's answers skip sequence numbers".into());
-                }
-                // Only a receipt that was checked is paid for: paid calls go one at a time, so
-                // this call's receipt must be the last one checked.
-                let checked = receipt.is_some() && checker.last() == receipt.as_ref();
-                drop(guard);
-                if let Some(p) = pay.as_mut() {
-                    let Some(r) = receipt.as_ref().filter(|_| checked) else {
-                        return Err(format!(
-                            "the provider's answer {sequence} on a paid session has no receipt in order; not paying for it"
-                        ));
-                    };
-                    p.answered(r, settled).await.map_err(|e| format!("paying the provider: {e}"))?;
-                }
+                Self::settle(link, pay.as_deref_mut(), sequence, call, request, &bytes, receipt.as_ref(), claimed)
+                    .await?;
                 Ok(Ok(Answer { response: bytes, usage, provider: link.provider, receipt }))
+            }
+            // The guest's code ran and failed: billed like any call (its message is what the
+            // receipt covers), then the guest's own error fails this request only, and any
+            // other ends the instance there: move on.
+            Some(SessionReply::CallFailed { kind, limit, message, sequence, receipt, claimed }) => {
+                let call = receipt::Counts { inferences: 1, ..receipt::Counts::default() };
+                let receipt = receipt.map(|r| *r);
+                Self::settle(
+                    link,
+                    pay.as_deref_mut(),
+                    sequence,
+                    call,
+                    request,
+                    message.as_bytes(),
+                    receipt.as_ref(),
+                    claimed,
+                )
+                .await?;
+                if kind == FailureKind::Guest {
+                    Ok(Err(Error::Failed { kind, limit, message }))
+                } else {
+                    Err(format!("{kind}: {message}"))
+                }
             }
             // The guest's own error fails this request only.
             Some(SessionReply::Failed { kind, limit, message }) if kind == FailureKind::Guest => {
                 Ok(Err(Error::Failed { kind, limit, message }))
             }
-            // The provider stopped for want of payment (the budget is spent, say): another
+            // The provider stopped for want of payment (the deposit is spent, say): another
             // provider would not change that.
             Some(SessionReply::Failed { kind, limit, message }) if kind == FailureKind::Payment => {
                 Ok(Err(Error::Failed { kind, limit, message }))
@@ -352,6 +352,50 @@ impl Session {
             Some(other) => Err(format!("unexpected {other:?}")),
             None => Err("the provider closed the stream without an answer".into()),
         }
+    }
+
+    /// Follows an answered call in the receipt chain and, on a paid session, answers its
+    /// receipt with a voucher.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle(
+        link: &Link,
+        pay: Option<&mut pay::LinkPay>,
+        sequence: u64,
+        call: receipt::Counts,
+        request: &[u8],
+        response: &[u8],
+        receipt: Option<&Receipt>,
+        claimed: Option<Box<proto::voucher::Claimed>>,
+    ) -> Result<(), String> {
+        // Follow the calls in the order the provider served them.
+        let mut guard = link.receipts.lock().await;
+        let (checker, pending) = &mut *guard;
+        // The call next in order is followed at once; only calls answered ahead of an earlier
+        // one are kept (with copies of their bytes) until it comes.
+        if sequence == checker.calls() + 1 {
+            follow(checker, &call, request, response, receipt)?;
+        } else {
+            pending.insert(sequence, (call, request.to_vec(), response.to_vec(), receipt.cloned()));
+        }
+        while let Some((call, req, resp, signed)) = pending.remove(&(checker.calls() + 1)) {
+            follow(checker, &call, &req, &resp, signed.as_ref())?;
+        }
+        if pending.len() > 1024 {
+            return Err("the provider's answers skip sequence numbers".into());
+        }
+        // Only a receipt that was checked is paid for: paid calls go one at a time, so this
+        // call's receipt must be the last one checked.
+        let checked = receipt.is_some() && checker.last() == receipt;
+        drop(guard);
+        if let Some(p) = pay {
+            let Some(r) = receipt.filter(|_| checked) else {
+                return Err(format!(
+                    "the provider's answer {sequence} on a paid session has no receipt in order; not paying for it"
+                ));
+            };
+            p.answered(r, claimed).map_err(|e| format!("paying the provider: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Serves one request. If the provider fails (goes away, or its instance dies), the session
@@ -375,9 +419,9 @@ impl Session {
         Err(Error::GaveUp(self.failovers(), last))
     }
 
-    /// Ends the session: on a paid one, the provider settles the last voucher and hands over
-    /// its refund, which is submitted here. Returns this renter's book of every provider the
-    /// session used (settlement and refund transactions included).
+    /// Ends the session: on a paid one, with the voucher for the last receipt (the provider
+    /// claims if its policy claims at the end; the channel stays open for the next session).
+    /// Returns this renter's book of every provider the session used.
     pub async fn close(&self) -> Result<Vec<Book>, Error> {
         let link = self.link.lock().await.0.take();
         let mut books = std::mem::take(&mut *self.left.lock().await);
@@ -392,13 +436,13 @@ impl Session {
             quic::write_msg(&mut send, &SessionMsg::Close { voucher }, CONTROL_CAP).await.map_err(|e| e.to_string())?;
             let _ = send.finish();
             match quic::read_msg::<SessionReply>(&mut recv, CONTROL_CAP).await.map_err(|e| e.to_string())? {
-                Some(SessionReply::Closed { settled, refund, receipt }) => Ok((settled, refund, receipt)),
+                Some(SessionReply::Closed { claimed, receipt }) => Ok((claimed, receipt)),
                 other => Err(format!("unexpected answer to close: {other:?}")),
             }
         }
         .await;
-        let (settled, refund) = match closed {
-            Ok((settled, refund, receipt)) => {
+        let claimed = match closed {
+            Ok((claimed, receipt)) => {
                 // The provider's word on the whole session, checked against every call followed.
                 if let Some(r) = receipt {
                     let mut guard = link.receipts.lock().await;
@@ -407,21 +451,15 @@ impl Session {
                         Err(e) => log::warn!("provider {}: its closing receipt is refused: {e}", link.provider),
                     }
                 }
-                (settled, Ok(refund))
+                claimed
             }
-            Err(e) => (None, Err(e)),
+            Err(e) => {
+                log::info!("closing with provider {}: {e}", link.provider);
+                None
+            }
         };
-        if let (None, Err(e)) = (&pay, &refund) {
-            log::info!("closing with provider {}: {e}", link.provider);
-        }
         if let Some(p) = pay.as_mut() {
-            match refund {
-                Ok(refund) => p.closed(settled, refund).await.map_err(Error::Payment)?,
-                Err(e) => {
-                    log::warn!("closing with provider {}: {e}; recovering the escrow", link.provider);
-                    p.recover().await.map_err(Error::Payment)?;
-                }
-            }
+            p.ended(claimed);
             books.push(p.book().clone());
         }
         link.conn.close(0u32.into(), b"done");

@@ -5,13 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-// The program's own source: paychan cannot be a dependency here, as its BPF dependencies need a
-// newer solana-address than the workspace's Solana crates allow in one lockfile.
-#[path = "../../paychan/src/state.rs"]
-#[allow(dead_code)]
-mod state;
-
-use state::{Channel, Instruction};
+use paychan_state::{Channel, Instruction};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(ix) = Instruction::decode(data) {

@@ -6,10 +6,19 @@
 //! rest goes back to the renter with the accounts' rent. See `state` for the exact layouts.
 //!
 //! On the BPF target this crate is the program (`processor`); on the host it is the layouts and
-//! encodings the callers share (and an ordinary std library, so that it links as a cdylib).
+//! encodings the callers share, re-exported from `paychan-state` (and an ordinary std library,
+//! so that it links as a cdylib).
 #![cfg_attr(target_arch = "bpf", no_std)]
 
-pub mod state;
+// The program compiles paychan-state's very source as its own module, so that the error codes
+// convert into pinocchio's ProgramError (a foreign type, which the orphan rule keeps the other
+// crate from naming); the host uses the crate.
+#[cfg(target_arch = "bpf")]
+#[path = "../../paychan-state/src/lib.rs"]
+#[allow(unused_attributes, dead_code)]
+mod state;
+#[cfg(not(target_arch = "bpf"))]
+pub use paychan_state as state;
 
 #[cfg(target_arch = "bpf")]
 mod processor;

@@ -16,9 +16,7 @@
 #![cfg(feature = "litesvm")]
 
 /// The layouts, instruction encodings and voucher message the program itself uses.
-#[path = "../src/state.rs"]
-#[allow(dead_code)]
-mod state;
+use paychan_state as state;
 
 use ed25519_dalek::Signer as _;
 use litesvm::LiteSVM;

@@ -194,7 +194,7 @@ pub struct SessionView {
     /// That receipt's sequence number and amount due.
     pub receipts: u64,
     pub amount_due: u64,
-    /// Paid out of the session's escrow on the chain.
+    /// Claimed from the payment channel on the chain (every session and job on it together).
     pub paid: u64,
     /// Settlement transactions (base58 signatures), oldest first; the newest
     /// `SESSION_SETTLEMENTS_KEPT` when there were more.

@@ -21,6 +21,53 @@ pub enum KeyError {
     Format { path: String, reason: String },
     #[error("{0:?} is not a base58 ed25519 public key")]
     PublicKey(String),
+    #[error("{0:?} is not a base58 address (32 bytes)")]
+    Address(String),
+}
+
+/// An account address on the chain: 32 bytes, base58, and not necessarily a key anyone holds
+/// (a program's, or an address a program derives, is off the ed25519 curve on purpose).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Address(pub [u8; 32]);
+
+impl Serialize for Address {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&bs58::encode(self.0).into_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&bs58::encode(self.0).into_string())
+    }
+}
+
+impl fmt::Debug for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Address({self})")
+    }
+}
+
+impl FromStr for Address {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = bs58::decode(s.trim()).into_vec().map_err(|_| KeyError::Address(s.to_string()))?;
+        bytes.try_into().map(Address).map_err(|_| KeyError::Address(s.to_string()))
+    }
+}
+
+impl From<PublicKey> for Address {
+    fn from(k: PublicKey) -> Address {
+        Address(k.0)
+    }
 }
 
 /// A public key: 32 bytes, shown (and serialized) as base58 like a Solana address.

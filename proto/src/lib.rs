@@ -11,4 +11,4 @@ pub mod voucher;
 pub mod worker;
 
 pub use frame::{FrameDecoder, FrameError, PROTOCOL_VERSION};
-pub use identity::{KeyError, Keypair, PublicKey, Signature};
+pub use identity::{Address, KeyError, Keypair, PublicKey, Signature};

@@ -263,11 +263,12 @@ pub struct SessionReport {
     pub session_id: [u8; 16],
     /// The newest receipt this provider signed for it.
     pub receipt: Option<crate::receipt::Receipt>,
-    /// Paid out of escrow on the chain so far.
+    /// Claimed from the session's payment channel on the chain so far (every session and job
+    /// on the channel together).
     pub paid: u64,
-    /// The newest settlement transaction signatures (at most a few hundred), oldest first.
+    /// The newest claim transaction signatures (at most a few hundred), oldest first.
     pub settlements: Vec<crate::identity::Signature>,
-    /// Settlements in all.
+    /// Claims in all.
     #[serde(default)]
     pub settlement_count: u64,
     pub closed: bool,
@@ -396,7 +397,7 @@ mod tests {
 }
 
 /// Cap of the first frame on a session connection ([`SessionMsg::Open`]), which a provider
-/// reads before it knows who the peer is: a ticket and escrow terms fit in far less.
+/// reads before it knows who the peer is: a ticket and channel terms fit in far less.
 pub const OPEN_CAP: usize = 16 << 10;
 
 /// Renter to provider, on a session connection. The first stream carries `Open` (at most
@@ -407,9 +408,9 @@ pub const OPEN_CAP: usize = 16 << 10;
 pub enum SessionMsg {
     Open {
         ticket: Box<crate::ticket::Ticket>,
-        /// The escrow the renter opened for this session; a provider that takes payment
+        /// The payment channel the renter pays through; a provider that takes payment
         /// refuses a session without one.
-        escrow: Option<crate::voucher::EscrowTerms>,
+        channel: Option<Box<crate::voucher::ChannelTerms>>,
     },
     /// The input of the service's `init` (weights, say).
     Init {
@@ -426,7 +427,7 @@ pub enum SessionMsg {
         /// The voucher for the last receipt, on a paid session.
         voucher: Option<Box<crate::voucher::Voucher>>,
     },
-    /// The renter is done: settle (with this last voucher, if any) and hand over the refund.
+    /// The renter is done: the last voucher, if any, and the receipt of every call served.
     Close { voucher: Option<Box<crate::voucher::Voucher>> },
 }
 
@@ -437,8 +438,9 @@ pub enum SessionReply {
     /// `init` ran; the session serves requests.
     Opened {
         usage: WireUsage,
-        /// On a paid session, the refund of the whole budget, for the renter to hold.
-        refund: Option<Box<crate::voucher::Refund>>,
+        /// On a paid session, the newest voucher the provider holds on the channel (the
+        /// renter's own signature), so both count on from the same amount.
+        newest: Option<Box<crate::voucher::Voucher>>,
     },
     /// The ticket or the module was refused; nothing ran.
     Refused {
@@ -454,15 +456,26 @@ pub enum SessionReply {
         /// The session's cumulative counts and amount due after this call, signed: on every
         /// call of a paid session, every few calls of an unpaid one.
         receipt: Option<Box<crate::receipt::Receipt>>,
-        /// A settlement made before this call was served, if the provider's policy said so.
-        settled: Option<Box<crate::voucher::Settled>>,
+        /// A claim made on the channel before this call was served, if the provider's
+        /// policy said so.
+        claimed: Option<Box<crate::voucher::Claimed>>,
     },
-    /// The answer to `Close`: the last settlement, if one was due, the refund of the rest, and
-    /// the signed receipt of every call served.
+    /// The answer to `Close`: the claim made at the end, if the policy made one, and the
+    /// signed receipt of every call served.
     Closed {
-        settled: Option<Box<crate::voucher::Settled>>,
-        refund: Option<Box<crate::voucher::Refund>>,
+        claimed: Option<Box<crate::voucher::Claimed>>,
         receipt: Option<Box<crate::receipt::Receipt>>,
+    },
+    /// The call ran and the guest's code failed (its own error, a trap, a limit): billed as
+    /// any call, in the receipt chain with `message` as its response. After any kind but
+    /// [`FailureKind::Guest`] the session is over.
+    CallFailed {
+        kind: FailureKind,
+        limit: Option<String>,
+        message: String,
+        sequence: u64,
+        receipt: Option<Box<crate::receipt::Receipt>>,
+        claimed: Option<Box<crate::voucher::Claimed>>,
     },
     /// The request (or `init`) failed; `kind` as in [`Outcome::Failed`], or
     /// [`FailureKind::Payment`] when the provider stops serving for want of a valid voucher.

@@ -1,59 +1,41 @@
-//! Payment on the session wire: the escrow a renter opened, its vouchers, and the provider's
-//! settlements and refunds. Each carries an ed25519 signature over a Solana transaction message
-//! that both sides build the same way from these fields (the `settlement` crate builds it), so
-//! nothing here needs a Solana type and a signature checks only against the exact transfer it
-//! was made for.
+//! Payment on the session wire: the channel a renter pays through and its vouchers. A voucher is
+//! the renter's ed25519 signature over the message the payment-channel program checks before it
+//! pays (`paychan-state`'s `voucher_message`: program, channel, generation, mint, cumulative
+//! amount, receipt digest), so a voucher that verifies here is one the chain will pay, and no
+//! other.
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::{PublicKey, Signature};
+use crate::identity::{Address, PublicKey, Signature};
 
-/// The escrow a renter opened for one session: a token account of `mint` owned by a 2-of-2
-/// SPL multisig of renter and provider, and a durable nonce account whose authority is the
-/// provider.
+/// The channel a renter names when it opens a paid session. Its address is derived from the
+/// program, the two parties, the mint and the id; the provider reads the channel itself from
+/// the chain and trusts nothing here but the address's inputs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EscrowTerms {
+pub struct ChannelTerms {
+    /// The payment-channel program (the provider refuses any but the one it knows).
+    pub program: Address,
     pub mint: PublicKey,
-    pub decimals: u8,
-    pub multisig: PublicKey,
-    pub account: PublicKey,
-    pub nonce_account: PublicKey,
-    /// Tokens deposited: the most the session can pay.
-    pub budget: u64,
+    pub id: u64,
+    /// The newest voucher the renter signed on this channel, so that a provider that lost it
+    /// (a crash before it saved) counts from the same amount as the renter.
+    pub newest: Option<Voucher>,
 }
 
-/// The renter's signature on a transfer, out of escrow to the provider, of the cumulative
-/// amount of receipt `sequence` less what was already paid, on durable nonce `nonce`, with the
-/// receipt's digest in a Memo.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The renter's promise to pay `cumulative` in all on the channel (every session and job on it
+/// together), answering the provider's receipt whose digest it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Voucher {
-    /// The receipt it pays for.
-    pub sequence: u64,
-    /// That receipt's cumulative amount due.
     pub cumulative: u64,
-    /// The nonce value the transaction uses.
-    pub nonce: [u8; 32],
+    pub receipt_digest: [u8; 32],
     pub signature: Signature,
 }
 
-/// The provider's signature on a refund of everything left in escrow to the renter, on durable
-/// nonce `nonce`. The renter submits it when the session ends or the provider vanishes.
+/// A claim the provider made on the chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Refund {
-    pub nonce: [u8; 32],
-    pub amount: u64,
-    pub signature: Signature,
-}
-
-/// A voucher the provider co-signed and the chain confirmed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Settled {
-    /// The confirmed transaction's signature (its id on the chain).
+pub struct Claimed {
+    /// The claim transaction's signature (its id on the chain).
     pub transaction: Signature,
-    /// The receipt it paid up to.
-    pub sequence: u64,
-    /// Paid out of escrow so far, this settlement included.
-    pub paid: u64,
-    /// A refund of the rest on the advanced nonce.
-    pub refund: Refund,
+    /// What the channel has paid the provider in all, this claim included.
+    pub cumulative: u64,
 }

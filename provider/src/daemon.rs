@@ -205,12 +205,12 @@ pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
             let keypair = Keypair::from_seed(config.keypair.seed());
             let ready = tokio::task::spawn_blocking(move || {
                 payment.prepare(&keypair)?;
-                payment.resume(&keypair)
+                payment.resume()
             })
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
             match &ready {
-                Ok(n) if *n > 0 => log::info!("settled {n} session(s) left unsettled by the last run"),
+                Ok(n) if *n > 0 => log::info!("watching {n} channel(s) with vouchers the last run did not claim"),
                 Ok(_) => {}
                 Err(e) => log::error!("not serving paid sessions: {e}"),
             }
@@ -230,6 +230,9 @@ pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
         running: Arc::new(Running::default()),
         gpu,
     });
+    if let Some(payment) = shared.payment.clone().filter(|_| paid_ready) {
+        tokio::spawn(watch_channels(payment, shared.keypair.clone()));
+    }
     let sessions = match shared.config.session_listen.filter(|_| paid_ready) {
         Some(addr) => match start_sessions(&shared, addr) {
             Ok(a) => Some(a),
@@ -672,8 +675,8 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
         Ok::<_, quic::QuicError>((send, recv, msg))
     })
     .await;
-    let (mut send, mut recv, ticket, escrow) = match first {
-        Ok(Ok((send, recv, Some(SessionMsg::Open { ticket, escrow })))) => (send, recv, ticket, escrow),
+    let (mut send, mut recv, ticket, channel) = match first {
+        Ok(Ok((send, recv, Some(SessionMsg::Open { ticket, channel })))) => (send, recv, ticket, channel),
         Ok(Err(e)) => {
             refuse(&conn);
             return Err(e);
@@ -715,13 +718,13 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
             return Ok(());
         }
     };
-    // A paid session starts only on an escrow the chain shows as promised.
+    // A paid session starts only on a channel the chain shows as promised.
     let pay = match &shared.payment {
         Some(config) => {
             let (config, kp, t, device) =
                 (config.clone(), shared.keypair.clone(), ticket.clone(), shared.gpu.name.clone());
             let opened = tokio::task::spawn_blocking(move || {
-                crate::payment::SessionPay::open(&config, &kp, &t, escrow, &device)
+                crate::payment::SessionPay::open(&config, &kp, &t, channel, &device)
             })
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
@@ -732,9 +735,9 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
         }
         None => None,
     };
-    let (pay, refund) = match pay {
-        Some((p, r)) => (Some(p), Some(Box::new(r))),
-        None => (None, None),
+    let (paid, pay, newest) = match pay {
+        Some((p, v)) => (true, Some(p), v.map(Box::new)),
+        None => (false, None, None),
     };
     let worker = match shared.pool.take().await {
         Ok(w) => w,
@@ -758,7 +761,8 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
         module_hash: ticket.module_hash,
         limits: proto::msg::JobLimits::default(),
         sign_every: u64::from(shared.config.receipt_every),
-        refund,
+        paid,
+        newest,
     };
     let (flow, actions) =
         SessionFlow::start(terms, init_input, &worker.defaults, shared.keypair.clone(), Instant::now());
@@ -849,6 +853,22 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
     let _ = pump.drive(end, None).await;
     log::info!("session {id} ended");
     Ok(())
+}
+
+/// How often the watcher reads the channels no session holds: well inside the shortest dispute
+/// window the program allows (60 s), so a close the renter starts is answered by a claim.
+const WATCH_EVERY: Duration = Duration::from_secs(10);
+
+/// The provider's watcher: claims the newest voucher of every channel whose renter started a
+/// close (and what the claim policy says is due), for as long as the daemon runs.
+async fn watch_channels(payment: Arc<crate::payment::PaymentConfig>, keypair: Arc<Keypair>) {
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let (p, kp) = (payment.clone(), keypair.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || p.watch(&kp)).await {
+            log::error!("the channel watcher failed: {e}");
+        }
+    }
 }
 
 /// Ends a session's service and hands its worker back: reused if it comes back idle in time.
@@ -959,10 +979,7 @@ impl SessionPump {
         let run = move || {
             let mut p = p.lock().unwrap_or_else(PoisonError::into_inner);
             match step {
-                PayStep::Before(voucher) => Paid::Before(match p.funded() {
-                    Err(m) => Err(Unpaid::NotYet(m)),
-                    Ok(()) => p.before_serve(voucher.as_deref()).map_err(Unpaid::Stopped),
-                }),
+                PayStep::Before(voucher) => Paid::Before(p.before_serve(voucher.as_deref()).map_err(Unpaid::Stopped)),
                 PayStep::After(receipt) => {
                     p.served(&receipt);
                     Paid::After(p.after_serve(&kp))

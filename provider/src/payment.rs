@@ -1,35 +1,44 @@
-//! The provider's side of paid sessions: checks the renter's escrow on the chain, takes a
-//! voucher with each request, serves no more than the configured number of inferences beyond
-//! the last valid voucher, settles when its policy says (and always when a session ends), and
-//! keeps a ledger that survives restarts. Chain calls block: call these off async threads.
+//! The provider's side of paid sessions, through payment channels: reads the channel the renter
+//! names from the chain, takes a voucher with each request (for the receipt of the call before),
+//! serves no more than the configured number of inferences past the newest valid voucher, claims
+//! when its policy says, and watches every channel it holds vouchers on so that a close the
+//! renter starts is answered by a claim inside the dispute window. Its state per channel is in
+//! the ledger, so a restart resumes (and a renter that comes back brings its own copy of the
+//! newest voucher). Chain calls block: call these off async threads.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use proto::receipt::Receipt;
-use proto::voucher::{EscrowTerms, Refund, Settled, Voucher};
-use proto::{Keypair, PublicKey};
+use proto::voucher::{ChannelTerms, Claimed, Voucher};
+use proto::{Address, Keypair, PublicKey};
 use settlement::ledger::{self, Book, Role};
-use settlement::{Chain, Payee, Policy};
+use settlement::{Chain, Ids, Payee, Policy};
 
 /// How a provider is paid.
 #[derive(Clone)]
 pub struct PaymentConfig {
     pub chain: Arc<dyn Chain>,
+    /// The payment-channel program it takes vouchers for.
+    pub program: Address,
     /// The SPL mint it takes payment in.
     pub mint: PublicKey,
     pub policy: Policy,
-    /// Inferences served beyond the last valid voucher before serving stops (at least 1).
+    /// Inferences served beyond the newest valid voucher before serving stops (at least 1).
     pub max_unvouched: u64,
-    /// Where the per-session ledger goes (`wasmgrid earnings` reads it); `None` keeps none,
-    /// and a restart then cannot resume a settlement it was making.
+    /// Where the ledger goes (`wasmgrid earnings` reads it); `None` keeps none, and a restart
+    /// then knows only what renters bring back.
     pub ledger: Option<PathBuf>,
+    /// Every channel this provider holds vouchers on, shared by sessions and the watcher.
+    pub channels: Arc<Channels>,
 }
 
 impl std::fmt::Debug for PaymentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PaymentConfig")
+            .field("program", &self.program)
             .field("mint", &self.mint)
             .field("policy", &self.policy)
             .field("max_unvouched", &self.max_unvouched)
@@ -38,8 +47,78 @@ impl std::fmt::Debug for PaymentConfig {
     }
 }
 
+/// How often a session re-reads its channel (a close the renter started, a top-up).
+const READ_EVERY: Duration = Duration::from_secs(10);
+
+/// Vouchers taken between saves of a channel's state during a session: every one, without
+/// waiting for the disk (a killed daemon loses nothing the kernel has; a lost machine loses
+/// the vouchers since the last durable save, at every claim and session end, unless the
+/// renter brings its copy back).
+const SAVE_EVERY: u64 = 1;
+
+/// The channels a provider holds vouchers on. A channel serves one session at a time: vouchers
+/// are cumulative over the channel, so two sessions on it at once would race for the amount.
+#[derive(Debug, Default)]
+pub struct Channels {
+    inner: Mutex<HashMap<Address, Slot>>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    payee: Option<Payee>,
+    /// A session holds the channel (and its payee) now.
+    in_use: bool,
+}
+
+impl Channels {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Address, Slot>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes channel `address` for one session, with the state held for it, if any.
+    fn lease(&self, address: Address) -> Result<Option<Payee>, String> {
+        let mut map = self.lock();
+        let slot = map.entry(address).or_insert(Slot { payee: None, in_use: false });
+        if slot.in_use {
+            return Err(format!(
+                "payment channel {address} is paying for another session with this provider now: \
+                 pay this one through another channel id"
+            ));
+        }
+        slot.in_use = true;
+        Ok(slot.payee.take())
+    }
+
+    fn give_back(&self, address: Address, payee: Payee) {
+        self.lock().insert(address, Slot { payee: Some(payee), in_use: false });
+    }
+
+    fn release(&self, address: Address) {
+        if let Some(slot) = self.lock().get_mut(&address) {
+            slot.in_use = false;
+        }
+    }
+
+    /// The state of every channel no session holds now, taken out (the watcher puts them back).
+    fn idle(&self) -> Vec<Payee> {
+        self.lock().values_mut().filter(|s| !s.in_use).filter_map(|s| s.payee.take()).collect()
+    }
+
+    fn put_back(&self, payee: Payee) {
+        let mut map = self.lock();
+        match map.get_mut(&payee.address) {
+            // A session leased it meanwhile (with no state): hand it the state now would race;
+            // the session's own state wins, the watcher's copy is dropped.
+            Some(slot) if slot.in_use => {}
+            _ => {
+                map.insert(payee.address, Slot { payee: Some(payee), in_use: false });
+            }
+        }
+    }
+}
+
 impl PaymentConfig {
-    /// Creates this provider's token account for the mint, where settlements pay to.
+    /// Creates this provider's token account for the mint, where claims pay to.
     pub fn prepare(&self, keypair: &Keypair) -> Result<(), String> {
         let me = settlement::signer(keypair);
         let mint = settlement::address(&self.mint);
@@ -53,219 +132,339 @@ impl PaymentConfig {
         .map_err(|e| format!("creating the provider's token account for mint {}: {e}", self.mint))
     }
 
-    /// Finishes settlements a previous run sent but did not see confirmed, and settles what
-    /// was vouched and left unsettled when it stopped.
-    pub fn resume(&self, keypair: &Keypair) -> Result<usize, String> {
+    /// Loads the channels the ledger holds (a restart), for the watcher to look after.
+    pub fn resume(&self) -> Result<usize, String> {
         let Some(dir) = &self.ledger else { return Ok(0) };
-        let (books, bad) = ledger::load(dir).map_err(|e| format!("reading the ledger {}: {e}", dir.display()))?;
+        let (payees, bad) =
+            ledger::load_channels::<Payee>(dir).map_err(|e| format!("reading the ledger {}: {e}", dir.display()))?;
         for (path, e) in bad {
             log::warn!("ledger file {} unreadable: {e}", path.display());
         }
-        let mut settled = 0;
-        for book in books.into_iter().filter(|b| b.role == Role::Provider && !b.closed) {
-            let Some(payee) = book.payee.clone() else { continue };
-            let mut s = SessionPay::new(self.clone(), payee, book);
-            // Each session on its own: one that cannot settle (its escrow refunded, the chain
-            // away) must not keep the others, or new sessions, from being served.
-            let resumed = s.payee.resume(self.chain.as_ref(), keypair, &mut |_| Ok(())).map_err(|e| e.to_string());
-            if let Ok(Some(done)) = &resumed {
-                s.record(done);
-            }
-            let closed = s.payee.is_closed();
-            match resumed.and_then(|_| if closed { Ok(None) } else { s.settle(keypair) }) {
-                Ok(Some(_)) => settled += 1,
-                Ok(None) => {}
-                Err(e) => log::warn!("session {}: {e}; left for a later run", s.book.session),
-            }
-            s.sync();
-            s.save(true);
+        let mut n = 0;
+        for p in
+            payees.into_iter().filter(|p| p.ids.program == self.program && p.ids.mint == self.mint && p.unclaimed() > 0)
+        {
+            self.channels.put_back(p);
+            n += 1;
         }
-        Ok(settled)
+        Ok(n)
+    }
+
+    /// One round of the watcher: every channel no session holds, with vouchers not yet claimed,
+    /// is read from the chain and claimed when the renter started closing it, or when the policy
+    /// says (for an idle channel, an end claim that failed is due again, and an interval has
+    /// passed). Returns the claims made.
+    pub fn watch(&self, keypair: &Keypair) -> Vec<Claimed> {
+        let mut claims = Vec::new();
+        for mut p in self.channels.idle() {
+            if p.unclaimed() > 0 {
+                let read = p.refresh(self.chain.as_ref());
+                let closing = p.closing() || read.is_err();
+                if closing || self.policy == Policy::End || self.policy.due(u64::MAX, p.unclaimed(), Duration::MAX) {
+                    match p.claim(self.chain.as_ref(), keypair) {
+                        Ok(Some(c)) => {
+                            log::info!(
+                                "channel {}: claimed {} in all ({})",
+                                p.address,
+                                c.cumulative,
+                                solana_signature(&c.transaction)
+                            );
+                            claims.push(c);
+                        }
+                        Ok(None) => {}
+                        Err(e) => log::warn!("channel {}: claiming failed: {e}; trying again", p.address),
+                    }
+                    self.save(&p, true);
+                }
+            }
+            self.channels.put_back(p);
+        }
+        claims
+    }
+
+    fn save(&self, p: &Payee, durable: bool) {
+        if let Some(dir) = &self.ledger
+            && let Err(e) = ledger::save_payee(dir, p, durable)
+        {
+            log::warn!("writing the ledger in {}: {e}", dir.display());
+        }
+    }
+
+    fn load(&self, address: &Address) -> Option<Payee> {
+        let dir = self.ledger.as_ref()?;
+        ledger::load_channel::<Payee>(dir, address).unwrap_or_else(|e| {
+            log::warn!("channel {address}: {e}; starting from the chain");
+            None
+        })
     }
 }
 
-impl SessionPay {
-    fn new(config: PaymentConfig, payee: Payee, book: Book) -> SessionPay {
-        SessionPay { config, payee, book, oldest_unsettled: None, recent: Default::default() }
-    }
+/// The newest receipt of a session and how much of it is vouched for.
+#[derive(Debug, Default)]
+struct Served {
+    inferences: u64,
+    amount_due: u64,
+    digest: [u8; 32],
+    /// Inferences covered by the newest voucher taken in this session.
+    vouched_inferences: u64,
 }
 
 /// One paid session.
 pub(crate) struct SessionPay {
     config: PaymentConfig,
-    payee: Payee,
+    payee: Option<Payee>,
+    address: Address,
+    /// The channel's cumulative amount when the session started: its vouchers are for this
+    /// plus the session's amount due.
+    base: u64,
+    served: Served,
     book: Book,
-    /// When the oldest vouched and unsettled inference was vouched.
-    oldest_unsettled: Option<Instant>,
-    /// The newest settlement transactions, for reports to the scheduler.
-    recent: std::collections::VecDeque<proto::Signature>,
+    /// When the channel was last read from the chain.
+    read_at: Instant,
+    /// When the oldest unclaimed voucher of this session was taken.
+    oldest_unclaimed: Option<Instant>,
+    since_save: u64,
+    /// Claims made during the session.
+    claims: Vec<proto::Signature>,
 }
 
-/// Settlement signatures a report carries at most (the newest): reports are cumulative and a
-/// session may settle many thousand times, more than a control frame holds.
+impl std::fmt::Debug for SessionPay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionPay").field("address", &self.address).field("base", &self.base).finish_non_exhaustive()
+    }
+}
+
+impl Drop for SessionPay {
+    fn drop(&mut self) {
+        match self.payee.take() {
+            Some(p) => {
+                self.config.save(&p, true);
+                self.config.channels.give_back(self.address, p);
+            }
+            None => self.config.channels.release(self.address),
+        }
+    }
+}
+
+/// Claim signatures a report carries at most (the newest): reports are cumulative and a
+/// channel may be claimed from many times, more than a control frame holds.
 pub const REPORTED_SETTLEMENTS: usize = 256;
 
 impl SessionPay {
-    /// Checks the escrow on the chain; returns the session's payment state and the refund of
-    /// the whole budget for the renter to hold.
+    /// Checks the channel the renter named on the chain; returns the session's payment state
+    /// and the newest voucher this provider holds on the channel (for the renter to count on
+    /// from).
     pub(crate) fn open(
         config: &PaymentConfig,
         keypair: &Keypair,
         ticket: &proto::ticket::Ticket,
-        escrow: Option<EscrowTerms>,
+        terms: Option<Box<ChannelTerms>>,
         device: &str,
-    ) -> Result<(SessionPay, Refund), String> {
-        let escrow = escrow.ok_or_else(|| {
+    ) -> Result<(SessionPay, Option<Voucher>), String> {
+        let terms = terms.ok_or_else(|| {
             format!(
-                "this provider takes payment in mint {}: open the session with an escrow (a client with a chain)",
+                "this provider takes payment in mint {} through payment channels: open the session with a channel (a client with a chain)",
                 config.mint
             )
         })?;
-        if escrow.mint != config.mint {
-            return Err(format!("the escrow is in mint {}, this provider takes {}", escrow.mint, config.mint));
-        }
-        if escrow.budget < ticket.price_per_inference {
+        if terms.program != config.program {
             return Err(format!(
-                "the escrow's budget of {} does not cover one inference at {}",
-                escrow.budget, ticket.price_per_inference
+                "the channel is in program {}, this provider takes vouchers for program {} only",
+                terms.program, config.program
             ));
         }
-        let payee = Payee::open(config.chain.as_ref(), ticket.renter, keypair.public(), escrow.clone())
-            .map_err(|e| e.to_string())?;
-        let refund = payee.refund(keypair).map_err(|e| e.to_string())?;
-        let mut book = Book::open(Role::Provider, ticket, &escrow);
-        book.device = device.to_string();
-        book.payee = Some(payee.clone());
-        let s = SessionPay::new(config.clone(), payee, book);
-        s.save(false);
-        Ok((s, refund))
+        if terms.mint != config.mint {
+            return Err(format!("the channel is in mint {}, this provider takes {}", terms.mint, config.mint));
+        }
+        let ids = Ids {
+            program: config.program,
+            renter: ticket.renter,
+            provider: keypair.public(),
+            mint: config.mint,
+            id: terms.id,
+        };
+        let address = settlement::wire_address(&ids.channel().address());
+        let held = config.channels.lease(address)?;
+        // From here on the lease is the session's: dropping `pay` gives it back.
+        let mut pay = SessionPay {
+            config: config.clone(),
+            payee: None,
+            address,
+            base: 0,
+            served: Served::default(),
+            book: Book::open(Role::Provider, ticket, config.mint, address),
+            read_at: Instant::now(),
+            oldest_unclaimed: None,
+            since_save: 0,
+            claims: Vec::new(),
+        };
+        let saved = held.or_else(|| config.load(&address));
+        let mut payee = Payee::open(config.chain.as_ref(), ids, saved).map_err(|e| e.to_string())?;
+        if let Some(v) = &terms.newest
+            && let Err(e) = payee.adopt(v)
+        {
+            return Err(format!("the renter's copy of its newest voucher is refused: {e}"));
+        }
+        let room = payee.deposited.saturating_sub(payee.vouched());
+        if room < ticket.price_per_inference {
+            return Err(format!(
+                "the channel has {room} left of its deposit of {}, less than one inference at {}: top it up",
+                payee.deposited, ticket.price_per_inference
+            ));
+        }
+        pay.base = payee.vouched();
+        pay.book.device = device.to_string();
+        let newest = payee.newest;
+        pay.payee = Some(payee);
+        pay.save_book(false);
+        Ok((pay, newest))
     }
 
-    /// Whether the escrow holds the budget yet (the renter deposits once it holds the refund).
-    /// Not fatal: the renter may still deposit.
-    pub(crate) fn funded(&mut self) -> Result<(), String> {
-        self.payee
-            .check_funded(self.config.chain.as_ref())
-            .map_err(|e| format!("the escrow was never funded, nothing is served until it is: {e}"))
+    fn payee(&mut self) -> Result<&mut Payee, String> {
+        self.payee.as_mut().ok_or_else(|| "the session's channel state is gone".to_string())
     }
 
-    /// Before serving a request: takes its voucher and checks that one more inference may be
-    /// served. An error ends the session, with its reason.
+    /// Before serving a request: takes its voucher (for the newest receipt) and checks that one
+    /// more inference may be served. An error stops the session, with its reason.
     pub(crate) fn before_serve(&mut self, voucher: Option<&Voucher>) -> Result<(), String> {
         if let Some(v) = voucher {
             self.take(v)?;
         }
-        let next_due = (self.book.inferences + 1).saturating_mul(self.book.price_per_inference);
-        self.payee.may_serve(next_due, self.config.max_unvouched.max(1))
-    }
-
-    /// After a request was served (and its receipt noted): settles if the policy says so. The
-    /// settlement, with the new refund, goes back with this response, so the renter always
-    /// learns of it. A chain that cannot be reached now is not fatal: the voucher keeps.
-    pub(crate) fn after_serve(&mut self, keypair: &Keypair) -> Option<Settled> {
-        let (n, amount) = self.payee.unsettled();
-        let age = self.oldest_unsettled.map(|t| t.elapsed()).unwrap_or_default();
-        if !self.config.policy.due(n, amount, age) {
-            return None;
+        let unvouched = self.served.inferences.saturating_sub(self.served.vouched_inferences);
+        let most = self.config.max_unvouched.max(1);
+        if unvouched >= most {
+            return Err(format!(
+                "{unvouched} inference(s) served without a voucher (at most {most} allowed): the renter stopped paying"
+            ));
         }
-        self.settle(keypair).unwrap_or_else(|e| {
-            log::warn!("session {}: {e}; settling later", self.book.session);
-            None
-        })
-    }
-
-    fn take(&mut self, v: &Voucher) -> Result<(), String> {
-        self.payee.accept(v).map_err(|e| format!("voucher refused: {e}"))?;
-        self.oldest_unsettled.get_or_insert_with(Instant::now);
-        // Saved with the receipt of the call it came with, or durably before it is settled.
-        self.sync();
+        let next_due =
+            self.base.saturating_add((self.served.inferences + 1).saturating_mul(self.book.price_per_inference));
+        let stale = self.read_at.elapsed() >= READ_EVERY;
+        let short = next_due > self.payee()?.deposited;
+        if stale || short {
+            self.read_at = Instant::now();
+            let chain = self.config.chain.clone();
+            let p = self.payee()?;
+            if let Err(e) = p.refresh(chain.as_ref()) {
+                log::warn!("channel {}: {e}", p.address);
+            }
+        }
+        let p = self.payee()?;
+        if p.closing() {
+            return Err(format!("the renter is closing payment channel {}: no more work is served on it", p.address));
+        }
+        if next_due > p.deposited {
+            return Err(format!(
+                "the channel's deposit of {} is spent ({next_due} due after this inference): top it up and open a new session",
+                p.deposited
+            ));
+        }
         Ok(())
     }
 
-    /// Notes the receipt just signed.
+    fn take(&mut self, v: &Voucher) -> Result<(), String> {
+        let want = self.base.saturating_add(self.served.amount_due);
+        let digest = self.served.digest;
+        let inferences = self.served.inferences;
+        let p = self.payee()?;
+        p.accept(v, want, &digest).map_err(|e| format!("voucher refused: {e}"))?;
+        self.served.vouched_inferences = inferences;
+        self.book.vouched = self.served.amount_due;
+        self.oldest_unclaimed.get_or_insert_with(Instant::now);
+        self.since_save += 1;
+        if self.since_save >= SAVE_EVERY {
+            self.since_save = 0;
+            if let Some(p) = &self.payee {
+                self.config.save(p, false);
+            }
+            self.save_book(false);
+        }
+        Ok(())
+    }
+
+    /// Notes the receipt just signed: the next voucher must answer it.
     pub(crate) fn served(&mut self, r: &Receipt) {
-        self.payee.served(r);
+        self.served.inferences = r.counts.inferences;
+        self.served.amount_due = r.amount_due;
+        self.served.digest = r.digest();
         self.book.inferences = r.counts.inferences;
         self.book.amount_due = r.amount_due;
-        self.sync();
-        self.save(false);
     }
 
-    /// Settles what is vouched and unsettled, if anything.
-    fn settle(&mut self, keypair: &Keypair) -> Result<Option<Settled>, String> {
-        let (dir, book) = (self.config.ledger.clone(), &mut self.book);
-        let mut save = |p: &Payee| {
-            book.payee = Some(p.clone());
-            match &dir {
-                Some(d) => ledger::save(d, book, true).map_err(|e| e.to_string()),
-                None => Ok(()),
-            }
-        };
-        let settled = self
-            .payee
-            .settle(self.config.chain.as_ref(), keypair, &mut save)
-            .map_err(|e| format!("settling on the chain failed: {e}"))?;
-        if let Some(s) = &settled {
-            self.oldest_unsettled = None;
-            log::info!(
-                "session {}: settled {} (receipt {}, {} paid) in {}",
-                self.book.session,
-                s.paid - self.book.paid,
-                s.sequence,
-                s.paid,
-                solana_signature(&s.transaction)
-            );
-            self.record(s);
+    /// After a request was served (and its receipt noted): claims if the policy says so. A
+    /// chain that cannot be reached now is not fatal: the voucher keeps.
+    pub(crate) fn after_serve(&mut self, keypair: &Keypair) -> Option<Claimed> {
+        let unclaimed_inferences = self.served.vouched_inferences;
+        let amount = self.payee.as_ref().map_or(0, Payee::unclaimed);
+        let age = self.oldest_unclaimed.map(|t| t.elapsed()).unwrap_or_default();
+        if !self.config.policy.due(unclaimed_inferences, amount, age) {
+            return None;
         }
-        self.sync();
-        self.save(true);
-        Ok(settled)
+        self.claim(keypair)
     }
 
-    /// The renter is done: takes its last voucher, settles, and returns the refund of the rest.
-    pub(crate) fn close(
-        &mut self,
-        keypair: &Keypair,
-        voucher: Option<&Voucher>,
-    ) -> Result<(Option<Settled>, Refund), String> {
+    fn claim(&mut self, keypair: &Keypair) -> Option<Claimed> {
+        let chain = self.config.chain.clone();
+        let p = self.payee.as_mut()?;
+        match p.claim(chain.as_ref(), keypair) {
+            Ok(Some(c)) => {
+                log::info!(
+                    "session {}: claimed {} in all from channel {} ({})",
+                    self.book.session,
+                    c.cumulative,
+                    p.address,
+                    solana_signature(&c.transaction)
+                );
+                self.config.save(p, true);
+                self.oldest_unclaimed = None;
+                self.claims.push(c.transaction);
+                self.book.claims.push(solana_signature(&c.transaction));
+                self.save_book(false);
+                Some(c)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                log::warn!("session {}: claiming failed: {e}; the voucher keeps", self.book.session);
+                None
+            }
+        }
+    }
+
+    /// The renter is done: takes its last voucher and claims if the policy claims at the end.
+    pub(crate) fn close(&mut self, keypair: &Keypair, voucher: Option<&Voucher>) -> Result<Option<Claimed>, String> {
         if let Some(v) = voucher {
             self.take(v)?;
         }
-        let settled = self.settle(keypair)?;
-        let refund = self.payee.refund(keypair).map_err(|e| e.to_string())?;
-        Ok((settled, refund))
+        Ok(self.end_claim(keypair))
     }
 
-    /// Paid out of escrow so far, the newest settlement transactions, and how many there were.
-    pub(crate) fn paid_and_settlements(&self) -> (u64, Vec<proto::Signature>, u64) {
-        (self.payee.paid(), self.recent.iter().copied().collect(), self.payee.settlement_count())
-    }
-
-    /// Adds a settlement to the session's record.
-    fn record(&mut self, s: &Settled) {
-        self.book.settlements.push(solana_signature(&s.transaction));
-        self.recent.push_back(s.transaction);
-        while self.recent.len() > REPORTED_SETTLEMENTS {
-            self.recent.pop_front();
+    fn end_claim(&mut self, keypair: &Keypair) -> Option<Claimed> {
+        let claimed = if self.config.policy == Policy::End { self.claim(keypair) } else { None };
+        self.book.closed = true;
+        self.save_book(true);
+        if let Some(p) = &self.payee {
+            self.config.save(p, true);
         }
+        claimed
     }
 
-    /// The connection ended: settle whatever was vouched.
+    /// The connection ended: claim if the policy claims at the end; save.
     pub(crate) fn ended(&mut self, keypair: &Keypair) {
-        if let Err(e) = self.settle(keypair) {
-            log::warn!("session {}: {e}; the ledger keeps the voucher for a later try", self.book.session);
+        if !self.book.closed {
+            self.end_claim(keypair);
         }
     }
 
-    fn sync(&mut self) {
-        self.book.vouched = self.payee.vouched();
-        self.book.paid = self.payee.paid();
-        self.book.closed = self.payee.is_closed();
-        self.book.updated_ms = ledger::now_ms();
-        self.book.payee = Some(self.payee.clone());
+    /// Claimed from the channel so far, the session's newest claims, and how many claims the
+    /// channel has had.
+    pub(crate) fn paid_and_settlements(&self) -> (u64, Vec<proto::Signature>, u64) {
+        let (claimed, count) = self.payee.as_ref().map_or((0, 0), |p| (p.claimed, p.claim_count));
+        let from = self.claims.len().saturating_sub(REPORTED_SETTLEMENTS);
+        (claimed, self.claims.get(from..).unwrap_or_default().to_vec(), count)
     }
 
-    fn save(&self, durable: bool) {
+    fn save_book(&mut self, durable: bool) {
+        self.book.updated_ms = ledger::now_ms();
         if let Some(dir) = &self.config.ledger
             && let Err(e) = ledger::save(dir, &self.book, durable)
         {
@@ -275,111 +474,3 @@ impl SessionPay {
 }
 
 pub use settlement::signature_text as solana_signature;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proto::receipt::{Counts, Signer as ReceiptSigner};
-    use settlement::solana::Signer as _;
-    use settlement::{ChainError, LocalChain, Status};
-    use solana_sdk::transaction::Transaction;
-
-    /// A chain whose sends land and then the process "dies" before it hears back.
-    #[derive(Debug)]
-    struct DiesAfterSend(Arc<LocalChain>);
-
-    impl Chain for DiesAfterSend {
-        fn latest_blockhash(&self) -> Result<solana_sdk::hash::Hash, ChainError> {
-            self.0.latest_blockhash()
-        }
-        fn send(&self, tx: &Transaction) -> Result<solana_sdk::signature::Signature, ChainError> {
-            let _ = self.0.send(tx);
-            panic!("the provider died before the confirmation came back");
-        }
-        fn status(&self, s: &solana_sdk::signature::Signature) -> Result<Status, ChainError> {
-            self.0.status(s)
-        }
-        fn account(&self, k: &solana_sdk::pubkey::Pubkey) -> Result<Option<solana_sdk::account::Account>, ChainError> {
-            self.0.account(k)
-        }
-        fn rent(&self, len: usize) -> Result<u64, ChainError> {
-            self.0.rent(len)
-        }
-        fn is_blockhash_valid(&self, h: &solana_sdk::hash::Hash) -> Result<bool, ChainError> {
-            self.0.is_blockhash_valid(h)
-        }
-        fn airdrop(&self, to: &solana_sdk::pubkey::Pubkey, lamports: u64) -> Result<(), ChainError> {
-            self.0.airdrop(to, lamports)
-        }
-    }
-
-    #[test]
-    fn a_restarted_provider_finishes_an_interrupted_settlement_and_is_paid_once() {
-        let chain = Arc::new(LocalChain::new());
-        let (issuer, renter, provider) = (settlement::solana::Keypair::new(), Keypair::generate(), Keypair::generate());
-        for k in [issuer.pubkey(), settlement::signer(&renter).pubkey(), settlement::signer(&provider).pubkey()] {
-            chain.airdrop(&k, 10_000_000_000).unwrap();
-        }
-        let mint = settlement::token::create_mint(chain.as_ref(), &issuer, &issuer.pubkey(), 6).unwrap();
-        let r = settlement::signer(&renter);
-        let renter_tokens = settlement::token::ensure_token_account(chain.as_ref(), &r, &r.pubkey(), &mint).unwrap();
-        settlement::token::mint_to(chain.as_ref(), &issuer, &mint, &renter_tokens, 1_000).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let config = |chain: Arc<dyn Chain>| PaymentConfig {
-            chain,
-            mint: settlement::wire_key(&mint),
-            policy: Policy::Inferences(1),
-            max_unvouched: 1,
-            ledger: Some(dir.path().to_path_buf()),
-        };
-        config(chain.clone()).prepare(&provider).unwrap();
-        let dying = config(Arc::new(DiesAfterSend(chain.clone())));
-        let terms = settlement::create_escrow(chain.as_ref(), &r, &settlement::address(&provider.public()), &mint, 500)
-            .unwrap();
-        let ticket = proto::ticket::Ticket::issue(
-            &Keypair::generate(),
-            [5; 16],
-            renter.public(),
-            provider.public(),
-            [0; 32],
-            10,
-            u64::MAX,
-        );
-        let (mut pay, refund) = SessionPay::open(&dying, &provider, &ticket, Some(terms.wire()), "gpu0").unwrap();
-        let mut payer = settlement::Payer::new(chain.as_ref(), terms.clone()).unwrap();
-        payer.accept_refund(&refund).unwrap();
-        settlement::fund_escrow(chain.as_ref(), &r, &terms).unwrap();
-        pay.funded().unwrap();
-        pay.before_serve(None).unwrap();
-        let mut receipts = ReceiptSigner::new([5; 16], renter.public(), 10);
-        let one = Counts { inferences: 1, ..Counts::default() };
-        let first = receipts.next(&provider, &one, b"q", b"a");
-        pay.served(&first);
-        assert_eq!(pay.after_serve(&provider), None, "nothing vouched yet");
-        // The next request brings the voucher for the first; serving it, the provider settles
-        // that voucher, which lands, and the provider dies before it hears back.
-        let voucher = payer.voucher(&renter, &first).unwrap();
-        pay.before_serve(Some(&voucher)).unwrap();
-        let second = receipts.next(&provider, &one, b"q", b"a");
-        pay.served(&second);
-        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pay.after_serve(&provider)));
-        assert!(died.is_err());
-        let paid = |c: &LocalChain| {
-            let mine = settlement::token::token_account(&settlement::address(&provider.public()), &mint);
-            settlement::token::token_balance(c, &mine).unwrap()
-        };
-        assert_eq!(paid(&chain), 10);
-
-        // Restarted on the same ledger: it finds the pending settlement, sees it landed, and
-        // records it; nothing is paid twice.
-        let restarted = config(chain.clone());
-        restarted.resume(&provider).unwrap();
-        restarted.resume(&provider).unwrap();
-        assert_eq!(paid(&chain), 10);
-        let (books, bad) = settlement::ledger::load(dir.path()).unwrap();
-        assert!(bad.is_empty());
-        let book = books.iter().find(|b| b.session == "05".repeat(16)).unwrap();
-        assert_eq!((book.paid, book.settlements.len(), book.inferences), (10, 1, 2));
-        assert_eq!(book.device, "gpu0");
-    }
-}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use proto::msg::{FailureKind, JobLimits, SessionMsg, SessionReply};
 use proto::receipt::{Counts, Receipt, Signer};
-use proto::voucher::{Refund, Settled, Voucher};
+use proto::voucher::{Claimed, Voucher};
 use proto::worker::{FromWorker, ToWorker, WorkerFailure};
 use proto::{Keypair, PublicKey};
 use sha2::{Digest, Sha256};
@@ -31,8 +31,11 @@ pub(crate) struct SessionTerms {
     pub limits: JobLimits,
     /// Sign a receipt after every this many calls (on a paid session, after every call).
     pub sign_every: u64,
-    /// On a paid session, the refund to hand the renter when it opens; `None` serves unpaid.
-    pub refund: Option<Box<Refund>>,
+    /// Whether the session is paid (through a payment channel).
+    pub paid: bool,
+    /// On a paid session, the newest voucher the provider holds on its channel, handed to the
+    /// renter when the session opens.
+    pub newest: Option<Box<Voucher>>,
 }
 
 /// A payment step, run by the pump (it may talk to the chain) and answered with
@@ -41,21 +44,18 @@ pub(crate) struct SessionTerms {
 pub(crate) enum PayStep {
     /// May this request be served, with this voucher for the last receipt?
     Before(Option<Box<Voucher>>),
-    /// This call was served, with this receipt; settle if the policy says so.
+    /// This call was served, with this receipt; claim if the policy says so.
     After(Box<Receipt>),
-    /// The renter closes: settle with its last voucher and hand over the refund.
+    /// The renter closes, with its last voucher.
     Close(Option<Box<Voucher>>),
-    /// The renter went: settle what it vouched for.
+    /// The renter went: claim if the policy claims at the end.
     End,
 }
 
 /// Why a request is not served for want of payment.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Unpaid {
-    /// Not yet (the escrow is not funded on the chain, say): this request fails, the session
-    /// goes on.
-    NotYet(String),
-    /// Never again on this session (a bad voucher, the budget spent).
+    /// Never again on this session (a bad voucher, the deposit spent, a close started).
     Stopped(String),
 }
 
@@ -63,8 +63,8 @@ pub(crate) enum Unpaid {
 #[derive(Debug)]
 pub(crate) enum Paid {
     Before(Result<(), Unpaid>),
-    After(Option<Settled>),
-    Close(Result<(Option<Settled>, Refund), String>),
+    After(Option<Claimed>),
+    Close(Result<Option<Claimed>, String>),
     End,
 }
 
@@ -140,13 +140,20 @@ pub(crate) struct SessionFlow {
     keypair: Arc<Keypair>,
     sign_every: u64,
     paid: bool,
-    refund: Option<Box<Refund>>,
+    newest: Option<Box<Voucher>>,
     /// The newest receipt signed.
     last_signed: Option<Box<Receipt>>,
     /// Why the session stopped serving, once it has.
     over: Option<(FailureKind, String)>,
     /// Whether this session still holds its worker.
     worker: bool,
+}
+
+/// Whether a failure of a call means the guest's code ran (and the call is billed): its own
+/// error, a trap, a limit it ran into. A crash of the worker or a host failure is the
+/// provider's, and not billed.
+fn billed(kind: FailureKind) -> bool {
+    matches!(kind, FailureKind::Guest | FailureKind::Trap | FailureKind::Limit)
 }
 
 fn failed(f: WorkerFailure) -> SessionReply {
@@ -163,7 +170,7 @@ impl SessionFlow {
         now: Instant,
     ) -> (SessionFlow, Vec<SessionAction>) {
         let wall = Duration::from_millis(smaller(terms.limits.wall_time_ms, defaults.wall_time_ms));
-        let paid = terms.refund.is_some();
+        let paid = terms.paid;
         let flow = SessionFlow {
             phase: Phase::Starting { fetched: false, deadline: now + wall + KILL_GRACE },
             module_hash: terms.module_hash,
@@ -172,7 +179,7 @@ impl SessionFlow {
             keypair,
             sign_every: if paid { 1 } else { terms.sign_every.max(1) },
             paid,
-            refund: terms.refund,
+            newest: terms.newest,
             last_signed: None,
             over: None,
             worker: true,
@@ -268,7 +275,7 @@ impl SessionFlow {
             }
             (Phase::Starting { .. }, FromWorker::ServiceStarted { result: Ok(usage), .. }) => {
                 self.phase = Phase::Ready;
-                vec![SessionAction::Reply(SessionReply::Opened { usage, refund: self.refund.take() })]
+                vec![SessionAction::Reply(SessionReply::Opened { usage, newest: self.newest.take() })]
             }
             (Phase::Starting { .. }, FromWorker::ServiceStarted { result: Err(f), reusable, .. }) => {
                 self.phase = Phase::Done;
@@ -282,35 +289,75 @@ impl SessionFlow {
                 let digest = *request_digest;
                 self.served(digest, inf)
             }
-            (Phase::Inferring { .. }, FromWorker::Inferred { result: Err(f) }) if f.kind == FailureKind::Guest => {
-                self.phase = Phase::Ready;
-                vec![SessionAction::Reply(failed(f))]
+            // The guest's code ran and failed: billed as any call (its message is what it
+            // returned), and the session goes on after the guest's own error only.
+            (Phase::Inferring { request_digest, .. }, FromWorker::Inferred { result: Err(f) }) if billed(f.kind) => {
+                let digest = *request_digest;
+                self.failed_call(digest, f)
             }
             (Phase::Inferring { .. }, FromWorker::Inferred { result: Err(f) }) => self.lost(f),
             (_, other) => self.broke_protocol(&other),
         }
     }
 
-    /// A call was served: meter it, sign when due, settle on a paid session.
+    /// A call was served: meter it, sign when due, claim on a paid session if due.
     fn served(&mut self, request_digest: [u8; 32], inf: proto::worker::Inferred) -> Vec<SessionAction> {
         let sequence = self.signer.record(&Counts::of_call(&inf.usage), &request_digest, &inf.response);
-        let receipt = sequence.is_multiple_of(self.sign_every).then(|| {
+        let receipt = self.receipt_due(sequence);
+        let reply = SessionReply::Response { bytes: inf.response, usage: inf.usage, sequence, receipt, claimed: None };
+        self.answer(reply, Vec::new())
+    }
+
+    /// A call whose guest code ran and failed: metered as one inference (the worker reports no
+    /// usage for it) with the failure's message as its response; an instance-ending failure
+    /// then kills the worker. Nothing a kernel returns, a failure message included, is free.
+    fn failed_call(&mut self, request_digest: [u8; 32], f: WorkerFailure) -> Vec<SessionAction> {
+        let call = Counts { inferences: 1, ..Counts::default() };
+        let sequence = self.signer.record(&call, &request_digest, f.message.as_bytes());
+        let receipt = self.receipt_due(sequence);
+        let mut first = Vec::new();
+        if f.kind != FailureKind::Guest {
+            self.over = Some((f.kind, f.message.clone()));
+            self.worker = false;
+            first.push(SessionAction::Retire(Handback::Kill));
+        }
+        let reply = SessionReply::CallFailed {
+            kind: f.kind,
+            limit: f.limit,
+            message: f.message,
+            sequence,
+            receipt,
+            claimed: None,
+        };
+        self.answer(reply, first)
+    }
+
+    /// The receipt this call brings, when one is due (every call of a paid session).
+    fn receipt_due(&mut self, sequence: u64) -> Option<Box<Receipt>> {
+        sequence.is_multiple_of(self.sign_every).then(|| {
             let r = Box::new(self.signer.sign(&self.keypair));
             self.last_signed = Some(r.clone());
             r
-        });
-        let pay = if self.paid { receipt.clone() } else { None };
-        let reply = SessionReply::Response { bytes: inf.response, usage: inf.usage, sequence, receipt, settled: None };
-        match pay {
+        })
+    }
+
+    /// Sends a metered call's answer, through the payment step on a paid session.
+    fn answer(&mut self, reply: SessionReply, mut actions: Vec<SessionAction>) -> Vec<SessionAction> {
+        let receipt = match &reply {
+            SessionReply::Response { receipt, .. } | SessionReply::CallFailed { receipt, .. } => receipt.clone(),
+            _ => None,
+        };
+        match receipt.filter(|_| self.paid) {
             Some(r) => {
                 self.phase = Phase::Settling { reply };
-                vec![SessionAction::Pay(PayStep::After(r))]
+                actions.push(SessionAction::Pay(PayStep::After(r)));
             }
             None => {
                 self.phase = Phase::Ready;
-                vec![SessionAction::Reply(reply)]
+                actions.push(SessionAction::Reply(reply));
             }
         }
+        actions
     }
 
     /// The worker's module, as the renter sent it (or why it did not).
@@ -333,11 +380,16 @@ impl SessionFlow {
             return Vec::new();
         }
         let what = if matches!(self.phase, Phase::Starting { .. }) { "init" } else { "GPU work" };
-        self.lost(WorkerFailure {
+        let f = WorkerFailure {
             kind: FailureKind::Limit,
             limit: Some("wall-time".into()),
             message: format!("{what} was still running at the wall-time limit: the worker was stopped"),
-        })
+        };
+        // A call that ran to its limit used the whole limit: it is billed.
+        match self.phase {
+            Phase::Inferring { request_digest, .. } => self.failed_call(request_digest, f),
+            _ => self.lost(f),
+        }
     }
 
     /// One message from the renter on a request stream.
@@ -350,7 +402,7 @@ impl SessionFlow {
             };
             return vec![SessionAction::Reply(SessionReply::Failed { kind: FailureKind::Host, limit: None, message })];
         }
-        // A close is answered whatever happened before: the renter needs the current refund.
+        // A close is answered whatever happened before: the renter needs the final receipt.
         if let Some((kind, why)) = self.over.as_ref().filter(|_| !matches!(msg, SessionMsg::Close { .. })) {
             return vec![SessionAction::Reply(SessionReply::Failed { kind: *kind, limit: None, message: why.clone() })];
         }
@@ -369,7 +421,7 @@ impl SessionFlow {
                 let receipt = self.final_receipt();
                 vec![
                     SessionAction::Report { receipt: receipt.clone(), closed: true },
-                    SessionAction::Reply(SessionReply::Closed { settled: None, refund: None, receipt }),
+                    SessionAction::Reply(SessionReply::Closed { claimed: None, receipt }),
                 ]
             }
             other => {
@@ -397,16 +449,13 @@ impl SessionFlow {
     pub(crate) fn on_paid(&mut self, paid: Paid, now: Instant) -> Vec<SessionAction> {
         match (std::mem::replace(&mut self.phase, Phase::Ready), paid) {
             (Phase::Paying { request }, Paid::Before(Ok(()))) => self.infer(request, now),
-            (Phase::Paying { .. }, Paid::Before(Err(Unpaid::NotYet(message)))) => {
-                vec![SessionAction::Reply(SessionReply::Failed { kind: FailureKind::Payment, limit: None, message })]
-            }
             (Phase::Paying { .. }, Paid::Before(Err(Unpaid::Stopped(message)))) => {
                 self.stop(FailureKind::Payment, message)
             }
-            (Phase::Settling { mut reply }, Paid::After(settled)) => {
-                let report = settled.is_some();
-                if let SessionReply::Response { settled: s, .. } = &mut reply {
-                    *s = settled.map(Box::new);
+            (Phase::Settling { mut reply }, Paid::After(claim)) => {
+                let report = claim.is_some();
+                if let SessionReply::Response { claimed, .. } | SessionReply::CallFailed { claimed, .. } = &mut reply {
+                    *claimed = claim.map(Box::new);
                 }
                 let mut actions = vec![SessionAction::Reply(reply)];
                 if report {
@@ -414,14 +463,10 @@ impl SessionFlow {
                 }
                 actions
             }
-            (Phase::Closing, Paid::Close(Ok((settled, refund)))) => {
+            (Phase::Closing, Paid::Close(Ok(claimed))) => {
                 self.over = Some((FailureKind::Payment, "the renter closed the session".into()));
                 let receipt = self.final_receipt();
-                let reply = SessionReply::Closed {
-                    settled: settled.map(Box::new),
-                    refund: Some(Box::new(refund)),
-                    receipt: receipt.clone(),
-                };
+                let reply = SessionReply::Closed { claimed: claimed.map(Box::new), receipt: receipt.clone() };
                 vec![SessionAction::Report { receipt, closed: true }, SessionAction::Reply(reply)]
             }
             (Phase::Closing, Paid::Close(Err(e))) => self.stop(FailureKind::Payment, e),
@@ -435,7 +480,7 @@ impl SessionFlow {
         }
     }
 
-    /// The renter went, or the session idled out: settle, report, hand the worker back.
+    /// The renter went, or the session idled out: claim if due, report, hand the worker back.
     pub(crate) fn on_end(&mut self) -> Vec<SessionAction> {
         match self.phase {
             Phase::Done | Phase::Ending => Vec::new(),
@@ -483,12 +528,9 @@ mod tests {
             module_hash: Sha256::digest(module()).into(),
             limits: JobLimits { wall_time_ms: 1000, ..JobLimits::default() },
             sign_every: 4,
-            refund: paid.then(|| Box::new(test_refund())),
+            paid,
+            newest: None,
         }
-    }
-
-    fn test_refund() -> Refund {
-        Refund { nonce: [1; 32], amount: 100, signature: proto::Signature([2; 64]) }
     }
 
     /// Both ends of a session with no sockets: the daemon's flow, a scripted worker (an echo
@@ -561,7 +603,7 @@ mod tests {
                             actions.extend(self.flow.on_paid(Paid::After(None), self.now));
                         }
                         SessionAction::Pay(PayStep::Close(_)) => {
-                            actions.extend(self.flow.on_paid(Paid::Close(Ok((None, test_refund()))), self.now));
+                            actions.extend(self.flow.on_paid(Paid::Close(Ok(None)), self.now));
                         }
                         SessionAction::Pay(PayStep::End) => actions.extend(self.flow.on_paid(Paid::End, self.now)),
                         SessionAction::Reply(r) => {
@@ -590,8 +632,18 @@ mod tests {
             let actions =
                 self.flow.on_request(SessionMsg::Request { bytes: request.to_vec(), voucher: None }, self.now);
             let reply = self.pump(actions).expect("every request is answered");
-            if let SessionReply::Response { bytes, usage, sequence, receipt, .. } = &reply {
-                self.checker.call(*sequence, &Counts::of_call(usage), request, bytes).unwrap();
+            let followed = match &reply {
+                SessionReply::Response { bytes, usage, sequence, receipt, .. } => {
+                    Some((*sequence, Counts::of_call(usage), bytes.clone(), receipt))
+                }
+                SessionReply::CallFailed { message, sequence, receipt, .. } => {
+                    let one = Counts { inferences: 1, ..Counts::default() };
+                    Some((*sequence, one, message.as_bytes().to_vec(), receipt))
+                }
+                _ => None,
+            };
+            if let Some((sequence, counts, response, receipt)) = followed {
+                self.checker.call(sequence, &counts, request, &response).unwrap();
                 if let Some(r) = receipt {
                     self.checker.signed(r).unwrap();
                 }
@@ -603,7 +655,7 @@ mod tests {
     #[test]
     fn an_unpaid_session_signs_every_few_calls_and_its_close_covers_them_all() {
         let (mut pair, opened) = Pair::open(false);
-        assert!(matches!(opened, SessionReply::Opened { refund: None, .. }));
+        assert!(matches!(opened, SessionReply::Opened { newest: None, .. }));
         let mut signed = Vec::new();
         for i in 0..10u8 {
             match pair.call(&[b'a' + i; 3]) {
@@ -619,7 +671,7 @@ mod tests {
         }
         assert_eq!(signed, vec![4, 8], "a receipt every 4 calls");
         let closed = pair.close().unwrap();
-        let SessionReply::Closed { receipt: Some(last), refund: None, .. } = closed else { panic!("{closed:?}") };
+        let SessionReply::Closed { receipt: Some(last), claimed: None } = closed else { panic!("{closed:?}") };
         pair.checker.signed(&last).unwrap();
         assert_eq!((last.sequence, last.amount_due, last.counts.fuel), (10, 50, 300));
         assert!(
@@ -638,30 +690,24 @@ mod tests {
     }
 
     #[test]
-    fn a_paid_session_signs_and_settles_every_call() {
+    fn a_paid_session_signs_every_call_and_asks_for_payment_around_each() {
         let (mut pair, opened) = Pair::open(true);
-        assert!(matches!(opened, SessionReply::Opened { refund: Some(_), .. }));
+        assert!(matches!(opened, SessionReply::Opened { .. }));
         for i in 0..3u8 {
             let reply = pair.call(&[i]);
             assert!(matches!(reply, SessionReply::Response { receipt: Some(_), .. }), "{reply:?}");
         }
         let closed = pair.close().unwrap();
-        assert!(
-            matches!(closed, SessionReply::Closed { refund: Some(_), receipt: Some(ref r), .. } if r.sequence == 3)
-        );
+        assert!(matches!(closed, SessionReply::Closed { receipt: Some(ref r), .. } if r.sequence == 3));
     }
 
     #[test]
-    fn payment_refusals_stop_the_session_or_only_the_request() {
+    fn a_payment_refusal_stops_the_session_and_a_close_is_still_answered() {
         let (mut pair, _) = Pair::open(true);
         let ask = pair.flow.on_request(SessionMsg::Request { bytes: vec![1], voucher: None }, pair.now);
         assert!(matches!(ask.as_slice(), [SessionAction::Pay(PayStep::Before(None))]));
-        let later = pair.flow.on_paid(Paid::Before(Err(Unpaid::NotYet("not funded yet".into()))), pair.now);
-        assert!(matches!(
-            later.as_slice(),
-            [SessionAction::Reply(SessionReply::Failed { kind: FailureKind::Payment, .. })]
-        ));
-        assert!(!pair.flow.is_over(), "an unfunded escrow fails the request, not the session");
+        let served = pair.flow.on_paid(Paid::Before(Ok(())), pair.now);
+        assert!(matches!(pair.pump(served), Some(SessionReply::Response { sequence: 1, .. })));
         let _ = pair.flow.on_request(SessionMsg::Request { bytes: vec![1], voucher: None }, pair.now);
         let stop = pair.flow.on_paid(Paid::Before(Err(Unpaid::Stopped("bad voucher".into()))), pair.now);
         assert!(
@@ -670,26 +716,39 @@ mod tests {
         assert!(pair.flow.is_over());
         let again = pair.call(b"x");
         assert!(matches!(again, SessionReply::Failed { message, .. } if message == "bad voucher"));
-        // A close still gets its refund.
+        // A close is still answered, with the receipt of what was served.
         let closed = pair.close().unwrap();
-        assert!(matches!(closed, SessionReply::Closed { refund: Some(_), .. }));
+        assert!(matches!(closed, SessionReply::Closed { receipt: Some(ref r), .. } if r.sequence == 1));
     }
 
     #[test]
-    fn a_guest_error_fails_one_request_and_any_other_failure_ends_the_instance() {
-        let (mut pair, _) = Pair::open(false);
-        let guest = WorkerFailure { kind: FailureKind::Guest, limit: None, message: "bad input".into() };
+    fn a_kernel_that_writes_its_result_and_then_fails_is_billed_and_its_failure_is_in_the_receipt() {
+        // Finding: an inference that failed (set_failure, a trap) returned its message with no
+        // receipt, and the session went on: a kernel that wrote its result and then failed ran
+        // free. Now every call whose guest code ran is metered and in the receipt chain.
+        let (mut pair, _) = Pair::open(true);
+        let guest =
+            WorkerFailure { kind: FailureKind::Guest, limit: None, message: "the result, then a failure".into() };
         pair.worker_says = Some(Ok(FromWorker::Inferred { result: Err(guest) }));
-        assert!(matches!(pair.call(b"x"), SessionReply::Failed { kind: FailureKind::Guest, .. }));
+        let failed = pair.call(b"x");
         assert!(
-            matches!(pair.call(b"y"), SessionReply::Response { sequence: 1, .. }),
-            "nothing billed for the failure"
+            matches!(&failed, SessionReply::CallFailed { kind: FailureKind::Guest, sequence: 1, receipt: Some(r), .. }
+                if r.amount_due == PRICE),
+            "{failed:?}"
+        );
+        assert!(
+            matches!(pair.call(b"y"), SessionReply::Response { sequence: 2, receipt: Some(ref r), .. } if r.amount_due == 2 * PRICE),
+            "the session goes on after the guest's own error"
         );
         assert!(pair.log.is_empty());
 
         let trap = WorkerFailure { kind: FailureKind::Trap, limit: None, message: "unreachable".into() };
         pair.worker_says = Some(Ok(FromWorker::Inferred { result: Err(trap) }));
-        assert!(matches!(pair.call(b"z"), SessionReply::Failed { kind: FailureKind::Trap, .. }));
+        let trapped = pair.call(b"z");
+        assert!(
+            matches!(&trapped, SessionReply::CallFailed { kind: FailureKind::Trap, sequence: 3, receipt: Some(_), .. }),
+            "{trapped:?}"
+        );
         assert_eq!(pair.log, vec![SessionAction::Retire(Handback::Kill)], "a trapped instance's worker is killed");
         assert!(
             matches!(pair.call(b"w"), SessionReply::Failed { kind: FailureKind::Trap, .. }),
@@ -697,9 +756,19 @@ mod tests {
         );
         // It ends without handing back a worker it no longer has, with its last receipt.
         let end = pair.flow.on_end();
+        let _ = pair.pump(end);
         assert!(
-            matches!(end.as_slice(), [SessionAction::Report { receipt: Some(r), closed: true }] if r.sequence == 1)
+            matches!(pair.log.last(), Some(SessionAction::Report { receipt: Some(r), closed: true }) if r.sequence == 3)
         );
+    }
+
+    #[test]
+    fn an_unpaid_sessions_failed_calls_are_metered_too() {
+        let (mut pair, _) = Pair::open(false);
+        let guest = WorkerFailure { kind: FailureKind::Guest, limit: None, message: "bad input".into() };
+        pair.worker_says = Some(Ok(FromWorker::Inferred { result: Err(guest) }));
+        assert!(matches!(pair.call(b"x"), SessionReply::CallFailed { sequence: 1, receipt: None, .. }));
+        assert!(matches!(pair.call(b"y"), SessionReply::Response { sequence: 2, .. }));
     }
 
     #[test]
@@ -739,8 +808,9 @@ mod tests {
         assert_eq!(pair.flow.on_deadline(deadline - Duration::from_millis(1)), vec![]);
         let killed = pair.flow.on_deadline(deadline);
         assert!(
-            matches!(&killed[..], [SessionAction::Retire(Handback::Kill), SessionAction::Reply(SessionReply::Failed {
-            kind: FailureKind::Limit, limit: Some(l), message })] if l == "wall-time" && message.contains("GPU work was still running"))
+            matches!(&killed[..], [SessionAction::Retire(Handback::Kill), SessionAction::Reply(SessionReply::CallFailed {
+            kind: FailureKind::Limit, limit: Some(l), message, sequence: 1, .. })] if l == "wall-time" && message.contains("GPU work was still running")),
+            "{killed:?}"
         );
         // A late answer from the killed worker changes nothing.
         let late = Ok(FromWorker::Inferred { result: Ok(Inferred { response: vec![], usage: usage(0) }) });

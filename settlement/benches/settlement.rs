@@ -1,12 +1,11 @@
-//! Settlement benchmarks, each beside its baseline from the same run:
-//! - receipts plus vouchers per second on one core (provider signs a receipt, renter checks it
-//!   and signs a voucher, provider checks the voucher), against receipts alone (an unpaid
-//!   session's cost);
-//! - settlements per second on the in-process chain (accept a voucher, co-sign, run it on the
-//!   SVM: nonce advance, Memo, multisig transfer; read the escrow back), against plain SPL token
-//!   transfers on the same chain;
-//! - fee lamports per inference for each settlement policy, from the provider's SOL balance
-//!   over a 200-inference session.
+//! Payment-channel benchmarks, each beside its baseline from the same run:
+//! - vouchers signed and checked per second on one core (the provider signs a receipt, the
+//!   renter checks it and signs a voucher, the provider checks the voucher), against receipts
+//!   alone (what an unpaid session costs);
+//! - claims per second on the in-process chain (LiteSVM: the Ed25519 check and our program's
+//!   claim, a token transfer inside), against plain SPL token transfers on the same chain;
+//! - compute units and fee lamports per claim, as the chain reports them;
+//! - the fee per inference at $0.0001 with a claim every $1, next to settling every inference.
 //!
 //! Run: `cargo bench -p settlement --bench settlement`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -14,15 +13,17 @@
 use std::time::{Duration, Instant};
 
 use proto::receipt::{Checker, Counts, Signer as ReceiptSigner};
+use settlement::channel::{self, LOCAL_PROGRAM_ID};
 use settlement::token::{self, ensure_token_account, mint_to};
-use settlement::{Chain, LocalChain, Payee, Payer, Policy, open_escrow, signer};
+use settlement::{Chain, Ids, LocalChain, Payee, Payer, signer, wire_address, wire_key};
 use solana_sdk::signature::{Keypair, Signer};
+use solana_sdk::transaction::Transaction;
 
+/// $0.0001 in a mint of 6 decimals.
 const PRICE: u64 = 100;
 
 struct World {
     chain: LocalChain,
-    issuer: Keypair,
     renter: proto::Keypair,
     provider: proto::Keypair,
     mint: solana_sdk::pubkey::Pubkey,
@@ -38,15 +39,19 @@ fn world() -> World {
     let r = ensure_token_account(&chain, &signer(&renter), &signer(&renter).pubkey(), &mint).unwrap();
     ensure_token_account(&chain, &signer(&provider), &signer(&provider).pubkey(), &mint).unwrap();
     mint_to(&chain, &issuer, &mint, &r, u64::MAX / 4).unwrap();
-    World { chain, issuer, renter, provider, mint }
+    World { chain, renter, provider, mint }
 }
 
-fn session(w: &World, budget: u64) -> (Payer, Payee) {
-    let terms = open_escrow(&w.chain, &signer(&w.renter), &signer(&w.provider).pubkey(), &w.mint, budget).unwrap();
-    let mut payer = Payer::new(&w.chain, terms.clone()).unwrap();
-    let mut payee = Payee::open(&w.chain, w.renter.public(), w.provider.public(), terms.wire()).unwrap();
-    payee.check_funded(&w.chain).unwrap();
-    payer.accept_refund(&payee.refund(&w.provider).unwrap()).unwrap();
+fn channel(w: &World, deposit: u64) -> (Payer, Payee) {
+    let ids = Ids {
+        program: wire_address(&LOCAL_PROGRAM_ID),
+        renter: w.renter.public(),
+        provider: w.provider.public(),
+        mint: wire_key(&w.mint),
+        id: 0,
+    };
+    let payer = Payer::ensure(&w.chain, &w.renter, ids, None, deposit, 0).unwrap();
+    let payee = Payee::open(&w.chain, ids, None).unwrap();
     (payer, payee)
 }
 
@@ -56,11 +61,11 @@ fn per_second(n: u64, d: Duration) -> f64 {
 
 fn receipts_and_vouchers() {
     let w = world();
-    let n = 5_000u64;
+    let n = 10_000u64;
     let call = Counts { inferences: 1, fuel: 1_000_000, invocations: 4096, ..Counts::default() };
-
-    // Baseline: an unpaid session still signs and checks a receipt per inference.
     let (provider, renter) = (&w.provider, w.renter.public());
+
+    // Baseline: every call of a paid session brings a signed receipt the renter checks.
     let mut signer_ = ReceiptSigner::new([1; 16], renter, PRICE);
     let mut checker = Checker::new([1; 16], provider.public(), renter, PRICE);
     let t = Instant::now();
@@ -68,35 +73,61 @@ fn receipts_and_vouchers() {
         let r = signer_.next(provider, &call, b"request", b"response");
         checker.check(&r, b"request", b"response").unwrap();
     }
-    let receipts = per_second(n, t.elapsed());
+    let receipts = t.elapsed();
 
     // Paid: the same, plus the renter's voucher and the provider's check of it.
-    let (mut payer, mut payee) = session(&w, u64::MAX / 8);
+    let (mut payer, mut payee) = channel(&w, u64::MAX / 8);
     let mut signer_ = ReceiptSigner::new([2; 16], renter, PRICE);
     let mut checker = Checker::new([2; 16], provider.public(), renter, PRICE);
+    let (mut signing, mut checking) = (Duration::ZERO, Duration::ZERO);
     let t = Instant::now();
     for _ in 0..n {
         let r = signer_.next(provider, &call, b"request", b"response");
-        payee.served(&r);
         checker.check(&r, b"request", b"response").unwrap();
-        let v = payer.voucher(&w.renter, &r).unwrap();
-        payee.accept(&v).unwrap();
+        let s = Instant::now();
+        let v = payer.sign(&w.renter, r.amount_due, r.digest()).unwrap();
+        let c = Instant::now();
+        payee.accept(&v, r.amount_due, &r.digest()).unwrap();
+        checking += c.elapsed();
+        signing += c - s;
     }
-    let paid = per_second(n, t.elapsed());
-    println!("receipts + vouchers per second, one core, {n} inferences");
-    println!("  {:<44} {:>12}", "", "per second");
-    println!("  {:<44} {:>12.0}", "receipt signed + checked (baseline, unpaid)", receipts);
-    println!("  {:<44} {:>12.0}", "receipt + voucher signed + both checked", paid);
-    println!("  voucher overhead: {:.1} us per inference", (1e6 / paid) - (1e6 / receipts));
+    let paid = t.elapsed();
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    println!("vouchers per second, one core, {n} inferences");
+    println!("  {:<52} {:>12} {:>10}", "", "per second", "us each");
+    println!(
+        "  {:<52} {:>12.0} {:>10.1}",
+        "receipt signed + checked (baseline)",
+        per_second(n, receipts),
+        us(receipts)
+    );
+    println!("  {:<52} {:>12.0} {:>10.1}", "voucher signed (renter)", per_second(n, signing), us(signing));
+    println!("  {:<52} {:>12.0} {:>10.1}", "voucher checked (provider)", per_second(n, checking), us(checking));
+    println!("  {:<52} {:>12.0} {:>10.1}", "receipt + voucher, signed and checked", per_second(n, paid), us(paid));
+    println!("  voucher overhead: {:.1} us per inference (target <= 30 us)", us(paid) - us(receipts));
 }
 
-fn settlements() {
+/// A claim of `v` as one signed transaction.
+fn claim_tx(w: &World, payee: &Payee, v: &proto::voucher::Voucher) -> Transaction {
+    let c = payee.ids.channel();
+    let on = channel::read(&w.chain, &c).unwrap().unwrap();
+    let voucher =
+        channel::Voucher { cumulative: v.cumulative, receipt_digest: v.receipt_digest, signature: v.signature.0 };
+    let to = token::token_account(&c.provider, &c.mint);
+    let ixs = channel::claim_instructions(&c, &on.state.voucher_key, on.state.generation, &voucher, &to);
+    let payer = signer(&w.provider);
+    Transaction::new_signed_with_payer(&ixs, Some(&payer.pubkey()), &[&payer], w.chain.latest_blockhash().unwrap())
+}
+
+/// Claims per second, and what one claim costs; returns the fee lamports of one claim.
+fn claims() -> u64 {
     let w = world();
     let rounds = 2_000u64;
-    // Baseline: plain SPL transfers (one signature, no nonce, no memo) on the same chain.
+    // Baseline: plain SPL transfers (one signature) on the same chain.
     let r = token::token_account(&signer(&w.renter).pubkey(), &w.mint);
     let p = token::token_account(&signer(&w.provider).pubkey(), &w.mint);
     let renter = signer(&w.renter);
+    let (mut transfer_cu, mut transfer_fee) = (0, 0);
     let t = Instant::now();
     for i in 0..rounds {
         let ix = spl_token_interface::instruction::transfer_checked(
@@ -110,105 +141,67 @@ fn settlements() {
             6,
         )
         .unwrap();
-        token::send(&w.chain, &[ix], &[&renter]).unwrap();
+        let tx = Transaction::new_signed_with_payer(
+            &[ix],
+            Some(&renter.pubkey()),
+            &[&renter],
+            w.chain.latest_blockhash().unwrap(),
+        );
+        (_, transfer_fee, transfer_cu) = w.chain.execute(tx).unwrap();
     }
-    let transfers = per_second(rounds, t.elapsed());
+    let transfers = t.elapsed();
 
-    // Settlements: each inference vouched and settled at once (the `every` policy).
-    let (mut payer, mut payee) = session(&w, u64::MAX / 8);
-    let mut receipts = ReceiptSigner::new([3; 16], w.renter.public(), PRICE);
-    let call = Counts { inferences: 1, ..Counts::default() };
+    // Claims: the provider claims a new voucher every time (the chain checks the Ed25519
+    // signature, the program reads it through the instructions sysvar and transfers).
+    let (mut payer, payee) = channel(&w, u64::MAX / 8);
+    let (mut claim_cu, mut claim_fee) = (0, 0);
     let mut chain_time = Duration::ZERO;
-    let t = Instant::now();
-    for _ in 0..rounds {
-        let r = receipts.next(&w.provider, &call, b"q", b"a");
-        payee.served(&r);
-        payee.accept(&payer.voucher(&w.renter, &r).unwrap()).unwrap();
+    for i in 1..=rounds {
+        let v = payer.sign(&w.renter, i * PRICE, [i as u8; 32]).unwrap();
+        let tx = claim_tx(&w, &payee, &v);
         let c = Instant::now();
-        let s = payee.settle(&w.chain, &w.provider, &mut |_| Ok(())).unwrap().unwrap();
+        (_, claim_fee, claim_cu) = w.chain.execute(tx).unwrap();
         chain_time += c.elapsed();
-        payer.settled(&w.chain, &s).unwrap();
     }
-    let total = t.elapsed();
-    println!("\nsettlements per second on the in-process chain (LiteSVM), one core, {rounds} in a row");
-    println!("  {:<58} {:>12}", "", "per second");
-    println!("  {:<58} {:>12.0}", "plain SPL transfer_checked (baseline)", transfers);
+    println!("\nclaims per second on the in-process chain (LiteSVM), one core, {rounds} in a row");
+    println!("  {:<52} {:>12} {:>10} {:>10}", "", "per second", "CU", "fee (lam)");
     println!(
-        "  {:<58} {:>12.0}",
-        "settlement: co-sign + nonce + memo + multisig transfer",
-        per_second(rounds, chain_time)
+        "  {:<52} {:>12.0} {:>10} {:>10}",
+        "plain SPL transfer_checked (baseline)",
+        per_second(rounds, transfers),
+        transfer_cu,
+        transfer_fee
     );
     println!(
-        "  {:<58} {:>12.0}",
-        "whole loop: receipt, voucher, settlement, renter follows",
-        per_second(rounds, total)
+        "  {:<52} {:>12.0} {:>10} {:>10}",
+        "claim: Ed25519 check + program + token transfer",
+        per_second(rounds, chain_time),
+        claim_cu,
+        claim_fee
     );
-    println!("  target: >= 2,000 settlements/s");
+    claim_fee
 }
 
-fn fees() {
-    let n = 200u64;
-    println!("\nfee lamports per inference by policy ({n} inferences at {PRICE} units = $0.0001 each, one session)");
-    println!(
-        "  {:<14} {:>12} {:>14} {:>18} {:>20}",
-        "policy", "settlements", "provider fee", "session overhead", "fee $ @ $150/SOL"
-    );
-    let policies = [
-        Policy::Inferences(1),
-        Policy::Inferences(10),
-        Policy::Inferences(100),
-        Policy::Amount(5_000),
-        Policy::Interval(Duration::from_millis(20)),
-    ];
-    for policy in policies {
-        let w = world();
-        let before_r = w.chain.account(&signer(&w.renter).pubkey()).unwrap().unwrap().lamports;
-        let before_p = w.chain.account(&signer(&w.provider).pubkey()).unwrap().unwrap().lamports;
-        let (mut payer, mut payee) = session(&w, n * PRICE);
-        let mut receipts = ReceiptSigner::new([4; 16], w.renter.public(), PRICE);
-        let mut settlements = 0u64;
-        let mut oldest: Option<Instant> = None;
-        for _ in 0..n {
-            // One inference every millisecond of (simulated) serving.
-            std::thread::sleep(Duration::from_millis(1));
-            let r = receipts.next(&w.provider, &Counts { inferences: 1, ..Counts::default() }, b"q", b"a");
-            payee.served(&r);
-            payee.accept(&payer.voucher(&w.renter, &r).unwrap()).unwrap();
-            oldest.get_or_insert_with(Instant::now);
-            let (k, amount) = payee.unsettled();
-            if policy.due(k, amount, oldest.map(|t| t.elapsed()).unwrap_or_default()) {
-                let s = payee.settle(&w.chain, &w.provider, &mut |_| Ok(())).unwrap().unwrap();
-                payer.settled(&w.chain, &s).unwrap();
-                settlements += 1;
-                oldest = None;
-            }
-        }
-        if let Some(s) = payee.settle(&w.chain, &w.provider, &mut |_| Ok(())).unwrap() {
-            payer.settled(&w.chain, &s).unwrap();
-            settlements += 1;
-        }
-        payer.recover(&w.chain, &w.renter).unwrap();
-        let after_r = w.chain.account(&signer(&w.renter).pubkey()).unwrap().unwrap().lamports;
-        let after_p = w.chain.account(&signer(&w.provider).pubkey()).unwrap().unwrap().lamports;
-        let provider_fee = (before_p - after_p) as f64 / n as f64;
-        // The renter's setup and refund (fees plus rent not returned: the multisig and nonce
-        // accounts stay), spread over the session.
-        let overhead = before_r.saturating_sub(after_r) as f64 / n as f64;
-        let _ = &w.issuer;
-        println!(
-            "  {:<14} {:>12} {:>14.0} {:>18.0} {:>20.7}",
-            policy.to_string(),
-            settlements,
-            provider_fee,
-            overhead,
-            provider_fee * 1e-9 * 150.0
-        );
+fn fee_per_inference(claim_fee: u64) {
+    // At $150 per SOL (an assumed rate, for scale only: the ratio to the price is what counts).
+    let usd_per_lamport = 150.0 * 1e-9;
+    let price_usd = PRICE as f64 / 1e6;
+    let claim_every = 1_000_000 / PRICE; // a claim every $1 of inferences
+    let per_inference_settlement = claim_fee as f64; // the old design: one two-signature transaction per inference
+    println!("\nfee per inference at $0.0001 (a claim is {claim_fee} lamports as measured above; $150/SOL assumed)");
+    println!("  {:<52} {:>14} {:>12} {:>10}", "", "lamports/inf", "$/inf", "of price");
+    for (what, lamports) in [
+        ("settle every inference (baseline: the old design)", per_inference_settlement),
+        ("channel, a claim every $1 (10,000 inferences)", claim_fee as f64 / claim_every as f64),
+    ] {
+        let usd = lamports * usd_per_lamport;
+        println!("  {:<52} {:>14.2} {:>12.8} {:>9.3}%", what, lamports, usd, 100.0 * usd / price_usd);
     }
-    println!("  (a $0.0001 inference; the $150/SOL rate is an assumption for scale, not a measurement)");
+    println!("  target: <= 0.2% of the price");
 }
 
 fn main() {
     receipts_and_vouchers();
-    settlements();
-    fees();
+    let fee = claims();
+    fee_per_inference(fee);
 }

@@ -65,6 +65,8 @@ const KEPT_STATUSES: usize = 1 << 20;
 
 struct Local {
     svm: LiteSVM,
+    /// Seconds added to the wall clock (tests move time forward to end a dispute window).
+    clock_offset: i64,
     statuses: HashMap<Signature, Result<(), TransactionError>>,
     order: VecDeque<Signature>,
     /// Blockhashes of the last blocks, newest last: a transaction signed against any of them
@@ -79,8 +81,10 @@ const MAX_LAMPORTS: u64 = 1 << 60;
 const RECENT_BLOCKS: usize = 150;
 
 /// The in-process chain: LiteSVM, the real SVM with the real System, SPL Token, Associated
-/// Token Account and Memo programs. Each landed transaction starts a new block, so durable
-/// nonces can advance again.
+/// Token Account and Memo programs and the Ed25519 precompile, with our payment-channel program
+/// loaded at [`crate::channel::LOCAL_PROGRAM_ID`]. Each landed transaction starts a new block
+/// (a new slot, so durable nonces can advance again); the clock is the wall clock (plus what
+/// [`LocalChain::advance_clock`] added).
 pub struct LocalChain {
     inner: Mutex<Local>,
 }
@@ -99,9 +103,28 @@ impl Default for LocalChain {
 
 impl LocalChain {
     pub fn new() -> LocalChain {
-        let svm = LiteSVM::new();
+        let mut svm = LiteSVM::new();
+        // The program was built for this SVM (SBPF v3) and checked by its own tests; a failure
+        // to load it is a broken build, and the chain would refuse every channel.
+        if let Err(e) = svm.add_program(crate::channel::LOCAL_PROGRAM_ID, crate::channel::PROGRAM_ELF) {
+            log::error!("the payment-channel program does not load: {e:?}");
+        }
         let recent = VecDeque::from([svm.latest_blockhash()]);
-        LocalChain { inner: Mutex::new(Local { svm, statuses: HashMap::new(), order: VecDeque::new(), recent }) }
+        let mut local = Local { svm, clock_offset: 0, statuses: HashMap::new(), order: VecDeque::new(), recent };
+        local.set_clock();
+        LocalChain { inner: Mutex::new(local) }
+    }
+
+    /// Moves the chain's clock `secs` forward (a dispute window can end in a test).
+    pub fn advance_clock(&self, secs: i64) {
+        let mut l = self.lock();
+        l.clock_offset = l.clock_offset.saturating_add(secs);
+        l.set_clock();
+    }
+
+    /// The chain's clock, Unix seconds.
+    pub fn unix_time(&self) -> i64 {
+        self.lock().svm.get_sysvar::<solana_sdk::clock::Clock>().unix_timestamp
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Local> {
@@ -147,11 +170,13 @@ impl LocalChain {
                 }
             }
         }
+        // A failed transaction ends its block too, as on a cluster: the same request retried
+        // is a new transaction, not a duplicate of the failed one.
+        if !duplicate {
+            l.next_block();
+        }
         match result {
-            Ok(meta) => {
-                l.next_block();
-                Ok((signature, meta.fee, meta.compute_units_consumed))
-            }
+            Ok(meta) => Ok((signature, meta.fee, meta.compute_units_consumed)),
             Err(e) => Err(ChainError::Failed(format!("{:?} {}", e.err, e.meta.logs.join(" | ")))),
         }
     }
@@ -169,9 +194,21 @@ fn touches_nonce(tx: &VersionedTransaction) -> bool {
 }
 
 impl Local {
+    /// The clock sysvar: the next slot, the wall clock's time (never going back).
+    fn set_clock(&mut self) {
+        let mut clock = self.svm.get_sysvar::<solana_sdk::clock::Clock>();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        clock.slot = clock.slot.saturating_add(1);
+        clock.unix_timestamp = clock.unix_timestamp.max(wall.saturating_add(self.clock_offset));
+        self.svm.set_sysvar(&clock);
+    }
+
     /// Starts a new block (so a durable nonce can advance again).
     fn next_block(&mut self) {
         self.svm.expire_blockhash();
+        self.set_clock();
         let latest = self.svm.latest_blockhash();
         self.recent.push_back(latest);
         while self.recent.len() > RECENT_BLOCKS {

@@ -1,14 +1,16 @@
-//! Each party's own record of its sessions' money, one JSON file per session in a folder: what
-//! was served or bought (from the receipts), what settled on the chain and under which
-//! transactions, what is pending, and on the provider the state a restart resumes from.
-//! `wasmgrid earnings` and `wasmgrid spend` read these folders.
+//! Each party's own record of its money, as JSON files in a folder: one per session (what was
+//! served or bought, by the receipts, and how much of it the renter's vouchers cover) and one
+//! per payment channel (`channels/`: the party's [`Payer`] or [`Payee`] state, which a restart
+//! resumes from and `wasmgrid spend --close` closes with). `wasmgrid earnings` and `wasmgrid
+//! spend` read these folders and the chain.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::pay::Payee;
+use crate::party::{Payee, Payer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,31 +30,25 @@ pub struct Book {
     /// The GPU that served the session (as the provider names it).
     pub device: String,
     pub mint: proto::PublicKey,
+    /// The payment channel's address.
+    pub channel: proto::Address,
     pub price_per_inference: u64,
-    pub budget: u64,
     /// Inferences and amount due per the newest receipt.
     pub inferences: u64,
     pub amount_due: u64,
-    /// Vouched for by the renter (cumulative).
+    /// How much of the amount due the renter's vouchers cover.
     pub vouched: u64,
-    /// Paid out of escrow on the chain (cumulative).
-    pub paid: u64,
-    /// Settlement transactions, base58, oldest first.
-    pub settlements: Vec<String>,
-    /// The refund transaction, once the renter submitted it, and what it returned.
-    pub refund: Option<String>,
-    pub refunded: u64,
+    /// Claims made on the channel during the session, base58, oldest first.
+    pub claims: Vec<String>,
     pub closed: bool,
     /// Milliseconds since the Unix epoch.
     pub opened_ms: u64,
     pub updated_ms: u64,
-    /// The provider's settlement state, for a restart to resume from.
-    pub payee: Option<Payee>,
 }
 
 impl Book {
     /// A new session's book, nothing served yet.
-    pub fn open(role: Role, ticket: &proto::ticket::Ticket, escrow: &proto::voucher::EscrowTerms) -> Book {
+    pub fn open(role: Role, ticket: &proto::ticket::Ticket, mint: proto::PublicKey, channel: proto::Address) -> Book {
         let now = now_ms();
         Book {
             session: crate::pay::hex(&ticket.session_id),
@@ -60,25 +56,21 @@ impl Book {
             renter: ticket.renter,
             provider: ticket.provider,
             device: String::new(),
-            mint: escrow.mint,
+            mint,
+            channel,
             price_per_inference: ticket.price_per_inference,
-            budget: escrow.budget,
             inferences: 0,
             amount_due: 0,
             vouched: 0,
-            paid: 0,
-            settlements: Vec::new(),
-            refund: None,
-            refunded: 0,
+            claims: Vec::new(),
             closed: false,
             opened_ms: now,
             updated_ms: now,
-            payee: None,
         }
     }
 
     /// The file name: session and counterparty (a renter's session may move to another
-    /// provider, each with its own escrow).
+    /// provider, each with its own channel).
     fn file_name(&self) -> String {
         let other = match self.role {
             Role::Provider => self.renter,
@@ -87,19 +79,50 @@ impl Book {
         format!("{}-{}.json", self.session, &other.to_string())
     }
 
-    /// Amount due and not yet paid on the chain.
+    /// Amount due and not covered by a voucher.
     pub fn pending(&self) -> u64 {
-        self.amount_due.saturating_sub(self.paid)
+        self.amount_due.saturating_sub(self.vouched)
     }
 }
 
-/// Writes `book` into `dir` (replacing its earlier state atomically). `durable` waits for the
-/// disk, as a provider must before it sends a settlement.
-pub fn save(dir: &Path, book: &Book, durable: bool) -> std::io::Result<()> {
+/// The folder of channel files under a ledger.
+fn channels(dir: &Path) -> PathBuf {
+    dir.join("channels")
+}
+
+/// Saves a renter's channel state (`durable` waits for the disk).
+pub fn save_payer(dir: &Path, p: &Payer, durable: bool) -> std::io::Result<()> {
+    write_json(&channels(dir), &format!("{}.json", p.address), p, durable)
+}
+
+/// Saves a provider's channel state.
+pub fn save_payee(dir: &Path, p: &Payee, durable: bool) -> std::io::Result<()> {
+    write_json(&channels(dir), &format!("{}.json", p.address), p, durable)
+}
+
+/// A channel's saved state, if there is one.
+pub fn load_channel<T: DeserializeOwned>(dir: &Path, address: &proto::Address) -> std::io::Result<Option<T>> {
+    let path = channels(dir).join(format!("{address}.json"));
+    match std::fs::read(&path) {
+        Ok(b) => {
+            serde_json::from_slice(&b).map(Some).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every channel saved under `dir`, with the files that could not be read.
+pub fn load_channels<T: DeserializeOwned>(dir: &Path) -> std::io::Result<(Vec<T>, Unreadable)> {
+    load_all(&channels(dir))
+}
+
+/// Writes `value` as `dir/name` (replacing its earlier state atomically).
+fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T, durable: bool) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let path = dir.join(book.file_name());
+    let path = dir.join(name);
     let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(book).map_err(std::io::Error::other)?;
+    let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&bytes)?;
     if durable {
@@ -113,16 +136,27 @@ pub fn save(dir: &Path, book: &Book, durable: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes `book` into `dir` (replacing its earlier state atomically).
+pub fn save(dir: &Path, book: &Book, durable: bool) -> std::io::Result<()> {
+    write_json(dir, &book.file_name(), book, durable)
+}
+
 /// Ledger files that could not be read, and why.
 pub type Unreadable = Vec<(PathBuf, String)>;
 
 /// Every book in `dir`, oldest session first, with the files that could not be read.
 pub fn load(dir: &Path) -> std::io::Result<(Vec<Book>, Unreadable)> {
-    let mut books = Vec::new();
+    let (mut books, bad) = load_all::<Book>(dir)?;
+    books.sort_by(|a, b| (a.opened_ms, &a.session).cmp(&(b.opened_ms, &b.session)));
+    Ok((books, bad))
+}
+
+fn load_all<T: DeserializeOwned>(dir: &Path) -> std::io::Result<(Vec<T>, Unreadable)> {
+    let mut out = Vec::new();
     let mut bad = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((books, bad)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((out, bad)),
         Err(e) => return Err(e),
     };
     for entry in entries {
@@ -132,14 +166,13 @@ pub fn load(dir: &Path) -> std::io::Result<(Vec<Book>, Unreadable)> {
         }
         match std::fs::read(&path)
             .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<Book>(&b).map_err(|e| e.to_string()))
+            .and_then(|b| serde_json::from_slice::<T>(&b).map_err(|e| e.to_string()))
         {
-            Ok(b) => books.push(b),
+            Ok(v) => out.push(v),
             Err(e) => bad.push((path, e)),
         }
     }
-    books.sort_by(|a, b| (a.opened_ms, &a.session).cmp(&(b.opened_ms, &b.session)));
-    Ok((books, bad))
+    Ok((out, bad))
 }
 
 /// Milliseconds since the Unix epoch.

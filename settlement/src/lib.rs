@@ -1,7 +1,9 @@
 #![doc = include_str!("../README.md")]
 
 pub mod chain;
+pub mod channel;
 pub mod ledger;
+pub mod party;
 pub mod pay;
 pub mod policy;
 pub mod rpc;
@@ -14,9 +16,8 @@ pub mod solana {
 }
 
 pub use chain::{Chain, ChainError, LocalChain, Status};
-pub use pay::{
-    PayError, Payee, Payer, Terms, address, create_escrow, fund_escrow, open_escrow, signer, verify_escrow, wire_key,
-};
+pub use party::{Ids, PayError, Payee, Payer};
+pub use pay::{address, address_of, signer, wire_address, wire_key};
 pub use policy::Policy;
 
 /// A transaction signature as Solana prints it (base58): its id on explorers and in RPC.

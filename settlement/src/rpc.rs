@@ -5,7 +5,7 @@
 //! [`serve`] answers the methods that client uses (`getLatestBlockhash`, `isBlockhashValid`,
 //! `sendTransaction`, `getSignatureStatuses`, `getAccountInfo`,
 //! `getMinimumBalanceForRentExemption`, `requestAirdrop`, `getVersion`, `getHealth`,
-//! `getSlot`) over HTTP from a [`LocalChain`], so the RPC path runs end to end (the client's
+//! `getSlot`, and `wasmgridAdvanceClock` to move its clock forward) over HTTP from a [`LocalChain`], so the RPC path runs end to end (the client's
 //! real HTTP path, the real SVM behind it) on any machine, and so separate processes (a
 //! scheduler, hosts, renters) can share one local chain (`wasmgrid chain`).
 
@@ -249,6 +249,16 @@ fn dispatch(chain: &LocalChain, method: &str, params: &Value) -> RpcResult {
                 param(params, 1)?.as_u64().ok_or_else(|| (-32602, "parameter 1 is not lamports".to_string()))?;
             let signature = chain.airdrop_signed(&key, lamports).map_err(chain_err)?;
             Ok(json!(signature.to_string()))
+        }
+        // Not a Solana method: the local chain's clock moves forward (a dispute window can end
+        // in a test without waiting for it), as `solana-test-validator --warp-slot` moves slots.
+        "wasmgridAdvanceClock" => {
+            let secs = param(params, 0)?
+                .as_i64()
+                .filter(|s| (0..=365 * 24 * 3600).contains(s))
+                .ok_or_else(|| (-32602, "parameter 0 is not seconds (0 to a year)".to_string()))?;
+            chain.advance_clock(secs);
+            Ok(json!(chain.unix_time()))
         }
         "sendTransaction" => {
             let encoded =

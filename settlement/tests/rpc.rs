@@ -5,14 +5,14 @@
 
 use std::sync::Arc;
 
-use proto::receipt::{Counts, Signer as ReceiptSigner};
+use settlement::channel::LOCAL_PROGRAM_ID;
 use settlement::rpc::{RpcChain, serve};
 use settlement::token::{self, ensure_token_account, mint_to, token_balance};
-use settlement::{Chain, LocalChain, Payee, Payer, open_escrow, signer};
+use settlement::{Chain, Ids, LocalChain, Payee, Payer, signer, wire_key};
 use solana_sdk::signature::{Keypair, Signer};
 
 #[test]
-fn a_paid_session_settles_and_refunds_over_json_rpc() {
+fn a_channel_opens_pays_claims_and_closes_over_json_rpc() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let local = Arc::new(LocalChain::new());
     let addr = rt.block_on(serve(local.clone(), "127.0.0.1:0".parse().unwrap())).unwrap();
@@ -28,26 +28,31 @@ fn a_paid_session_settles_and_refunds_over_json_rpc() {
     let p = ensure_token_account(&chain, &signer(&provider), &signer(&provider).pubkey(), &mint).unwrap();
     mint_to(&chain, &issuer, &mint, &r, 1_000).unwrap();
 
-    let terms = open_escrow(&chain, &signer(&renter), &signer(&provider).pubkey(), &mint, 500).unwrap();
-    let mut payer = Payer::new(&chain, terms.clone()).unwrap();
-    let mut payee = Payee::open(&chain, renter.public(), provider.public(), terms.wire()).unwrap();
-    payee.check_funded(&chain).unwrap();
-    payer.accept_refund(&payee.refund(&provider).unwrap()).unwrap();
-    let mut receipts = ReceiptSigner::new([7; 16], renter.public(), 30);
-    for _ in 0..4 {
-        let receipt = receipts.next(&provider, &Counts { inferences: 1, ..Counts::default() }, b"q", b"a");
-        payee.served(&receipt);
-        payee.accept(&payer.voucher(&renter, &receipt).unwrap()).unwrap();
-        let settled = payee.settle(&chain, &provider, &mut |_| Ok(())).unwrap().unwrap();
-        payer.settled(&chain, &settled).unwrap();
-        // The settlement is on the chain, under the signature the provider reported.
-        let sig = solana_sdk::signature::Signature::from(settled.transaction.0);
-        assert_eq!(chain.status(&sig).unwrap(), settlement::Status::Succeeded);
+    let ids = Ids {
+        program: settlement::wire_address(&LOCAL_PROGRAM_ID),
+        renter: renter.public(),
+        provider: provider.public(),
+        mint: wire_key(&mint),
+        id: 0,
+    };
+    let mut payer = Payer::ensure(&chain, &renter, ids, None, 500, 0).unwrap();
+    let mut payee = Payee::open(&chain, ids, None).unwrap();
+    for i in 1..=4u64 {
+        let v = payer.sign(&renter, 30 * i, [i as u8; 32]).unwrap();
+        payee.accept(&v, 30 * i, &[i as u8; 32]).unwrap();
+        if i % 2 == 0 {
+            let claimed = payee.claim(&chain, &provider).unwrap().unwrap();
+            // The claim is on the chain, under the signature the provider reported.
+            let sig = solana_sdk::signature::Signature::from(claimed.transaction.0);
+            assert_eq!(chain.status(&sig).unwrap(), settlement::Status::Succeeded);
+        }
     }
-    // A replayed settlement is refused by the chain and pays nothing.
-    assert_eq!(payee.settle(&chain, &provider, &mut |_| Ok(())).unwrap(), None);
-    payer.recover(&chain, &renter).unwrap();
+    // A claim of the same voucher again pays nothing.
+    assert_eq!(payee.claim(&chain, &provider).unwrap(), None);
     assert_eq!(token_balance(&chain, &p).unwrap(), 120);
+    payer.start_close(&chain, &renter).unwrap();
+    local.advance_clock(settlement::channel::DEFAULT_WINDOW_SECS + 1);
+    payer.finalize(&chain, &renter).unwrap();
     assert_eq!(token_balance(&chain, &r).unwrap(), 880);
     // The in-process chain behind the front agrees with what the client read.
     assert_eq!(token_balance(local.as_ref(), &p).unwrap(), 120);

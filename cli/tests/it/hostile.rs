@@ -166,7 +166,7 @@ async fn open_with(
     let id = quic::Identity::new(renter).unwrap();
     let conn = quic::connect(&endpoint, &id, addr, provider).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let open = SessionMsg::Open { ticket: Box::new(ticket.clone()), escrow: None };
+    let open = SessionMsg::Open { ticket: Box::new(ticket.clone()), channel: None };
     quic::write_msg(&mut send, &open, proto::msg::OPEN_CAP).await.unwrap();
     quic::write_msg(&mut send, &SessionMsg::Init { init_input: Vec::new() }, proto::msg::BLOB_CAP).await.unwrap();
     loop {
@@ -340,7 +340,7 @@ fn a_ticketed_renter_that_stalls_or_sends_empty_streams_does_not_keep_its_slot()
         let id = quic::Identity::new(&renter).unwrap();
         let stalled = quic::connect(&endpoint, &id, addr, provider).await.unwrap();
         let (mut send, _recv) = stalled.open_bi().await.unwrap();
-        let open = SessionMsg::Open { ticket: Box::new(grant.ticket), escrow: None };
+        let open = SessionMsg::Open { ticket: Box::new(grant.ticket), channel: None };
         quic::write_msg(&mut send, &open, proto::msg::OPEN_CAP).await.unwrap();
         tokio::time::timeout(Duration::from_secs(20), stalled.closed()).await.expect("the stalled renter is closed");
         slot_back();

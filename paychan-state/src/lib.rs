@@ -1,7 +1,8 @@
-//! What the program and its callers agree on, byte for byte: the channel account's layout, the
-//! instructions' encoding and the voucher a renter signs. Plain `core`, no Solana crate, so the
-//! host side (the client, the provider, the tests, the fuzz target) uses the same code the
-//! program runs.
+//! What wasmgrid's payment-channel program (`paychan/`) and its callers agree on, byte for byte:
+//! the channel account's layout, the instructions' encoding, the voucher a renter signs and the
+//! program's error codes. Plain `core`, no dependency, so the host side (settlement, the fuzz
+//! target, the LiteSVM tests) runs the same code the program runs on chain.
+#![cfg_attr(not(test), no_std)]
 
 /// The first bytes of every channel account: its kind and layout version.
 pub const CHANNEL_MAGIC: [u8; 8] = *b"wgpaych1";
