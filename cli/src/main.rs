@@ -75,8 +75,9 @@ enum Command {
     /// inference session, all paid on an in-process Solana chain, and show who ran what and
     /// who paid and earned what.
     Demo(demo::DemoArgs),
-    /// Run a local chain (LiteSVM, with a new payment mint) behind JSON-RPC, for hosts and
-    /// renters in separate processes to settle on; prints its URL and mint.
+    /// Run a local chain (LiteSVM, with our payment-channel program and a new payment mint)
+    /// behind JSON-RPC, for hosts and renters in separate processes to pay on; prints its URL
+    /// and mint. `chain deploy` deploys the program to a cluster.
     Chain(money::ChainCmdArgs),
     /// A provider's earnings per device, session and payment channel: claimed (by the chain)
     /// and vouched for (by the renter's signatures).

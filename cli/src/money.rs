@@ -172,7 +172,10 @@ pub(crate) fn spend_summary(books: &[Book]) -> Value {
 // ---- wasmgrid chain ----
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(crate) struct ChainCmdArgs {
+    #[command(subcommand)]
+    action: Option<ChainAction>,
     /// Where to answer JSON-RPC.
     #[arg(long, default_value = "127.0.0.1:8899")]
     listen: SocketAddr,
@@ -184,9 +187,64 @@ pub(crate) struct ChainCmdArgs {
     tokens: u64,
 }
 
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum ChainAction {
+    /// Deploy the payment-channel program (the one this binary was built with) to a cluster
+    /// through the upgradeable loader; prints its program id for hosts' and renters'
+    /// `--program-id`.
+    Deploy(DeployArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DeployArgs {
+    /// The cluster's JSON-RPC endpoint.
+    #[arg(long, value_name = "URL", env = "WASMGRID_RPC_URL")]
+    rpc_url: String,
+    /// The keypair that pays for the deployment (rent and fees) and holds the upgrade
+    /// authority (Solana CLI JSON format).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// The program's keypair: its public key is the program id (created if missing).
+    #[arg(long, value_name = "FILE")]
+    program_key: Option<PathBuf>,
+}
+
+/// `wasmgrid chain deploy`.
+fn deploy(args: &DeployArgs) -> Result<u8, Exit> {
+    let chain = rpc(&args.rpc_url)?;
+    let payer =
+        Keypair::read(&args.key).with_context(|| format!("reading {}", args.key.display())).map_err(bad_input)?;
+    let program = match &args.program_key {
+        Some(path) => crate::market::key_or_create(path).map_err(bad_input)?,
+        None => Keypair::generate(),
+    };
+    eprintln!(
+        "deploying the payment-channel program ({} bytes) as {} through the upgradeable loader, paid by {}",
+        settlement::channel::PROGRAM_ELF.len(),
+        program.public(),
+        payer.public()
+    );
+    let done = settlement::channel::deploy(
+        chain.as_ref(),
+        &settlement::signer(&payer),
+        &settlement::signer(&program),
+        settlement::channel::PROGRAM_ELF,
+    )
+    .map_err(|e| Exit { code: exit::HOST, error: anyhow!("deploying the program: {e}") })?;
+    println!(
+        "{}",
+        json!({ "program_id": done.program.to_string(), "transactions": done.transactions,
+                "upgrade_authority": payer.public().to_string() })
+    );
+    Ok(exit::OK)
+}
+
 /// `wasmgrid chain`: an in-process chain (LiteSVM) with a payment mint, behind JSON-RPC, so
 /// separate processes can settle on one local chain.
 pub(crate) fn chain(args: &ChainCmdArgs) -> Result<u8, Exit> {
+    if let Some(ChainAction::Deploy(d)) = &args.action {
+        return deploy(d);
+    }
     crate::market::init_logging();
     let fail = |e: anyhow::Error| Exit { code: exit::HOST, error: e };
     let local = Arc::new(settlement::LocalChain::new());

@@ -295,3 +295,59 @@ pub fn claim(
     let ixs = claim_instructions(c, &on.state.voucher_key, on.state.generation, v, &to);
     token::send(chain, &ixs, &[payer])
 }
+
+/// What [`deploy`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deployed {
+    /// The program's address (the program keypair's public key).
+    pub program: Pubkey,
+    /// Transactions sent: the buffer's creation, its writes, the deploy.
+    pub transactions: usize,
+}
+
+/// Bytes of the program written per transaction: a write instruction's data and accounts, one
+/// signature and the message header stay well inside a transaction's 1232 bytes.
+const WRITE_CHUNK: usize = 900;
+
+/// Deploys `elf` through the upgradeable loader as `program` (a new keypair's address), `payer`
+/// paying the rent and fees and holding the upgrade authority: a buffer account is created
+/// and written in chunks, then deployed with room for a program twice the size. The program is
+/// callable from the next slot.
+pub fn deploy(chain: &dyn Chain, payer: &Keypair, program: &Keypair, elf: &[u8]) -> Result<Deployed, ChainError> {
+    use solana_loader_v3_interface::instruction as loader;
+    use solana_loader_v3_interface::state::UpgradeableLoaderState;
+    use solana_sdk::signature::Signer;
+    let bad = |e: solana_sdk::instruction::InstructionError| ChainError::Instruction(e.to_string());
+    if chain.account(&program.pubkey())?.is_some() {
+        return Err(ChainError::Instruction(format!(
+            "account {} already exists: deploy under a new program keypair",
+            program.pubkey()
+        )));
+    }
+    let buffer = Keypair::new();
+    let me = payer.pubkey();
+    let rent = chain.rent(UpgradeableLoaderState::size_of_buffer(elf.len()))?;
+    let create = loader::create_buffer(&me, &buffer.pubkey(), &me, rent, elf.len()).map_err(bad)?;
+    token::send(chain, &create, &[payer, &buffer])?;
+    let mut transactions = 1;
+    for (i, chunk) in elf.chunks(WRITE_CHUNK).enumerate() {
+        let offset =
+            u32::try_from(i * WRITE_CHUNK).map_err(|_| ChainError::Instruction("the program is too large".into()))?;
+        token::send(chain, &[loader::write(&buffer.pubkey(), &me, offset, chunk.to_vec())], &[payer])?;
+        transactions += 1;
+    }
+    let program_rent = chain.rent(UpgradeableLoaderState::size_of_program())?;
+    // The buffer is closed by the deploy, its rent back to the payer.
+    let deploy = loader::deploy_with_max_program_len(
+        &me,
+        &program.pubkey(),
+        &buffer.pubkey(),
+        &me,
+        program_rent,
+        elf.len() * 2,
+        true,
+    )
+    .map_err(bad)?;
+    token::send(chain, &deploy, &[payer, program])?;
+    Ok(Deployed { program: program.pubkey(), transactions: transactions + 1 })
+}

@@ -951,6 +951,59 @@ fn paid_sessions_across_processes_pay_through_one_channel_claim_once_each_and_cl
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rpc-url"));
 }
 
+#[test]
+fn the_program_deployed_with_chain_deploy_pays_a_session_named_by_its_program_id() {
+    let m = Market::new();
+    let (renter, provider, deployer) = (keygen(&m, "renter.json"), keygen(&m, "p.json"), keygen(&m, "deployer.json"));
+    let (_chain, url, mint) = local_chain(&m, &[&renter, &provider, &deployer]);
+    let deployer_key = m.path("deployer.json");
+    let program_key = m.path("program.json");
+    let args = ["chain", "deploy", "--rpc-url", &url, "--key", deployer_key.to_str().unwrap()];
+    let mut with_program = args.to_vec();
+    with_program.extend_from_slice(&["--program-key", program_key.to_str().unwrap()]);
+    let deployed = json_out(m.cmd(&with_program).output().unwrap());
+    let program = deployed["program_id"].as_str().unwrap().to_string();
+    assert!(deployed["transactions"].as_u64().unwrap() > 50, "{deployed}");
+    assert_eq!(program, proto::Keypair::read(&program_key).unwrap().public().to_string());
+    // The same program keypair again is refused, with the reason.
+    let again = m.cmd(&with_program).output().unwrap();
+    assert_eq!(again.status.code(), Some(4), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    // Bad input gets a clear error and sends nothing.
+    let bad =
+        m.cmd(&["chain", "deploy", "--rpc-url", "nope", "--key", deployer_key.to_str().unwrap()]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let none = m.path("none.json");
+    let missing = m.cmd(&["chain", "deploy", "--rpc-url", &url, "--key", none.to_str().unwrap()]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+
+    let (_sched, s) = m.scheduler(&[]);
+    let pledger = m.path("earnings");
+    let pay = ["--rpc-url", url.as_str(), "--mint", mint.as_str(), "--program-id", program.as_str()];
+    let mut host_args =
+        vec!["--sessions", "127.0.0.1:0", "--price-per-inference", "5", "--ledger", pledger.to_str().unwrap()];
+    host_args.extend_from_slice(&pay);
+    let (_host, _) = m.host(&s, "p", &host_args);
+    online(&s, 1);
+    let req = m.path("req.txt");
+    std::fs::write(&req, mlp_request(3)).unwrap();
+    let renter_key = m.path("renter.json");
+    let mut args = vec!["session", sample_artifacts::MLP, "--scheduler", &s.url, "--scheduler-key", &s.key, "--json"];
+    args.extend_from_slice(&["--deposit", "100", "--key", renter_key.to_str().unwrap()]);
+    let rledger = m.path("spend");
+    args.extend_from_slice(&["--ledger", rledger.to_str().unwrap()]);
+    args.extend_from_slice(&pay);
+    args.extend_from_slice(&[req.to_str().unwrap(), req.to_str().unwrap()]);
+    let out = m.cmd(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", String::from_utf8_lossy(&out.stderr), log_of(&m, "p.log"));
+    let summary: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["payment"]["vouched"], 10, "{summary}");
+    let e = json_out(
+        m.cmd(&["earnings", "--json", "--ledger", pledger.to_str().unwrap(), "--rpc-url", &url]).output().unwrap(),
+    );
+    assert_eq!((e["claimed"].as_u64(), e["channels"][0]["source"].as_str()), (Some(10), Some("chain")), "{e}");
+}
+
 /// Opens a session straight to the granted provider with a hand-made `Open`: the renter's side
 /// of the wire, so a test can send what an honest client never would.
 fn open_raw(
