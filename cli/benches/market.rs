@@ -8,6 +8,8 @@
 //!   its steps taken away one at a time (the renter's check, the per-inference signature, the
 //!   session messages), and alone: the daemon-worker pipe round trip (a `wasmgrid worker` child
 //!   driven with `ToWorker::Infer` frames), the sandbox call, a receipt's signing and its check.
+//! - `paid`: a paid inference's round trip (a voucher answering every receipt, through a payment
+//!   channel on the in-process chain) against an unpaid one, the same daemon and sample.
 //! - `job`: a batch job on a warm host (workers pre-started, the module in their disk cache)
 //!   from the signed HTTPS submit to its result, and from it an upper bound on submit -> first
 //!   dispatch; baseline: the job's own run time on the host.
@@ -970,6 +972,105 @@ async fn concurrent_section() {
     }
 }
 
+// ---- paid sessions ----
+
+/// A mint on `chain` (6 decimals) and 10^12 of it, with SOL, for `renter`; SOL for `provider`.
+fn fund(chain: &settlement::LocalChain, renter: &Keypair, provider: &Keypair) -> proto::PublicKey {
+    use settlement::Chain;
+    use solana_sdk::signature::Signer as _;
+    let issuer = solana_sdk::signature::Keypair::new();
+    for k in [issuer.pubkey(), settlement::signer(renter).pubkey(), settlement::signer(provider).pubkey()] {
+        chain.airdrop(&k, 1_000_000_000_000).unwrap();
+    }
+    let mint = settlement::token::create_mint(chain, &issuer, &issuer.pubkey(), 6).unwrap();
+    let r = settlement::signer(renter);
+    let account = settlement::token::ensure_token_account(chain, &r, &r.pubkey(), &mint).unwrap();
+    settlement::token::mint_to(chain, &issuer, &mint, &account, 1_000_000_000_000).unwrap();
+    settlement::wire_key(&mint)
+}
+
+/// A paid inference's round trip through a payment channel against an unpaid one: the same
+/// daemon code, the same echo sample, one scheduler and provider each (the paid one on the
+/// in-process chain, claiming at the session's end), the two sessions alternating round by
+/// round.
+async fn paid_section() {
+    let payload = vec![7u8; 64];
+    let (rounds, n) = (3, 1_000);
+    println!(
+        "
+paid against unpaid inference round trip, echo sample, 64-byte request and response, sequential"
+    );
+    println!("  ({rounds} rounds of {n} after {WARM_UP} warm-up each, alternating; figures pooled)");
+    let echo = std::fs::read(sample_artifacts::ECHO).unwrap();
+    let chain = Arc::new(settlement::LocalChain::new());
+    let (renter, provider) = (Keypair::generate(), Keypair::generate());
+    let mint = {
+        let (c, r, p) = (chain.clone(), Keypair::from_seed(renter.seed()), Keypair::from_seed(provider.seed()));
+        tokio::task::spawn_blocking(move || fund(&c, &r, &p)).await.unwrap()
+    };
+    let program = settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID);
+    let mut sessions = Vec::new();
+    let mut dirs = Vec::new();
+    for paid in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let l = start_scheduler(dir.path()).await;
+        let cache = dir.path().join("cache");
+        let worker = worker_command(&["--cache-dir".as_ref(), cache.as_os_str()]);
+        let key = if paid { Keypair::from_seed(provider.seed()) } else { Keypair::generate() };
+        let mut config = provider::DaemonConfig::new(l.quic, l.key, key, worker);
+        config.name = if paid { "paid" } else { "unpaid" }.into();
+        config.session_listen = Some(LOOPBACK);
+        config.price = proto::msg::Price { per_gpu_second: 0, per_inference: 100 };
+        let payment = paid.then(|| client::Payment {
+            chain: chain.clone(),
+            program,
+            mint,
+            deposit: 1_000_000_000,
+            channel_id: 0,
+            ledger: Some(dir.path().join("renter-ledger")),
+        });
+        if paid {
+            config.payment = Some(provider::payment::PaymentConfig {
+                chain: chain.clone(),
+                program,
+                mint,
+                policy: settlement::Policy::End,
+                max_unvouched: 1,
+                ledger: Some(dir.path().join("provider-ledger")),
+                channels: Default::default(),
+            });
+        }
+        tokio::spawn(provider::run_forever(config));
+        let client = renter_client(&l, &renter);
+        wait_online(&client, if paid { "paid" } else { "unpaid" }).await;
+        let r = Keypair::from_seed(renter.seed());
+        let session =
+            client::Session::open_paid(&client, r, echo.clone(), Vec::new(), Requirements::default(), payment)
+                .await
+                .unwrap();
+        sessions.push(session);
+        dirs.push((dir, l));
+    }
+    let (mut unpaid, mut paid) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        real_round(&sessions[0], WARM_UP, &payload).await;
+        unpaid.extend(real_round(&sessions[0], n, &payload).await);
+        real_round(&sessions[1], WARM_UP, &payload).await;
+        paid.extend(real_round(&sessions[1], n, &payload).await);
+    }
+    let su = line(&format!("unpaid session (baseline), receipt every {RECEIPT_EVERY}"), &unpaid);
+    let sp = line("paid: receipt + voucher every call, through the channel", &paid);
+    println!(
+        "  paid p50 {:.1} us (target <= 300 us), {:.1} us over unpaid; {:.2}x",
+        us(sp.p50),
+        us(sp.p50) - us(su.p50),
+        us(sp.p50) / us(su.p50)
+    );
+    for s in &sessions {
+        s.close().await.unwrap();
+    }
+}
+
 fn main() {
     // Quiet unless asked: `RUST_LOG=info` shows the in-process scheduler's and daemon's logs.
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off"))
@@ -1014,6 +1115,9 @@ fn main() {
             if wants("job") {
                 job_section(&l, &renter).await;
             }
+        }
+        if wants("paid") {
+            paid_section().await;
         }
         if wants("workers") {
             workers_section().await;

@@ -365,8 +365,9 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
         if let Some(terms) = view.payment.as_ref().filter(|p| p.transaction.is_none()) {
             let Some((chain, _)) = chain.clone() else {
                 return Err(bad_input(anyhow!(
-                    "job {} succeeded; its output is released once paid ({} to {}): run again with --rpc-url, --mint and --key, or pay with POST /v1/jobs/{}/payment",
+                    "job {} ended ({:?}); its output and log are released once paid ({} to {}): run again with --rpc-url, --mint and --key, or pay with POST /v1/jobs/{}/payment",
                     view.id,
+                    view.state,
                     terms.amount,
                     terms.pay_to,
                     view.id

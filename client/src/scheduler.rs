@@ -209,9 +209,11 @@ impl Scheduler {
         Ok(output)
     }
 
-    /// Pays for a finished job from `payer`'s token account, the amount on the provider's
-    /// signed receipt (checked here first); returns the payment transaction's signature. Paying
-    /// a job already paid returns the first payment's signature and pays nothing.
+    /// Pays for a finished job (succeeded or failed: the kernel ran either way) from `payer`'s
+    /// token account, the amount on the provider's signed receipt (checked here first, its
+    /// billed time against the job's wall-time limit and the time the scheduler saw it run);
+    /// returns the payment transaction's signature. Paying a job already paid returns the first
+    /// payment's signature and pays nothing.
     pub async fn pay_job(&self, id: &str, chain: Arc<dyn settlement::Chain>, payer: &Keypair) -> Result<String, Error> {
         let view = self.job(id).await?;
         let terms = view.payment.clone().ok_or_else(|| Error::Payment(format!("job {id} has nothing to pay")))?;
@@ -220,9 +222,13 @@ impl Scheduler {
         }
         // The output is withheld until paid: check everything else the receipt says now, and
         // the output against its digest once it comes.
+        // The time the scheduler saw it run, from its assignment to its result.
+        let observed = view.attempts.last().and_then(|a| Some(a.ended_at_ms?.saturating_sub(a.started_at_ms)));
         match (&view.receipt, view.provider) {
             (Some(r), Some(p)) => {
-                r.check_terms(id, &p).map_err(|e| Error::Payment(format!("not paying job {id}: {e}")))?;
+                r.check_terms(id, &p)
+                    .and_then(|()| r.check_time(view.limits.wall_time_ms, observed))
+                    .map_err(|e| Error::Payment(format!("not paying job {id}: {e}")))?;
                 if r.amount_due != terms.amount || settlement::pay::hex(&r.digest()) != terms.receipt_digest {
                     return Err(Error::Payment(format!("job {id}'s payment does not match its receipt")));
                 }

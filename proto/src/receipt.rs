@@ -369,7 +369,13 @@ pub enum JobReceiptError {
     Output,
     #[error("the job receipt charges {got} where its time and price make {want}")]
     Amount { want: u64, got: u64 },
+    #[error("the job receipt bills {billed_us} us of wall time, more than the {most_us} us {bound}")]
+    OverTime { billed_us: u64, most_us: u64, bound: &'static str },
 }
+
+/// Slack on the time the scheduler saw a job run, for its millisecond clock: a receipt may bill
+/// up to this much more than the difference of the two readings.
+pub const OBSERVED_SLACK_US: u64 = 2_000;
 
 impl JobReceipt {
     /// What `wall_time_us` costs at `price_per_gpu_second`, rounded up to a whole unit.
@@ -430,6 +436,32 @@ impl JobReceipt {
         self.check_terms(job_id, provider)?;
         if self.output_digest != <[u8; 32]>::from(Sha256::digest(output)) {
             return Err(JobReceiptError::Output);
+        }
+        Ok(())
+    }
+
+    /// Checks the billed wall time against the most the job could have run: its wall-time limit
+    /// (`0`: none given) and the time the scheduler saw it running (from its assignment to its
+    /// result, in the scheduler's milliseconds; `None` when not known). A provider never bills
+    /// more than either.
+    pub fn check_time(&self, limit_ms: u64, observed_ms: Option<u64>) -> Result<(), JobReceiptError> {
+        if limit_ms > 0 && self.wall_time_us > limit_ms.saturating_mul(1_000) {
+            let most_us = limit_ms.saturating_mul(1_000);
+            return Err(JobReceiptError::OverTime {
+                billed_us: self.wall_time_us,
+                most_us,
+                bound: "the job's wall-time limit",
+            });
+        }
+        if let Some(ms) = observed_ms {
+            let most_us = ms.saturating_mul(1_000).saturating_add(OBSERVED_SLACK_US);
+            if self.wall_time_us > most_us {
+                return Err(JobReceiptError::OverTime {
+                    billed_us: self.wall_time_us,
+                    most_us,
+                    bound: "the scheduler saw the job run",
+                });
+            }
         }
         Ok(())
     }
@@ -588,6 +620,19 @@ mod tests {
         assert_eq!(&b[at..at + 8], &4u64.to_le_bytes());
         assert_eq!(&b[b.len() - 40..b.len() - 32], &55u64.to_le_bytes());
         assert_eq!(&b[b.len() - 32..], &[12; 32]);
+    }
+
+    #[test]
+    fn a_renter_pays_no_job_receipt_billing_more_time_than_its_limit_or_than_the_scheduler_saw() {
+        let provider = Keypair::generate();
+        let r = JobReceipt::sign(&provider, "job-1", [1; 32], b"out", call(), 90_000, 3);
+        assert_eq!(r.check_time(100, Some(95)), Ok(()));
+        assert_eq!(r.check_time(0, None), Ok(()), "no limit given, no time seen");
+        assert!(matches!(r.check_time(80, None), Err(JobReceiptError::OverTime { most_us: 80_000, .. })));
+        assert!(matches!(r.check_time(0, Some(50)), Err(JobReceiptError::OverTime { .. })));
+        // The scheduler's clock reads milliseconds: a little slack, no more.
+        assert_eq!(r.check_time(0, Some(88)), Ok(()));
+        assert!(r.check_time(0, Some(87)).is_err());
     }
 
     #[test]

@@ -469,7 +469,14 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
         log::warn!("job {job_id}: its worker died before taking it; trying another");
     };
     drop(cancel);
-    if result.outcome == Outcome::Succeeded {
+    // Every run of the renter's code is billed, a failed one as a succeeded one: a kernel that
+    // writes its result and then fails does not run free. Only the provider's own failures are
+    // not.
+    let billed = match &result.outcome {
+        Outcome::Succeeded => true,
+        Outcome::Failed { kind, .. } => kind.is_kernel_fault(),
+    };
+    if billed {
         let u = &result.usage;
         let counts = proto::receipt::Counts {
             inferences: 0,

@@ -854,6 +854,16 @@ async fn get_log(
     }
     match (state.job(&id), state.log(&id)) {
         (None, _) => no_job(&id),
+        // Work that is billed shows nothing before it is paid: not its output, not its log (a
+        // kernel could print its result there). A scheduler that bills jobs streams no live log.
+        (Some(v), _) if state.bills_jobs() && !v.state.is_final() => api_error(
+            StatusCode::PAYMENT_REQUIRED,
+            format!("job {id}'s log is released once the job has ended and is paid"),
+        ),
+        (Some(v), Some(_)) if v.payment.as_ref().is_some_and(|p| p.transaction.is_none()) => api_error(
+            StatusCode::PAYMENT_REQUIRED,
+            format!("job {id}'s log is released once paid (see the job's payment; POST /v1/jobs/{id}/payment)"),
+        ),
         (Some(_), Some(log)) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log.to_vec()).into_response(),
         (Some(v), None) => api_error(StatusCode::CONFLICT, format!("job {id} has no log yet (it is {:?})", v.state)),
     }

@@ -299,6 +299,11 @@ impl State {
         })
     }
 
+    /// Whether this scheduler bills batch jobs (it has a chain and a payment mint).
+    pub fn bills_jobs(&self) -> bool {
+        self.config.payments.is_some()
+    }
+
     /// Starts paying for a job: its payment terms, if it has an unpaid payment and no other
     /// payment for it is being submitted. `Ok(Err(signature))` when it is already paid.
     pub fn start_paying(&mut self, id: &str) -> Result<Result<proto::api::JobPayment, String>, String> {
@@ -875,8 +880,13 @@ impl State {
         job.view.state = if result.outcome == Outcome::Succeeded { JobState::Succeeded } else { JobState::Failed };
         job.view.receipt = None;
         job.view.payment = None;
-        if let Some(r) = result.receipt.as_ref().filter(|_| result.outcome == Outcome::Succeeded) {
-            match r.check(id, provider, &result.output) {
+        // The time this scheduler saw the job run: from this try's assignment to its result.
+        let observed = job.view.attempts.last().map(|a| now_ms.saturating_sub(a.started_at_ms));
+        let limit = job.view.limits.wall_time_ms;
+        // A failed job is billed like a succeeded one (the kernel ran): its output and log are
+        // withheld until paid, like any output.
+        if let Some(r) = result.receipt.as_ref() {
+            match r.check(id, provider, &result.output).and_then(|()| r.check_time(limit, observed)) {
                 Ok(()) if Some(r.price_per_gpu_second) != price => {
                     log::warn!("job {id}: the receipt's price is not the provider's registered price; not billed");
                 }
@@ -1113,6 +1123,78 @@ mod tests {
             first_dispatch_us: None,
             receipt: None,
         }
+    }
+
+    /// A provider with a real key (to sign receipts), priced at 1 token unit per GPU-microsecond.
+    fn billing_provider(s: &mut State) -> proto::Keypair {
+        let kp = proto::Keypair::from_seed([77; 32]);
+        let price = Price { per_gpu_second: 1_000_000, per_inference: 1 };
+        s.register(kp.public(), "billed".into(), "eu".into(), vec![gpu()], price, 1, None, 0, 0).unwrap();
+        kp
+    }
+
+    fn billed_result(kp: &proto::Keypair, id: &str, module: ModuleHash, outcome: Outcome, wall_us: u64) -> JobResult {
+        let receipt =
+            proto::receipt::JobReceipt::sign(kp, id, module, b"partial", Default::default(), wall_us, 1_000_000);
+        JobResult {
+            outcome,
+            output: b"partial".to_vec(),
+            log: b"the result, printed".to_vec(),
+            usage: Default::default(),
+            wall_time_ms: wall_us / 1000,
+            wall_time_us: wall_us,
+            first_dispatch_us: None,
+            receipt: Some(receipt),
+        }
+    }
+
+    fn billing_config() -> Config {
+        let mint = proto::Keypair::from_seed([5; 32]).public();
+        Config { payments: Some(JobPricing { mint, decimals: 6 }), ..Config::default() }
+    }
+
+    #[test]
+    fn a_job_that_fails_in_its_kernel_is_billed_for_what_it_used_like_one_that_succeeds() {
+        // Finding: a failed job was billed nothing, yet its output was released.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, billing_config());
+        let kp = billing_provider(&mut s);
+        let id = submit(&mut s, 0);
+        let a = s.assign(1_000).unwrap().remove(0);
+        let failed = Outcome::Failed { kind: proto::msg::FailureKind::Guest, limit: None, message: "bad".into() };
+        s.finished(&id, &kp.public(), billed_result(&kp, &id, a.module, failed, 40_000), 1_050).unwrap();
+        let v = s.job(&id).unwrap();
+        assert_eq!(v.state, JobState::Failed);
+        let terms = v.payment.clone().expect("billed");
+        assert_eq!((terms.amount, terms.transaction), (40_000, None), "unpaid: its output and log are withheld");
+    }
+
+    #[test]
+    fn billed_time_never_exceeds_the_jobs_wall_limit_nor_what_the_scheduler_saw() {
+        // Finding: the wall time on a job receipt was never capped.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, billing_config());
+        let kp = billing_provider(&mut s);
+        let hash = hash_hex(&s.put_module(WASM).unwrap());
+        let limits = JobLimits { wall_time_ms: 100, ..JobLimits::default() };
+        let submit_limited = |s: &mut State| {
+            s.submit(renter(R), &hash, vec![], Requirements::default(), limits.clone(), None, 0).unwrap().id
+        };
+        // Over the limit: not billed.
+        let id = submit_limited(&mut s);
+        let a = s.assign(1_000).unwrap().remove(0);
+        s.finished(&id, &kp.public(), billed_result(&kp, &id, a.module, Outcome::Succeeded, 150_000), 10_000).unwrap();
+        assert_eq!(s.job(&id).unwrap().payment, None);
+        // Within the limit, but longer than the scheduler saw it run (30 ms): not billed.
+        let id = submit_limited(&mut s);
+        let a = s.assign(20_000).unwrap().remove(0);
+        s.finished(&id, &kp.public(), billed_result(&kp, &id, a.module, Outcome::Succeeded, 90_000), 20_030).unwrap();
+        assert_eq!(s.job(&id).unwrap().payment, None);
+        // Within both: billed.
+        let id = submit_limited(&mut s);
+        let a = s.assign(30_000).unwrap().remove(0);
+        s.finished(&id, &kp.public(), billed_result(&kp, &id, a.module, Outcome::Succeeded, 60_000), 30_080).unwrap();
+        assert_eq!(s.job(&id).unwrap().payment.as_ref().map(|p| p.amount), Some(60_000));
     }
 
     #[test]

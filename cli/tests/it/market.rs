@@ -1187,6 +1187,9 @@ fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_re
     let view = get_json(&s, &format!("/v1/jobs/{job1}"));
     let (status, body) = http(&s, "GET", &format!("/v1/jobs/{job1}/output"), None, b"");
     assert_eq!(status, 402, "{body}");
+    // Finding: logs were never withheld. A kernel could print its result there.
+    let (status, body) = http(&s, "GET", &format!("/v1/jobs/{job1}/log"), None, b"");
+    assert_eq!(status, 402, "{body}");
     let terms: proto::api::JobPayment = serde_json::from_value(view["payment"].clone()).unwrap();
     assert!(terms.amount > 0);
     assert_eq!(view["receipt"]["amount_due"].as_u64(), Some(terms.amount));
@@ -1235,25 +1238,14 @@ fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_re
     assert_eq!(get_json(&s, &format!("/v1/jobs/{job1}"))["payment"]["transaction"], Value::Null);
 
     // Submitted again with the means to pay: paid through the CLI, and the output comes.
-    let out = m
-        .cmd(&[
-            "submit",
-            sample_artifacts::MATMUL,
-            "--scheduler",
-            &s.url,
-            "--scheduler-key",
-            &s.key,
-            "--wait",
-            "--json",
-            "--rpc-url",
-            &url,
-            "--mint",
-            &mint,
-            "--key",
-            m.renter_key().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let renter_key = m.renter_key();
+    let submit_paying = |module: &str, extra: &[&str]| {
+        let mut args = vec!["submit", module, "--scheduler", &s.url, "--scheduler-key", &s.key, "--wait", "--json"];
+        args.extend_from_slice(&["--rpc-url", &url, "--mint", &mint, "--key", renter_key.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        m.cmd(&args).output().unwrap()
+    };
+    let out = submit_paying(sample_artifacts::MATMUL, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["payment_transaction"].is_string(), "{v}");
@@ -1279,6 +1271,23 @@ fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_re
         100_000_000 + terms.amount + amount2,
         "each job paid once (on top of what `chain --fund` gave)"
     );
+    let (status, _) = http(&s, "GET", &format!("/v1/jobs/{job1}/log"), None, b"");
+    assert_eq!(status, 200, "paid: the log comes too");
+
+    // A job whose kernel fails is billed for the time it ran, like one that succeeds: paid,
+    // then its log and error come.
+    let input = m.path("panic.txt");
+    std::fs::write(&input, "panic").unwrap();
+    let out = submit_paying(sample_artifacts::HOSTILE, &["--input", input.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "the job failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "failed", "{v}");
+    assert!(v["payment_transaction"].is_string(), "billed and paid: {v}");
+    let job3 = v["id"].as_str().unwrap().to_string();
+    let amount3 = get_json(&s, &format!("/v1/jobs/{job3}"))["payment"]["amount"].as_u64().unwrap();
+    assert!(amount3 > 0);
+    let paid_to_after = settlement::token::token_balance(&chain, &terms.pay_to.parse().unwrap()).unwrap();
+    assert_eq!(paid_to_after, paid_to + amount3);
 }
 
 #[test]
