@@ -50,6 +50,11 @@ impl std::fmt::Debug for PaymentConfig {
 /// How often a session re-reads its channel (a close the renter started, a top-up).
 const READ_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a session goes on serving while the chain does not answer: half the shortest
+/// dispute window the program allows. A voucher is only as good as a claim that can land in
+/// the window of a close, which a provider that cannot read the chain would not see start.
+const CHAIN_SILENCE: Duration = Duration::from_secs(30);
+
 /// Vouchers taken between saves of a channel's state during a session: every one, without
 /// waiting for the disk (a killed daemon loses nothing the kernel has; a lost machine loses
 /// the vouchers since the last durable save, at every claim and session end, unless the
@@ -219,8 +224,9 @@ pub(crate) struct SessionPay {
     base: u64,
     served: Served,
     book: Book,
-    /// When the channel was last read from the chain.
+    /// When the channel was last read from the chain (tried), and last read successfully.
     read_at: Instant,
+    read_ok_at: Instant,
     /// When the oldest unclaimed voucher of this session was taken.
     oldest_unclaimed: Option<Instant>,
     since_save: u64,
@@ -294,6 +300,7 @@ impl SessionPay {
             served: Served::default(),
             book: Book::open(Role::Provider, ticket, config.mint, address),
             read_at: Instant::now(),
+            read_ok_at: Instant::now(),
             oldest_unclaimed: None,
             since_save: 0,
             claims: Vec::new(),
@@ -345,8 +352,19 @@ impl SessionPay {
             self.read_at = Instant::now();
             let chain = self.config.chain.clone();
             let p = self.payee()?;
-            if let Err(e) = p.refresh(chain.as_ref()) {
-                log::warn!("channel {}: {e}", p.address);
+            match p.refresh(chain.as_ref()) {
+                Ok(()) => self.read_ok_at = Instant::now(),
+                Err(settlement::PayError::Chain(e)) => {
+                    log::warn!("channel {}: the chain did not answer: {e}", p.address);
+                    let silent = self.read_ok_at.elapsed();
+                    if silent >= CHAIN_SILENCE {
+                        return Err(format!(
+                            "the chain has not answered for {} s: serving stops until it does (a voucher is only good                              while a claim can land)",
+                            silent.as_secs()
+                        ));
+                    }
+                }
+                Err(e) => log::warn!("channel {}: {e}", p.address),
             }
         }
         let p = self.payee()?;
@@ -474,3 +492,134 @@ impl SessionPay {
 }
 
 pub use settlement::signature_text as solana_signature;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use proto::receipt::{Counts, Signer as ReceiptSigner};
+    use settlement::solana::Signer as _;
+    use settlement::{ChainError, LocalChain, Payer, Status};
+    use solana_sdk::transaction::Transaction;
+
+    use super::*;
+
+    /// A chain that stops answering when told.
+    #[derive(Debug)]
+    struct Silent {
+        chain: LocalChain,
+        down: AtomicBool,
+    }
+
+    impl Silent {
+        fn up(&self) -> Result<&LocalChain, ChainError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(ChainError::Unreachable("no answer".into()));
+            }
+            Ok(&self.chain)
+        }
+    }
+
+    impl Chain for Silent {
+        fn latest_blockhash(&self) -> Result<solana_sdk::hash::Hash, ChainError> {
+            self.up()?.latest_blockhash()
+        }
+        fn send(&self, tx: &Transaction) -> Result<solana_sdk::signature::Signature, ChainError> {
+            self.up()?.send(tx)
+        }
+        fn status(&self, s: &solana_sdk::signature::Signature) -> Result<Status, ChainError> {
+            self.up()?.status(s)
+        }
+        fn account(&self, k: &solana_sdk::pubkey::Pubkey) -> Result<Option<solana_sdk::account::Account>, ChainError> {
+            self.up()?.account(k)
+        }
+        fn rent(&self, len: usize) -> Result<u64, ChainError> {
+            self.up()?.rent(len)
+        }
+        fn is_blockhash_valid(&self, h: &solana_sdk::hash::Hash) -> Result<bool, ChainError> {
+            self.up()?.is_blockhash_valid(h)
+        }
+        fn airdrop(&self, to: &solana_sdk::pubkey::Pubkey, lamports: u64) -> Result<(), ChainError> {
+            self.up()?.airdrop(to, lamports)
+        }
+    }
+
+    fn ago(d: Duration) -> Instant {
+        Instant::now().checked_sub(d).unwrap_or_else(Instant::now)
+    }
+
+    #[test]
+    fn a_provider_that_cannot_reach_the_chain_stops_serving_before_a_close_could_pass_unseen() {
+        // Finding: a failing settlement did not stop service. A voucher is only as good as a
+        // claim that can land within a close's window: a provider that cannot read the chain
+        // serves on for a bounded time, then stops, with the reason.
+        let silent = Arc::new(Silent { chain: LocalChain::new(), down: AtomicBool::new(false) });
+        let (issuer, renter, provider) = (settlement::solana::Keypair::new(), Keypair::generate(), Keypair::generate());
+        let chain = &silent.chain;
+        for k in [issuer.pubkey(), settlement::signer(&renter).pubkey(), settlement::signer(&provider).pubkey()] {
+            chain.airdrop(&k, 10_000_000_000).unwrap();
+        }
+        let mint = settlement::token::create_mint(chain, &issuer, &issuer.pubkey(), 6).unwrap();
+        let r = settlement::signer(&renter);
+        let account = settlement::token::ensure_token_account(chain, &r, &r.pubkey(), &mint).unwrap();
+        settlement::token::mint_to(chain, &issuer, &mint, &account, 10_000).unwrap();
+        let program = settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID);
+        let ids = Ids {
+            program,
+            renter: renter.public(),
+            provider: provider.public(),
+            mint: settlement::wire_key(&mint),
+            id: 0,
+        };
+        let mut payer = Payer::ensure(chain, &renter, ids, None, 5_000, 0).unwrap();
+        let config = PaymentConfig {
+            chain: silent.clone(),
+            program,
+            mint: ids.mint,
+            policy: Policy::End,
+            max_unvouched: 1,
+            ledger: None,
+            channels: Default::default(),
+        };
+        config.prepare(&provider).unwrap();
+        let ticket = proto::ticket::Ticket::issue(
+            &Keypair::generate(),
+            [5; 16],
+            renter.public(),
+            provider.public(),
+            [0; 32],
+            10,
+            u64::MAX,
+        );
+        let (mut pay, newest) =
+            SessionPay::open(&config, &provider, &ticket, Some(Box::new(payer.terms())), "gpu0").unwrap();
+        assert_eq!(newest, None);
+        let mut receipts = ReceiptSigner::new([5; 16], renter.public(), 10);
+        let one = Counts { inferences: 1, ..Counts::default() };
+        let mut voucher = None;
+        for _ in 0..2 {
+            pay.before_serve(voucher.as_ref()).unwrap();
+            let r = receipts.next(&provider, &one, b"q", b"a");
+            pay.served(&r);
+            voucher = Some(payer.sign(&renter, r.amount_due, r.digest()).unwrap());
+        }
+        // The chain goes quiet: the next read fails, and serving goes on for a while ...
+        silent.down.store(true, Ordering::SeqCst);
+        pay.read_at = ago(READ_EVERY);
+        pay.before_serve(voucher.as_ref()).unwrap();
+        let r = receipts.next(&provider, &one, b"q", b"a");
+        pay.served(&r);
+        let voucher = payer.sign(&renter, r.amount_due, r.digest()).unwrap();
+        // ... until it has been silent for CHAIN_SILENCE.
+        pay.read_at = ago(READ_EVERY);
+        pay.read_ok_at = ago(CHAIN_SILENCE);
+        let why = pay.before_serve(Some(&voucher)).unwrap_err();
+        assert!(why.contains("the chain has not answered"), "{why}");
+        // Back: served again, and the vouchers it holds are claimed at the end.
+        silent.down.store(false, Ordering::SeqCst);
+        pay.before_serve(None).unwrap();
+        pay.ended(&provider);
+        let claimed = settlement::channel::read(chain, &ids.channel()).unwrap().unwrap().state.claimed;
+        assert_eq!(claimed, 30);
+    }
+}
