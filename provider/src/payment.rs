@@ -473,10 +473,14 @@ impl SessionPay {
         }
     }
 
-    /// Claimed from the channel so far, the session's newest claims, and how many claims the
-    /// channel has had.
+    /// What the channel's claims paid of this session (claims are cumulative over the channel,
+    /// and this session's vouchers start at its base), the session's newest claims, and how
+    /// many claims the channel has had.
     pub(crate) fn paid_and_settlements(&self) -> (u64, Vec<proto::Signature>, u64) {
-        let (claimed, count) = self.payee.as_ref().map_or((0, 0), |p| (p.claimed, p.claim_count));
+        let (claimed, count) = self
+            .payee
+            .as_ref()
+            .map_or((0, 0), |p| (p.claimed.saturating_sub(self.base).min(self.served.amount_due), p.claim_count));
         let from = self.claims.len().saturating_sub(REPORTED_SETTLEMENTS);
         (claimed, self.claims.get(from..).unwrap_or_default().to_vec(), count)
     }

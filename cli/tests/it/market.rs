@@ -902,6 +902,17 @@ fn paid_sessions_across_processes_pay_through_one_channel_claim_once_each_and_cl
     let second = session(2);
     assert_eq!(second["payment"]["vouched"], 14, "{second}");
     let sp = spend();
+    // The scheduler's record of it shows what the claims paid of this session, not of the
+    // whole channel.
+    let id2 = sp["sessions"].as_array().unwrap().iter().find(|b| b["session"] != id).unwrap()["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let record2 = until("the second session's final report", || {
+        let v = get_json_as(&s, &renter_kp, &format!("/v1/sessions/{id2}"));
+        (v["closed"] == true).then_some(v)
+    });
+    assert_eq!((record2["amount_due"].as_u64(), record2["paid"].as_u64()), (Some(14), Some(14)), "{record2}");
     assert_eq!(sp["channels"].as_array().unwrap().len(), 1);
     assert_eq!(sp["channels"][0]["transactions"].as_array().unwrap().len(), 1, "only the open: {sp}");
     assert_eq!((sp["vouched"].as_u64(), sp["claimed"].as_u64()), (Some(49), Some(49)), "{sp}");
