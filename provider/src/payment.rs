@@ -385,7 +385,11 @@ impl SessionPay {
         let digest = self.served.digest;
         let inferences = self.served.inferences;
         let p = self.payee()?;
-        p.accept(v, want, &digest).map_err(|e| format!("voucher refused: {e}"))?;
+        // Calls that cost nothing (a price of 0) owe nothing new: there is no newer voucher to
+        // take, and none is needed.
+        if want != p.vouched() {
+            p.accept(v, want, &digest).map_err(|e| format!("voucher refused: {e}"))?;
+        }
         self.served.vouched_inferences = inferences;
         self.book.vouched = self.served.amount_due;
         self.oldest_unclaimed.get_or_insert_with(Instant::now);
@@ -552,11 +556,18 @@ mod tests {
         Instant::now().checked_sub(d).unwrap_or_else(Instant::now)
     }
 
-    #[test]
-    fn a_provider_that_cannot_reach_the_chain_stops_serving_before_a_close_could_pass_unseen() {
-        // Finding: a failing settlement did not stop service. A voucher is only as good as a
-        // claim that can land within a close's window: a provider that cannot read the chain
-        // serves on for a bounded time, then stops, with the reason.
+    struct Fixture {
+        silent: Arc<Silent>,
+        renter: Keypair,
+        provider: Keypair,
+        payer: Payer,
+        config: PaymentConfig,
+        ids: Ids,
+    }
+
+    /// A renter with a channel of 5,000 to a provider on a chain that can go silent, and the
+    /// provider's payment config.
+    fn fixture() -> Fixture {
         let silent = Arc::new(Silent { chain: LocalChain::new(), down: AtomicBool::new(false) });
         let (issuer, renter, provider) = (settlement::solana::Keypair::new(), Keypair::generate(), Keypair::generate());
         let chain = &silent.chain;
@@ -575,7 +586,7 @@ mod tests {
             mint: settlement::wire_key(&mint),
             id: 0,
         };
-        let mut payer = Payer::ensure(chain, &renter, ids, None, 5_000, 0).unwrap();
+        let payer = Payer::ensure(chain, &renter, ids, None, 5_000, 0).unwrap();
         let config = PaymentConfig {
             chain: silent.clone(),
             program,
@@ -586,15 +597,23 @@ mod tests {
             channels: Default::default(),
         };
         config.prepare(&provider).unwrap();
-        let ticket = proto::ticket::Ticket::issue(
-            &Keypair::generate(),
-            [5; 16],
-            renter.public(),
-            provider.public(),
-            [0; 32],
-            10,
-            u64::MAX,
-        );
+        Fixture { silent, renter, provider, payer, config, ids }
+    }
+
+    fn ticket(f: &Fixture, price: u64) -> proto::ticket::Ticket {
+        let (renter, provider) = (f.renter.public(), f.provider.public());
+        proto::ticket::Ticket::issue(&Keypair::generate(), [5; 16], renter, provider, [0; 32], price, u64::MAX)
+    }
+
+    #[test]
+    fn a_provider_that_cannot_reach_the_chain_stops_serving_before_a_close_could_pass_unseen() {
+        // Finding: a failing settlement did not stop service. A voucher is only as good as a
+        // claim that can land within a close's window: a provider that cannot read the chain
+        // serves on for a bounded time, then stops, with the reason.
+        let f = fixture();
+        let ticket = ticket(&f, 10);
+        let Fixture { silent, renter, provider, mut payer, config, ids } = f;
+        let chain = &silent.chain;
         let (mut pay, newest) =
             SessionPay::open(&config, &provider, &ticket, Some(Box::new(payer.terms())), "gpu0").unwrap();
         assert_eq!(newest, None);
@@ -625,5 +644,26 @@ mod tests {
         pay.ended(&provider);
         let claimed = settlement::channel::read(chain, &ids.channel()).unwrap().unwrap().state.claimed;
         assert_eq!(claimed, 30);
+    }
+
+    #[test]
+    fn calls_that_cost_nothing_need_no_new_voucher() {
+        let f = fixture();
+        let ticket = ticket(&f, 0);
+        let (mut pay, _) =
+            SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(f.payer.terms())), "gpu0").unwrap();
+        let mut receipts = ReceiptSigner::new([5; 16], f.renter.public(), 0);
+        let one = Counts { inferences: 1, ..Counts::default() };
+        let mut last = None;
+        for _ in 0..3 {
+            pay.before_serve(last.as_ref()).unwrap();
+            let r = receipts.next(&f.provider, &one, b"q", b"a");
+            pay.served(&r);
+            last = Some(proto::voucher::Voucher {
+                cumulative: 0,
+                receipt_digest: r.digest(),
+                signature: proto::Signature([0; 64]),
+            });
+        }
     }
 }
