@@ -982,6 +982,16 @@ impl SessionPump {
                 PayStep::End => Paid::End,
             };
         };
+        // A step that needs no chain runs here (a signature check or two, microseconds); one
+        // that may read or write the chain runs on a blocking thread.
+        let inline = {
+            let p = p.lock().unwrap_or_else(PoisonError::into_inner);
+            match &step {
+                PayStep::Before(_) => !p.before_needs_chain(),
+                PayStep::After(_) => !p.claim_due(),
+                PayStep::Close(_) | PayStep::End => false,
+            }
+        };
         let kp = self.keypair.clone();
         let run = move || {
             let mut p = p.lock().unwrap_or_else(PoisonError::into_inner);
@@ -998,6 +1008,9 @@ impl SessionPump {
                 }
             }
         };
+        if inline {
+            return run();
+        }
         match tokio::task::spawn_blocking(run).await {
             Ok(paid) => paid,
             Err(e) => {

@@ -55,17 +55,75 @@ const READ_EVERY: Duration = Duration::from_secs(10);
 /// the window of a close, which a provider that cannot read the chain would not see start.
 const CHAIN_SILENCE: Duration = Duration::from_secs(30);
 
-/// Vouchers taken between saves of a channel's state during a session: every one, without
-/// waiting for the disk (a killed daemon loses nothing the kernel has; a lost machine loses
-/// the vouchers since the last durable save, at every claim and session end, unless the
-/// renter brings its copy back).
-const SAVE_EVERY: u64 = 1;
+/// Vouchers taken between saves of the session's book (its inferences and amounts, for
+/// `earnings`); the channel's state, which holds the money, is saved after every voucher.
+const BOOK_EVERY: u64 = 64;
 
 /// The channels a provider holds vouchers on. A channel serves one session at a time: vouchers
 /// are cumulative over the channel, so two sessions on it at once would race for the amount.
 #[derive(Debug, Default)]
 pub struct Channels {
     inner: Mutex<HashMap<Address, Slot>>,
+    saver: Saver,
+}
+
+/// Writes channel states to the ledger off the serving path, one thread for all: the newest
+/// state of each channel waits in a slot (a newer one replaces it, so a file never goes back to
+/// an older state) until the thread writes it, at most every [`SAVE_PAUSE`]. A killed daemon
+/// loses at most the states not yet written (that long's worth, and the renter brings its copy
+/// of the newest voucher back); after a claim and at a session's end the write waits for the
+/// disk.
+#[derive(Debug, Default)]
+struct Saver {
+    pending: Arc<(Mutex<HashMap<Address, Pending>>, std::sync::Condvar)>,
+    started: std::sync::OnceLock<()>,
+}
+
+/// The pause between two writes of the ledger writer (for states that need not wait for the
+/// disk): what a killed daemon can lose of its newest vouchers, at most.
+const SAVE_PAUSE: Duration = Duration::from_millis(50);
+
+/// A channel state waiting to be written: where, what, and whether to wait for the disk.
+type Pending = (PathBuf, Payee, bool);
+
+impl Saver {
+    fn save(&self, dir: PathBuf, payee: Payee, durable: bool) {
+        let pending = self.pending.clone();
+        self.started.get_or_init(|| {
+            let pending = pending.clone();
+            let spawned = std::thread::Builder::new().name("wasmgrid-ledger".into()).spawn(move || {
+                loop {
+                    let batch: Vec<Pending> = {
+                        let (lock, ready) = &*pending;
+                        let mut map = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                        while map.is_empty() {
+                            map = ready.wait(map).unwrap_or_else(PoisonError::into_inner);
+                        }
+                        map.drain().map(|(_, v)| v).collect()
+                    };
+                    let waited = batch.iter().any(|(_, _, durable)| *durable);
+                    for (dir, p, durable) in batch {
+                        if let Err(e) = ledger::save_payee(&dir, &p, durable) {
+                            log::warn!("writing the ledger in {}: {e}", dir.display());
+                        }
+                    }
+                    // A busy channel is written a few times a second, not after every call:
+                    // its newest state waits in the slot meanwhile.
+                    if !waited {
+                        std::thread::sleep(SAVE_PAUSE);
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                log::error!("no ledger writer thread: {e}");
+            }
+        });
+        let (lock, ready) = &*self.pending;
+        let mut map = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let durable = durable || map.get(&payee.address).is_some_and(|(_, _, d)| *d);
+        map.insert(payee.address, (dir, payee, durable));
+        ready.notify_one();
+    }
 }
 
 #[derive(Debug)]
@@ -187,11 +245,11 @@ impl PaymentConfig {
         claims
     }
 
+    /// Saves a channel's state soon, off this thread (see [`Saver`]); `durable` waits for the
+    /// disk there.
     fn save(&self, p: &Payee, durable: bool) {
-        if let Some(dir) = &self.ledger
-            && let Err(e) = ledger::save_payee(dir, p, durable)
-        {
-            log::warn!("writing the ledger in {}: {e}", dir.display());
+        if let Some(dir) = &self.ledger {
+            self.channels.saver.save(dir.clone(), p.clone(), durable);
         }
     }
 
@@ -393,12 +451,12 @@ impl SessionPay {
         self.served.vouched_inferences = inferences;
         self.book.vouched = self.served.amount_due;
         self.oldest_unclaimed.get_or_insert_with(Instant::now);
+        if let Some(p) = &self.payee {
+            self.config.save(p, false);
+        }
         self.since_save += 1;
-        if self.since_save >= SAVE_EVERY {
+        if self.since_save >= BOOK_EVERY {
             self.since_save = 0;
-            if let Some(p) = &self.payee {
-                self.config.save(p, false);
-            }
             self.save_book(false);
         }
         Ok(())
@@ -416,13 +474,28 @@ impl SessionPay {
     /// After a request was served (and its receipt noted): claims if the policy says so. A
     /// chain that cannot be reached now is not fatal: the voucher keeps.
     pub(crate) fn after_serve(&mut self, keypair: &Keypair) -> Option<Claimed> {
-        let unclaimed_inferences = self.served.vouched_inferences;
-        let amount = self.payee.as_ref().map_or(0, Payee::unclaimed);
-        let age = self.oldest_unclaimed.map(|t| t.elapsed()).unwrap_or_default();
-        if !self.config.policy.due(unclaimed_inferences, amount, age) {
+        if !self.claim_due() {
             return None;
         }
         self.claim(keypair)
+    }
+
+    /// Whether the policy says to claim now.
+    pub(crate) fn claim_due(&self) -> bool {
+        let unclaimed_inferences = self.served.vouched_inferences;
+        let amount = self.payee.as_ref().map_or(0, Payee::unclaimed);
+        let age = self.oldest_unclaimed.map(|t| t.elapsed()).unwrap_or_default();
+        self.config.policy.due(unclaimed_inferences, amount, age)
+    }
+
+    /// Whether the next [`SessionPay::before_serve`] may read the chain (a re-read is due, or
+    /// the deposit looks spent): the caller runs it off the async threads then, and inline
+    /// otherwise (checking a voucher is a signature check, microseconds).
+    pub(crate) fn before_needs_chain(&self) -> bool {
+        let next_due =
+            self.base.saturating_add((self.served.inferences + 1).saturating_mul(self.book.price_per_inference));
+        let deposited = self.payee.as_ref().map_or(0, |p| p.deposited);
+        self.read_at.elapsed() >= READ_EVERY || next_due > deposited
     }
 
     fn claim(&mut self, keypair: &Keypair) -> Option<Claimed> {
