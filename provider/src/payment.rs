@@ -222,6 +222,18 @@ impl PaymentConfig {
         for mut p in self.channels.idle() {
             if p.unclaimed() > 0 {
                 let read = p.refresh(self.chain.as_ref());
+                if matches!(read, Err(settlement::PayError::Closing(_))) {
+                    // Gone from the chain (finalized after its window, or opened again as a new
+                    // generation): its vouchers can never be claimed. Said once, not every round.
+                    log::warn!(
+                        "channel {}: closed on the chain with {} vouched and not claimed; those vouchers can no longer be claimed",
+                        p.address,
+                        p.unclaimed()
+                    );
+                    p.newest = None;
+                    self.save(&p, true);
+                    continue;
+                }
                 let closing = p.closing() || read.is_err();
                 if closing || self.policy == Policy::End || self.policy.due(u64::MAX, p.unclaimed(), Duration::MAX) {
                     match p.claim(self.chain.as_ref(), keypair) {
@@ -738,5 +750,65 @@ mod tests {
                 signature: proto::Signature([0; 64]),
             });
         }
+    }
+
+    #[test]
+    fn the_watcher_claims_when_a_close_starts_and_forgets_a_channel_gone_from_the_chain() {
+        let mut f = fixture();
+        f.config.policy = Policy::Amount(1_000_000);
+        let ticket = ticket(&f, 10);
+        let silent = f.silent.clone();
+        let chain = &silent.chain;
+        let serve = |f: &mut Fixture, pay: &mut SessionPay, receipts: &mut ReceiptSigner, n: u32| {
+            let one = Counts { inferences: 1, ..Counts::default() };
+            let mut last = None;
+            for _ in 0..n {
+                pay.before_serve(last.as_ref()).unwrap();
+                let r = receipts.next(&f.provider, &one, b"q", b"a");
+                pay.served(&r);
+                last = Some(f.payer.sign(&f.renter, r.amount_due, r.digest()).unwrap());
+            }
+            pay.close(&f.provider, last.as_ref()).unwrap();
+        };
+        let (mut pay, _) =
+            SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(f.payer.terms())), "gpu0").unwrap();
+        let mut receipts = ReceiptSigner::new([5; 16], f.renter.public(), 10);
+        serve(&mut f, &mut pay, &mut receipts, 3);
+        drop(pay);
+        // Not due by the policy, and nobody closing: nothing claimed.
+        assert!(f.config.watch(&f.provider).is_empty());
+        // The renter starts a close: the next round claims.
+        f.payer.start_close(chain, &f.renter).unwrap();
+        let claims = f.config.watch(&f.provider);
+        assert_eq!(claims.iter().map(|c| c.cumulative).collect::<Vec<_>>(), vec![30]);
+        // A channel finalized while its provider held vouchers it never claimed is forgotten.
+        chain.advance_clock(settlement::channel::DEFAULT_WINDOW_SECS + 1);
+        f.payer.finalize(chain, &f.renter).unwrap();
+        let mut reopened = Payer::ensure(chain, &f.renter, f.ids, None, 5_000, 0).unwrap();
+        let ticket = proto::ticket::Ticket::issue(
+            &Keypair::generate(),
+            [6; 16],
+            f.renter.public(),
+            f.provider.public(),
+            [0; 32],
+            10,
+            u64::MAX,
+        );
+        let (mut pay, _) =
+            SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(reopened.terms())), "gpu0").unwrap();
+        let one = Counts { inferences: 1, ..Counts::default() };
+        let mut receipts = ReceiptSigner::new([6; 16], f.renter.public(), 10);
+        pay.before_serve(None).unwrap();
+        let r = receipts.next(&f.provider, &one, b"q", b"a");
+        pay.served(&r);
+        let v = reopened.sign(&f.renter, r.amount_due, r.digest()).unwrap();
+        pay.close(&f.provider, Some(&v)).unwrap();
+        drop(pay);
+        reopened.start_close(chain, &f.renter).unwrap();
+        chain.advance_clock(settlement::channel::DEFAULT_WINDOW_SECS + 1);
+        // The watcher is away for the whole window (it does not run), and the renter finalizes.
+        reopened.finalize(chain, &f.renter).unwrap();
+        assert!(f.config.watch(&f.provider).is_empty());
+        assert!(f.config.channels.idle().is_empty(), "forgotten, not tried again every round");
     }
 }
