@@ -1011,14 +1011,30 @@ paid against unpaid inference round trip, echo sample, 64-byte request and respo
     let program = settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID);
     let mut sessions = Vec::new();
     let mut dirs = Vec::new();
-    for paid in [false, true] {
+    // Unpaid; paid with a voucher every call; paid with a voucher every 16 calls.
+    for (paid, every) in [(false, 1), (true, 1), (true, 16)] {
         let dir = tempfile::tempdir().unwrap();
         let l = start_scheduler(dir.path()).await;
         let cache = dir.path().join("cache");
         let worker = worker_command(&["--cache-dir".as_ref(), cache.as_os_str()]);
-        let key = if paid { Keypair::from_seed(provider.seed()) } else { Keypair::generate() };
+        let key = if paid && every == 1 { Keypair::from_seed(provider.seed()) } else { Keypair::generate() };
+        if paid && every > 1 {
+            let (c, k) = (chain.clone(), settlement::signer(&key));
+            tokio::task::spawn_blocking(move || {
+                use settlement::Chain;
+                use solana_sdk::signature::Signer as _;
+                c.airdrop(&k.pubkey(), 1_000_000_000_000).unwrap()
+            })
+            .await
+            .unwrap();
+        }
         let mut config = provider::DaemonConfig::new(l.quic, l.key, key, worker);
-        config.name = if paid { "paid" } else { "unpaid" }.into();
+        let name = match (paid, every) {
+            (false, _) => "unpaid".to_string(),
+            (true, 1) => "paid".to_string(),
+            (true, n) => format!("paid{n}"),
+        };
+        config.name = name.clone();
         config.session_listen = Some(LOOPBACK);
         config.price = proto::msg::Price { per_gpu_second: 0, per_inference: 100 };
         let payment = paid.then(|| client::Payment {
@@ -1035,14 +1051,14 @@ paid against unpaid inference round trip, echo sample, 64-byte request and respo
                 program,
                 mint,
                 policy: settlement::Policy::End,
-                max_unvouched: 1,
+                max_unvouched: every,
                 ledger: Some(dir.path().join("provider-ledger")),
                 channels: Default::default(),
             });
         }
         tokio::spawn(provider::run_forever(config));
         let client = renter_client(&l, &renter);
-        wait_online(&client, if paid { "paid" } else { "unpaid" }).await;
+        wait_online(&client, &name).await;
         let r = Keypair::from_seed(renter.seed());
         let session =
             client::Session::open_paid(&client, r, echo.clone(), Vec::new(), Requirements::default(), payment)
@@ -1051,21 +1067,24 @@ paid against unpaid inference round trip, echo sample, 64-byte request and respo
         sessions.push(session);
         dirs.push((dir, l));
     }
-    let (mut unpaid, mut paid) = (Vec::new(), Vec::new());
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); sessions.len()];
     for _ in 0..rounds {
-        real_round(&sessions[0], WARM_UP, &payload).await;
-        unpaid.extend(real_round(&sessions[0], n, &payload).await);
-        real_round(&sessions[1], WARM_UP, &payload).await;
-        paid.extend(real_round(&sessions[1], n, &payload).await);
+        for (s, t) in sessions.iter().zip(&mut times) {
+            real_round(s, WARM_UP, &payload).await;
+            t.extend(real_round(s, n, &payload).await);
+        }
     }
-    let su = line(&format!("unpaid session (baseline), receipt every {RECEIPT_EVERY}"), &unpaid);
-    let sp = line("paid: receipt + voucher every call, through the channel", &paid);
-    println!(
-        "  paid p50 {:.1} us (target <= 300 us), {:.1} us over unpaid; {:.2}x",
-        us(sp.p50),
-        us(sp.p50) - us(su.p50),
-        us(sp.p50) / us(su.p50)
-    );
+    let su = line(&format!("unpaid session (baseline), receipt every {RECEIPT_EVERY}"), &times[0]);
+    let sp = line("paid: receipt + voucher every call (--max-unvouched 1)", &times[1]);
+    let s16 = line("paid: receipt + voucher every 16 calls (--max-unvouched 16)", &times[2]);
+    for (what, s) in [("every call", sp), ("every 16 calls", s16)] {
+        println!(
+            "  paid, vouched {what}: p50 {:.1} us (target <= 300 us), {:.1} us over unpaid; {:.2}x",
+            us(s.p50),
+            us(s.p50) - us(su.p50),
+            us(s.p50) / us(su.p50)
+        );
+    }
     for s in &sessions {
         s.close().await.unwrap();
     }

@@ -93,7 +93,8 @@ pub(crate) struct HostPayArgs {
     /// close is claimed at once.
     #[arg(long, value_name = "POLICY", default_value = "end", alias = "settle")]
     claim: Policy,
-    /// Inferences served past the newest valid voucher before a session stops.
+    /// Calls served past the newest valid voucher before a session stops: a paid session's
+    /// receipts, each answered by a voucher, come every this many calls.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     max_unvouched: u64,
     /// The provider's ledger (read by `wasmgrid earnings`).

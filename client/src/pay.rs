@@ -58,6 +58,8 @@ pub(crate) struct LinkPay {
     base: u64,
     /// The voucher for the newest receipt, sent with the next request or the close.
     next: Option<Voucher>,
+    /// The provider signs a receipt (to answer with a voucher) every this many calls.
+    vouch_every: u64,
     since_save: u64,
     book: Book,
 }
@@ -90,8 +92,16 @@ impl LinkPay {
             .await?
             .map_err(|e| format!("the payment channel with provider {}: {e}", grant.provider))?;
         let book = Book::open(Role::Renter, &grant.ticket, payment.mint, address);
-        let pay =
-            LinkPay { payment: payment.clone(), renter, base: payer.vouched, payer, next: None, since_save: 0, book };
+        let pay = LinkPay {
+            payment: payment.clone(),
+            renter,
+            base: payer.vouched,
+            payer,
+            next: None,
+            vouch_every: 1,
+            since_save: 0,
+            book,
+        };
         pay.save(true);
         Ok(pay)
     }
@@ -102,12 +112,38 @@ impl LinkPay {
 
     /// The provider opened the session, with its copy of the newest voucher on the channel:
     /// counted from, if it is this renter's own signature above its record.
-    pub(crate) fn opened(&mut self, newest: Option<Box<Voucher>>) -> Result<(), String> {
+    pub(crate) fn opened(&mut self, newest: Option<Box<Voucher>>, vouch_every: u64) -> Result<(), String> {
         if let Some(v) = newest {
             self.payer.adopt(&v).map_err(|e| format!("the provider's copy of the newest voucher: {e}"))?;
         }
+        if vouch_every == 0 {
+            return Err("the provider opened the session as unpaid".into());
+        }
         self.base = self.payer.vouched;
+        self.vouch_every = vouch_every;
         Ok(())
+    }
+
+    /// Whether the answer to call `sequence` must carry a receipt to vouch for.
+    pub(crate) fn receipt_due(&self, sequence: u64) -> bool {
+        sequence.is_multiple_of(self.vouch_every.max(1))
+    }
+
+    /// The voucher for every call followed (`expected`: the digest and amount of the receipt
+    /// the provider signs at the close), sent with the close: calls since the newest receipt
+    /// are paid too.
+    pub(crate) fn closing_voucher(&mut self, (digest, amount_due): ([u8; 32], u64)) -> Option<Box<Voucher>> {
+        let cumulative = self.base.saturating_add(amount_due);
+        if cumulative > self.payer.vouched {
+            match self.payer.sign(&self.renter, cumulative, digest) {
+                Ok(v) => {
+                    self.next = Some(v);
+                    self.book.vouched = amount_due;
+                }
+                Err(e) => log::warn!("not vouching for the last calls: {e}"),
+            }
+        }
+        self.voucher()
     }
 
     /// The voucher to send with the next request.

@@ -441,6 +441,10 @@ pub enum SessionReply {
         /// On a paid session, the newest voucher the provider holds on the channel (the
         /// renter's own signature), so both count on from the same amount.
         newest: Option<Box<crate::voucher::Voucher>>,
+        /// On a paid session, the provider signs a receipt (to be answered by a voucher) every
+        /// this many calls, and serves no more than this many past the newest voucher; 0 on an
+        /// unpaid one.
+        vouch_every: u64,
     },
     /// The ticket or the module was refused; nothing ran.
     Refused {

@@ -247,6 +247,24 @@ pub struct Checker {
 }
 
 impl Checker {
+    /// The digest and amount due of the receipt the provider would sign now, for every call
+    /// followed so far: what a renter vouches for when it closes a session whose newest calls
+    /// came without a receipt (the provider signs that receipt at the close).
+    pub fn expected(&self) -> ([u8; 32], u64) {
+        let r = Receipt {
+            session_id: self.session_id,
+            provider: self.provider,
+            renter: self.renter,
+            sequence: self.calls,
+            counts: self.counts,
+            price_per_inference: self.price_per_inference,
+            amount_due: self.counts.inferences.saturating_mul(self.price_per_inference),
+            chain: self.chain,
+            signature: Signature([0; 64]),
+        };
+        (r.digest(), r.amount_due)
+    }
+
     pub fn new(session_id: [u8; 16], provider: PublicKey, renter: PublicKey, price_per_inference: u64) -> Checker {
         Checker {
             session_id,

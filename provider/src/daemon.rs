@@ -767,7 +767,12 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
         price_per_inference: ticket.price_per_inference,
         module_hash: ticket.module_hash,
         limits: proto::msg::JobLimits::default(),
-        sign_every: u64::from(shared.config.receipt_every),
+        // A paid session's receipts are each answered by a voucher: one every `max_unvouched`
+        // calls (each call by default), so the provider's exposure stays that many calls.
+        sign_every: match &shared.payment {
+            Some(p) if paid => p.max_unvouched.max(1),
+            _ => u64::from(shared.config.receipt_every),
+        },
         paid,
         newest,
     };
@@ -976,9 +981,9 @@ impl SessionPump {
         let Some(p) = self.pay.clone() else {
             // An unpaid session's flow asks for none; answer as if there were nothing to pay.
             return match step {
-                PayStep::Before(_) => Paid::Before(Ok(())),
+                PayStep::Before(..) => Paid::Before(Ok(())),
                 PayStep::After(_) => Paid::After(None),
-                PayStep::Close(_) => Paid::Close(Err("this session is not paid".into())),
+                PayStep::Close(..) => Paid::Close(Err("this session is not paid".into())),
                 PayStep::End => Paid::End,
             };
         };
@@ -987,21 +992,23 @@ impl SessionPump {
         let inline = {
             let p = p.lock().unwrap_or_else(PoisonError::into_inner);
             match &step {
-                PayStep::Before(_) => !p.before_needs_chain(),
+                PayStep::Before(..) => !p.before_needs_chain(),
                 PayStep::After(_) => !p.claim_due(),
-                PayStep::Close(_) | PayStep::End => false,
+                PayStep::Close(..) | PayStep::End => false,
             }
         };
         let kp = self.keypair.clone();
         let run = move || {
             let mut p = p.lock().unwrap_or_else(PoisonError::into_inner);
             match step {
-                PayStep::Before(voucher) => Paid::Before(p.before_serve(voucher.as_deref()).map_err(Unpaid::Stopped)),
+                PayStep::Before(voucher, served) => {
+                    Paid::Before(p.before_serve(voucher.as_deref(), served).map_err(Unpaid::Stopped))
+                }
                 PayStep::After(receipt) => {
                     p.served(&receipt);
                     Paid::After(p.after_serve(&kp))
                 }
-                PayStep::Close(voucher) => Paid::Close(p.close(&kp, voucher.as_deref())),
+                PayStep::Close(voucher, receipt) => Paid::Close(p.close(&kp, voucher.as_deref(), receipt.as_deref())),
                 PayStep::End => {
                     p.ended(&kp);
                     Paid::End

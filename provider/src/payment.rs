@@ -401,21 +401,23 @@ impl SessionPay {
         self.payee.as_mut().ok_or_else(|| "the session's channel state is gone".to_string())
     }
 
-    /// Before serving a request: takes its voucher (for the newest receipt) and checks that one
-    /// more inference may be served. An error stops the session, with its reason.
-    pub(crate) fn before_serve(&mut self, voucher: Option<&Voucher>) -> Result<(), String> {
+    /// Before serving a request, with `served` calls served so far: takes its voucher (for the
+    /// newest receipt) and checks that one more call may be served. An error stops the
+    /// session, with its reason.
+    pub(crate) fn before_serve(&mut self, voucher: Option<&Voucher>, served: u64) -> Result<(), String> {
         if let Some(v) = voucher {
             self.take(v)?;
         }
-        let unvouched = self.served.inferences.saturating_sub(self.served.vouched_inferences);
+        let unvouched = served.max(self.served.inferences).saturating_sub(self.served.vouched_inferences);
         let most = self.config.max_unvouched.max(1);
         if unvouched >= most {
             return Err(format!(
                 "{unvouched} inference(s) served without a voucher (at most {most} allowed): the renter stopped paying"
             ));
         }
-        let next_due =
-            self.base.saturating_add((self.served.inferences + 1).saturating_mul(self.book.price_per_inference));
+        let next_due = self
+            .base
+            .saturating_add((served.max(self.served.inferences) + 1).saturating_mul(self.book.price_per_inference));
         let stale = self.read_at.elapsed() >= READ_EVERY;
         let short = next_due > self.payee()?.deposited;
         if stale || short {
@@ -537,8 +539,17 @@ impl SessionPay {
         }
     }
 
-    /// The renter is done: takes its last voucher and claims if the policy claims at the end.
-    pub(crate) fn close(&mut self, keypair: &Keypair, voucher: Option<&Voucher>) -> Result<Option<Claimed>, String> {
+    /// The renter is done: takes its last voucher, which answers `receipt` (the receipt of
+    /// every call served, signed at the close), and claims if the policy claims at the end.
+    pub(crate) fn close(
+        &mut self,
+        keypair: &Keypair,
+        voucher: Option<&Voucher>,
+        receipt: Option<&Receipt>,
+    ) -> Result<Option<Claimed>, String> {
+        if let Some(r) = receipt {
+            self.served(r);
+        }
         if let Some(v) = voucher {
             self.take(v)?;
         }
@@ -706,7 +717,7 @@ mod tests {
         let one = Counts { inferences: 1, ..Counts::default() };
         let mut voucher = None;
         for _ in 0..2 {
-            pay.before_serve(voucher.as_ref()).unwrap();
+            pay.before_serve(voucher.as_ref(), pay.served.inferences).unwrap();
             let r = receipts.next(&provider, &one, b"q", b"a");
             pay.served(&r);
             voucher = Some(payer.sign(&renter, r.amount_due, r.digest()).unwrap());
@@ -714,18 +725,18 @@ mod tests {
         // The chain goes quiet: the next read fails, and serving goes on for a while ...
         silent.down.store(true, Ordering::SeqCst);
         pay.read_at = ago(READ_EVERY);
-        pay.before_serve(voucher.as_ref()).unwrap();
+        pay.before_serve(voucher.as_ref(), pay.served.inferences).unwrap();
         let r = receipts.next(&provider, &one, b"q", b"a");
         pay.served(&r);
         let voucher = payer.sign(&renter, r.amount_due, r.digest()).unwrap();
         // ... until it has been silent for CHAIN_SILENCE.
         pay.read_at = ago(READ_EVERY);
         pay.read_ok_at = ago(CHAIN_SILENCE);
-        let why = pay.before_serve(Some(&voucher)).unwrap_err();
+        let why = pay.before_serve(Some(&voucher), pay.served.inferences).unwrap_err();
         assert!(why.contains("the chain has not answered"), "{why}");
         // Back: served again, and the vouchers it holds are claimed at the end.
         silent.down.store(false, Ordering::SeqCst);
-        pay.before_serve(None).unwrap();
+        pay.before_serve(None, pay.served.inferences).unwrap();
         pay.ended(&provider);
         let claimed = settlement::channel::read(chain, &ids.channel()).unwrap().unwrap().state.claimed;
         assert_eq!(claimed, 30);
@@ -741,7 +752,7 @@ mod tests {
         let one = Counts { inferences: 1, ..Counts::default() };
         let mut last = None;
         for _ in 0..3 {
-            pay.before_serve(last.as_ref()).unwrap();
+            pay.before_serve(last.as_ref(), pay.served.inferences).unwrap();
             let r = receipts.next(&f.provider, &one, b"q", b"a");
             pay.served(&r);
             last = Some(proto::voucher::Voucher {
@@ -763,12 +774,12 @@ mod tests {
             let one = Counts { inferences: 1, ..Counts::default() };
             let mut last = None;
             for _ in 0..n {
-                pay.before_serve(last.as_ref()).unwrap();
+                pay.before_serve(last.as_ref(), pay.served.inferences).unwrap();
                 let r = receipts.next(&f.provider, &one, b"q", b"a");
                 pay.served(&r);
                 last = Some(f.payer.sign(&f.renter, r.amount_due, r.digest()).unwrap());
             }
-            pay.close(&f.provider, last.as_ref()).unwrap();
+            pay.close(&f.provider, last.as_ref(), None).unwrap();
         };
         let (mut pay, _) =
             SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(f.payer.terms())), "gpu0").unwrap();
@@ -798,11 +809,11 @@ mod tests {
             SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(reopened.terms())), "gpu0").unwrap();
         let one = Counts { inferences: 1, ..Counts::default() };
         let mut receipts = ReceiptSigner::new([6; 16], f.renter.public(), 10);
-        pay.before_serve(None).unwrap();
+        pay.before_serve(None, pay.served.inferences).unwrap();
         let r = receipts.next(&f.provider, &one, b"q", b"a");
         pay.served(&r);
         let v = reopened.sign(&f.renter, r.amount_due, r.digest()).unwrap();
-        pay.close(&f.provider, Some(&v)).unwrap();
+        pay.close(&f.provider, Some(&v), None).unwrap();
         drop(pay);
         reopened.start_close(chain, &f.renter).unwrap();
         chain.advance_clock(settlement::channel::DEFAULT_WINDOW_SECS + 1);

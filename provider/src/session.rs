@@ -29,7 +29,8 @@ pub(crate) struct SessionTerms {
     pub price_per_inference: u64,
     pub module_hash: [u8; 32],
     pub limits: JobLimits,
-    /// Sign a receipt after every this many calls (on a paid session, after every call).
+    /// Sign a receipt after every this many calls (on a paid session, each receipt is answered
+    /// by a voucher: at most this many calls go unvouched).
     pub sign_every: u64,
     /// Whether the session is paid (through a payment channel).
     pub paid: bool,
@@ -42,12 +43,14 @@ pub(crate) struct SessionTerms {
 /// [`SessionFlow::on_paid`].
 #[derive(Debug, PartialEq)]
 pub(crate) enum PayStep {
-    /// May this request be served, with this voucher for the last receipt?
-    Before(Option<Box<Voucher>>),
+    /// May this request be served, with this voucher for the newest receipt, this many calls
+    /// served so far?
+    Before(Option<Box<Voucher>>, u64),
     /// This call was served, with this receipt; claim if the policy says so.
     After(Box<Receipt>),
-    /// The renter closes, with its last voucher.
-    Close(Option<Box<Voucher>>),
+    /// The renter closes, with its last voucher, which answers the receipt of every call
+    /// served (signed here, before the step).
+    Close(Option<Box<Voucher>>, Option<Box<Receipt>>),
     /// The renter went: claim if the policy claims at the end.
     End,
 }
@@ -177,7 +180,7 @@ impl SessionFlow {
             wall,
             signer: Signer::new(terms.session_id, terms.renter, terms.price_per_inference),
             keypair,
-            sign_every: if paid { 1 } else { terms.sign_every.max(1) },
+            sign_every: terms.sign_every.max(1),
             paid,
             newest: terms.newest,
             last_signed: None,
@@ -275,7 +278,8 @@ impl SessionFlow {
             }
             (Phase::Starting { .. }, FromWorker::ServiceStarted { result: Ok(usage), .. }) => {
                 self.phase = Phase::Ready;
-                vec![SessionAction::Reply(SessionReply::Opened { usage, newest: self.newest.take() })]
+                let vouch_every = if self.paid { self.sign_every } else { 0 };
+                vec![SessionAction::Reply(SessionReply::Opened { usage, newest: self.newest.take(), vouch_every })]
             }
             (Phase::Starting { .. }, FromWorker::ServiceStarted { result: Err(f), reusable, .. }) => {
                 self.phase = Phase::Done;
@@ -409,12 +413,13 @@ impl SessionFlow {
         match msg {
             SessionMsg::Request { bytes, voucher } if self.paid => {
                 self.phase = Phase::Paying { request: bytes };
-                vec![SessionAction::Pay(PayStep::Before(voucher))]
+                vec![SessionAction::Pay(PayStep::Before(voucher, self.signer.sequence()))]
             }
             SessionMsg::Request { bytes, .. } => self.infer(bytes, now),
             SessionMsg::Close { voucher } if self.paid => {
                 self.phase = Phase::Closing;
-                vec![SessionAction::Pay(PayStep::Close(voucher))]
+                let receipt = self.final_receipt();
+                vec![SessionAction::Pay(PayStep::Close(voucher, receipt))]
             }
             SessionMsg::Close { .. } => {
                 self.over = Some((FailureKind::Payment, "the renter closed the session".into()));
@@ -527,7 +532,8 @@ mod tests {
             price_per_inference: PRICE,
             module_hash: Sha256::digest(module()).into(),
             limits: JobLimits { wall_time_ms: 1000, ..JobLimits::default() },
-            sign_every: 4,
+            // The daemon's choice: a paid session's receipts every call (`--max-unvouched 1`).
+            sign_every: if paid { 1 } else { 4 },
             paid,
             newest: None,
         }
@@ -596,13 +602,13 @@ mod tests {
                             actions.extend(self.flow.on_worker(answer, self.now));
                         }
                         SessionAction::FetchModule => actions.extend(self.flow.on_module(Ok(module()), self.now)),
-                        SessionAction::Pay(PayStep::Before(_)) => {
+                        SessionAction::Pay(PayStep::Before(..)) => {
                             actions.extend(self.flow.on_paid(Paid::Before(Ok(())), self.now));
                         }
                         SessionAction::Pay(PayStep::After(_)) => {
                             actions.extend(self.flow.on_paid(Paid::After(None), self.now));
                         }
-                        SessionAction::Pay(PayStep::Close(_)) => {
+                        SessionAction::Pay(PayStep::Close(..)) => {
                             actions.extend(self.flow.on_paid(Paid::Close(Ok(None)), self.now));
                         }
                         SessionAction::Pay(PayStep::End) => actions.extend(self.flow.on_paid(Paid::End, self.now)),
@@ -705,7 +711,7 @@ mod tests {
     fn a_payment_refusal_stops_the_session_and_a_close_is_still_answered() {
         let (mut pair, _) = Pair::open(true);
         let ask = pair.flow.on_request(SessionMsg::Request { bytes: vec![1], voucher: None }, pair.now);
-        assert!(matches!(ask.as_slice(), [SessionAction::Pay(PayStep::Before(None))]));
+        assert!(matches!(ask.as_slice(), [SessionAction::Pay(PayStep::Before(None, _))]));
         let served = pair.flow.on_paid(Paid::Before(Ok(())), pair.now);
         assert!(matches!(pair.pump(served), Some(SessionReply::Response { sequence: 1, .. })));
         let _ = pair.flow.on_request(SessionMsg::Request { bytes: vec![1], voucher: None }, pair.now);

@@ -991,8 +991,9 @@ fn the_program_deployed_with_chain_deploy_pays_a_session_named_by_its_program_id
     let (_sched, s) = m.scheduler(&[]);
     let pledger = m.path("earnings");
     let pay = ["--rpc-url", url.as_str(), "--mint", mint.as_str(), "--program-id", program.as_str()];
-    let mut host_args =
-        vec!["--sessions", "127.0.0.1:0", "--price-per-inference", "5", "--ledger", pledger.to_str().unwrap()];
+    // Vouchers every 4 calls: the session's 2 calls are vouched for with the close alone.
+    let mut host_args = vec!["--sessions", "127.0.0.1:0", "--price-per-inference", "5", "--max-unvouched", "4"];
+    host_args.extend_from_slice(&["--ledger", pledger.to_str().unwrap()]);
     host_args.extend_from_slice(&pay);
     let (_host, _) = m.host(&s, "p", &host_args);
     online(&s, 1);
