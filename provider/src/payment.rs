@@ -302,6 +302,9 @@ pub(crate) struct SessionPay {
     since_save: u64,
     /// Claims made during the session.
     claims: Vec<proto::Signature>,
+    /// Once the renter closed: the channel went back to the registry (the renter may open its
+    /// next session at once), with what it had claimed and how many claims, for the reports.
+    released: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for SessionPay {
@@ -312,12 +315,25 @@ impl std::fmt::Debug for SessionPay {
 
 impl Drop for SessionPay {
     fn drop(&mut self) {
+        if self.released.is_none() {
+            self.release();
+        }
+    }
+}
+
+impl SessionPay {
+    /// Gives the channel back: saved, in the registry for the watcher and the next session.
+    fn release(&mut self) {
         match self.payee.take() {
             Some(p) => {
+                self.released = Some((p.claimed, p.claim_count));
                 self.config.save(&p, true);
                 self.config.channels.give_back(self.address, p);
             }
-            None => self.config.channels.release(self.address),
+            None => {
+                self.released = Some((0, 0));
+                self.config.channels.release(self.address);
+            }
         }
     }
 }
@@ -374,6 +390,7 @@ impl SessionPay {
             oldest_unclaimed: None,
             since_save: 0,
             claims: Vec::new(),
+            released: None,
         };
         let saved = held.or_else(|| config.load(&address));
         let mut payee = Payee::open(config.chain.as_ref(), ids, saved).map_err(|e| e.to_string())?;
@@ -560,9 +577,9 @@ impl SessionPay {
         let claimed = if self.config.policy == Policy::End { self.claim(keypair) } else { None };
         self.book.closed = true;
         self.save_book(true);
-        if let Some(p) = &self.payee {
-            self.config.save(p, true);
-        }
+        // The session is over: the channel is free for the renter's next one at once, not
+        // only once this connection is torn down.
+        self.release();
         claimed
     }
 
@@ -577,10 +594,12 @@ impl SessionPay {
     /// and this session's vouchers start at its base), the session's newest claims, and how
     /// many claims the channel has had.
     pub(crate) fn paid_and_settlements(&self) -> (u64, Vec<proto::Signature>, u64) {
-        let (claimed, count) = self
-            .payee
-            .as_ref()
-            .map_or((0, 0), |p| (p.claimed.saturating_sub(self.base).min(self.served.amount_due), p.claim_count));
+        let (claimed, count) = match (&self.payee, self.released) {
+            (Some(p), _) => (p.claimed, p.claim_count),
+            (None, Some(snapshot)) => snapshot,
+            (None, None) => (0, 0),
+        };
+        let claimed = claimed.saturating_sub(self.base).min(self.served.amount_due);
         let from = self.claims.len().saturating_sub(REPORTED_SETTLEMENTS);
         (claimed, self.claims.get(from..).unwrap_or_default().to_vec(), count)
     }
@@ -821,5 +840,32 @@ mod tests {
         reopened.finalize(chain, &f.renter).unwrap();
         assert!(f.config.watch(&f.provider).is_empty());
         assert!(f.config.channels.idle().is_empty(), "forgotten, not tried again every round");
+    }
+
+    #[test]
+    fn a_closed_session_frees_its_channel_for_the_renters_next_session_at_once() {
+        let mut f = fixture();
+        let ticket = ticket(&f, 10);
+        let (mut first, _) =
+            SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(f.payer.terms())), "gpu0").unwrap();
+        // A second session on the channel while the first runs is refused, with the reason.
+        let busy = SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(f.payer.terms())), "gpu0");
+        assert!(busy.unwrap_err().contains("another session"));
+        let mut receipts = ReceiptSigner::new([5; 16], f.renter.public(), 10);
+        first.before_serve(None, 0).unwrap();
+        let r = receipts.next(&f.provider, &Counts { inferences: 1, ..Counts::default() }, b"q", b"a");
+        first.served(&r);
+        let v = f.payer.sign(&f.renter, r.amount_due, r.digest()).unwrap();
+        first.close(&f.provider, Some(&v), None).unwrap();
+        // Closed, its connection not yet torn down: the next session opens, and the first's
+        // report still says what it was paid.
+        let (second, _) =
+            SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(f.payer.terms())), "gpu0").unwrap();
+        assert_eq!(second.base, 10, "it counts on from the first's voucher, claimed at its end");
+        assert_eq!(first.paid_and_settlements().0, 10);
+        drop(first);
+        let again = SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(f.payer.terms())), "gpu0");
+        assert!(again.unwrap_err().contains("another session"), "the first's end does not free the second's lease");
+        drop(second);
     }
 }
