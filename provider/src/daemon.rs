@@ -1002,7 +1002,7 @@ impl SessionPump {
             let mut p = p.lock().unwrap_or_else(PoisonError::into_inner);
             match step {
                 PayStep::Before(voucher, served) => {
-                    Paid::Before(p.before_serve(voucher.as_deref(), served).map_err(Unpaid::Stopped))
+                    Paid::Before(p.before_serve(voucher.as_deref(), served, !inline).map_err(Unpaid::Stopped))
                 }
                 PayStep::After(receipt) => {
                     p.served(&receipt);

@@ -421,7 +421,14 @@ impl SessionPay {
     /// Before serving a request, with `served` calls served so far: takes its voucher (for the
     /// newest receipt) and checks that one more call may be served. An error stops the
     /// session, with its reason.
-    pub(crate) fn before_serve(&mut self, voucher: Option<&Voucher>, served: u64) -> Result<(), String> {
+    /// `may_read` false: the caller runs on an async thread and must not wait for the chain (a
+    /// re-read that came due since [`SessionPay::before_needs_chain`] waits for the next call).
+    pub(crate) fn before_serve(
+        &mut self,
+        voucher: Option<&Voucher>,
+        served: u64,
+        may_read: bool,
+    ) -> Result<(), String> {
         if let Some(v) = voucher {
             self.take(v)?;
         }
@@ -437,7 +444,7 @@ impl SessionPay {
             .saturating_add((served.max(self.served.inferences) + 1).saturating_mul(self.book.price_per_inference));
         let stale = self.read_at.elapsed() >= READ_EVERY;
         let short = next_due > self.payee()?.deposited;
-        if stale || short {
+        if (stale || short) && may_read {
             self.read_at = Instant::now();
             let chain = self.config.chain.clone();
             let p = self.payee()?;
@@ -448,7 +455,8 @@ impl SessionPay {
                     let silent = self.read_ok_at.elapsed();
                     if silent >= CHAIN_SILENCE {
                         return Err(format!(
-                            "the chain has not answered for {} s: serving stops until it does (a voucher is only good                              while a claim can land)",
+                            "the chain has not answered for {} s: serving stops until it does (a voucher is only good while a \
+                             claim can land)",
                             silent.as_secs()
                         ));
                     }
@@ -736,7 +744,7 @@ mod tests {
         let one = Counts { inferences: 1, ..Counts::default() };
         let mut voucher = None;
         for _ in 0..2 {
-            pay.before_serve(voucher.as_ref(), pay.served.inferences).unwrap();
+            pay.before_serve(voucher.as_ref(), pay.served.inferences, true).unwrap();
             let r = receipts.next(&provider, &one, b"q", b"a");
             pay.served(&r);
             voucher = Some(payer.sign(&renter, r.amount_due, r.digest()).unwrap());
@@ -744,18 +752,18 @@ mod tests {
         // The chain goes quiet: the next read fails, and serving goes on for a while ...
         silent.down.store(true, Ordering::SeqCst);
         pay.read_at = ago(READ_EVERY);
-        pay.before_serve(voucher.as_ref(), pay.served.inferences).unwrap();
+        pay.before_serve(voucher.as_ref(), pay.served.inferences, true).unwrap();
         let r = receipts.next(&provider, &one, b"q", b"a");
         pay.served(&r);
         let voucher = payer.sign(&renter, r.amount_due, r.digest()).unwrap();
         // ... until it has been silent for CHAIN_SILENCE.
         pay.read_at = ago(READ_EVERY);
         pay.read_ok_at = ago(CHAIN_SILENCE);
-        let why = pay.before_serve(Some(&voucher), pay.served.inferences).unwrap_err();
+        let why = pay.before_serve(Some(&voucher), pay.served.inferences, true).unwrap_err();
         assert!(why.contains("the chain has not answered"), "{why}");
         // Back: served again, and the vouchers it holds are claimed at the end.
         silent.down.store(false, Ordering::SeqCst);
-        pay.before_serve(None, pay.served.inferences).unwrap();
+        pay.before_serve(None, pay.served.inferences, true).unwrap();
         pay.ended(&provider);
         let claimed = settlement::channel::read(chain, &ids.channel()).unwrap().unwrap().state.claimed;
         assert_eq!(claimed, 30);
@@ -771,7 +779,7 @@ mod tests {
         let one = Counts { inferences: 1, ..Counts::default() };
         let mut last = None;
         for _ in 0..3 {
-            pay.before_serve(last.as_ref(), pay.served.inferences).unwrap();
+            pay.before_serve(last.as_ref(), pay.served.inferences, true).unwrap();
             let r = receipts.next(&f.provider, &one, b"q", b"a");
             pay.served(&r);
             last = Some(proto::voucher::Voucher {
@@ -793,7 +801,7 @@ mod tests {
             let one = Counts { inferences: 1, ..Counts::default() };
             let mut last = None;
             for _ in 0..n {
-                pay.before_serve(last.as_ref(), pay.served.inferences).unwrap();
+                pay.before_serve(last.as_ref(), pay.served.inferences, true).unwrap();
                 let r = receipts.next(&f.provider, &one, b"q", b"a");
                 pay.served(&r);
                 last = Some(f.payer.sign(&f.renter, r.amount_due, r.digest()).unwrap());
@@ -828,7 +836,7 @@ mod tests {
             SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(reopened.terms())), "gpu0").unwrap();
         let one = Counts { inferences: 1, ..Counts::default() };
         let mut receipts = ReceiptSigner::new([6; 16], f.renter.public(), 10);
-        pay.before_serve(None, pay.served.inferences).unwrap();
+        pay.before_serve(None, pay.served.inferences, true).unwrap();
         let r = receipts.next(&f.provider, &one, b"q", b"a");
         pay.served(&r);
         let v = reopened.sign(&f.renter, r.amount_due, r.digest()).unwrap();
@@ -852,7 +860,7 @@ mod tests {
         let busy = SessionPay::open(&f.config, &f.provider, &ticket, Some(Box::new(f.payer.terms())), "gpu0");
         assert!(busy.unwrap_err().contains("another session"));
         let mut receipts = ReceiptSigner::new([5; 16], f.renter.public(), 10);
-        first.before_serve(None, 0).unwrap();
+        first.before_serve(None, 0, true).unwrap();
         let r = receipts.next(&f.provider, &Counts { inferences: 1, ..Counts::default() }, b"q", b"a");
         first.served(&r);
         let v = f.payer.sign(&f.renter, r.amount_due, r.digest()).unwrap();

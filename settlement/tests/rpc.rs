@@ -98,6 +98,17 @@ fn the_front_answers_bad_requests_with_errors() {
     assert_eq!(post(junk)["error"]["code"], -32602);
     let unknown = r#"{"jsonrpc":"2.0","id":2,"method":"getSignatureStatuses","params":[["1111111111111111111111111111111111111111111111111111111111111111"]]}"#;
     assert_eq!(post(unknown)["result"]["value"][0], serde_json::Value::Null);
+    // The local chain's own clock method: no parameter, a negative, a string or over a year are
+    // refused, and the clock does not move; a good request is served right after.
+    let clock = |params: &str| {
+        post(&format!(r#"{{"jsonrpc":"2.0","id":3,"method":"wasmgridAdvanceClock","params":{params}}}"#))
+    };
+    for bad in ["[]", "[-5]", r#"["60"]"#, "[31536001]", "[1e300]"] {
+        assert_eq!(clock(bad)["error"]["code"], -32602, "{bad}");
+    }
+    let now = clock("[0]")["result"].as_i64().unwrap();
+    let later = clock("[120]")["result"].as_i64().unwrap();
+    assert!(later >= now + 120, "{now} -> {later}");
 }
 
 #[test]
