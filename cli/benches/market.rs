@@ -161,7 +161,6 @@ async fn start_scheduler(dir: &Path) -> scheduler::Listening {
         keypair: Keypair::generate(),
         providers: None,
         db: dir.join("bench.redb"),
-        chain: None,
         state: scheduler::Config::default(),
     })
     .await
@@ -1054,6 +1053,7 @@ paid against unpaid inference round trip, echo sample, 64-byte request and respo
                 max_unvouched: every,
                 ledger: Some(dir.path().join("provider-ledger")),
                 channels: Default::default(),
+                job_slice: provider::payment::DEFAULT_JOB_SLICE,
             });
         }
         tokio::spawn(provider::run_forever(config));

@@ -66,6 +66,27 @@ const DEPOSIT: u64 = 10_000;
 /// How the demo's providers claim: once, when the session ends.
 const POLICY: Policy = Policy::End;
 
+/// A job's slice of time between receipts in the demo: short, so that its jobs (a second or
+/// so each) show a few, and long enough for a voucher's round trip through the scheduler on a
+/// machine busy with the jobs themselves.
+const JOB_SLICE: Duration = Duration::from_secs(2);
+
+/// The claims a job's provider made after its last voucher, once they show (within 30 s).
+async fn job_claims(client: &client::Scheduler, id: &str) -> anyhow::Result<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = client.job(id).await?;
+        let claims = view.channel.map(|c| c.claims).unwrap_or_default();
+        if !claims.is_empty() {
+            return Ok(claims);
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!("job {id}: its provider made no claim within 30 s of its last voucher"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A new mint, 100 of it (6 decimals) in the renter's token account, and SOL for the renter.
 fn stablecoin(chain: &dyn Chain, renter: &Keypair) -> anyhow::Result<Pubkey> {
     use solana_sdk::signature::Signer;
@@ -93,7 +114,6 @@ async fn settlement_table(
     mint: &Pubkey,
     (renter, renter_before): (&Keypair, u64),
     renter_books: &[Book],
-    jobs: &[(proto::PublicKey, u64, String)],
     ledgers: &HashMap<proto::PublicKey, PathBuf>,
     names: &HashMap<proto::PublicKey, String>,
     policy: Policy,
@@ -103,7 +123,8 @@ async fn settlement_table(
     let mut parties = Vec::new();
     let renter_balance =
         token_balance(chain, settlement::token::token_account(&settlement::address(&renter.public()), mint)).await?;
-    let jobs_paid: u64 = jobs.iter().map(|j| j.1).sum();
+    let jobs: Vec<&Book> = renter_books.iter().filter(|b| b.job).collect();
+    let jobs_paid: u64 = jobs.iter().map(|b| b.vouched).sum();
     // The renter's channels, as the chain shows them.
     let mut channels = Vec::new();
     for address in renter_books.iter().map(|b| b.channel).collect::<std::collections::BTreeSet<_>>() {
@@ -116,8 +137,8 @@ async fn settlement_table(
     let claimed: u64 = channels.iter().map(|(_, c)| c.claimed).sum();
     let in_channels: u64 = channels.iter().map(|(_, c)| c.deposited.saturating_sub(c.claimed)).sum();
     let vouched: u64 = renter_books.iter().map(|b| b.vouched).sum();
-    let inferences: u64 = renter_books.iter().map(|b| b.inferences).sum();
-    let paid = jobs_paid + claimed;
+    let inferences: u64 = renter_books.iter().filter(|b| !b.job).map(|b| b.inferences).sum();
+    let paid = claimed;
     if Some(renter_balance + in_channels) != renter_before.checked_sub(paid) {
         return Err(anyhow!(
             "the renter paid {paid} by the chain and holds {in_channels} in channels, but its balance went from {renter_before} to {renter_balance}"
@@ -126,10 +147,10 @@ async fn settlement_table(
     if vouched != claimed {
         return Err(anyhow!("the renter vouched {vouched} this session, the providers claimed {claimed}"));
     }
-    let mut transactions: Vec<String> = jobs.iter().map(|j| j.2.clone()).collect();
-    let claims: Vec<String> = renter_books.iter().flat_map(|b| b.claims.clone()).collect();
-    transactions.extend(claims.iter().cloned());
-    let price = renter_books.last().map_or(0, |b| b.price_per_inference);
+    let claims: Vec<String> = renter_books.iter().filter(|b| !b.job).flat_map(|b| b.claims.clone()).collect();
+    let job_claims: Vec<String> = jobs.iter().flat_map(|b| b.claims.clone()).collect();
+    let transactions: Vec<String> = job_claims.iter().chain(claims.iter()).cloned().collect();
+    let price = renter_books.iter().rfind(|b| !b.job).map_or(0, |b| b.price_per_inference);
     rows.push(format!(
         "  {:<16} {:>5} {:>10} {:>10} {:>12} {:>14} {:>8}",
         "renter",
@@ -160,11 +181,11 @@ async fn settlement_table(
     ledgers.sort_by_key(|(k, _)| names.get(k).cloned());
     for (key, dir) in ledgers {
         let (books, _) = settlement::ledger::load(dir)?;
-        let books: Vec<&Book> = books.iter().filter(|b| b.role == Role::Provider).collect();
-        let mine: Vec<&(proto::PublicKey, u64, String)> = jobs.iter().filter(|j| j.0 == *key).collect();
-        let from_jobs: u64 = mine.iter().map(|j| j.1).sum();
+        let (mine, books): (Vec<&Book>, Vec<&Book>) =
+            books.iter().filter(|b| b.role == Role::Provider).partition(|b| b.job);
+        let from_jobs: u64 = mine.iter().map(|b| b.vouched).sum();
         let from_channels: u64 = channels.iter().filter(|(_, c)| c.provider == key.0).map(|(_, c)| c.claimed).sum();
-        let earned = from_jobs + from_channels;
+        let earned = from_channels;
         let inferences: u64 = books.iter().map(|b| b.inferences).sum();
         let balance = token_balance(chain, settlement::token::token_account(&settlement::address(key), mint)).await?;
         if balance != earned {
@@ -185,7 +206,7 @@ async fn settlement_table(
             dollars(balance),
             "ok"
         ));
-        let my_claims: Vec<String> = books.iter().flat_map(|b| b.claims.clone()).collect();
+        let my_claims: Vec<String> = books.iter().chain(mine.iter()).flat_map(|b| b.claims.clone()).collect();
         parties.push(json!({
             "role": "provider",
             "name": name,
@@ -199,7 +220,7 @@ async fn settlement_table(
             "balance": balance,
             "claims": my_claims,
             "channels": channels.iter().filter(|(_, c)| c.provider == key.0).map(|(a, _)| a.to_string()).collect::<Vec<_>>(),
-            "transactions": mine.iter().map(|j| j.2.clone()).chain(my_claims.iter().cloned()).collect::<Vec<_>>(),
+            "transactions": my_claims,
         }));
     }
     // Each claim is one transaction with two signatures (the fee payer's and the Ed25519
@@ -207,8 +228,8 @@ async fn settlement_table(
     let fee = 2 * chain.fee_per_signature();
     let saved = inferences.saturating_sub(claims.len() as u64) * fee;
     let table = format!(
-        "\nsettlement on the in-process chain ({} job payments; the session paid through a payment channel, claim policy `{policy}`: {} claim(s) for {inferences} inferences, {} lamports in claim fees where settling each inference would cost {}, {saved} saved)\n  {:<16} {:>5} {:>10} {:>10} {:>12} {:>14} {:>8}\n{}",
-        jobs.len(),
+        "\nsettlement on the in-process chain (every job and the session paid through payment channels: the jobs by the slice, {} claim(s) in all for them; the session with claim policy `{policy}`: {} claim(s) for {inferences} inferences, {} lamports in claim fees where settling each inference would cost {}, {saved} saved)\n  {:<16} {:>5} {:>10} {:>10} {:>12} {:>14} {:>8}\n{}",
+        job_claims.len(),
         claims.len(),
         claims.len() as u64 * fee,
         inferences * fee,
@@ -274,11 +295,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             keypair: Keypair::from_seed(scheduler_key.seed()),
             providers: None,
             db: dir.join("scheduler.redb"),
-            state: scheduler::Config {
-                payments: Some(scheduler::JobPricing { mint: settlement::wire_key(&mint), decimals: 6 }),
-                ..scheduler::Config::default()
-            },
-            chain: Some(chain.clone()),
+            state: scheduler::Config::default(),
         })
         .await?;
         say(format!("scheduler   {}  quic {}  key {}", listening.url(), listening.quic, listening.key));
@@ -308,6 +325,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 max_unvouched: 1,
                 ledger: Some(ledger),
                 channels: Default::default(),
+                job_slice: JOB_SLICE,
             };
             let mut config = provider::DaemonConfig::new(listening.quic, listening.key, key, worker.clone());
             config.name = name.to_string();
@@ -351,20 +369,37 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             let s = client.submit(&uploaded.module, input, Requirements::default(), JobLimits::default(), None).await?;
             submitted.push((*label, s.id, t));
         }
+        // Each job pays its provider as it runs, through the renter's payment channel with that
+        // provider: a receipt every slice of its time, answered by a voucher. Jobs running at
+        // once on one provider each need a channel of their own (ids 1, 2, ...; the session
+        // uses 0).
+        let payment = |channel_id: u64| client::Payment {
+            chain: chain.clone(),
+            program: settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID),
+            mint: settlement::wire_key(&mint),
+            deposit: 0,
+            channel_id,
+            ledger: Some(dir.join("renter-ledger")),
+        };
+        let mut following = tokio::task::JoinSet::new();
+        for (n, (label, id, t)) in submitted.into_iter().enumerate() {
+            let (client, payment) = (client.clone(), payment(n as u64 + 1));
+            following.spawn(async move {
+                let followed = client.wait_paying(&id, Some(&payment), |_| {}).await;
+                (n, label, id, t.elapsed(), followed)
+            });
+        }
+        let mut followed = following.join_all().await;
+        followed.sort_by_key(|f| f.0);
         let mut job_reports = Vec::new();
-        let mut job_payments: Vec<(proto::PublicKey, u64, String)> = Vec::new();
-        for (label, id, t) in submitted {
-            let view = client.wait(&id, |_| {}).await?;
-            let elapsed = t.elapsed();
-            // The output comes once the renter paid the provider what its signed receipt says.
-            let paid = match view.payment.as_ref() {
-                Some(p) => {
-                    let sig = client.pay_job(&id, chain.clone(), &renter).await?;
-                    Some((p.amount, sig))
-                }
-                None => None,
-            };
-            // Checked against the provider's signed receipt.
+        let mut job_books = Vec::new();
+        for (_, label, id, elapsed, f) in followed {
+            let (view, book) = f?;
+            if view.state != JobState::Succeeded {
+                return Err(anyhow!("job {id} ({label}) ended {:?}: {:?} {:?}", view.state, view.outcome, view.error));
+            }
+            // The output comes once the provider took the voucher for its last receipt; it is
+            // checked against that receipt.
             let output = client.output(&view).await?;
             let head = match std::str::from_utf8(&output) {
                 Ok(s) => s.lines().last().unwrap_or("").to_string(),
@@ -379,10 +414,16 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 usage_line(&usage)
             ));
             say(format!("            -> {head}"));
-            if let (Some((amount, sig)), Some(p)) = (&paid, view.provider) {
-                say(format!("            -> paid {amount} to {provider} (receipt checked) in {sig}"));
-                job_payments.push((p, *amount, sig.clone()));
-            }
+            // The provider claims once the last voucher is in: wait for its claim to show.
+            let claims = job_claims(&client, &id).await?;
+            let mut book = book.ok_or_else(|| anyhow!("job {id} was not paid through a channel"))?;
+            book.claims = claims.clone();
+            say(format!(
+                "            -> vouched {} to {provider} over {} receipt(s), claimed in {}",
+                book.vouched,
+                book.inferences,
+                claims.join(", ")
+            ));
             job_reports.push(json!({
                 "id": id,
                 "job": label,
@@ -393,12 +434,12 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 "wall_time_ms": view.wall_time_ms,
                 "usage": usage,
                 "output": head,
-                "paid": paid.as_ref().map(|p| p.0),
-                "payment_transaction": paid.as_ref().map(|p| p.1.clone()),
+                "paid": book.vouched,
+                "receipts": book.inferences,
+                "channel": book.channel.to_string(),
+                "claims": claims,
             }));
-            if view.state != JobState::Succeeded {
-                return Err(anyhow!("job {id} ({label}) ended {:?}: {:?} {:?}", view.state, view.outcome, view.error));
-            }
+            job_books.push(book);
         }
 
         // An inference session, straight to the provider the scheduler picks, paid through a
@@ -474,10 +515,10 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         }
         let session_provider = session.provider().await;
         let price_per_inference = session.price_per_inference().await;
-        let books = session.close().await?;
+        let mut books = session.close().await?;
+        books.extend(job_books);
         let settlement =
-            settlement_table(&chain, &mint, (&renter, renter_before), &books, &job_payments, &ledgers, &names, POLICY)
-                .await?;
+            settlement_table(&chain, &mint, (&renter, renter_before), &books, &ledgers, &names, POLICY).await?;
         if text {
             eprintln!("{}", settlement.get("table").and_then(Value::as_str).unwrap_or(""));
         }

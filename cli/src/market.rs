@@ -104,10 +104,6 @@ pub(crate) struct SchedulerArgs {
     /// Jobs one renter may have queued or running at once; past it, 429 until one ends.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_jobs_per_renter: usize,
-    /// Take payment for batch jobs on this chain and mint: a succeeded job's output is released
-    /// once its renter paid the provider the amount on its signed receipt.
-    #[command(flatten)]
-    pay: crate::money::ChainArgs,
 }
 
 fn read_provider_keys(path: &Path) -> anyhow::Result<HashSet<PublicKey>> {
@@ -128,10 +124,8 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> Result<u8, Exit> {
     if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display())).map_err(bad_input)?;
     }
-    let (chain, payments) = args.pay.job_payments()?.unzip();
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let config = scheduler::SchedulerConfig {
-        chain,
         http: args.http,
         plain_http: args.plain_http_loopback,
         renter_limits: (args.rate_limit > 0.0)
@@ -145,7 +139,6 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> Result<u8, Exit> {
             heartbeat_timeout_ms: ms(args.heartbeat_timeout),
             max_attempts: args.max_attempts.max(1),
             max_jobs_per_renter: args.max_jobs_per_renter,
-            payments,
             ..scheduler::Config::default()
         },
     };
@@ -267,10 +260,11 @@ pub(crate) struct SubmitArgs {
     /// Print JSON (the submission, or with --wait the finished job) instead of text.
     #[arg(long)]
     json: bool,
-    /// Pay for the job when it is done (with --wait), where the scheduler takes payment, from
-    /// the renter's key (--key).
+    /// Pay for the job as it runs (with --wait), where its provider takes payment: through the
+    /// renter's payment channel with that provider (opened, or topped up to hold what the job
+    /// may cost at its wall-time limit), a voucher for every receipt the provider signs.
     #[command(flatten)]
-    pay: crate::money::ChainArgs,
+    pay: crate::money::SessionPayArgs,
 }
 
 #[derive(Args, Debug)]
@@ -306,7 +300,12 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
         None => Vec::new(),
     };
     let limits = args.limits.job_limits();
-    let chain = args.pay.chain_and_mint()?;
+    let payment = args.pay.job_payment()?;
+    if payment.is_some() && !args.wait {
+        return Err(bad_input(anyhow!(
+            "paying for a job (--rpc-url) needs --wait: the client answers the provider's receipts as the job runs"
+        )));
+    }
     let payer = args.renter.keypair()?;
     let client = args.renter.client(Keypair::from_seed(payer.seed()))?;
     let infra = |e: client::Error| Exit { code: exit::HOST, error: e.into() };
@@ -339,8 +338,8 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
             eprintln!("submitted {}", submitted.id);
         }
         let quiet = args.json;
-        let view = client
-            .wait(&submitted.id, |view| {
+        let (view, book) = client
+            .wait_paying(&submitted.id, payment.as_ref(), |view| {
                 if quiet {
                     return;
                 }
@@ -361,23 +360,25 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
             })
             .await
             .map_err(infra)?;
-        let mut paid = None;
-        if let Some(terms) = view.payment.as_ref().filter(|p| p.transaction.is_none()) {
-            let Some((chain, _)) = chain.clone() else {
-                return Err(bad_input(anyhow!(
-                    "job {} ended ({:?}); its output and log are released once paid ({} to {}): run again with --rpc-url, --mint and --key, or pay with POST /v1/jobs/{}/payment",
-                    view.id,
-                    view.state,
-                    terms.amount,
-                    terms.pay_to,
-                    view.id
-                )));
+        if !view.paid() {
+            let why = match (&view.channel, &payment) {
+                (Some(c), None) => format!(
+                    "its provider takes payment (mint {}, program {}): submit again with --rpc-url, --mint and --key",
+                    c.mint, c.program
+                ),
+                (Some(c), Some(_)) => c.refused.clone().unwrap_or_else(|| "its last voucher was not taken".into()),
+                (None, _) => String::new(),
             };
-            let sig = client.pay_job(&view.id, chain, &payer).await.map_err(infra)?;
-            if !args.json {
-                eprintln!("paid {} for job {} in transaction {sig}", terms.amount, view.id);
-            }
-            paid = Some(sig);
+            return Err(Exit {
+                code: exit::JOB_ERROR,
+                error: anyhow!("job {} ended ({:?}), unpaid: its output and log are withheld; {why}", view.id, view.state),
+            });
+        }
+        if let (Some(b), false) = (&book, args.json) {
+            eprintln!(
+                "vouched {} through payment channel {} ({} receipt(s))",
+                b.vouched, b.channel, b.inferences
+            );
         }
         // What comes is what the provider signed for (the client checks it against the receipt).
         let output = client.output(&view).await.map_err(infra)?;
@@ -397,7 +398,7 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
                 let (k, val) = crate::bytes_json("log", &log);
                 map.insert(k, val);
                 map.insert("elapsed_ms".into(), json!(started.elapsed().as_millis() as u64));
-                map.insert("payment_transaction".into(), json!(paid));
+                map.insert("paid".into(), book.as_ref().map_or(Value::Null, |b| json!({ "vouched": b.vouched, "channel": b.channel.to_string(), "receipts": b.inferences, "claims": view.channel.as_ref().map(|c| c.claims.clone()) })));
             }
             println!("{v}");
             return Ok(code);

@@ -23,9 +23,6 @@ fn data_dir() -> PathBuf {
         .join("wasmgrid")
 }
 
-/// A scheduler's chain for job payments and the token they are in.
-type JobPayments = (Arc<dyn Chain>, scheduler::JobPricing);
-
 /// A chain to settle on and the mint payments are in.
 type ChainAndMint = (Arc<dyn Chain>, PublicKey);
 
@@ -46,23 +43,9 @@ pub(crate) struct ChainArgs {
 }
 
 impl ChainArgs {
-    /// The chain and mint, when paying.
-    pub(crate) fn chain_and_mint(&self) -> Result<Option<ChainAndMint>, Exit> {
-        self.chain()
-    }
-
     /// The payment-channel program.
     pub(crate) fn program(&self) -> proto::Address {
         self.program_id.unwrap_or_else(|| settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID))
-    }
-
-    /// For a scheduler: the chain job payments go to, and the mint with its decimals (read from
-    /// the chain, which also checks that the mint exists there).
-    pub(crate) fn job_payments(&self) -> Result<Option<JobPayments>, Exit> {
-        let Some((chain, mint)) = self.chain()? else { return Ok(None) };
-        let decimals = settlement::token::mint_decimals(chain.as_ref(), &settlement::address(&mint))
-            .map_err(|e| bad_input(anyhow!("--mint {mint}: {e}")))?;
-        Ok(Some((chain, scheduler::JobPricing { mint, decimals })))
     }
 
     /// The chain and mint, when paying; an error when only one of them is given.
@@ -100,6 +83,10 @@ pub(crate) struct HostPayArgs {
     /// The provider's ledger (read by `wasmgrid earnings`).
     #[arg(long, value_name = "DIR")]
     ledger: Option<PathBuf>,
+    /// A paid batch job gets a receipt every this much of its time (e.g. 10s, 500ms) and is
+    /// stopped when one is not answered by a voucher within the next.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::units::parse_duration)]
+    job_slice: std::time::Duration,
 }
 
 impl HostPayArgs {
@@ -116,6 +103,7 @@ impl HostPayArgs {
             max_unvouched: self.max_unvouched,
             ledger: Some(self.ledger.clone().unwrap_or_else(|| data_dir().join("earnings"))),
             channels: Default::default(),
+            job_slice: self.job_slice,
         }))
     }
 }
@@ -154,6 +142,27 @@ impl SessionPayArgs {
             program: self.chain.program(),
             mint,
             deposit,
+            channel_id: self.channel_id,
+            ledger: Some(self.ledger.clone().unwrap_or_else(|| data_dir().join("spend"))),
+        }))
+    }
+}
+
+impl SessionPayArgs {
+    /// How a renter pays for batch jobs: a channel with the job's provider holds at least what
+    /// the job may cost at its wall-time limit (`--deposit` when more).
+    pub(crate) fn job_payment(&self) -> Result<Option<client::Payment>, Exit> {
+        let Some((chain, mint)) = self.chain.chain()? else {
+            if self.deposit.is_some() {
+                return Err(bad_input(anyhow!("--deposit needs --rpc-url and --mint")));
+            }
+            return Ok(None);
+        };
+        Ok(Some(client::Payment {
+            chain,
+            program: self.chain.program(),
+            mint,
+            deposit: self.deposit.unwrap_or(0),
             channel_id: self.channel_id,
             ledger: Some(self.ledger.clone().unwrap_or_else(|| data_dir().join("spend"))),
         }))

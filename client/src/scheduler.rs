@@ -19,6 +19,9 @@ const RATE_TRIES: usize = 3;
 /// Longest `Retry-After` waited out here; a longer one is the caller's to handle.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a paying client waits, after a job ended, for its last voucher to be taken.
+const LAST_VOUCHER_WAIT: Duration = Duration::from_secs(90);
+
 /// The scheduler's HTTP API, on behalf of one renter: every request is signed with its key,
 /// and the jobs and sessions it creates are that key's (nobody else can read them).
 #[derive(Clone, Debug)]
@@ -164,27 +167,10 @@ impl Scheduler {
     }
 
     /// Follows a job until it ends, calling `progress` whenever its view changes. Uses the
-    /// scheduler's long poll, so a change is seen as soon as it happens.
-    pub async fn wait(&self, id: &str, mut progress: impl FnMut(&JobView)) -> Result<JobView, Error> {
-        let mut last: Option<(proto::api::JobState, Option<u32>, usize)> = None;
-        let mut state: Option<proto::api::JobState> = None;
-        loop {
-            let path = match state {
-                Some(s) => format!("/v1/jobs/{id}?wait_ms=10000&state={}", state_name(s)),
-                None => format!("/v1/jobs/{id}"),
-            };
-            let resp = self.get(&path).await?;
-            let view: JobView = self.json(resp, "reading the job").await?;
-            let now = (view.state, view.queue_position, view.attempts.len());
-            if last != Some(now) {
-                progress(&view);
-                last = Some(now);
-            }
-            if view.state.is_final() {
-                return Ok(view);
-            }
-            state = Some(view.state);
-        }
+    /// scheduler's long poll, so a change is seen as soon as it happens. Pays nothing: a job on
+    /// a provider that takes payment fails, with the reason ([`Scheduler::wait_paying`] pays).
+    pub async fn wait(&self, id: &str, progress: impl FnMut(&JobView)) -> Result<JobView, Error> {
+        Ok(self.wait_paying(id, None, progress).await?.0)
     }
 
     /// A finished job's output or log (`what` is `output` or `log`), as the scheduler sends
@@ -209,43 +195,78 @@ impl Scheduler {
         Ok(output)
     }
 
-    /// Pays for a finished job (succeeded or failed: the kernel ran either way) from `payer`'s
-    /// token account, the amount on the provider's signed receipt (checked here first, its
-    /// billed time against the job's wall-time limit and the time the scheduler saw it run);
-    /// returns the payment transaction's signature. Paying a job already paid returns the first
-    /// payment's signature and pays nothing.
-    pub async fn pay_job(&self, id: &str, chain: Arc<dyn settlement::Chain>, payer: &Keypair) -> Result<String, Error> {
-        let view = self.job(id).await?;
-        let terms = view.payment.clone().ok_or_else(|| Error::Payment(format!("job {id} has nothing to pay")))?;
-        if let Some(sig) = terms.transaction {
-            return Ok(sig);
-        }
-        // The output is withheld until paid: check everything else the receipt says now, and
-        // the output against its digest once it comes.
-        // The time the scheduler saw it run, from its assignment to its result.
-        let observed = view.attempts.last().and_then(|a| Some(a.ended_at_ms?.saturating_sub(a.started_at_ms)));
-        match (&view.receipt, view.provider) {
-            (Some(r), Some(p)) => {
-                r.check_terms(id, &p)
-                    .and_then(|()| r.check_time(view.limits.wall_time_ms, observed))
-                    .map_err(|e| Error::Payment(format!("not paying job {id}: {e}")))?;
-                if r.amount_due != terms.amount || settlement::pay::hex(&r.digest()) != terms.receipt_digest {
-                    return Err(Error::Payment(format!("job {id}'s payment does not match its receipt")));
+    /// Follows a job until it ends, paying for it as it runs when its provider takes payment:
+    /// names this renter's channel with the provider when it asks (opened, or topped up to hold
+    /// what the job may cost at its wall-time limit), checks every receipt the provider signs
+    /// (its signature, the job, the price it asked, its time against the job's limit and what
+    /// the scheduler saw, each one after the one before) and answers it with a voucher, the
+    /// last one included, after which the output and log are released. Without `payment`, a
+    /// provider that asks to be paid gets nothing and the job fails with the reason.
+    pub async fn wait_paying(
+        &self,
+        id: &str,
+        payment: Option<&crate::Payment>,
+        mut progress: impl FnMut(&JobView),
+    ) -> Result<(JobView, Option<settlement::ledger::Book>), Error> {
+        let mut last: Option<(proto::api::JobState, Option<u32>, usize)> = None;
+        let mut state: Option<proto::api::JobState> = None;
+        let mut pay: Option<crate::pay::JobPayer> = None;
+        let mut seen = 0;
+        let mut ended_at: Option<std::time::Instant> = None;
+        loop {
+            let path = match state {
+                Some(s) => format!("/v1/jobs/{id}?wait_ms=10000&state={}&pay={seen}", state_name(s)),
+                None => format!("/v1/jobs/{id}"),
+            };
+            let resp = self.get(&path).await?;
+            let view: JobView = self.json(resp, "reading the job").await?;
+            let now = (view.state, view.queue_position, view.attempts.len());
+            if last != Some(now) {
+                progress(&view);
+                last = Some(now);
+            }
+            // A try on another provider pays that provider, through its own channel.
+            if pay.as_ref().is_some_and(|p| Some(p.provider()) != view.provider || view.channel.is_none())
+                && let Some(p) = pay.take()
+            {
+                p.ended();
+            }
+            if let (Some(c), Some(payment), Some(provider)) = (&view.channel, payment, view.provider) {
+                seen = c.updates;
+                if pay.is_none() && c.id.is_none() && c.refused.is_none() && view.state == proto::api::JobState::Running
+                {
+                    let p = crate::pay::JobPayer::create(payment, self.renter.clone(), id, provider, c).await?;
+                    let resp = self.post_json(&format!("/v1/jobs/{id}/channel"), &p.terms()).await?;
+                    self.check(resp, "naming the payment channel").await?;
+                    pay = Some(p);
+                }
+                if let Some(p) = pay.as_mut()
+                    && let Some(voucher) = p.follow(&view)?
+                {
+                    let resp = self.post_json(&format!("/v1/jobs/{id}/voucher"), &voucher).await?;
+                    // A voucher the scheduler did not take (its provider busy, say) is sent
+                    // again on the next turn while its receipt still waits.
+                    match self.check(resp, "sending a voucher").await {
+                        Ok(_) => p.sent(),
+                        Err(e) => log::warn!("job {id}: {e}"),
+                    }
                 }
             }
-            _ => return Err(Error::Payment(format!("job {id} has no receipt to pay against"))),
+            let settled = match &view.channel {
+                None => true,
+                Some(c) => view.paid() || c.receipt.is_none() || c.refused.is_some() && c.unvouched().is_none(),
+            };
+            // The provider waits a minute for the last voucher; past that, nothing more comes.
+            let given_up = ended_at.is_some_and(|t| t.elapsed() > LAST_VOUCHER_WAIT);
+            if view.state.is_final() && (settled || payment.is_none() || given_up) {
+                let book = pay.take().map(|p| p.ended());
+                return Ok((view, book));
+            }
+            if view.state.is_final() {
+                ended_at.get_or_insert_with(std::time::Instant::now);
+            }
+            state = Some(view.state);
         }
-        let payer = Keypair::from_seed(payer.seed());
-        let tx = tokio::task::spawn_blocking(move || settlement::pay::job_payment(chain.as_ref(), &payer, &terms))
-            .await
-            .map_err(|e| Error::Payment(e.to_string()))?
-            .map_err(|e| Error::Payment(e.to_string()))?;
-        let resp = self.post_json(&format!("/v1/jobs/{id}/payment"), &proto::api::PayJob { transaction: tx }).await?;
-        let v: serde_json::Value = self.json(resp, "paying for the job").await?;
-        v.get("transaction")
-            .and_then(|t| t.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| Error::Payment("the scheduler did not say which transaction paid".into()))
     }
 
     /// Asks for a provider to serve an inference session. `req.renter` must be this client's
@@ -318,7 +339,6 @@ mod tests {
             providers: None,
             db: dir.path().join("db"),
             state: scheduler::Config::default(),
-            chain: None,
         })
         .await
         .unwrap()
@@ -374,7 +394,8 @@ mod tests {
     #[test]
     fn an_output_is_checked_against_the_providers_receipt() {
         let provider = Keypair::generate();
-        let receipt = proto::receipt::JobReceipt::sign(&provider, "job-1", [0; 32], b"out", Default::default(), 5, 1);
+        let receipt =
+            proto::receipt::JobReceipt::sign(&provider, "job-1", [0; 32], 1, b"out", Default::default(), 5, 1);
         let view: JobView = serde_json::from_value(serde_json::json!({
             "id": "job-1", "module": "00", "state": "succeeded", "requirements": {}, "limits": {},
             "submitted_at_ms": 0, "deadline_ms": 0, "attempts": [],

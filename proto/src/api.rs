@@ -131,47 +131,70 @@ pub struct JobView {
     /// The provider's signed receipt, once the job succeeded.
     #[serde(default)]
     pub receipt: Option<crate::receipt::JobReceipt>,
-    /// On a scheduler that takes payment: what the job costs, where it goes, and the payment
-    /// transaction once made. The output is released once it is.
+    /// On a provider that takes payment: the job's payment through the renter's channel with
+    /// it, as the scheduler relayed it. The output and the log are released once the renter's
+    /// voucher for the job's last receipt is taken.
     #[serde(default)]
-    pub payment: Option<JobPayment>,
+    pub channel: Option<JobChannel>,
 }
 
-/// A batch job's payment: a transfer of `amount` of `mint` from the renter's token account to
-/// `pay_to` (the provider's), with the receipt's digest in a Memo, which the renter signs and
-/// the scheduler checks and submits (`POST /v1/jobs/{id}/payment`).
+impl JobView {
+    /// Whether the job's output and log may be released: it is free, it ended with nothing
+    /// billed (it never ran), or the renter's voucher for its last receipt was taken.
+    pub fn paid(&self) -> bool {
+        match &self.channel {
+            None => true,
+            Some(c) if c.receipt.is_none() => self.state.is_final(),
+            Some(c) => c.paid(),
+        }
+    }
+}
+
+/// A paid job's payment, relayed between its provider and its renter by the scheduler. Every
+/// figure is one the other party signed: the receipts are the provider's (checked here: the
+/// signature, the job, the provider's registered price, the billed time against the job's
+/// limit and the time this scheduler saw it run), the vouchers the renter's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobPayment {
-    pub amount: u64,
+pub struct JobChannel {
+    /// The provider's payment-channel program and mint.
+    pub program: crate::identity::Address,
     pub mint: PublicKey,
-    pub decimals: u8,
-    /// The provider's token account for the mint (base58; an associated token account is a
-    /// program address, not an ed25519 key).
-    pub pay_to: String,
-    /// Hex SHA-256 of the receipt's signing bytes, as the Memo carries it.
-    pub receipt_digest: String,
-    /// The payment transaction's signature (base58), once it landed.
-    pub transaction: Option<String>,
-    pub payer: Option<PublicKey>,
-    /// A payment submitted whose outcome is not known yet (the chain did not answer): its
-    /// signature and blockhash. No other payment is taken while it could still land.
-    #[serde(default)]
-    pub pending: Option<PendingPayment>,
+    /// What the channel must hold beyond what is vouched on it for the job to start (its cost
+    /// at its wall-time limit).
+    pub need: u64,
+    /// A receipt comes every this many milliseconds of the job's time; one not answered by a
+    /// voucher within the next slice stops the job.
+    pub slice_ms: u64,
+    /// The channel id the renter named, once it did.
+    pub id: Option<u64>,
+    /// Once the provider took the channel: the cumulative amount the job's vouchers count
+    /// from, and the provider's copy of the newest voucher on it.
+    pub base: Option<u64>,
+    pub newest: Option<crate::voucher::Voucher>,
+    /// The provider's newest receipt for the job (a slice's, or the last one once it ended).
+    pub receipt: Option<crate::receipt::JobReceipt>,
+    /// The newest voucher the provider took for the job, and the receipt it answers.
+    pub vouched: Option<crate::voucher::Voucher>,
+    pub vouched_sequence: u64,
+    /// Claims the provider says it made after the job's vouchers (base58 transaction
+    /// signatures: `wasmgrid earnings --rpc-url` shows what the chain paid).
+    pub claims: Vec<String>,
+    /// Why the provider refused the channel or a voucher, when it did.
+    pub refused: Option<String>,
+    /// Counts every change, for long polls (`GET /v1/jobs/{id}?pay=N` returns once it moves).
+    pub updates: u64,
 }
 
-/// A job payment sent to the chain, outcome unknown.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingPayment {
-    pub transaction: String,
-    pub blockhash: String,
-    pub payer: PublicKey,
-}
+impl JobChannel {
+    /// The renter's voucher answers the job's last receipt.
+    pub fn paid(&self) -> bool {
+        self.receipt.as_ref().is_some_and(|r| r.done && r.sequence == self.vouched_sequence)
+    }
 
-/// `POST /v1/jobs/{id}/payment`: the renter's signed payment transaction.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PayJob {
-    /// Base64 of the wire-format (bincode) transaction.
-    pub transaction: String,
+    /// The newest receipt, when it waits for a voucher.
+    pub fn unvouched(&self) -> Option<&crate::receipt::JobReceipt> {
+        self.receipt.as_ref().filter(|r| r.sequence > self.vouched_sequence)
+    }
 }
 
 /// `GET /v1/sessions/{id}`: an inference session as the scheduler knows it: who serves whom,

@@ -300,11 +300,20 @@ pub enum JobMsg {
         #[serde(with = "bytes")]
         input: Vec<u8>,
         limits: JobLimits,
+        /// The renter that submitted it: a provider that takes payment reads its channel with
+        /// this renter.
+        #[serde(default)]
+        renter: Option<PublicKey>,
     },
     Module {
         #[serde(with = "bytes")]
         bytes: Vec<u8>,
     },
+    /// The renter's payment channel with this provider, relayed for a job the provider said it
+    /// waits to be paid for ([`JobReply::AwaitingChannel`]).
+    Channel(Box<crate::voucher::ChannelTerms>),
+    /// The renter's voucher for one of the job's receipts, relayed.
+    Voucher(Box<crate::voucher::Voucher>),
 }
 
 /// Host to scheduler, on a job stream.
@@ -320,6 +329,41 @@ pub enum JobReply {
     Finished(Box<JobResult>),
     /// The host cannot take the job (full, module refused); the scheduler places it again.
     Declined {
+        reason: String,
+    },
+    /// The provider takes payment: it runs the job once the renter names its payment channel
+    /// ([`JobMsg::Channel`]) holding at least `need` beyond what is vouched on it (the job's
+    /// cost at its wall-time limit). A receipt comes every `slice_ms` of the job's time, and the
+    /// job stops when one is not answered by a voucher within the next slice.
+    AwaitingChannel {
+        program: crate::identity::Address,
+        mint: PublicKey,
+        need: u64,
+        slice_ms: u64,
+    },
+    /// The job runs, paid through the channel: `newest` is the provider's copy of the newest
+    /// voucher on it (the renter counts on from it, if it is the renter's own signature).
+    ChannelTaken {
+        newest: Option<Box<crate::voucher::Voucher>>,
+        /// The channel's cumulative amount the job's vouchers count from.
+        base: u64,
+    },
+    /// The channel was refused (not on the chain, another program or mint, too little left):
+    /// the job does not run.
+    ChannelRefused {
+        reason: String,
+    },
+    /// The receipt of the job's first `wall_time_us` of GPU time, to be answered by a voucher.
+    Slice(Box<crate::receipt::JobReceipt>),
+    /// A voucher was taken (it answers receipt `sequence`).
+    Vouched {
+        sequence: u64,
+        voucher: Box<crate::voucher::Voucher>,
+    },
+    /// The provider claimed on the chain after the job's last voucher.
+    Claimed(Box<crate::voucher::Claimed>),
+    /// A voucher was refused, and why.
+    VoucherRefused {
         reason: String,
     },
 }
@@ -369,6 +413,7 @@ mod tests {
             module_hash: [7; 32],
             input: vec![200; 10_000],
             limits: JobLimits::default(),
+            renter: None,
         };
         let frame = encode(&run, BLOB_CAP).unwrap();
         // Binary stays binary: 10,000 input bytes cost 10,000 bytes plus a small header.

@@ -355,16 +355,23 @@ impl Checker {
 }
 
 /// Domain separation for batch-job receipts.
-const JOB_DOMAIN: &[u8] = b"wasmgrid-job-receipt-v1";
+const JOB_DOMAIN: &[u8] = b"wasmgrid-job-receipt-v2";
 
-/// A provider-signed statement of one finished batch job: what ran, what it produced, what it
-/// used, and what it costs at the provider's price per GPU-second (of wall time holding the GPU).
+/// A provider-signed statement of a batch job's cumulative GPU time and what it costs at the
+/// provider's price per GPU-second (of wall time holding the GPU). A paid job gets one at the
+/// end of every slice of its time as it runs (`done` false: no output yet, no counts), each
+/// answered by the renter's voucher, and a last one when it ends (`done`): what it produced and
+/// used, billed for a failed run as for a succeeded one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobReceipt {
     pub job_id: String,
     pub provider: PublicKey,
     pub module_hash: [u8; 32],
-    /// SHA-256 of the job's output.
+    /// 1 for the job's first receipt, then one more each time.
+    pub sequence: u64,
+    /// The job ended: this is its last receipt.
+    pub done: bool,
+    /// SHA-256 of the job's output (zeros on a slice's receipt).
     pub output_digest: [u8; 32],
     pub counts: Counts,
     pub wall_time_us: u64,
@@ -389,6 +396,10 @@ pub enum JobReceiptError {
     Amount { want: u64, got: u64 },
     #[error("the job receipt bills {billed_us} us of wall time, more than the {most_us} us {bound}")]
     OverTime { billed_us: u64, most_us: u64, bound: &'static str },
+    #[error("the job receipt does not follow the one before it: {0}")]
+    OutOfOrder(&'static str),
+    #[error("the job receipt charges {got} per GPU-second, not the provider's price of {want}")]
+    Price { want: u64, got: u64 },
 }
 
 /// Slack on the time the scheduler saw a job run, for its millisecond clock: a receipt may bill
@@ -402,12 +413,38 @@ impl JobReceipt {
         u64::try_from(units.div_ceil(1_000_000)).unwrap_or(u64::MAX)
     }
 
-    /// Signs the receipt of a finished job.
+    /// Signs the last receipt of a job (`sequence`: one more than its slices' receipts).
+    #[allow(clippy::too_many_arguments)]
     pub fn sign(
         keypair: &Keypair,
         job_id: &str,
         module_hash: [u8; 32],
+        sequence: u64,
         output: &[u8],
+        counts: Counts,
+        wall_time_us: u64,
+        price_per_gpu_second: u64,
+    ) -> JobReceipt {
+        let output_digest = Sha256::digest(output).into();
+        JobReceipt::signed(
+            keypair,
+            job_id,
+            module_hash,
+            (sequence, true),
+            output_digest,
+            counts,
+            wall_time_us,
+            price_per_gpu_second,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn signed(
+        keypair: &Keypair,
+        job_id: &str,
+        module_hash: [u8; 32],
+        (sequence, done): (u64, bool),
+        output_digest: [u8; 32],
         counts: Counts,
         wall_time_us: u64,
         price_per_gpu_second: u64,
@@ -416,7 +453,9 @@ impl JobReceipt {
             job_id: job_id.to_string(),
             provider: keypair.public(),
             module_hash,
-            output_digest: Sha256::digest(output).into(),
+            sequence,
+            done,
+            output_digest,
             counts,
             wall_time_us,
             price_per_gpu_second,
@@ -427,15 +466,62 @@ impl JobReceipt {
         r
     }
 
+    /// Signs the receipt of a running job's first `wall_time_us` of GPU time (its `sequence`th
+    /// slice).
+    pub fn sign_slice(
+        keypair: &Keypair,
+        job_id: &str,
+        module_hash: [u8; 32],
+        sequence: u64,
+        wall_time_us: u64,
+        price_per_gpu_second: u64,
+    ) -> JobReceipt {
+        let (digest, counts) = ([0; 32], Counts::default());
+        JobReceipt::signed(
+            keypair,
+            job_id,
+            module_hash,
+            (sequence, false),
+            digest,
+            counts,
+            wall_time_us,
+            price_per_gpu_second,
+        )
+    }
+
+    /// Checks that this receipt may follow `earlier` of the same job: a later sequence, the same
+    /// module and price, no less time, and nothing after the last receipt.
+    pub fn follows(&self, earlier: &JobReceipt) -> Result<(), JobReceiptError> {
+        if earlier.done {
+            return Err(JobReceiptError::OutOfOrder("the job's last receipt came before it"));
+        }
+        if self.job_id != earlier.job_id || self.module_hash != earlier.module_hash {
+            return Err(JobReceiptError::OutOfOrder("it is for another job or module"));
+        }
+        if self.sequence <= earlier.sequence {
+            return Err(JobReceiptError::OutOfOrder("its sequence number does not grow"));
+        }
+        if self.price_per_gpu_second != earlier.price_per_gpu_second {
+            return Err(JobReceiptError::OutOfOrder("its price changed"));
+        }
+        if self.wall_time_us < earlier.wall_time_us {
+            return Err(JobReceiptError::OutOfOrder("it bills less time than the one before"));
+        }
+        Ok(())
+    }
+
     /// The fixed layout signed: domain, the job id's length (u32 LE) and bytes, provider,
-    /// module hash, output digest, the six counts, wall time, price and amount (u64 LE).
+    /// module hash, sequence (u64 LE), done (one byte), output digest, the six counts, wall
+    /// time, price and amount (u64 LE).
     pub fn signing_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(JOB_DOMAIN.len() + 4 + self.job_id.len() + 96 + 8 * 9);
+        let mut out = Vec::with_capacity(JOB_DOMAIN.len() + 4 + self.job_id.len() + 105 + 8 * 9);
         out.extend_from_slice(JOB_DOMAIN);
         out.extend_from_slice(&(self.job_id.len() as u32).to_le_bytes());
         out.extend_from_slice(self.job_id.as_bytes());
         out.extend_from_slice(&self.provider.0);
         out.extend_from_slice(&self.module_hash);
+        out.extend_from_slice(&self.sequence.to_le_bytes());
+        out.push(u8::from(self.done));
         out.extend_from_slice(&self.output_digest);
         self.counts.write_le(&mut out);
         for v in [self.wall_time_us, self.price_per_gpu_second, self.amount_due] {
@@ -643,7 +729,7 @@ mod tests {
     #[test]
     fn a_renter_pays_no_job_receipt_billing_more_time_than_its_limit_or_than_the_scheduler_saw() {
         let provider = Keypair::generate();
-        let r = JobReceipt::sign(&provider, "job-1", [1; 32], b"out", call(), 90_000, 3);
+        let r = JobReceipt::sign(&provider, "job-1", [1; 32], 1, b"out", call(), 90_000, 3);
         assert_eq!(r.check_time(100, Some(95)), Ok(()));
         assert_eq!(r.check_time(0, None), Ok(()), "no limit given, no time seen");
         assert!(matches!(r.check_time(80, None), Err(JobReceiptError::OverTime { most_us: 80_000, .. })));
@@ -654,9 +740,34 @@ mod tests {
     }
 
     #[test]
+    fn a_jobs_receipts_follow_each_other_and_none_follows_its_last() {
+        let provider = Keypair::generate();
+        let one = JobReceipt::sign_slice(&provider, "job-1", [1; 32], 1, 100_000, 3);
+        let two = JobReceipt::sign_slice(&provider, "job-1", [1; 32], 2, 200_000, 3);
+        let last = JobReceipt::sign(&provider, "job-1", [1; 32], 3, b"out", call(), 250_000, 3);
+        one.check_terms("job-1", &provider.public()).unwrap();
+        assert_eq!(one.amount_due, 1);
+        assert_eq!(two.follows(&one), Ok(()));
+        assert_eq!(last.follows(&two), Ok(()));
+        assert!(one.follows(&two).is_err(), "sequence must grow");
+        let less = JobReceipt::sign_slice(&provider, "job-1", [1; 32], 3, 150_000, 3);
+        assert!(less.follows(&two).is_err(), "time never shrinks");
+        let dearer = JobReceipt::sign_slice(&provider, "job-1", [1; 32], 3, 300_000, 4);
+        assert!(dearer.follows(&two).is_err(), "the price is fixed");
+        let other = JobReceipt::sign_slice(&provider, "job-2", [1; 32], 3, 300_000, 3);
+        assert!(other.follows(&two).is_err());
+        let after = JobReceipt::sign(&provider, "job-1", [1; 32], 4, b"out", call(), 300_000, 3);
+        assert!(after.follows(&last).is_err(), "nothing after the last");
+        // `done` and the sequence are signed.
+        let mut flipped = two.clone();
+        flipped.done = true;
+        assert_eq!(flipped.check_terms("job-1", &provider.public()), Err(JobReceiptError::BadSignature));
+    }
+
+    #[test]
     fn job_receipts_check_and_refuse_tampering() {
         let provider = Keypair::generate();
-        let r = JobReceipt::sign(&provider, "job-000007", [1; 32], b"out", call(), 2_500_001, 3);
+        let r = JobReceipt::sign(&provider, "job-000007", [1; 32], 1, b"out", call(), 2_500_001, 3);
         assert_eq!(r.amount_due, 8, "2.500001 s at 3 per second, rounded up");
         r.check("job-000007", &provider.public(), b"out").unwrap();
         assert_eq!(

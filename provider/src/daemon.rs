@@ -183,6 +183,10 @@ struct Shared {
     gpu: GpuInfo,
     keypair: Arc<Keypair>,
     payment: Option<Arc<crate::payment::PaymentConfig>>,
+    /// Whether the payment setup worked (without it, no paid work is taken).
+    paid_ready: bool,
+    /// A worker's most for each job limit (what a job that asks for none gets).
+    defaults: proto::msg::JobLimits,
     /// What each open session's worker holds, against `config.session_memory`.
     memory: SessionMemory,
 }
@@ -194,6 +198,7 @@ pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
     let pool = Pool::new(config.worker.clone(), warm.max(1));
     let mut first = pool.take().await.map_err(|e| DaemonError::Worker(e.message))?;
     let mut gpu = first.gpu.clone();
+    let defaults = first.defaults.clone();
     gpu.score_gflops = benchmark(&mut first).await;
     pool.give_back(first, true).await;
     // The rest of the pool starts while the daemon registers: a provider is online (and can
@@ -224,6 +229,8 @@ pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
     let shared = Arc::new(Shared {
         keypair: Arc::new(Keypair::from_seed(config.keypair.seed())),
         payment: config.payment.clone().map(Arc::new),
+        paid_ready,
+        defaults,
         memory: SessionMemory::new(config.session_memory),
         config,
         pool,
@@ -425,12 +432,34 @@ impl Drop for Cancellable<'_> {
 
 /// Takes one job off a stream: hand it to a worker, fetch the module when the worker asks,
 /// stream the log, kill the worker if it runs past the wall time, sign the receipt, report.
+/// How long a paid job waits for the renter to name its payment channel before it fails.
+const CHANNEL_WAIT: Duration = Duration::from_secs(60);
+
+/// How long a paid job's stream stays open after its result for the renter's last voucher.
+const LAST_VOUCHER_WAIT: Duration = Duration::from_secs(60);
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) -> Result<(), quic::QuicError> {
-    let Some(JobMsg::Run { job_id, module_hash, input, limits }) =
+    let Some(JobMsg::Run { job_id, module_hash, input, limits, renter }) =
         quic::read_msg::<JobMsg>(&mut recv, BLOB_CAP).await?
     else {
         return Ok(());
     };
+    let price = shared.config.price.per_gpu_second;
+    let paying = shared.payment.clone().filter(|_| price > 0);
+    if paying.is_some() && !shared.paid_ready {
+        let reason = "this provider's payment setup failed: it takes no paid work now".to_string();
+        quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
+        return Ok(());
+    }
     let Some(slot) = Slot::take(&shared.running.jobs, shared.config.capacity) else {
         let reason = format!("at capacity ({} jobs)", shared.config.capacity);
         quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
@@ -440,22 +469,58 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
     // kept until the job runs.
     let cancel = Cancellable::register(&shared.running, &job_id);
     quic::write_msg(&mut send, &JobReply::Started, CONTROL_CAP).await?;
+    // What the scheduler sends from here on (a module, the renter's channel and vouchers) is
+    // read by its own task: a read is not cancel-safe, and the job waits on several things.
+    let (inbox_tx, mut inbox) = tokio::sync::mpsc::channel::<JobMsg>(8);
+    let _reader = AbortOnDrop(tokio::spawn(async move {
+        while let Ok(Some(msg)) = quic::read_msg::<JobMsg>(&mut recv, BLOB_CAP).await {
+            if inbox_tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    }));
+    let mut pay = None;
+    if let Some(config) = paying {
+        let wall_ms = crate::flow::smaller(limits.wall_time_ms, shared.defaults.wall_time_ms);
+        let need = proto::receipt::JobReceipt::amount(wall_ms.saturating_mul(1000), price);
+        match take_channel(&mut send, &mut inbox, &cancel, &config, shared, &job_id, renter, need).await? {
+            Ok(p) => pay = Some(p),
+            Err(reason) => {
+                // Nothing of the renter's ran: nothing is billed, and the job is not tried
+                // elsewhere (the renter did not pay; another provider would want the same).
+                log::info!("job {job_id}: {reason}");
+                drop(cancel);
+                drop(slot);
+                let result = failed_result(FailureKind::Payment, None, reason);
+                quic::write_msg(&mut send, &JobReply::Finished(Box::new(result)), BLOB_CAP).await?;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                return Ok(());
+            }
+        }
+    }
     // A worker that dies before it takes the job (one that died idle, say) is the provider's
     // failure: another worker gets the job, once.
     let mut tries = 0;
-    let mut result = loop {
+    let (mut result, slices) = loop {
         tries += 1;
-        let mut worker = match shared.pool.take().await {
+        let worker = match shared.pool.take().await {
             Ok(w) => w,
-            Err(e) => break failed_result(FailureKind::Host, None, format!("no worker to run it: {e}")),
+            Err(e) => break (failed_result(FailureKind::Host, None, format!("no worker to run it: {e}")), 0),
         };
         log::info!("running job {job_id} in worker {}", worker.pid());
         let defaults = worker.defaults.clone();
         let (mut flow, actions) =
             JobFlow::start(job_id.clone(), module_hash, input.clone(), limits.clone(), &defaults, Instant::now());
+        if let Some(config) = shared.payment.as_ref().filter(|_| pay.is_some()) {
+            flow.paid_by_the_slice(config.job_slice);
+        }
+        let mut job = JobPump { flow, worker, send: &mut send, inbox: &mut inbox, shared, pay: pay.as_mut() };
         // Whatever happens on the scheduler's stream, the worker goes back to the pool (or is
         // replaced): the pool never shrinks.
-        let (result, reusable) = match pump_job(&mut flow, actions, &mut worker, &mut send, &mut recv, &cancel).await {
+        let end = job.pump(actions, &cancel, &job_id, module_hash).await;
+        let JobPump { flow, worker, .. } = job;
+        let (result, reusable) = match end {
             Ok(end) => end,
             Err(e) => {
                 shared.pool.give_back(worker, false).await;
@@ -464,7 +529,7 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
         };
         shared.pool.give_back(worker, reusable && !cancel.flag_fired()).await;
         if !(flow.never_taken() && tries < 2) {
-            break result;
+            break (result, flow.slices());
         }
         log::warn!("job {job_id}: its worker died before taking it; trying another");
     };
@@ -486,15 +551,20 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
             bytes_downloaded: u.bytes_downloaded,
             gpu_time_ns: u.gpu_time_ns,
         };
-        result.receipt = Some(proto::receipt::JobReceipt::sign(
+        let receipt = proto::receipt::JobReceipt::sign(
             &shared.keypair,
             &job_id,
             module_hash,
+            slices + 1,
             &result.output,
             counts,
             result.wall_time_us,
-            shared.config.price.per_gpu_second,
-        ));
+            price,
+        );
+        if let Some(p) = pay.as_mut() {
+            p.signed(&receipt);
+        }
+        result.receipt = Some(receipt);
     }
     match &result.outcome {
         Outcome::Succeeded => log::info!("job {job_id} ended: succeeded"),
@@ -502,6 +572,7 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
     }
     // Free the slot before reporting: the scheduler may send the next job the moment it hears.
     drop(slot);
+    let last = result.receipt.as_ref().map(|r| r.sequence);
     let finished = JobReply::Finished(Box::new(result));
     if let Err(e) = proto::frame::encode(&finished, BLOB_CAP) {
         // Output and log too big for one frame: a failure with a reason, not a lost stream
@@ -513,59 +584,236 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
     } else {
         quic::write_msg(&mut send, &finished, BLOB_CAP).await?;
     }
+    if let (Some(mut p), Some(last)) = (pay.take(), last) {
+        last_voucher(&mut send, &mut inbox, &mut p, last, &job_id).await?;
+        let keypair = shared.keypair.clone();
+        let claimed = tokio::task::spawn_blocking(move || p.finish(&keypair)).await.ok().flatten();
+        if let Some(c) = claimed {
+            let _ = quic::write_msg(&mut send, &JobReply::Claimed(Box::new(c)), CONTROL_CAP).await;
+        }
+    }
     let _ = send.finish();
     let _ = send.stopped().await;
     Ok(())
 }
 
-/// Pumps one job between its worker, the scheduler's job stream, the cancel flag and a timer
-/// until its [`JobFlow`] says it is done. Returns the result and whether the worker may serve
-/// another tenant.
-async fn pump_job(
-    flow: &mut JobFlow,
-    mut actions: Vec<JobAction>,
-    worker: &mut Worker,
+/// Asks the renter (through the scheduler) for its payment channel and checks the one it
+/// names on the chain. `Ok(Err(reason))`: the job does not run.
+#[allow(clippy::too_many_arguments)]
+async fn take_channel(
     send: &mut SendStream,
-    recv: &mut RecvStream,
+    inbox: &mut tokio::sync::mpsc::Receiver<JobMsg>,
     cancel: &Cancellable<'_>,
-) -> Result<(JobResult, bool), quic::QuicError> {
-    loop {
-        for action in std::mem::take(&mut actions) {
-            match action {
-                JobAction::ToScheduler(reply) => quic::write_msg(send, &reply, BLOB_CAP).await?,
-                JobAction::ToWorker(msg) => {
-                    if let Err(died) = worker.send(&msg).await {
-                        actions.extend(flow.on_worker(Err(died), Instant::now()));
-                    }
-                }
-                JobAction::FetchModule(hash) => {
-                    let reply = fetch_module(send, recv, hash).await?;
-                    actions.extend(flow.on_module(reply));
-                }
-                JobAction::Done { result, reusable } => return Ok((*result, reusable)),
+    config: &Arc<crate::payment::PaymentConfig>,
+    shared: &Shared,
+    job_id: &str,
+    renter: Option<PublicKey>,
+    need: u64,
+) -> Result<Result<crate::payment::JobPay, String>, quic::QuicError> {
+    let Some(renter) = renter else {
+        return Ok(Err("the job names no renter to be paid by: this provider takes payment".into()));
+    };
+    let ask = JobReply::AwaitingChannel {
+        program: config.program,
+        mint: config.mint,
+        need,
+        slice_ms: config.job_slice.as_millis() as u64,
+    };
+    quic::write_msg(send, &ask, CONTROL_CAP).await?;
+    let deadline = tokio::time::Instant::now() + CHANNEL_WAIT;
+    let terms = loop {
+        let msg = tokio::select! {
+            m = inbox.recv() => m,
+            () = cancel.flag.notified() => return Ok(Err("the job was cancelled".into())),
+            () = tokio::time::sleep_until(deadline) => None,
+        };
+        match msg {
+            Some(JobMsg::Channel(terms)) => break terms,
+            Some(_) => continue,
+            None => {
+                return Ok(Err(format!(
+                    "the renter named no payment channel within {} s: this provider takes payment in mint {} through program {}",
+                    CHANNEL_WAIT.as_secs(),
+                    config.mint,
+                    config.program
+                )));
             }
         }
-        if !actions.is_empty() {
-            continue;
+    };
+    let (config2, keypair, id) = (config.clone(), shared.keypair.clone(), job_id.to_string());
+    let opened = tokio::task::spawn_blocking(move || {
+        crate::payment::JobPay::open(&config2, &keypair, &id, renter, &terms, need)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("checking the channel failed: {e}")));
+    match opened {
+        Ok((pay, newest)) => {
+            let taken = JobReply::ChannelTaken { newest: newest.map(Box::new), base: pay.base() };
+            quic::write_msg(send, &taken, CONTROL_CAP).await?;
+            Ok(Ok(pay))
         }
-        let deadline = flow.deadline();
-        actions = tokio::select! {
-            msg = worker.recv() => flow.on_worker(msg, Instant::now()),
-            () = cancel.flag.notified() => flow.on_cancel(),
-            () = tokio::time::sleep_until(deadline.into()) => flow.on_deadline(Instant::now()),
+        Err(reason) => {
+            let reason = format!("the payment channel was refused: {reason}");
+            quic::write_msg(send, &JobReply::ChannelRefused { reason: reason.clone() }, CONTROL_CAP).await?;
+            Ok(Err(reason))
+        }
+    }
+}
+
+/// Waits (a while) for the renter's voucher for the job's last receipt, answering each voucher.
+async fn last_voucher(
+    send: &mut SendStream,
+    inbox: &mut tokio::sync::mpsc::Receiver<JobMsg>,
+    pay: &mut crate::payment::JobPay,
+    last: u64,
+    job_id: &str,
+) -> Result<(), quic::QuicError> {
+    let deadline = tokio::time::Instant::now() + LAST_VOUCHER_WAIT;
+    loop {
+        let msg = tokio::select! {
+            m = inbox.recv() => m,
+            () = tokio::time::sleep_until(deadline) => None,
         };
+        match msg {
+            Some(JobMsg::Voucher(v)) => {
+                if answer_voucher(send, pay, &v).await? == Some(last) {
+                    return Ok(());
+                }
+            }
+            Some(_) => {}
+            None => {
+                log::info!("job {job_id}: no voucher for its last receipt; its output stays withheld");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Takes (or refuses) a voucher and tells the scheduler; the sequence it answers when taken.
+async fn answer_voucher(
+    send: &mut SendStream,
+    pay: &mut crate::payment::JobPay,
+    v: &proto::voucher::Voucher,
+) -> Result<Option<u64>, quic::QuicError> {
+    match pay.take(v) {
+        Ok(sequence) => {
+            let reply = JobReply::Vouched { sequence, voucher: Box::new(*v) };
+            quic::write_msg(send, &reply, CONTROL_CAP).await?;
+            Ok(Some(sequence))
+        }
+        Err(reason) => {
+            quic::write_msg(send, &JobReply::VoucherRefused { reason }, CONTROL_CAP).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// One job between its worker, the scheduler's job stream, the cancel flag and a timer, until
+/// its [`JobFlow`] says it is done; on a paid job, its slices' receipts and vouchers too.
+struct JobPump<'a> {
+    flow: JobFlow,
+    worker: Worker,
+    send: &'a mut SendStream,
+    inbox: &'a mut tokio::sync::mpsc::Receiver<JobMsg>,
+    shared: &'a Shared,
+    pay: Option<&'a mut crate::payment::JobPay>,
+}
+
+impl JobPump<'_> {
+    /// Returns the result and whether the worker may serve another tenant.
+    async fn pump(
+        &mut self,
+        mut actions: Vec<JobAction>,
+        cancel: &Cancellable<'_>,
+        job_id: &str,
+        module_hash: [u8; 32],
+    ) -> Result<(JobResult, bool), quic::QuicError> {
+        let price = self.shared.config.price.per_gpu_second;
+        loop {
+            for action in std::mem::take(&mut actions) {
+                match action {
+                    JobAction::ToScheduler(reply) => quic::write_msg(self.send, &reply, BLOB_CAP).await?,
+                    JobAction::ToWorker(msg) => {
+                        if let Err(died) = self.worker.send(&msg).await {
+                            actions.extend(self.flow.on_worker(Err(died), Instant::now()));
+                        }
+                    }
+                    JobAction::FetchModule(hash) => {
+                        let reply = fetch_module(self.send, self.inbox, hash).await?;
+                        actions.extend(self.flow.on_module(reply));
+                    }
+                    JobAction::Slice { sequence, wall_time_us } => {
+                        let r = proto::receipt::JobReceipt::sign_slice(
+                            &self.shared.keypair,
+                            job_id,
+                            module_hash,
+                            sequence,
+                            wall_time_us,
+                            price,
+                        );
+                        if let Some(stop) = self.slice_stop(r.amount_due).await {
+                            actions.extend(self.flow.stop_unpaid(stop, Instant::now()));
+                            continue;
+                        }
+                        if let Some(p) = self.pay.as_deref_mut() {
+                            p.signed(&r);
+                        }
+                        quic::write_msg(self.send, &JobReply::Slice(Box::new(r)), CONTROL_CAP).await?;
+                    }
+                    JobAction::Done { result, reusable } => return Ok((*result, reusable)),
+                }
+            }
+            if !actions.is_empty() {
+                continue;
+            }
+            let wake = self.flow.next_wake();
+            actions = tokio::select! {
+                msg = self.worker.recv() => self.flow.on_worker(msg, Instant::now()),
+                () = cancel.flag.notified() => self.flow.on_cancel(),
+                () = tokio::time::sleep_until(wake.into()) => self.flow.on_deadline(Instant::now()),
+                Some(msg) = self.inbox.recv() => {
+                    if let (JobMsg::Voucher(v), Some(p)) = (msg, self.pay.as_deref_mut())
+                        && let Some(sequence) = answer_voucher(self.send, p, &v).await?
+                    {
+                        self.flow.on_vouched(sequence);
+                    }
+                    Vec::new()
+                }
+            };
+        }
+    }
+
+    /// Why the job cannot go on past a slice billing `amount_due` in all, if it cannot: its
+    /// deposit would be spent, or the channel (re-read now and then) is closing or unreadable.
+    async fn slice_stop(&mut self, amount_due: u64) -> Option<String> {
+        let p = self.pay.as_deref_mut()?;
+        if let Err(e) = p.room_for(amount_due) {
+            return Some(e);
+        }
+        if p.read_due() {
+            return p.refresh().await.err();
+        }
+        None
     }
 }
 
 /// Asks the scheduler for a module's bytes on the job's stream.
 async fn fetch_module(
     send: &mut SendStream,
-    recv: &mut RecvStream,
+    inbox: &mut tokio::sync::mpsc::Receiver<JobMsg>,
     hash: [u8; 32],
 ) -> Result<ToWorker, quic::QuicError> {
     quic::write_msg(send, &JobReply::NeedModule, CONTROL_CAP).await?;
-    match quic::read_msg::<JobMsg>(recv, BLOB_CAP).await? {
-        Some(JobMsg::Module { bytes }) => {
+    // Nothing else is due from the scheduler before the module (no receipt is out yet).
+    let reply = loop {
+        match inbox.recv().await {
+            Some(JobMsg::Module { bytes }) => break Some(bytes),
+            Some(JobMsg::Voucher(_) | JobMsg::Channel(_)) => continue,
+            _ => break None,
+        }
+    };
+    match reply {
+        Some(bytes) => {
             use sha2::Digest;
             let got: [u8; 32] = sha2::Sha256::digest(&bytes).into();
             if got == hash {

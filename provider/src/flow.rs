@@ -21,6 +21,12 @@ pub(crate) enum JobAction {
     ToScheduler(JobReply),
     /// Ask the scheduler for the module's bytes; answer with [`JobFlow::on_module`].
     FetchModule([u8; 32]),
+    /// A paid job's slice ended: sign the receipt of its first `wall_time_us` (receipt number
+    /// `sequence`) and send it for the renter to vouch for.
+    Slice {
+        sequence: u64,
+        wall_time_us: u64,
+    },
     /// The job is over: report `result`; hand the worker back as `reusable` says (a worker
     /// that is not reusable is killed).
     Done {
@@ -42,6 +48,14 @@ pub(crate) struct JobFlow {
     done: bool,
     /// The worker said it took the job.
     accepted: bool,
+    /// A paid job's slice: a receipt at the end of each, and the job is stopped at the end of
+    /// one when the receipt before it has no voucher.
+    slice: Option<Duration>,
+    /// Slices' receipts signed, and the newest receipt vouched for.
+    slices: u64,
+    vouched: u64,
+    /// The time the newest slice's receipt billed.
+    billed_us: u64,
 }
 
 /// The result of a job that never ran, or whose worker was lost.
@@ -78,14 +92,63 @@ impl JobFlow {
             cancelled: false,
             done: false,
             accepted: false,
+            slice: None,
+            slices: 0,
+            vouched: 0,
+            billed_us: 0,
         };
         let run = ToWorker::Job { job_id, module_hash, input, limits };
         (flow, vec![JobAction::ToWorker(run)])
     }
 
+    /// Makes the job a paid one: a receipt every `slice` of its time (at least a millisecond).
+    pub(crate) fn paid_by_the_slice(&mut self, slice: Duration) {
+        self.slice = Some(slice.max(Duration::from_millis(1)));
+    }
+
     /// When the worker is killed if the job has not ended: its wall time plus a grace.
     pub(crate) fn deadline(&self) -> Instant {
         self.started + self.wall + KILL_GRACE
+    }
+
+    /// When [`JobFlow::on_deadline`] is due next: the end of the current slice, or the kill
+    /// deadline.
+    pub(crate) fn next_wake(&self) -> Instant {
+        match self.slice {
+            Some(slice) if !self.done => {
+                let end = self.started + slice.saturating_mul(u32::try_from(self.slices + 1).unwrap_or(u32::MAX));
+                end.min(self.deadline())
+            }
+            _ => self.deadline(),
+        }
+    }
+
+    /// Receipts signed so far for the job's slices (its last receipt is one more).
+    pub(crate) fn slices(&self) -> u64 {
+        self.slices
+    }
+
+    /// The renter's voucher for receipt `sequence` was taken.
+    pub(crate) fn on_vouched(&mut self, sequence: u64) {
+        self.vouched = self.vouched.max(sequence);
+    }
+
+    /// The job cannot go on being paid (its deposit is spent, its channel closing, the chain
+    /// silent): it stops with the reason, billed for the time it ran, and the worker is not
+    /// reused (it was cut off mid-run).
+    pub(crate) fn stop_unpaid(&mut self, reason: String, now: Instant) -> Vec<JobAction> {
+        if self.done {
+            return Vec::new();
+        }
+        let mut result = failed_result(FailureKind::Payment, None, reason);
+        result.wall_time_us = self.billable_us(now);
+        result.wall_time_ms = result.wall_time_us / 1000;
+        self.end(result, false)
+    }
+
+    /// The job's time so far as the daemon saw it, never past its wall time.
+    fn billable_us(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).min(self.wall).as_micros() as u64
     }
 
     #[cfg(test)]
@@ -153,8 +216,9 @@ impl JobFlow {
             Outcome::Failed { kind, .. } => matches!(kind, FailureKind::Exit | FailureKind::Guest | FailureKind::Load),
         };
         let reusable = reported_reusable && clean_end && elapsed <= self.wall && !self.cancelled;
-        // What is billed is never more than the daemon itself saw the job take.
-        result.wall_time_us = result.wall_time_us.min(elapsed.as_micros() as u64);
+        // What is billed is never more than the daemon itself saw the job take, and (on a paid
+        // job) never less than the slices it already billed, which it saw too.
+        result.wall_time_us = result.wall_time_us.max(self.billed_us).min(elapsed.as_micros() as u64);
         result.wall_time_ms = result.wall_time_us / 1000;
         result.receipt = None;
         self.end(result, reusable)
@@ -180,10 +244,26 @@ impl JobFlow {
         self.done && !self.accepted
     }
 
-    /// The deadline passed: the worker is killed.
+    /// The deadline passed: the worker is killed. Or a paid job's slice ended: its receipt is
+    /// signed, unless the slice before it is still unpaid, which stops the job.
     pub(crate) fn on_deadline(&mut self, now: Instant) -> Vec<JobAction> {
-        if self.done || now < self.deadline() {
+        if self.done {
             return Vec::new();
+        }
+        if now < self.deadline() {
+            if self.slice.is_none() || now < self.next_wake() {
+                return Vec::new();
+            }
+            if self.slices > self.vouched {
+                let reason = format!(
+                    "the renter's vouchers stopped: receipt {} had no voucher by the end of the next slice, so the job was stopped",
+                    self.vouched + 1
+                );
+                return self.stop_unpaid(reason, now);
+            }
+            self.slices += 1;
+            self.billed_us = self.billable_us(now);
+            return vec![JobAction::Slice { sequence: self.slices, wall_time_us: self.billed_us }];
         }
         let result = failed_result(
             FailureKind::Limit,
@@ -240,6 +320,55 @@ mod tests {
             [JobAction::Done { result, reusable }] => (result, *reusable),
             other => panic!("expected the job's end, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_paid_job_gets_a_receipt_every_slice_and_stops_one_slice_after_its_vouchers_stop() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut f = start(t);
+        f.paid_by_the_slice(ms(100));
+        assert_eq!(f.next_wake(), t + ms(100));
+        assert_eq!(f.on_deadline(t + ms(50)), vec![], "not yet");
+        assert_eq!(f.on_deadline(t + ms(101)), vec![JobAction::Slice { sequence: 1, wall_time_us: 101_000 }]);
+        assert_eq!(f.next_wake(), t + ms(200));
+        // Vouched in time: the next slice is billed too.
+        f.on_vouched(1);
+        assert_eq!(f.on_deadline(t + ms(200)), vec![JobAction::Slice { sequence: 2, wall_time_us: 200_000 }]);
+        // Receipt 2 is not vouched by the end of slice 3: the job stops, billed for its time.
+        let end = f.on_deadline(t + ms(300));
+        let (result, reusable) = ended(&end);
+        assert!(!reusable, "cut off mid-run");
+        match &result.outcome {
+            Outcome::Failed { kind: FailureKind::Payment, message, .. } => {
+                assert!(message.contains("vouchers stopped") && message.contains("receipt 2"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(result.wall_time_us, 300_000);
+        assert_eq!(f.slices(), 2, "the last receipt is number 3");
+    }
+
+    #[test]
+    fn a_paid_jobs_last_receipt_bills_no_less_than_its_slices_and_no_more_than_the_daemon_saw() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut f = start(t);
+        f.paid_by_the_slice(ms(100));
+        assert_eq!(f.on_deadline(t + ms(130)), vec![JobAction::Slice { sequence: 1, wall_time_us: 130_000 }]);
+        // The worker says less than the slice billed: the slice stands.
+        let end = f.on_worker(done(succeeded(90_000), true), t + ms(150));
+        assert_eq!(ended(&end).0.wall_time_us, 130_000);
+        // Slices are never billed past the job's wall time (1 s here).
+        let mut f = start(t);
+        f.paid_by_the_slice(ms(700));
+        assert_eq!(f.on_deadline(t + ms(700)), vec![JobAction::Slice { sequence: 1, wall_time_us: 700_000 }]);
+        f.on_vouched(1);
+        assert_eq!(
+            f.on_deadline(t + ms(1400)),
+            vec![JobAction::Slice { sequence: 2, wall_time_us: 1_000_000 }],
+            "past its wall time a job is billed its wall time, no more"
+        );
     }
 
     #[test]

@@ -33,7 +33,13 @@ pub struct PaymentConfig {
     pub ledger: Option<PathBuf>,
     /// Every channel this provider holds vouchers on, shared by sessions and the watcher.
     pub channels: Arc<Channels>,
+    /// A paid batch job gets a receipt every this much of its time, and is stopped when one
+    /// is not answered by a voucher within the next.
+    pub job_slice: Duration,
 }
+
+/// What a job's slice is unless configured.
+pub const DEFAULT_JOB_SLICE: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for PaymentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -42,6 +48,7 @@ impl std::fmt::Debug for PaymentConfig {
             .field("mint", &self.mint)
             .field("policy", &self.policy)
             .field("max_unvouched", &self.max_unvouched)
+            .field("job_slice", &self.job_slice)
             .field("ledger", &self.ledger)
             .finish_non_exhaustive()
     }
@@ -181,6 +188,36 @@ impl Channels {
 }
 
 impl PaymentConfig {
+    /// The channel a renter named, checked against this provider's program and mint: its ids
+    /// and address.
+    fn channel_of(&self, renter: PublicKey, keypair: &Keypair, terms: &ChannelTerms) -> Result<(Ids, Address), String> {
+        if terms.program != self.program {
+            return Err(format!(
+                "the channel is in program {}, this provider takes vouchers for program {} only",
+                terms.program, self.program
+            ));
+        }
+        if terms.mint != self.mint {
+            return Err(format!("the channel is in mint {}, this provider takes {}", terms.mint, self.mint));
+        }
+        let ids = Ids { program: self.program, renter, provider: keypair.public(), mint: self.mint, id: terms.id };
+        Ok((ids, settlement::wire_address(&ids.channel().address())))
+    }
+
+    /// A leased channel's state (`held` by the registry, else the ledger's), read from the
+    /// chain (blocks), with the renter's copy of its newest voucher adopted when it is newer.
+    fn open_payee(&self, ids: Ids, held: Option<Payee>, terms: &ChannelTerms) -> Result<Payee, String> {
+        let address = settlement::wire_address(&ids.channel().address());
+        let saved = held.or_else(|| self.load(&address));
+        let mut payee = Payee::open(self.chain.as_ref(), ids, saved).map_err(|e| e.to_string())?;
+        if let Some(v) = &terms.newest
+            && let Err(e) = payee.adopt(v)
+        {
+            return Err(format!("the renter's copy of its newest voucher is refused: {e}"));
+        }
+        Ok(payee)
+    }
+
     /// Creates this provider's token account for the mint, where claims pay to.
     pub fn prepare(&self, keypair: &Keypair) -> Result<(), String> {
         let me = settlement::signer(keypair);
@@ -359,23 +396,7 @@ impl SessionPay {
                 config.mint
             )
         })?;
-        if terms.program != config.program {
-            return Err(format!(
-                "the channel is in program {}, this provider takes vouchers for program {} only",
-                terms.program, config.program
-            ));
-        }
-        if terms.mint != config.mint {
-            return Err(format!("the channel is in mint {}, this provider takes {}", terms.mint, config.mint));
-        }
-        let ids = Ids {
-            program: config.program,
-            renter: ticket.renter,
-            provider: keypair.public(),
-            mint: config.mint,
-            id: terms.id,
-        };
-        let address = settlement::wire_address(&ids.channel().address());
+        let (ids, address) = config.channel_of(ticket.renter, keypair, &terms)?;
         let held = config.channels.lease(address)?;
         // From here on the lease is the session's: dropping `pay` gives it back.
         let mut pay = SessionPay {
@@ -392,13 +413,7 @@ impl SessionPay {
             claims: Vec::new(),
             released: None,
         };
-        let saved = held.or_else(|| config.load(&address));
-        let mut payee = Payee::open(config.chain.as_ref(), ids, saved).map_err(|e| e.to_string())?;
-        if let Some(v) = &terms.newest
-            && let Err(e) = payee.adopt(v)
-        {
-            return Err(format!("the renter's copy of its newest voucher is refused: {e}"));
-        }
+        let payee = config.open_payee(ids, held, &terms)?;
         let room = payee.deposited.saturating_sub(payee.vouched());
         if room < ticket.price_per_inference {
             return Err(format!(
@@ -624,6 +639,217 @@ impl SessionPay {
 
 pub use settlement::signature_text as solana_signature;
 
+/// One paid batch job: the channel it pays through (leased for the job, like a session's), the
+/// receipts signed for it and not yet vouched for, and the vouchers that answer them. Every
+/// receipt is cumulative over the job, so a voucher for a later one covers the earlier ones.
+pub(crate) struct JobPay {
+    config: PaymentConfig,
+    payee: Option<Payee>,
+    address: Address,
+    /// The channel's cumulative amount when the job started.
+    base: u64,
+    /// Receipts signed and not yet vouched for: (sequence, amount due, digest), oldest first.
+    unvouched: Vec<(u64, u64, [u8; 32])>,
+    vouched_sequence: u64,
+    book: Book,
+    read_at: Instant,
+    read_ok_at: Instant,
+    released: bool,
+}
+
+impl Drop for JobPay {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl JobPay {
+    /// Checks the channel the renter named for job `job_id` on the chain: this program and
+    /// mint, open, and holding `need` beyond what is vouched on it. Returns the job's payment
+    /// state and the newest voucher this provider holds on the channel.
+    pub(crate) fn open(
+        config: &PaymentConfig,
+        keypair: &Keypair,
+        job_id: &str,
+        renter: PublicKey,
+        terms: &ChannelTerms,
+        need: u64,
+    ) -> Result<(JobPay, Option<Voucher>), String> {
+        let (ids, address) = config.channel_of(renter, keypair, terms)?;
+        let held = config.channels.lease(address)?;
+        let mut pay = JobPay {
+            config: config.clone(),
+            payee: None,
+            address,
+            base: 0,
+            unvouched: Vec::new(),
+            vouched_sequence: 0,
+            book: Book::for_job(Role::Provider, job_id, renter, keypair.public(), config.mint, address),
+            read_at: Instant::now(),
+            read_ok_at: Instant::now(),
+            released: false,
+        };
+        let payee = config.open_payee(ids, held, terms)?;
+        if payee.closing() {
+            return Err(format!("the renter is closing payment channel {address}: no work is run on it"));
+        }
+        let room = payee.deposited.saturating_sub(payee.vouched());
+        if room < need {
+            return Err(format!(
+                "the channel has {room} left of its deposit of {}, less than the job's {need} at its wall-time limit: top it up",
+                payee.deposited
+            ));
+        }
+        pay.base = payee.vouched();
+        let newest = payee.newest;
+        pay.payee = Some(payee);
+        pay.save_book(false);
+        Ok((pay, newest))
+    }
+
+    /// The cumulative amount the job's vouchers count from.
+    pub(crate) fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Notes a receipt just signed for the job: a voucher must answer it (or a later one).
+    pub(crate) fn signed(&mut self, r: &proto::receipt::JobReceipt) {
+        self.unvouched.push((r.sequence, r.amount_due, r.digest()));
+        self.book.amount_due = r.amount_due;
+        self.book.inferences = r.sequence;
+    }
+
+    /// Takes the renter's voucher for one of the receipts not yet vouched for; returns the
+    /// sequence of the receipt it answers.
+    pub(crate) fn take(&mut self, v: &Voucher) -> Result<u64, String> {
+        let Some((at, &(sequence, amount, digest))) =
+            self.unvouched.iter().enumerate().find(|(_, (_, _, d))| *d == v.receipt_digest)
+        else {
+            return Err("the voucher answers none of the job's receipts waiting for one".into());
+        };
+        let want = self.base.saturating_add(amount);
+        let p = self.payee.as_mut().ok_or("the job's channel state is gone")?;
+        if want != p.vouched() {
+            p.accept(v, want, &digest).map_err(|e| format!("voucher refused: {e}"))?;
+        }
+        self.unvouched.drain(..=at);
+        self.vouched_sequence = sequence;
+        self.book.vouched = amount;
+        if let Some(p) = &self.payee {
+            self.config.save(p, false);
+        }
+        Ok(sequence)
+    }
+
+    /// Whether one more slice, making the job's amount `amount_due`, fits in the deposit.
+    pub(crate) fn room_for(&self, amount_due: u64) -> Result<(), String> {
+        let deposited = self.payee.as_ref().map_or(0, |p| p.deposited);
+        if self.base.saturating_add(amount_due) > deposited {
+            return Err(format!(
+                "the channel's deposit of {deposited} is spent ({} due with the next slice): top it up",
+                self.base.saturating_add(amount_due)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the channel is due a re-read (a close the renter started, a top-up).
+    pub(crate) fn read_due(&self) -> bool {
+        self.read_at.elapsed() >= READ_EVERY
+    }
+
+    /// Re-reads the channel (off the async threads). An error stops the job: the renter is
+    /// closing the channel, or the chain has been silent too long for a claim to be sure.
+    pub(crate) async fn refresh(&mut self) -> Result<(), String> {
+        self.read_at = Instant::now();
+        let chain = self.config.chain.clone();
+        let mut payee = self.payee.take().ok_or("the job's channel state is gone")?;
+        let (payee, read) = tokio::task::spawn_blocking(move || {
+            let read = payee.refresh(chain.as_ref());
+            (payee, read)
+        })
+        .await
+        .map_err(|e| format!("reading the channel failed: {e}"))?;
+        let p = self.payee.insert(payee);
+        match read {
+            Ok(()) => self.read_ok_at = Instant::now(),
+            Err(settlement::PayError::Chain(e)) => {
+                log::warn!("channel {}: the chain did not answer: {e}", p.address);
+                let silent = self.read_ok_at.elapsed();
+                if silent >= CHAIN_SILENCE {
+                    return Err(format!(
+                        "the chain has not answered for {} s: the job stops (a voucher is only good while a claim can land)",
+                        silent.as_secs()
+                    ));
+                }
+            }
+            Err(e) => log::warn!("channel {}: {e}", p.address),
+        }
+        if p.closing() {
+            return Err(format!("the renter is closing payment channel {}: the job stops", p.address));
+        }
+        Ok(())
+    }
+
+    /// The job is over (its last voucher taken, or not coming): claims what it vouched for
+    /// (blocks on the chain; under `over:AMOUNT`, only once that much is unclaimed), saves,
+    /// and gives the channel back.
+    pub(crate) fn finish(&mut self, keypair: &Keypair) -> Option<Claimed> {
+        let unclaimed = self.payee.as_ref().map_or(0, Payee::unclaimed);
+        let due = match self.config.policy {
+            Policy::Amount(a) => unclaimed >= a.max(1),
+            _ => unclaimed > 0,
+        };
+        let mut claimed = None;
+        if due {
+            let chain = self.config.chain.clone();
+            if let Some(p) = self.payee.as_mut() {
+                match p.claim(chain.as_ref(), keypair) {
+                    Ok(Some(c)) => {
+                        log::info!(
+                            "job {}: claimed {} in all from channel {} ({})",
+                            self.book.session,
+                            c.cumulative,
+                            p.address,
+                            solana_signature(&c.transaction)
+                        );
+                        self.book.claims.push(solana_signature(&c.transaction));
+                        claimed = Some(c);
+                    }
+                    Ok(None) => {}
+                    Err(e) => log::warn!("job {}: claiming failed: {e}; the voucher keeps", self.book.session),
+                }
+            }
+        }
+        self.book.closed = true;
+        self.save_book(true);
+        self.release();
+        claimed
+    }
+
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        match self.payee.take() {
+            Some(p) => {
+                self.config.save(&p, true);
+                self.config.channels.give_back(self.address, p);
+            }
+            None => self.config.channels.release(self.address),
+        }
+    }
+
+    fn save_book(&mut self, durable: bool) {
+        self.book.updated_ms = ledger::now_ms();
+        if let Some(dir) = &self.config.ledger
+            && let Err(e) = ledger::save(dir, &self.book, durable)
+        {
+            log::warn!("writing the ledger in {}: {e}", dir.display());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -718,6 +944,7 @@ mod tests {
             max_unvouched: 1,
             ledger: None,
             channels: Default::default(),
+            job_slice: DEFAULT_JOB_SLICE,
         };
         config.prepare(&provider).unwrap();
         Fixture { silent, renter, provider, payer, config, ids }

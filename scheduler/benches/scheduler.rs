@@ -196,7 +196,6 @@ fn main() {
             keypair: Keypair::generate(),
             providers: None,
             db: dir.path().join("http.redb"),
-            chain: None,
             state: Config { max_jobs_per_renter: usize::MAX, ..Config::default() },
         })
         .await

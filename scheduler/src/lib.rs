@@ -9,5 +9,5 @@ pub mod store;
 
 pub use ratelimit::RenterLimits;
 pub use server::{Listening, SchedulerConfig, StartError, start};
-pub use state::{Config, JobPricing, State};
+pub use state::{Config, State};
 pub use store::{MemoryStore, RedbStore, Store, StoreError};

@@ -15,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, Extension, Path, State as AxumState};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use proto::api::{ApiError, ModuleUploaded, OpenSession, SessionGrant, SubmitJob};
+use proto::api::{ApiError, JobView, ModuleUploaded, OpenSession, SessionGrant, SubmitJob};
 use proto::frame::CONTROL_CAP;
 use proto::msg::{BLOB_CAP, HostMsg, JobMsg, JobReply, SchedulerMsg, hash_hex, parse_hash};
 use proto::ticket::Ticket;
@@ -50,8 +50,6 @@ pub struct SchedulerConfig {
     pub providers: Option<HashSet<PublicKey>>,
     pub db: PathBuf,
     pub state: Config,
-    /// The chain job payments are submitted to; with it, `state.payments` must name the mint.
-    pub chain: Option<Arc<dyn settlement::Chain>>,
 }
 
 /// Where a started scheduler listens.
@@ -82,7 +80,8 @@ struct Shared {
     /// Bumped whenever a job may have changed, for long polls.
     changed: Arc<tokio::sync::watch::Sender<u64>>,
     listening: Arc<Mutex<Option<Listening>>>,
-    chain: Option<Arc<dyn settlement::Chain>>,
+    /// Where the renter's payment messages for each running paid job go: its job stream.
+    job_inbox: Arc<Mutex<HashMap<String, tokio::sync::mpsc::Sender<JobMsg>>>>,
     gate: Arc<Gate>,
     heartbeat_ms: u64,
 }
@@ -145,7 +144,7 @@ pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
         changed: Arc::new(tokio::sync::watch::channel(0).0),
         control: Arc::new(Mutex::new(HashMap::new())),
         listening: Arc::new(Mutex::new(Some(listening.clone()))),
-        chain: config.chain.clone(),
+        job_inbox: Arc::new(Mutex::new(HashMap::new())),
         gate: Arc::new(Gate::new(config.renter_limits)),
         heartbeat_ms: config.state.heartbeat_interval_ms,
     };
@@ -450,7 +449,13 @@ async fn run_on_provider(shared: Shared, a: Assignment) {
     shared.wake.notify_one();
 }
 
-/// Sends a job to a provider and waits for its end. `Err` is a reason to try elsewhere.
+/// Payment messages a renter may have in flight to one job's provider.
+const JOB_INBOX: usize = 8;
+
+/// Sends a job to a provider and waits for its end. `Err` is a reason to try elsewhere. A paid
+/// job's stream also carries its payment: the provider's receipts and answers come here, the
+/// renter's channel and vouchers go there (through `job_inbox`), until the provider ends the
+/// stream after the last voucher.
 async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result<(), String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("opening a job stream: {e}"))?;
     let run = JobMsg::Run {
@@ -458,10 +463,40 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
         module_hash: a.module,
         input: a.input.clone(),
         limits: a.limits.clone(),
+        renter: a.renter,
     };
     quic::write_msg(&mut send, &run, BLOB_CAP).await.map_err(|e| e.to_string())?;
-    loop {
-        let reply: Option<JobReply> = quic::read_msg(&mut recv, BLOB_CAP).await.map_err(|e| e.to_string())?;
+    // Replies are read by their own task (a read is not cancel-safe), so that the renter's
+    // messages can be sent while one is awaited.
+    let (replies_tx, mut replies) = tokio::sync::mpsc::channel::<Result<Option<JobReply>, String>>(4);
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = quic::read_msg::<JobReply>(&mut recv, BLOB_CAP).await.map_err(|e| e.to_string());
+            let end = !matches!(r, Ok(Some(_)));
+            if replies_tx.send(r).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let (inbox_tx, mut inbox) = tokio::sync::mpsc::channel::<JobMsg>(JOB_INBOX);
+    let _inbox = InboxEntry::register(shared, &a.job_id, inbox_tx);
+    let mut finished = false;
+    let result = loop {
+        let reply = tokio::select! {
+            r = replies.recv() => r.unwrap_or(Ok(None)),
+            Some(msg) = inbox.recv() => {
+                if let Err(e) = quic::write_msg(&mut send, &msg, CONTROL_CAP).await {
+                    log::info!("job {}: relaying the renter's payment: {e}", a.job_id);
+                }
+                continue;
+            }
+        };
+        let reply = match reply {
+            Ok(r) => r,
+            // A stream lost after the result is the end of its payment, not a failed try.
+            Err(_) if finished => break Ok(()),
+            Err(e) => break Err(e),
+        };
         match reply {
             Some(JobReply::NeedModule) => {
                 let bytes = shared.state().module(&a.module).map_err(|e| e.to_string())?;
@@ -474,12 +509,53 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
                 log::info!("job {} finished on {}: {:?}", a.job_id, a.provider, result.outcome);
                 shared.state().finished(&a.job_id, &a.provider, *result, now_ms()).map_err(|e| e.to_string())?;
                 durable(shared).await?;
-                let _ = send.finish();
-                return Ok(());
+                finished = true;
+                shared.bump();
+                // A paid job's stream stays open for the last voucher; the provider ends it.
+                if shared.state().job(&a.job_id).is_none_or(|v| v.channel.is_none()) {
+                    break Ok(());
+                }
             }
-            Some(JobReply::Declined { reason }) => return Err(format!("the provider declined: {reason}")),
-            None => return Err("the provider closed the job stream without a result".into()),
+            Some(JobReply::Declined { reason }) => break Err(format!("the provider declined: {reason}")),
+            Some(pay)
+                if !finished
+                    || matches!(
+                        pay,
+                        JobReply::Vouched { .. } | JobReply::VoucherRefused { .. } | JobReply::Claimed(_)
+                    ) =>
+            {
+                let noted = shared.state().job_payment(&a.job_id, &a.provider, pay, now_ms());
+                if let Err(e) = noted {
+                    log::warn!("job {} on {}: {e}", a.job_id, a.provider);
+                }
+                shared.bump();
+            }
+            Some(other) => log::warn!("job {} on {}: {other:?} after the result; ignored", a.job_id, a.provider),
+            None if finished => break Ok(()),
+            None => break Err("the provider closed the job stream without a result".into()),
         }
+    };
+    let _ = send.finish();
+    reader.abort();
+    result
+}
+
+/// A running job's entry in `job_inbox`, removed when its stream ends.
+struct InboxEntry<'a> {
+    shared: &'a Shared,
+    job_id: String,
+}
+
+impl<'a> InboxEntry<'a> {
+    fn register(shared: &'a Shared, job_id: &str, tx: tokio::sync::mpsc::Sender<JobMsg>) -> InboxEntry<'a> {
+        shared.job_inbox.lock().unwrap_or_else(PoisonError::into_inner).insert(job_id.to_string(), tx);
+        InboxEntry { shared, job_id: job_id.to_string() }
+    }
+}
+
+impl Drop for InboxEntry<'_> {
+    fn drop(&mut self) {
+        self.shared.job_inbox.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.job_id);
     }
 }
 
@@ -501,7 +577,8 @@ fn router(shared: Shared) -> Router {
         .route("/v1/jobs", post(submit_job))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/output", get(get_output))
-        .route("/v1/jobs/{id}/payment", post(pay_job))
+        .route("/v1/jobs/{id}/channel", post(job_channel))
+        .route("/v1/jobs/{id}/voucher", post(job_voucher))
         .route("/v1/jobs/{id}/log", get(get_log))
         .route("/v1/sessions", post(open_session))
         .route("/v1/sessions/{id}", get(get_session))
@@ -519,15 +596,13 @@ fn router(shared: Shared) -> Router {
 /// What [`test_router`] runs with besides the state.
 #[derive(Default)]
 pub struct TestOptions {
-    /// The chain job payments go to, if it takes payment.
-    pub chain: Option<Arc<dyn settlement::Chain>>,
     /// How fast each renter may send requests; `None` for no limit.
     pub renter_limits: Option<RenterLimits>,
 }
 
 impl std::fmt::Debug for TestOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestOptions").field("renter_limits", &self.renter_limits).finish_non_exhaustive()
+        f.debug_struct("TestOptions").field("renter_limits", &self.renter_limits).finish()
     }
 }
 
@@ -542,7 +617,7 @@ pub fn test_router(state: State, options: TestOptions) -> Router {
         changed: Arc::new(tokio::sync::watch::channel(0).0),
         control: Arc::new(Mutex::new(HashMap::new())),
         listening: Arc::new(Mutex::new(None)),
-        chain: options.chain,
+        job_inbox: Arc::new(Mutex::new(HashMap::new())),
         gate: Arc::new(Gate::new(options.renter_limits)),
         heartbeat_ms,
     })
@@ -621,6 +696,9 @@ async fn submit_job(
 struct JobQuery {
     wait_ms: Option<u64>,
     state: Option<proto::api::JobState>,
+    /// Also answer once the job's payment moves past this count of changes
+    /// (`JobChannel::updates`): a paying client hears each receipt as it comes.
+    pay: Option<u64>,
 }
 
 /// Longest long poll.
@@ -650,8 +728,11 @@ async fn get_job(
             state.job(&id)
         };
         let Some(view) = view else { return no_job(&id) };
-        let moved = query.state.is_none_or(|s| s != view.state);
-        if view.state.is_final() || moved || tokio::time::Instant::now() >= deadline {
+        let paying = view.channel.as_ref().map_or(0, |c| c.updates);
+        let moved = query.state.is_none_or(|s| s != view.state) || query.pay.is_some_and(|n| n != paying);
+        // A paying client also waits on an ended job, for its last voucher to be taken.
+        let ended = view.state.is_final() && query.pay.is_none();
+        if ended || moved || tokio::time::Instant::now() >= deadline {
             return axum::Json(view).into_response();
         }
         if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
@@ -671,176 +752,108 @@ async fn get_output(
     }
     match (state.job(&id), state.output(&id)) {
         (None, _) => no_job(&id),
-        (Some(v), Some(_)) if v.payment.as_ref().is_some_and(|p| p.transaction.is_none()) => {
-            let due = v.payment.as_ref().map(|p| format!("{} to {}", p.amount, p.pay_to)).unwrap_or_default();
-            api_error(
-                StatusCode::PAYMENT_REQUIRED,
-                format!(
-                    "job {id}'s output is released once paid: {due} (see the job's payment; POST /v1/jobs/{id}/payment)"
-                ),
-            )
-        }
+        (Some(v), Some(_)) if !v.paid() => api_error(StatusCode::PAYMENT_REQUIRED, unpaid(&v, "output")),
         (Some(_), Some(out)) => ([(header::CONTENT_TYPE, "application/octet-stream")], out.to_vec()).into_response(),
         (Some(v), None) => api_error(StatusCode::CONFLICT, format!("job {id} has no output yet (it is {:?})", v.state)),
     }
 }
 
-/// The renter's signed payment for a finished job: checked to be exactly the transfer the job's
-/// receipt calls for, submitted to the chain, and recorded; then the output is released.
-async fn pay_job(
+/// Why a paid job's output or log is withheld.
+fn unpaid(v: &JobView, what: &str) -> String {
+    let id = &v.id;
+    match v.channel.as_ref().and_then(|c| c.receipt.as_ref()) {
+        Some(r) if r.done => format!(
+            "job {id}'s {what} is released once the renter's voucher for its last receipt ({} in all) is taken: the \
+             client that submitted it with a chain answers it (POST /v1/jobs/{id}/voucher)",
+            r.amount_due
+        ),
+        _ => format!("job {id}'s {what} is released once the job has ended and is paid"),
+    }
+}
+
+/// Hands a renter's payment message to its running job's stream.
+/// `Some(error)` when it cannot be handed over.
+fn relay(shared: &Shared, id: &str, msg: JobMsg) -> Option<Response> {
+    let inbox = shared.job_inbox.lock().unwrap_or_else(PoisonError::into_inner).get(id).cloned();
+    let Some(inbox) = inbox else {
+        return Some(api_error(
+            StatusCode::CONFLICT,
+            format!("job {id} is not on a provider that waits for payment now"),
+        ));
+    };
+    inbox.try_send(msg).err().map(|_| {
+        crate::auth::retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("job {id}'s provider has not taken the payment messages sent before; retry in a second"),
+            1_000,
+        )
+    })
+}
+
+/// `POST /v1/jobs/{id}/channel`: the renter names its payment channel with the provider that
+/// waits to run its job (the job's `channel` says which program and mint, and what it must
+/// hold). The provider reads it on the chain; the job view says whether it was taken.
+async fn job_channel(
     AxumState(shared): AxumState<Shared>,
     Extension(Renter(renter)): Extension<Renter>,
     Path(id): Path<String>,
-    body: Result<axum::Json<proto::api::PayJob>, JsonRejection>,
+    body: Result<axum::Json<proto::voucher::ChannelTerms>, JsonRejection>,
 ) -> Response {
-    if !shared.state().owns(&id, &renter) {
-        return no_job(&id);
-    }
-    let axum::Json(req) = match body {
+    let axum::Json(terms) = match body {
         Ok(j) => j,
         Err(rejection) => return api_error(rejection.status(), rejection.body_text()),
     };
-    let Some(chain) = shared.chain.clone() else {
-        return api_error(StatusCode::NOT_FOUND, "this scheduler takes no payments");
-    };
-    let terms = match shared.state().start_paying(&id) {
-        Ok(Ok(t)) => t,
-        Ok(Err(sig)) => {
-            return axum::Json(serde_json::json!({ "transaction": sig, "already_paid": true })).into_response();
+    {
+        let mut state = shared.state();
+        if !state.owns(&id, &renter) {
+            return no_job(&id);
         }
-        Err(e) if e.starts_with("no job") => return api_error(StatusCode::NOT_FOUND, e),
-        Err(e) => return api_error(StatusCode::CONFLICT, e),
-    };
-    // The rest runs as its own task: a client that hangs up mid-payment must not leave the job
-    // marked as being paid (nor a sent payment unrecorded).
-    let task = tokio::spawn(pay_started(shared.clone(), id.clone(), req, terms, chain));
-    match task.await {
-        Ok(r) => r,
-        Err(e) => {
-            // Whatever it noted as pending stays noted.
-            shared.state().payment_abandoned(&id);
-            api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        if let Err(e) = state.channel_named(&id, &terms) {
+            return api_error(StatusCode::CONFLICT, e);
         }
     }
-}
-
-async fn pay_started(
-    shared: Shared,
-    id: String,
-    req: proto::api::PayJob,
-    terms: proto::api::JobPayment,
-    chain: Arc<dyn settlement::Chain>,
-) -> Response {
-    // An earlier payment whose outcome was not known: settle that question first.
-    if let Some(p) = terms.pending.clone() {
-        let c = chain.clone();
-        let known = tokio::task::spawn_blocking(move || pending_outcome(c.as_ref(), &p)).await;
-        match known {
-            Ok(Ok(Some(true))) => {
-                let p = terms.pending.clone().map(|p| (p.transaction, p.payer));
-                if let Some((sig, payer)) = p {
-                    return record_payment(&shared, &id, sig, payer, true).await;
-                }
-            }
-            Ok(Ok(Some(false))) => {}
-            Ok(Ok(None)) => {
-                let _ = shared.state().payment_failed(&id, terms.pending.clone());
-                return api_error(
-                    StatusCode::CONFLICT,
-                    "an earlier payment for this job may still land; ask again in a minute".to_string(),
-                );
-            }
-            Ok(Err(e)) => {
-                let _ = shared.state().payment_failed(&id, terms.pending.clone());
-                return api_error(StatusCode::SERVICE_UNAVAILABLE, format!("the chain cannot be asked now: {e}"));
-            }
-            Err(e) => {
-                let _ = shared.state().payment_failed(&id, terms.pending.clone());
-                return api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-            }
-        }
-    }
-    let checked = settlement::pay::decode_transaction(&req.transaction)
-        .and_then(|tx| settlement::pay::check_job_payment(&tx, &terms).map(|payer| (tx, payer)));
-    let (tx, payer) = match checked {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = shared.state().payment_failed(&id, None);
-            return api_error(StatusCode::BAD_REQUEST, e);
-        }
-    };
-    let signature = tx.signatures.first().map(ToString::to_string).unwrap_or_default();
-    let pending = proto::api::PendingPayment {
-        transaction: signature.clone(),
-        blockhash: tx.message.recent_blockhash.to_string(),
-        payer: settlement::wire_key(&payer),
-    };
-    // On disk before it is sent: a crash or a lost answer leaves it pending, never forgotten.
-    let noted = shared.state().payment_sending(&id, pending.clone());
-    if let Err(e) = noted.map_err(|e| e.to_string()) {
-        let _ = shared.state().payment_failed(&id, None);
-        return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
-    }
-    if let Err(e) = durable(&shared).await {
-        let _ = shared.state().payment_failed(&id, Some(pending));
-        return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
-    }
-    let c = chain.clone();
-    let sent = tokio::task::spawn_blocking(move || {
-        let sent = c.send(&tx);
-        // Failed to hear back is not failed to land: ask once more.
-        let landed = sent.is_err()
-            && tx.signatures.first().is_some_and(|sig| matches!(c.status(sig), Ok(settlement::Status::Succeeded)));
-        (sent, landed)
-    })
-    .await;
-    match sent {
-        Ok((Ok(sig), _)) => record_payment(&shared, &id, sig.to_string(), settlement::wire_key(&payer), false).await,
-        Ok((Err(_), true)) => record_payment(&shared, &id, signature, settlement::wire_key(&payer), false).await,
-        Ok((Err(e @ settlement::ChainError::Failed(_)), false)) => {
-            let _ = shared.state().payment_failed(&id, None);
-            api_error(StatusCode::PAYMENT_REQUIRED, format!("the payment did not go through: {e}"))
-        }
-        Ok((Err(e), false)) => {
-            let _ = shared.state().payment_failed(&id, Some(pending));
-            api_error(StatusCode::SERVICE_UNAVAILABLE, format!("the payment's outcome is not known yet: {e}"))
-        }
-        Err(e) => {
-            let _ = shared.state().payment_failed(&id, Some(pending));
-            api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-        }
-    }
-}
-
-/// Whether a pending payment landed (`Some(true)`), can no longer land (`Some(false)`), or
-/// may still land (`None`).
-fn pending_outcome(
-    chain: &dyn settlement::Chain,
-    p: &proto::api::PendingPayment,
-) -> Result<Option<bool>, settlement::ChainError> {
-    let sig: settlement::solana::Signature =
-        p.transaction.parse().map_err(|_| settlement::ChainError::Instruction("bad pending signature".into()))?;
-    match chain.status(&sig)? {
-        settlement::Status::Succeeded => Ok(Some(true)),
-        settlement::Status::Failed(_) => Ok(Some(false)),
-        settlement::Status::Unknown => {
-            let hash =
-                p.blockhash.parse().map_err(|_| settlement::ChainError::Instruction("bad pending blockhash".into()))?;
-            Ok(if chain.is_blockhash_valid(&hash)? { None } else { Some(false) })
-        }
-    }
-}
-
-async fn record_payment(shared: &Shared, id: &str, sig: String, payer: PublicKey, earlier: bool) -> Response {
-    let recorded = shared.state().paid(id, sig.clone(), payer);
-    if let Err(e) = recorded.map_err(|e| e.to_string()) {
-        return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
-    }
-    if let Err(e) = durable(shared).await {
-        return api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    if let Some(r) = relay(&shared, &id, JobMsg::Channel(Box::new(terms))) {
+        return r;
     }
     shared.bump();
-    axum::Json(serde_json::json!({ "transaction": sig, "already_paid": earlier })).into_response()
+    (StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "relayed": true }))).into_response()
+}
+
+/// `POST /v1/jobs/{id}/voucher`: the renter's voucher for the job's newest receipt, relayed to
+/// the provider, which checks it against the channel; the job view says when it was taken.
+async fn job_voucher(
+    AxumState(shared): AxumState<Shared>,
+    Extension(Renter(renter)): Extension<Renter>,
+    Path(id): Path<String>,
+    body: Result<axum::Json<proto::voucher::Voucher>, JsonRejection>,
+) -> Response {
+    let axum::Json(voucher) = match body {
+        Ok(j) => j,
+        Err(rejection) => return api_error(rejection.status(), rejection.body_text()),
+    };
+    {
+        let state = shared.state();
+        if !state.owns(&id, &renter) {
+            return no_job(&id);
+        }
+        // The scheduler checks what it can (the voucher names one of the job's receipts still
+        // to be vouched); the provider checks the rest (signature, amount, deposit).
+        let receipt = state.job(&id).and_then(|v| v.channel).and_then(|c| c.unvouched().cloned());
+        match receipt {
+            None => return api_error(StatusCode::CONFLICT, format!("job {id} has no receipt waiting for a voucher")),
+            Some(r) if r.digest() != voucher.receipt_digest => {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the voucher answers another receipt than job {id}'s newest (number {})", r.sequence),
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(r) = relay(&shared, &id, JobMsg::Voucher(Box::new(voucher))) {
+        return r;
+    }
+    (StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "relayed": true }))).into_response()
 }
 
 async fn get_log(
@@ -855,15 +868,8 @@ async fn get_log(
     match (state.job(&id), state.log(&id)) {
         (None, _) => no_job(&id),
         // Work that is billed shows nothing before it is paid: not its output, not its log (a
-        // kernel could print its result there). A scheduler that bills jobs streams no live log.
-        (Some(v), _) if state.bills_jobs() && !v.state.is_final() => api_error(
-            StatusCode::PAYMENT_REQUIRED,
-            format!("job {id}'s log is released once the job has ended and is paid"),
-        ),
-        (Some(v), Some(_)) if v.payment.as_ref().is_some_and(|p| p.transaction.is_none()) => api_error(
-            StatusCode::PAYMENT_REQUIRED,
-            format!("job {id}'s log is released once paid (see the job's payment; POST /v1/jobs/{id}/payment)"),
-        ),
+        // kernel could print its result there). A paid job streams no live log.
+        (Some(v), _) if !v.paid() => api_error(StatusCode::PAYMENT_REQUIRED, unpaid(&v, "log")),
         (Some(_), Some(log)) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log.to_vec()).into_response(),
         (Some(v), None) => api_error(StatusCode::CONFLICT, format!("job {id} has no log yet (it is {:?})", v.state)),
     }

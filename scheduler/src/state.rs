@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proto::PublicKey;
 use proto::api::{Attempt, JobRecord, JobState, JobView, NoMatch, ProviderView, SessionView, Submitted};
-use proto::msg::{GpuInfo, JobLimits, JobResult, ModuleHash, Outcome, Price, Requirements, hash_hex, parse_hash};
+use proto::msg::{
+    GpuInfo, JobLimits, JobReply, JobResult, ModuleHash, Outcome, Price, Requirements, hash_hex, parse_hash,
+};
 use rand_core::RngCore;
 
 use crate::matching::{Candidate, Query, explain, gpu_search, rank};
@@ -23,9 +25,6 @@ pub struct Config {
     pub max_attempts: usize,
     /// Deadline of a job that names none.
     pub default_deadline_ms: u64,
-    /// When set, a succeeded job's output is released once its renter paid the provider in
-    /// this SPL mint (the amount on the provider's signed receipt).
-    pub payments: Option<JobPricing>,
     /// Jobs one renter may have queued or running at once; past it, submissions are refused
     /// until one ends.
     pub max_jobs_per_renter: usize,
@@ -72,13 +71,6 @@ impl Config {
     }
 }
 
-/// The payment token for batch jobs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct JobPricing {
-    pub mint: PublicKey,
-    pub decimals: u8,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -86,7 +78,6 @@ impl Default for Config {
             heartbeat_timeout_ms: 3_000,
             max_attempts: 3,
             default_deadline_ms: 3_600_000,
-            payments: None,
             max_jobs_per_renter: 1_000,
         }
     }
@@ -103,6 +94,7 @@ pub struct Assignment {
     pub module: ModuleHash,
     pub input: Vec<u8>,
     pub limits: JobLimits,
+    pub renter: Option<PublicKey>,
 }
 
 #[derive(Debug)]
@@ -215,8 +207,6 @@ pub struct State {
     revoked: HashMap<PublicKey, Vec<String>>,
     /// Inference sessions the scheduler granted, by hex id.
     sessions: HashMap<String, SessionView>,
-    /// Jobs whose payment is being submitted now (one at a time per job).
-    paying: HashSet<String>,
     /// Per renter, jobs that may still be queued or running (ended ones are dropped when the
     /// renter next submits): what the per-renter cap counts.
     unfinished: HashMap<PublicKey, BTreeSet<String>>,
@@ -293,77 +283,110 @@ impl State {
             live_logs: HashMap::new(),
             revoked: HashMap::new(),
             sessions,
-            paying: HashSet::new(),
             unfinished,
             next_seq,
         })
     }
 
-    /// Whether this scheduler bills batch jobs (it has a chain and a payment mint).
-    pub fn bills_jobs(&self) -> bool {
-        self.config.payments.is_some()
-    }
-
-    /// Starts paying for a job: its payment terms, if it has an unpaid payment and no other
-    /// payment for it is being submitted. `Ok(Err(signature))` when it is already paid.
-    pub fn start_paying(&mut self, id: &str) -> Result<Result<proto::api::JobPayment, String>, String> {
-        let job = self.jobs.get(id).ok_or_else(|| format!("no job {id:?}"))?;
-        let payment = job.view.payment.clone().ok_or_else(|| {
-            format!(
-                "job {id} has nothing to pay (it is {:?}, and only a succeeded job with a receipt is billed)",
-                job.view.state
-            )
-        })?;
-        if let Some(sig) = payment.transaction {
-            return Ok(Err(sig));
+    /// The renter named its payment channel for a job whose provider waits for one.
+    pub fn channel_named(&mut self, id: &str, terms: &proto::voucher::ChannelTerms) -> Result<(), String> {
+        let job = self.jobs.get_mut(id).ok_or_else(|| format!("no job {id:?}"))?;
+        let c = job
+            .view
+            .channel
+            .as_mut()
+            .filter(|_| job.view.state == JobState::Running)
+            .ok_or_else(|| format!("job {id} is not waiting for a payment channel (it is {:?})", job.view.state))?;
+        if c.base.is_some() || c.id.is_some() {
+            return Err(format!("job {id} already has its payment channel"));
         }
-        if !self.paying.insert(id.to_string()) {
-            return Err(format!("a payment for job {id} is being submitted now"));
+        if terms.program != c.program || terms.mint != c.mint {
+            return Err(format!(
+                "job {id}'s provider takes payment through program {} in mint {}, not the channel named",
+                c.program, c.mint
+            ));
         }
-        Ok(Ok(payment))
-    }
-
-    /// The payment for a job landed.
-    pub fn paid(&mut self, id: &str, transaction: String, payer: PublicKey) -> Result<(), StoreError> {
-        self.paying.remove(id);
-        let Some(job) = self.jobs.get_mut(id) else { return Ok(()) };
-        if let Some(p) = job.view.payment.as_mut() {
-            p.transaction = Some(transaction);
-            p.payer = Some(payer);
-            p.pending = None;
-        }
-        let job = job.clone();
-        self.store.put_job(&job)
-    }
-
-    /// The payment for a job did not land (or its outcome is unknown: `pending` keeps it so
-    /// that no second payment is taken while it could still land).
-    pub fn payment_failed(&mut self, id: &str, pending: Option<proto::api::PendingPayment>) -> Result<(), StoreError> {
-        self.paying.remove(id);
-        let Some(job) = self.jobs.get_mut(id) else { return Ok(()) };
-        if let Some(p) = job.view.payment.as_mut()
-            && p.pending != pending
-        {
-            p.pending = pending;
-            let job = job.clone();
-            self.store.put_job(&job)?;
-        }
+        c.id = Some(terms.id);
+        c.updates += 1;
         Ok(())
     }
 
-    /// Nobody is submitting a payment for this job any more; what was noted stays.
-    pub fn payment_abandoned(&mut self, id: &str) {
-        self.paying.remove(id);
-    }
-
-    /// Notes a payment about to be sent, before it is (a crash then leaves it pending).
-    pub fn payment_sending(&mut self, id: &str, pending: proto::api::PendingPayment) -> Result<(), StoreError> {
-        let Some(job) = self.jobs.get_mut(id) else { return Ok(()) };
-        if let Some(p) = job.view.payment.as_mut() {
-            p.pending = Some(pending);
+    /// A provider's payment message for a job it runs: its terms, its receipts (checked before
+    /// the renter sees them) and its answers to the renter's channel and vouchers.
+    pub fn job_payment(&mut self, id: &str, provider: &PublicKey, msg: JobReply, now_ms: u64) -> Result<(), String> {
+        let price = self.providers.get(provider).map(|p| p.view.price.per_gpu_second);
+        let job = self.jobs.get_mut(id).ok_or_else(|| format!("no job {id:?}"))?;
+        if job.view.provider.as_ref() != Some(provider) {
+            return Err("a payment message from a provider not running the job".into());
+        }
+        let started = job.view.attempts.last().map(|a| a.started_at_ms);
+        let limit = job.view.limits.wall_time_ms;
+        if let JobReply::AwaitingChannel { program, mint, need, slice_ms } = msg {
+            if job.view.channel.is_some() {
+                return Err("the provider asked for a payment channel twice".into());
+            }
+            job.view.channel = Some(proto::api::JobChannel {
+                program,
+                mint,
+                need,
+                slice_ms,
+                id: None,
+                base: None,
+                newest: None,
+                receipt: None,
+                vouched: None,
+                vouched_sequence: 0,
+                claims: Vec::new(),
+                refused: None,
+                updates: 1,
+            });
+            return Ok(());
+        }
+        let c = job.view.channel.as_mut().ok_or("a payment message for a job its provider runs unpaid")?;
+        c.updates += 1;
+        match msg {
+            JobReply::ChannelTaken { newest, base } => {
+                c.base = Some(base);
+                c.newest = newest.map(|v| *v);
+            }
+            JobReply::ChannelRefused { reason } | JobReply::VoucherRefused { reason } => c.refused = Some(reason),
+            JobReply::Slice(r) => {
+                // What the renter is asked to vouch for is checked here first: the provider's
+                // signature, the job, its registered price, the time against the job's limit and
+                // what this scheduler saw, and its order after the one before.
+                let observed = started.map(|t| now_ms.saturating_sub(t));
+                let priced = match price {
+                    Some(p) if p != r.price_per_gpu_second => {
+                        Err(proto::receipt::JobReceiptError::Price { want: p, got: r.price_per_gpu_second })
+                    }
+                    _ => Ok(()),
+                };
+                let checked = r
+                    .check_terms(id, provider)
+                    .and(priced)
+                    .and_then(|()| r.check_time(limit, observed))
+                    .and_then(|()| c.receipt.as_ref().map_or(Ok(()), |before| r.follows(before)));
+                if r.done {
+                    return Err("a last receipt sent as a slice's".into());
+                }
+                if let Err(e) = checked {
+                    c.refused = Some(format!("the provider's receipt was refused: {e}"));
+                    return Err(format!("its slice receipt was refused: {e}"));
+                }
+                c.receipt = Some(*r);
+            }
+            JobReply::Vouched { sequence, voucher } => {
+                if sequence > c.vouched_sequence {
+                    c.vouched_sequence = sequence;
+                    c.vouched = Some(*voucher);
+                    c.refused = None;
+                }
+            }
+            JobReply::Claimed(claimed) => c.claims.push(claimed.transaction.to_string()),
+            other => return Err(format!("{other:?} is not a payment message")),
         }
         let job = job.clone();
-        self.store.put_job(&job)
+        self.store.put_job(&job).map_err(|e| e.to_string())
     }
 
     /// Records a session just granted; it takes one of its provider's session slots until the
@@ -574,7 +597,7 @@ impl State {
                 first_dispatch_us: None,
                 error: None,
                 receipt: None,
-                payment: None,
+                channel: None,
             },
             input,
             result: None,
@@ -834,6 +857,8 @@ impl State {
             job.view.state = JobState::Running;
             job.view.provider = Some(choice);
             job.view.queue_position = None;
+            // A try elsewhere pays its own provider through its own channel.
+            job.view.channel = None;
             job.view.attempts.push(Attempt { provider: choice, started_at_ms: now_ms, ended_at_ms: None, error: None });
             if let Err(e) = self.store.put_job(job) {
                 // Not placed after all: the job stays queued and the error goes up.
@@ -850,6 +875,7 @@ impl State {
                 module,
                 input: job.input.clone(),
                 limits: job.view.limits.clone(),
+                renter: job.view.renter,
             });
             self.update_provider(&choice, |p| p.assigned.insert(id.clone()));
         }
@@ -875,11 +901,9 @@ impl State {
             return self.end_attempt(id, provider, &reason, Some(result), now_ms);
         }
         let price = self.providers.get(provider).map(|p| p.view.price.per_gpu_second);
-        let pricing = self.config.payments;
         let Some(job) = self.running_on(id, provider) else { return Ok(()) };
         job.view.state = if result.outcome == Outcome::Succeeded { JobState::Succeeded } else { JobState::Failed };
         job.view.receipt = None;
-        job.view.payment = None;
         // The time this scheduler saw the job run: from this try's assignment to its result.
         let observed = job.view.attempts.last().map(|a| now_ms.saturating_sub(a.started_at_ms));
         let limit = job.view.limits.wall_time_ms;
@@ -890,23 +914,23 @@ impl State {
                 Ok(()) if Some(r.price_per_gpu_second) != price => {
                     log::warn!("job {id}: the receipt's price is not the provider's registered price; not billed");
                 }
-                Ok(()) => {
-                    job.view.receipt = Some(r.clone());
-                    if let Some(p) = pricing.filter(|_| r.amount_due > 0) {
-                        let owner = settlement::address(provider);
-                        let pay_to = settlement::token::token_account(&owner, &settlement::address(&p.mint));
-                        job.view.payment = Some(proto::api::JobPayment {
-                            amount: r.amount_due,
-                            mint: p.mint,
-                            decimals: p.decimals,
-                            pay_to: pay_to.to_string(),
-                            receipt_digest: hash_hex(&r.digest()),
-                            transaction: None,
-                            payer: None,
-                            pending: None,
-                        });
-                    }
-                }
+                Ok(()) => match job.view.channel.as_mut() {
+                    // A paid job's last receipt follows its slices' and is what the renter's
+                    // last voucher answers.
+                    Some(c) => match c.receipt.as_ref().map_or(Ok(()), |before| r.follows(before)) {
+                        Ok(()) if r.done => {
+                            job.view.receipt = Some(r.clone());
+                            c.receipt = Some(r.clone());
+                            c.updates += 1;
+                        }
+                        Ok(()) => log::warn!("job {id}: the provider's last receipt is not marked as the last"),
+                        Err(e) => {
+                            c.refused = Some(format!("the provider's last receipt was refused: {e}"));
+                            log::warn!("job {id}: the provider's last receipt was refused: {e}");
+                        }
+                    },
+                    None => job.view.receipt = Some(r.clone()),
+                },
                 Err(e) => log::warn!("job {id}: the provider's receipt was refused: {e}; not billed"),
             }
         }
@@ -1135,7 +1159,7 @@ mod tests {
 
     fn billed_result(kp: &proto::Keypair, id: &str, module: ModuleHash, outcome: Outcome, wall_us: u64) -> JobResult {
         let receipt =
-            proto::receipt::JobReceipt::sign(kp, id, module, b"partial", Default::default(), wall_us, 1_000_000);
+            proto::receipt::JobReceipt::sign(kp, id, module, 1, b"partial", Default::default(), wall_us, 1_000_000);
         JobResult {
             outcome,
             output: b"partial".to_vec(),
@@ -1148,53 +1172,116 @@ mod tests {
         }
     }
 
-    fn billing_config() -> Config {
-        let mint = proto::Keypair::from_seed([5; 32]).public();
-        Config { payments: Some(JobPricing { mint, decimals: 6 }), ..Config::default() }
+    /// The provider asks for the renter's channel and takes it.
+    fn paid_through_a_channel(s: &mut State, id: &str, kp: &proto::Keypair, now: u64) {
+        let ask = JobReply::AwaitingChannel {
+            program: proto::Address([1; 32]),
+            mint: proto::Keypair::from_seed([5; 32]).public(),
+            need: 1_000_000,
+            slice_ms: 100,
+        };
+        s.job_payment(id, &kp.public(), ask, now).unwrap();
+        s.job_payment(id, &kp.public(), JobReply::ChannelTaken { newest: None, base: 0 }, now).unwrap();
+    }
+
+    fn voucher(cumulative: u64, digest: [u8; 32]) -> Box<proto::voucher::Voucher> {
+        Box::new(proto::voucher::Voucher { cumulative, receipt_digest: digest, signature: proto::Signature([0; 64]) })
     }
 
     #[test]
     fn a_job_that_fails_in_its_kernel_is_billed_for_what_it_used_like_one_that_succeeds() {
         // Finding: a failed job was billed nothing, yet its output was released.
         let dir = tempfile::tempdir().unwrap();
-        let mut s = state(&dir, billing_config());
+        let mut s = state(&dir, Config::default());
         let kp = billing_provider(&mut s);
         let id = submit(&mut s, 0);
         let a = s.assign(1_000).unwrap().remove(0);
+        paid_through_a_channel(&mut s, &id, &kp, 1_000);
         let failed = Outcome::Failed { kind: proto::msg::FailureKind::Guest, limit: None, message: "bad".into() };
         s.finished(&id, &kp.public(), billed_result(&kp, &id, a.module, failed, 40_000), 1_050).unwrap();
         let v = s.job(&id).unwrap();
         assert_eq!(v.state, JobState::Failed);
-        let terms = v.payment.clone().expect("billed");
-        assert_eq!((terms.amount, terms.transaction), (40_000, None), "unpaid: its output and log are withheld");
+        let last = v.channel.as_ref().and_then(|c| c.unvouched()).cloned().expect("billed, waiting for a voucher");
+        assert_eq!(last.amount_due, 40_000);
+        assert!(!v.paid(), "unpaid: its output and log are withheld");
+        let vouched = JobReply::Vouched { sequence: last.sequence, voucher: voucher(40_000, last.digest()) };
+        s.job_payment(&id, &kp.public(), vouched, 1_060).unwrap();
+        assert!(s.job(&id).unwrap().paid(), "the last receipt's voucher was taken");
     }
 
     #[test]
     fn billed_time_never_exceeds_the_jobs_wall_limit_nor_what_the_scheduler_saw() {
         // Finding: the wall time on a job receipt was never capped.
         let dir = tempfile::tempdir().unwrap();
-        let mut s = state(&dir, billing_config());
+        let mut s = state(&dir, Config::default());
         let kp = billing_provider(&mut s);
         let hash = hash_hex(&s.put_module(WASM).unwrap());
         let limits = JobLimits { wall_time_ms: 100, ..JobLimits::default() };
         let submit_limited = |s: &mut State| {
             s.submit(renter(R), &hash, vec![], Requirements::default(), limits.clone(), None, 0).unwrap().id
         };
+        let billed = |s: &State, id: &str| s.job(id).unwrap().channel.and_then(|c| c.receipt).map(|r| r.amount_due);
         // Over the limit: not billed.
         let id = submit_limited(&mut s);
         let a = s.assign(1_000).unwrap().remove(0);
+        paid_through_a_channel(&mut s, &id, &kp, 1_000);
         s.finished(&id, &kp.public(), billed_result(&kp, &id, a.module, Outcome::Succeeded, 150_000), 10_000).unwrap();
-        assert_eq!(s.job(&id).unwrap().payment, None);
+        assert_eq!(billed(&s, &id), None);
         // Within the limit, but longer than the scheduler saw it run (30 ms): not billed.
         let id = submit_limited(&mut s);
         let a = s.assign(20_000).unwrap().remove(0);
+        paid_through_a_channel(&mut s, &id, &kp, 20_000);
         s.finished(&id, &kp.public(), billed_result(&kp, &id, a.module, Outcome::Succeeded, 90_000), 20_030).unwrap();
-        assert_eq!(s.job(&id).unwrap().payment, None);
+        assert_eq!(billed(&s, &id), None);
         // Within both: billed.
         let id = submit_limited(&mut s);
         let a = s.assign(30_000).unwrap().remove(0);
+        paid_through_a_channel(&mut s, &id, &kp, 30_000);
         s.finished(&id, &kp.public(), billed_result(&kp, &id, a.module, Outcome::Succeeded, 60_000), 30_080).unwrap();
-        assert_eq!(s.job(&id).unwrap().payment.as_ref().map(|p| p.amount), Some(60_000));
+        assert_eq!(billed(&s, &id), Some(60_000));
+    }
+
+    #[test]
+    fn a_slices_receipt_reaches_the_renter_only_when_signed_priced_timed_and_ordered_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config::default());
+        let kp = billing_provider(&mut s);
+        let id = submit(&mut s, 0);
+        let a = s.assign(1_000).unwrap().remove(0);
+        // Before the provider asked for a channel, no payment message is taken.
+        let early = JobReply::ChannelTaken { newest: None, base: 0 };
+        assert!(s.job_payment(&id, &kp.public(), early, 1_000).is_err());
+        paid_through_a_channel(&mut s, &id, &kp, 1_000);
+        let slice =
+            |seq, us, price| Box::new(proto::receipt::JobReceipt::sign_slice(&kp, &id, a.module, seq, us, price));
+        let shown = |s: &State| s.job(&id).unwrap().channel.unwrap();
+        // Another provider's word, another price, more time than the scheduler saw: refused.
+        let stranger = proto::Keypair::from_seed([78; 32]);
+        assert!(s.job_payment(&id, &stranger.public(), JobReply::Slice(slice(1, 100_000, 1_000_000)), 1_200).is_err());
+        assert!(s.job_payment(&id, &kp.public(), JobReply::Slice(slice(1, 100_000, 2_000_000)), 1_200).is_err());
+        assert!(shown(&s).refused.unwrap().contains("price"));
+        assert!(s.job_payment(&id, &kp.public(), JobReply::Slice(slice(1, 300_000, 1_000_000)), 1_200).is_err());
+        assert_eq!(shown(&s).receipt, None, "none of them shown to the renter");
+        let mut forged = slice(1, 100_000, 1_000_000);
+        forged.amount_due = 1;
+        assert!(s.job_payment(&id, &kp.public(), JobReply::Slice(forged), 1_200).is_err());
+        // A good one is shown; one that does not follow it is not.
+        s.job_payment(&id, &kp.public(), JobReply::Slice(slice(1, 100_000, 1_000_000)), 1_200).unwrap();
+        assert_eq!(shown(&s).unvouched().map(|r| r.amount_due), Some(100_000));
+        assert!(s.job_payment(&id, &kp.public(), JobReply::Slice(slice(1, 150_000, 1_000_000)), 1_300).is_err());
+        assert!(s.job_payment(&id, &kp.public(), JobReply::Slice(slice(2, 50_000, 1_000_000)), 1_300).is_err());
+        s.job_payment(&id, &kp.public(), JobReply::Slice(slice(2, 200_000, 1_000_000)), 1_300).unwrap();
+        assert_eq!(shown(&s).unvouched().map(|r| r.sequence), Some(2));
+        // Naming a channel twice, or for a job that waits for none, is refused.
+        let terms = proto::voucher::ChannelTerms {
+            program: proto::Address([1; 32]),
+            mint: proto::Keypair::from_seed([5; 32]).public(),
+            id: 0,
+            newest: None,
+        };
+        assert!(s.channel_named(&id, &terms).unwrap_err().contains("already"));
+        let other = submit(&mut s, 0);
+        assert!(s.channel_named(&other, &terms).is_err());
     }
 
     #[test]

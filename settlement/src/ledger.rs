@@ -19,11 +19,15 @@ pub enum Role {
     Renter,
 }
 
-/// One session with one counterparty, as one party saw it.
+/// One session (or one batch job) with one counterparty, as one party saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Book {
-    /// Hex session id.
+    /// Hex session id, or the job's id.
     pub session: String,
+    /// A batch job's book: `session` is the job's id, `inferences` counts its receipts and
+    /// `price_per_inference` is 0.
+    #[serde(default)]
+    pub job: bool,
     pub role: Role,
     pub renter: proto::PublicKey,
     pub provider: proto::PublicKey,
@@ -49,16 +53,34 @@ pub struct Book {
 impl Book {
     /// A new session's book, nothing served yet.
     pub fn open(role: Role, ticket: &proto::ticket::Ticket, mint: proto::PublicKey, channel: proto::Address) -> Book {
+        let session = crate::pay::hex(&ticket.session_id);
+        Book {
+            job: false,
+            price_per_inference: ticket.price_per_inference,
+            ..Book::for_job(role, &session, ticket.renter, ticket.provider, mint, channel)
+        }
+    }
+
+    /// A batch job's book, nothing billed yet.
+    pub fn for_job(
+        role: Role,
+        job_id: &str,
+        renter: proto::PublicKey,
+        provider: proto::PublicKey,
+        mint: proto::PublicKey,
+        channel: proto::Address,
+    ) -> Book {
         let now = now_ms();
         Book {
-            session: crate::pay::hex(&ticket.session_id),
+            session: job_id.to_string(),
+            job: true,
             role,
-            renter: ticket.renter,
-            provider: ticket.provider,
+            renter,
+            provider,
             device: String::new(),
             mint,
             channel,
-            price_per_inference: ticket.price_per_inference,
+            price_per_inference: 0,
             inferences: 0,
             amount_due: 0,
             vouched: 0,
@@ -76,7 +98,10 @@ impl Book {
             Role::Provider => self.renter,
             Role::Renter => self.provider,
         };
-        format!("{}-{}.json", self.session, &other.to_string())
+        // A job's id comes from the scheduler: only its plain characters name a file.
+        let name: String =
+            self.session.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).take(64).collect();
+        format!("{name}-{}.json", &other.to_string())
     }
 
     /// Amount due and not covered by a voucher.

@@ -687,27 +687,27 @@ fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
     );
     let parties = settlement["parties"].as_array().unwrap();
     let renter = parties.iter().find(|p| p["role"] == "renter").unwrap();
-    // Each job paid once, what its provider's signed receipt said, before its output came.
+    // Each job paid through a channel with its provider, by the slice, what the provider's
+    // signed receipts said, before its output came, and claimed once it ended.
     let jobs_paid: u64 = jobs.iter().map(|j| j["paid"].as_u64().unwrap()).sum();
-    assert!(jobs.iter().all(|j| j["payment_transaction"].is_string()));
+    assert!(jobs.iter().all(|j| j["paid"].as_u64() > Some(0) && j["claims"].as_array().is_some_and(|c| c.len() == 1)));
     assert_eq!(renter["jobs_paid"].as_u64(), Some(jobs_paid));
     assert_eq!(renter["paid"].as_u64(), Some(800 + jobs_paid));
-    assert_eq!(renter["vouched"].as_u64(), Some(800));
-    // The rest of the deposit stays in the channel, the renter's to close.
-    assert_eq!(renter["in_channels"].as_u64(), Some(10_000 - 800));
+    assert_eq!(renter["vouched"].as_u64(), Some(800 + jobs_paid));
+    // The rest of the deposits stays in the channels, the renter's to close.
     assert_eq!(
-        renter["balance"].as_u64().unwrap(),
-        renter["balance_before"].as_u64().unwrap() - 10_000 - jobs_paid,
+        renter["balance"].as_u64().unwrap() + renter["in_channels"].as_u64().unwrap(),
+        renter["balance_before"].as_u64().unwrap() - 800 - jobs_paid,
         "{renter}"
     );
-    assert_eq!(renter["transactions"].as_array().unwrap().len(), 4 + 1, "4 job payments and 1 claim");
-    assert_eq!(renter["channels"].as_array().unwrap().len(), 1);
+    assert_eq!(renter["transactions"].as_array().unwrap().len(), 4 + 1, "4 job claims and 1 session claim");
+    assert_eq!(renter["channels"].as_array().unwrap().len(), 1 + 4, "the session's channel and one per job");
     let alpha = parties.iter().find(|p| p["name"] == "alpha").unwrap();
     let beta = parties.iter().find(|p| p["name"] == "beta").unwrap();
     assert_eq!(alpha["inferences"].as_u64(), Some(8));
     assert_eq!(alpha["earned"].as_u64(), Some(800 + alpha["jobs_earned"].as_u64().unwrap()));
-    assert_eq!(alpha["claims"], renter["claims"], "both name the same claim");
-    assert_eq!(alpha["channels"], renter["channels"]);
+    let session_claim = &renter["claims"].as_array().unwrap()[0];
+    assert!(alpha["claims"].as_array().unwrap().contains(session_claim), "both name the session's claim");
     assert_eq!(beta["earned"], beta["jobs_earned"]);
     for p in [alpha, beta] {
         assert_eq!(p["earned"], p["balance"], "{p}");
@@ -1174,117 +1174,79 @@ fn a_paid_provider_refuses_unpaid_sessions_bad_channels_and_a_renter_that_stops_
     assert!(back == 100_000_000 - 1 || back == 100_000_000, "{back}");
 }
 
+/// Submits `module` with `input` and `limits` as `renter` over the raw API; the job id.
+fn submit_raw(s: &Sched, renter: &proto::Keypair, module: &str, input: &[u8], limits: Value) -> String {
+    use base64::Engine;
+    let (status, body) = request(s, Some(renter), "POST", "/v1/modules", None, &std::fs::read(module).unwrap());
+    assert_eq!(status, 201, "{body}");
+    let hash = serde_json::from_str::<Value>(&body).unwrap()["module"].as_str().unwrap().to_string();
+    let job = serde_json::json!({ "module": hash, "input_base64": base64::engine::general_purpose::STANDARD.encode(input), "limits": limits });
+    let (status, body) =
+        request(s, Some(renter), "POST", "/v1/jobs", Some("application/json"), job.to_string().as_bytes());
+    assert_eq!(status, 201, "{body}");
+    serde_json::from_str::<Value>(&body).unwrap()["id"].as_str().unwrap().to_string()
+}
+
 #[test]
-fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_refused() {
+fn a_paid_job_pays_by_the_slice_stops_when_its_vouchers_stop_and_releases_nothing_unpaid() {
     let m = Market::new();
     let renter = m.renter.public().to_string();
     let provider = keygen(&m, "p.json");
     let (_chain, url, mint) = local_chain(&m, &[&renter, &provider]);
-    let (_sched, s) = m.scheduler(&["--rpc-url", &url, "--mint", &mint]);
-    let (_host, _) = m.host(&s, "p", &["--price-per-gpu-second", "200000", "--no-sessions"]);
+    let (_sched, s) = m.scheduler(&[]);
+    let ledger = m.path("p-earnings");
+    let host_args = [
+        "--price-per-gpu-second",
+        "200000",
+        "--no-sessions",
+        "--rpc-url",
+        &url,
+        "--mint",
+        &mint,
+        "--job-slice",
+        "1s",
+        "--ledger",
+        ledger.to_str().unwrap(),
+    ];
+    let (_host, _) = m.host(&s, "p", &host_args);
     online(&s, 1);
-    // Without the means to pay, the job runs but its output is withheld, and the renter is told.
-    let out = m
-        .cmd(&["submit", sample_artifacts::MATMUL, "--scheduler", &s.url, "--scheduler-key", &s.key, "--wait"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("released once paid"), "{stderr}");
-    let job1 = stderr
-        .split_whitespace()
-        .find(|w| w.starts_with("job-"))
-        .unwrap_or_else(|| panic!("no job id in {stderr}"))
-        .to_string();
-    let view = get_json(&s, &format!("/v1/jobs/{job1}"));
-    let (status, body) = http(&s, "GET", &format!("/v1/jobs/{job1}/output"), None, b"");
-    assert_eq!(status, 402, "{body}");
-    // Finding: logs were never withheld. A kernel could print its result there.
-    let (status, body) = http(&s, "GET", &format!("/v1/jobs/{job1}/log"), None, b"");
-    assert_eq!(status, 402, "{body}");
-    let terms: proto::api::JobPayment = serde_json::from_value(view["payment"].clone()).unwrap();
-    assert!(terms.amount > 0);
-    assert_eq!(view["receipt"]["amount_due"].as_u64(), Some(terms.amount));
-
     let chain = settlement::rpc::RpcChain::new(&url);
-    let payer = proto::Keypair::read(&m.renter_key()).unwrap();
-    let post = |tx: &str| {
-        let body = serde_json::to_vec(&proto::api::PayJob { transaction: tx.to_string() }).unwrap();
-        http(&s, "POST", &format!("/v1/jobs/{job1}/payment"), Some("application/json"), &body)
-    };
-    // Less than the receipt says, to someone else, signed by someone else, or not a
-    // transaction at all: each refused with the reason, and nothing moves.
-    let mut less = terms.clone();
-    less.amount -= 1;
-    let mut elsewhere = terms.clone();
-    elsewhere.pay_to = settlement::token::token_account(
-        &settlement::address(&payer.public()),
-        &settlement::address(&mint.parse().unwrap()),
-    )
-    .to_string();
-    for bad in [&less, &elsewhere] {
-        let tx = settlement::pay::job_payment(&chain, &payer, bad).unwrap();
-        let (status, body) = post(&tx);
-        assert_eq!(status, 400, "{body}");
-        assert!(body.contains("not this job's payment"), "{body}");
-    }
-    let stranger = proto::Keypair::generate();
-    let forged = {
-        use base64::Engine;
-        let b64 = settlement::pay::job_payment(&chain, &payer, &terms).unwrap();
-        let mut tx: solana_sdk::transaction::Transaction =
-            bincode::deserialize(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
-        tx.signatures[0] = stranger.sign(&tx.message.serialize()).0.into();
-        base64::engine::general_purpose::STANDARD.encode(bincode::serialize(&tx).unwrap())
-    };
-    let (status, body) = post(&forged);
-    assert_eq!(status, 400);
-    assert!(body.contains("signature does not verify"), "{body}");
-    assert_eq!(post("not base64!").0, 400);
-    // Another renter cannot pay for it (nor see it).
-    let tx = settlement::pay::job_payment(&chain, &payer, &terms).unwrap();
-    let body = serde_json::to_vec(&proto::api::PayJob { transaction: tx }).unwrap();
-    let path = format!("/v1/jobs/{job1}/payment");
-    let (status, _) = request(&s, Some(&stranger), "POST", &path, Some("application/json"), &body);
-    assert_eq!(status, 404);
-    assert_eq!(get_json(&s, &format!("/v1/jobs/{job1}"))["payment"]["transaction"], Value::Null);
+    let mint_key: proto::PublicKey = mint.parse().unwrap();
+    let provider_key: proto::PublicKey = provider.parse().unwrap();
+    let provider_tokens =
+        settlement::token::token_account(&settlement::address(&provider_key), &settlement::address(&mint_key));
+    let earned = || settlement::token::token_balance(&chain, &provider_tokens).unwrap();
+    let before = earned();
 
-    // Submitted again with the means to pay: paid through the CLI, and the output comes.
+    // Paid through the CLI: the output comes, checked, with what was vouched, and the
+    // provider's claim lands for exactly that.
     let renter_key = m.renter_key();
+    let spend = m.path("spend");
     let submit_paying = |module: &str, extra: &[&str]| {
         let mut args = vec!["submit", module, "--scheduler", &s.url, "--scheduler-key", &s.key, "--wait", "--json"];
         args.extend_from_slice(&["--rpc-url", &url, "--mint", &mint, "--key", renter_key.to_str().unwrap()]);
+        args.extend_from_slice(&["--ledger", spend.to_str().unwrap()]);
         args.extend_from_slice(extra);
         m.cmd(&args).output().unwrap()
     };
     let out = submit_paying(sample_artifacts::MATMUL, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["payment_transaction"].is_string(), "{v}");
-    assert!(v["output"].as_str().unwrap().contains("matches the CPU reference"), "{v}");
-    let job2 = v["id"].as_str().unwrap().to_string();
-    // Paying job 1 by hand now: exactly once, whatever is sent after.
-    let tx = settlement::pay::job_payment(&chain, &payer, &terms).unwrap();
-    let (status, body) = post(&tx);
-    assert_eq!(status, 200, "{body}");
-    let first: Value = serde_json::from_str(&body).unwrap();
-    let again = settlement::pay::job_payment(&chain, &payer, &terms).unwrap();
-    let (status, body) = post(&again);
-    assert_eq!(status, 200);
-    let second: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(second["transaction"], first["transaction"]);
-    assert_eq!(second["already_paid"], true);
-    let (status, _) = http(&s, "GET", &format!("/v1/jobs/{job1}/output"), None, b"");
-    assert_eq!(status, 200);
-    let paid_to = settlement::token::token_balance(&chain, &terms.pay_to.parse().unwrap()).unwrap();
-    let amount2: u64 = get_json(&s, &format!("/v1/jobs/{job2}"))["payment"]["amount"].as_u64().unwrap();
     assert_eq!(
-        paid_to,
-        100_000_000 + terms.amount + amount2,
-        "each job paid once (on top of what `chain --fund` gave)"
+        out.status.code(),
+        Some(0),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout),
+        log_of(&m, "p.log")
     );
-    let (status, _) = http(&s, "GET", &format!("/v1/jobs/{job1}/log"), None, b"");
-    assert_eq!(status, 200, "paid: the log comes too");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["output"].as_str().unwrap().contains("matches the CPU reference"), "{v}");
+    let vouched = v["paid"]["vouched"].as_u64().unwrap();
+    assert!(vouched > 0, "{v}");
+    assert_eq!(v["receipt"]["amount_due"].as_u64(), Some(vouched), "the last receipt is what was vouched");
+    let job1 = v["id"].as_str().unwrap().to_string();
+    until("the provider's claim for job 1", || (earned() == before + vouched).then_some(()));
+    let view = get_json(&s, &format!("/v1/jobs/{job1}"));
+    assert_eq!(view["channel"]["claims"].as_array().map(Vec::len), Some(1), "{view}");
 
     // A job whose kernel fails is billed for the time it ran, like one that succeeds: paid,
     // then its log and error come.
@@ -1294,12 +1256,122 @@ fn a_paid_jobs_output_comes_once_its_exact_payment_lands_and_bad_payments_are_re
     assert_eq!(out.status.code(), Some(1), "the job failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["state"], "failed", "{v}");
-    assert!(v["payment_transaction"].is_string(), "billed and paid: {v}");
-    let job3 = v["id"].as_str().unwrap().to_string();
-    let amount3 = get_json(&s, &format!("/v1/jobs/{job3}"))["payment"]["amount"].as_u64().unwrap();
-    assert!(amount3 > 0);
-    let paid_to_after = settlement::token::token_balance(&chain, &terms.pay_to.parse().unwrap()).unwrap();
-    assert_eq!(paid_to_after, paid_to + amount3);
+    assert!(v["paid"]["vouched"].as_u64().unwrap() > 0, "billed and paid: {v}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("panicked on purpose"), "its log came: {v}");
+
+    // A renter that names its channel and then sends no voucher: the job is stopped after one
+    // slice with the reason, billed for the time it ran, and neither output nor log comes.
+    let hostile = &m.renter;
+    let job =
+        submit_raw(&s, hostile, sample_artifacts::HOSTILE, b"loop", serde_json::json!({ "wall_time_ms": 20_000 }));
+    let asked = until("the provider to ask for a channel", || {
+        let v = get_json(&s, &format!("/v1/jobs/{job}"));
+        (!v["channel"].is_null()).then_some(v)
+    });
+    assert_eq!(asked["channel"]["need"].as_u64(), Some(4_000_000), "20 s at 200000 per second: {asked}");
+    assert_eq!(asked["channel"]["slice_ms"].as_u64(), Some(1000));
+    let ids = settlement::Ids {
+        program: settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID),
+        renter: hostile.public(),
+        provider: provider_key,
+        mint: mint_key,
+        id: 7,
+    };
+    let mut payer = settlement::Payer::ensure(&chain, hostile, ids, None, 4_000_000, 4_000_000).unwrap();
+    let post = |path: &str, body: &Value| {
+        http(&s, "POST", &format!("/v1/jobs/{job}/{path}"), Some("application/json"), body.to_string().as_bytes())
+    };
+    // Another renter cannot name a channel for it, nor can a channel in another mint.
+    let stranger = proto::Keypair::generate();
+    let terms = serde_json::to_value(payer.terms()).unwrap();
+    let (status, _) = request(
+        &s,
+        Some(&stranger),
+        "POST",
+        &format!("/v1/jobs/{job}/channel"),
+        Some("application/json"),
+        terms.to_string().as_bytes(),
+    );
+    assert_eq!(status, 404);
+    let mut other_mint = payer.terms();
+    other_mint.mint = stranger.public();
+    let (status, body) = post("channel", &serde_json::to_value(&other_mint).unwrap());
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("mint"), "{body}");
+    assert_eq!(post("channel", &serde_json::json!({ "program": 5 })).0, 422, "not channel terms");
+    let (status, body) = post("channel", &terms);
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = post("channel", &terms);
+    assert_eq!(status, 409, "named once: {body}");
+    let first = until("the first slice's receipt", || {
+        let v = get_json(&s, &format!("/v1/jobs/{job}"));
+        (!v["channel"]["receipt"].is_null()).then_some(v)
+    });
+    assert_eq!(first["channel"]["base"].as_u64(), Some(0), "{first}");
+    let receipt: proto::receipt::JobReceipt = serde_json::from_value(first["channel"]["receipt"].clone()).unwrap();
+    assert!(!receipt.done && receipt.sequence == 1 && receipt.amount_due > 0, "{receipt:?}");
+    // A voucher for another receipt is refused by the scheduler; one for too much, or signed
+    // by someone else, by the provider, which says why.
+    let mut elsewhere = payer.sign(hostile, receipt.amount_due, [9; 32]).unwrap();
+    let (status, body) = post("voucher", &serde_json::to_value(elsewhere).unwrap());
+    assert_eq!(status, 400, "{body}");
+    elsewhere = payer.sign(hostile, receipt.amount_due + 1, receipt.digest()).unwrap();
+    let (status, body) = post("voucher", &serde_json::to_value(elsewhere).unwrap());
+    assert_eq!(status, 202, "relayed: {body}");
+    let stopped = until("the job to stop for want of payment", || {
+        let v = get_json(&s, &format!("/v1/jobs/{job}"));
+        (v["state"] == "failed").then_some(v)
+    });
+    assert_eq!(stopped["outcome"]["Failed"]["kind"], "payment", "{stopped}");
+    let why = stopped["outcome"]["Failed"]["message"].as_str().unwrap();
+    assert!(why.contains("vouchers stopped"), "{why}");
+    assert!(stopped["channel"]["refused"].as_str().unwrap_or("").contains("voucher refused"), "{stopped}");
+    let billed: proto::receipt::JobReceipt = serde_json::from_value(stopped["receipt"].clone()).unwrap();
+    assert!(billed.done && billed.sequence >= 2, "billed for what it ran: {billed:?}");
+    assert!(billed.wall_time_us < 5_000_000, "stopped after a slice or two, not at its limit: {billed:?}");
+    for what in ["output", "log"] {
+        let (status, body) = http(&s, "GET", &format!("/v1/jobs/{job}/{what}"), None, b"");
+        assert_eq!(status, 402, "{what}: {body}");
+    }
+    // Paying the last receipt late still releases it (the provider waits a minute for it).
+    let last = payer.sign(hostile, billed.amount_due, billed.digest()).unwrap();
+    let (status, body) = post("voucher", &serde_json::to_value(last).unwrap());
+    assert_eq!(status, 202, "{body}");
+    until("the late voucher to be taken", || {
+        (http(&s, "GET", &format!("/v1/jobs/{job}/log"), None, b"").0 == 200).then_some(())
+    });
+    payer.refresh(&chain).unwrap();
+
+    // A channel that is not on the chain is refused by the provider with the reason, before
+    // anything runs: the job fails unbilled.
+    let job = submit_raw(&s, hostile, sample_artifacts::MATMUL, b"", serde_json::json!({ "wall_time_ms": 20_000 }));
+    until("the provider to ask for a channel", || {
+        (!get_json(&s, &format!("/v1/jobs/{job}"))["channel"].is_null()).then_some(())
+    });
+    let mut missing = payer.terms();
+    missing.id = 8;
+    let (status, body) = http(
+        &s,
+        "POST",
+        &format!("/v1/jobs/{job}/channel"),
+        Some("application/json"),
+        serde_json::to_string(&missing).unwrap().as_bytes(),
+    );
+    assert_eq!(status, 202, "{body}");
+    let refused = until("the channel's refusal", || {
+        let v = get_json(&s, &format!("/v1/jobs/{job}"));
+        (v["state"] == "failed").then_some(v)
+    });
+    assert!(refused["channel"]["refused"].as_str().unwrap().contains("does not exist"), "{refused}");
+    assert_eq!(refused["outcome"]["Failed"]["kind"], "payment");
+    assert!(refused["receipt"].is_null(), "nothing ran, nothing billed: {refused}");
+
+    // And the next paid job right after is served and paid as the first was.
+    let out = submit_paying(sample_artifacts::MATMUL, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // The provider's earnings come from the chain, and its ledger books each job.
+    let out = m.cmd(&["earnings", "--ledger", ledger.to_str().unwrap(), "--rpc-url", &url, "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -23,7 +23,7 @@ fn app(config: Config, renter_limits: Option<RenterLimits>) -> (Router, String) 
     let addr = Some("127.0.0.1:9".to_string());
     state.register(provider, "p".into(), "eu".into(), vec![crate::gpu()], price, 1, addr, 4, 0).unwrap();
     let module = hash_hex(&state.put_module(WASM).unwrap());
-    (test_router(state, TestOptions { renter_limits, ..Default::default() }), module)
+    (test_router(state, TestOptions { renter_limits }), module)
 }
 
 fn job_body(module: &str) -> Vec<u8> {

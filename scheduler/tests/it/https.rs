@@ -16,7 +16,6 @@ fn config(dir: &tempfile::TempDir, http: SocketAddr, plain_http: bool, state: Co
         providers: None,
         db: dir.path().join("db"),
         state,
-        chain: None,
     }
 }
 

@@ -1,10 +1,9 @@
 //! The scheduler end to end: its HTTP API through the router (signatures, ownership, limits)
-//! and over a real socket with TLS, its QUIC endpoint against misbehaving peers, job payments.
+//! and over a real socket with TLS, its QUIC endpoint against misbehaving peers.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod api;
 mod https;
-mod pay;
 mod quic;
 
 use axum::Router;

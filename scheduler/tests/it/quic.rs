@@ -20,7 +20,6 @@ async fn start() -> (scheduler::Listening, tempfile::TempDir) {
         providers: None,
         db: dir.path().join("db"),
         state: scheduler::Config::default(),
-        chain: None,
     })
     .await
     .unwrap();
