@@ -83,6 +83,9 @@ impl Default for Config {
     }
 }
 
+/// Claims kept in a paid job's record.
+const MAX_JOB_CLAIMS: usize = 16;
+
 /// Most bytes of a running job's streamed log kept.
 const LIVE_LOG_CAP: usize = 4 << 20;
 
@@ -325,6 +328,14 @@ impl State {
             if job.view.channel.is_some() {
                 return Err("the provider asked for a payment channel twice".into());
             }
+            // The renter locks `need` in the channel: never more than the job can cost, its
+            // wall-time limit at the provider's registered price (when the job names a limit).
+            let most = proto::receipt::JobReceipt::amount(limit.saturating_mul(1000), price.unwrap_or(0));
+            if limit > 0 && need > most {
+                return Err(format!(
+                    "the provider asked for a channel holding {need}, more than the job's {most} at its wall-time limit"
+                ));
+            }
             job.view.channel = Some(proto::api::JobChannel {
                 program,
                 mint,
@@ -382,7 +393,11 @@ impl State {
                     c.refused = None;
                 }
             }
-            JobReply::Claimed(claimed) => c.claims.push(claimed.transaction.to_string()),
+            // A job's claims are few (one at its end); a provider's flood is not kept.
+            JobReply::Claimed(claimed) if c.claims.len() < MAX_JOB_CLAIMS => {
+                c.claims.push(claimed.transaction.to_string());
+            }
+            JobReply::Claimed(_) => return Err("more claims reported for the job than are kept".into()),
             other => return Err(format!("{other:?} is not a payment message")),
         }
         let job = job.clone();
@@ -1177,7 +1192,7 @@ mod tests {
         let ask = JobReply::AwaitingChannel {
             program: proto::Address([1; 32]),
             mint: proto::Keypair::from_seed([5; 32]).public(),
-            need: 1_000_000,
+            need: 100_000,
             slice_ms: 100,
         };
         s.job_payment(id, &kp.public(), ask, now).unwrap();
@@ -1224,6 +1239,15 @@ mod tests {
         // Over the limit: not billed.
         let id = submit_limited(&mut s);
         let a = s.assign(1_000).unwrap().remove(0);
+        // Nor may a provider ask the renter to lock more than the job can cost (100 ms at 1 per
+        // microsecond).
+        let greedy = JobReply::AwaitingChannel {
+            program: proto::Address([1; 32]),
+            mint: proto::Keypair::from_seed([5; 32]).public(),
+            need: 100_001,
+            slice_ms: 100,
+        };
+        assert!(s.job_payment(&id, &kp.public(), greedy, 1_000).unwrap_err().contains("more than"));
         paid_through_a_channel(&mut s, &id, &kp, 1_000);
         s.finished(&id, &kp.public(), billed_result(&kp, &id, a.module, Outcome::Succeeded, 150_000), 10_000).unwrap();
         assert_eq!(billed(&s, &id), None);
@@ -1251,6 +1275,7 @@ mod tests {
         // Before the provider asked for a channel, no payment message is taken.
         let early = JobReply::ChannelTaken { newest: None, base: 0 };
         assert!(s.job_payment(&id, &kp.public(), early, 1_000).is_err());
+
         paid_through_a_channel(&mut s, &id, &kp, 1_000);
         let slice =
             |seq, us, price| Box::new(proto::receipt::JobReceipt::sign_slice(&kp, &id, a.module, seq, us, price));
