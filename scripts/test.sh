@@ -3,6 +3,11 @@
 # GPU), the payment-channel program built for BPF and tested in LiteSVM, and a short fuzzing run. Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Reuse the machine's build cache outside the clone when the caller names none: a fresh clone
+# then rebuilds only what changed (and builds everything the first time).
+if [ -z "${CARGO_TARGET_DIR:-}" ] && [ -d /var/tmp ] && [ -w /var/tmp ]; then
+    export CARGO_TARGET_DIR=/var/tmp/wasmgrid-target
+fi
 source scripts/setup.sh
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
