@@ -78,7 +78,12 @@ pub(crate) struct HostPayArgs {
     claim: Policy,
     /// Calls served past the newest valid voucher before a session stops: a paid session's
     /// receipts, each answered by a voucher, come every this many calls.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = provider::payment::DEFAULT_MAX_UNVOUCHED,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     max_unvouched: u64,
     /// The provider's ledger (read by `wasmgrid earnings`).
     #[arg(long, value_name = "DIR")]

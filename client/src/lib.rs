@@ -435,8 +435,11 @@ impl Session {
             None => None,
         };
         // The last voucher covers every call followed, those since the newest receipt too.
-        let expected = link.receipts.lock().await.0.expected();
-        let voucher = pay.as_mut().and_then(|p| p.closing_voucher(expected));
+        let (expected, calls) = {
+            let receipts = link.receipts.lock().await;
+            (receipts.0.expected(), receipts.0.calls())
+        };
+        let voucher = pay.as_mut().and_then(|p| p.closing_voucher(expected, calls));
         let closed = async {
             let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
             quic::write_msg(&mut send, &SessionMsg::Close { voucher }, CONTROL_CAP).await.map_err(|e| e.to_string())?;

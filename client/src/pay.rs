@@ -150,15 +150,21 @@ impl LinkPay {
     }
 
     /// The voucher for every call followed (`expected`: the digest and amount of the receipt
-    /// the provider signs at the close), sent with the close: calls since the newest receipt
-    /// are paid too.
-    pub(crate) fn closing_voucher(&mut self, (digest, amount_due): ([u8; 32], u64)) -> Option<Box<Voucher>> {
+    /// the provider signs at the close; `inferences`: the calls followed), sent with the close:
+    /// calls since the newest receipt are paid too.
+    pub(crate) fn closing_voucher(
+        &mut self,
+        (digest, amount_due): ([u8; 32], u64),
+        inferences: u64,
+    ) -> Option<Box<Voucher>> {
         let cumulative = self.base.saturating_add(amount_due);
         if cumulative > self.payer.vouched {
             match self.payer.sign(&self.renter, cumulative, digest) {
                 Ok(v) => {
                     self.next = Some(v);
                     self.book.vouched = amount_due;
+                    self.book.amount_due = amount_due;
+                    self.book.inferences = inferences;
                 }
                 Err(e) => log::warn!("not vouching for the last calls: {e}"),
             }

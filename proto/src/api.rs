@@ -173,11 +173,17 @@ pub struct JobChannel {
     pub newest: Option<crate::voucher::Voucher>,
     /// The provider's newest receipt for the job (a slice's, or the last one once it ended).
     pub receipt: Option<crate::receipt::JobReceipt>,
-    /// The newest voucher the provider took for the job, and the receipt it answers.
+    /// The newest voucher the provider took for the job, and the receipt it answers: always
+    /// one the renter sent through this scheduler (the provider's word that it took another is
+    /// refused).
     pub vouched: Option<crate::voucher::Voucher>,
     pub vouched_sequence: u64,
-    /// Claims the provider says it made after the job's vouchers (base58 transaction
-    /// signatures: `wasmgrid earnings --rpc-url` shows what the chain paid).
+    /// Vouchers the renter sent and the provider has not yet said it took, each with the
+    /// number of the receipt it answers (the newest few).
+    #[serde(default)]
+    pub sent: Vec<(u64, crate::voucher::Voucher)>,
+    /// Claim transactions as the provider reports them, after the job's vouchers (base58
+    /// signatures, to look up on the chain: `wasmgrid spend --rpc-url` reads what they paid).
     pub claims: Vec<String>,
     /// Why the provider refused the channel or a voucher, when it did.
     pub refused: Option<String>,
@@ -198,8 +204,9 @@ impl JobChannel {
 }
 
 /// `GET /v1/sessions/{id}`: an inference session as the scheduler knows it: who serves whom,
-/// what, at what price, and (as its provider reports, with its signed receipt) the usage and the
-/// settlement transactions on Solana.
+/// what, at what price, the usage from the provider's signed receipt, and what the renter's
+/// signed voucher paid for (both checked by the scheduler), with the claim transactions to look
+/// up on Solana.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionView {
     /// Hex session id (the ticket's).
@@ -217,14 +224,17 @@ pub struct SessionView {
     /// That receipt's sequence number and amount due.
     pub receipts: u64,
     pub amount_due: u64,
-    /// Claimed from the payment channel on the chain (every session and job on it together).
-    pub paid: u64,
-    /// Settlement transactions (base58 signatures), oldest first; the newest
-    /// `SESSION_SETTLEMENTS_KEPT` when there were more.
-    pub settlements: Vec<String>,
-    /// Settlements in all.
+    /// On a paid session: the amount due on the newest receipt the renter's voucher answers
+    /// (the voucher's signature checked here against the renter's key, on the channel derived
+    /// from the two parties), and that channel's address.
     #[serde(default)]
-    pub settlement_count: u64,
+    pub vouched: u64,
+    #[serde(default)]
+    pub channel: Option<crate::identity::Address>,
+    /// Claim transactions on the channel as the provider reports them (base58 signatures, to
+    /// look up on the chain: `wasmgrid spend --rpc-url` reads what they paid), oldest first;
+    /// the newest `SESSION_SETTLEMENTS_KEPT` when there were more.
+    pub settlements: Vec<String>,
 }
 
 impl SessionView {
@@ -249,9 +259,9 @@ impl SessionView {
             usage: None,
             receipts: 0,
             amount_due: 0,
-            paid: 0,
+            vouched: 0,
+            channel: None,
             settlements: Vec::new(),
-            settlement_count: 0,
         }
     }
 }

@@ -263,15 +263,46 @@ pub struct SessionReport {
     pub session_id: [u8; 16],
     /// The newest receipt this provider signed for it.
     pub receipt: Option<crate::receipt::Receipt>,
-    /// Claimed from the session's payment channel on the chain so far (every session and job
-    /// on the channel together).
-    pub paid: u64,
-    /// The newest claim transaction signatures (at most a few hundred), oldest first.
-    pub settlements: Vec<crate::identity::Signature>,
-    /// Claims in all.
+    /// On a paid session: the renter's newest voucher and the receipt it answers.
     #[serde(default)]
-    pub settlement_count: u64,
+    pub vouched: Option<Box<SessionVouched>>,
+    /// The newest claim transactions on the session's channel (at most a few hundred), oldest
+    /// first: ids to look up on the chain.
+    pub settlements: Vec<crate::identity::Signature>,
     pub closed: bool,
+}
+
+/// What a renter paid for in a session, as the renter signed it: its voucher on the channel
+/// and the provider's receipt the voucher answers. Whoever knows the two parties checks it
+/// without the chain ([`crate::voucher::ChannelRef::verify`], [`SessionVouched::check`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionVouched {
+    pub channel: crate::voucher::ChannelRef,
+    pub receipt: crate::receipt::Receipt,
+    pub voucher: crate::voucher::Voucher,
+}
+
+impl SessionVouched {
+    /// Checks that the provider signed the receipt for this session and renter, and that the
+    /// renter's voucher answers that receipt on the channel between the two; returns the
+    /// receipt's amount due (what the renter paid for in the session).
+    pub fn check(&self, session_id: &[u8; 16], renter: &PublicKey, provider: &PublicKey) -> Result<u64, String> {
+        let r = &self.receipt;
+        if r.provider != *provider
+            || r.session_id != *session_id
+            || r.renter != *renter
+            || !r.provider.verify(&r.signing_bytes(), &r.signature)
+        {
+            return Err("the vouched receipt is not the provider's for this session".into());
+        }
+        if self.voucher.receipt_digest != r.digest() {
+            return Err("the voucher answers another receipt".into());
+        }
+        if !self.channel.verify(renter, provider, &self.voucher) {
+            return Err("the voucher is not the renter's signature on its channel with this provider".into());
+        }
+        Ok(r.amount_due)
+    }
 }
 
 /// Scheduler to host, on the control stream.

@@ -5,6 +5,7 @@
 //! other.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::identity::{Address, PublicKey, Signature};
 
@@ -38,4 +39,70 @@ pub struct Claimed {
     pub transaction: Signature,
     /// What the channel has paid the provider in all, this claim included.
     pub cumulative: u64,
+}
+
+/// One channel named in full, for a third party (the scheduler) to check a voucher on it
+/// without the chain: the channel's address is derived here from the program, the two
+/// parties, the mint and the id exactly as the program derives it, and the voucher's
+/// signature is checked over the message the program checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelRef {
+    pub program: Address,
+    pub mint: PublicKey,
+    pub id: u64,
+    /// The channel's generation the voucher was signed for.
+    pub generation: u64,
+}
+
+impl ChannelRef {
+    /// The channel account's address between `renter` and `provider` (the program's PDA).
+    pub fn address(&self, renter: &PublicKey, provider: &PublicKey) -> Address {
+        let id = self.id.to_le_bytes();
+        let seeds: [&[u8]; 5] = [paychan_state::CHANNEL_SEED, &renter.0, &provider.0, &self.mint.0, &id];
+        program_address(&seeds, &self.program)
+    }
+
+    /// The bytes a voucher for `cumulative`, answering the receipt with `receipt_digest`, signs
+    /// on this channel between `renter` and `provider` (what the program checks).
+    pub fn message(
+        &self,
+        renter: &PublicKey,
+        provider: &PublicKey,
+        cumulative: u64,
+        receipt_digest: &[u8; 32],
+    ) -> [u8; paychan_state::VOUCHER_LEN] {
+        paychan_state::Channel::voucher_message(
+            &self.program.0,
+            &self.address(renter, provider).0,
+            self.generation,
+            &self.mint.0,
+            cumulative,
+            receipt_digest,
+        )
+    }
+
+    /// Whether `renter` signed `v` for this channel between it and `provider`.
+    pub fn verify(&self, renter: &PublicKey, provider: &PublicKey, v: &Voucher) -> bool {
+        renter.verify(&self.message(renter, provider, v.cumulative, &v.receipt_digest), &v.signature)
+    }
+}
+
+/// Solana's program-derived address: the first bump seed, from 255 down, whose hash is off the
+/// ed25519 curve (so that no private key exists for it).
+fn program_address(seeds: &[&[u8]], program: &Address) -> Address {
+    for bump in (0..=u8::MAX).rev() {
+        let mut h = Sha256::new();
+        for s in seeds {
+            h.update(s);
+        }
+        h.update([bump]);
+        h.update(program.0);
+        h.update(b"ProgramDerivedAddress");
+        let hash: [u8; 32] = h.finalize().into();
+        if ed25519_dalek::VerifyingKey::from_bytes(&hash).is_err() {
+            return Address(hash);
+        }
+    }
+    // Each bump is off the curve with odds of one half: 256 misses do not happen.
+    unreachable!("no bump seed gives an address off the curve")
 }

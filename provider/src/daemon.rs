@@ -1277,17 +1277,16 @@ impl SessionPump {
 
     /// Tells the scheduler where the session stands (usage, payments).
     fn report(&self, receipt: Option<Box<proto::receipt::Receipt>>, closed: bool) {
-        let (paid, settlements, settlement_count) = self
+        let (vouched, settlements) = self
             .pay
             .as_ref()
-            .map(|p| p.lock().unwrap_or_else(PoisonError::into_inner).paid_and_settlements())
+            .map(|p| p.lock().unwrap_or_else(PoisonError::into_inner).vouched_and_settlements())
             .unwrap_or_default();
         let msg = HostMsg::SessionReport(Box::new(proto::msg::SessionReport {
             session_id: self.session_id,
             receipt: receipt.map(|r| *r),
-            paid,
+            vouched,
             settlements,
-            settlement_count,
             closed,
         }));
         self.running.report(self.session_id, msg);

@@ -832,7 +832,7 @@ async fn job_voucher(
         Err(rejection) => return api_error(rejection.status(), rejection.body_text()),
     };
     {
-        let state = shared.state();
+        let mut state = shared.state();
         if !state.owns(&id, &renter) {
             return no_job(&id);
         }
@@ -847,7 +847,7 @@ async fn job_voucher(
                     format!("the voucher answers another receipt than job {id}'s newest (number {})", r.sequence),
                 );
             }
-            Some(_) => {}
+            Some(r) => state.voucher_sent(&id, r.sequence, voucher),
         }
     }
     if let Some(r) = relay(&shared, &id, JobMsg::Voucher(Box::new(voucher))) {

@@ -86,6 +86,9 @@ impl Default for Config {
 /// Claims kept in a paid job's record.
 const MAX_JOB_CLAIMS: usize = 16;
 
+/// Vouchers a job keeps that its renter sent and its provider has not yet said it took.
+const MAX_SENT_VOUCHERS: usize = 8;
+
 /// Most bytes of a running job's streamed log kept.
 const LIVE_LOG_CAP: usize = 4 << 20;
 
@@ -314,6 +317,17 @@ impl State {
         Ok(())
     }
 
+    /// Notes the renter's voucher for receipt `sequence` of job `id`, about to be relayed to its
+    /// provider (the newest few are kept until the provider says it took one).
+    pub fn voucher_sent(&mut self, id: &str, sequence: u64, voucher: proto::voucher::Voucher) {
+        if let Some(c) = self.jobs.get_mut(id).and_then(|j| j.view.channel.as_mut()) {
+            if c.sent.len() >= MAX_SENT_VOUCHERS {
+                c.sent.remove(0);
+            }
+            c.sent.push((sequence, voucher));
+        }
+    }
+
     /// A provider's payment message for a job it runs: its terms, its receipts (checked before
     /// the renter sees them) and its answers to the renter's channel and vouchers.
     pub fn job_payment(&mut self, id: &str, provider: &PublicKey, msg: JobReply, now_ms: u64) -> Result<(), String> {
@@ -347,6 +361,7 @@ impl State {
                 receipt: None,
                 vouched: None,
                 vouched_sequence: 0,
+                sent: Vec::new(),
                 claims: Vec::new(),
                 refused: None,
                 updates: 1,
@@ -387,11 +402,17 @@ impl State {
                 c.receipt = Some(*r);
             }
             JobReply::Vouched { sequence, voucher } => {
+                // Believed only for a voucher the renter sent for that receipt: what the job's
+                // record says was paid is the renter's own signature.
+                if !c.sent.iter().any(|(at, v)| *at == sequence && v == voucher.as_ref()) {
+                    return Err(format!("it took a voucher for receipt {sequence} that the renter did not send"));
+                }
                 if sequence > c.vouched_sequence {
                     c.vouched_sequence = sequence;
                     c.vouched = Some(*voucher);
                     c.refused = None;
                 }
+                c.sent.retain(|(at, _)| *at > sequence);
             }
             // A job's claims are few (one at its end); a provider's flood is not kept.
             JobReply::Claimed(claimed) if c.claims.len() < MAX_JOB_CLAIMS => {
@@ -429,34 +450,46 @@ impl State {
         report: &proto::msg::SessionReport,
         now_ms: u64,
     ) -> Result<(), String> {
-        let proto::msg::SessionReport { session_id, receipt, paid, settlements, settlement_count, closed } = report;
-        let (paid, closed) = (*paid, *closed);
+        let proto::msg::SessionReport { session_id, receipt, vouched, settlements, closed } = report;
+        let closed = *closed;
         let id = hash_hex_16(session_id);
         let s = self.sessions.get_mut(&id).ok_or_else(|| format!("no session {id}"))?;
         if s.provider != *provider {
             return Err(format!("session {id} is not served by {provider}"));
         }
+        // Everything is checked before anything is taken: a report that fails one check changes
+        // nothing.
         if let Some(r) = receipt.as_ref() {
             let signed = r.provider.verify(&r.signing_bytes(), &r.signature);
             if !signed || r.provider != *provider || r.session_id != *session_id || r.renter != s.renter {
                 return Err(format!("the receipt for session {id} does not check"));
             }
-            if r.sequence >= s.receipts {
-                s.usage = Some(r.counts);
-                s.receipts = r.sequence;
-                s.amount_due = r.amount_due;
-            }
         }
-        if paid > s.amount_due {
-            return Err(format!(
-                "session {id}: {paid} reported paid, more than the {} its receipts make due",
-                s.amount_due
-            ));
+        // What the renter paid for is its own signature, checked here: never the provider's
+        // word.
+        let vouched = match vouched.as_deref() {
+            Some(v) => Some((
+                v.check(session_id, &s.renter, provider).map_err(|e| format!("session {id}: {e}"))?,
+                v.channel.address(&s.renter, provider),
+            )),
+            None => None,
+        };
+        if let Some(r) = receipt.as_ref()
+            && r.sequence >= s.receipts
+        {
+            s.usage = Some(r.counts);
+            s.receipts = r.sequence;
+            s.amount_due = r.amount_due;
         }
-        if paid >= s.paid {
-            s.paid = paid;
-            // Reports carry the newest settlements only: add the ones not seen yet, keep the
-            // newest few hundred.
+        if let Some((amount, channel)) = vouched
+            && amount >= s.vouched
+        {
+            s.vouched = amount;
+            s.channel = Some(channel);
+        }
+        if !settlements.is_empty() {
+            // Reports carry the newest claims only: add the ones not seen yet, keep the newest
+            // thousand.
             let window = settlements.len().saturating_mul(2);
             for sig in settlements.iter().map(ToString::to_string) {
                 if !s.settlements.iter().rev().take(window).any(|seen| *seen == sig) {
@@ -465,7 +498,6 @@ impl State {
             }
             let extra = s.settlements.len().saturating_sub(proto::api::SESSION_SETTLEMENTS_KEPT);
             s.settlements.drain(..extra);
-            s.settlement_count = s.settlement_count.max(*settlement_count).max(s.settlements.len() as u64);
         }
         s.closed |= closed;
         s.updated_ms = now_ms;
@@ -1219,9 +1251,16 @@ mod tests {
         let last = v.channel.as_ref().and_then(|c| c.unvouched()).cloned().expect("billed, waiting for a voucher");
         assert_eq!(last.amount_due, 40_000);
         assert!(!v.paid(), "unpaid: its output and log are withheld");
+        // The provider's word that it took a voucher the renter never sent is refused: the
+        // record's payment is the renter's own signature.
         let vouched = JobReply::Vouched { sequence: last.sequence, voucher: voucher(40_000, last.digest()) };
+        let err = s.job_payment(&id, &kp.public(), vouched.clone(), 1_055).unwrap_err();
+        assert!(err.contains("did not send"), "{err}");
+        assert!(!s.job(&id).unwrap().paid());
+        s.voucher_sent(&id, last.sequence, *voucher(40_000, last.digest()));
         s.job_payment(&id, &kp.public(), vouched, 1_060).unwrap();
         assert!(s.job(&id).unwrap().paid(), "the last receipt's voucher was taken");
+        assert!(s.job(&id).unwrap().channel.unwrap().sent.is_empty(), "taken, no longer waiting");
     }
 
     #[test]
@@ -1422,48 +1461,76 @@ mod tests {
         let mut signer = proto::receipt::Signer::new(id, renter.public(), 5);
         let call = proto::receipt::Counts { inferences: 1, ..Default::default() };
         let r = signer.next(&provider, &call, b"q", b"a");
-        let report = |receipt: Option<proto::receipt::Receipt>, paid| proto::msg::SessionReport {
+        let report = |receipt: Option<proto::receipt::Receipt>| proto::msg::SessionReport {
             session_id: id,
             receipt,
-            paid,
+            vouched: None,
             settlements: vec![proto::Signature([1; 64])],
-            settlement_count: 1,
             closed: true,
         };
-        let err = s.session_report(&other.public(), &report(Some(r.clone()), 5), 1).unwrap_err();
+        let err = s.session_report(&other.public(), &report(Some(r.clone())), 1).unwrap_err();
         assert!(err.contains("not served by"), "{err}");
         let mut forged = r.clone();
         forged.amount_due = 500;
-        let err = s.session_report(&provider.public(), &report(Some(forged), 500), 1).unwrap_err();
+        let err = s.session_report(&provider.public(), &report(Some(forged)), 1).unwrap_err();
         assert!(err.contains("does not check"), "{err}");
-        assert!(s.session_report(&provider.public(), &report(None, 0), 1).is_ok());
+        assert!(s.session_report(&provider.public(), &report(None), 1).is_ok());
         assert!(
-            s.session_report(
-                &provider.public(),
-                &proto::msg::SessionReport { session_id: [1; 16], ..report(None, 0) },
-                1
-            )
-            .is_err()
+            s.session_report(&provider.public(), &proto::msg::SessionReport { session_id: [1; 16], ..report(None) }, 1)
+                .is_err()
         );
-        s.session_report(&provider.public(), &report(Some(r), 5), 2).unwrap();
+        s.session_report(&provider.public(), &report(Some(r.clone())), 2).unwrap();
         s.store_handle().sync().unwrap();
         drop(s);
         let s = state(&dir, Config::default());
         assert!(s.session(&hash_hex_16(&id), &other.public()).is_none(), "only its renter sees it");
         let v = s.session(&hash_hex_16(&id), &renter.public()).unwrap();
-        assert_eq!((v.receipts, v.amount_due, v.paid, v.closed), (1, 5, 5, true));
+        assert_eq!((v.receipts, v.amount_due, v.vouched, v.closed), (1, 5, 0, true), "nothing vouched yet");
         assert_eq!(v.settlements, vec![proto::Signature([1; 64]).to_string()]);
         // Reports carry the newest settlements: the record adds only the ones it has not seen.
         let mut s = s;
         let newer = proto::msg::SessionReport {
             settlements: vec![proto::Signature([1; 64]), proto::Signature([2; 64])],
-            settlement_count: 2,
-            ..report(None, 5)
+            ..report(None)
         };
         s.session_report(&provider.public(), &newer, 3).unwrap();
         let v = s.session(&hash_hex_16(&id), &renter.public()).unwrap();
         assert_eq!(v.settlements, vec![proto::Signature([1; 64]).to_string(), proto::Signature([2; 64]).to_string()]);
-        assert_eq!(v.settlement_count, 2);
+
+        // What the renter paid for is its voucher, checked here against its key and the
+        // channel between the two: the provider's own word (a voucher it signed, one for
+        // another receipt or another channel) is refused and changes nothing.
+        let channel = proto::voucher::ChannelRef {
+            program: proto::Address([3; 32]),
+            mint: proto::Keypair::generate().public(),
+            id: 0,
+            generation: 1,
+        };
+        let voucher = |by: &proto::Keypair, c: &proto::voucher::ChannelRef, digest: [u8; 32]| proto::voucher::Voucher {
+            cumulative: 105,
+            receipt_digest: digest,
+            signature: by.sign(&c.message(&renter.public(), &provider.public(), 105, &digest)),
+        };
+        let vouched = |receipt: &proto::receipt::Receipt, v: proto::voucher::Voucher| proto::msg::SessionReport {
+            vouched: Some(Box::new(proto::msg::SessionVouched { channel, receipt: receipt.clone(), voucher: v })),
+            ..report(None)
+        };
+        let r2 = signer.next(&provider, &call, b"q2", b"a2");
+        let by_provider = vouched(&r2, voucher(&provider, &channel, r2.digest()));
+        let err = s.session_report(&provider.public(), &by_provider, 4).unwrap_err();
+        assert!(err.contains("not the renter's signature"), "{err}");
+        let for_another_receipt = vouched(&r2, voucher(&renter, &channel, r.digest()));
+        let err = s.session_report(&provider.public(), &for_another_receipt, 4).unwrap_err();
+        assert!(err.contains("another receipt"), "{err}");
+        let elsewhere = proto::voucher::ChannelRef { id: 1, ..channel };
+        let err = s.session_report(&provider.public(), &vouched(&r2, voucher(&renter, &elsewhere, r2.digest())), 4);
+        assert!(err.unwrap_err().contains("not the renter's signature"));
+        assert_eq!(s.session(&hash_hex_16(&id), &renter.public()).unwrap().vouched, 0);
+        s.session_report(&provider.public(), &vouched(&r2, voucher(&renter, &channel, r2.digest())), 5).unwrap();
+        let v = s.session(&hash_hex_16(&id), &renter.public()).unwrap();
+        assert_eq!(v.vouched, 10, "the amount due on the receipt the renter's voucher answers");
+        assert_eq!(v.channel, Some(channel.address(&renter.public(), &provider.public())));
+        assert_eq!((v.receipts, v.amount_due), (1, 5), "a vouched receipt is not taken for the newest usage");
     }
 
     fn failed(kind: proto::msg::FailureKind) -> JobResult {

@@ -33,3 +33,30 @@ pub fn signer(key: &proto::Keypair) -> Keypair {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::ChannelId;
+
+    /// The wire's own derivation (what the scheduler checks vouchers with, without Solana's
+    /// crates) gives the address the program and Solana's `find_program_address` give.
+    #[test]
+    fn the_wire_derives_a_channels_address_as_solana_does() {
+        for id in [0, 1, 7, u64::MAX] {
+            let keys: Vec<proto::Keypair> = (0..4).map(|_| proto::Keypair::generate()).collect();
+            let (program, renter, provider, mint) =
+                (keys[0].public(), keys[1].public(), keys[2].public(), keys[3].public());
+            let c = ChannelId {
+                program: address(&program),
+                renter: address(&renter),
+                provider: address(&provider),
+                mint: address(&mint),
+                id,
+            };
+            let wire = proto::voucher::ChannelRef { program: proto::Address(program.0), mint, id, generation: 1 };
+            assert_eq!(wire.address(&renter, &provider), wire_address(&c.address()), "id {id}");
+            assert_ne!(wire.address(&provider, &renter), wire_address(&c.address()), "the parties' order counts");
+        }
+    }
+}

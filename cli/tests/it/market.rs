@@ -894,16 +894,19 @@ fn paid_sessions_across_processes_pay_through_one_channel_claim_once_each_and_cl
     });
     let (status, _) = http(&s, "GET", &format!("/v1/sessions/{id}"), None, b"");
     assert_eq!(status, 404, "another renter cannot tell the session exists");
-    assert_eq!((record["usage"]["inferences"].as_u64(), record["paid"].as_u64()), (Some(5), Some(35)), "{record}");
+    // What it paid for is the renter's own voucher, checked by the scheduler, on the channel
+    // both sides name.
+    assert_eq!((record["usage"]["inferences"].as_u64(), record["vouched"].as_u64()), (Some(5), Some(35)), "{record}");
     assert_eq!(record["amount_due"], 35);
+    assert_eq!(record["channel"], e["channels"][0]["channel"]);
     assert_eq!(record["settlements"], e["sessions"][0]["claims"]);
 
     // The next session reuses the channel: nothing on the chain to start, one claim at its end.
     let second = session(2);
     assert_eq!(second["payment"]["vouched"], 14, "{second}");
     let sp = spend();
-    // The scheduler's record of it shows what the claims paid of this session, not of the
-    // whole channel.
+    // The scheduler's record of it shows what the renter vouched for in this session, not on
+    // the whole channel.
     let id2 = sp["sessions"].as_array().unwrap().iter().find(|b| b["session"] != id).unwrap()["session"]
         .as_str()
         .unwrap()
@@ -912,7 +915,7 @@ fn paid_sessions_across_processes_pay_through_one_channel_claim_once_each_and_cl
         let v = get_json_as(&s, &renter_kp, &format!("/v1/sessions/{id2}"));
         (v["closed"] == true).then_some(v)
     });
-    assert_eq!((record2["amount_due"].as_u64(), record2["paid"].as_u64()), (Some(14), Some(14)), "{record2}");
+    assert_eq!((record2["amount_due"].as_u64(), record2["vouched"].as_u64()), (Some(14), Some(14)), "{record2}");
     assert_eq!(sp["channels"].as_array().unwrap().len(), 1);
     assert_eq!(sp["channels"][0]["transactions"].as_array().unwrap().len(), 1, "only the open: {sp}");
     assert_eq!((sp["vouched"].as_u64(), sp["claimed"].as_u64()), (Some(49), Some(49)), "{sp}");
@@ -1076,7 +1079,9 @@ fn a_paid_provider_refuses_unpaid_sessions_bad_channels_and_a_renter_that_stops_
     let provider = keygen(&m, "p.json");
     let (_chain, url, mint) = local_chain(&m, &[&renter.public().to_string(), &provider]);
     let (_sched, s) = m.scheduler(&[]);
-    let (_host, _) = m.host(&s, "p", &["--sessions", "127.0.0.1:0", "--rpc-url", &url, "--mint", &mint]);
+    // A voucher every call: the provider's exposure is one inference.
+    let host_args = ["--sessions", "127.0.0.1:0", "--rpc-url", &url, "--mint", &mint, "--max-unvouched", "1"];
+    let (_host, _) = m.host(&s, "p", &host_args);
     online(&s, 1);
     let module = std::fs::read(sample_artifacts::MLP).unwrap();
     let scheduler = s.client(&renter);
@@ -1392,6 +1397,8 @@ fn a_paid_session_whose_provider_dies_moves_on_and_the_restarted_provider_still_
             &url,
             "--mint",
             &mint,
+            "--max-unvouched",
+            "1",
             "--ledger",
         ];
         let mut args: Vec<&str> = args.to_vec();
@@ -1430,6 +1437,14 @@ fn a_paid_session_whose_provider_dies_moves_on_and_the_restarted_provider_still_
         for i in 0..3 {
             session.infer(&mlp_request(i)).await.unwrap();
         }
+        // The ledger writer trails the newest voucher by up to 50 ms (a daemon killed within
+        // that loses it, by design); what this test checks is that a restarted provider claims
+        // what its ledger holds, so the kill comes once the ledger holds the voucher for 4.
+        let a_ledger = m.path("a-earnings");
+        until("a's ledger to hold the voucher for its second inference", || {
+            let (payees, _) = settlement::ledger::load_channels::<settlement::Payee>(&a_ledger).ok()?;
+            payees.iter().any(|p| p.newest.as_ref().is_some_and(|v| v.cumulative == 4)).then_some(())
+        });
         a.kill9();
         // The next call moves to b, through the renter's channel with b.
         let after = session.infer(&mlp_request(9)).await.unwrap();

@@ -100,3 +100,120 @@ async fn bad_frames_close_only_their_connection() {
     let info = get(&l, "/v1/info").await;
     assert_eq!(info["key"], l.key.to_string());
 }
+
+/// A request to the scheduler's HTTPS API signed by `key`.
+async fn signed_http(
+    l: &scheduler::Listening,
+    key: &Keypair,
+    method: reqwest::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> (reqwest::StatusCode, Vec<u8>) {
+    let http = quic::https::pinned_client(l.key).unwrap().build().unwrap();
+    let mut req = http.request(method.clone(), format!("{}{path}", l.url()));
+    for (name, value) in proto::httpsig::sign(key, method.as_str(), path, &body, crate::now_secs(), crate::nonce()) {
+        req = req.header(name, value);
+    }
+    if body.first() == Some(&b'{') {
+        req = req.header("content-type", "application/json");
+    }
+    let resp = req.body(body).send().await.unwrap();
+    (resp.status(), resp.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_record_shows_as_paid_only_what_the_renters_own_voucher_signed() {
+    use proto::voucher::{ChannelRef, Voucher};
+    let (l, _dir) = start().await;
+    // A provider serving sessions, over the real endpoint, that will lie in its reports.
+    let provider = Keypair::generate();
+    let endpoint = quic::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let conn = quic::connect(&endpoint, &Identity::new(&provider).unwrap(), l.quic, l.key).await.unwrap();
+    let (mut control, mut replies) = conn.open_bi().await.unwrap();
+    let register = HostMsg::Register {
+        name: "liar".into(),
+        region: "eu".into(),
+        gpus: vec![crate::gpu()],
+        price: Price { per_gpu_second: 1, per_inference: 3 },
+        capacity: 1,
+        session_addr: Some("127.0.0.1:9".into()),
+        session_capacity: 4,
+    };
+    quic::write_msg(&mut control, &register, CONTROL_CAP).await.unwrap();
+    let reply: Option<SchedulerMsg> = quic::read_msg(&mut replies, CONTROL_CAP).await.unwrap();
+    assert!(matches!(reply, Some(SchedulerMsg::Registered { .. })), "{reply:?}");
+
+    // A renter's session on it.
+    let renter = Keypair::generate();
+    let (status, body) =
+        signed_http(&l, &renter, reqwest::Method::POST, "/v1/modules", b"\0asm\x01\0\0\0".to_vec()).await;
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let module: proto::api::ModuleUploaded = serde_json::from_slice(&body).unwrap();
+    let open = serde_json::to_vec(&serde_json::json!({ "module": module.module, "renter": renter.public() })).unwrap();
+    let (status, body) = signed_http(&l, &renter, reqwest::Method::POST, "/v1/sessions", open).await;
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let grant: proto::api::SessionGrant = serde_json::from_slice(&body).unwrap();
+    let session_id = grant.ticket.session_id;
+    let sid: String = session_id.iter().map(|b| format!("{b:02x}")).collect();
+
+    let mut receipts = proto::receipt::Signer::new(session_id, renter.public(), grant.ticket.price_per_inference);
+    let call = proto::receipt::Counts { inferences: 1, ..Default::default() };
+    let first = receipts.next(&provider, &call, b"q", b"a");
+    let second = receipts.next(&provider, &call, b"q", b"a");
+    let channel =
+        ChannelRef { program: proto::Address([4; 32]), mint: Keypair::generate().public(), id: 0, generation: 1 };
+    let voucher = |by: &Keypair, c: &ChannelRef, r: &proto::receipt::Receipt| Voucher {
+        cumulative: r.amount_due,
+        receipt_digest: r.digest(),
+        signature: by.sign(&c.message(&renter.public(), &provider.public(), r.amount_due, &r.digest())),
+    };
+    let report = |receipt: &proto::receipt::Receipt, vouched: Option<(ChannelRef, Voucher)>| {
+        HostMsg::SessionReport(Box::new(proto::msg::SessionReport {
+            session_id,
+            receipt: Some(receipt.clone()),
+            vouched: vouched.map(|(channel, voucher)| {
+                Box::new(proto::msg::SessionVouched { channel, receipt: receipt.clone(), voucher })
+            }),
+            settlements: Vec::new(),
+            closed: false,
+        }))
+    };
+    // Its own signature as the renter's voucher; the renter's voucher for another channel; a
+    // voucher for the first receipt passed off as the second's: none counts as paid.
+    let lies = [
+        report(&second, Some((channel, voucher(&provider, &channel, &second)))),
+        report(&second, Some((channel, voucher(&renter, &ChannelRef { id: 9, ..channel }, &second)))),
+        report(&second, Some((channel, voucher(&renter, &channel, &first)))),
+    ];
+    for lie in &lies {
+        quic::write_msg(&mut control, lie, CONTROL_CAP).await.unwrap();
+    }
+    // Reports are taken in order: once the next one shows, the lies were read.
+    quic::write_msg(&mut control, &report(&first, None), CONTROL_CAP).await.unwrap();
+    let record = |want: fn(&serde_json::Value) -> bool| {
+        let (l, renter, sid) = (&l, &renter, &sid);
+        async move {
+            let mut v = serde_json::Value::Null;
+            for _ in 0..100 {
+                let path = format!("/v1/sessions/{sid}");
+                let (status, body) = signed_http(l, renter, reqwest::Method::GET, &path, Vec::new()).await;
+                assert_eq!(status, 200);
+                v = serde_json::from_slice(&body).unwrap();
+                if want(&v) {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the session record never showed what was reported: {v}");
+        }
+    };
+    let v = record(|v| v["receipts"] == 1).await;
+    assert_eq!((v["vouched"].as_u64(), v["channel"].is_null()), (Some(0), true), "{v}");
+    // The renter's own voucher for the receipt it answers counts, and names the channel.
+    quic::write_msg(&mut control, &report(&second, Some((channel, voucher(&renter, &channel, &second)))), CONTROL_CAP)
+        .await
+        .unwrap();
+    let v = record(|v| v["vouched"] == 6).await;
+    assert_eq!(v["channel"], channel.address(&renter.public(), &provider.public()).to_string(), "{v}");
+    assert_eq!(v["receipts"], 2);
+}
