@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod auth;
+pub mod gang;
 pub mod matching;
 pub mod ratelimit;
 pub mod server;

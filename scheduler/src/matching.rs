@@ -113,6 +113,19 @@ impl Query {
         if self.session { c.price.per_inference } else { c.price.per_gpu_second }
     }
 
+    /// Whether GPU `i` of `c` meets the per-GPU requirements (memory, model, backend).
+    pub fn gpu_fits(&self, c: &Candidate<'_>, i: usize) -> bool {
+        let Some(g) = c.gpus.get(i) else { return false };
+        self.min_vram.is_none_or(|v| g.vram_bytes >= v)
+            && self.gpu.as_ref().is_none_or(|p| c.gpu_search.get(i).is_some_and(|s| s.contains(p.as_str())))
+            && self.backend.as_ref().is_none_or(|b| g.backend.eq_ignore_ascii_case(b))
+    }
+
+    /// The same requirements asked of one GPU at a time (a gang's members).
+    pub fn per_gpu(&self) -> Query {
+        Query { want: 1, ..self.clone() }
+    }
+
     /// The first reason `c` cannot take the job, if any. `ignore_load` treats a provider at
     /// capacity as fitting (the job only has to wait its turn).
     pub fn reject(&self, c: &Candidate<'_>, ignore_load: bool) -> Option<Reason> {
