@@ -308,6 +308,16 @@ pub struct ProviderView {
     /// slots do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_room: Option<u32>,
+    /// Round trips to other providers, as measured at the scheduler's request.
+    #[serde(default)]
+    pub links: Vec<LinkView>,
+}
+
+/// A measured link from one provider to another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkView {
+    pub peer: PublicKey,
+    pub rtt_ms: u32,
 }
 
 /// Every error of the HTTP API.

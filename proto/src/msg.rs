@@ -255,6 +255,27 @@ pub enum HostMsg {
     },
     /// Where an inference session stands: sent after a settlement and when it ends.
     SessionReport(Box<SessionReport>),
+    /// The round trips measured to the peers a `MeasureLinks` named.
+    Links { measured: Vec<LinkRtt> },
+}
+
+/// The most peers one `MeasureLinks` names.
+pub const MAX_LINK_PEERS: usize = 64;
+
+/// A provider the scheduler asks another to measure its round trip to: its key (the
+/// connection is pinned to it) and its QUIC address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkPeer {
+    pub key: PublicKey,
+    pub addr: String,
+}
+
+/// One measured link: the round trip to `peer` in microseconds, `None` when it could not be
+/// reached (or did not show its key) within the probe's time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRtt {
+    pub peer: PublicKey,
+    pub rtt_us: Option<u32>,
 }
 
 /// A provider's report on one inference session.
@@ -319,6 +340,12 @@ pub enum SchedulerMsg {
     /// heartbeats, or reconnected), and their results would be ignored.
     Cancel {
         job_ids: Vec<String>,
+    },
+    /// Measure the round trip to each of these providers (a QUIC handshake to its session
+    /// address, pinned to its key) and answer with `HostMsg::Links`: what gang placement and
+    /// a cluster's ring are planned from.
+    MeasureLinks {
+        peers: Vec<LinkPeer>,
     },
 }
 

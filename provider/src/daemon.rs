@@ -129,6 +129,8 @@ pub struct Running {
     cancels: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     /// Session reports waiting for the control stream, newest per session.
     reports: Mutex<HashMap<[u8; 16], HostMsg>>,
+    /// Round trips measured at the scheduler's request, waiting for the control stream.
+    links: Mutex<Option<HostMsg>>,
     report_ready: tokio::sync::Notify,
     /// Session ids of tickets already used, with their expiry: a ticket opens one session.
     used_tickets: Mutex<HashMap<[u8; 16], u64>>,
@@ -142,7 +144,16 @@ impl Running {
     }
 
     fn take_reports(&self) -> Vec<HostMsg> {
-        self.reports.lock().unwrap_or_else(PoisonError::into_inner).drain().map(|(_, m)| m).collect()
+        let mut out: Vec<HostMsg> =
+            self.reports.lock().unwrap_or_else(PoisonError::into_inner).drain().map(|(_, m)| m).collect();
+        out.extend(self.links.lock().unwrap_or_else(PoisonError::into_inner).take());
+        out
+    }
+
+    /// Queues measured round trips for the scheduler.
+    fn report_links(&self, measured: Vec<proto::msg::LinkRtt>) {
+        *self.links.lock().unwrap_or_else(PoisonError::into_inner) = Some(HostMsg::Links { measured });
+        self.report_ready.notify_one();
     }
 
     /// Jobs and sessions running now.
@@ -313,8 +324,8 @@ async fn run(shared: &Arc<Shared>, sessions: Option<SocketAddr>) -> Result<(), D
     let heartbeat = match quic::read_msg::<SchedulerMsg>(&mut recv, CONTROL_CAP).await? {
         Some(SchedulerMsg::Registered { heartbeat_ms, .. }) => Duration::from_millis(heartbeat_ms.clamp(50, 60_000)),
         Some(SchedulerMsg::Refused { reason }) => return Err(DaemonError::Refused(reason)),
-        Some(SchedulerMsg::Cancel { .. }) => {
-            return Err(DaemonError::Lost("the scheduler sent Cancel before Registered".into()));
+        Some(SchedulerMsg::Cancel { .. } | SchedulerMsg::MeasureLinks { .. }) => {
+            return Err(DaemonError::Lost("the scheduler sent work before Registered".into()));
         }
         None => return Err(DaemonError::Refused("the scheduler closed the connection (is this key allowed?)".into())),
     };
@@ -324,8 +335,17 @@ async fn run(shared: &Arc<Shared>, sessions: Option<SocketAddr>) -> Result<(), D
     // The scheduler cancels jobs it gave to another provider (after this one missed its
     // heartbeats, say): stop them, their results would be ignored and they hold slots.
     let watching = shared.running.clone();
+    let prober = shared.keypair.clone();
     let control = tokio::spawn(async move {
         while let Ok(Some(msg)) = quic::read_msg::<SchedulerMsg>(&mut recv, CONTROL_CAP).await {
+            if let SchedulerMsg::MeasureLinks { peers } = msg {
+                let (running, keypair) = (watching.clone(), prober.clone());
+                tokio::spawn(async move {
+                    let measured = measure_links(&keypair, peers).await;
+                    running.report_links(measured);
+                });
+                continue;
+            }
             if let SchedulerMsg::Cancel { job_ids } = msg {
                 let cancels = watching.cancels.lock().unwrap_or_else(PoisonError::into_inner);
                 for id in job_ids {
@@ -375,6 +395,46 @@ async fn run(shared: &Arc<Shared>, sessions: Option<SocketAddr>) -> Result<(), D
     jobs.abort();
     control.abort();
     result
+}
+
+/// How long one link's probe may take: a peer that has not shown its key by then is unreachable.
+const LINK_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Probes run at once.
+const LINK_PROBES_AT_ONCE: usize = 8;
+
+/// Measures the round trip to each peer (at most `MAX_LINK_PEERS`): a QUIC handshake to its
+/// address that only the holder of its key completes, then quinn's estimate of the round trip;
+/// `None` for a peer that cannot be reached, or is not who its key says, in time.
+async fn measure_links(keypair: &Keypair, peers: Vec<proto::msg::LinkPeer>) -> Vec<proto::msg::LinkRtt> {
+    let peers: Vec<proto::msg::LinkPeer> = peers.into_iter().take(proto::msg::MAX_LINK_PEERS).collect();
+    let (endpoint, identity) = match (quic::client(SocketAddr::from(([0, 0, 0, 0], 0))), quic::Identity::new(keypair)) {
+        (Ok(e), Ok(i)) => (e, Arc::new(i)),
+        (Err(e), _) | (_, Err(e)) => {
+            log::warn!("cannot measure links: {e}");
+            return peers.iter().map(|p| proto::msg::LinkRtt { peer: p.key, rtt_us: None }).collect();
+        }
+    };
+    let mut measured = Vec::with_capacity(peers.len());
+    for batch in peers.chunks(LINK_PROBES_AT_ONCE) {
+        let mut probes = tokio::task::JoinSet::new();
+        for peer in batch.iter().cloned() {
+            let (endpoint, identity) = (endpoint.clone(), identity.clone());
+            probes.spawn(async move {
+                let rtt = async {
+                    let addr: SocketAddr = peer.addr.parse().ok()?;
+                    let conn = quic::connect(&endpoint, &identity, addr, peer.key).await.ok()?;
+                    let rtt = conn.rtt();
+                    conn.close(0u32.into(), b"measured");
+                    u32::try_from(rtt.as_micros()).ok()
+                };
+                let rtt_us = tokio::time::timeout(LINK_PROBE_TIMEOUT, rtt).await.ok().flatten();
+                proto::msg::LinkRtt { peer: peer.key, rtt_us }
+            });
+        }
+        measured.extend(probes.join_all().await);
+    }
+    measured
 }
 
 /// The local address this machine uses to reach `peer` (no packet is sent: connecting a UDP

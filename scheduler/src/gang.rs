@@ -45,7 +45,7 @@ impl Shape {
 }
 
 /// Round trips the providers measured to each other, in milliseconds. A link is the same both
-/// ways (the larger of the two measurements is kept); a provider is 0 ms from itself.
+/// ways (the newest measurement from either end counts); a provider is 0 ms from itself.
 #[derive(Clone, Debug, Default)]
 pub struct Links {
     rtt: HashMap<(PublicKey, PublicKey), u32>,
@@ -56,17 +56,40 @@ impl Links {
         if a <= b { (a, b) } else { (b, a) }
     }
 
-    /// Records a measurement from `a` to `b`.
+    /// Records a measurement between `a` and `b` (the newest replaces the one before).
     pub fn set(&mut self, a: PublicKey, b: PublicKey, ms: u32) {
         if a != b {
-            let e = self.rtt.entry(Links::key(a, b)).or_insert(ms);
-            *e = (*e).max(ms);
+            self.rtt.insert(Links::key(a, b), ms);
         }
     }
 
     /// Forgets every link of `p` (it went offline, or measures again).
     pub fn forget(&mut self, p: &PublicKey) {
         self.rtt.retain(|(a, b), _| a != p && b != p);
+    }
+
+    /// Forgets the link between `a` and `b` (a new measurement could not reach it).
+    pub fn forget_link(&mut self, a: &PublicKey, b: &PublicKey) {
+        self.rtt.remove(&Links::key(*a, *b));
+    }
+
+    /// Every measured link of `p`, by peer.
+    pub fn of(&self, p: &PublicKey) -> Vec<(PublicKey, u32)> {
+        let mut out: Vec<(PublicKey, u32)> = self
+            .rtt
+            .iter()
+            .filter_map(|((a, b), ms)| {
+                if a == p {
+                    Some((*b, *ms))
+                } else if b == p {
+                    Some((*a, *ms))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     pub fn get(&self, a: &PublicKey, b: &PublicKey) -> Option<u32> {

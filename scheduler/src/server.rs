@@ -359,9 +359,21 @@ async fn serve_provider(conn: Connection, shared: Shared) {
             }
         }
     });
+    // A newcomer measures its round trips to the providers already here (the links gangs are
+    // placed and ordered by); one measurement covers both directions.
+    let peers = shared.state().link_peers(&key);
+    if !peers.is_empty()
+        && let Some(tx) = shared.control.lock().unwrap_or_else(PoisonError::into_inner).get(&key)
+    {
+        let _ = tx.send(SchedulerMsg::MeasureLinks { peers });
+    }
     shared.wake.notify_one();
     loop {
         match quic::read_msg::<HostMsg>(&mut recv, CONTROL_CAP).await {
+            Ok(Some(HostMsg::Links { measured })) => match shared.state().links_measured(&key, &measured) {
+                Ok(n) => log::info!("provider {key}: {n} round trip(s) to other providers measured"),
+                Err(e) => log::warn!("provider {key}: its round trips are refused: {e}"),
+            },
             Ok(Some(HostMsg::Heartbeat { running, sessions, session_room })) => {
                 let rtt = u32::try_from(conn.rtt().as_millis()).ok();
                 let mut state = shared.state();

@@ -213,6 +213,10 @@ pub struct State {
     revoked: HashMap<PublicKey, Vec<String>>,
     /// Inference sessions the scheduler granted, by hex id.
     sessions: HashMap<String, SessionView>,
+    /// Round trips providers measured to each other (in memory: measured again after a
+    /// restart), and the peers each was asked to measure and has not answered for yet.
+    links: crate::gang::Links,
+    asked_links: HashMap<PublicKey, HashSet<PublicKey>>,
     /// Per renter, jobs that may still be queued or running (ended ones are dropped when the
     /// renter next submits): what the per-renter cap counts.
     unfinished: HashMap<PublicKey, BTreeSet<String>>,
@@ -289,6 +293,8 @@ impl State {
             live_logs: HashMap::new(),
             revoked: HashMap::new(),
             sessions,
+            links: crate::gang::Links::default(),
+            asked_links: HashMap::new(),
             unfinished,
             next_seq,
         })
@@ -716,11 +722,79 @@ impl State {
                 v.running = v.running.max(p.assigned.len() as u32);
                 v.session_capacity = if v.session_addr.is_some() { p.session_capacity() } else { 0 };
                 v.sessions = p.sessions();
+                v.links = self
+                    .links
+                    .of(&v.key)
+                    .into_iter()
+                    .map(|(peer, rtt_ms)| proto::api::LinkView { peer, rtt_ms })
+                    .collect();
                 v
             })
             .collect();
         out.sort_by_key(|v| v.key);
         out
+    }
+
+    /// The providers `key` is to measure its round trips to: the other online ones that take
+    /// connections (a session address), the most recently seen first, at most
+    /// `MAX_LINK_PEERS`. Noted, so that only they are taken from its answer.
+    pub fn link_peers(&mut self, key: &PublicKey) -> Vec<proto::msg::LinkPeer> {
+        let mut peers: Vec<&Provider> = self
+            .providers
+            .values()
+            .filter(|p| p.view.key != *key && p.view.online && p.view.session_addr.is_some())
+            .collect();
+        peers.sort_by_key(|p| std::cmp::Reverse(p.view.last_seen_ms));
+        let peers: Vec<proto::msg::LinkPeer> = peers
+            .into_iter()
+            .take(proto::msg::MAX_LINK_PEERS)
+            .filter_map(|p| Some(proto::msg::LinkPeer { key: p.view.key, addr: p.view.session_addr.clone()? }))
+            .collect();
+        if !peers.is_empty() {
+            self.asked_links.entry(*key).or_default().extend(peers.iter().map(|p| p.key));
+        }
+        peers
+    }
+
+    /// A provider's measured round trips, to peers it was asked about only; a report with any
+    /// other peer, a peer twice, or a round trip over a minute is refused whole.
+    pub fn links_measured(&mut self, key: &PublicKey, measured: &[proto::msg::LinkRtt]) -> Result<usize, String> {
+        const MOST_US: u32 = 60_000_000;
+        let asked = self.asked_links.get(key).ok_or("no round trips were asked of it")?;
+        let mut seen = HashSet::new();
+        for m in measured {
+            if !asked.contains(&m.peer) {
+                return Err(format!("it measured {}, which it was not asked to", m.peer));
+            }
+            if !seen.insert(m.peer) {
+                return Err(format!("it measured {} twice", m.peer));
+            }
+            if m.rtt_us.is_some_and(|us| us > MOST_US) {
+                return Err(format!("a round trip of {} us to {} is past any link's", m.rtt_us.unwrap_or(0), m.peer));
+            }
+        }
+        let mut taken = 0;
+        let asked = self.asked_links.entry(*key).or_default();
+        for m in measured {
+            asked.remove(&m.peer);
+            match m.rtt_us {
+                // Whole milliseconds, rounded up: a link under one is one.
+                Some(us) => {
+                    self.links.set(*key, m.peer, us.div_ceil(1000).max(1));
+                    taken += 1;
+                }
+                None => self.links.forget_link(key, &m.peer),
+            }
+        }
+        if asked.is_empty() {
+            self.asked_links.remove(key);
+        }
+        Ok(taken)
+    }
+
+    /// The round trips measured between providers.
+    pub fn links(&self) -> &crate::gang::Links {
+        &self.links
     }
 
     /// A provider connected and registered.
@@ -752,6 +826,7 @@ impl State {
             online: true,
             rtt_ms: None,
             last_seen_ms: now_ms,
+            links: Vec::new(),
         };
         self.store.put_provider(&view)?;
         // A re-registration means a new connection: whatever it ran before is gone.
@@ -1447,6 +1522,43 @@ mod tests {
             s.submit(renter(R), &hash, vec![], zero, JobLimits::default(), None, 0),
             Err(SubmitError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn measured_links_are_taken_only_for_the_peers_asked_about_and_show_in_the_provider_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, Config::default());
+        let price = Price { per_gpu_second: 1, per_inference: 1 };
+        let keys: Vec<PublicKey> = (1..=4u8).map(|i| PublicKey([i; 32])).collect();
+        for (i, k) in keys.iter().enumerate() {
+            // The fourth takes no connections (no session address): nobody can measure it.
+            let addr = (i < 3).then(|| format!("127.0.0.1:{}", 1000 + i));
+            s.register(*k, format!("p{i}"), "eu".into(), vec![gpu()], price, 1, addr, 2, 0).unwrap();
+        }
+        let rtt = |peer: PublicKey, us: Option<u32>| proto::msg::LinkRtt { peer, rtt_us: us };
+        // Nothing asked yet: nothing taken.
+        assert!(s.links_measured(&keys[0], &[rtt(keys[1], Some(900))]).unwrap_err().contains("no round trips"));
+        let asked: Vec<PublicKey> = s.link_peers(&keys[0]).iter().map(|p| p.key).collect();
+        assert_eq!(asked.len(), 2, "the others that take connections: {asked:?}");
+        assert!(!asked.contains(&keys[3]) && !asked.contains(&keys[0]));
+        // A peer it was not asked about, one twice, a round trip past a minute: refused whole.
+        for lie in [
+            vec![rtt(keys[1], Some(900)), rtt(keys[3], Some(1))],
+            vec![rtt(keys[1], Some(900)), rtt(keys[1], Some(800))],
+            vec![rtt(keys[2], Some(61_000_000))],
+        ] {
+            assert!(s.links_measured(&keys[0], &lie).is_err(), "{lie:?}");
+        }
+        assert_eq!(s.links().get(&keys[0], &keys[1]), None, "a refused report changes nothing");
+        // The honest answer: one reached (900 us is 1 ms), one not.
+        assert_eq!(s.links_measured(&keys[0], &[rtt(keys[1], Some(900)), rtt(keys[2], None)]), Ok(1));
+        assert_eq!((s.links().get(&keys[1], &keys[0]), s.links().get(&keys[0], &keys[2])), (Some(1), None));
+        let list = s.providers();
+        let of = |k: &PublicKey| list.iter().find(|p| p.key == *k).unwrap().links.clone();
+        assert_eq!(of(&keys[0]), vec![proto::api::LinkView { peer: keys[1], rtt_ms: 1 }]);
+        assert_eq!(of(&keys[1]), vec![proto::api::LinkView { peer: keys[0], rtt_ms: 1 }], "both ends show it");
+        // Answered: asking is over, and a second answer is refused.
+        assert!(s.links_measured(&keys[0], &[rtt(keys[1], Some(5_000))]).is_err());
     }
 
     #[test]

@@ -1479,3 +1479,23 @@ fn a_paid_session_whose_provider_dies_moves_on_and_the_restarted_provider_still_
     let balance = settlement::token::token_balance(chain.as_ref(), &mine).unwrap();
     assert_eq!(balance, 100_000_000 - 2 * 1_000, "the rest stays in the two channels, the renter's to close");
 }
+
+#[test]
+fn providers_measure_their_round_trips_to_each_other_at_the_schedulers_request() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (_a, a) = m.host(&s, "a", &["--sessions", "127.0.0.1:0"]);
+    online(&s, 1);
+    // The newcomer measures its link to the provider already there (a QUIC handshake pinned
+    // to a's key), and both show it.
+    let (_b, b) = m.host(&s, "b", &["--sessions", "127.0.0.1:0"]);
+    let link_of = |who: &str, to: &str| {
+        let list = get_json(&s, "/v1/providers");
+        let p = list.as_array()?.iter().find(|p| p["key"] == who)?.clone();
+        p["links"].as_array()?.iter().find(|l| l["peer"] == to).cloned()
+    };
+    let link = until("b's measured round trip to a", || link_of(&b, &a));
+    let ms = link["rtt_ms"].as_u64().unwrap();
+    assert!((1..1000).contains(&ms), "a loopback round trip: {link}");
+    assert_eq!(link_of(&a, &b).map(|l| l["rtt_ms"].clone()), Some(link["rtt_ms"].clone()));
+}
