@@ -66,6 +66,9 @@ enum Command {
     Worker(provider::WorkerArgs),
     /// Submit a batch job to a scheduler; with --wait, follow it and print its output.
     Submit(market::SubmitArgs),
+    /// Show where a cluster of GPUs (`--gpus N`) would be placed now and in what ring order,
+    /// with the slowest link, or why none fits.
+    Plan(market::PlanArgs),
     /// Show a submitted job.
     Job(market::JobArgs),
     /// Open an inference session through a scheduler and send requests: one per line of stdin,
@@ -217,6 +220,7 @@ fn main() -> ExitCode {
         Command::Host(args) => provider::host_daemon(&args),
         Command::Worker(args) => provider::worker(&args),
         Command::Submit(args) => market::submit(&args),
+        Command::Plan(args) => market::plan(&args),
         Command::Job(args) => market::job(&args),
         Command::Session(args) => market::session(&args),
         Command::Demo(args) => demo::demo(&args),

@@ -235,6 +235,63 @@ impl RenterArgs {
 }
 
 #[derive(Args, Debug)]
+pub(crate) struct PlanArgs {
+    #[command(flatten)]
+    renter: RenterArgs,
+    /// What each GPU must be; `--gpus N` is the cluster's size.
+    #[command(flatten)]
+    requirements: RequirementArgs,
+    /// Every GPU on one provider.
+    #[arg(long)]
+    one_provider: bool,
+    /// The slowest round trip allowed between two members' providers, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    max_link_rtt: Option<u32>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `wasmgrid plan`: where a cluster of GPUs would be placed now, in ring order, or why none
+/// fits (with counts).
+pub(crate) fn plan(args: &PlanArgs) -> Result<u8, Exit> {
+    let req = proto::api::PlanRequest {
+        gpus: args.requirements.gpus.unwrap_or(1),
+        one_provider: args.one_provider,
+        max_link_rtt_ms: args.max_link_rtt,
+        requirements: Requirements { gpu_count: None, ..args.requirements.requirements() },
+    };
+    let client = args.renter.client(args.renter.keypair()?)?;
+    let plan = runtime()?.block_on(client.plan(&req)).map_err(|e| match e {
+        client::Error::NoProvider(why) => Exit { code: exit::HOST, error: anyhow!("no cluster fits now: {why}") },
+        e => Exit { code: exit::HOST, error: e.into() },
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan).map_err(|e| bad_input(e.into()))?);
+        return Ok(exit::OK);
+    }
+    println!("{:>4}  {:<44}  {:<12}  {:<8}  {:>4}  {:>10}", "rank", "provider", "name", "region", "gpu", "price/s");
+    for m in &plan.members {
+        println!(
+            "{:>4}  {:<44}  {:<12}  {:<8}  {:>4}  {:>10}",
+            m.rank,
+            m.provider.to_string(),
+            m.name,
+            m.region,
+            m.gpu,
+            m.price_per_gpu_second
+        );
+    }
+    let slowest = plan.slowest_link_ms.map_or("not measured".to_string(), |ms| format!("{ms} ms"));
+    println!(
+        "{} GPU(s) in a ring; slowest link {slowest}; {} per second in all",
+        plan.members.len(),
+        plan.price_per_second
+    );
+    Ok(exit::OK)
+}
+
+#[derive(Args, Debug)]
 pub(crate) struct SubmitArgs {
     /// The job module.
     job: PathBuf,

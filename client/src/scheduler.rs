@@ -280,6 +280,17 @@ impl Scheduler {
         self.json(resp, "opening a session").await
     }
 
+    /// Where a cluster of GPUs would be placed now, in ring order; `Error::NoProvider` with the
+    /// reason and counts when none fits.
+    pub async fn plan(&self, req: &proto::api::PlanRequest) -> Result<proto::api::GangPlan, Error> {
+        let resp = self.post_json("/v1/plan", req).await?;
+        if resp.status().as_u16() == 409 {
+            let body: proto::api::NoPlan = resp.json().await.map_err(|e| self.unreachable(e))?;
+            return Err(Error::NoProvider(body.error));
+        }
+        self.json(resp, "planning a cluster").await
+    }
+
     /// One of this renter's session records.
     pub async fn session(&self, id: &str) -> Result<proto::api::SessionView, Error> {
         let resp = self.get(&format!("/v1/sessions/{id}")).await?;

@@ -355,3 +355,50 @@ pub struct SessionGrant {
     pub price_per_inference: u64,
     pub ticket: crate::ticket::Ticket,
 }
+
+/// `POST /v1/plan`: where a cluster of `gpus` GPUs would go now, and in what ring order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRequest {
+    pub gpus: u32,
+    /// Every GPU on the same provider.
+    #[serde(default)]
+    pub one_provider: bool,
+    /// The slowest round trip allowed between two members' providers.
+    #[serde(default)]
+    pub max_link_rtt_ms: Option<u32>,
+    /// What each GPU must be (its `gpu_count` is ignored: `gpus` says how many).
+    #[serde(default)]
+    pub requirements: crate::msg::Requirements,
+}
+
+/// A cluster placed whole: its members in ring order (rank 0 first; the last passes to the
+/// first), the ring's slowest measured link and, across regions, each region's ranks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GangPlan {
+    pub members: Vec<PlanMember>,
+    /// `None` when the ring uses a link not measured yet.
+    pub slowest_link_ms: Option<u32>,
+    pub regions: Vec<Vec<u32>>,
+    /// What the whole cluster costs per second of its time.
+    pub price_per_second: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanMember {
+    pub rank: u32,
+    pub provider: PublicKey,
+    pub name: String,
+    pub region: String,
+    /// Which of the provider's GPUs (its index in the provider's list).
+    pub gpu: u32,
+    pub gpu_name: String,
+    pub price_per_gpu_second: u64,
+}
+
+/// The answer when no cluster fits now: why, with counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoPlan {
+    pub error: String,
+    pub no_match: NoMatch,
+}

@@ -594,6 +594,7 @@ fn router(shared: Shared) -> Router {
         .route("/v1/jobs/{id}/log", get(get_log))
         .route("/v1/sessions", post(open_session))
         .route("/v1/sessions/{id}", get(get_session))
+        .route("/v1/plan", post(plan))
         .route_layer(axum::middleware::from_fn_with_state(shared.gate.clone(), crate::auth::authenticate));
     Router::new()
         .route("/v1/providers", get(list_providers))
@@ -966,6 +967,27 @@ async fn get_session(
     match shared.state().session(&id, &renter) {
         Some(v) => axum::Json(v.clone()).into_response(),
         None => api_error(StatusCode::NOT_FOUND, format!("no session {id:?}")),
+    }
+}
+
+/// `POST /v1/plan`: where a cluster would be placed now, or why none fits (409, with counts).
+async fn plan(
+    AxumState(shared): AxumState<Shared>,
+    body: Result<axum::Json<proto::api::PlanRequest>, JsonRejection>,
+) -> Response {
+    let axum::Json(req) = match body {
+        Ok(j) => j,
+        Err(rejection) => return api_error(rejection.status(), rejection.body_text()),
+    };
+    if let Err(e) = (crate::gang::Shape { members: req.gpus, ..Default::default() }).check() {
+        return api_error(StatusCode::BAD_REQUEST, e);
+    }
+    match shared.state().plan_gang(&req) {
+        Ok(plan) => axum::Json(plan).into_response(),
+        Err(no_match) => {
+            let answer = proto::api::NoPlan { error: no_match.summary.clone(), no_match };
+            (StatusCode::CONFLICT, axum::Json(answer)).into_response()
+        }
     }
 }
 

@@ -797,6 +797,61 @@ impl State {
         &self.links
     }
 
+    /// Where a cluster would be placed now, in ring order, or why none fits. A provider offers
+    /// as many of its GPUs as it has free job slots (each member runs in its own worker).
+    pub fn plan_gang(&self, req: &proto::api::PlanRequest) -> Result<proto::api::GangPlan, NoMatch> {
+        let shape = crate::gang::Shape {
+            members: req.gpus,
+            one_provider: req.one_provider,
+            max_link_rtt_ms: req.max_link_rtt_ms,
+        };
+        let requirements = Requirements { gpu_count: None, ..req.requirements.clone() };
+        let query = Query::new(&requirements, false);
+        let free: Vec<(Candidate<'_>, Vec<u32>)> = self
+            .providers
+            .values()
+            .map(|p| {
+                let c = p.candidate();
+                let slots = c.capacity.saturating_sub(c.running).min(c.gpus.len() as u32);
+                (c, (0..slots).collect())
+            })
+            .collect();
+        let offers: Vec<crate::gang::Offer<'_>> =
+            free.iter().map(|(c, gpus)| crate::gang::Offer { candidate: *c, free_gpus: gpus }).collect();
+        let members = crate::gang::place(&offers, &query, shape, &self.links)?;
+        let region = |k: &PublicKey| self.providers.get(k).map(|p| p.view.region.clone()).unwrap_or_default();
+        let ring = crate::gang::ring(&members, &self.links, region);
+        let mut rank_of = vec![0u32; members.len()];
+        for (rank, &at) in ring.order.iter().enumerate() {
+            if let Some(r) = rank_of.get_mut(at) {
+                *r = rank as u32;
+            }
+        }
+        let mut planned: Vec<proto::api::PlanMember> = ring
+            .order
+            .iter()
+            .zip(0u32..)
+            .filter_map(|(&at, rank)| {
+                let m = members.get(at)?;
+                let p = self.providers.get(&m.provider)?;
+                Some(proto::api::PlanMember {
+                    rank,
+                    provider: m.provider,
+                    name: p.view.name.clone(),
+                    region: p.view.region.clone(),
+                    gpu: m.gpu,
+                    gpu_name: p.view.gpus.get(m.gpu as usize).map(|g| g.name.clone()).unwrap_or_default(),
+                    price_per_gpu_second: p.view.price.per_gpu_second,
+                })
+            })
+            .collect();
+        planned.sort_by_key(|m| m.rank);
+        let regions =
+            ring.regions.iter().map(|r| r.iter().filter_map(|&at| rank_of.get(at).copied()).collect()).collect();
+        let price_per_second = planned.iter().map(|m| m.price_per_gpu_second).fold(0u64, u64::saturating_add);
+        Ok(proto::api::GangPlan { members: planned, slowest_link_ms: ring.slowest_ms, regions, price_per_second })
+    }
+
     /// A provider connected and registered.
     #[allow(clippy::too_many_arguments)]
     pub fn register(

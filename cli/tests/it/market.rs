@@ -1498,4 +1498,36 @@ fn providers_measure_their_round_trips_to_each_other_at_the_schedulers_request()
     let ms = link["rtt_ms"].as_u64().unwrap();
     assert!((1..1000).contains(&ms), "a loopback round trip: {link}");
     assert_eq!(link_of(&a, &b).map(|l| l["rtt_ms"].clone()), Some(link["rtt_ms"].clone()));
+
+    // A cluster is planned from those links: two GPUs, one on each (each has one job slot).
+    let renter_key = m.path("renter.json");
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["plan", "--scheduler", &s.url, "--scheduler-key", &s.key, "--json"];
+        args.extend_from_slice(&["--key", renter_key.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        m.cmd(&args).output().unwrap()
+    };
+    let refused = |extra: &[&str], why: &str| {
+        let out = plan(extra);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_ne!(out.status.code(), Some(0), "{extra:?}");
+        assert!(stderr.contains(why), "{extra:?}: {stderr}");
+    };
+    // Too many, all on one provider, links faster than any, none at all: refused with the
+    // reason and counts, nothing held.
+    refused(&["--gpus", "3"], "3 GPUs wanted: 2 free that fit, on 2 provider(s)");
+    refused(&["--gpus", "2", "--one-provider"], "the most any fitting provider has free is 1");
+    refused(&["--gpus", "2", "--max-link-rtt", "0"], "the most within 0 ms of each other is 1");
+    refused(&["--gpus", "0"], "at least one GPU");
+    refused(&["--gpus", "2", "--min-vram", "4096GiB"], "vram: 2");
+    let out = plan(&["--gpus", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut on: Vec<&str> = v["members"].as_array().unwrap().iter().map(|m| m["provider"].as_str().unwrap()).collect();
+    on.sort();
+    let mut want = vec![a.as_str(), b.as_str()];
+    want.sort();
+    assert_eq!(on, want, "{v}");
+    assert_eq!((v["members"][0]["rank"].as_u64(), v["members"][1]["rank"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(v["slowest_link_ms"], link["rtt_ms"], "the ring's one link is the measured one: {v}");
 }

@@ -206,3 +206,41 @@ async fn public_endpoints_need_no_signature_and_the_openapi_document_describes_s
     }
     assert_eq!(doc["security"], serde_json::json!([{ "renterSignature": [] }]));
 }
+
+#[tokio::test]
+async fn cluster_plans_are_signed_checked_and_say_why_none_fits() {
+    let (app, _) = app(Config::default(), None);
+    let key = Keypair::generate();
+    let body = |v: Value| serde_json::to_vec(&v).unwrap();
+    // Unsigned: refused like every renter request.
+    let req = axum::http::Request::builder()
+        .method("POST")
+        .uri("/v1/plan")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body(serde_json::json!({ "gpus": 1 }))))
+        .unwrap();
+    let (status, _, _) = send(&app, req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Not JSON, an unknown field, a size no job may have: 4xx with the reason.
+    for (bad, why) in [
+        (b"{not json".to_vec(), ""),
+        (body(serde_json::json!({ "gpus": 1, "nodes": 2 })), "unknown field"),
+        (body(serde_json::json!({ "gpus": 100000 })), "at most"),
+        (body(serde_json::json!({ "gpus": 0 })), "at least one GPU"),
+    ] {
+        let (status, _, resp) = send(&app, signed(&key, "POST", "/v1/plan", &bad)).await;
+        assert!(status.is_client_error(), "{status}");
+        assert!(error_of(&resp).contains(why), "{}", error_of(&resp));
+    }
+    // More than there is: 409, why, with counts.
+    let (status, _, resp) = send(&app, signed(&key, "POST", "/v1/plan", &body(serde_json::json!({ "gpus": 2 })))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let no: proto::api::NoPlan = serde_json::from_slice(&resp).unwrap();
+    assert_eq!(no.error, "2 GPUs wanted: 1 free that fit, on 1 provider(s)");
+    assert_eq!((no.no_match.total, no.no_match.matching), (1, 1));
+    // And the one that fits is planned right after.
+    let (status, _, resp) = send(&app, signed(&key, "POST", "/v1/plan", &body(serde_json::json!({ "gpus": 1 })))).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
+    let plan: proto::api::GangPlan = serde_json::from_slice(&resp).unwrap();
+    assert_eq!((plan.members.len(), plan.slowest_link_ms, plan.price_per_second), (1, Some(0), 1));
+}
