@@ -361,7 +361,7 @@ async fn serve_provider(conn: Connection, shared: Shared) {
     });
     // A newcomer measures its round trips to the providers already here (the links gangs are
     // placed and ordered by); one measurement covers both directions.
-    let peers = shared.state().link_peers(&key);
+    let peers = shared.state().link_peers(&key, now_ms());
     if !peers.is_empty()
         && let Some(tx) = shared.control.lock().unwrap_or_else(PoisonError::into_inner).get(&key)
     {
@@ -427,6 +427,11 @@ async fn dispatch(shared: Shared, heartbeat_timeout_ms: u64) {
                 let sent = control.get(&provider).is_some_and(|tx| tx.send(cancel).is_ok());
                 if !sent {
                     state.keep_revoked(provider, job_ids);
+                }
+            }
+            for (provider, peers) in state.links_due(now_ms()) {
+                if let Some(tx) = control.get(&provider) {
+                    let _ = tx.send(SchedulerMsg::MeasureLinks { peers });
                 }
             }
             drop(control);

@@ -83,6 +83,12 @@ impl Default for Config {
     }
 }
 
+/// How often a provider measures its links again.
+pub const LINK_REMEASURE_MS: u64 = 10 * 60 * 1000;
+
+/// Providers asked to measure their links in one scheduler tick, at most.
+const LINKS_PER_TICK: usize = 8;
+
 /// Claims kept in a paid job's record.
 const MAX_JOB_CLAIMS: usize = 16;
 
@@ -217,6 +223,8 @@ pub struct State {
     /// restart), and the peers each was asked to measure and has not answered for yet.
     links: crate::gang::Links,
     asked_links: HashMap<PublicKey, HashSet<PublicKey>>,
+    /// When each provider was last asked to measure its links.
+    links_asked_at: HashMap<PublicKey, u64>,
     /// Per renter, jobs that may still be queued or running (ended ones are dropped when the
     /// renter next submits): what the per-renter cap counts.
     unfinished: HashMap<PublicKey, BTreeSet<String>>,
@@ -295,6 +303,7 @@ impl State {
             sessions,
             links: crate::gang::Links::default(),
             asked_links: HashMap::new(),
+            links_asked_at: HashMap::new(),
             unfinished,
             next_seq,
         })
@@ -738,7 +747,8 @@ impl State {
     /// The providers `key` is to measure its round trips to: the other online ones that take
     /// connections (a session address), the most recently seen first, at most
     /// `MAX_LINK_PEERS`. Noted, so that only they are taken from its answer.
-    pub fn link_peers(&mut self, key: &PublicKey) -> Vec<proto::msg::LinkPeer> {
+    pub fn link_peers(&mut self, key: &PublicKey, now_ms: u64) -> Vec<proto::msg::LinkPeer> {
+        self.links_asked_at.insert(*key, now_ms);
         let mut peers: Vec<&Provider> = self
             .providers
             .values()
@@ -754,6 +764,27 @@ impl State {
             self.asked_links.entry(*key).or_default().extend(peers.iter().map(|p| p.key));
         }
         peers
+    }
+
+    /// The online providers due to measure their links again (asked longest ago, at most
+    /// `LINKS_PER_TICK` at a time, each at most every `LINK_REMEASURE_MS`), each with its peers:
+    /// links change, and a provider that joined since is measured from both ends.
+    pub fn links_due(&mut self, now_ms: u64) -> Vec<(PublicKey, Vec<proto::msg::LinkPeer>)> {
+        let mut due: Vec<(u64, PublicKey)> = self
+            .providers
+            .values()
+            .filter(|p| p.view.online)
+            .filter_map(|p| match self.links_asked_at.get(&p.view.key) {
+                None => Some((0, p.view.key)),
+                Some(&at) => (now_ms.saturating_sub(at) >= LINK_REMEASURE_MS).then_some((at, p.view.key)),
+            })
+            .collect();
+        due.sort();
+        due.into_iter()
+            .take(LINKS_PER_TICK)
+            .map(|(_, key)| (key, self.link_peers(&key, now_ms)))
+            .filter(|(_, peers)| !peers.is_empty())
+            .collect()
     }
 
     /// A provider's measured round trips, to peers it was asked about only; a report with any
@@ -943,6 +974,10 @@ impl State {
             None => return Ok(()),
         };
         self.roster_changed();
+        // Its links are measured again when it comes back.
+        self.links.forget(key);
+        self.asked_links.remove(key);
+        self.links_asked_at.remove(key);
         for job in lost {
             self.attempt_failed(&job, key, "the provider disconnected", now_ms)?;
             self.revoked.entry(*key).or_default().push(job);
@@ -1593,7 +1628,7 @@ mod tests {
         let rtt = |peer: PublicKey, us: Option<u32>| proto::msg::LinkRtt { peer, rtt_us: us };
         // Nothing asked yet: nothing taken.
         assert!(s.links_measured(&keys[0], &[rtt(keys[1], Some(900))]).unwrap_err().contains("no round trips"));
-        let asked: Vec<PublicKey> = s.link_peers(&keys[0]).iter().map(|p| p.key).collect();
+        let asked: Vec<PublicKey> = s.link_peers(&keys[0], 0).iter().map(|p| p.key).collect();
         assert_eq!(asked.len(), 2, "the others that take connections: {asked:?}");
         assert!(!asked.contains(&keys[3]) && !asked.contains(&keys[0]));
         // A peer it was not asked about, one twice, a round trip past a minute: refused whole.
@@ -1614,6 +1649,18 @@ mod tests {
         assert_eq!(of(&keys[1]), vec![proto::api::LinkView { peer: keys[0], rtt_ms: 1 }], "both ends show it");
         // Answered: asking is over, and a second answer is refused.
         assert!(s.links_measured(&keys[0], &[rtt(keys[1], Some(5_000))]).is_err());
+
+        // Links are measured again every LINK_REMEASURE_MS: not before (keys[0] was asked at
+        // 0; the others never were, so they are due at once), a few providers per tick.
+        let due: Vec<PublicKey> = s.links_due(1).into_iter().map(|(k, _)| k).collect();
+        assert!(!due.contains(&keys[0]) && due.contains(&keys[1]), "{due:?}");
+        assert!(s.links_due(2).is_empty(), "just asked");
+        let due: Vec<PublicKey> = s.links_due(LINK_REMEASURE_MS).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(due, vec![keys[0]]);
+        // A provider that goes away loses its links (measured again when it is back).
+        s.disconnected(&keys[1], LINK_REMEASURE_MS).unwrap();
+        assert_eq!(s.links().get(&keys[0], &keys[1]), None);
+        assert!(s.providers().iter().all(|p| p.links.is_empty()));
     }
 
     #[test]
