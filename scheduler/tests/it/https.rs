@@ -35,7 +35,9 @@ async fn the_api_is_https_pinned_to_the_scheduler_key_and_signed() {
     let err = wrong.get(format!("{}/v1/info", l.url())).send().await.unwrap_err();
     assert!(err.is_connect(), "{err:?}");
     // Plain HTTP to the HTTPS port gets no API answer.
-    let plain = reqwest::Client::new().get(format!("http://{}/v1/info", l.http)).send().await;
+    // (Clients come from `quic::https`, which brings its TLS provider: reqwest here has none.)
+    let client = quic::https::pinned_client(l.key).unwrap().build().unwrap();
+    let plain = client.get(format!("http://{}/v1/info", l.http)).send().await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
 
     // The right pin, a signed upload and submission, a signed read of the job.
@@ -70,7 +72,8 @@ async fn plain_http_is_served_on_loopback_only() {
     assert!(err.to_string().contains("only on a loopback address"), "{err}");
     let l = scheduler::start(config(&dir, loopback(), true, Config::default())).await.unwrap();
     assert!(!l.tls && l.url().starts_with("http://"));
-    let resp = reqwest::get(format!("{}/v1/providers", l.url())).await.unwrap();
+    let client = quic::https::pinned_client(l.key).unwrap().build().unwrap();
+    let resp = client.get(format!("{}/v1/providers", l.url())).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
 }
 
