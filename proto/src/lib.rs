@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod api;
+pub mod cluster;
 pub mod frame;
 pub mod httpsig;
 pub mod identity;
