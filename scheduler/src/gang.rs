@@ -44,56 +44,64 @@ impl Shape {
     }
 }
 
-/// Round trips the providers measured to each other, in milliseconds. A link is the same both
-/// ways (the newest measurement from either end counts); a provider is 0 ms from itself.
+/// Round trips the providers measured to each other, in milliseconds, kept per direction (who
+/// measured whom). A link counts as the slower of its two ends' newest measurements: a provider
+/// that claims a fast link to get placed is outvoted by its peer's own measurement. A provider
+/// is 0 ms from itself.
 #[derive(Clone, Debug, Default)]
 pub struct Links {
+    /// (measured by, measured to) -> milliseconds.
     rtt: HashMap<(PublicKey, PublicKey), u32>,
 }
 
 impl Links {
-    fn key(a: PublicKey, b: PublicKey) -> (PublicKey, PublicKey) {
-        if a <= b { (a, b) } else { (b, a) }
-    }
-
-    /// Records a measurement between `a` and `b` (the newest replaces the one before).
-    pub fn set(&mut self, a: PublicKey, b: PublicKey, ms: u32) {
-        if a != b {
-            self.rtt.insert(Links::key(a, b), ms);
+    /// Records `from`'s newest measurement of its round trip to `to`.
+    pub fn set(&mut self, from: PublicKey, to: PublicKey, ms: u32) {
+        if from != to {
+            self.rtt.insert((from, to), ms);
         }
     }
 
-    /// Forgets every link of `p` (it went offline, or measures again).
+    /// Forgets every link of `p`, both ways (it went offline).
     pub fn forget(&mut self, p: &PublicKey) {
         self.rtt.retain(|(a, b), _| a != p && b != p);
     }
 
-    /// Forgets the link between `a` and `b` (a new measurement could not reach it).
-    pub fn forget_link(&mut self, a: &PublicKey, b: &PublicKey) {
-        self.rtt.remove(&Links::key(*a, *b));
+    /// Forgets `from`'s measurement of `to` (its newest probe could not reach it).
+    pub fn forget_link(&mut self, from: &PublicKey, to: &PublicKey) {
+        self.rtt.remove(&(*from, *to));
     }
 
     /// Every measured link of `p`, by peer.
     pub fn of(&self, p: &PublicKey) -> Vec<(PublicKey, u32)> {
-        let mut out: Vec<(PublicKey, u32)> = self
+        let mut peers: Vec<PublicKey> = self
             .rtt
-            .iter()
-            .filter_map(|((a, b), ms)| {
+            .keys()
+            .filter_map(|(a, b)| {
                 if a == p {
-                    Some((*b, *ms))
+                    Some(*b)
                 } else if b == p {
-                    Some((*a, *ms))
+                    Some(*a)
                 } else {
                     None
                 }
             })
             .collect();
-        out.sort();
-        out
+        peers.sort();
+        peers.dedup();
+        peers.into_iter().filter_map(|q| Some((q, self.get(p, &q)?))).collect()
     }
 
+    /// The link between `a` and `b`: the slower of the two ends' measurements.
     pub fn get(&self, a: &PublicKey, b: &PublicKey) -> Option<u32> {
-        if a == b { Some(0) } else { self.rtt.get(&Links::key(*a, *b)).copied() }
+        if a == b {
+            return Some(0);
+        }
+        match (self.rtt.get(&(*a, *b)), self.rtt.get(&(*b, *a))) {
+            (Some(x), Some(y)) => Some((*x).max(*y)),
+            (Some(x), None) | (None, Some(x)) => Some(*x),
+            (None, None) => None,
+        }
     }
 }
 
@@ -578,6 +586,26 @@ mod tests {
         let o = offers(&rigs);
         let why = place(&o, &query(), shape, &Links::default()).unwrap_err();
         assert_eq!(why.reasons, vec![ReasonCount { reason: "busy".into(), count: 2 }]);
+    }
+
+    #[test]
+    fn a_link_is_the_slower_of_its_two_ends_measurements() {
+        let (liar, honest) = (key(0), key(1));
+        let mut links = Links::default();
+        links.set(honest, liar, 80);
+        assert_eq!(links.get(&liar, &honest), Some(80), "one end measured: that is the link");
+        // The liar claims 1 ms to be placed with the honest one: its peer's 80 ms stands.
+        links.set(liar, honest, 1);
+        assert_eq!((links.get(&liar, &honest), links.get(&honest, &liar)), (Some(80), Some(80)));
+        assert_eq!(links.of(&liar), vec![(honest, 80)]);
+        // A new measurement replaces its end's old one; a failed probe drops only that end.
+        links.set(honest, liar, 30);
+        assert_eq!(links.get(&liar, &honest), Some(30));
+        links.forget_link(&honest, &liar);
+        assert_eq!(links.get(&liar, &honest), Some(1));
+        links.forget(&liar);
+        assert_eq!((links.get(&liar, &honest), links.of(&honest)), (None, vec![]));
+        assert_eq!(links.get(&liar, &liar), Some(0));
     }
 
     #[test]
