@@ -1,6 +1,7 @@
 //! Feeds arbitrary bytes to every decoder that reads the network or a worker's pipe: the frame
 //! splitter, each message type (the worker protocol's both ways included), the HTTP bodies (a
-//! paid job's channel terms and vouchers among them), and the local chain's JSON-RPC front. None may panic; each either decodes or refuses with an error.
+//! paid job's channel terms and vouchers among them, cluster plans), the checks of a session
+//! report's voucher and of a cluster roster, and the local chain's JSON-RPC front. None may panic; each either decodes or refuses with an error.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -24,7 +25,20 @@ fuzz_target!(|data: &[u8]| {
             Err(_) => break,
         }
     }
-    let _ = decode_body::<HostMsg>(data);
+    // A provider's report is checked by the scheduler (receipt, voucher, derived channel), and
+    // a cluster roster by every member, before anything is believed.
+    if let Ok(HostMsg::SessionReport(r)) = decode_body::<HostMsg>(data)
+        && let Some(v) = &r.vouched
+    {
+        let _ = v.check(&r.session_id, &v.receipt.renter, &v.receipt.provider);
+    }
+    if let Ok(roster) = decode_body::<proto::cluster::Roster>(data) {
+        if let Some(m) = roster.members.first() {
+            let _ = roster.check(&roster.scheduler, &m.provider, 0);
+            let _ = roster.admit(&m.provider, m.rank);
+        }
+    }
+    let _ = serde_json::from_slice::<proto::api::PlanRequest>(data);
     let _ = decode_body::<SchedulerMsg>(data);
     let _ = decode_body::<JobMsg>(data);
     let _ = decode_body::<JobReply>(data);
