@@ -306,8 +306,13 @@ pub struct SessionVouched {
 impl SessionVouched {
     /// Checks that the provider signed the receipt for this session and renter, and that the
     /// renter's voucher answers that receipt on the channel between the two; returns the
-    /// receipt's amount due (what the renter paid for in the session).
-    pub fn check(&self, session_id: &[u8; 16], renter: &PublicKey, provider: &PublicKey) -> Result<u64, String> {
+    /// receipt's amount due (what the renter paid for in the session) and the channel's address.
+    pub fn check(
+        &self,
+        session_id: &[u8; 16],
+        renter: &PublicKey,
+        provider: &PublicKey,
+    ) -> Result<(u64, crate::identity::Address), String> {
         let r = &self.receipt;
         if r.provider != *provider
             || r.session_id != *session_id
@@ -319,10 +324,11 @@ impl SessionVouched {
         if self.voucher.receipt_digest != r.digest() {
             return Err("the voucher answers another receipt".into());
         }
-        if !self.channel.verify(renter, provider, &self.voucher) {
-            return Err("the voucher is not the renter's signature on its channel with this provider".into());
-        }
-        Ok(r.amount_due)
+        let address = self
+            .channel
+            .verify(renter, provider, &self.voucher)
+            .ok_or_else(|| "the voucher is not the renter's signature on its channel with this provider".to_string())?;
+        Ok((r.amount_due, address))
     }
 }
 

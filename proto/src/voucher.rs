@@ -71,9 +71,19 @@ impl ChannelRef {
         cumulative: u64,
         receipt_digest: &[u8; 32],
     ) -> [u8; paychan_state::VOUCHER_LEN] {
+        self.message_at(&self.address(renter, provider), cumulative, receipt_digest)
+    }
+
+    /// [`ChannelRef::message`] for a channel whose address is already derived.
+    fn message_at(
+        &self,
+        address: &Address,
+        cumulative: u64,
+        receipt_digest: &[u8; 32],
+    ) -> [u8; paychan_state::VOUCHER_LEN] {
         paychan_state::Channel::voucher_message(
             &self.program.0,
-            &self.address(renter, provider).0,
+            &address.0,
             self.generation,
             &self.mint.0,
             cumulative,
@@ -81,9 +91,12 @@ impl ChannelRef {
         )
     }
 
-    /// Whether `renter` signed `v` for this channel between it and `provider`.
-    pub fn verify(&self, renter: &PublicKey, provider: &PublicKey, v: &Voucher) -> bool {
-        renter.verify(&self.message(renter, provider, v.cumulative, &v.receipt_digest), &v.signature)
+    /// Whether `renter` signed `v` for this channel between it and `provider`; the channel's
+    /// address when it did.
+    pub fn verify(&self, renter: &PublicKey, provider: &PublicKey, v: &Voucher) -> Option<Address> {
+        let address = self.address(renter, provider);
+        let message = self.message_at(&address, v.cumulative, &v.receipt_digest);
+        renter.verify(&message, &v.signature).then_some(address)
     }
 }
 

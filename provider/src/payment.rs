@@ -1112,7 +1112,7 @@ mod tests {
         // scheduler checks without the chain.
         let (vouched, claims) = first.vouched_and_settlements();
         let vouched = vouched.unwrap();
-        assert_eq!(vouched.check(&r.session_id, &f.renter.public(), &f.provider.public()), Ok(10));
+        assert_eq!(vouched.check(&r.session_id, &f.renter.public(), &f.provider.public()).map(|(due, _)| due), Ok(10));
         assert_eq!(
             vouched.check(&r.session_id, &f.provider.public(), &f.renter.public()).map_err(|e| e.contains("receipt")),
             Err(true),

@@ -3,7 +3,7 @@
 //! their collectives run over. Pure: offers, measured links and the time in; a placement, a
 //! ring or the reason with counts out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proto::PublicKey;
 use proto::api::{NoMatch, ReasonCount};
@@ -12,6 +12,9 @@ use crate::matching::{Candidate, Query, Reason};
 
 /// The most members one gang may have.
 pub const MAX_MEMBERS: u32 = 256;
+
+/// Providers tried as the first member of a gang across providers (cheapest first).
+const MAX_SEEDS: usize = 32;
 
 /// One GPU of a gang: its provider, and which of that provider's GPUs (the index in the list it
 /// registered).
@@ -47,48 +50,69 @@ impl Shape {
 /// Round trips the providers measured to each other, in milliseconds, kept per direction (who
 /// measured whom). A link counts as the slower of its two ends' newest measurements: a provider
 /// that claims a fast link to get placed is outvoted by its peer's own measurement. A provider
-/// is 0 ms from itself.
+/// is 0 ms from itself. Indexed both ways, so that one provider's links are read without a
+/// scan of everyone's (`GET /v1/providers` reads them for every provider).
 #[derive(Clone, Debug, Default)]
 pub struct Links {
-    /// (measured by, measured to) -> milliseconds.
-    rtt: HashMap<(PublicKey, PublicKey), u32>,
+    /// Measured by -> measured to -> milliseconds.
+    from: HashMap<PublicKey, HashMap<PublicKey, u32>>,
+    /// Measured to -> the providers that measured it.
+    to: HashMap<PublicKey, HashSet<PublicKey>>,
 }
 
 impl Links {
     /// Records `from`'s newest measurement of its round trip to `to`.
     pub fn set(&mut self, from: PublicKey, to: PublicKey, ms: u32) {
         if from != to {
-            self.rtt.insert((from, to), ms);
+            self.from.entry(from).or_default().insert(to, ms);
+            self.to.entry(to).or_default().insert(from);
         }
     }
 
     /// Forgets every link of `p`, both ways (it went offline).
     pub fn forget(&mut self, p: &PublicKey) {
-        self.rtt.retain(|(a, b), _| a != p && b != p);
+        for peer in self.from.remove(p).into_iter().flat_map(|m| m.into_keys()) {
+            self.drop_index(&peer, p);
+        }
+        for peer in self.to.remove(p).into_iter().flatten() {
+            if let Some(m) = self.from.get_mut(&peer) {
+                m.remove(p);
+                if m.is_empty() {
+                    self.from.remove(&peer);
+                }
+            }
+        }
     }
 
     /// Forgets `from`'s measurement of `to` (its newest probe could not reach it).
     pub fn forget_link(&mut self, from: &PublicKey, to: &PublicKey) {
-        self.rtt.remove(&(*from, *to));
+        if let Some(m) = self.from.get_mut(from) {
+            m.remove(to);
+            if m.is_empty() {
+                self.from.remove(from);
+            }
+        }
+        self.drop_index(to, from);
+    }
+
+    fn drop_index(&mut self, to: &PublicKey, from: &PublicKey) {
+        if let Some(set) = self.to.get_mut(to) {
+            set.remove(from);
+            if set.is_empty() {
+                self.to.remove(to);
+            }
+        }
+    }
+
+    fn measured(&self, from: &PublicKey, to: &PublicKey) -> Option<u32> {
+        self.from.get(from)?.get(to).copied()
     }
 
     /// Every measured link of `p`, by peer.
     pub fn of(&self, p: &PublicKey) -> Vec<(PublicKey, u32)> {
-        let mut peers: Vec<PublicKey> = self
-            .rtt
-            .keys()
-            .filter_map(|(a, b)| {
-                if a == p {
-                    Some(*b)
-                } else if b == p {
-                    Some(*a)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        peers.sort();
-        peers.dedup();
+        let mine = self.from.get(p).into_iter().flat_map(|m| m.keys());
+        let theirs = self.to.get(p).into_iter().flatten();
+        let peers: BTreeSet<PublicKey> = mine.chain(theirs).copied().collect();
         peers.into_iter().filter_map(|q| Some((q, self.get(p, &q)?))).collect()
     }
 
@@ -97,9 +121,9 @@ impl Links {
         if a == b {
             return Some(0);
         }
-        match (self.rtt.get(&(*a, *b)), self.rtt.get(&(*b, *a))) {
-            (Some(x), Some(y)) => Some((*x).max(*y)),
-            (Some(x), None) | (None, Some(x)) => Some(*x),
+        match (self.measured(a, b), self.measured(b, a)) {
+            (Some(x), Some(y)) => Some(x.max(y)),
+            (Some(x), None) | (None, Some(x)) => Some(x),
             (None, None) => None,
         }
     }
@@ -178,7 +202,9 @@ pub fn place(offers: &[Offer<'_>], query: &Query, shape: Shape, links: &Links) -
     // with the fastest slowest link).
     let mut best: Option<(u64, u32, Picks)> = None;
     let mut largest = 0usize;
-    for seed in 0..fitting.len() {
+    // The cheapest few seeds only: the work stays bounded however many providers there are
+    // (a plan is made under the scheduler's lock).
+    for seed in 0..fitting.len().min(MAX_SEEDS) {
         let mut chosen: Vec<(usize, usize)> = Vec::new();
         let mut have = 0usize;
         let mut slowest = 0u32;
@@ -605,6 +631,7 @@ mod tests {
         assert_eq!(links.get(&liar, &honest), Some(1));
         links.forget(&liar);
         assert_eq!((links.get(&liar, &honest), links.of(&honest)), (None, vec![]));
+        assert!(links.from.is_empty() && links.to.is_empty(), "nothing left behind: {links:?}");
         assert_eq!(links.get(&liar, &liar), Some(0));
     }
 
@@ -648,17 +675,22 @@ mod tests {
         best
     }
 
+    /// `n` single-GPU providers on a line, 10 ms between neighbours.
+    fn line(n: usize) -> (Links, Vec<Member>) {
+        let mut links = Links::default();
+        for a in 0..n {
+            for b in a + 1..n {
+                links.set(key(a), key(b), 10 * (b - a) as u32);
+            }
+        }
+        (links, (0..n).map(|i| Member { provider: key(i), gpu: 0 }).collect())
+    }
+
     #[test]
     fn the_ring_minimises_its_slowest_link_and_keeps_a_providers_gpus_together() {
         // Six providers on a line 10 ms apart: a ring round the line (out on the odd ones, back
         // on the even ones) has no link slower than 20 ms; the line's order gives 50.
-        let mut links = Links::default();
-        for a in 0..6usize {
-            for b in a + 1..6 {
-                links.set(key(a), key(b), 10 * (b - a) as u32);
-            }
-        }
-        let members: Vec<Member> = (0..6).map(|i| Member { provider: key(i), gpu: 0 }).collect();
+        let (links, members) = line(6);
         let r = ring(&members, &links, |_| "eu".into());
         assert_eq!(r.slowest_ms, Some(20));
         assert_eq!(brute_force(&members, &links), 20);
@@ -681,13 +713,7 @@ mod tests {
     fn past_eight_providers_a_local_search_still_finds_the_best_ring_on_a_line() {
         // Twelve providers on a line 10 ms apart, one region: too many to try every ring. The
         // best ring goes out on every other provider and back on the rest: 20 ms at worst.
-        let mut links = Links::default();
-        for a in 0..12usize {
-            for b in a + 1..12 {
-                links.set(key(a), key(b), 10 * (b - a) as u32);
-            }
-        }
-        let members: Vec<Member> = (0..12).map(|i| Member { provider: key(i), gpu: 0 }).collect();
+        let (links, members) = line(12);
         let r = ring(&members, &links, |_| "eu".into());
         assert_eq!(r.slowest_ms, Some(20), "{:?}", r.order);
         let mut sorted = r.order.clone();

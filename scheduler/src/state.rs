@@ -483,10 +483,7 @@ impl State {
         // What the renter paid for is its own signature, checked here: never the provider's
         // word.
         let vouched = match vouched.as_deref() {
-            Some(v) => Some((
-                v.check(session_id, &s.renter, provider).map_err(|e| format!("session {id}: {e}"))?,
-                v.channel.address(&s.renter, provider),
-            )),
+            Some(v) => Some(v.check(session_id, &s.renter, provider).map_err(|e| format!("session {id}: {e}"))?),
             None => None,
         };
         if let Some(r) = receipt.as_ref()
@@ -858,7 +855,7 @@ impl State {
                 *r = rank as u32;
             }
         }
-        let mut planned: Vec<proto::api::PlanMember> = ring
+        let planned: Vec<proto::api::PlanMember> = ring
             .order
             .iter()
             .zip(0u32..)
@@ -876,7 +873,6 @@ impl State {
                 })
             })
             .collect();
-        planned.sort_by_key(|m| m.rank);
         let regions =
             ring.regions.iter().map(|r| r.iter().filter_map(|&at| rank_of.get(at).copied()).collect()).collect();
         let price_per_second = planned.iter().map(|m| m.price_per_gpu_second).fold(0u64, u64::saturating_add);

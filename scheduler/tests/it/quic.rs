@@ -217,3 +217,71 @@ async fn a_session_record_shows_as_paid_only_what_the_renters_own_voucher_signed
     assert_eq!(v["channel"], channel.address(&renter.public(), &provider.public()).to_string(), "{v}");
     assert_eq!(v["receipts"], 2);
 }
+
+/// A provider on its own QUIC connection, registered; its control stream.
+async fn provider_at(
+    l: &scheduler::Listening,
+    key: &Keypair,
+    name: &str,
+    session_addr: Option<&str>,
+) -> (quic::Endpoint, quic::Connection, quic::SendStream, quic::RecvStream) {
+    let endpoint = quic::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let conn = quic::connect(&endpoint, &Identity::new(key).unwrap(), l.quic, l.key).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let register = HostMsg::Register {
+        name: name.into(),
+        region: "eu".into(),
+        gpus: vec![crate::gpu()],
+        price: Price { per_gpu_second: 1, per_inference: 1 },
+        capacity: 1,
+        session_addr: session_addr.map(String::from),
+        session_capacity: 1,
+    };
+    quic::write_msg(&mut send, &register, CONTROL_CAP).await.unwrap();
+    let reply: Option<SchedulerMsg> = quic::read_msg(&mut recv, CONTROL_CAP).await.unwrap();
+    assert!(matches!(reply, Some(SchedulerMsg::Registered { .. })), "{reply:?}");
+    (endpoint, conn, send, recv)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_providers_round_trips_are_taken_only_for_the_peers_it_was_asked_about() {
+    use proto::msg::LinkRtt;
+    let (l, _dir) = start().await;
+    let (first, second) = (Keypair::generate(), Keypair::generate());
+    let (_e1, _c1, mut control1, _r1) = provider_at(&l, &first, "first", Some("127.0.0.1:9")).await;
+    let (_e2, _c2, mut control2, mut replies2) = provider_at(&l, &second, "second", None).await;
+    // The newcomer is asked to measure its link to the provider already there.
+    let asked: Option<SchedulerMsg> = quic::read_msg(&mut replies2, CONTROL_CAP).await.unwrap();
+    let Some(SchedulerMsg::MeasureLinks { peers }) = asked else { panic!("expected MeasureLinks, got {asked:?}") };
+    assert_eq!(peers.iter().map(|p| p.key).collect::<Vec<_>>(), vec![first.public()]);
+    assert_eq!(peers[0].addr, "127.0.0.1:9");
+    let links = |measured: Vec<LinkRtt>| HostMsg::Links { measured };
+    let rtt = |peer: &Keypair, us: u32| LinkRtt { peer: peer.public(), rtt_us: Some(us) };
+    // A provider nobody asked, a peer it was not asked about, one twice, a round trip past a
+    // minute: each report is refused whole (had one been taken, the honest one below would be
+    // refused as answered already, and the link would read otherwise).
+    quic::write_msg(&mut control1, &links(vec![rtt(&second, 1_000)]), CONTROL_CAP).await.unwrap();
+    for lie in [
+        vec![rtt(&first, 1_000), rtt(&Keypair::generate(), 1)],
+        vec![rtt(&first, 1_000), rtt(&first, 2_000)],
+        vec![rtt(&first, 61_000_000)],
+    ] {
+        quic::write_msg(&mut control2, &links(lie), CONTROL_CAP).await.unwrap();
+    }
+    // The honest answer is taken, and shows at both ends.
+    quic::write_msg(&mut control2, &links(vec![rtt(&first, 6_500)]), CONTROL_CAP).await.unwrap();
+    let mut shown = serde_json::Value::Null;
+    for _ in 0..100 {
+        shown = serde_json::Value::Array(providers(&l).await);
+        if shown.as_array().unwrap().iter().any(|p| !p["links"].as_array().unwrap().is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let links_of = |key: &Keypair| {
+        shown.as_array().unwrap().iter().find(|p| p["key"] == key.public().to_string()).unwrap()["links"].clone()
+    };
+    let want = |peer: &Keypair| serde_json::json!([{ "peer": peer.public().to_string(), "rtt_ms": 7 }]);
+    assert_eq!(links_of(&second), want(&first), "{shown}");
+    assert_eq!(links_of(&first), want(&second), "{shown}");
+}
