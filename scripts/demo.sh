@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: builds wasmgrid and the sample kernels, then runs a scheduler and two provider hosts
-# on loopback, submits the sample jobs, runs an inference session, pays for all of it on an
+# on loopback, submits the sample jobs and a cluster job on both, runs an inference session, pays for all of it on an
 # in-process Solana chain (LiteSVM, with our payment-channel program), and prints who ran what, with timings and usage, and who
 # paid and earned what, checked against the chain. Jobs run in the wasmtime sandbox on this
 # machine's GPU (or lavapipe, on the CPU, where there is none).
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 cargo build --release --locked -p cli
-cargo build --release --locked --target wasm32-wasip1 -p matmul -p mlp -p train
+cargo build --release --locked --target wasm32-wasip1 -p matmul -p mlp -p train -p cluster-train
 target/release/wasmgrid gpus
 echo
 exec target/release/wasmgrid demo --samples target/wasm32-wasip1/release "$@"

@@ -79,6 +79,20 @@ pub mod func {
     /// `(descs: i32, count: i32) -> i32`: runs `count` [`DispatchDesc`](super::DispatchDesc)s in
     /// order, in one GPU submission, and returns when the GPU has finished them.
     pub const SUBMIT: &str = "submit";
+    /// `() -> i32`: this member's rank in its cluster job (0 in a job on one GPU).
+    pub const RANK: &str = "rank";
+    /// `() -> i32`: the cluster job's members (1 in a job on one GPU).
+    pub const WORLD_SIZE: &str = "world_size";
+    /// `() -> i32`: returns once every member has called it.
+    pub const BARRIER: &str = "barrier";
+    /// `(buffer: i32, offset: i64, len: i64, root: i32) -> i32`: `len` bytes of a GPU buffer
+    /// from rank `root` to every member's same range.
+    pub const BROADCAST: &str = "broadcast";
+    /// `(buffer: i32, offset: i64, len: i64, op: i32, compression: i32) -> i32`: every
+    /// member's `len / 4` f32s of a GPU buffer combined by `op` ([`REDUCE_SUM`](super::REDUCE_SUM),
+    /// [`REDUCE_MEAN`](super::REDUCE_MEAN)), the result in every member's range, identical on
+    /// all of them; sent as `compression` ([`COMPRESS_NONE`](super::COMPRESS_NONE), ...).
+    pub const ALL_REDUCE: &str = "all_reduce";
 }
 
 /// Every host function of this ABI version. The host links exactly these; CI checks that built
@@ -97,6 +111,11 @@ pub const IMPORTS: &[Import] = &[
     Import { name: func::PIPELINE_CREATE, params: &[I32, I32, I32, I32], results: &[I32] },
     Import { name: func::PIPELINE_DESTROY, params: &[I32], results: &[I32] },
     Import { name: func::SUBMIT, params: &[I32, I32], results: &[I32] },
+    Import { name: func::RANK, params: &[], results: &[I32] },
+    Import { name: func::WORLD_SIZE, params: &[], results: &[I32] },
+    Import { name: func::BARRIER, params: &[], results: &[I32] },
+    Import { name: func::BROADCAST, params: &[I32, I64, I64, I32], results: &[I32] },
+    Import { name: func::ALL_REDUCE, params: &[I32, I64, I64, I32, I32], results: &[I32] },
 ];
 
 /// Looks up a host function of this ABI version by name.
@@ -174,6 +193,17 @@ pub const LOG_ERROR: i32 = 1;
 pub const LOG_WARN: i32 = 2;
 pub const LOG_INFO: i32 = 3;
 pub const LOG_DEBUG: i32 = 4;
+
+/// Reductions of `all_reduce`: the sum of the members' values, or their mean.
+pub const REDUCE_SUM: i32 = 0;
+pub const REDUCE_MEAN: i32 = 1;
+
+/// How `all_reduce` sends values between members: f32 as they are; IEEE half precision (half
+/// the bytes); int8 with one f32 scale per chunk (a quarter). The result is identical on every
+/// member whichever is chosen.
+pub const COMPRESS_NONE: i32 = 0;
+pub const COMPRESS_F16: i32 = 1;
+pub const COMPRESS_INT8: i32 = 2;
 
 /// Offsets and lengths of `buffer_write` and `buffer_read` are multiples of this.
 pub const COPY_ALIGNMENT: u64 = 4;

@@ -37,7 +37,7 @@ fn read_sample(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
     let path = dir.join(format!("{name}.wasm"));
     std::fs::read(&path).with_context(|| {
         format!(
-            "reading {} (build the samples: cargo build --release --target wasm32-wasip1 -p matmul -p train -p mlp)",
+            "reading {} (build the samples: cargo build --release --target wasm32-wasip1 -p matmul -p train -p mlp -p cluster-train)",
             path.display()
         )
     })
@@ -262,6 +262,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
     let matmul = read_sample(&args.samples, "matmul").map_err(bad)?;
     let train = read_sample(&args.samples, "train").map_err(bad)?;
     let mlp = read_sample(&args.samples, "mlp").map_err(bad)?;
+    let cluster_train = read_sample(&args.samples, "cluster-train").map_err(bad)?;
     let dir = std::env::temp_dir().join(format!("wasmgrid-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display())).map_err(fail)?;
     let text = !args.json;
@@ -442,6 +443,83 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             job_books.push(book);
         }
 
+        // A cluster job: the same training on two GPUs, one on each provider, linked directly
+        // (QUIC, pinned keys) under the roster the scheduler signed; each member pays its own
+        // provider through its own channel.
+        let uploaded = client.upload(cluster_train.clone()).await?;
+        let t = Instant::now();
+        let shape = proto::api::ClusterRequest { gpus: 2, max_per_provider: Some(1), ..Default::default() };
+        let input = b"mode=sync steps=60 samples=1024 features=8".to_vec();
+        let s = client
+            .submit_job(&uploaded.module, &input, Requirements::default(), JobLimits::default(), None, Some(shape))
+            .await?;
+        let (view, member_books) =
+            client.wait_cluster_paying(&s.id, |rank| payment(10 + u64::from(rank)), |_| {}).await?;
+        if view.state != JobState::Succeeded {
+            return Err(anyhow!("cluster job {} ended {:?}: {:?} {:?}", s.id, view.state, view.outcome, view.error));
+        }
+        let output = client.output(&view).await?;
+        let output = String::from_utf8_lossy(&output).into_owned();
+        let loss = output.lines().find(|l| l.starts_with("final loss")).unwrap_or("").to_string();
+        let cluster = view.cluster.clone().ok_or_else(|| anyhow!("cluster job {} has no members", s.id))?;
+        say(format!(
+            "
+cluster job {}  cluster-train on {} GPUs, synchronous data parallel, in {:.0} ms; ring's slowest link {}",
+            view.id,
+            cluster.members.len(),
+            t.elapsed().as_secs_f64() * 1e3,
+            cluster.slowest_link_ms.map_or("not measured".to_string(), |ms| format!("{ms} ms"))
+        ));
+        let mut members_json = Vec::new();
+        for m in &cluster.members {
+            let usage = m.usage.clone().unwrap_or_default();
+            let name = names.get(&m.provider).cloned().unwrap_or_default();
+            say(format!(
+                "            rank {} on {name:<5} ({}): sent {} B, received {} B to and from its peer; {}",
+                m.rank,
+                m.job_id,
+                usage.net_bytes_sent,
+                usage.net_bytes_received,
+                usage_line(&usage)
+            ));
+            let claims = job_claims(&client, &m.job_id).await.unwrap_or_default();
+            members_json.push(json!({
+                "rank": m.rank,
+                "job_id": m.job_id,
+                "provider": m.provider.to_string(),
+                "provider_name": name,
+                "gpu": m.gpu,
+                "state": m.state,
+                "usage": usage,
+                "claims": claims,
+            }));
+        }
+        say(format!("            -> {loss} (rank 0's output; every member holds the same weights)"));
+        for mut book in member_books {
+            if let Some(m) = cluster.members.iter().find(|m| m.job_id == book.session) {
+                book.claims = job_claims(&client, &m.job_id).await.unwrap_or_default();
+            }
+            if let Some(entry) = members_json.iter_mut().find(|e| e["job_id"] == book.session.as_str()) {
+                entry["paid"] = json!(book.vouched);
+                entry["claims"] = json!(book.claims);
+            }
+            job_books.push(book);
+        }
+        let cluster_report = json!({
+            "id": view.id,
+            "state": view.state,
+            "elapsed_ms": t.elapsed().as_millis() as u64,
+            "members": members_json,
+            "link_plan": {
+                "ring": cluster.members.iter().map(|m| m.rank).collect::<Vec<_>>(),
+                "slowest_link_ms": cluster.slowest_link_ms,
+                "regions": cluster.regions,
+            },
+            "tries": cluster.tries,
+            "usage": view.usage,
+            "output": loss,
+        });
+
         // An inference session, straight to the provider the scheduler picks, paid through a
         // payment channel: a voucher per inference, off the chain.
         let t = Instant::now();
@@ -529,6 +607,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             "gpu": { "name": gpu.name, "backend": gpu.backend, "device_type": gpu.device_type },
             "providers": names.iter().map(|(k, n)| json!({ "name": n, "key": k.to_string() })).collect::<Vec<_>>(),
             "jobs": job_reports,
+            "cluster": cluster_report,
             "session": {
                 "provider": session_provider.map(|p| p.to_string()),
                 "provider_name": provider,

@@ -134,6 +134,9 @@ pub(crate) struct LimitArgs {
     /// Bytes of log kept (stdout, stderr and log lines).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     max_log: Option<u64>,
+    /// Bytes a cluster job's member may send to and receive from its peers, together.
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    max_net_bytes: Option<u64>,
 }
 
 impl LimitArgs {
@@ -144,7 +147,8 @@ impl LimitArgs {
         }
         set!(memory => memory_bytes, fuel => fuel, cpu_time => cpu_time, wall_time => wall_time,
              gpu_memory => gpu_bytes, max_buffers => buffers, max_workgroups => workgroups_per_dispatch,
-             max_dispatches => dispatches, max_output => output_bytes, max_log => log_bytes);
+             max_dispatches => dispatches, max_output => output_bytes, max_log => log_bytes,
+             max_net_bytes => net_bytes);
         l
     }
 
@@ -163,6 +167,7 @@ impl LimitArgs {
             workgroups_per_dispatch: self.max_workgroups.unwrap_or(0),
             output_bytes: self.max_output.unwrap_or(0),
             log_bytes: self.max_log.unwrap_or(0),
+            net_bytes: self.max_net_bytes.unwrap_or(0),
         }
     }
 }

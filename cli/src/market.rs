@@ -101,9 +101,14 @@ pub(crate) struct SchedulerArgs {
     /// Requests a renter may send at once after a quiet spell.
     #[arg(long, value_name = "N", default_value_t = 100)]
     rate_burst: u32,
-    /// Jobs one renter may have queued or running at once; past it, 429 until one ends.
+    /// Jobs one renter may have queued or running at once; past it, 429 until one ends (a
+    /// cluster job counts once).
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_jobs_per_renter: usize,
+    /// How long a placed cluster job's members have to start on their providers; past it, the
+    /// whole cluster is placed again.
+    #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
+    cluster_start_timeout: Duration,
 }
 
 fn read_provider_keys(path: &Path) -> anyhow::Result<HashSet<PublicKey>> {
@@ -139,6 +144,7 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> Result<u8, Exit> {
             heartbeat_timeout_ms: ms(args.heartbeat_timeout),
             max_attempts: args.max_attempts.max(1),
             max_jobs_per_renter: args.max_jobs_per_renter,
+            cluster_start_timeout_ms: ms(args.cluster_start_timeout),
             ..scheduler::Config::default()
         },
     };
@@ -168,7 +174,8 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> Result<u8, Exit> {
 /// What renters can ask of a provider, as flags.
 #[derive(Args, Debug, Default)]
 pub(crate) struct RequirementArgs {
-    /// GPUs on one provider.
+    /// GPUs. For `submit` and `plan`: the cluster's size, one GPU per member, each GPU
+    /// meeting the other requirements (1: a plain job). For a session: GPUs on one provider.
     #[arg(long, value_name = "N")]
     gpus: Option<u32>,
     /// Least memory per GPU (e.g. 24GiB).
@@ -322,6 +329,86 @@ pub(crate) struct SubmitArgs {
     /// may cost at its wall-time limit), a voucher for every receipt the provider signs.
     #[command(flatten)]
     pay: crate::money::SessionPayArgs,
+    /// With --gpus N (2 or more): every member on one provider.
+    #[arg(long)]
+    one_provider: bool,
+    /// With --gpus N (2 or more): the slowest round trip allowed between two members'
+    /// providers, in milliseconds, as they measured it (--max-rtt bounds the scheduler's to each
+    /// provider).
+    #[arg(long, value_name = "MS")]
+    max_link_rtt: Option<u32>,
+    /// With --gpus N (2 or more): the most members on any one provider (1: each on its own).
+    #[arg(long, value_name = "N")]
+    per_provider: Option<u32>,
+}
+
+impl SubmitArgs {
+    /// The cluster `--gpus N` asks for (none for one GPU), and what each GPU must be.
+    fn shape(&self) -> Result<(Requirements, Option<proto::api::ClusterRequest>), Exit> {
+        let each = Requirements { gpu_count: None, ..self.requirements.requirements() };
+        match self.requirements.gpus {
+            Some(0) => Err(bad_input(anyhow!("--gpus must be at least 1"))),
+            Some(gpus) if gpus > 1 => Ok((
+                each,
+                Some(proto::api::ClusterRequest {
+                    gpus,
+                    one_provider: self.one_provider,
+                    max_link_rtt_ms: self.max_link_rtt,
+                    max_per_provider: self.per_provider,
+                }),
+            )),
+            _ if self.one_provider || self.max_link_rtt.is_some() || self.per_provider.is_some() => {
+                Err(bad_input(anyhow!(
+                    "--one-provider, --max-link-rtt and --per-provider shape a cluster: give its size too (--gpus N, 2 or more)"
+                )))
+            }
+            _ => Ok((each, None)),
+        }
+    }
+}
+
+fn state_name(s: JobState) -> String {
+    format!("{s:?}").to_lowercase()
+}
+
+/// Where a running job runs, on one line, for progress (a cluster job: each member).
+fn running_line(view: &JobView) -> String {
+    if let Some(c) = &view.cluster {
+        let members: Vec<String> =
+            c.members.iter().map(|m| format!("rank {} on {} {}", m.rank, m.name, state_name(m.state))).collect();
+        return format!("running {} member(s) (try {}): {}", c.members.len(), c.tries, members.join(", "));
+    }
+    let tries = view.attempts.len();
+    let on = view.provider.map(|p| p.to_string()).unwrap_or_default();
+    if tries > 1 { format!("running on {on} (try {tries})") } else { format!("running on {on}") }
+}
+
+/// A cluster job's members, one line each, and its link plan.
+fn print_cluster(c: &proto::api::ClusterView) {
+    let slowest = c.slowest_link_ms.map_or("not measured".to_string(), |ms| format!("{ms} ms"));
+    println!(
+        "cluster of {} GPU(s), try {}; slowest link {slowest}{}",
+        c.request.gpus,
+        c.tries,
+        if c.regions.len() > 1 { format!(", {} regions: {:?}", c.regions.len(), c.regions) } else { String::new() }
+    );
+    if c.members.is_empty() {
+        return;
+    }
+    println!("{:>4}  {:<12}  {:<8}  {:>4}  {:<10}  job / provider", "rank", "name", "region", "gpu", "state");
+    for m in &c.members {
+        println!(
+            "{:>4}  {:<12}  {:<8}  {:>4}  {:<10}  {} on {}{}",
+            m.rank,
+            m.name,
+            m.region,
+            m.gpu,
+            state_name(m.state),
+            m.job_id,
+            m.provider,
+            m.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
 }
 
 #[derive(Args, Debug)]
@@ -357,6 +444,7 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
         None => Vec::new(),
     };
     let limits = args.limits.job_limits();
+    let (requirements, cluster) = args.shape()?;
     let payment = args.pay.job_payment()?;
     if payment.is_some() && !args.wait {
         return Err(bad_input(anyhow!(
@@ -377,7 +465,7 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
             );
         }
         let submitted = client
-            .submit(&uploaded.module, &input, args.requirements.requirements(), limits, args.deadline)
+            .submit_job(&uploaded.module, &input, requirements, limits, args.deadline, cluster)
             .await
             .map_err(|e| bad_input(e.into()))?;
         if !args.wait {
@@ -406,11 +494,7 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
                         (None, Some(p)) => format!("queued: position {p}"),
                         (None, None) => "queued".to_string(),
                     },
-                    JobState::Running => {
-                        let tries = view.attempts.len();
-                        let on = view.provider.map(|p| p.to_string()).unwrap_or_default();
-                        if tries > 1 { format!("running on {on} (try {tries})") } else { format!("running on {on}") }
-                    }
+                    JobState::Running => running_line(view),
                     _ => return,
                 };
                 eprintln!("{line}");
@@ -468,11 +552,19 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
             let _ = std::io::stdout().write_all(&output);
         }
         match (&view.state, &view.outcome, &view.error) {
-            (JobState::Succeeded, _, _) => eprintln!(
-                "done in {:.1} s on {}",
-                started.elapsed().as_secs_f64(),
-                view.provider.map(|p| p.to_string()).unwrap_or_default()
-            ),
+            (JobState::Succeeded, _, _) => match &view.cluster {
+                Some(c) => eprintln!(
+                    "done in {:.1} s on {} member(s); the output is rank 0's, from {}",
+                    started.elapsed().as_secs_f64(),
+                    c.members.len(),
+                    view.provider.map(|p| p.to_string()).unwrap_or_default()
+                ),
+                None => eprintln!(
+                    "done in {:.1} s on {}",
+                    started.elapsed().as_secs_f64(),
+                    view.provider.map(|p| p.to_string()).unwrap_or_default()
+                ),
+            },
             (_, Some(Outcome::Failed { message, .. }), _) => eprintln!("error: {message}"),
             (_, _, Some(e)) => eprintln!("error: {e}"),
             _ => eprintln!("error: the job ended {:?}", view.state),
@@ -495,8 +587,14 @@ pub(crate) fn job(args: &JobArgs) -> Result<u8, Exit> {
             if let Some(n) = &view.no_match {
                 println!("waiting: {}", n.summary);
             }
+            if let Some(m) = &view.member_of {
+                println!("rank of cluster job {m}");
+            }
             for (i, a) in view.attempts.iter().enumerate() {
                 println!("try {}: {} {}", i + 1, a.provider, a.error.as_deref().unwrap_or(""));
+            }
+            if let Some(c) = &view.cluster {
+                print_cluster(c);
             }
             if let Some(e) = &view.error {
                 println!("error: {e}");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use proto::api::{JobView, ModuleUploaded, OpenSession, SessionGrant, SubmitJob, Submitted};
+use proto::api::{ClusterRequest, JobView, ModuleUploaded, OpenSession, SessionGrant, SubmitJob, Submitted};
 use proto::msg::{JobLimits, Requirements};
 use proto::receipt::JobReceiptError;
 use proto::{Keypair, PublicKey};
@@ -149,12 +149,29 @@ impl Scheduler {
         limits: JobLimits,
         deadline: Option<Duration>,
     ) -> Result<Submitted, Error> {
+        self.submit_job(module, input, requirements, limits, deadline, None).await
+    }
+
+    /// Submits a batch job like [`Scheduler::submit`], as a cluster when `cluster` says so:
+    /// `cluster.gpus` members, one GPU each (each meeting `requirements`), placed together or
+    /// not at all. The job's view then shows its members ([`proto::api::ClusterView`]), each a
+    /// job of this renter's of its own; the cluster's output is rank 0's.
+    pub async fn submit_job(
+        &self,
+        module: &str,
+        input: &[u8],
+        requirements: Requirements,
+        limits: JobLimits,
+        deadline: Option<Duration>,
+        cluster: Option<ClusterRequest>,
+    ) -> Result<Submitted, Error> {
         let job = SubmitJob {
             module: module.to_string(),
             input_base64: base64::engine::general_purpose::STANDARD.encode(input),
             requirements,
             limits,
             deadline_secs: deadline.map(|d| d.as_secs().max(1)),
+            cluster,
         };
         let resp = self.post_json("/v1/jobs", &job).await?;
         self.json(resp, "submitting the job").await
@@ -202,13 +219,65 @@ impl Scheduler {
     /// the scheduler saw, each one after the one before) and answers it with a voucher, the
     /// last one included, after which the output and log are released. Without `payment`, a
     /// provider that asks to be paid gets nothing and the job fails with the reason.
+    /// Follows a cluster job until it ends, paying each member as it runs: every member is a
+    /// job of its own with its own provider, followed and paid like [`Scheduler::wait_paying`]
+    /// through the channel `payment(rank)` names (members on one provider need channels of
+    /// their own: give each rank its own id). A try placed again pays its new members. Returns
+    /// the cluster job's view and the books of every member paid.
+    pub async fn wait_cluster_paying(
+        &self,
+        id: &str,
+        payment: impl Fn(u32) -> crate::Payment,
+        mut progress: impl FnMut(&JobView),
+    ) -> Result<(JobView, Vec<settlement::ledger::Book>), Error> {
+        type Paying = tokio::task::JoinHandle<Result<(JobView, Option<settlement::ledger::Book>), Error>>;
+        let mut paying: Vec<(String, Paying)> = Vec::new();
+        let mut last = None;
+        loop {
+            let view = self.job(id).await?;
+            let members: Vec<(String, proto::api::JobState)> = view
+                .cluster
+                .as_ref()
+                .map(|c| c.members.iter().map(|m| (m.job_id.clone(), m.state)).collect())
+                .unwrap_or_default();
+            if last.as_ref() != Some(&(view.state, members.clone())) {
+                progress(&view);
+                last = Some((view.state, members));
+            }
+            for m in view.cluster.iter().flat_map(|c| &c.members) {
+                if !paying.iter().any(|(j, _)| *j == m.job_id) && !m.state.is_final() {
+                    let (client, job, pay) = (self.clone(), m.job_id.clone(), payment(m.rank));
+                    let task = tokio::spawn(async move { client.wait_paying(&job, Some(&pay), |_| {}).await });
+                    paying.push((m.job_id.clone(), task));
+                }
+            }
+            if view.state.is_final() {
+                let mut books = Vec::new();
+                for (job, task) in paying {
+                    match task.await {
+                        Ok(Ok((_, Some(book)))) => books.push(book),
+                        Ok(Ok((_, None))) => {}
+                        Ok(Err(e)) => log::warn!("cluster {id}: paying member {job}: {e}"),
+                        Err(e) => log::warn!("cluster {id}: paying member {job}: {e}"),
+                    }
+                }
+                // The output is released once the member it comes from is paid: read the job
+                // once more.
+                return Ok((self.job(id).await?, books));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn wait_paying(
         &self,
         id: &str,
         payment: Option<&crate::Payment>,
         mut progress: impl FnMut(&JobView),
     ) -> Result<(JobView, Option<settlement::ledger::Book>), Error> {
-        let mut last: Option<(proto::api::JobState, Option<u32>, usize)> = None;
+        // What the caller hears of: the job's state, place and tries, and a cluster's members'.
+        type Seen = (proto::api::JobState, Option<u32>, usize, Vec<proto::api::JobState>);
+        let mut last: Option<Seen> = None;
         let mut state: Option<proto::api::JobState> = None;
         let mut pay: Option<crate::pay::JobPayer> = None;
         let mut seen = 0;
@@ -220,8 +289,10 @@ impl Scheduler {
             };
             let resp = self.get(&path).await?;
             let view: JobView = self.json(resp, "reading the job").await?;
-            let now = (view.state, view.queue_position, view.attempts.len());
-            if last != Some(now) {
+            let members =
+                view.cluster.as_ref().map(|c| c.members.iter().map(|m| m.state).collect()).unwrap_or_default();
+            let now = (view.state, view.queue_position, view.attempts.len(), members);
+            if last.as_ref() != Some(&now) {
                 progress(&view);
                 last = Some(now);
             }
@@ -307,10 +378,19 @@ impl Scheduler {
 
 /// Whether a job's output is the one its provider's signed receipt covers: the receipt's
 /// signature, job and provider, and the output's digest. A job without a receipt (nothing to
-/// bill: a failure, a scheduler that takes no payment) passes.
+/// bill: a failure, a scheduler that takes no payment) passes. A cluster job's output is one
+/// member's (rank 0's when it succeeded), and so is its receipt: signed for that member's job,
+/// which must be one of the cluster's members on that provider.
 pub fn check_output(view: &JobView, output: &[u8]) -> Result<(), JobReceiptError> {
     match (&view.receipt, view.provider) {
-        (Some(r), Some(p)) => r.check(&view.id, &p, output),
+        (Some(r), Some(p)) => {
+            let member = view
+                .cluster
+                .as_ref()
+                .and_then(|c| c.members.iter().find(|m| m.job_id == r.job_id && m.provider == p))
+                .map(|m| m.job_id.as_str());
+            r.check(member.unwrap_or(&view.id), &p, output)
+        }
         _ => Ok(()),
     }
 }
@@ -421,5 +501,35 @@ mod tests {
         let mut unbilled = view;
         unbilled.receipt = None;
         check_output(&unbilled, b"anything").unwrap();
+    }
+
+    #[test]
+    fn a_cluster_jobs_output_is_checked_against_the_receipt_of_the_member_it_came_from() {
+        let (provider, other) = (Keypair::generate(), Keypair::generate());
+        let sign = |by: &Keypair, job: &str| {
+            proto::receipt::JobReceipt::sign(by, job, [0; 32], 1, b"out", Default::default(), 5, 1)
+        };
+        let member = |rank: u32, job: &str, on: &Keypair| {
+            serde_json::json!({
+                "rank": rank, "job_id": job, "provider": on.public(), "name": "p", "region": "eu", "gpu": 0,
+                "gpu_name": "g", "state": "succeeded", "usage": null, "wall_time_ms": 5, "error": null,
+            })
+        };
+        let view = |receipt: &proto::receipt::JobReceipt| -> JobView {
+            serde_json::from_value(serde_json::json!({
+                "id": "job-c", "module": "00", "state": "succeeded", "requirements": {}, "limits": {},
+                "submitted_at_ms": 0, "deadline_ms": 0, "attempts": [],
+                "provider": provider.public(), "output_bytes": 3, "receipt": receipt,
+                "cluster": { "request": { "gpus": 2 }, "slowest_link_ms": 1, "regions": [[0, 1]], "tries": 1,
+                             "members": [member(0, "job-c-t1-r0", &provider), member(1, "job-c-t1-r1", &other)] },
+            }))
+            .unwrap()
+        };
+        // Rank 0's receipt for rank 0's output: checked.
+        check_output(&view(&sign(&provider, "job-c-t1-r0")), b"out").unwrap();
+        assert!(matches!(check_output(&view(&sign(&provider, "job-c-t1-r0")), b"bad"), Err(JobReceiptError::Output)));
+        // A receipt for a job that is no member, or for a member on another provider: refused.
+        assert!(check_output(&view(&sign(&provider, "job-elsewhere")), b"out").is_err());
+        assert!(check_output(&view(&sign(&provider, "job-c-t1-r1")), b"out").is_err());
     }
 }

@@ -2,6 +2,7 @@
 // `chunks_exact(4)` makes every index below in range, and a panic in a guest ends only its own job.
 #![allow(clippy::indexing_slicing)]
 
+pub mod collective;
 pub mod raw;
 mod sys;
 

@@ -26,6 +26,11 @@ mod imports {
         pub(crate) safe fn pipeline_create(src: i32, len: i32, entry: i32, entry_len: i32) -> i32;
         pub(crate) safe fn pipeline_destroy(pipeline: i32) -> i32;
         pub(crate) safe fn submit(descs: i32, count: i32) -> i32;
+        pub(crate) safe fn rank() -> i32;
+        pub(crate) safe fn world_size() -> i32;
+        pub(crate) safe fn barrier() -> i32;
+        pub(crate) safe fn broadcast(buffer: i32, offset: i64, len: i64, root: i32) -> i32;
+        pub(crate) safe fn all_reduce(buffer: i32, offset: i64, len: i64, op: i32, compression: i32) -> i32;
     }
 }
 
@@ -76,6 +81,21 @@ mod native {
         NOT_WASM
     }
     pub(crate) fn submit(_: i32, _: i32) -> i32 {
+        NOT_WASM
+    }
+    pub(crate) fn rank() -> i32 {
+        NOT_WASM
+    }
+    pub(crate) fn world_size() -> i32 {
+        NOT_WASM
+    }
+    pub(crate) fn barrier() -> i32 {
+        NOT_WASM
+    }
+    pub(crate) fn broadcast(_: i32, _: i64, _: i64, _: i32) -> i32 {
+        NOT_WASM
+    }
+    pub(crate) fn all_reduce(_: i32, _: i64, _: i64, _: i32, _: i32) -> i32 {
         NOT_WASM
     }
 }

@@ -23,6 +23,10 @@ pub(crate) enum Fatal {
     Limit { kind: LimitKind, message: String },
     #[error("host failure: {0}")]
     Host(String),
+    /// The kernel's own doing, found by the host (members of a cluster making different
+    /// collective calls): ends the job like a trap.
+    #[error("{0}")]
+    Kernel(String),
 }
 
 impl Fatal {

@@ -2,6 +2,7 @@
 
 #[doc(hidden)]
 pub mod bench;
+pub mod collective;
 mod error;
 mod gpu;
 mod limits;

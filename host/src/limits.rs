@@ -33,6 +33,8 @@ pub struct Limits {
     pub log_bytes: u64,
     /// Size of one WGSL source.
     pub wgsl_bytes: u64,
+    /// Bytes a cluster member sends to and receives from its peers, together.
+    pub net_bytes: u64,
 }
 
 impl Default for Limits {
@@ -50,6 +52,7 @@ impl Default for Limits {
             output_bytes: 256 << 20,
             log_bytes: 1 << 20,
             wgsl_bytes: 1 << 20,
+            net_bytes: 64 << 30,
         }
     }
 }
@@ -70,6 +73,7 @@ pub enum LimitKind {
     OutputBytes,
     LogBytes,
     WgslBytes,
+    NetBytes,
 }
 
 impl LimitKind {
@@ -89,6 +93,7 @@ impl LimitKind {
             LimitKind::OutputBytes => "output-bytes",
             LimitKind::LogBytes => "log-bytes",
             LimitKind::WgslBytes => "wgsl-bytes",
+            LimitKind::NetBytes => "net-bytes",
         }
     }
 }

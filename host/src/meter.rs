@@ -44,6 +44,9 @@ pub struct Usage {
     /// GPU time in nanoseconds, measured as `gpu_time_source` says.
     pub gpu_time_ns: u64,
     pub gpu_time_source: GpuTimeSource,
+    /// A cluster member's bytes to and from its peers (collectives).
+    pub net_bytes_sent: u64,
+    pub net_bytes_received: u64,
 }
 
 impl Usage {
@@ -59,6 +62,8 @@ impl Usage {
             peak_gpu_bytes: 0,
             gpu_time_ns: 0,
             gpu_time_source,
+            net_bytes_sent: 0,
+            net_bytes_received: 0,
         }
     }
 }
@@ -80,6 +85,8 @@ impl Sub for Usage {
             peak_gpu_bytes: self.peak_gpu_bytes,
             gpu_time_ns: self.gpu_time_ns.saturating_sub(earlier.gpu_time_ns),
             gpu_time_source: self.gpu_time_source,
+            net_bytes_sent: self.net_bytes_sent.saturating_sub(earlier.net_bytes_sent),
+            net_bytes_received: self.net_bytes_received.saturating_sub(earlier.net_bytes_received),
         }
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use proto::frame::{self, FrameError};
 use proto::msg::{FailureKind, GpuInfo, JobLimits, JobResult, Outcome, WireUsage};
-use proto::worker::{FromWorker, Inferred, ToWorker, WORKER_CAP, WorkerFailure};
+use proto::worker::{FromWorker, Inferred, ToWorker, WORKER_CAP, WorkerFailure, WorkerMember};
 use sha2::{Digest, Sha256};
 
 use crate::limits::Limits;
@@ -84,6 +84,7 @@ pub fn limits_from(w: &JobLimits) -> Limits {
         workgroups_per_dispatch: pick(w.workgroups_per_dispatch, d.workgroups_per_dispatch),
         output_bytes: pick(w.output_bytes, d.output_bytes).min(output_room(pick(w.log_bytes, d.log_bytes))),
         log_bytes: pick(w.log_bytes, d.log_bytes),
+        net_bytes: pick(w.net_bytes, d.net_bytes),
         ..d
     }
 }
@@ -108,6 +109,7 @@ pub fn default_limits() -> JobLimits {
         workgroups_per_dispatch: d.workgroups_per_dispatch,
         output_bytes: d.output_bytes.min(output_room(d.log_bytes)),
         log_bytes: d.log_bytes,
+        net_bytes: d.net_bytes,
     }
 }
 
@@ -124,6 +126,8 @@ pub fn wire_usage(u: &Usage) -> WireUsage {
         peak_gpu_bytes: u.peak_gpu_bytes,
         gpu_time_ns: u.gpu_time_ns,
         gpu_time_source: u.gpu_time_source.name().to_string(),
+        net_bytes_sent: u.net_bytes_sent,
+        net_bytes_received: u.net_bytes_received,
     }
 }
 
@@ -185,16 +189,89 @@ pub fn serve(
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let flag = cancel.clone();
-    std::thread::Builder::new().name("wasmgrid-worker-in".into()).spawn(move || reader(input, &tx, &flag))?;
+    let peers = Peers::default();
+    let inbox = peers.clone();
+    std::thread::Builder::new().name("wasmgrid-worker-in".into()).spawn(move || reader(input, &tx, &flag, &inbox))?;
     out.send(&ready(host))?;
-    let mut worker = Worker { host, out, rx, cancel };
+    let mut worker = Worker { host, out, rx, cancel, peers };
     worker.run()
+}
+
+/// What comes from the member before, for the running cluster job.
+enum PeerIn {
+    Frame(Vec<u8>),
+    Closed(String),
+}
+
+/// Where the reader puts peer frames: a fresh channel per job, so a frame left over from one
+/// job never reaches the next.
+#[derive(Clone, Default)]
+struct Peers {
+    to_job: Arc<Mutex<Option<Sender<PeerIn>>>>,
+    for_job: Arc<Mutex<Option<Receiver<PeerIn>>>>,
+}
+
+impl Peers {
+    fn new_job(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.to_job.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        *self.for_job.lock().unwrap_or_else(PoisonError::into_inner) = Some(rx);
+    }
+
+    fn deliver(&self, msg: PeerIn) {
+        if let Some(tx) = self.to_job.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            let _ = tx.send(msg);
+        }
+    }
+
+    fn take(&self) -> Option<Receiver<PeerIn>> {
+        self.for_job.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// A cluster member's links as a worker has them: frames out to the daemon, which sends them
+/// to the next member; frames in as the daemon hands them over from the one before.
+struct WorkerLink {
+    out: Out,
+    from: Receiver<PeerIn>,
+    cancel: Arc<AtomicBool>,
+    closed: Option<String>,
+}
+
+impl crate::collective::PeerLink for WorkerLink {
+    fn send(&mut self, frame: Vec<u8>) -> Result<(), crate::collective::LinkClosed> {
+        self.out.send(&FromWorker::Peer { bytes: frame }).map_err(|_| crate::collective::LinkClosed)
+    }
+
+    fn recv(&mut self, until: Instant) -> crate::collective::Recv {
+        use crate::collective::Recv;
+        loop {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Recv::Cancelled;
+            }
+            if let Some(why) = &self.closed {
+                log::info!("the link from the member before is closed: {why}");
+                return Recv::Closed;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Recv::Timeout;
+            }
+            // Wake now and then to see a cancellation.
+            match self.from.recv_timeout((until - now).min(Duration::from_millis(100))) {
+                Ok(PeerIn::Frame(f)) => return Recv::Frame(f),
+                Ok(PeerIn::Closed(why)) => self.closed = Some(why),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Recv::Closed,
+            }
+        }
+    }
 }
 
 /// Decodes the daemon's frames; a cancellation takes effect here, at once, while the job's
 /// thread is busy. A new job clears the flag in stream order, so a late cancel of the previous
 /// job cannot stop the next one, and an early one cannot be lost.
-fn reader(mut input: impl Read, tx: &Sender<Result<ToWorker, WorkerError>>, cancel: &AtomicBool) {
+fn reader(mut input: impl Read, tx: &Sender<Result<ToWorker, WorkerError>>, cancel: &AtomicBool, peers: &Peers) {
     loop {
         let msg = match read_frame(&mut input, WORKER_CAP) {
             Ok(Some(m)) => m,
@@ -206,7 +283,20 @@ fn reader(mut input: impl Read, tx: &Sender<Result<ToWorker, WorkerError>>, canc
         };
         match msg {
             ToWorker::Cancel => cancel.store(true, Ordering::SeqCst),
-            ToWorker::Job { .. } | ToWorker::Service { .. } => cancel.store(false, Ordering::SeqCst),
+            ToWorker::Job { .. } => {
+                cancel.store(false, Ordering::SeqCst);
+                peers.new_job();
+            }
+            ToWorker::Service { .. } => cancel.store(false, Ordering::SeqCst),
+            // Peer frames go straight to the running job, whatever it is doing.
+            ToWorker::Peer { bytes } => {
+                peers.deliver(PeerIn::Frame(bytes));
+                continue;
+            }
+            ToWorker::PeerClosed { reason } => {
+                peers.deliver(PeerIn::Closed(reason));
+                continue;
+            }
             _ => {}
         }
         if tx.send(Ok(msg)).is_err() {
@@ -220,6 +310,7 @@ struct Worker<'h> {
     out: Out,
     rx: Receiver<Result<ToWorker, WorkerError>>,
     cancel: Arc<AtomicBool>,
+    peers: Peers,
 }
 
 impl Worker<'_> {
@@ -240,9 +331,9 @@ impl Worker<'_> {
                     let gflops = self.host.benchmark_gflops();
                     self.out.send(&FromWorker::Benchmarked { gflops })?;
                 }
-                ToWorker::Job { job_id, module_hash, input, limits } => {
+                ToWorker::Job { job_id, module_hash, input, limits, member } => {
                     self.out.send(&FromWorker::Accepted)?;
-                    self.job(&job_id, module_hash, input, &limits)?;
+                    self.job(&job_id, module_hash, input, &limits, member)?;
                 }
                 ToWorker::Service { module_hash, init_input, limits } => {
                     self.out.send(&FromWorker::Accepted)?;
@@ -302,8 +393,26 @@ impl Worker<'_> {
         }
     }
 
-    fn job(&mut self, job_id: &str, hash: [u8; 32], input: Vec<u8>, wire: &JobLimits) -> Result<(), WorkerError> {
+    fn job(
+        &mut self,
+        job_id: &str,
+        hash: [u8; 32],
+        input: Vec<u8>,
+        wire: &JobLimits,
+        member: Option<WorkerMember>,
+    ) -> Result<(), WorkerError> {
         let limits = limits_from(wire);
+        let from = self.peers.take();
+        let member = match (member, from) {
+            (Some(m), Some(from)) if m.world > 1 && m.rank < m.world => {
+                let link = WorkerLink { out: self.out.clone(), from, cancel: self.cancel.clone(), closed: None };
+                crate::collective::Member::new(m.rank, m.world, Box::new(link), limits.net_bytes)
+            }
+            (Some(m), _) if m.world > 1 => {
+                return Err(WorkerError::Protocol(format!("rank {} of a {}-member job", m.rank, m.world)));
+            }
+            _ => crate::collective::Member::solo(),
+        };
         let (module, compile) = match self.module(hash, limits.wall_time)? {
             Ok(m) => m,
             Err(f) => {
@@ -316,7 +425,7 @@ impl Worker<'_> {
         // Dropping `stop` wakes the streamer at once: the job's end does not wait out a tick.
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let mut streamer = None;
-        let report = self.host.run_batch_cancellable(
+        let report = self.host.run_member(
             &module,
             input,
             &limits,
@@ -340,6 +449,7 @@ impl Worker<'_> {
                     .ok();
             },
             Some(self.cancel.clone()),
+            member,
         );
         drop(stop);
         // The log went in pieces while the job ran; the final report carries it whole.

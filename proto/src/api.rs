@@ -35,6 +35,58 @@ pub struct SubmitJob {
     /// hour).
     #[serde(default)]
     pub deadline_secs: Option<u64>,
+    /// Run it as a cluster: this many members, one GPU each, placed together or not at all.
+    #[serde(default)]
+    pub cluster: Option<ClusterRequest>,
+}
+
+/// The shape of a cluster job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterRequest {
+    /// Members (GPUs), 2 to [`crate::cluster::MAX_MEMBERS`].
+    pub gpus: u32,
+    /// Every member on the same provider.
+    #[serde(default)]
+    pub one_provider: bool,
+    /// The slowest round trip allowed between two members' providers.
+    #[serde(default)]
+    pub max_link_rtt_ms: Option<u32>,
+    /// The most members on any one provider (1: every member on a provider of its own, so
+    /// one provider's failure stops one rank only).
+    #[serde(default)]
+    pub max_per_provider: Option<u32>,
+}
+
+/// A cluster job's members and link plan, in its job record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub request: ClusterRequest,
+    /// The members of the current (or last) try, by rank; empty while queued.
+    pub members: Vec<MemberView>,
+    /// The ring's slowest measured link (`None`: a link not measured yet, or one provider).
+    pub slowest_link_ms: Option<u32>,
+    /// Across regions, each region's ranks (rings of rings).
+    pub regions: Vec<Vec<u32>>,
+    /// Times the whole gang was placed.
+    pub tries: u32,
+}
+
+/// One rank of a cluster job: its own job record (`job_id`: readable like any job of the
+/// renter's, paid through its own channel with its provider).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub rank: u32,
+    pub job_id: String,
+    pub provider: PublicKey,
+    pub name: String,
+    pub region: String,
+    pub gpu: u32,
+    pub gpu_name: String,
+    pub state: JobState,
+    pub usage: Option<WireUsage>,
+    pub wall_time_ms: Option<u64>,
+    pub error: Option<String>,
 }
 
 /// Why providers did not match, with how many for each reason.
@@ -136,6 +188,12 @@ pub struct JobView {
     /// voucher for the job's last receipt is taken.
     #[serde(default)]
     pub channel: Option<JobChannel>,
+    /// A cluster job's members and link plan; `None` for a job on one GPU.
+    #[serde(default)]
+    pub cluster: Option<ClusterView>,
+    /// On a cluster member's own record: the cluster job it is a rank of.
+    #[serde(default)]
+    pub member_of: Option<String>,
 }
 
 impl JobView {

@@ -43,6 +43,34 @@ pub struct Roster {
     pub signature: Signature,
 }
 
+/// Cap of one [`PeerFrame`]: a collective's largest frame (a chunk of 2^18 f32 and its
+/// header) with room for the encoding.
+pub const PEER_FRAME_CAP: usize = (1 << 20) + 4096;
+
+/// One collective frame between two members' daemons, as their workers made it: the daemons
+/// move it and count it; the receiving worker checks it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerFrame {
+    #[serde(with = "crate::msg::bytes")]
+    pub bytes: Vec<u8>,
+}
+
+/// One rank of a cluster job as its provider is told it, with the job's `Run`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberAssign {
+    pub rank: u32,
+    pub roster: Roster,
+}
+
+/// The member after `rank` in the ring (which `rank` sends to), and the one before it.
+pub fn ring_next(rank: u32, world: u32) -> u32 {
+    if world == 0 { 0 } else { (rank + 1) % world }
+}
+
+pub fn ring_prev(rank: u32, world: u32) -> u32 {
+    if world == 0 { 0 } else { (rank + world - 1) % world }
+}
+
 /// Why a member refuses a roster, or a peer under it.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RosterError {

@@ -104,6 +104,9 @@ pub struct JobLimits {
     /// Bytes of log kept.
     #[serde(default)]
     pub log_bytes: u64,
+    /// Bytes a cluster member may send and receive to and from its peers, together.
+    #[serde(default)]
+    pub net_bytes: u64,
 }
 
 /// The billed counts of a job or a call, on the wire.
@@ -119,6 +122,11 @@ pub struct WireUsage {
     pub peak_gpu_bytes: u64,
     pub gpu_time_ns: u64,
     pub gpu_time_source: String,
+    /// A cluster member's bytes to and from its peers, as its provider's daemon counted them.
+    #[serde(default)]
+    pub net_bytes_sent: u64,
+    #[serde(default)]
+    pub net_bytes_received: u64,
 }
 
 /// What kind of failure ended a job, a session or one inference. Spelled in lowercase on the
@@ -368,6 +376,9 @@ pub enum JobMsg {
         /// this renter.
         #[serde(default)]
         renter: Option<PublicKey>,
+        /// For one rank of a cluster job: which rank, and the scheduler's signed roster.
+        #[serde(default)]
+        member: Option<Box<crate::cluster::MemberAssign>>,
     },
     Module {
         #[serde(with = "bytes")]
@@ -478,6 +489,7 @@ mod tests {
             input: vec![200; 10_000],
             limits: JobLimits::default(),
             renter: None,
+            member: None,
         };
         let frame = encode(&run, BLOB_CAP).unwrap();
         // Binary stays binary: 10,000 input bytes cost 10,000 bytes plus a small header.
@@ -521,6 +533,10 @@ pub enum SessionMsg {
         /// refuses a session without one.
         channel: Option<Box<crate::voucher::ChannelTerms>>,
     },
+    /// Instead of `Open`: a cluster member dialling the member after it in the ring, with the
+    /// roster the scheduler signed (its member ticket) and the rank it speaks as. Checked like
+    /// a ticket before anything else is read; the stream then carries peer frames.
+    Peer { roster: Box<crate::cluster::Roster>, from_rank: u32 },
     /// The input of the service's `init` (weights, say).
     Init {
         #[serde(with = "bytes")]
@@ -544,6 +560,8 @@ pub enum SessionMsg {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SessionReply {
     NeedModule,
+    /// A cluster member's `Peer` was taken: the stream carries its frames from now on.
+    PeerAccepted,
     /// `init` ran; the session serves requests.
     Opened {
         usage: WireUsage,

@@ -37,6 +37,10 @@ pub enum ToWorker {
         #[serde(with = "bytes")]
         input: Vec<u8>,
         limits: JobLimits,
+        /// For one rank of a cluster job: its rank and the world size. Its collectives then
+        /// go out as [`FromWorker::Peer`] and come in as [`ToWorker::Peer`].
+        #[serde(default)]
+        member: Option<WorkerMember>,
     },
     /// Start an inference service: load the module, run its `init`.
     Service {
@@ -61,6 +65,20 @@ pub enum ToWorker {
     EndService,
     /// Stop the running job or call at its next check.
     Cancel,
+    /// A frame from the member before this one in the ring, for the running cluster job.
+    Peer {
+        #[serde(with = "bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The link from the member before is gone: no more frames will come.
+    PeerClosed { reason: String },
+}
+
+/// A cluster job's rank as a worker runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerMember {
+    pub rank: u32,
+    pub world: u32,
 }
 
 /// What a job or call that did not succeed ended with, as a worker reports it.
@@ -120,6 +138,11 @@ pub enum FromWorker {
     },
     /// The service ended; the worker is ready for the next tenant.
     Idle,
+    /// A frame for the member after this one in the ring (the running cluster job's).
+    Peer {
+        #[serde(with = "bytes")]
+        bytes: Vec<u8>,
+    },
     /// The worker cannot go on (its GPU device was lost, say) and exits after this.
     Fatal {
         reason: String,
@@ -146,6 +169,7 @@ mod tests {
             module_hash: [3; 32],
             input: vec![1; 1000],
             limits: JobLimits::default(),
+            member: Some(WorkerMember { rank: 1, world: 2 }),
         };
         let frame = encode(&job, WORKER_CAP).unwrap();
         assert_eq!(decode_body::<ToWorker>(&frame[4..]).unwrap(), job);

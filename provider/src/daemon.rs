@@ -200,6 +200,8 @@ struct Shared {
     defaults: proto::msg::JobLimits,
     /// What each open session's worker holds, against `config.session_memory`.
     memory: SessionMemory,
+    /// Cluster members' links dialled in, until their jobs take them.
+    mesh: crate::mesh::Mesh,
 }
 
 /// Starts the worker pool, learns the GPU from a first worker (and benchmarks it), and serves
@@ -243,6 +245,7 @@ pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
         paid_ready,
         defaults,
         memory: SessionMemory::new(config.session_memory),
+        mesh: crate::mesh::Mesh::default(),
         config,
         pool,
         running: Arc::new(Running::default()),
@@ -499,7 +502,7 @@ const CHANNEL_WAIT: Duration = Duration::from_secs(60);
 const LAST_VOUCHER_WAIT: Duration = Duration::from_secs(60);
 
 /// A task aborted when this is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -508,11 +511,30 @@ impl Drop for AbortOnDrop {
 }
 
 async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) -> Result<(), quic::QuicError> {
-    let Some(JobMsg::Run { job_id, module_hash, input, limits, renter }) =
+    let Some(JobMsg::Run { job_id, module_hash, input, limits, renter, member }) =
         quic::read_msg::<JobMsg>(&mut recv, BLOB_CAP).await?
     else {
         return Ok(());
     };
+    // A cluster member runs only under a roster its scheduler signed for this module, naming
+    // this provider at that rank.
+    if let Some(m) = &member {
+        let me = shared.keypair.public();
+        let checked = m.roster.check(&shared.config.scheduler_key, &me, now_ms()).map_err(|e| e.to_string());
+        let why = match checked {
+            Err(e) => Some(e),
+            Ok(_) if m.roster.module_hash != module_hash => Some("the roster is for another module".to_string()),
+            Ok(ranks) if !ranks.contains(&m.rank) => {
+                Some(format!("the roster gives rank {} to another provider", m.rank))
+            }
+            Ok(_) => None,
+        };
+        if let Some(why) = why {
+            let reason = format!("refused the cluster roster: {why}");
+            quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
+            return Ok(());
+        }
+    }
     let price = shared.config.price.per_gpu_second;
     let paying = shared.payment.clone().filter(|_| price > 0);
     if paying.is_some() && !shared.paid_ready {
@@ -559,6 +581,30 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
             }
         }
     }
+    // A cluster member first joins its ring: the link to the next member and the one from the
+    // member before. Without them nothing of the renter's runs, and the scheduler places the
+    // cluster again.
+    let mut links = None;
+    let worker_member = member.as_ref().map(|m| proto::worker::WorkerMember { rank: m.rank, world: m.roster.world() });
+    if let Some(m) = &member {
+        let joined = tokio::select! {
+            j = crate::mesh::join(&shared.mesh, &shared.keypair, &m.roster, m.rank) => j,
+            () = cancel.flag.notified() => Err("the job was cancelled".to_string()),
+        };
+        match joined {
+            Ok(l) => links = Some(l),
+            Err(reason) => {
+                log::info!("job {job_id}: joining its cluster: {reason}");
+                drop(cancel);
+                drop(slot);
+                let result = failed_result(FailureKind::Host, None, format!("joining the cluster: {reason}"));
+                quic::write_msg(&mut send, &JobReply::Finished(Box::new(result)), BLOB_CAP).await?;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                return Ok(());
+            }
+        }
+    }
     // A worker that dies before it takes the job (one that died idle, say) is the provider's
     // failure: another worker gets the job, once.
     let mut tries = 0;
@@ -570,18 +616,42 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
         };
         log::info!("running job {job_id} in worker {}", worker.pid());
         let defaults = worker.defaults.clone();
-        let (mut flow, actions) =
-            JobFlow::start(job_id.clone(), module_hash, input.clone(), limits.clone(), &defaults, Instant::now());
+        let (mut flow, actions) = JobFlow::start(
+            job_id.clone(),
+            module_hash,
+            input.clone(),
+            limits.clone(),
+            &defaults,
+            worker_member,
+            Instant::now(),
+        );
         if let Some(config) = shared.payment.as_ref().filter(|_| pay.is_some()) {
             flow.paid_by_the_slice(config.job_slice);
         }
-        let mut job = JobPump { flow, worker, send: &mut send, inbox: &mut inbox, shared, pay: pay.as_mut() };
+        let net_limit = crate::flow::smaller(limits.net_bytes, defaults.net_bytes);
+        let mut job = JobPump {
+            flow,
+            worker,
+            send: &mut send,
+            inbox: &mut inbox,
+            shared,
+            pay: pay.as_mut(),
+            links: links.as_mut(),
+            net: NetCount { limit: net_limit, ..NetCount::default() },
+        };
         // Whatever happens on the scheduler's stream, the worker goes back to the pool (or is
         // replaced): the pool never shrinks.
         let end = job.pump(actions, &cancel, &job_id, module_hash).await;
-        let JobPump { flow, worker, .. } = job;
+        let JobPump { flow, worker, net, .. } = job;
         let (result, reusable) = match end {
-            Ok(end) => end,
+            Ok((mut result, reusable)) => {
+                // What a member moved is what this daemon counted, not what its worker says.
+                if member.is_some() {
+                    result.usage.net_bytes_sent = net.sent;
+                    result.usage.net_bytes_received = net.received;
+                }
+                (result, reusable)
+            }
             Err(e) => {
                 shared.pool.give_back(worker, false).await;
                 return Err(e);
@@ -777,6 +847,41 @@ struct JobPump<'a> {
     inbox: &'a mut tokio::sync::mpsc::Receiver<JobMsg>,
     shared: &'a Shared,
     pay: Option<&'a mut crate::payment::JobPay>,
+    /// A cluster member's links to its peers.
+    links: Option<&'a mut crate::mesh::Links>,
+    net: NetCount,
+}
+
+/// What woke a job's pump.
+enum Woke {
+    Worker(Result<FromWorker, crate::pool::WorkerDied>),
+    Peer(crate::mesh::PeerEvent),
+    Inbox(JobMsg),
+    Actions(Vec<JobAction>),
+}
+
+/// A cluster member's bytes to and from its peers, as the daemon moved them, and their limit.
+#[derive(Default)]
+struct NetCount {
+    sent: u64,
+    received: u64,
+    limit: u64,
+}
+
+impl NetCount {
+    /// Counts `n` more bytes; `Err` once past the limit.
+    fn add(&mut self, sent: bool, n: usize) -> Result<(), String> {
+        if sent {
+            self.sent = self.sent.saturating_add(n as u64);
+        } else {
+            self.received = self.received.saturating_add(n as u64);
+        }
+        let used = self.sent.saturating_add(self.received);
+        if self.limit > 0 && used > self.limit {
+            return Err(format!("{used} bytes to and from peers, over the job's {}", self.limit));
+        }
+        Ok(())
+    }
 }
 
 impl JobPump<'_> {
@@ -827,11 +932,29 @@ impl JobPump<'_> {
                 continue;
             }
             let wake = self.flow.next_wake();
-            actions = tokio::select! {
-                msg = self.worker.recv() => self.flow.on_worker(msg, Instant::now()),
-                () = cancel.flag.notified() => self.flow.on_cancel(),
-                () = tokio::time::sleep_until(wake.into()) => self.flow.on_deadline(Instant::now()),
-                Some(msg) = self.inbox.recv() => {
+            let links = self.links.as_deref_mut();
+            let peer_in = async move {
+                match links {
+                    Some(l) => l.inbound.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let woke = tokio::select! {
+                msg = self.worker.recv() => Woke::Worker(msg),
+                Some(event) = peer_in => Woke::Peer(event),
+                () = cancel.flag.notified() => Woke::Actions(self.flow.on_cancel()),
+                () = tokio::time::sleep_until(wake.into()) => Woke::Actions(self.flow.on_deadline(Instant::now())),
+                Some(msg) = self.inbox.recv() => Woke::Inbox(msg),
+            };
+            actions = match woke {
+                Woke::Actions(a) => a,
+                // A member's frame for the next member: counted, then moved.
+                Woke::Worker(Ok(FromWorker::Peer { bytes })) if self.links.is_some() => {
+                    self.forward_out(bytes, job_id).await
+                }
+                Woke::Worker(msg) => self.flow.on_worker(msg, Instant::now()),
+                Woke::Peer(event) => self.forward_in(event).await,
+                Woke::Inbox(msg) => {
                     if let (JobMsg::Voucher(v), Some(p)) = (msg, self.pay.as_deref_mut())
                         && let Some(sequence) = answer_voucher(self.send, p, &v).await?
                     {
@@ -840,6 +963,38 @@ impl JobPump<'_> {
                     Vec::new()
                 }
             };
+        }
+    }
+
+    /// The worker's frame for the next member, counted against the job's limit and sent.
+    async fn forward_out(&mut self, bytes: Vec<u8>, job_id: &str) -> Vec<JobAction> {
+        if let Err(why) = self.net.add(true, bytes.len()) {
+            return self.flow.stop_at_limit("net-bytes", why, Instant::now());
+        }
+        let out = self.links.as_deref().map(|l| l.out.clone());
+        if let Some(out) = out
+            && out.send(bytes).await.is_err()
+        {
+            // The worker hears of it as its collective fails (the member after is gone).
+            log::info!("job {job_id}: the link to the next member is gone");
+        }
+        Vec::new()
+    }
+
+    /// What came from the member before, counted against the job's limit, to the worker.
+    async fn forward_in(&mut self, event: crate::mesh::PeerEvent) -> Vec<JobAction> {
+        let msg = match event {
+            crate::mesh::PeerEvent::Frame(bytes) => {
+                if let Err(why) = self.net.add(false, bytes.len()) {
+                    return self.flow.stop_at_limit("net-bytes", why, Instant::now());
+                }
+                ToWorker::Peer { bytes }
+            }
+            crate::mesh::PeerEvent::Closed(reason) => ToWorker::PeerClosed { reason },
+        };
+        match self.worker.send(&msg).await {
+            Ok(()) => Vec::new(),
+            Err(died) => self.flow.on_worker(Err(died), Instant::now()),
         }
     }
 
@@ -992,6 +1147,28 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
     .await;
     let (mut send, mut recv, ticket, channel) = match first {
         Ok(Ok((send, recv, Some(SessionMsg::Open { ticket, channel })))) => (send, recv, ticket, channel),
+        // Not a renter: a cluster member dialling the member after it.
+        Ok(Ok((mut send, recv, Some(SessionMsg::Peer { roster, from_rank })))) => {
+            let scheduler = shared.config.scheduler_key;
+            let accepted = crate::mesh::accept(
+                &shared.mesh,
+                (&scheduler, &me, &peer),
+                &conn,
+                &mut send,
+                recv,
+                &roster,
+                from_rank,
+                now_ms(),
+            )
+            .await;
+            return match accepted {
+                Ok(()) => {
+                    let _ = send.finish();
+                    Ok(())
+                }
+                Err(reason) => refuse_session(&mut send, &conn, &peer, refused(reason)).await,
+            };
+        }
         Ok(Err(e)) => {
             refuse(&conn);
             return Err(e);

@@ -81,6 +81,7 @@ impl JobFlow {
         input: Vec<u8>,
         limits: JobLimits,
         defaults: &JobLimits,
+        member: Option<proto::worker::WorkerMember>,
         now: Instant,
     ) -> (JobFlow, Vec<JobAction>) {
         let flow = JobFlow {
@@ -97,7 +98,7 @@ impl JobFlow {
             vouched: 0,
             billed_us: 0,
         };
-        let run = ToWorker::Job { job_id, module_hash, input, limits };
+        let run = ToWorker::Job { job_id, module_hash, input, limits, member };
         (flow, vec![JobAction::ToWorker(run)])
     }
 
@@ -141,6 +142,18 @@ impl JobFlow {
             return Vec::new();
         }
         let mut result = failed_result(FailureKind::Payment, None, reason);
+        result.wall_time_us = self.billable_us(now);
+        result.wall_time_ms = result.wall_time_us / 1000;
+        self.end(result, false)
+    }
+
+    /// Ends the job for a limit the daemon enforces itself (bytes to and from a cluster's
+    /// peers): billed for its time so far, like a limit the worker hit.
+    pub(crate) fn stop_at_limit(&mut self, limit: &str, reason: String, now: Instant) -> Vec<JobAction> {
+        if self.done {
+            return Vec::new();
+        }
+        let mut result = failed_result(FailureKind::Limit, Some(limit.to_string()), reason);
         result.wall_time_us = self.billable_us(now);
         result.wall_time_ms = result.wall_time_us / 1000;
         self.end(result, false)
@@ -287,6 +300,7 @@ pub(crate) fn variant(m: &FromWorker) -> &'static str {
         FromWorker::Inferred { .. } => "Inferred",
         FromWorker::Idle => "Idle",
         FromWorker::Fatal { .. } => "Fatal",
+        FromWorker::Peer { .. } => "Peer",
     }
 }
 
@@ -300,7 +314,7 @@ mod tests {
 
     fn start(now: Instant) -> JobFlow {
         let limits = JobLimits { wall_time_ms: 1000, ..JobLimits::default() };
-        let (flow, actions) = JobFlow::start("j".into(), [1; 32], vec![9], limits, &defaults(), now);
+        let (flow, actions) = JobFlow::start("j".into(), [1; 32], vec![9], limits, &defaults(), None, now);
         assert!(matches!(actions.as_slice(), [JobAction::ToWorker(ToWorker::Job { .. })]));
         let mut flow = flow;
         assert_eq!(flow.on_worker(Ok(FromWorker::Accepted), now), vec![]);
@@ -463,7 +477,7 @@ mod tests {
     #[test]
     fn a_worker_that_dies_before_taking_the_job_is_the_providers_failure() {
         let t = Instant::now();
-        let (mut f, _) = JobFlow::start("j".into(), [1; 32], Vec::new(), JobLimits::default(), &defaults(), t);
+        let (mut f, _) = JobFlow::start("j".into(), [1; 32], Vec::new(), JobLimits::default(), &defaults(), None, t);
         let died = WorkerDied { kind: FailureKind::Crash, message: "signal 9".into() };
         let end = f.on_worker(Err(died), t);
         let (result, reusable) = ended(&end);

@@ -3,6 +3,7 @@
 pub mod daemon;
 mod flow;
 pub mod memory;
+mod mesh;
 pub mod payment;
 pub mod pool;
 mod session;

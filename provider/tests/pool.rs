@@ -31,7 +31,13 @@ fn fake(dir: &tempfile::TempDir, then: &str) -> WorkerCommand {
 }
 
 fn job() -> ToWorker {
-    ToWorker::Job { job_id: "j".into(), module_hash: [1; 32], input: Vec::new(), limits: JobLimits::default() }
+    ToWorker::Job {
+        job_id: "j".into(),
+        module_hash: [1; 32],
+        input: Vec::new(),
+        limits: JobLimits::default(),
+        member: None,
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

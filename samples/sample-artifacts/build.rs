@@ -11,6 +11,8 @@ const SAMPLES: &[(&str, &str)] = &[
     ("matmul", "bin"),
     ("mlp", "cdylib"),
     ("train", "bin"),
+    ("cluster-train", "bin"),
+    ("allreduce", "bin"),
     ("hostile", "bin"),
     ("fuzz-driver", "bin"),
     ("echo", "cdylib"),

@@ -32,6 +32,8 @@ pub struct Shape {
     pub one_provider: bool,
     /// The slowest round trip allowed between any two members' providers, in milliseconds.
     pub max_link_rtt_ms: Option<u32>,
+    /// The most members on any one provider.
+    pub max_per_provider: Option<u32>,
 }
 
 impl Shape {
@@ -42,6 +44,12 @@ impl Shape {
         }
         if self.members > MAX_MEMBERS {
             return Err(format!("{} GPUs asked for: at most {MAX_MEMBERS} in one job", self.members));
+        }
+        if self.max_per_provider == Some(0) {
+            return Err("at most 0 members per provider leaves room for none".into());
+        }
+        if self.one_provider && self.max_per_provider.is_some_and(|m| m < self.members) {
+            return Err("every member on one provider, but fewer than all on any one: choose one".into());
         }
         Ok(())
     }
@@ -155,7 +163,9 @@ pub fn place(offers: &[Offer<'_>], query: &Query, shape: Shape, links: &Links) -
             *reasons.entry(r.key()).or_default() += 1;
             continue;
         }
-        let free: Vec<u32> = o.free_gpus.iter().copied().filter(|&i| per_gpu.gpu_fits(c, i as usize)).collect();
+        let cap = shape.max_per_provider.map_or(usize::MAX, |m| m as usize);
+        let free: Vec<u32> =
+            o.free_gpus.iter().copied().filter(|&i| per_gpu.gpu_fits(c, i as usize)).take(cap).collect();
         if free.is_empty() {
             *reasons.entry(Reason::Busy.key()).or_default() += 1;
             continue;
@@ -494,15 +504,19 @@ impl Holds {
         self.held.remove(job).map(|h| h.members)
     }
 
-    /// Ends every hold past its time: the jobs whose gangs did not start whole in time, whose
-    /// started members are to be stopped and which go back to the queue.
-    pub fn expire(&mut self, now_ms: u64) -> Vec<String> {
+    /// Ends every hold past its time: the jobs whose gangs did not start whole in time (whose
+    /// started members are to be stopped and which go back to the queue), each with the members
+    /// (their places in the gang) that had not started.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<(String, Vec<usize>)> {
         let late: Vec<String> =
             self.held.iter().filter(|(_, h)| h.until_ms <= now_ms).map(|(j, _)| j.clone()).collect();
-        for j in &late {
-            self.held.remove(j);
-        }
-        late
+        late.into_iter()
+            .filter_map(|j| {
+                let h = self.held.remove(&j)?;
+                let waiting = h.started.iter().enumerate().filter(|(_, s)| !**s).map(|(at, _)| at).collect();
+                Some((j, waiting))
+            })
+            .collect()
     }
 }
 
@@ -597,7 +611,7 @@ mod tests {
         let mut rigs = vec![rig(8, 24, 1), rig(4, 24, 2)];
         rigs[0].free = vec![1, 5];
         let o = offers(&rigs);
-        let shape = Shape { members: 3, one_provider: true, max_link_rtt_ms: None };
+        let shape = Shape { members: 3, one_provider: true, max_link_rtt_ms: None, max_per_provider: None };
         let placed = place(&o, &query(), shape, &Links::default()).unwrap();
         assert_eq!(on(&placed), vec![(2, 0), (2, 1), (2, 2)], "the cheaper rig has only 2 free");
         let why = place(&o, &query(), Shape { members: 5, ..shape }, &Links::default()).unwrap_err();
@@ -644,7 +658,7 @@ mod tests {
         for (a, b, ms) in [(0, 1, 90), (0, 2, 95), (0, 3, 80), (1, 2, 10), (1, 3, 12), (2, 3, 8)] {
             links.set(key(a), key(b), ms);
         }
-        let shape = Shape { members: 3, one_provider: false, max_link_rtt_ms: Some(20) };
+        let shape = Shape { members: 3, one_provider: false, max_link_rtt_ms: Some(20), max_per_provider: None };
         let placed = place(&o, &query(), shape, &links).unwrap();
         assert_eq!(on(&placed), vec![(2, 0), (3, 0), (4, 0)], "the cheapest one is too far from the rest");
         // Without a limit the cheapest three are taken.
@@ -782,8 +796,13 @@ mod tests {
         assert!(holds.hold("job-a", vec![], 1_000).is_err());
         assert!(!holds.started("job-a", 0));
         assert!(!holds.started("job-a", 7), "a rank that is not a member changes nothing");
-        assert_eq!(holds.expire(999), Vec::<String>::new());
-        assert_eq!(holds.expire(1_000), vec!["job-a".to_string()], "two of three started: the hold runs out");
+        assert!(holds.expire(999).is_empty());
+        assert!(!holds.started("job-a", 2));
+        assert_eq!(
+            holds.expire(1_000),
+            vec![("job-a".to_string(), vec![1])],
+            "two of three started: the hold runs out"
+        );
         assert!(holds.held_on(&key(0)).is_empty() && holds.held_on(&key(1)).is_empty());
         // A gang whose members all start is the job's: nothing is held any more.
         holds.hold("job-b", gang.clone(), 5_000).unwrap();

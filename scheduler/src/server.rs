@@ -120,8 +120,10 @@ pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
         return Err(StartError::PlainHttp(config.http));
     }
     let store = RedbStore::open(&config.db)?;
-    let state = State::load(config.state.clone(), Box::new(store), now_ms())?;
-    let identity = Identity::new(&config.keypair)?;
+    let mut state = State::load(config.state.clone(), Box::new(store), now_ms())?;
+    let keypair = Arc::new(config.keypair);
+    state.set_signer(keypair.clone());
+    let identity = Identity::new(&keypair)?;
     let peers = match config.providers {
         Some(keys) => Peers::Only(Arc::new(keys)),
         None => Peers::Any,
@@ -133,12 +135,12 @@ pub async fn start(config: SchedulerConfig) -> Result<Listening, StartError> {
         .map_err(|source| StartError::Listen { addr: config.http, source })?;
     let http_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.http, source })?;
     let tls = !config.plain_http;
-    let listening = Listening { http: http_addr, tls, quic: quic_addr, key: config.keypair.public() };
+    let listening = Listening { http: http_addr, tls, quic: quic_addr, key: keypair.public() };
     let acceptor = if tls { Some(quic::https::Acceptor::new(&identity)?) } else { None };
 
     let shared = Shared {
         state: Arc::new(Mutex::new(state)),
-        keypair: Arc::new(config.keypair),
+        keypair,
         conns: Arc::new(Mutex::new(HashMap::new())),
         wake: Arc::new(Notify::new()),
         changed: Arc::new(tokio::sync::watch::channel(0).0),
@@ -481,6 +483,7 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
         input: a.input.clone(),
         limits: a.limits.clone(),
         renter: a.renter,
+        member: a.member.clone(),
     };
     quic::write_msg(&mut send, &run, BLOB_CAP).await.map_err(|e| e.to_string())?;
     // Replies are read by their own task (a read is not cancel-safe), so that the renter's
@@ -520,7 +523,10 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
                 let bytes = bytes.ok_or_else(|| format!("module {} is not in the store", hash_hex(&a.module)))?;
                 quic::write_msg(&mut send, &JobMsg::Module { bytes }, BLOB_CAP).await.map_err(|e| e.to_string())?;
             }
-            Some(JobReply::Started) => log::info!("job {} started on {}", a.job_id, a.provider),
+            Some(JobReply::Started) => {
+                log::info!("job {} started on {}", a.job_id, a.provider);
+                shared.state().member_started(&a.job_id, &a.provider);
+            }
             Some(JobReply::Log { bytes }) => shared.state().append_log(&a.job_id, &a.provider, &bytes),
             Some(JobReply::Finished(result)) => {
                 log::info!("job {} finished on {}: {:?}", a.job_id, a.provider, result.outcome);
@@ -528,6 +534,8 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
                 durable(shared).await?;
                 finished = true;
                 shared.bump();
+                // A cluster's member may have ended its cluster: the others are cancelled now.
+                shared.wake.notify_one();
                 // A paid job's stream stays open for the last voucher; the provider ends it.
                 if shared.state().job(&a.job_id).is_none_or(|v| v.channel.is_none()) {
                     break Ok(());
@@ -616,20 +624,27 @@ fn router(shared: Shared) -> Router {
 pub struct TestOptions {
     /// How fast each renter may send requests; `None` for no limit.
     pub renter_limits: Option<RenterLimits>,
+    /// The scheduler's key (it signs tickets and cluster rosters); a new one when `None`.
+    pub keypair: Option<Keypair>,
 }
 
 impl std::fmt::Debug for TestOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestOptions").field("renter_limits", &self.renter_limits).finish()
+        f.debug_struct("TestOptions")
+            .field("renter_limits", &self.renter_limits)
+            .field("keypair", &self.keypair.as_ref().map(Keypair::public))
+            .finish()
     }
 }
 
 /// The router alone, for tests that drive it without sockets.
-pub fn test_router(state: State, options: TestOptions) -> Router {
+pub fn test_router(mut state: State, options: TestOptions) -> Router {
     let heartbeat_ms = Config::default().heartbeat_interval_ms;
+    let keypair = Arc::new(options.keypair.unwrap_or_else(Keypair::generate));
+    state.set_signer(keypair.clone());
     router(Shared {
         state: Arc::new(Mutex::new(state)),
-        keypair: Arc::new(Keypair::generate()),
+        keypair,
         conns: Arc::new(Mutex::new(HashMap::new())),
         wake: Arc::new(Notify::new()),
         changed: Arc::new(tokio::sync::watch::channel(0).0),
@@ -686,8 +701,16 @@ async fn submit_job(
         Ok(i) => i,
         Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("input_base64 is not base64: {e}")),
     };
-    let submitted =
-        shared.state().submit(renter, &req.module, input, req.requirements, req.limits, req.deadline_secs, now_ms());
+    let submitted = shared.state().submit_job(
+        renter,
+        &req.module,
+        input,
+        req.requirements,
+        req.limits,
+        req.deadline_secs,
+        req.cluster,
+        now_ms(),
+    );
     shared.wake.notify_one();
     match submitted {
         Ok(s) => {
@@ -737,6 +760,8 @@ async fn get_job(
     };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(query.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
     let mut changes = shared.changed.subscribe();
+    // A cluster job's long poll also answers once any of its members changes.
+    let mut members: Option<Vec<proto::api::MemberView>> = None;
     loop {
         let view = {
             let state = shared.state();
@@ -747,7 +772,13 @@ async fn get_job(
         };
         let Some(view) = view else { return no_job(&id) };
         let paying = view.channel.as_ref().map_or(0, |c| c.updates);
-        let moved = query.state.is_none_or(|s| s != view.state) || query.pay.is_some_and(|n| n != paying);
+        let now_members = view.cluster.as_ref().map(|c| c.members.clone());
+        let members_moved = members.as_ref().is_some_and(|before| Some(before) != now_members.as_ref());
+        if members.is_none() {
+            members = now_members;
+        }
+        let moved =
+            query.state.is_none_or(|s| s != view.state) || query.pay.is_some_and(|n| n != paying) || members_moved;
         // A paying client also waits on an ended job, for its last voucher to be taken.
         let ended = view.state.is_final() && query.pay.is_none();
         if ended || moved || tokio::time::Instant::now() >= deadline {
@@ -770,15 +801,23 @@ async fn get_output(
     }
     match (state.job(&id), state.output(&id)) {
         (None, _) => no_job(&id),
-        (Some(v), Some(_)) if !v.paid() => api_error(StatusCode::PAYMENT_REQUIRED, unpaid(&v, "output")),
+        (Some(v), Some(_)) if !state.released(&id) => {
+            api_error(StatusCode::PAYMENT_REQUIRED, unpaid(&state, &v, "output"))
+        }
         (Some(_), Some(out)) => ([(header::CONTENT_TYPE, "application/octet-stream")], out.to_vec()).into_response(),
         (Some(v), None) => api_error(StatusCode::CONFLICT, format!("job {id} has no output yet (it is {:?})", v.state)),
     }
 }
 
 /// Why a paid job's output or log is withheld.
-fn unpaid(v: &JobView, what: &str) -> String {
+fn unpaid(state: &State, v: &JobView, what: &str) -> String {
     let id = &v.id;
+    if let Some(member) = state.output_member(id) {
+        return format!(
+            "cluster job {id}'s {what} is its member {member}'s: released once that member is paid (each member \
+             pays its own provider)"
+        );
+    }
     match v.channel.as_ref().and_then(|c| c.receipt.as_ref()) {
         Some(r) if r.done => format!(
             "job {id}'s {what} is released once the renter's voucher for its last receipt ({} in all) is taken: the \
@@ -887,7 +926,7 @@ async fn get_log(
         (None, _) => no_job(&id),
         // Work that is billed shows nothing before it is paid: not its output, not its log (a
         // kernel could print its result there). A paid job streams no live log.
-        (Some(v), _) if !v.paid() => api_error(StatusCode::PAYMENT_REQUIRED, unpaid(&v, "log")),
+        (Some(v), _) if !state.released(&id) => api_error(StatusCode::PAYMENT_REQUIRED, unpaid(&state, &v, "log")),
         (Some(_), Some(log)) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log.to_vec()).into_response(),
         (Some(v), None) => api_error(StatusCode::CONFLICT, format!("job {id} has no log yet (it is {:?})", v.state)),
     }

@@ -13,6 +13,10 @@ use rand_core::RngCore;
 use crate::matching::{Candidate, Query, explain, gpu_search, rank};
 use crate::store::{Store, StoreError};
 
+mod cluster;
+
+pub use cluster::{MAX_CLUSTER_INPUT_BYTES, member_id};
+
 /// Tunables of the state machine.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -28,6 +32,9 @@ pub struct Config {
     /// Jobs one renter may have queued or running at once; past it, submissions are refused
     /// until one ends.
     pub max_jobs_per_renter: usize,
+    /// How long a placed cluster job's members have to start (their providers' `Started`);
+    /// past it, the whole cluster goes back to the queue. At least [`MIN_CLUSTER_START_MS`].
+    pub cluster_start_timeout_ms: u64,
 }
 
 /// Heartbeat intervals a provider may miss before it is offline: one late heartbeat (a busy
@@ -46,7 +53,12 @@ pub enum ConfigError {
     Interval(u64),
     #[error("max_attempts must be at least 1")]
     Attempts,
+    #[error("the cluster start timeout must be at least {MIN_CLUSTER_START_MS} ms (it is {0} ms)")]
+    ClusterStart(u64),
 }
+
+/// Shortest time a cluster's members get to start: each has to take a slot on its provider.
+pub const MIN_CLUSTER_START_MS: u64 = 1_000;
 
 /// Shortest heartbeat interval: each heartbeat costs every provider a message.
 pub const MIN_HEARTBEAT_MS: u64 = 50;
@@ -67,6 +79,9 @@ impl Config {
         if self.max_attempts == 0 {
             return Err(ConfigError::Attempts);
         }
+        if self.cluster_start_timeout_ms < MIN_CLUSTER_START_MS {
+            return Err(ConfigError::ClusterStart(self.cluster_start_timeout_ms));
+        }
         Ok(())
     }
 }
@@ -79,6 +94,7 @@ impl Default for Config {
             max_attempts: 3,
             default_deadline_ms: 3_600_000,
             max_jobs_per_renter: 1_000,
+            cluster_start_timeout_ms: 60_000,
         }
     }
 }
@@ -98,7 +114,7 @@ const MAX_SENT_VOUCHERS: usize = 8;
 /// Most bytes of a running job's streamed log kept.
 const LIVE_LOG_CAP: usize = 4 << 20;
 
-/// A job to send to a provider now.
+/// A job to send to a provider now: what goes in its `JobMsg::Run`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assignment {
     pub job_id: String,
@@ -107,6 +123,9 @@ pub struct Assignment {
     pub input: Vec<u8>,
     pub limits: JobLimits,
     pub renter: Option<PublicKey>,
+    /// For one rank of a cluster job: its rank and the roster the scheduler signed (the
+    /// roster's job id is the cluster job's, `job_id` the member's own).
+    pub member: Option<Box<proto::cluster::MemberAssign>>,
 }
 
 #[derive(Debug)]
@@ -230,6 +249,9 @@ pub struct State {
     unfinished: HashMap<PublicKey, BTreeSet<String>>,
     /// The next job's place in the order of submission.
     next_seq: u64,
+    /// Cluster jobs: what signs their rosters, their running members, their start timeouts,
+    /// why queued ones found no gang, which providers to avoid on a retry.
+    clusters: cluster::Clusters,
 }
 
 impl std::fmt::Debug for State {
@@ -264,21 +286,36 @@ impl State {
         let mut next_seq = 0;
         for mut job in store.jobs()? {
             next_seq = next_seq.max(job.seq.saturating_add(1));
+            // A cluster's member ran under a roster of the process that stopped: it ends here,
+            // and its cluster (queued again below, like any running job) is placed again whole.
+            let member = job.view.member_of.is_some();
             if job.view.state == JobState::Running {
-                job.view.state = JobState::Queued;
+                let why = if member {
+                    "the scheduler restarted while the cluster ran"
+                } else {
+                    "the scheduler restarted while the job ran"
+                };
                 if let Some(a) = job.view.attempts.last_mut().filter(|a| a.ended_at_ms.is_none()) {
                     a.ended_at_ms = Some(now_ms);
-                    a.error = Some("the scheduler restarted while the job ran".into());
+                    a.error = Some(why.into());
                 }
-                job.view.provider = None;
+                if member {
+                    job.view.state = JobState::Failed;
+                    job.view.error = Some(why.into());
+                } else {
+                    job.view.state = JobState::Queued;
+                    job.view.provider = None;
+                }
                 store.put_job(&job)?;
             }
-            if let Some(renter) = job.view.renter.filter(|_| !job.view.state.is_final()) {
+            // A member is its cluster's: only the cluster counts against the renter's cap.
+            if let Some(renter) = job.view.renter.filter(|_| !job.view.state.is_final() && !member) {
                 unfinished.entry(renter).or_default().insert(job.view.id.clone());
             }
             jobs.insert(job.view.id.clone(), job);
         }
-        let mut queue: Vec<&JobRecord> = jobs.values().filter(|j| j.view.state == JobState::Queued).collect();
+        let mut queue: Vec<&JobRecord> =
+            jobs.values().filter(|j| j.view.state == JobState::Queued && j.view.member_of.is_none()).collect();
         queue.sort_by_key(|j| (j.view.submitted_at_ms, j.seq, j.view.id.clone()));
         let queue = queue.into_iter().map(|j| j.view.id.clone()).collect();
         let mut providers = HashMap::new();
@@ -306,6 +343,7 @@ impl State {
             links_asked_at: HashMap::new(),
             unfinished,
             next_seq,
+            clusters: cluster::Clusters::default(),
         })
     }
 
@@ -607,6 +645,27 @@ impl State {
         deadline_secs: Option<u64>,
         now_ms: u64,
     ) -> Result<Submitted, SubmitError> {
+        self.submit_job(renter, module, input, requirements, limits, deadline_secs, None, now_ms)
+    }
+
+    /// Accepts a job like [`State::submit`], as a cluster when `cluster` says so: `gpus`
+    /// members (2 to [`proto::cluster::MAX_MEMBERS`]), one GPU each, each GPU meeting
+    /// `requirements`, placed together or not at all (a cluster of 1 is a plain job). The
+    /// cluster job is one job in the queue and against the renter's cap; its members get job
+    /// records of their own when it is placed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_job(
+        &mut self,
+        renter: PublicKey,
+        module: &str,
+        input: Vec<u8>,
+        requirements: Requirements,
+        limits: JobLimits,
+        deadline_secs: Option<u64>,
+        cluster: Option<proto::api::ClusterRequest>,
+        now_ms: u64,
+    ) -> Result<Submitted, SubmitError> {
+        let cluster = cluster::check_request(cluster, &requirements, input.len()).map_err(SubmitError::Invalid)?;
         let hash =
             parse_hash(module).ok_or_else(|| SubmitError::Invalid(format!("{module:?} is not a hex SHA-256")))?;
         if !self.store.has_module(&hash)? {
@@ -633,7 +692,20 @@ impl State {
                 break id;
             }
         };
-        let no_match = self.explain(&requirements);
+        let no_match = match &cluster {
+            Some(c) => self.cluster_fit(&requirements, c, &HashSet::new()).err(),
+            None => self.explain(&requirements),
+        };
+        if let (Some(why), Some(_)) = (&no_match, &cluster) {
+            self.clusters.why.insert(id.clone(), why.clone());
+        }
+        let cluster = cluster.map(|request| proto::api::ClusterView {
+            request,
+            members: Vec::new(),
+            slowest_link_ms: None,
+            regions: Vec::new(),
+            tries: 0,
+        });
         let record = JobRecord {
             view: JobView {
                 id: id.clone(),
@@ -657,6 +729,8 @@ impl State {
                 error: None,
                 receipt: None,
                 channel: None,
+                cluster,
+                member_of: None,
             },
             input,
             result: None,
@@ -686,8 +760,13 @@ impl State {
         let mut view = job.view.clone();
         if view.state == JobState::Queued {
             view.queue_position = self.queue_position(id);
-            view.no_match = self.explain(&view.requirements);
+            view.no_match = match &view.cluster {
+                // Why no gang fitted at its last placement (counts as of then).
+                Some(_) => self.clusters.why.get(id).cloned(),
+                None => self.explain(&view.requirements),
+            };
         }
+        self.refresh_members(&mut view);
         Some(view)
     }
 
@@ -817,6 +896,10 @@ impl State {
         if asked.is_empty() {
             self.asked_links.remove(key);
         }
+        if taken > 0 {
+            // A cluster waiting for links within its limit may fit now.
+            self.availability += 1;
+        }
         Ok(taken)
     }
 
@@ -828,39 +911,18 @@ impl State {
     /// Where a cluster would be placed now, in ring order, or why none fits. A provider offers
     /// as many of its GPUs as it has free job slots (each member runs in its own worker).
     pub fn plan_gang(&self, req: &proto::api::PlanRequest) -> Result<proto::api::GangPlan, NoMatch> {
-        let shape = crate::gang::Shape {
-            members: req.gpus,
+        let request = proto::api::ClusterRequest {
+            gpus: req.gpus,
             one_provider: req.one_provider,
             max_link_rtt_ms: req.max_link_rtt_ms,
+            max_per_provider: None,
         };
-        let requirements = Requirements { gpu_count: None, ..req.requirements.clone() };
-        let query = Query::new(&requirements, false);
-        let free: Vec<(Candidate<'_>, Vec<u32>)> = self
-            .providers
-            .values()
-            .map(|p| {
-                let c = p.candidate();
-                let slots = c.capacity.saturating_sub(c.running).min(c.gpus.len() as u32);
-                (c, (0..slots).collect())
-            })
-            .collect();
-        let offers: Vec<crate::gang::Offer<'_>> =
-            free.iter().map(|(c, gpus)| crate::gang::Offer { candidate: *c, free_gpus: gpus }).collect();
-        let members = crate::gang::place(&offers, &query, shape, &self.links)?;
-        let region = |k: &PublicKey| self.providers.get(k).map(|p| p.view.region.clone()).unwrap_or_default();
-        let ring = crate::gang::ring(&members, &self.links, region);
-        let mut rank_of = vec![0u32; members.len()];
-        for (rank, &at) in ring.order.iter().enumerate() {
-            if let Some(r) = rank_of.get_mut(at) {
-                *r = rank as u32;
-            }
-        }
-        let planned: Vec<proto::api::PlanMember> = ring
-            .order
+        let fit = self.cluster_fit(&req.requirements, &request, &HashSet::new())?;
+        let planned: Vec<proto::api::PlanMember> = fit
+            .members
             .iter()
             .zip(0u32..)
-            .filter_map(|(&at, rank)| {
-                let m = members.get(at)?;
+            .filter_map(|(m, rank)| {
                 let p = self.providers.get(&m.provider)?;
                 Some(proto::api::PlanMember {
                     rank,
@@ -873,10 +935,13 @@ impl State {
                 })
             })
             .collect();
-        let regions =
-            ring.regions.iter().map(|r| r.iter().filter_map(|&at| rank_of.get(at).copied()).collect()).collect();
         let price_per_second = planned.iter().map(|m| m.price_per_gpu_second).fold(0u64, u64::saturating_add);
-        Ok(proto::api::GangPlan { members: planned, slowest_link_ms: ring.slowest_ms, regions, price_per_second })
+        Ok(proto::api::GangPlan {
+            members: planned,
+            slowest_link_ms: fit.slowest_ms,
+            regions: fit.regions,
+            price_per_second,
+        })
     }
 
     /// A provider connected and registered.
@@ -1018,12 +1083,14 @@ impl State {
                 why.unwrap_or_else(|| "the deadline passed in the queue".into()),
             )?;
         }
-        Ok(())
+        self.cluster_starts_expired(now_ms)
     }
 
     fn finish_unplaced(&mut self, id: &str, state: JobState, error: String) -> Result<(), StoreError> {
         self.queue.retain(|q| q != id);
         self.unplaceable.remove(id);
+        self.clusters.why.remove(id);
+        self.clusters.avoid.remove(id);
         if let Some(job) = self.jobs.get_mut(id) {
             job.view.state = state;
             job.view.error = Some(error);
@@ -1038,12 +1105,34 @@ impl State {
         let mut out = Vec::new();
         let queue = std::mem::take(&mut self.queue);
         let mut waiting = Vec::with_capacity(queue.len());
-        for id in queue {
+        let mut queue = queue.into_iter();
+        while let Some(id) = queue.next() {
             if self.unplaceable.get(&id) == Some(&self.availability) {
                 waiting.push(id);
                 continue;
             }
             let Some(job) = self.jobs.get(&id) else { continue };
+            if job.view.cluster.is_some() {
+                // A cluster is placed whole or stays queued.
+                match self.place_cluster(&id, now_ms) {
+                    Ok(Some(mut members)) => {
+                        self.unplaceable.remove(&id);
+                        out.append(&mut members);
+                    }
+                    Ok(None) => {
+                        self.unplaceable.insert(id.clone(), self.availability);
+                        waiting.push(id);
+                    }
+                    Err(e) => {
+                        waiting.push(id);
+                        waiting.extend(queue);
+                        waiting.append(&mut self.queue);
+                        self.queue = waiting;
+                        return Err(e);
+                    }
+                }
+                continue;
+            }
             if self.explain(&job.view.requirements).is_some() {
                 // Nothing fits even when idle: no need to walk the index.
                 self.unplaceable.insert(id.clone(), self.availability);
@@ -1074,6 +1163,9 @@ impl State {
                 job.view.provider = None;
                 job.view.attempts.pop();
                 waiting.push(id);
+                // The jobs not looked at yet stay queued too.
+                waiting.extend(queue);
+                waiting.append(&mut self.queue);
                 self.queue = waiting;
                 return Err(e);
             }
@@ -1084,6 +1176,7 @@ impl State {
                 input: job.input.clone(),
                 limits: job.view.limits.clone(),
                 renter: job.view.renter,
+                member: None,
             });
             self.update_provider(&choice, |p| p.assigned.insert(id.clone()));
         }
@@ -1101,6 +1194,9 @@ impl State {
         result: JobResult,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        if self.clusters.running.contains_key(id) {
+            return self.member_finished(id, provider, result, now_ms);
+        }
         if let Outcome::Failed { kind, message, .. } = &result.outcome
             && !kind.is_kernel_fault()
         {
@@ -1108,8 +1204,20 @@ impl State {
             let reason = format!("the provider failed ({kind}): {message}");
             return self.end_attempt(id, provider, &reason, Some(result), now_ms);
         }
+        self.record_result(id, provider, result, now_ms).map(|_| ())
+    }
+
+    /// Ends job `id` with its result (a success or the kernel's own failure), its receipt
+    /// checked; false when it is not running on `provider` (a late report: nothing changes).
+    fn record_result(
+        &mut self,
+        id: &str,
+        provider: &PublicKey,
+        result: JobResult,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
         let price = self.providers.get(provider).map(|p| p.view.price.per_gpu_second);
-        let Some(job) = self.running_on(id, provider) else { return Ok(()) };
+        let Some(job) = self.running_on(id, provider) else { return Ok(false) };
         job.view.state = if result.outcome == Outcome::Succeeded { JobState::Succeeded } else { JobState::Failed };
         job.view.receipt = None;
         // The time this scheduler saw the job run: from this try's assignment to its result.
@@ -1154,10 +1262,12 @@ impl State {
         job.result = Some(result);
         let job = job.clone();
         self.live_logs.remove(id);
-        self.store.put_job(&job)
+        self.store.put_job(&job)?;
+        Ok(true)
     }
 
-    /// A try ended without a result; the job is queued again unless it has had its tries.
+    /// A try ended without a result; the job is queued again unless it has had its tries (a
+    /// cluster's member: its cluster is, whole).
     pub fn attempt_failed(
         &mut self,
         id: &str,
@@ -1165,6 +1275,9 @@ impl State {
         reason: &str,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        if self.clusters.running.contains_key(id) {
+            return self.member_lost(id, provider, reason, None, now_ms);
+        }
         self.end_attempt(id, provider, reason, None, now_ms)
     }
 
@@ -1896,6 +2009,449 @@ mod tests {
             s.open_session(session_view(n, key)).unwrap();
         }
         assert!(s.pick_session_provider(&none, &[]).is_err(), "all 8 slots taken");
+    }
+
+    // ---- cluster jobs ----
+
+    /// The scheduler's key in these tests: it signs the rosters.
+    fn scheduler_key() -> proto::Keypair {
+        proto::Keypair::from_seed([99; 32])
+    }
+
+    fn cluster_state(dir: &tempfile::TempDir, config: Config) -> State {
+        let mut s = state(dir, config);
+        s.set_signer(std::sync::Arc::new(scheduler_key()));
+        s
+    }
+
+    /// A provider with a real key (it signs receipts), one GPU, one job slot, taking peers'
+    /// connections at a session address.
+    fn member_provider(s: &mut State, n: u8, now: u64) -> proto::Keypair {
+        let kp = proto::Keypair::from_seed([n; 32]);
+        let price = Price { per_gpu_second: 1, per_inference: 1 };
+        let addr = Some(format!("10.0.0.{n}:7000"));
+        s.register(kp.public(), format!("p{n}"), "eu".into(), vec![gpu()], price, 1, addr, 1, now).unwrap();
+        kp
+    }
+
+    fn submit_cluster(s: &mut State, gpus: u32, now: u64) -> Result<Submitted, SubmitError> {
+        let hash = hash_hex(&s.put_module(WASM).unwrap());
+        let c = proto::api::ClusterRequest { gpus, ..Default::default() };
+        s.submit_job(
+            renter(R),
+            &hash,
+            b"in".to_vec(),
+            Requirements::default(),
+            JobLimits::default(),
+            Some(100),
+            Some(c),
+            now,
+        )
+    }
+
+    fn members_of(s: &State, id: &str) -> Vec<proto::api::MemberView> {
+        s.job(id).unwrap().cluster.unwrap().members
+    }
+
+    fn output(out: &[u8], fuel: u64, wall_ms: u64) -> JobResult {
+        JobResult {
+            output: out.to_vec(),
+            usage: proto::msg::WireUsage { fuel, net_bytes_sent: 10, ..Default::default() },
+            wall_time_ms: wall_ms,
+            wall_time_us: wall_ms * 1000,
+            ..done()
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_placed_all_or_nothing_and_each_rank_gets_a_signed_roster() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        let keys: Vec<proto::Keypair> = (1..=3).map(|n| member_provider(&mut s, n, 0)).collect();
+        // Three free GPUs, four wanted: queued, saying why with counts, nothing placed.
+        let submitted = submit_cluster(&mut s, 4, 1).unwrap();
+        let id = submitted.id.clone();
+        assert_eq!(submitted.no_match.unwrap().summary, "4 GPUs wanted: 3 free that fit, on 3 provider(s)");
+        assert!(s.assign(2).unwrap().is_empty());
+        let view = s.job(&id).unwrap();
+        assert_eq!((view.state, view.queue_position), (JobState::Queued, Some(1)));
+        assert_eq!(view.no_match.as_ref().unwrap().summary, "4 GPUs wanted: 3 free that fit, on 3 provider(s)");
+        assert_eq!((view.no_match.as_ref().unwrap().total, view.no_match.as_ref().unwrap().matching), (3, 3));
+        let c = view.cluster.unwrap();
+        assert_eq!((c.request.gpus, c.tries, c.members.len()), (4, 0, 0));
+        // A plain job is not held back by it, and takes one of the three.
+        let single = submit(&mut s, 3);
+        let a = s.assign(4).unwrap();
+        assert_eq!((a.len(), a[0].job_id.as_str(), a[0].member.is_none()), (1, single.as_str(), true));
+        let busy = a[0].provider;
+        s.finished(&single, &busy, done(), 5).unwrap();
+        assert!(s.assign(6).unwrap().is_empty(), "three free again: still not four");
+        // A fourth frees: the whole gang is placed at once.
+        let mut keys = keys;
+        keys.push(member_provider(&mut s, 4, 7));
+        let a = s.assign(8).unwrap();
+        assert_eq!(a.len(), 4, "{a:?}");
+        let sched = scheduler_key().public();
+        let mut seen = HashSet::new();
+        for (rank, a) in a.iter().enumerate() {
+            let m = a.member.as_ref().expect("a member's assignment carries its rank and roster");
+            assert_eq!(m.rank as usize, rank);
+            assert_eq!(a.job_id, member_id(&id, 1, rank as u32));
+            assert_eq!((m.roster.job_id.as_str(), m.roster.world()), (id.as_str(), 4));
+            assert_eq!(m.roster.members[rank].provider, a.provider, "the roster names the rank's provider");
+            let n = keys.iter().position(|k| k.public() == a.provider).unwrap() + 1;
+            assert_eq!(m.roster.members[rank].addr.as_deref(), Some(format!("10.0.0.{n}:7000").as_str()));
+            assert_eq!(m.roster.check(&sched, &a.provider, 8), Ok(vec![rank as u32]));
+            assert_eq!(m.roster.module_hash, a.module);
+            assert!(m.roster.expires_at_ms > 8 + Config::default().default_deadline_ms);
+            assert_eq!(a.input, b"in");
+            assert!(seen.insert(a.provider), "one member per one-GPU provider");
+        }
+        // The cluster runs; each member is a job of the renter's own, never queued.
+        let view = s.job(&id).unwrap();
+        let c = view.cluster.clone().unwrap();
+        assert_eq!((view.state, c.tries, c.members.len()), (JobState::Running, 1, 4));
+        assert_eq!(view.provider, Some(a[0].provider));
+        for (m, a) in c.members.iter().zip(&a) {
+            assert_eq!((m.job_id.as_str(), m.provider, m.state), (a.job_id.as_str(), a.provider, JobState::Running));
+            assert_eq!((m.gpu, m.gpu_name.as_str(), m.region.as_str()), (0, "RTX 4090", "eu"));
+            let child = s.job(&m.job_id).unwrap();
+            assert_eq!(
+                (child.member_of.as_deref(), child.renter, child.state),
+                (Some(id.as_str()), Some(renter(R)), JobState::Running)
+            );
+            assert_eq!(child.queue_position, None);
+            assert!(s.owns(&m.job_id, &renter(R)) && !s.owns(&m.job_id, &renter(8)));
+        }
+        assert!(!s.owns(&id, &renter(8)));
+        // Every slot is taken by the members: a plain job waits.
+        let waiting = submit(&mut s, 9);
+        assert!(s.assign(10).unwrap().is_empty());
+        assert_eq!(s.job(&waiting).unwrap().state, JobState::Queued);
+        assert_eq!(s.providers().iter().map(|p| p.running).sum::<u32>(), 4);
+    }
+
+    #[test]
+    fn a_cluster_on_one_provider_gets_distinct_gpus_and_counts_once_against_the_renters_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config { max_jobs_per_renter: 1, ..Config::default() });
+        let kp = proto::Keypair::from_seed([5; 32]);
+        let price = Price { per_gpu_second: 1, per_inference: 1 };
+        s.register(kp.public(), "rig".into(), "eu".into(), vec![gpu(), gpu(), gpu()], price, 3, None, 0, 0).unwrap();
+        let hash = hash_hex(&s.put_module(WASM).unwrap());
+        let c = proto::api::ClusterRequest { gpus: 2, one_provider: true, ..Default::default() };
+        let id = s
+            .submit_job(
+                renter(R),
+                &hash,
+                vec![],
+                Requirements::default(),
+                JobLimits::default(),
+                None,
+                Some(c.clone()),
+                0,
+            )
+            .unwrap()
+            .id;
+        // One job for the cap, however many members.
+        assert!(matches!(submit_cluster(&mut s, 2, 0), Err(SubmitError::TooManyJobs { count: 1, .. })));
+        let a = s.assign(1).unwrap();
+        let gpus: Vec<u32> = a.iter().map(|a| a.member.as_ref().unwrap().roster.members[0].gpu).collect();
+        assert_eq!(gpus, vec![0, 0], "the roster is the same for every rank");
+        let roster = &a[0].member.as_ref().unwrap().roster;
+        assert_eq!(roster.members.iter().map(|m| m.gpu).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(roster.check(&scheduler_key().public(), &kp.public(), 1), Ok(vec![0, 1]));
+        assert_eq!(s.job(&id).unwrap().cluster.unwrap().slowest_link_ms, Some(0));
+        // Its third slot is free; a second cluster of two does not fit there, and says so.
+        let why =
+            s.cluster_fit(&Requirements::default(), &proto::api::ClusterRequest { gpus: 2, ..c }, &HashSet::new());
+        assert!(why.err().unwrap().summary.contains("the most any fitting provider has free is 1"));
+    }
+
+    #[test]
+    fn a_cluster_succeeds_with_rank_0s_output_and_receipt_once_every_member_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        let keys: Vec<proto::Keypair> = (1..=2).map(|n| member_provider(&mut s, n, 0)).collect();
+        let id = submit_cluster(&mut s, 2, 0).unwrap().id;
+        let a = s.assign(1).unwrap();
+        let key_of = |p: &PublicKey| keys.iter().find(|k| k.public() == *p).unwrap();
+        for a in &a {
+            s.member_started(&a.job_id, &a.provider);
+        }
+        // Rank 1 ends first: the cluster still runs, and shows it.
+        s.finished(&a[1].job_id, &a[1].provider, output(b"r1", 5, 70), 50).unwrap();
+        assert_eq!(s.job(&id).unwrap().state, JobState::Running);
+        let m = members_of(&s, &id);
+        assert_eq!((m[0].state, m[1].state), (JobState::Running, JobState::Succeeded));
+        assert_eq!(m[1].usage.as_ref().map(|u| u.fuel), Some(5));
+        // Rank 0 with a receipt its provider signed over its own job id.
+        let mut r0 = output(b"r0", 3, 40);
+        let k0 = key_of(&a[0].provider);
+        r0.receipt = Some(proto::receipt::JobReceipt::sign(
+            k0,
+            &a[0].job_id,
+            a[0].module,
+            1,
+            b"r0",
+            Default::default(),
+            40_000,
+            1,
+        ));
+        s.finished(&a[0].job_id, &a[0].provider, r0, 60).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Succeeded, "{view:?}");
+        assert_eq!(s.output(&id), Some(&b"r0"[..]), "rank 0's output");
+        assert_eq!(view.provider, Some(a[0].provider));
+        let receipt = view.receipt.clone().expect("rank 0's receipt");
+        receipt.check(&a[0].job_id, &a[0].provider, b"r0").unwrap();
+        let usage = view.usage.clone().unwrap();
+        assert_eq!((usage.fuel, usage.net_bytes_sent), (8, 20), "the sum of the members'");
+        assert_eq!(view.wall_time_ms, Some(70), "the slowest member's");
+        assert_eq!(view.output_bytes, Some(2));
+        assert_eq!(s.output_member(&id), Some(a[0].job_id.clone()));
+        assert!(s.released(&id));
+        assert!(view.cluster.unwrap().members.iter().all(|m| m.state == JobState::Succeeded));
+        // Every slot is free again.
+        assert!(s.providers().iter().all(|p| p.running == 0));
+    }
+
+    /// The providers report the end of the members they were told to cancel (what frees
+    /// their slots: until then a cancelled member may still be running there).
+    fn ack(s: &mut State, revoked: &[(PublicKey, Vec<String>)], now: u64) {
+        for (p, jobs) in revoked {
+            for j in jobs {
+                s.attempt_failed(j, p, "cancelled", now).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_kernel_fault_in_one_rank_fails_the_cluster_and_cancels_the_others() {
+        use proto::msg::FailureKind;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        for n in 1..=3 {
+            member_provider(&mut s, n, 0);
+        }
+        let id = submit_cluster(&mut s, 3, 0).unwrap().id;
+        let a = s.assign(1).unwrap();
+        assert_eq!(a.len(), 3);
+        s.take_revoked();
+        s.finished(&a[1].job_id, &a[1].provider, failed(FailureKind::Trap), 10).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Failed);
+        assert_eq!(view.error.as_deref(), Some("rank 1 failed: trap on purpose"));
+        let Some(Outcome::Failed { kind, message, .. }) = &view.outcome else { panic!("{:?}", view.outcome) };
+        assert_eq!((*kind, message.as_str()), (FailureKind::Trap, "rank 1 failed: trap on purpose"));
+        assert_eq!(s.output_member(&id), Some(a[1].job_id.clone()), "the failing rank's log is the cluster's");
+        // The others are cancelled on their providers and end as failed.
+        let mut revoked: Vec<(PublicKey, Vec<String>)> = s.take_revoked();
+        revoked.sort();
+        let mut want = vec![(a[0].provider, vec![a[0].job_id.clone()]), (a[2].provider, vec![a[2].job_id.clone()])];
+        want.sort();
+        assert_eq!(revoked, want);
+        let m = members_of(&s, &id);
+        assert_eq!(m.iter().map(|m| m.state).collect::<Vec<_>>(), vec![JobState::Failed; 3]);
+        assert!(m[0].error.as_deref().unwrap().contains("rank 1 failed"), "{:?}", m[0].error);
+        // A late report from a cancelled member changes nothing; nothing is queued again.
+        s.finished(&a[0].job_id, &a[0].provider, done(), 11).unwrap();
+        assert_eq!(s.job(&a[0].job_id).unwrap().state, JobState::Failed);
+        assert_eq!(s.job(&id).unwrap().state, JobState::Failed);
+        assert!(s.assign(12).unwrap().is_empty());
+        // A cancelled member's slot stays taken until its provider says it ended.
+        let held = |s: &State, p: &PublicKey| s.providers().iter().find(|v| v.key == *p).unwrap().running;
+        assert_eq!(held(&s, &a[2].provider), 1);
+        s.attempt_failed(&a[2].job_id, &a[2].provider, "cancelled", 13).unwrap();
+        assert!(s.providers().iter().all(|p| p.running == 0));
+    }
+
+    #[test]
+    fn a_provider_side_failure_requeues_the_whole_cluster_and_the_retry_avoids_that_provider() {
+        use proto::msg::FailureKind;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        for n in 1..=3 {
+            member_provider(&mut s, n, 0);
+        }
+        let id = submit_cluster(&mut s, 2, 0).unwrap().id;
+        let first = s.assign(1).unwrap();
+        let bad = first[1].provider;
+        s.finished(&first[1].job_id, &bad, failed(FailureKind::Host), 5).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!((view.state, view.queue_position), (JobState::Queued, Some(1)));
+        let why = view.attempts[0].error.clone().unwrap();
+        assert!(why.starts_with("rank 1 on ") && why.contains("the provider failed (host)"), "{why}");
+        // The last try's members stay visible, with what happened to each.
+        let m = view.cluster.unwrap().members;
+        assert_eq!((m[0].state, m[1].state), (JobState::Failed, JobState::Failed));
+        assert!(m[0].error.as_deref().unwrap().starts_with("the cluster stopped: rank 1 on"), "{:?}", m[0].error);
+        let revoked = s.take_revoked();
+        assert_eq!(revoked, vec![(first[0].provider, vec![first[0].job_id.clone()])]);
+        ack(&mut s, &revoked, 6);
+        // The retry: new member ids, and the provider that failed is left out (two others fit).
+        let again = s.assign(6).unwrap();
+        assert_eq!(again.len(), 2);
+        assert!(again.iter().all(|a| a.provider != bad), "{again:?}");
+        assert_eq!(again[0].job_id, member_id(&id, 2, 0));
+        assert_eq!(s.job(&id).unwrap().cluster.unwrap().tries, 2);
+        // The first try's members keep their own records.
+        assert_eq!(s.job(&first[0].job_id).unwrap().state, JobState::Failed);
+        // A late report from the first try changes nothing.
+        s.finished(&first[0].job_id, &first[0].provider, done(), 7).unwrap();
+        assert_eq!(s.job(&id).unwrap().state, JobState::Running);
+    }
+
+    #[test]
+    fn a_lost_provider_requeues_the_whole_cluster_and_tries_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { heartbeat_timeout_ms: 100, max_attempts: 2, ..Config::default() };
+        let mut s = cluster_state(&dir, config);
+        let keys: Vec<PublicKey> = (1..=3).map(|n| member_provider(&mut s, n, 0).public()).collect();
+        let id = submit_cluster(&mut s, 2, 0).unwrap().id;
+        let first = s.assign(1).unwrap();
+        // Rank 0's provider goes silent; the others heartbeat.
+        let silent = first[0].provider;
+        for k in keys.iter().filter(|k| **k != silent) {
+            s.heartbeat(k, 1, 0, Some(1), 150);
+        }
+        s.tick(200).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Queued);
+        assert!(view.attempts[0].error.as_deref().unwrap().contains("missed its heartbeats"), "{view:?}");
+        let revoked = s.take_revoked();
+        assert!(revoked.contains(&(first[1].provider, vec![first[1].job_id.clone()])), "{revoked:?}");
+        ack(&mut s, &revoked, 200);
+        // Placed again whole on the two still there.
+        let again = s.assign(201).unwrap();
+        assert_eq!(again.len(), 2);
+        assert!(again.iter().all(|a| a.provider != silent));
+        // One of them disconnects: two tries were all it had.
+        s.disconnected(&again[1].provider, 202).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Failed);
+        let error = view.error.unwrap();
+        assert!(
+            error.starts_with("gave up after 2 tries")
+                && error.contains("missed its heartbeats")
+                && error.contains("disconnected"),
+            "{error}"
+        );
+        assert!(s.assign(203).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_cluster_whose_members_do_not_all_start_in_time_goes_back_to_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config { heartbeat_timeout_ms: u64::MAX / 2, ..Config::default() });
+        for n in 1..=3 {
+            member_provider(&mut s, n, 0);
+        }
+        let id = submit_cluster(&mut s, 2, 0).unwrap().id;
+        let a = s.assign(1_000).unwrap();
+        // Only rank 0's provider says it started (a `Started` from another provider is no
+        // member's).
+        s.member_started(&a[0].job_id, &a[0].provider);
+        s.member_started(&a[1].job_id, &a[0].provider);
+        s.tick(60_999).unwrap();
+        assert_eq!(s.job(&id).unwrap().state, JobState::Running);
+        s.tick(61_000).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Queued);
+        assert_eq!(view.attempts[0].error.as_deref(), Some("rank(s) 1 did not start within 60 s"));
+        let revoked = s.take_revoked();
+        assert_eq!(revoked.len(), 2, "both members are cancelled");
+        ack(&mut s, &revoked, 61_000);
+        let again = s.assign(61_001).unwrap();
+        assert!(again.iter().all(|x| x.provider != a[1].provider), "the late one is avoided");
+        // Once every member has started, no timeout applies.
+        for x in &again {
+            s.member_started(&x.job_id, &x.provider);
+        }
+        s.tick(1_000_000).unwrap();
+        assert_eq!(s.job(&id).unwrap().state, JobState::Running);
+    }
+
+    #[test]
+    fn a_declined_member_requeues_its_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        for n in 1..=2 {
+            member_provider(&mut s, n, 0);
+        }
+        let id = submit_cluster(&mut s, 2, 0).unwrap().id;
+        let a = s.assign(1).unwrap();
+        s.attempt_failed(&a[0].job_id, &a[0].provider, "the provider declined: refused the cluster roster", 2).unwrap();
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Queued);
+        let revoked = s.take_revoked();
+        ack(&mut s, &revoked, 2);
+        // Only those two exist: the retry takes them again.
+        assert_eq!(s.assign(3).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_restart_drops_a_running_clusters_members_and_queues_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, first) = {
+            let mut s = cluster_state(&dir, Config::default());
+            for n in 1..=2 {
+                member_provider(&mut s, n, 0);
+            }
+            let id = submit_cluster(&mut s, 2, 0).unwrap().id;
+            let a = s.assign(1).unwrap();
+            s.store_handle().sync().unwrap();
+            (id, a)
+        };
+        let mut s = cluster_state(&dir, Config::default());
+        let view = s.job(&id).unwrap();
+        assert_eq!((view.state, view.queue_position), (JobState::Queued, Some(1)));
+        for a in &first {
+            let child = s.job(&a.job_id).unwrap();
+            assert_eq!(child.state, JobState::Failed);
+            assert_eq!(child.error.as_deref(), Some("the scheduler restarted while the cluster ran"));
+        }
+        assert!(view.cluster.unwrap().members.iter().all(|m| m.state == JobState::Failed));
+        // The providers come back: the cluster is placed again whole, under new ids.
+        for n in 1..=2 {
+            member_provider(&mut s, n, 2);
+        }
+        let again = s.assign(3).unwrap();
+        assert_eq!(
+            again.iter().map(|a| a.job_id.clone()).collect::<Vec<_>>(),
+            vec![member_id(&id, 2, 0), member_id(&id, 2, 1)]
+        );
+        // The cap still counts the cluster once, not its members.
+        assert_eq!(s.unfinished.get(&renter(R)).map(|u| u.len()), Some(1));
+    }
+
+    #[test]
+    fn cluster_submissions_are_checked_and_a_cluster_of_one_is_a_plain_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        for (gpus, why) in [(0, "at least 2 GPUs"), (100_000, "at most 256 members"), (257, "at most 256")] {
+            let err = submit_cluster(&mut s, gpus, 0).unwrap_err();
+            assert!(matches!(&err, SubmitError::Invalid(e) if e.contains(why)), "{gpus}: {err}");
+        }
+        let hash = hash_hex(&s.put_module(WASM).unwrap());
+        let two = Requirements { gpu_count: Some(2), ..Default::default() };
+        let c = Some(proto::api::ClusterRequest { gpus: 2, ..Default::default() });
+        let err = s.submit_job(renter(R), &hash, vec![], two, JobLimits::default(), None, c, 0).unwrap_err();
+        assert!(err.to_string().contains("cluster.gpus"), "{err}");
+        // Its input goes to every member: the total is bounded.
+        let big = vec![0u8; MAX_CLUSTER_INPUT_BYTES / 4 + 1];
+        let c4 = Some(proto::api::ClusterRequest { gpus: 4, ..Default::default() });
+        let err = s.submit_job(renter(R), &hash, big, Requirements::default(), JobLimits::default(), None, c4, 0);
+        assert!(err.unwrap_err().to_string().contains("to each of the cluster's 4 members"));
+        let one = submit_cluster(&mut s, 1, 0).unwrap().id;
+        assert_eq!(s.job(&one).unwrap().cluster, None);
+        // Without a key to sign rosters, a cluster stays queued and says why.
+        let mut unsigned = state(&tempfile::tempdir().unwrap(), Config::default());
+        register(&mut unsigned, 1, 0);
+        register(&mut unsigned, 2, 0);
+        let id = submit_cluster(&mut unsigned, 2, 0).unwrap().id;
+        assert!(unsigned.assign(1).unwrap().is_empty());
+        assert!(unsigned.job(&id).unwrap().no_match.unwrap().summary.contains("no key to sign"));
     }
 
     #[test]

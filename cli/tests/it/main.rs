@@ -1,6 +1,7 @@
 //! The `wasmgrid` binary end to end: output, JSON shape and exit statuses.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod cluster;
 mod hostile;
 mod market;
 

@@ -20,7 +20,7 @@ pub(super) struct Proc {
 }
 
 impl Proc {
-    fn kill9(&mut self) {
+    pub(super) fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -136,9 +136,10 @@ impl Market {
             name,
             "--cache-dir",
             cache.to_str().unwrap(),
-            "--capacity",
-            "1",
         ];
+        if !extra.contains(&"--capacity") {
+            args.extend_from_slice(&["--capacity", "1"]);
+        }
         args.extend_from_slice(extra);
         let p = self.spawn(&args, &format!("{name}.log"));
         let provider = p.first_line.split_whitespace().nth(1).unwrap().to_string();
@@ -161,15 +162,15 @@ impl Market {
 
 pub(super) struct Sched {
     /// `https://127.0.0.1:PORT`.
-    url: String,
-    quic: String,
-    key: String,
+    pub(super) url: String,
+    pub(super) quic: String,
+    pub(super) key: String,
     /// The market's renter, whom [`http`] signs as.
     renter: proto::Keypair,
 }
 
 impl Sched {
-    fn key(&self) -> proto::PublicKey {
+    pub(super) fn key(&self) -> proto::PublicKey {
         self.key.parse().unwrap()
     }
 
@@ -671,6 +672,23 @@ fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
         assert!(providers.contains(&job["provider"].as_str().unwrap()), "{job}");
         assert!(job["usage"]["dispatches"].as_u64().unwrap() >= 1);
     }
+    // The cluster job: one rank on each provider, each paid through its own channel.
+    let cluster = &v["cluster"];
+    assert_eq!(cluster["state"], "succeeded", "{cluster}");
+    let members = cluster["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2);
+    let mut ran_on: Vec<&str> = members.iter().map(|m| m["provider_name"].as_str().unwrap()).collect();
+    ran_on.sort();
+    assert_eq!(ran_on, vec!["alpha", "beta"], "{cluster}");
+    for (rank, m) in members.iter().enumerate() {
+        assert_eq!(m["rank"], rank);
+        assert!(m["usage"]["net_bytes_sent"].as_u64() > Some(0), "{m}");
+        assert!(m["paid"].as_u64() > Some(0), "{m}");
+        assert_eq!(m["claims"].as_array().map(Vec::len), Some(1), "{m}");
+    }
+    assert_eq!(cluster["link_plan"]["ring"], serde_json::json!([0, 1]));
+    assert!(cluster["output"].as_str().unwrap().starts_with("final loss"), "{cluster}");
+    let members_paid: u64 = members.iter().map(|m| m["paid"].as_u64().unwrap()).sum();
     assert_eq!(v["session"]["inferences"], 8);
     assert_eq!(v["session"]["receipts_checked"], 8);
     assert_eq!(v["session"]["amount_due"], 800, "8 inferences at alpha's price of 100");
@@ -689,7 +707,7 @@ fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
     let renter = parties.iter().find(|p| p["role"] == "renter").unwrap();
     // Each job paid through a channel with its provider, by the slice, what the provider's
     // signed receipts said, before its output came, and claimed once it ended.
-    let jobs_paid: u64 = jobs.iter().map(|j| j["paid"].as_u64().unwrap()).sum();
+    let jobs_paid: u64 = jobs.iter().map(|j| j["paid"].as_u64().unwrap()).sum::<u64>() + members_paid;
     assert!(jobs.iter().all(|j| j["paid"].as_u64() > Some(0) && j["claims"].as_array().is_some_and(|c| c.len() == 1)));
     assert_eq!(renter["jobs_paid"].as_u64(), Some(jobs_paid));
     assert_eq!(renter["paid"].as_u64(), Some(800 + jobs_paid));
@@ -700,8 +718,12 @@ fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
         renter["balance_before"].as_u64().unwrap() - 800 - jobs_paid,
         "{renter}"
     );
-    assert_eq!(renter["transactions"].as_array().unwrap().len(), 4 + 1, "4 job claims and 1 session claim");
-    assert_eq!(renter["channels"].as_array().unwrap().len(), 1 + 4, "the session's channel and one per job");
+    assert_eq!(renter["transactions"].as_array().unwrap().len(), 4 + 2 + 1, "4 job claims, 2 members', 1 session's");
+    assert_eq!(
+        renter["channels"].as_array().unwrap().len(),
+        1 + 4 + 2,
+        "the session's channel, one per job and member"
+    );
     let alpha = parties.iter().find(|p| p["name"] == "alpha").unwrap();
     let beta = parties.iter().find(|p| p["name"] == "beta").unwrap();
     assert_eq!(alpha["inferences"].as_u64(), Some(8));

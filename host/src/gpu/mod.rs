@@ -612,6 +612,12 @@ impl JobGpu {
         })
     }
 
+    /// Checks that `len` bytes at `offset` lie in a buffer this job holds, aligned, as a read or
+    /// write of them would.
+    pub(crate) fn check_range(&self, handle: i32, offset: i64, len: usize) -> Result<(), CallError> {
+        Self::range(self.buffer(handle)?, offset, len).map(|_| ())
+    }
+
     fn range(entry: &BufferEntry, offset: i64, len: usize) -> Result<u64, CallError> {
         let offset = u64::try_from(offset)
             .map_err(|_| GuestError::new(ErrorCode::OutOfBounds, format!("offset {offset} is negative")))?;

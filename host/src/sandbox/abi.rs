@@ -7,7 +7,9 @@ use abi::{BindingDesc, DispatchDesc, ErrorCode, func};
 use wasmtime::{Caller, Linker};
 
 use super::JobState;
-use crate::error::{CallError, GuestError, guest};
+use crate::collective::{CollectiveError, Compression, ReduceOp};
+use crate::error::{CallError, Fatal, GuestError, guest};
+use crate::limits::LimitKind;
 
 /// Most dispatches one `submit` may carry, and bindings one dispatch may carry: bounds on what
 /// the host decodes from guest memory per call.
@@ -75,6 +77,89 @@ fn timed<T>(state: &mut JobState, f: impl FnOnce(&mut JobState, Instant) -> T) -
     let out = f(state, deadline);
     state.clock.host_time += start.elapsed();
     out
+}
+
+/// Bytes of a GPU buffer one collective step holds in host memory: a larger range goes in
+/// windows of this size, each its own collective (every member splits the same way).
+const COLLECTIVE_WINDOW: usize = 64 << 20;
+
+/// A collective's failure: the job ends, saying why.
+fn collective_fatal(e: CollectiveError) -> CallError {
+    CallError::Fatal(match e {
+        CollectiveError::Mismatch(_) => Fatal::Kernel(e.to_string()),
+        CollectiveError::Limit { .. } => Fatal::limit(LimitKind::NetBytes, e.to_string()),
+        CollectiveError::Deadline { .. } => Fatal::limit(LimitKind::WallTime, e.to_string()),
+        CollectiveError::Cancelled => Fatal::Host("the job was cancelled".into()),
+        _ => Fatal::Host(format!("cluster: {e}")),
+    })
+}
+
+/// The byte length of a collective's range, checked against the buffer before any peer hears
+/// of the call.
+fn collective_range(state: &JobState, buffer: i32, offset: i64, len: i64) -> Result<usize, CallError> {
+    let n = usize::try_from(len)
+        .map_err(|_| GuestError::new(ErrorCode::InvalidArgument, format!("length {len} is negative")))?;
+    state.gpu.check_range(buffer, offset, n)?;
+    Ok(n)
+}
+
+fn all_reduce(
+    state: &mut JobState,
+    buffer: i32,
+    offset: i64,
+    len: i64,
+    op: i32,
+    compression: i32,
+) -> Result<i32, CallError> {
+    let op = ReduceOp::from_abi(op)
+        .ok_or_else(|| GuestError::new(ErrorCode::InvalidArgument, format!("unknown reduction {op}")))?;
+    let compression = Compression::from_abi(compression)
+        .ok_or_else(|| GuestError::new(ErrorCode::InvalidArgument, format!("unknown compression {compression}")))?;
+    let n = collective_range(state, buffer, offset, len)?;
+    timed(state, |state, deadline| {
+        let mut at = 0usize;
+        while at < n {
+            let size = (n - at).min(COLLECTIVE_WINDOW);
+            let window_offset = offset.saturating_add(at as i64);
+            let mut bytes = vec![0u8; size];
+            state.gpu.buffer_read(buffer, window_offset, &mut bytes, deadline)?;
+            let mut values: Vec<f32> =
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default())).collect();
+            state.member.all_reduce(&mut values, op, compression, deadline).map_err(collective_fatal)?;
+            for (c, v) in bytes.chunks_exact_mut(4).zip(&values) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+            state.gpu.buffer_write(buffer, window_offset, &bytes, deadline)?;
+            at += size;
+        }
+        Ok(0)
+    })
+}
+
+fn broadcast(state: &mut JobState, buffer: i32, offset: i64, len: i64, root: i32) -> Result<i32, CallError> {
+    let world = state.member.world();
+    let root = u32::try_from(root).ok().filter(|r| *r < world).ok_or_else(|| {
+        GuestError::new(ErrorCode::InvalidArgument, format!("root {root} is not a rank of this {world}-member job"))
+    })?;
+    let n = collective_range(state, buffer, offset, len)?;
+    let is_root = state.member.rank() == root;
+    timed(state, |state, deadline| {
+        let mut at = 0usize;
+        while at < n {
+            let size = (n - at).min(COLLECTIVE_WINDOW);
+            let window_offset = offset.saturating_add(at as i64);
+            let mut bytes = vec![0u8; size];
+            if is_root {
+                state.gpu.buffer_read(buffer, window_offset, &mut bytes, deadline)?;
+            }
+            state.member.broadcast(&mut bytes, root, deadline).map_err(collective_fatal)?;
+            if !is_root {
+                state.gpu.buffer_write(buffer, window_offset, &bytes, deadline)?;
+            }
+            at += size;
+        }
+        Ok(0)
+    })
 }
 
 fn len_i32(n: usize) -> i32 {
@@ -250,6 +335,31 @@ pub(crate) fn add_to_linker(linker: &mut Linker<JobState>) -> wasmtime::Result<(
         });
         finish(caller.data_mut(), r)
     })?;
+
+    linker.func_wrap(m, func::RANK, |caller: Ctx<'_>| -> i32 { caller.data().member.rank() as i32 })?;
+    linker.func_wrap(m, func::WORLD_SIZE, |caller: Ctx<'_>| -> i32 { caller.data().member.world() as i32 })?;
+
+    linker.func_wrap(m, func::BARRIER, |mut caller: Ctx<'_>| {
+        let state = caller.data_mut();
+        let r = timed(state, |state, deadline| state.member.barrier(deadline).map(|()| 0).map_err(collective_fatal));
+        finish(state, r)
+    })?;
+
+    linker.func_wrap(m, func::BROADCAST, |mut caller: Ctx<'_>, buffer: i32, offset: i64, len: i64, root: i32| {
+        let state = caller.data_mut();
+        let r = broadcast(state, buffer, offset, len, root);
+        finish(state, r)
+    })?;
+
+    linker.func_wrap(
+        m,
+        func::ALL_REDUCE,
+        |mut caller: Ctx<'_>, buffer: i32, offset: i64, len: i64, op: i32, compression: i32| {
+            let state = caller.data_mut();
+            let r = all_reduce(state, buffer, offset, len, op, compression);
+            finish(state, r)
+        },
+    )?;
 
     Ok(())
 }

@@ -126,6 +126,7 @@ impl From<Fatal> for Failure {
         match f {
             Fatal::Limit { kind, message } => Failure::Limit { limit: kind, message },
             Fatal::Host(m) => Failure::Host(m),
+            Fatal::Kernel(m) => Failure::Trap(m),
         }
     }
 }
@@ -335,6 +336,8 @@ pub(crate) struct JobState {
     clock_base: Instant,
     /// Set from outside to end the job (the scheduler gave it to another provider).
     cancel: Option<Arc<AtomicBool>>,
+    /// This job's place in its cluster (alone, for a job on one GPU).
+    pub(crate) member: crate::collective::Member,
 }
 
 /// Increments the engine's epoch until dropped.
@@ -587,6 +590,7 @@ impl Host {
             clock: CallClock::start(limits),
             clock_base,
             cancel: None,
+            member: crate::collective::Member::solo(),
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -660,6 +664,20 @@ impl Host {
         watch: impl FnOnce(LogWatch),
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<JobReport, LoadError> {
+        self.run_member(module, input, limits, watch, cancel, crate::collective::Member::solo())
+    }
+
+    /// Runs one rank of a cluster job like [`Host::run_batch_cancellable`]: its collectives
+    /// go through `member`.
+    pub fn run_member(
+        &self,
+        module: &JobModule,
+        input: Vec<u8>,
+        limits: &Limits,
+        watch: impl FnOnce(LogWatch),
+        cancel: Option<Arc<AtomicBool>>,
+        member: crate::collective::Member,
+    ) -> Result<JobReport, LoadError> {
         if module.kind != JobKind::Batch {
             return Err(LoadError::NotBatch);
         }
@@ -667,6 +685,7 @@ impl Host {
         let mut store = self.new_store(module, input, limits);
         store.data_mut().gpu.set_cancel(cancel.clone());
         store.data_mut().cancel = cancel;
+        store.data_mut().member = member;
         watch(LogWatch { sink: store.data().log.clone() });
         let outcome = self.instantiate(module, &mut store).and_then(|instance| {
             let start: TypedFunc<(), ()> = instance
@@ -1039,6 +1058,8 @@ fn backtrace(e: &wasmtime::Error) -> String {
 fn usage_of(store: &Store<JobState>) -> Usage {
     let mut usage = store.data().gpu.usage;
     usage.fuel = store.data().limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+    usage.net_bytes_sent = store.data().member.bytes_sent();
+    usage.net_bytes_received = store.data().member.bytes_received();
     usage
 }
 

@@ -2,6 +2,7 @@
 //! checks. All GPU work runs on whatever adapter the machine has (lavapipe in CI).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod collective;
 mod hostile;
 mod imports;
 mod limits;
@@ -31,7 +32,7 @@ fn text(bytes: &[u8]) -> String {
 /// Each sample must have a test named after it; adding a sample without one fails to compile.
 mod per_sample {
     pub(crate) use crate::hostile::{fuzz_driver, hostile};
-    pub(crate) use crate::samples::{echo, matmul, mlp, train};
+    pub(crate) use crate::samples::{allreduce, cluster_train, echo, matmul, mlp, train};
 }
 
 macro_rules! require_test {

@@ -231,6 +231,118 @@ pub(crate) fn train() {
     assert_eq!(report.usage.dispatches, 2 * 120 + 1);
 }
 
+/// Runs `cluster-train` as every member of a `world`-member cluster at once, in this process,
+/// linked in a ring; returns each member's report.
+fn run_cluster(world: u32, input: &str) -> Vec<host::JobReport> {
+    let module = host().load(&sample_artifacts::read(sample_artifacts::CLUSTER_TRAIN)).unwrap();
+    std::thread::scope(|s| {
+        let members: Vec<_> = host::collective::local_ring(world)
+            .into_iter()
+            .zip(0..)
+            .map(|(link, rank)| {
+                let module = &module;
+                s.spawn(move || {
+                    let member = host::collective::Member::new(rank, world, link, u64::MAX);
+                    host()
+                        .run_member(module, input.as_bytes().to_vec(), &Limits::default(), |_| {}, None, member)
+                        .unwrap()
+                })
+            })
+            .collect();
+        members.into_iter().map(|m| m.join().unwrap()).collect()
+    })
+}
+
+fn numbers_after(out: &str, prefix: &str) -> Vec<f32> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in {out}"))
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+#[test]
+pub(crate) fn cluster_train() {
+    // Synchronous data parallel: 1, 2 and 4 members on the same global batch take the same
+    // steps as the CPU's full-batch gradient descent, and every member ends with the same
+    // weights.
+    let input = "mode=sync steps=60 lr=0.8 samples=512 features=6 seed=11";
+    let (want, want_loss) = train_reference(60, 0.8, 512, 6, 11);
+    for world in [1, 2, 4] {
+        let reports = run_cluster(world, input);
+        let first = text(&reports[0].output);
+        for r in &reports {
+            assert_eq!(r.outcome, Ok(()), "world {world}: {}", text(&r.log));
+            assert_eq!(text(&r.output), first, "world {world}: members must agree exactly");
+        }
+        let weights = numbers_after(&first, "weights ");
+        for (g, w) in weights.iter().zip(&want) {
+            // f32 sums in another order (per member, then across), and GPU exp().
+            assert!((g - w).abs() <= 1e-3 * (1.0 + w.abs()), "world {world}: {weights:?}, CPU {want:?}");
+        }
+        let loss = numbers_after(&first, "final loss ")[0];
+        assert!((loss - want_loss).abs() < 1e-3, "world {world}: loss {loss}, CPU {want_loss}");
+        assert_eq!(numbers_after(&first, "syncs "), vec![60.0, 420.0]);
+        if world > 1 {
+            // Each all-reduce of 7 f32 moves 2 (n - 1) / n of them out of each member, plus
+            // frame headers; the loss reports move a little more.
+            let sent = reports[0].usage.net_bytes_sent;
+            assert!(sent > 0 && reports.iter().all(|r| r.usage.net_bytes_received > 0), "{sent}");
+        } else {
+            assert_eq!(reports[0].usage.net_bytes_sent, 0);
+        }
+    }
+    // DiLoCo: 4 members syncing every 20 steps, int8-compressed: the loss falls, the members
+    // agree, and they talk a twentieth as often.
+    let reports = run_cluster(4, "mode=diloco steps=200 lr=0.8 samples=512 features=6 seed=11 h=20 compress=int8");
+    let first = text(&reports[0].output);
+    for r in &reports {
+        assert_eq!(r.outcome, Ok(()), "{}", text(&r.log));
+        assert_eq!(text(&r.output), first);
+    }
+    let losses: Vec<f32> = first
+        .lines()
+        .filter_map(|l| l.strip_prefix("step "))
+        .map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert!(losses.len() >= 5 && losses.last().unwrap() < &(0.5 * losses[0]), "{first}");
+    assert_eq!(numbers_after(&first, "syncs "), vec![10.0, 70.0]);
+    let accuracy = numbers_after(&first, "final loss ")[1];
+    assert!(accuracy > 0.9, "{first}");
+}
+
+#[test]
+pub(crate) fn allreduce() {
+    let module = host().load(&sample_artifacts::read(sample_artifacts::ALLREDUCE)).unwrap();
+    for (world, compress, exact) in [(1u32, "none", true), (3, "none", true), (2, "f16", true), (4, "int8", false)] {
+        let input = format!("bytes={} iters=2 compress={compress}", 4 * (3 * host::collective::CHUNK_VALUES + 11));
+        let reports: Vec<host::JobReport> = std::thread::scope(|s| {
+            let runs: Vec<_> = host::collective::local_ring(world)
+                .into_iter()
+                .zip(0..)
+                .map(|(link, rank)| {
+                    let (module, input) = (&module, input.clone());
+                    s.spawn(move || {
+                        let member = host::collective::Member::new(rank, world, link, u64::MAX);
+                        host().run_member(module, input.into_bytes(), &Limits::default(), |_| {}, None, member).unwrap()
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        for r in &reports {
+            assert_eq!(r.outcome, Ok(()), "{}", text(&r.log));
+            let out = text(&r.output);
+            assert!(out.starts_with(&format!("members {world} ")), "{out}");
+            let error = numbers_after(&out, "max_error ")[0];
+            // int8: each value within 1/254 of its chunk's largest (97), per hop.
+            assert!(if exact { error == 0.0 } else { error < 97.0 / 127.0 * 2.0 }, "{compress}: {out}");
+            assert!(numbers_after(&out, "busbw_gbps ")[0] >= 0.0);
+        }
+    }
+}
+
 #[test]
 pub(crate) fn echo() {
     let module = host().load(&sample_artifacts::read(sample_artifacts::ECHO)).unwrap();

@@ -141,6 +141,7 @@ fn a_worker_fetches_a_module_once_runs_jobs_and_serves_a_service() {
         module_hash: hash,
         input: b"zeros".to_vec(),
         limits: JobLimits::default(),
+        member: None,
     });
     assert!(matches!(d.recv_any(), FromWorker::Accepted), "a worker says it took the job first");
     let (result, reusable) = d.job_done(&hostile);
@@ -153,6 +154,7 @@ fn a_worker_fetches_a_module_once_runs_jobs_and_serves_a_service() {
         module_hash: hash,
         input: b"panic".to_vec(),
         limits: JobLimits::default(),
+        member: None,
     });
     match d.recv_not_log() {
         FromWorker::JobDone { result, reusable } => {
@@ -202,6 +204,7 @@ fn a_cancelled_job_ends_at_once_and_its_worker_is_not_reused() {
         module_hash: hash,
         input: b"zeros".to_vec(),
         limits: JobLimits::default(),
+        member: None,
     });
     assert_eq!(d.job_done(&hostile).0.outcome, Outcome::Succeeded);
     d.send(&ToWorker::Job {
@@ -209,6 +212,7 @@ fn a_cancelled_job_ends_at_once_and_its_worker_is_not_reused() {
         module_hash: hash,
         input: b"loop".to_vec(),
         limits: JobLimits::default(),
+        member: None,
     });
     std::thread::sleep(Duration::from_millis(300));
     let cancelled = Instant::now();
@@ -224,6 +228,7 @@ fn a_cancelled_job_ends_at_once_and_its_worker_is_not_reused() {
         module_hash: hash,
         input: b"zeros".to_vec(),
         limits: JobLimits::default(),
+        member: None,
     });
     match d.recv_not_log() {
         FromWorker::JobDone { result, .. } => assert_eq!(result.outcome, Outcome::Succeeded),
@@ -241,6 +246,7 @@ fn bytes_that_do_not_match_their_hash_and_oversized_frames_end_the_worker() {
         module_hash: [9; 32],
         input: Vec::new(),
         limits: JobLimits::default(),
+        member: None,
     });
     assert!(matches!(d.recv(), FromWorker::NeedModule { .. }));
     d.send(&ToWorker::Module { bytes: b"\0asm not this one".to_vec() });
@@ -263,6 +269,7 @@ fn bytes_that_do_not_match_their_hash_and_oversized_frames_end_the_worker() {
         module_hash: hash,
         input: Vec::new(),
         limits: JobLimits::default(),
+        member: None,
     });
     assert!(matches!(d.recv(), FromWorker::NeedModule { .. }));
     d.send(&ToWorker::Module { bytes: junk });
@@ -289,6 +296,7 @@ fn a_worker_whose_device_is_lost_says_so_and_ends_instead_of_failing_the_next_te
         module_hash: hash,
         input: b"zeros".to_vec(),
         limits: JobLimits::default(),
+        member: None,
     });
     match d.recv() {
         FromWorker::Fatal { reason } => assert!(reason.contains("device was lost"), "{reason}"),

@@ -23,7 +23,7 @@ fn app(config: Config, renter_limits: Option<RenterLimits>) -> (Router, String) 
     let addr = Some("127.0.0.1:9".to_string());
     state.register(provider, "p".into(), "eu".into(), vec![crate::gpu()], price, 1, addr, 4, 0).unwrap();
     let module = hash_hex(&state.put_module(WASM).unwrap());
-    (test_router(state, TestOptions { renter_limits }), module)
+    (test_router(state, TestOptions { renter_limits, ..TestOptions::default() }), module)
 }
 
 fn job_body(module: &str) -> Vec<u8> {
@@ -243,4 +243,87 @@ async fn cluster_plans_are_signed_checked_and_say_why_none_fits() {
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
     let plan: proto::api::GangPlan = serde_json::from_slice(&resp).unwrap();
     assert_eq!((plan.members.len(), plan.slowest_link_ms, plan.price_per_second), (1, Some(0), 1));
+}
+
+#[tokio::test]
+async fn hostile_cluster_submissions_get_4xx_with_the_reason_and_members_read_only_to_their_renter() {
+    // Two providers; a renter's cluster of two already placed on them.
+    let mut state = State::load(Config::default(), Box::new(MemoryStore::default()), 0).unwrap();
+    let price = Price { per_gpu_second: 1, per_inference: 1 };
+    for name in ["a", "b"] {
+        let key = Keypair::generate().public();
+        state.register(key, name.into(), "eu".into(), vec![crate::gpu()], price, 1, None, 0, 0).unwrap();
+    }
+    let module = hash_hex(&state.put_module(WASM).unwrap());
+    let (owner, other) = (Keypair::generate(), Keypair::generate());
+    let scheduler_key = Keypair::generate();
+    state.set_signer(std::sync::Arc::new(Keypair::from_seed(scheduler_key.seed())));
+    let two = Some(proto::api::ClusterRequest { gpus: 2, ..Default::default() });
+    let reqs = proto::msg::Requirements::default();
+    let id = state.submit_job(owner.public(), &module, vec![], reqs, Default::default(), None, two, 0).unwrap().id;
+    let placed = state.assign(1).unwrap();
+    assert_eq!(placed.len(), 2);
+    let app = test_router(state, TestOptions { keypair: Some(scheduler_key), ..TestOptions::default() });
+
+    let body =
+        |cluster: Value| serde_json::to_vec(&serde_json::json!({ "module": module, "cluster": cluster })).unwrap();
+    for (bad, code, why) in [
+        (body(serde_json::json!({ "gpus": 0 })), 400, "at least 2 GPUs"),
+        (body(serde_json::json!({ "gpus": 100000 })), 400, "at most 256 members"),
+        (body(serde_json::json!({ "gpus": 1, "nodes": 4 })), 422, "unknown field"),
+        (body(serde_json::json!({ "gpus": -1 })), 422, "gpus"),
+        (body(serde_json::json!({ "gpus": 2, "max_link_rtt_ms": "fast" })), 422, "max_link_rtt_ms"),
+        (body(serde_json::json!("four")), 422, ""),
+        (
+            serde_json::to_vec(&serde_json::json!({
+                "module": module, "requirements": { "gpu_count": 2 }, "cluster": { "gpus": 2 }
+            }))
+            .unwrap(),
+            400,
+            "cluster.gpus",
+        ),
+    ] {
+        let (status, _, resp) = send(&app, signed(&owner, "POST", "/v1/jobs", &bad)).await;
+        assert_eq!(status.as_u16(), code, "{}", String::from_utf8_lossy(&bad));
+        assert!(error_of(&resp).contains(why), "{}", error_of(&resp));
+    }
+    // A good one right after: queued, saying with counts why no gang fits now (both busy).
+    let (status, _, resp) =
+        send(&app, signed(&owner, "POST", "/v1/jobs", &body(serde_json::json!({ "gpus": 2 })))).await;
+    assert_eq!(status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&resp));
+    let queued: proto::api::Submitted = serde_json::from_slice(&resp).unwrap();
+    let why = queued.no_match.unwrap();
+    assert_eq!(why.summary, "2 GPUs wanted: 0 free that fit, on 0 provider(s) (busy: 2)");
+    let (status, _, resp) = send(&app, signed(&owner, "GET", &format!("/v1/jobs/{}", queued.id), b"")).await;
+    assert_eq!(status, StatusCode::OK);
+    let view: proto::api::JobView = serde_json::from_slice(&resp).unwrap();
+    assert_eq!((view.state, view.no_match.map(|n| n.summary)), (proto::api::JobState::Queued, Some(why.summary)));
+    assert_eq!(view.cluster.map(|c| (c.request.gpus, c.tries)), Some((2, 0)));
+
+    // The placed cluster and each member: the owner's, 404 to anyone else.
+    let (status, _, resp) = send(&app, signed(&owner, "GET", &format!("/v1/jobs/{id}"), b"")).await;
+    assert_eq!(status, StatusCode::OK);
+    let view: proto::api::JobView = serde_json::from_slice(&resp).unwrap();
+    let members = view.cluster.unwrap().members;
+    assert_eq!(
+        members.iter().map(|m| m.job_id.clone()).collect::<Vec<_>>(),
+        vec![scheduler::state::member_id(&id, 1, 0), scheduler::state::member_id(&id, 1, 1)]
+    );
+    for m in &members {
+        let path = format!("/v1/jobs/{}", m.job_id);
+        let (status, _, resp) = send(&app, signed(&owner, "GET", &path, b"")).await;
+        assert_eq!(status, StatusCode::OK);
+        let child: proto::api::JobView = serde_json::from_slice(&resp).unwrap();
+        assert_eq!(child.member_of.as_deref(), Some(id.as_str()));
+    }
+    let unknown = format!("job-{}", "0".repeat(32));
+    for target in [id.clone(), members[0].job_id.clone(), members[1].job_id.clone()] {
+        for suffix in ["", "/output", "/log"] {
+            let (status, _, theirs) =
+                send(&app, signed(&other, "GET", &format!("/v1/jobs/{target}{suffix}"), b"")).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{target}{suffix}");
+            let (_, _, none) = send(&app, signed(&other, "GET", &format!("/v1/jobs/{unknown}{suffix}"), b"")).await;
+            assert_eq!(error_of(&theirs), error_of(&none).replace(&unknown, &target));
+        }
+    }
 }

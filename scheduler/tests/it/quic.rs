@@ -285,3 +285,106 @@ async fn a_providers_round_trips_are_taken_only_for_the_peers_it_was_asked_about
     assert_eq!(links_of(&second), want(&first), "{shown}");
     assert_eq!(links_of(&first), want(&second), "{shown}");
 }
+
+/// A provider that runs whatever member of a cluster it is sent: it checks the roster against
+/// the scheduler's key, says it started and answers `rank N`. Heartbeats until dropped.
+async fn member_provider(l: scheduler::Listening, key: Keypair, name: &'static str) -> proto::cluster::MemberAssign {
+    use proto::msg::{BLOB_CAP, JobMsg, JobReply};
+    let (_endpoint, conn, mut control, _replies) = provider_at(&l, &key, name, Some("127.0.0.1:9")).await;
+    let _beat = tokio::spawn(async move {
+        let beat = HostMsg::Heartbeat { running: 1, sessions: 0, session_room: None };
+        while quic::write_msg(&mut control, &beat, CONTROL_CAP).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let run: Option<JobMsg> = quic::read_msg(&mut recv, BLOB_CAP).await.unwrap();
+    let Some(JobMsg::Run { job_id, member: Some(member), .. }) = run else { panic!("not a member's run: {run:?}") };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert_eq!(member.roster.check(&l.key, &key.public(), now), Ok(vec![member.rank]), "{name}");
+    assert!(job_id.starts_with(&member.roster.job_id) && job_id.ends_with(&format!("-r{}", member.rank)));
+    quic::write_msg(&mut send, &JobReply::Started, CONTROL_CAP).await.unwrap();
+    let result = proto::msg::JobResult {
+        outcome: proto::msg::Outcome::Succeeded,
+        output: format!("rank {}", member.rank).into_bytes(),
+        log: Vec::new(),
+        usage: proto::msg::WireUsage { fuel: 10, ..Default::default() },
+        wall_time_ms: 5,
+        wall_time_us: 5_000,
+        first_dispatch_us: None,
+        receipt: None,
+    };
+    quic::write_msg(&mut send, &JobReply::Finished(Box::new(result)), BLOB_CAP).await.unwrap();
+    let _ = send.finish();
+    // Keep the connection until the scheduler has taken the result (it stops the stream then).
+    let _ = tokio::time::timeout(Duration::from_secs(10), send.stopped()).await;
+    drop(recv);
+    *member
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_job_runs_over_the_real_endpoints_one_member_per_provider_with_a_signed_roster() {
+    let (l, _dir) = start().await;
+    let members = [
+        tokio::spawn(member_provider(l.clone(), Keypair::generate(), "a")),
+        tokio::spawn(member_provider(l.clone(), Keypair::generate(), "b")),
+    ];
+    // Both registered before the cluster is submitted.
+    for _ in 0..100 {
+        if providers(&l).await.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let renter = Keypair::generate();
+    let (status, body) =
+        signed_http(&l, &renter, reqwest::Method::POST, "/v1/modules", b"\0asm\x01\0\0\0".to_vec()).await;
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let module: proto::api::ModuleUploaded = serde_json::from_slice(&body).unwrap();
+    let submit = serde_json::json!({ "module": module.module, "cluster": { "gpus": 2 } });
+    let (status, body) =
+        signed_http(&l, &renter, reqwest::Method::POST, "/v1/jobs", serde_json::to_vec(&submit).unwrap()).await;
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let id = serde_json::from_slice::<proto::api::Submitted>(&body).unwrap().id;
+    let mut ranks = Vec::new();
+    for m in members {
+        let m = tokio::time::timeout(Duration::from_secs(20), m).await.expect("every member is sent").unwrap();
+        assert_eq!(m.roster.job_id, id);
+        ranks.push(m.rank);
+    }
+    ranks.sort();
+    assert_eq!(ranks, vec![0, 1]);
+    // The cluster ends once both have; a long poll answers as members change.
+    let mut view = serde_json::Value::Null;
+    for _ in 0..20 {
+        let path = format!("/v1/jobs/{id}?wait_ms=2000&state=running");
+        let (status, body) = signed_http(&l, &renter, reqwest::Method::GET, &path, Vec::new()).await;
+        assert_eq!(status, 200);
+        view = serde_json::from_slice(&body).unwrap();
+        if view["state"] == "succeeded" {
+            break;
+        }
+    }
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert_eq!(view["usage"]["fuel"], 20, "{view}");
+    let members = view["cluster"]["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2);
+    assert!(members.iter().all(|m| m["state"] == "succeeded"), "{view}");
+    let (status, out) =
+        signed_http(&l, &renter, reqwest::Method::GET, &format!("/v1/jobs/{id}/output"), Vec::new()).await;
+    assert_eq!((status.as_u16(), out.as_slice()), (200, &b"rank 0"[..]));
+    // Each member reads like any job of the renter's, and like nothing to anyone else.
+    let child = members[1]["job_id"].as_str().unwrap();
+    let (status, body) = signed_http(&l, &renter, reqwest::Method::GET, &format!("/v1/jobs/{child}"), Vec::new()).await;
+    assert_eq!(status, 200);
+    let child_view: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (child_view["member_of"].as_str(), child_view["state"].as_str()),
+        (Some(id.as_str()), Some("succeeded"))
+    );
+    let stranger = Keypair::generate();
+    for path in [format!("/v1/jobs/{id}"), format!("/v1/jobs/{child}"), format!("/v1/jobs/{child}/output")] {
+        let (status, _) = signed_http(&l, &stranger, reqwest::Method::GET, &path, Vec::new()).await;
+        assert_eq!(status, 404, "{path}");
+    }
+}

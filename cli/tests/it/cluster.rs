@@ -1,0 +1,188 @@
+//! Cluster jobs with real processes on loopback: members on one provider or several, linked
+//! directly by QUIC under the scheduler's signed roster; what a hostile dialler gets; what a
+//! member's provider killed mid-run does to the job.
+
+use std::time::Duration;
+
+use proto::cluster::{Roster, RosterMember};
+use proto::msg::{SessionMsg, SessionReply};
+use serde_json::Value;
+
+use crate::market::{Market, get_json, log_of, online, runtime, until};
+
+fn numbers_after(out: &str, prefix: &str) -> Vec<f64> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in {out}"))
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+fn write_input(m: &Market, name: &str, text: &str) -> String {
+    let path = m.path(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_cluster_job_runs_its_ranks_on_two_providers_and_matches_one_gpu() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (_a, key_a) = m.host(&s, "a", &["--sessions", "127.0.0.1:0", "--capacity", "2"]);
+    let (_b, key_b) = m.host(&s, "b", &["--sessions", "127.0.0.1:0", "--capacity", "2"]);
+    online(&s, 2);
+    let input = write_input(&m, "train.txt", "mode=sync steps=40 lr=0.8 samples=512 features=6 seed=11");
+    let one = m.submit(&s, sample_artifacts::CLUSTER_TRAIN, &["--input", &input, "--wait"]);
+    assert_eq!(one["state"], "succeeded", "{one}");
+    let one_out = one["output"].as_str().unwrap().to_string();
+    assert!(one_out.contains("members 1"), "{one_out}");
+    for gpus in ["2", "4"] {
+        let job = m.submit(&s, sample_artifacts::CLUSTER_TRAIN, &["--input", &input, "--gpus", gpus, "--wait"]);
+        assert_eq!(job["state"], "succeeded", "{job}");
+        let out = job["output"].as_str().unwrap();
+        assert!(out.contains(&format!("members {gpus}")), "{out}");
+        // The same global batch on 1, 2 or 4 GPUs: the same weights up to the order f32s
+        // are added in.
+        for (x, y) in numbers_after(out, "weights ").iter().zip(numbers_after(&one_out, "weights ")) {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{gpus} members: {out}\n1 member: {one_out}");
+        }
+        let losses: Vec<f64> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("step "))
+            .map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap())
+            .collect();
+        assert!(losses.windows(2).all(|w| w[1] < w[0]), "the loss falls: {losses:?}");
+        // The record says who ran which rank, and what each moved.
+        let members = job["cluster"]["members"].as_array().unwrap_or_else(|| panic!("{job}"));
+        assert_eq!(members.len(), gpus.parse::<usize>().unwrap());
+        for (rank, member) in members.iter().enumerate() {
+            assert_eq!(member["rank"], rank, "{job}");
+            assert_eq!(member["state"], "succeeded");
+            let p = member["provider"].as_str().unwrap();
+            assert!(p == key_a || p == key_b, "{member}");
+            assert!(member["usage"]["net_bytes_sent"].as_u64().unwrap() > 0, "{member}");
+        }
+        if gpus == "2" {
+            // Two providers with a free GPU each, or one with two: either way every rank ran.
+            let providers: std::collections::HashSet<&str> =
+                members.iter().map(|m| m["provider"].as_str().unwrap()).collect();
+            assert!(!providers.is_empty());
+        }
+    }
+}
+
+#[test]
+fn a_members_provider_killed_mid_run_and_the_cluster_finishes_on_others() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (a, key_a) = m.host(&s, "a", &["--sessions", "127.0.0.1:0"]);
+    let (b, key_b) = m.host(&s, "b", &["--sessions", "127.0.0.1:0"]);
+    let (c, key_c) = m.host(&s, "c", &["--sessions", "127.0.0.1:0"]);
+    online(&s, 3);
+    let mut hosts = [(a, key_a), (b, key_b), (c, key_c)];
+    // Long enough that the kill lands mid-run.
+    let input = write_input(&m, "train.txt", "mode=sync steps=1200 lr=0.5 samples=256 features=4 report=400");
+    let submitted = m.submit(&s, sample_artifacts::CLUSTER_TRAIN, &["--input", &input, "--gpus", "2"]);
+    let id = submitted["id"].as_str().unwrap().to_string();
+    let running = until("both members to run", || {
+        let v = get_json(&s, &format!("/v1/jobs/{id}"));
+        let members = v["cluster"]["members"].as_array()?.clone();
+        (members.len() == 2 && members.iter().all(|m| m["state"] == "running")).then_some(members)
+    });
+    let victim_key = running[1]["provider"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(1500));
+    let at = hosts.iter().position(|(_, k)| *k == victim_key).unwrap();
+    hosts[at].0.kill9();
+    let view = until("the cluster to finish", || {
+        let v = get_json(&s, &format!("/v1/jobs/{id}"));
+        v["state"].as_str().is_some_and(|st| st != "queued" && st != "running").then_some(v)
+    });
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert!(view["cluster"]["tries"].as_u64().unwrap() >= 2, "{view}");
+    for member in view["cluster"]["members"].as_array().unwrap() {
+        assert_ne!(member["provider"], victim_key.as_str(), "the retry avoids the dead provider: {view}");
+    }
+    assert!(view["output_bytes"].as_u64() > Some(0), "{view}");
+    // The first try ended for the dead member's provider, and said so.
+    let first = view["attempts"][0]["error"].as_str().unwrap_or_default();
+    assert!(first.contains("rank 1") && first.contains(&victim_key), "{view}");
+}
+
+/// Dials `addr` (pinned to `provider`) as `as_key` and shows `roster` claiming `from_rank`.
+fn dial_with(
+    addr: std::net::SocketAddr,
+    provider: proto::PublicKey,
+    as_key: &proto::Keypair,
+    roster: &Roster,
+    from_rank: u32,
+) -> Option<SessionReply> {
+    runtime().block_on(async {
+        let endpoint = quic::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let id = quic::Identity::new(as_key).unwrap();
+        let conn = quic::connect(&endpoint, &id, addr, provider).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let hello = SessionMsg::Peer { roster: Box::new(roster.clone()), from_rank };
+        quic::write_msg(&mut send, &hello, proto::msg::OPEN_CAP).await.unwrap();
+        quic::read_msg::<SessionReply>(&mut recv, 1 << 20).await.ok().flatten()
+    })
+}
+
+#[test]
+fn forged_rosters_and_peers_it_does_not_name_are_refused_before_any_work() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (_h, key) = m.host(&s, "h", &["--sessions", "127.0.0.1:0"]);
+    online(&s, 1);
+    let providers = get_json(&s, "/v1/providers");
+    let addr: std::net::SocketAddr = providers[0]["session_addr"].as_str().unwrap().parse().unwrap();
+    let provider: proto::PublicKey = key.parse().unwrap();
+    // The scheduler's own key, read from its key file: rosters it would really sign.
+    let scheduler = proto::Keypair::read(&m.path("sched.json")).unwrap();
+    let (member, outsider, forger) =
+        (proto::Keypair::generate(), proto::Keypair::generate(), proto::Keypair::generate());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let ranks = |keys: &[proto::PublicKey]| -> Vec<RosterMember> {
+        keys.iter()
+            .zip(0u32..)
+            .map(|(k, rank)| RosterMember { rank, provider: *k, gpu: 0, addr: Some(addr.to_string()) })
+            .collect()
+    };
+    let genuine = |keys: &[proto::PublicKey], expires: u64| {
+        Roster::issue(&scheduler, "job-c".into(), [3; 32], ranks(keys), expires)
+    };
+    let mut forged = Roster::issue(&forger, "job-c".into(), [3; 32], ranks(&[member.public(), provider]), now + 60_000);
+    forged.scheduler = s.key();
+    let cases: Vec<(Roster, &proto::Keypair, u32, &str)> = vec![
+        (forged, &member, 0, "signature does not verify"),
+        (
+            Roster::issue(&forger, "job-c".into(), [3; 32], ranks(&[member.public(), provider]), now + 60_000),
+            &member,
+            0,
+            "not signed by the scheduler",
+        ),
+        (genuine(&[member.public(), provider], now.saturating_sub(1000)), &member, 0, "expired"),
+        // A roster the scheduler signed, shown by someone it does not name, or by a member
+        // claiming another's rank, or for a rank this provider does not run.
+        (genuine(&[member.public(), provider], now + 60_000), &outsider, 0, "not a member"),
+        (genuine(&[member.public(), outsider.public(), provider], now + 60_000), &member, 1, "claims rank 1"),
+        (genuine(&[member.public(), outsider.public(), provider], now + 60_000), &member, 0, "does not run"),
+        (genuine(&[member.public(), outsider.public()], now + 60_000), &member, 0, "names no rank on this provider"),
+    ];
+    for (roster, as_key, from_rank, want) in cases {
+        match dial_with(addr, provider, as_key, &roster, from_rank) {
+            Some(SessionReply::Refused { reason }) => assert!(reason.contains(want), "{want:?}: {reason}"),
+            other => panic!("{want:?}: expected a refusal, got {other:?}"),
+        }
+    }
+    // The genuine roster, shown by the member it names at rank 0, is taken (and then waits for a
+    // job that never comes: nothing runs).
+    let good = genuine(&[member.public(), provider], now + 60_000);
+    assert_eq!(dial_with(addr, provider, &member, &good, 0), Some(SessionReply::PeerAccepted));
+    // The provider serves a normal job right after.
+    let job = m.submit(&s, sample_artifacts::MATMUL, &["--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let log = log_of(&m, "h.log");
+    assert!(!log.contains("job-c"), "nothing of the forged clusters ran: {log}");
+    let _: Value = job;
+}

@@ -1,0 +1,94 @@
+//! Collectives between the members of a cluster job (`wasmgrid submit JOB.wasm --gpus N`).
+//!
+//! Every member runs the same module with the same input; [`rank`] tells them apart. Each
+//! collective must be called by every member, in the same order, with the same sizes: a member
+//! whose calls differ from its peers' ends the job, saying so. In a job on one GPU (and under
+//! `wasmgrid run`) the rank is 0, the world size 1, and every collective returns at once,
+//! leaving the buffer as it was.
+//!
+//! ```no_run
+//! use wasmgrid::{Buffer, collective::{self, Compression, Op}};
+//! # fn main() -> wasmgrid::Result<()> {
+//! let grads = Buffer::storage_from(&[0.5f32; 1024])?;
+//! // ... each member computes its gradient on its share of the batch ...
+//! collective::all_reduce(&grads, Op::Mean, Compression::None)?;
+//! // every member now holds the same mean gradient
+//! # Ok(()) }
+//! ```
+//!
+//! A member that stops answering (its provider died) fails the collective on the others
+//! within 30 seconds; the job then ends, or the scheduler runs it again.
+
+use crate::{Buffer, Result, check, sys};
+
+/// How all-reduce combines the members' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Sum,
+    /// The sum divided by the world size.
+    Mean,
+}
+
+/// How all-reduce sends values between members. The result is identical on every member
+/// whichever is chosen; compression trades precision for bytes on the wire (and so time on
+/// slow links).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// f32 as they are.
+    None,
+    /// IEEE half precision: half the bytes, about 3 significant digits.
+    F16,
+    /// 8-bit integers with one scale per chunk of 262,144 values: a quarter of the bytes;
+    /// each value within 1/254 of the chunk's largest magnitude (per hop).
+    Int8,
+}
+
+/// This member's rank: 0 to [`world_size`] - 1.
+pub fn rank() -> u32 {
+    u32::try_from(sys::rank()).unwrap_or(0)
+}
+
+/// How many members the job has.
+pub fn world_size() -> u32 {
+    u32::try_from(sys::world_size()).ok().filter(|w| *w > 0).unwrap_or(1)
+}
+
+/// Returns once every member has called it.
+pub fn barrier() -> Result<()> {
+    check(sys::barrier()).map(|_| ())
+}
+
+/// Rank `root`'s whole `buffer` into every member's.
+pub fn broadcast(buffer: &Buffer, root: u32) -> Result<()> {
+    broadcast_range(buffer, 0, buffer.size(), root)
+}
+
+/// `len` bytes at `offset` (both multiples of 4) of rank `root`'s buffer into every member's.
+pub fn broadcast_range(buffer: &Buffer, offset: u64, len: u64, root: u32) -> Result<()> {
+    let root = i32::try_from(root).unwrap_or(i32::MAX);
+    check(sys::broadcast(buffer.handle() as i32, to_i64(offset), to_i64(len), root)).map(|_| ())
+}
+
+/// The whole of `buffer`, as f32s, combined over every member by `op`, into every member's.
+pub fn all_reduce(buffer: &Buffer, op: Op, compression: Compression) -> Result<()> {
+    all_reduce_range(buffer, 0, buffer.size(), op, compression)
+}
+
+/// `len` bytes at `offset` (both multiples of 4) of `buffer`, as f32s, combined over every
+/// member by `op`, into every member's same range.
+pub fn all_reduce_range(buffer: &Buffer, offset: u64, len: u64, op: Op, compression: Compression) -> Result<()> {
+    let op = match op {
+        Op::Sum => abi::REDUCE_SUM,
+        Op::Mean => abi::REDUCE_MEAN,
+    };
+    let compression = match compression {
+        Compression::None => abi::COMPRESS_NONE,
+        Compression::F16 => abi::COMPRESS_F16,
+        Compression::Int8 => abi::COMPRESS_INT8,
+    };
+    check(sys::all_reduce(buffer.handle() as i32, to_i64(offset), to_i64(len), op, compression)).map(|_| ())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,653 @@
+//! Cluster jobs: one job on N GPUs. The cluster job (the parent) waits in the queue like any
+//! job and is placed whole with [`crate::gang::place`] or not at all; placed, it gets one job
+//! record per rank (its members: `{parent}-t{try}-r{rank}`, never queued), each sent to its
+//! provider with the roster the scheduler signed, and run through the same paths as a single
+//! job (results, receipts, payment by job id, liveness). What a member does is rolled up to
+//! the parent: all succeeded, the parent succeeded with rank 0's output; the kernel's own
+//! fault in one, the parent failed and the others stopped; a provider's failure or loss in
+//! one (or a member not started in time), the others stopped and the parent queued again
+//! whole, its tries bounded like a job's.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use proto::api::{Attempt, ClusterRequest, JobRecord, JobState, JobView, MemberView, NoMatch};
+use proto::cluster::{MemberAssign, Roster, RosterMember};
+use proto::msg::{JobResult, Outcome, Requirements, WireUsage, parse_hash};
+use proto::{Keypair, PublicKey};
+
+use super::{Assignment, State};
+use crate::gang::{Holds, Member, Offer, Shape};
+use crate::matching::{Candidate, Query};
+use crate::store::StoreError;
+
+/// What a roster is valid for past the job's wall time: its members' starts and their links'
+/// setup.
+const ROSTER_MARGIN_MS: u64 = 5 * 60 * 1000;
+
+/// The cluster jobs' part of the state.
+#[derive(Debug, Default)]
+pub(super) struct Clusters {
+    /// Signs rosters (the scheduler's key); without it no cluster is placed.
+    pub(super) signer: Option<Arc<Keypair>>,
+    /// Members running now, by their job id.
+    pub(super) running: HashMap<String, Running>,
+    /// Clusters placed whose members have not all started yet, until their start timeout.
+    pub(super) holds: Holds,
+    /// Why each queued cluster found no gang when it was last tried.
+    pub(super) why: HashMap<String, NoMatch>,
+    /// Per queued cluster, the providers that failed its last try: the next goes elsewhere
+    /// when a gang fits without them.
+    pub(super) avoid: HashMap<String, HashSet<PublicKey>>,
+}
+
+/// A running member: its cluster, its rank and which of its provider's GPUs it has.
+#[derive(Clone, Debug)]
+pub(super) struct Running {
+    pub(super) parent: String,
+    pub(super) rank: u32,
+    pub(super) gpu: u32,
+}
+
+/// A gang that fits now: its members by rank (ring order), the ring's slowest link and, across
+/// regions, each region's ranks.
+pub(super) struct Fit {
+    pub(super) members: Vec<Member>,
+    pub(super) slowest_ms: Option<u32>,
+    pub(super) regions: Vec<Vec<u32>>,
+}
+
+/// A member's job id: its cluster's, the try and the rank. Each try has its own ids, so that a
+/// late report or a cancel for an earlier try never touches the next.
+pub fn member_id(parent: &str, tries: u32, rank: u32) -> String {
+    format!("{parent}-t{tries}-r{rank}")
+}
+
+/// The most input bytes a cluster job may send out in all: its input goes to every member.
+pub const MAX_CLUSTER_INPUT_BYTES: usize = 256 << 20;
+
+/// Checks a submission's cluster request before anything else is looked at; a cluster of one
+/// is a plain job (`None`).
+pub(super) fn check_request(
+    cluster: Option<ClusterRequest>,
+    requirements: &Requirements,
+    input_bytes: usize,
+) -> Result<Option<ClusterRequest>, String> {
+    let Some(c) = cluster else { return Ok(None) };
+    if c.gpus == 0 {
+        return Err("a cluster needs at least 2 GPUs (cluster.gpus is 0; a job on one GPU needs no cluster)".into());
+    }
+    if c.gpus as usize > proto::cluster::MAX_MEMBERS {
+        return Err(format!(
+            "{} GPUs asked for: a cluster has at most {} members",
+            c.gpus,
+            proto::cluster::MAX_MEMBERS
+        ));
+    }
+    let shape = Shape {
+        members: c.gpus,
+        one_provider: c.one_provider,
+        max_link_rtt_ms: c.max_link_rtt_ms,
+        max_per_provider: c.max_per_provider,
+    };
+    shape.check()?;
+    if requirements.gpu_count.is_some_and(|n| n > 1) {
+        return Err(
+            "requirements.gpu_count and cluster together: each member has one GPU; give the cluster's size as \
+             cluster.gpus"
+                .into(),
+        );
+    }
+    if c.gpus > 1 && input_bytes.saturating_mul(c.gpus as usize) > MAX_CLUSTER_INPUT_BYTES {
+        return Err(format!(
+            "the input goes to each of the cluster's {} members: {} bytes each is over {} MiB in all; send less, \
+             or fewer members",
+            c.gpus,
+            input_bytes,
+            MAX_CLUSTER_INPUT_BYTES >> 20
+        ));
+    }
+    Ok((c.gpus > 1).then_some(c))
+}
+
+/// The sum of the members' usage (every count, `peak_gpu_bytes` too: each member's own GPU),
+/// or `None` when none has reported any.
+fn sum_usage<'a>(usages: impl Iterator<Item = &'a WireUsage>) -> Option<WireUsage> {
+    let mut total: Option<WireUsage> = None;
+    for u in usages {
+        let t =
+            total.get_or_insert_with(|| WireUsage { gpu_time_source: u.gpu_time_source.clone(), ..Default::default() });
+        t.inferences = t.inferences.saturating_add(u.inferences);
+        t.fuel = t.fuel.saturating_add(u.fuel);
+        t.dispatches = t.dispatches.saturating_add(u.dispatches);
+        t.workgroups = t.workgroups.saturating_add(u.workgroups);
+        t.invocations = t.invocations.saturating_add(u.invocations);
+        t.bytes_uploaded = t.bytes_uploaded.saturating_add(u.bytes_uploaded);
+        t.bytes_downloaded = t.bytes_downloaded.saturating_add(u.bytes_downloaded);
+        t.peak_gpu_bytes = t.peak_gpu_bytes.saturating_add(u.peak_gpu_bytes);
+        t.gpu_time_ns = t.gpu_time_ns.saturating_add(u.gpu_time_ns);
+        t.net_bytes_sent = t.net_bytes_sent.saturating_add(u.net_bytes_sent);
+        t.net_bytes_received = t.net_bytes_received.saturating_add(u.net_bytes_received);
+        if t.gpu_time_source != u.gpu_time_source {
+            t.gpu_time_source = "mixed".into();
+        }
+    }
+    total
+}
+
+impl State {
+    /// The key cluster rosters are signed with: the scheduler's own, which providers trust.
+    /// Until it is set, cluster jobs stay queued (saying why).
+    pub fn set_signer(&mut self, keypair: Arc<Keypair>) {
+        self.clusters.signer = Some(keypair);
+    }
+
+    /// Every provider with the GPUs it could give cluster members now: one per free job slot
+    /// (each member runs in its own worker), the GPUs that running members use least first. A
+    /// provider with more slots than GPUs gives a GPU to several members, as it runs several
+    /// jobs on one GPU: they share it.
+    fn cluster_offers(&self, avoid: &HashSet<PublicKey>) -> Vec<(Candidate<'_>, Vec<u32>)> {
+        self.providers
+            .values()
+            .filter(|p| !avoid.contains(&p.view.key))
+            .map(|p| {
+                let c = p.candidate();
+                let slots = c.capacity.saturating_sub(c.running) as usize;
+                let gpus = c.gpus.len().max(1);
+                let mut load = vec![0usize; gpus];
+                for m in p.assigned.iter().filter_map(|j| self.clusters.running.get(j)) {
+                    if let Some(l) = load.get_mut(m.gpu as usize) {
+                        *l += 1;
+                    }
+                }
+                let mut free = Vec::with_capacity(slots);
+                for _ in 0..slots {
+                    let Some((g, l)) = load.iter_mut().enumerate().min_by_key(|(g, l)| (**l, *g)) else { break };
+                    *l += 1;
+                    free.push(g as u32);
+                }
+                (c, free)
+            })
+            .collect()
+    }
+
+    /// Where a cluster would go now, skipping the providers in `avoid` (all of them are tried
+    /// when no gang fits without them), or why none fits, with counts.
+    pub(super) fn cluster_fit(
+        &self,
+        requirements: &Requirements,
+        c: &ClusterRequest,
+        avoid: &HashSet<PublicKey>,
+    ) -> Result<Fit, NoMatch> {
+        let shape = Shape {
+            members: c.gpus,
+            one_provider: c.one_provider,
+            max_link_rtt_ms: c.max_link_rtt_ms,
+            max_per_provider: c.max_per_provider,
+        };
+        let query = Query::new(&Requirements { gpu_count: None, ..requirements.clone() }, false);
+        let place = |avoid: &HashSet<PublicKey>| {
+            let free = self.cluster_offers(avoid);
+            let offers: Vec<Offer<'_>> =
+                free.iter().map(|(c, gpus)| Offer { candidate: *c, free_gpus: gpus }).collect();
+            crate::gang::place(&offers, &query, shape, &self.links)
+        };
+        let placed = match avoid.is_empty() {
+            true => place(avoid),
+            false => place(avoid).or_else(|_| place(&HashSet::new())),
+        }?;
+        let region = |k: &PublicKey| self.providers.get(k).map(|p| p.view.region.clone()).unwrap_or_default();
+        let ring = crate::gang::ring(&placed, &self.links, region);
+        let mut rank_of = vec![0u32; placed.len()];
+        for (&at, rank) in ring.order.iter().zip(0u32..) {
+            if let Some(r) = rank_of.get_mut(at) {
+                *r = rank;
+            }
+        }
+        let members = ring.order.iter().filter_map(|&at| placed.get(at).copied()).collect();
+        let regions =
+            ring.regions.iter().map(|r| r.iter().filter_map(|&at| rank_of.get(at).copied()).collect()).collect();
+        Ok(Fit { members, slowest_ms: ring.slowest_ms, regions })
+    }
+
+    /// Places queued cluster `id` whole if a gang fits now: a member record per rank, running
+    /// on its provider, and the assignments that send each its rank and the signed roster.
+    /// `None` when none fits (the reason is kept for the job's view).
+    pub(super) fn place_cluster(&mut self, id: &str, now_ms: u64) -> Result<Option<Vec<Assignment>>, StoreError> {
+        let Some(job) = self.jobs.get(id) else { return Ok(None) };
+        let Some(cluster) = job.view.cluster.as_ref() else { return Ok(None) };
+        let Some(signer) = self.clusters.signer.clone() else {
+            let why = NoMatch {
+                total: self.providers.len() as u32,
+                matching: 0,
+                reasons: Vec::new(),
+                summary: "the scheduler has no key to sign the cluster's roster with".into(),
+            };
+            self.clusters.why.insert(id.to_string(), why);
+            return Ok(None);
+        };
+        let Some(module) = parse_hash(&job.view.module) else { return Ok(None) };
+        let avoid = self.clusters.avoid.get(id).cloned().unwrap_or_default();
+        let fit = match self.cluster_fit(&job.view.requirements, &cluster.request, &avoid) {
+            Ok(fit) => fit,
+            Err(why) => {
+                self.clusters.why.insert(id.to_string(), why);
+                return Ok(None);
+            }
+        };
+        let tries = cluster.tries.saturating_add(1);
+        let provider_of = |m: &Member| self.providers.get(&m.provider).map(|p| &p.view);
+        let roster_members: Vec<RosterMember> = fit
+            .members
+            .iter()
+            .zip(0u32..)
+            .map(|(m, rank)| RosterMember {
+                rank,
+                provider: m.provider,
+                gpu: m.gpu,
+                addr: provider_of(m).and_then(|p| p.session_addr.clone()),
+            })
+            .collect();
+        let wall = match job.view.limits.wall_time_ms {
+            0 => self.config.default_deadline_ms,
+            ms => ms,
+        };
+        let expires = now_ms.saturating_add(wall).saturating_add(ROSTER_MARGIN_MS);
+        let roster = Roster::issue(&signer, id.to_string(), module, roster_members, expires);
+        let mut children: Vec<JobRecord> = Vec::with_capacity(fit.members.len());
+        let mut views: Vec<MemberView> = Vec::with_capacity(fit.members.len());
+        for (m, rank) in fit.members.iter().zip(0u32..) {
+            let child = member_id(id, tries, rank);
+            let p = provider_of(m);
+            views.push(MemberView {
+                rank,
+                job_id: child.clone(),
+                provider: m.provider,
+                name: p.map(|p| p.name.clone()).unwrap_or_default(),
+                region: p.map(|p| p.region.clone()).unwrap_or_default(),
+                gpu: m.gpu,
+                gpu_name: p.and_then(|p| p.gpus.get(m.gpu as usize)).map(|g| g.name.clone()).unwrap_or_default(),
+                state: JobState::Running,
+                usage: None,
+                wall_time_ms: None,
+                error: None,
+            });
+            children.push(JobRecord {
+                view: JobView {
+                    id: child,
+                    renter: job.view.renter,
+                    module: job.view.module.clone(),
+                    state: JobState::Running,
+                    requirements: job.view.requirements.clone(),
+                    limits: job.view.limits.clone(),
+                    submitted_at_ms: job.view.submitted_at_ms,
+                    deadline_ms: job.view.deadline_ms,
+                    queue_position: None,
+                    no_match: None,
+                    attempts: vec![Attempt {
+                        provider: m.provider,
+                        started_at_ms: now_ms,
+                        ended_at_ms: None,
+                        error: None,
+                    }],
+                    provider: Some(m.provider),
+                    usage: None,
+                    outcome: None,
+                    output_bytes: None,
+                    wall_time_ms: None,
+                    wall_time_us: None,
+                    first_dispatch_us: None,
+                    error: None,
+                    receipt: None,
+                    channel: None,
+                    cluster: None,
+                    member_of: Some(id.to_string()),
+                },
+                // The input stays the cluster's: a member is never queued, so nothing sends
+                // it from here (N copies of it would be kept for nothing).
+                input: Vec::new(),
+                result: None,
+                seq: job.seq,
+            });
+        }
+        let Some(first) = fit.members.first() else { return Ok(None) };
+        let mut parent = job.clone();
+        parent.view.state = JobState::Running;
+        parent.view.provider = Some(first.provider);
+        parent.view.queue_position = None;
+        parent.view.no_match = None;
+        parent.view.attempts.push(Attempt {
+            provider: first.provider,
+            started_at_ms: now_ms,
+            ended_at_ms: None,
+            error: None,
+        });
+        if let Some(c) = parent.view.cluster.as_mut() {
+            c.members = views;
+            c.slowest_link_ms = fit.slowest_ms;
+            c.regions = fit.regions;
+            c.tries = tries;
+        }
+        // Written before anything changes here: a failed write leaves the cluster queued (a
+        // member written before it is a record that never ran, failed at the next start).
+        for child in &children {
+            self.store.put_job(child)?;
+        }
+        self.store.put_job(&parent)?;
+        let input = parent.input.clone();
+        let mut out = Vec::with_capacity(children.len());
+        for ((child, m), rank) in children.into_iter().zip(&fit.members).zip(0u32..) {
+            let child_id = child.view.id.clone();
+            self.clusters.running.insert(child_id.clone(), Running { parent: id.to_string(), rank, gpu: m.gpu });
+            self.update_provider(&m.provider, |p| p.assigned.insert(child_id.clone()));
+            out.push(Assignment {
+                job_id: child_id.clone(),
+                provider: m.provider,
+                module,
+                input: input.clone(),
+                limits: child.view.limits.clone(),
+                renter: child.view.renter,
+                member: Some(Box::new(MemberAssign { rank, roster: roster.clone() })),
+            });
+            self.jobs.insert(child_id, child);
+        }
+        self.jobs.insert(id.to_string(), parent);
+        self.clusters.why.remove(id);
+        self.clusters.avoid.remove(id);
+        // Held until every member has started; an earlier try's hold is over by now.
+        self.clusters.holds.release(id);
+        let until = now_ms.saturating_add(self.config.cluster_start_timeout_ms);
+        if let Err(e) = self.clusters.holds.hold(id, fit.members, until) {
+            log::warn!("cluster {id}: its start is not timed: {e}");
+        }
+        Ok(Some(out))
+    }
+
+    /// A member's provider took it (its `Started`): once every member has, the cluster is
+    /// running whole and no start timeout applies.
+    pub fn member_started(&mut self, id: &str, provider: &PublicKey) {
+        let Some(m) = self.clusters.running.get(id) else { return };
+        if self.jobs.get(id).is_some_and(|j| j.view.provider.as_ref() == Some(provider)) {
+            self.clusters.holds.started(&m.parent, m.rank as usize);
+        }
+    }
+
+    /// A member's result: recorded as a job's is, then rolled up to its cluster.
+    pub(super) fn member_finished(
+        &mut self,
+        id: &str,
+        provider: &PublicKey,
+        result: JobResult,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if let Outcome::Failed { kind, message, .. } = &result.outcome
+            && !kind.is_kernel_fault()
+        {
+            let reason = format!("the provider failed ({kind}): {message}");
+            return self.member_lost(id, provider, &reason, Some(result), now_ms);
+        }
+        if !self.record_result(id, provider, result, now_ms)? {
+            return Ok(());
+        }
+        let Some(m) = self.clusters.running.remove(id) else { return Ok(()) };
+        let Some(child) = self.jobs.get(id) else { return Ok(()) };
+        match (&child.view.state, &child.view.outcome) {
+            (JobState::Failed, outcome) => {
+                let message = match outcome {
+                    Some(Outcome::Failed { message, .. }) => message.clone(),
+                    _ => "it failed".to_string(),
+                };
+                let reason = format!("rank {} failed: {message}", m.rank);
+                self.stop_members(&m.parent, &format!("the cluster stopped: {reason}"), now_ms)?;
+                self.end_cluster(&m.parent, Some(id.to_string()), Some(reason), now_ms)
+            }
+            (JobState::Succeeded, _) => {
+                let members = self.jobs.get(&m.parent).and_then(|p| p.view.cluster.as_ref()).map(|c| &c.members);
+                let all = members.is_some_and(|ms| {
+                    ms.iter().all(|x| self.jobs.get(&x.job_id).is_some_and(|j| j.view.state == JobState::Succeeded))
+                });
+                let first = members.and_then(|ms| ms.first()).map(|x| x.job_id.clone());
+                if all { self.end_cluster(&m.parent, first, None, now_ms) } else { Ok(()) }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A member's try ended for a reason another provider may not have (its provider failed,
+    /// declined, went silent, disconnected): the member fails, the others are stopped, and the
+    /// cluster is queued again whole (avoiding that provider) unless it has had its tries.
+    pub(super) fn member_lost(
+        &mut self,
+        id: &str,
+        provider: &PublicKey,
+        reason: &str,
+        result: Option<JobResult>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let Some(m) = self.clusters.running.get(id).cloned() else { return Ok(()) };
+        let Some(job) = self.running_on(id, provider) else { return Ok(()) };
+        job.view.state = JobState::Failed;
+        job.view.error = Some(reason.to_string());
+        if let Some(a) = job.view.attempts.last_mut() {
+            a.ended_at_ms = Some(now_ms);
+            a.error = Some(reason.to_string());
+        }
+        let outcome = result.as_ref().map(|r| r.outcome.clone());
+        if let Some(r) = result {
+            job.view.outcome = Some(r.outcome.clone());
+            job.view.usage = Some(r.usage.clone());
+            job.view.output_bytes = Some(r.output.len() as u64);
+            job.view.wall_time_ms = Some(r.wall_time_ms);
+            job.view.wall_time_us = Some(r.wall_time_us);
+            job.result = Some(r);
+        }
+        let job = job.clone();
+        self.clusters.running.remove(id);
+        self.live_logs.remove(id);
+        self.store.put_job(&job)?;
+        let why = format!("rank {} on {provider}: {reason}", m.rank);
+        self.requeue_cluster(&m.parent, &why, &[*provider], outcome, now_ms)
+    }
+
+    /// Stops every running member of cluster `parent`: each fails with `why`, stops counting
+    /// on its provider, and is cancelled there.
+    fn stop_members(&mut self, parent: &str, why: &str, now_ms: u64) -> Result<(), StoreError> {
+        let members: Vec<String> = self
+            .jobs
+            .get(parent)
+            .and_then(|p| p.view.cluster.as_ref())
+            .map(|c| c.members.iter().map(|m| m.job_id.clone()).collect())
+            .unwrap_or_default();
+        for child in members {
+            if self.clusters.running.remove(&child).is_none() {
+                continue;
+            }
+            let Some(job) = self.jobs.get_mut(&child).filter(|j| j.view.state == JobState::Running) else {
+                continue;
+            };
+            job.view.state = JobState::Failed;
+            job.view.error = Some(why.to_string());
+            if let Some(a) = job.view.attempts.last_mut() {
+                a.ended_at_ms = Some(now_ms);
+                a.error = Some(why.to_string());
+            }
+            let provider = job.view.provider;
+            let job = job.clone();
+            self.live_logs.remove(&child);
+            self.store.put_job(&job)?;
+            // Its slot stays taken until the provider says the member ended (its stream's
+            // result or loss frees it, as for any job): a cancel takes a moment to land, and a
+            // retry placed there meanwhile would be declined.
+            if let Some(p) = provider {
+                self.revoked.entry(p).or_default().push(child);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues cluster `parent` again at the front, whole (its running members stopped), unless
+    /// it has had its tries: then it fails with every try's reason. `avoid` failed this try.
+    fn requeue_cluster(
+        &mut self,
+        parent: &str,
+        reason: &str,
+        avoid: &[PublicKey],
+        outcome: Option<Outcome>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.clusters.holds.release(parent);
+        self.stop_members(parent, &format!("the cluster stopped: {reason}"), now_ms)?;
+        let max_attempts = self.config.max_attempts;
+        let Some(job) = self.jobs.get(parent).filter(|j| j.view.state == JobState::Running) else { return Ok(()) };
+        let mut view = job.view.clone();
+        if let Some(a) = view.attempts.last_mut() {
+            a.ended_at_ms = Some(now_ms);
+            a.error = Some(reason.to_string());
+        }
+        view.provider = None;
+        let tries = view.cluster.as_ref().map_or(0, |c| c.tries) as usize;
+        let requeue = tries < max_attempts;
+        if requeue {
+            view.state = JobState::Queued;
+        } else {
+            view.state = JobState::Failed;
+            let reasons: Vec<String> = view.attempts.iter().filter_map(|a| a.error.clone()).collect();
+            view.error = Some(format!("gave up after {tries} tries: {}", reasons.join("; ")));
+            view.outcome = outcome;
+        }
+        self.refresh_members(&mut view);
+        let Some(job) = self.jobs.get_mut(parent) else { return Ok(()) };
+        job.view = view;
+        let job = job.clone();
+        self.store.put_job(&job)?;
+        if requeue {
+            self.clusters.avoid.insert(parent.to_string(), avoid.iter().copied().collect());
+            // It has waited longest.
+            self.queue.insert(0, parent.to_string());
+        } else {
+            self.clusters.avoid.remove(parent);
+        }
+        Ok(())
+    }
+
+    /// Ends cluster `parent` with member `source`'s result (rank 0's when it succeeded, the
+    /// failing rank's otherwise): its output, log, receipt and provider, so that a renter checks
+    /// the output against the receipt as for any job. Its usage is the sum of every member's
+    /// (`sum_usage`), its wall time the slowest member's. `error` says why it failed.
+    fn end_cluster(
+        &mut self,
+        parent: &str,
+        source: Option<String>,
+        error: Option<String>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.clusters.holds.release(parent);
+        self.clusters.avoid.remove(parent);
+        self.clusters.why.remove(parent);
+        let Some(job) = self.jobs.get(parent).filter(|j| j.view.state == JobState::Running) else { return Ok(()) };
+        let mut view = job.view.clone();
+        let children: Vec<&JobRecord> = view
+            .cluster
+            .as_ref()
+            .map(|c| c.members.iter().filter_map(|m| self.jobs.get(&m.job_id)).collect())
+            .unwrap_or_default();
+        let usage = sum_usage(children.iter().filter_map(|c| c.view.usage.as_ref()));
+        let wall_ms = children.iter().filter_map(|c| c.view.wall_time_ms).max();
+        let wall_us = children.iter().filter_map(|c| c.view.wall_time_us).max();
+        let source = source.and_then(|s| self.jobs.get(&s));
+        view.state = if error.is_some() { JobState::Failed } else { JobState::Succeeded };
+        view.provider = source.and_then(|s| s.view.provider);
+        view.receipt = source.and_then(|s| s.view.receipt.clone());
+        view.output_bytes = source.and_then(|s| s.view.output_bytes);
+        view.first_dispatch_us = source.and_then(|s| s.view.first_dispatch_us);
+        view.outcome = source.and_then(|s| s.view.outcome.clone()).map(|o| match (o, &error) {
+            (Outcome::Failed { kind, limit, .. }, Some(e)) => Outcome::Failed { kind, limit, message: e.clone() },
+            (o, _) => o,
+        });
+        view.usage = usage.clone();
+        view.wall_time_ms = wall_ms;
+        view.wall_time_us = wall_us;
+        view.error = error;
+        if let Some(a) = view.attempts.last_mut() {
+            a.ended_at_ms = Some(now_ms);
+        }
+        let result = source.and_then(|s| s.result.clone()).map(|mut r| {
+            if let Some(u) = usage {
+                r.usage = u;
+            }
+            r.wall_time_ms = wall_ms.unwrap_or(r.wall_time_ms);
+            r.wall_time_us = wall_us.unwrap_or(r.wall_time_us);
+            r
+        });
+        self.refresh_members(&mut view);
+        let Some(job) = self.jobs.get_mut(parent) else { return Ok(()) };
+        job.view = view;
+        job.result = result;
+        let job = job.clone();
+        self.store.put_job(&job)
+    }
+
+    /// Clusters whose members did not all start in time go back to the queue whole, avoiding
+    /// the providers of the ranks that did not start.
+    pub(super) fn cluster_starts_expired(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        for (parent, late) in self.clusters.holds.expire(now_ms) {
+            let members = self.jobs.get(&parent).and_then(|p| p.view.cluster.as_ref()).map(|c| c.members.clone());
+            let late: Vec<&MemberView> =
+                late.iter().filter_map(|&rank| members.as_ref().and_then(|ms| ms.get(rank))).collect();
+            let ranks: Vec<String> = late.iter().map(|m| m.rank.to_string()).collect();
+            let providers: Vec<PublicKey> = late.iter().map(|m| m.provider).collect();
+            let reason = format!(
+                "rank(s) {} did not start within {} s",
+                ranks.join(", "),
+                self.config.cluster_start_timeout_ms / 1000
+            );
+            self.requeue_cluster(&parent, &reason, &providers, None, now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// A cluster's members as they are now: each one's state, usage and error from its own
+    /// record.
+    pub(super) fn refresh_members(&self, view: &mut JobView) {
+        let Some(c) = view.cluster.as_mut() else { return };
+        for m in &mut c.members {
+            let Some(child) = self.jobs.get(&m.job_id) else { continue };
+            m.state = child.view.state;
+            m.usage = child.view.usage.clone();
+            m.wall_time_ms = child.view.wall_time_ms;
+            m.error = child.view.error.clone().or_else(|| match &child.view.outcome {
+                Some(Outcome::Failed { message, .. }) => Some(message.clone()),
+                _ => None,
+            });
+        }
+    }
+
+    /// The member whose output and log an ended cluster job's are: rank 0 when it succeeded,
+    /// the rank whose kernel failed otherwise; `None` for a plain job or one with no output.
+    pub fn output_member(&self, id: &str) -> Option<String> {
+        let job = self.jobs.get(id)?;
+        let members = &job.view.cluster.as_ref()?.members;
+        job.result.as_ref()?;
+        let failed_here = |m: &&MemberView| {
+            self.jobs.get(&m.job_id).is_some_and(|c| {
+                c.view.state == JobState::Failed
+                    && matches!(&c.view.outcome, Some(Outcome::Failed { kind, .. }) if kind.is_kernel_fault())
+            })
+        };
+        match job.view.state {
+            JobState::Succeeded => members.first(),
+            _ => members.iter().find(failed_here),
+        }
+        .map(|m| m.job_id.clone())
+    }
+
+    /// Whether job `id`'s output and log may be released: for a cluster job, whether the
+    /// member they come from is paid ([`JobView::paid`]; each member pays its own provider);
+    /// for any other job, whether it is.
+    pub fn released(&self, id: &str) -> bool {
+        match self.output_member(id) {
+            Some(member) => self.jobs.get(&member).is_some_and(|m| m.view.paid()),
+            None => self.jobs.get(id).is_some_and(|j| j.view.paid()),
+        }
+    }
+}
