@@ -23,6 +23,14 @@
 //!   complete, how long, and the memory each session adds (its worker process, read from
 //!   `/proc`).
 //!
+//! - `cluster`: a 2-member cluster job on two provider daemons on loopback (each rank in a
+//!   worker process; frames worker -> daemon -> QUIC -> daemon -> worker), the `allreduce`
+//!   sample's all-reduce bus bandwidth (2 (n - 1) / n x bytes / time, as NCCL defines it) at
+//!   f32, f16 and int8; baseline: raw QUIC throughput between two endpoints of the same link
+//!   code on loopback, both directions at once, as a ring of two uses its links. Then the
+//!   `cluster-train` sample synchronous against DiLoCo-style: bytes each member moved per
+//!   training step, as the daemons counted them.
+//!
 //! Run: `cargo bench -p cli --bench market [-- SECTION...]` (every section when none is named;
 //! `RUST_LOG=info` shows the in-process scheduler's and daemon's logs).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -147,6 +155,138 @@ fn mem_line(label: &str, m: Mem) {
         mib(m.anon),
         mib(m.pss)
     );
+}
+
+// ---- clusters ----
+
+/// Plain QUIC between two endpoints of the same link code on loopback: each sends `bytes` to
+/// the other on one stream at the same time, as the same 1 MiB frames the members' daemons
+/// move (`PeerFrame`), with nothing else on the path. Returns the slower direction's rate in
+/// bytes per second.
+async fn raw_quic_both_ways(bytes: usize) -> f64 {
+    let (a, b) = (Keypair::generate(), Keypair::generate());
+    let (ia, ib) = (quic::Identity::new(&a).unwrap(), quic::Identity::new(&b).unwrap());
+    let full = quic::Budget { bidi_streams: 4, receive_window: 16 << 20 };
+    let limits = quic::ServerLimits::default().full(full).before_auth(full);
+    let server = quic::server_with(&ib, LOOPBACK, quic::Peers::Any, limits).unwrap();
+    let addr = server.local_addr().unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let cap = proto::cluster::PEER_FRAME_CAP;
+    let pump = move |mut send: quic::SendStream, mut recv: quic::RecvStream, chunk: Vec<u8>| async move {
+        let reader = tokio::spawn(async move {
+            let mut got = 0usize;
+            while got < bytes {
+                match quic::read_msg::<proto::cluster::PeerFrame>(&mut recv, cap).await {
+                    Ok(Some(f)) => got += f.bytes.len(),
+                    _ => break,
+                }
+            }
+            Instant::now()
+        });
+        let mut sent = 0;
+        while sent < bytes {
+            quic::write_msg(&mut send, &proto::cluster::PeerFrame { bytes: chunk.clone() }, cap).await.unwrap();
+            sent += chunk.len();
+        }
+        reader.await.unwrap()
+    };
+    let accept = tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        conn.authenticated();
+        let (send, recv) = conn.accept_bi().await.unwrap();
+        (conn, send, recv)
+    });
+    let client = quic::client(LOOPBACK).unwrap();
+    let conn = quic::connect(&client, &ia, addr, b.public()).await.unwrap();
+    let (send_a, recv_a) = conn.open_bi().await.unwrap();
+    let start = Instant::now();
+    // The first frame opens the stream on the other side.
+    let a_side = tokio::spawn(pump(send_a, recv_a, chunk.clone()));
+    let (_conn_b, send_b, recv_b) = accept.await.unwrap();
+    let b_side = tokio::spawn(pump(send_b, recv_b, chunk));
+    let (ta, tb) = (a_side.await.unwrap(), b_side.await.unwrap());
+    let slowest = ta.max(tb).duration_since(start);
+    bytes as f64 / slowest.as_secs_f64()
+}
+
+async fn cluster_section() {
+    println!("
+cluster: 2 members on two provider daemons on loopback, each rank in its own worker process");
+    let dir = tempfile::tempdir().unwrap();
+    let l = start_scheduler(dir.path()).await;
+    let cache = dir.path().join("cache");
+    for name in ["left", "right"] {
+        let worker = worker_command(&["--cache-dir".as_ref(), cache.as_os_str()]);
+        let mut config = provider::DaemonConfig::new(l.quic, l.key, Keypair::generate(), worker);
+        config.name = name.into();
+        config.capacity = 1;
+        config.session_listen = Some(LOOPBACK);
+        tokio::spawn(provider::run_forever(config));
+    }
+    let renter = Keypair::generate();
+    let client = renter_client(&l, &renter);
+    wait_online(&client, "left").await;
+    wait_online(&client, "right").await;
+    let two = proto::api::ClusterRequest { gpus: 2, max_per_provider: Some(1), ..Default::default() };
+    let run = |module: &str, input: String| {
+        let (client, module, two) = (client.clone(), module.to_string(), two.clone());
+        async move {
+            let limits = JobLimits { wall_time_ms: 600_000, cpu_time_ms: 600_000, ..JobLimits::default() };
+            let s = client
+                .submit_job(&module, input.as_bytes(), Requirements::default(), limits, None, Some(two))
+                .await
+                .unwrap();
+            let view = client.wait(&s.id, |_| {}).await.unwrap();
+            assert_eq!(view.state, proto::api::JobState::Succeeded, "{view:?}");
+            let out = String::from_utf8(client.output(&view).await.unwrap()).unwrap();
+            (view, out)
+        }
+    };
+    let field = |out: &str, key: &str| -> f64 {
+        out.split_whitespace().skip_while(|w| *w != key).nth(1).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+    };
+    let allreduce = client.upload(std::fs::read(sample_artifacts::ALLREDUCE).unwrap()).await.unwrap().module;
+    let bytes = 64usize << 20;
+    let raw = raw_quic_both_ways(bytes).await;
+    println!(
+        "  {:<62} {:>9.3} GB/s per direction ({} MiB each way at once)",
+        "baseline: raw QUIC, both directions, same link code",
+        raw / 1e9,
+        bytes >> 20
+    );
+    for compress in ["none", "f16", "int8"] {
+        let (_, out) = run(&allreduce, format!("bytes={bytes} iters=4 warmup=1 compress={compress}")).await;
+        let busbw = field(&out, "busbw_gbps") * 1e9;
+        println!(
+            "  {:<62} {:>9.3} GB/s bus bandwidth  ({:.2}x raw QUIC; {:.1} ms per all-reduce; max error {})",
+            format!("all-reduce of {} MiB f32, 2 members, on the wire as {compress}", bytes >> 20),
+            busbw / 1e9,
+            busbw / raw,
+            field(&out, "seconds") * 1e3,
+            field(&out, "max_error"),
+        );
+    }
+    let train = client.upload(std::fs::read(sample_artifacts::CLUSTER_TRAIN).unwrap()).await.unwrap().module;
+    let steps = 400;
+    let common = format!("steps={steps} samples=4096 features=64 lr=0.5 report={steps}");
+    for (label, input) in [
+        ("synchronous data parallel (all-reduce of the gradient every step)", format!("mode=sync {common}")),
+        ("DiLoCo-style, h=100, int8 deltas", format!("mode=diloco h=100 compress=int8 {common}")),
+    ] {
+        let t = Instant::now();
+        let (view, out) = run(&train, input).await;
+        let members = view.cluster.unwrap().members;
+        let moved: u64 =
+            members.iter().map(|m| m.usage.as_ref().map_or(0, |u| u.net_bytes_sent + u.net_bytes_received)).sum();
+        println!(
+            "  {:<62} {:>9.1} B moved per member per step  ({} steps, {:.1} s; {})",
+            label,
+            moved as f64 / members.len() as f64 / f64::from(steps),
+            steps,
+            t.elapsed().as_secs_f64(),
+            out.lines().find(|l| l.starts_with("final loss")).unwrap_or("")
+        );
+    }
 }
 
 // ---- a market in the bench process ----
@@ -1146,6 +1286,9 @@ fn main() {
         }
         if wants("concurrent") {
             concurrent_section().await;
+        }
+        if wants("cluster") {
+            cluster_section().await;
         }
     });
 }
