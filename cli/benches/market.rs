@@ -210,8 +210,7 @@ async fn raw_quic_both_ways(bytes: usize) -> f64 {
 }
 
 async fn cluster_section() {
-    println!("
-cluster: 2 members on two provider daemons on loopback, each rank in its own worker process");
+    println!("\ncluster: 2 members on two provider daemons on loopback, each rank in its own worker process");
     let dir = tempfile::tempdir().unwrap();
     let l = start_scheduler(dir.path()).await;
     let cache = dir.path().join("cache");

@@ -463,8 +463,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         let loss = output.lines().find(|l| l.starts_with("final loss")).unwrap_or("").to_string();
         let cluster = view.cluster.clone().ok_or_else(|| anyhow!("cluster job {} has no members", s.id))?;
         say(format!(
-            "
-cluster job {}  cluster-train on {} GPUs, synchronous data parallel, in {:.0} ms; ring's slowest link {}",
+            "\ncluster job {}  cluster-train on {} GPUs, synchronous data parallel, in {:.0} ms; ring's slowest link {}",
             view.id,
             cluster.members.len(),
             t.elapsed().as_secs_f64() * 1e3,
