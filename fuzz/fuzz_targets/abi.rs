@@ -33,6 +33,7 @@ fuzz_target!(|program: &[u8]| {
         output_bytes: 1 << 20,
         log_bytes: 64 << 10,
         wgsl_bytes: 64 << 10,
+        net_bytes: 1 << 20,
     };
     let report = host.run_batch(module, program.to_vec(), &limits).expect("the driver is a batch job");
     // Whatever the calls, the host answers with an error code or a named limit; a host-side

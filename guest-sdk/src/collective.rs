@@ -16,8 +16,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A member that stops answering (its provider died) fails the collective on the others
-//! within 30 seconds; the job then ends, or the scheduler runs it again.
+//! A member whose provider dies fails the collective on the others once its link times out
+//! (10 seconds after its last packet); the job then ends, or the scheduler runs it again. A
+//! member computing between collectives is waited for, up to the job's wall time.
 
 use crate::{Buffer, Result, check, sys};
 

@@ -12,9 +12,12 @@
 //! A peer's frames are untrusted: each carries the call's kind, its number, the step, the chunk
 //! and the call's size, and each must be exactly the frame this member expects next, at exactly
 //! the length that chunk has, or the call fails saying which member sent what. Members whose
-//! calls differ (another size, another collective) fail the same way, on both sides. A member
-//! that sends nothing for [`Member::peer_timeout`] is reported silent. Every byte sent and
-//! received counts against the job's `net_bytes` limit.
+//! calls differ (another size, another collective, one call more) fail the same way, on both
+//! sides. A member waits for its peer as long as the call may run (a peer may compute for a
+//! long time between collectives); a peer that is gone shows as its link closing (in a worker,
+//! the daemon's QUIC link times out 10 s after the peer's last packet), and
+//! [`Member::with_peer_timeout`] sets a shorter wait. Every byte sent and received counts
+//! against the job's `net_bytes` limit.
 //!
 //! The result of an all-reduce is bit-identical on every member, whatever the compression: the
 //! finished segments travel the all-gather as their owner encoded them once, and the owner keeps
@@ -34,10 +37,6 @@ pub const HEADER: usize = 28;
 
 /// The largest frame a member ever sends: a header and a chunk of f32s.
 pub const MAX_FRAME: usize = HEADER + CHUNK_BYTES;
-
-/// How long a member waits for its peer before calling it silent, unless the call's own
-/// deadline comes first.
-pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -210,7 +209,7 @@ pub struct Member {
     sent: u64,
     received: u64,
     max_bytes: u64,
-    peer_timeout: Duration,
+    peer_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Member {
@@ -230,7 +229,7 @@ impl Member {
             sent: 0,
             received: 0,
             max_bytes: u64::MAX,
-            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            peer_timeout: None,
         }
     }
 
@@ -242,7 +241,7 @@ impl Member {
 
     /// How long to wait for a peer's frame before calling it silent.
     pub fn with_peer_timeout(mut self, timeout: Duration) -> Member {
-        self.peer_timeout = timeout;
+        self.peer_timeout = Some(timeout);
         self
     }
 
@@ -292,7 +291,7 @@ impl Member {
     fn recv(&mut self, want: Header, len: usize, deadline: Instant) -> Result<Vec<u8>, CollectiveError> {
         let rank = self.prev();
         let started = Instant::now();
-        let until = deadline.min(started + self.peer_timeout);
+        let until = self.peer_timeout.map_or(deadline, |t| deadline.min(started + t));
         let link = self.link.as_mut().ok_or(CollectiveError::Closed { rank })?;
         let frame = match link.recv(until) {
             Recv::Frame(f) => f,
@@ -316,7 +315,11 @@ impl Member {
             _ => return Err(bad(format!("unknown frame kind {kind:?}"))),
         };
         if call != want.call {
-            return Err(bad(format!("frame of call {call} where call {} was due", want.call)));
+            // Frames come in order: a peer ahead or behind made more or fewer calls.
+            return Err(CollectiveError::Mismatch(format!(
+                "rank {rank} is at its collective call {call}, this member (rank {}) at call {}",
+                self.rank, want.call
+            )));
         }
         if theirs != want.kind.name() {
             return Err(CollectiveError::Mismatch(format!(
@@ -777,7 +780,7 @@ mod tests {
             (vec![1, 2, 3], "shorter than a frame's header"),
             (rs_header(1, 8).encode(&vec![0; good_len + 4]), "20 bytes where 16"),
             (rs_header(1, 8).encode(&[0; 3]), "3 bytes where 16"),
-            (rs_header(9, 8).encode(&vec![0; good_len]), "call 9"),
+            (rs_header(9, 8).encode(&vec![0; good_len]), "at its collective call 9"),
             (
                 Header { kind: Kind::AllGather, ..rs_header(1, 8) }.encode(&vec![0; good_len]),
                 "all-gather frame of step 0",

@@ -203,12 +203,17 @@ enum PeerIn {
     Closed(String),
 }
 
+/// Most bytes of peer frames a job holds unread: a member before that runs this far ahead (a
+/// broadcast root in a loop, a hostile peer) ends the link rather than the worker's memory.
+const MAX_PEER_BUFFERED: usize = 256 << 20;
+
 /// Where the reader puts peer frames: a fresh channel per job, so a frame left over from one
-/// job never reaches the next.
+/// job never reaches the next; with the bytes waiting in it.
 #[derive(Clone, Default)]
 struct Peers {
     to_job: Arc<Mutex<Option<Sender<PeerIn>>>>,
     for_job: Arc<Mutex<Option<Receiver<PeerIn>>>>,
+    buffered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Peers {
@@ -216,12 +221,23 @@ impl Peers {
         let (tx, rx) = std::sync::mpsc::channel();
         *self.to_job.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
         *self.for_job.lock().unwrap_or_else(PoisonError::into_inner) = Some(rx);
+        self.buffered.store(0, Ordering::SeqCst);
     }
 
     fn deliver(&self, msg: PeerIn) {
-        if let Some(tx) = self.to_job.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            let _ = tx.send(msg);
-        }
+        let mut to_job = self.to_job.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(tx) = to_job.as_ref() else { return };
+        let msg = match msg {
+            PeerIn::Frame(f) if self.buffered.fetch_add(f.len(), Ordering::SeqCst) + f.len() > MAX_PEER_BUFFERED => {
+                // Nothing more is taken for this job: its link is as good as closed.
+                let why = format!("the member before sent more than {} MiB ahead of this one", MAX_PEER_BUFFERED >> 20);
+                let _ = tx.send(PeerIn::Closed(why));
+                *to_job = None;
+                return;
+            }
+            other => other,
+        };
+        let _ = tx.send(msg);
     }
 
     fn take(&self) -> Option<Receiver<PeerIn>> {
@@ -236,6 +252,7 @@ struct WorkerLink {
     from: Receiver<PeerIn>,
     cancel: Arc<AtomicBool>,
     closed: Option<String>,
+    buffered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl crate::collective::PeerLink for WorkerLink {
@@ -259,7 +276,10 @@ impl crate::collective::PeerLink for WorkerLink {
             }
             // Wake now and then to see a cancellation.
             match self.from.recv_timeout((until - now).min(Duration::from_millis(100))) {
-                Ok(PeerIn::Frame(f)) => return Recv::Frame(f),
+                Ok(PeerIn::Frame(f)) => {
+                    self.buffered.fetch_sub(f.len(), Ordering::SeqCst);
+                    return Recv::Frame(f);
+                }
                 Ok(PeerIn::Closed(why)) => self.closed = Some(why),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Recv::Closed,
@@ -405,7 +425,13 @@ impl Worker<'_> {
         let from = self.peers.take();
         let member = match (member, from) {
             (Some(m), Some(from)) if m.world > 1 && m.rank < m.world => {
-                let link = WorkerLink { out: self.out.clone(), from, cancel: self.cancel.clone(), closed: None };
+                let link = WorkerLink {
+                    out: self.out.clone(),
+                    from,
+                    cancel: self.cancel.clone(),
+                    closed: None,
+                    buffered: self.peers.buffered.clone(),
+                };
                 crate::collective::Member::new(m.rank, m.world, Box::new(link), limits.net_bytes)
             }
             (Some(m), _) if m.world > 1 => {

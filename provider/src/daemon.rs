@@ -638,6 +638,7 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
             pay: pay.as_mut(),
             links: links.as_mut(),
             net: NetCount { limit: net_limit, ..NetCount::default() },
+            pending_out: None,
         };
         // Whatever happens on the scheduler's stream, the worker goes back to the pool (or is
         // replaced): the pool never shrinks.
@@ -850,6 +851,9 @@ struct JobPump<'a> {
     /// A cluster member's links to its peers.
     links: Option<&'a mut crate::mesh::Links>,
     net: NetCount,
+    /// A frame for the next member waiting for room in its link: until it goes, nothing more is
+    /// read from the worker (cancels, deadlines and the member before still are).
+    pending_out: Option<Vec<u8>>,
 }
 
 /// What woke a job's pump.
@@ -858,6 +862,8 @@ enum Woke {
     Peer(crate::mesh::PeerEvent),
     Inbox(JobMsg),
     Actions(Vec<JobAction>),
+    /// Room in the link to the next member for the frame held back.
+    Room(Option<tokio::sync::mpsc::OwnedPermit<Vec<u8>>>),
 }
 
 /// A cluster member's bytes to and from its peers, as the daemon moved them, and their limit.
@@ -932,6 +938,14 @@ impl JobPump<'_> {
                 continue;
             }
             let wake = self.flow.next_wake();
+            let out = self.links.as_deref().map(|l| l.out.clone()).filter(|_| self.pending_out.is_some());
+            let room = async move {
+                match out {
+                    Some(out) => out.reserve_owned().await.ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let reading = self.pending_out.is_none();
             let links = self.links.as_deref_mut();
             let peer_in = async move {
                 match links {
@@ -940,7 +954,8 @@ impl JobPump<'_> {
                 }
             };
             let woke = tokio::select! {
-                msg = self.worker.recv() => Woke::Worker(msg),
+                msg = self.worker.recv(), if reading => Woke::Worker(msg),
+                permit = room => Woke::Room(permit),
                 Some(event) = peer_in => Woke::Peer(event),
                 () = cancel.flag.notified() => Woke::Actions(self.flow.on_cancel()),
                 () = tokio::time::sleep_until(wake.into()) => Woke::Actions(self.flow.on_deadline(Instant::now())),
@@ -949,11 +964,18 @@ impl JobPump<'_> {
             actions = match woke {
                 Woke::Actions(a) => a,
                 // A member's frame for the next member: counted, then moved.
-                Woke::Worker(Ok(FromWorker::Peer { bytes })) if self.links.is_some() => {
-                    self.forward_out(bytes, job_id).await
-                }
+                Woke::Worker(Ok(FromWorker::Peer { bytes })) if self.links.is_some() => self.forward_out(bytes, job_id),
                 Woke::Worker(msg) => self.flow.on_worker(msg, Instant::now()),
                 Woke::Peer(event) => self.forward_in(event).await,
+                Woke::Room(permit) => {
+                    match (permit, self.pending_out.take()) {
+                        (Some(permit), Some(bytes)) => {
+                            permit.send(bytes);
+                        }
+                        _ => log::info!("job {job_id}: the link to the next member is gone"),
+                    }
+                    Vec::new()
+                }
                 Woke::Inbox(msg) => {
                     if let (JobMsg::Voucher(v), Some(p)) = (msg, self.pay.as_deref_mut())
                         && let Some(sequence) = answer_voucher(self.send, p, &v).await?
@@ -966,17 +988,20 @@ impl JobPump<'_> {
         }
     }
 
-    /// The worker's frame for the next member, counted against the job's limit and sent.
-    async fn forward_out(&mut self, bytes: Vec<u8>, job_id: &str) -> Vec<JobAction> {
+    /// The worker's frame for the next member, counted against the job's limit and sent, or
+    /// held until its link has room (the pump never waits on it).
+    fn forward_out(&mut self, bytes: Vec<u8>, job_id: &str) -> Vec<JobAction> {
         if let Err(why) = self.net.add(true, bytes.len()) {
             return self.flow.stop_at_limit("net-bytes", why, Instant::now());
         }
-        let out = self.links.as_deref().map(|l| l.out.clone());
-        if let Some(out) = out
-            && out.send(bytes).await.is_err()
-        {
+        let Some(out) = self.links.as_deref().map(|l| &l.out) else { return Vec::new() };
+        match out.try_send(bytes) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(bytes)) => self.pending_out = Some(bytes),
             // The worker hears of it as its collective fails (the member after is gone).
-            log::info!("job {job_id}: the link to the next member is gone");
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                log::info!("job {job_id}: the link to the next member is gone");
+            }
         }
         Vec::new()
     }

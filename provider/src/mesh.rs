@@ -19,8 +19,9 @@ use proto::{Keypair, PublicKey};
 use quic::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot};
 
-/// How long a member waits for its links (the dial out, the member before dialling in).
-pub(crate) const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a member waits for its links (the dial out, the member before dialling in): long
+/// enough for every member's payment channel to be checked first (up to a minute each).
+pub(crate) const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Inbound links kept for a rank not started here yet (its `Run` may come after the member
 /// before dialled), and how long each is kept.
@@ -49,10 +50,18 @@ pub(crate) struct Mesh {
 }
 
 impl Mesh {
+    fn purge(slots: &mut HashMap<(String, u32), Slot>, now: Instant) {
+        slots.retain(|_, s| match s {
+            Slot::Parked(_, at) => now.duration_since(*at) <= PARKED_FOR,
+            Slot::Waiting(tx) => !tx.is_closed(),
+        });
+    }
+
     /// The link into `rank` of `job`, once the member before has dialled.
     fn expect(&self, job: &str, rank: u32) -> oneshot::Receiver<Inbound> {
         let (tx, rx) = oneshot::channel();
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::purge(&mut slots, Instant::now());
         match slots.remove(&(job.to_string(), rank)) {
             Some(Slot::Parked(inbound, _)) => {
                 let _ = tx.send(inbound);
@@ -75,11 +84,12 @@ impl Mesh {
     fn arrive(&self, job: &str, rank: u32, inbound: Inbound) -> Result<(), String> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        slots.retain(|_, s| !matches!(s, Slot::Parked(_, at) if now.duration_since(*at) > PARKED_FOR));
+        Self::purge(&mut slots, now);
         let key = (job.to_string(), rank);
+        let parked = slots.values().filter(|s| matches!(s, Slot::Parked(..))).count();
         match slots.remove(&key) {
             Some(Slot::Waiting(tx)) => tx.send(inbound).map_err(|_| "the member stopped waiting".to_string()),
-            _ if slots.len() >= MAX_PARKED => Err("too many cluster links waiting for their jobs".into()),
+            _ if parked >= MAX_PARKED => Err("too many cluster links waiting for their jobs".into()),
             _ => {
                 slots.insert(key, Slot::Parked(inbound, now));
                 Ok(())
@@ -114,6 +124,9 @@ pub(crate) async fn join(mesh: &Mesh, keypair: &Keypair, roster: &Roster, rank: 
     let world = roster.world();
     let (next, prev) = (ring_next(rank, world), ring_prev(rank, world));
     let incoming = mesh.expect(&ring_id(roster), rank);
+    // However the join ends (an error, a timeout, the job cancelled and this future dropped),
+    // the rank stops waiting.
+    let _forget = Forget { mesh, ring: ring_id(roster), rank };
     // A next member on this provider gets its frames handed over here: no connection (and none
     // needed, so a provider that takes no connections runs a cluster of its own GPUs).
     let local = roster.members.get(next as usize).is_some_and(|m| m.provider == keypair.public());
@@ -131,12 +144,8 @@ pub(crate) async fn join(mesh: &Mesh, keypair: &Keypair, roster: &Roster, rank: 
     .await;
     let (out, inbound) = match joined {
         Ok(Ok(j)) => j,
-        Ok(Err(e)) => {
-            mesh.forget(&ring_id(roster), rank);
-            return Err(e);
-        }
+        Ok(Err(e)) => return Err(e),
         Err(_) => {
-            mesh.forget(&ring_id(roster), rank);
             return Err(format!("rank {prev} did not connect within {JOIN_TIMEOUT:?} (or rank {next} did not answer)"));
         }
     };
@@ -182,6 +191,18 @@ pub(crate) async fn join(mesh: &Mesh, keypair: &Keypair, roster: &Roster, rank: 
     };
     tasks.push(crate::daemon::AbortOnDrop(reader));
     Ok(Links { out: out_tx, inbound: in_rx, _tasks: tasks, _conns: conns })
+}
+
+struct Forget<'a> {
+    mesh: &'a Mesh,
+    ring: String,
+    rank: u32,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.mesh.forget(&self.ring, self.rank);
+    }
 }
 
 /// The stream to the member after `rank`, which has taken this member's roster.
@@ -236,4 +257,38 @@ pub(crate) async fn accept(
     conn.authenticated();
     quic::write_msg(send, &SessionReply::PeerAccepted, CONTROL_CAP).await.map_err(|e| e.to_string())?;
     mesh.arrive(&ring_id(roster), to, Inbound::Quic { conn: conn.clone(), recv })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> Inbound {
+        Inbound::Local(mpsc::channel(1).1)
+    }
+
+    #[tokio::test]
+    async fn ranks_that_stop_waiting_are_forgotten_and_only_parked_links_are_capped() {
+        let mesh = Mesh::default();
+        // Ranks whose joins ended (their receivers dropped) hold nothing.
+        for rank in 0..(MAX_PARKED as u32 + 50) {
+            drop(mesh.expect("gone", rank));
+        }
+        mesh.arrive("job", 1, local()).unwrap();
+        // A rank that waits gets the link that arrives for it; one that came first is kept.
+        let waiting = mesh.expect("job", 0);
+        mesh.arrive("job", 0, local()).unwrap();
+        assert!(waiting.await.is_ok());
+        assert!(mesh.expect("job", 1).await.is_ok(), "the link parked before its rank's job came");
+        // Links for ranks not here yet are capped.
+        for rank in 0..MAX_PARKED as u32 {
+            mesh.arrive("early", rank, local()).unwrap();
+        }
+        assert!(mesh.arrive("late", 0, local()).unwrap_err().contains("too many"));
+        // A rank whose job ended stops waiting: a link for it then parks (and expires).
+        let w = mesh.expect("ended", 0);
+        mesh.forget("ended", 0);
+        drop(w);
+        assert!(mesh.slots.lock().unwrap().get(&("ended".to_string(), 0)).is_none());
+    }
 }
