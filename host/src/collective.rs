@@ -388,6 +388,19 @@ impl Member {
 
     /// `data` from rank `root` into every member's `data` (each member passes the chunks on).
     pub fn broadcast(&mut self, data: &mut [u8], root: u32, deadline: Instant) -> Result<(), CollectiveError> {
+        let whole = data.len() as u64;
+        self.broadcast_part(data, root, whole, deadline)
+    }
+
+    /// [`Member::broadcast`] of one part of a larger call of `whole` (what every frame names,
+    /// so members whose calls differ in size are found whatever the parts).
+    pub fn broadcast_part(
+        &mut self,
+        data: &mut [u8],
+        root: u32,
+        whole: u64,
+        deadline: Instant,
+    ) -> Result<(), CollectiveError> {
         if root >= self.world {
             return Err(CollectiveError::Mismatch(format!("root {root} of a {}-member cluster", self.world)));
         }
@@ -395,7 +408,7 @@ impl Member {
             return Ok(());
         }
         self.calls += 1;
-        let (size, call) = (data.len() as u64, self.calls);
+        let (size, call) = (whole, self.calls);
         let header = |chunk: usize| Header {
             kind: Kind::Broadcast,
             compression: 0,
@@ -427,6 +440,20 @@ impl Member {
         compression: Compression,
         deadline: Instant,
     ) -> Result<(), CollectiveError> {
+        let whole = data.len() as u64;
+        self.all_reduce_part(data, op, compression, whole, deadline)
+    }
+
+    /// [`Member::all_reduce`] of one part of a larger call of `whole` (what every frame names,
+    /// so members whose calls differ in size are found whatever the parts).
+    pub fn all_reduce_part(
+        &mut self,
+        data: &mut [f32],
+        op: ReduceOp,
+        compression: Compression,
+        whole: u64,
+        deadline: Instant,
+    ) -> Result<(), CollectiveError> {
         if self.world == 1 {
             return Ok(());
         }
@@ -439,7 +466,7 @@ impl Member {
             call,
             step: step as u32,
             chunk: chunk as u32,
-            size: n as u64,
+            size: whole,
         };
         let rank = self.rank as usize;
         let wrap = |s: isize| s.rem_euclid(world as isize) as usize;
@@ -742,6 +769,17 @@ mod tests {
         // The root of a broadcast only sends: the member that hears it finds the difference
         // (and the job ends with it).
         assert!(matches!(&got[0], Err(CollectiveError::Mismatch(m)) if m.contains("broadcast")), "{got:?}");
+    }
+
+    #[test]
+    fn parts_of_calls_of_different_sizes_do_not_pair_up() {
+        // One member's 128-value call in two parts of 64, the other's two calls of 64 values.
+        let got = each_member(2, |m| {
+            let mut part = vec![1.0; 64];
+            let whole = if m.rank() == 0 { 128 } else { 64 };
+            m.all_reduce_part(&mut part, ReduceOp::Sum, Compression::None, whole, soon())
+        });
+        assert!(got.iter().any(|r| matches!(r, Err(CollectiveError::Mismatch(m)) if m.contains("of 128"))), "{got:?}");
     }
 
     /// A scripted peer: answers each receive with the next frame (or nothing).

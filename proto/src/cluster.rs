@@ -13,11 +13,16 @@ use crate::msg::ModuleHash;
 /// Domain separation: a roster's signature is never mistaken for any other signed message.
 const DOMAIN: &[u8] = b"wasmgrid-cluster-roster-v1";
 
-/// The most members a roster may name.
-pub const MAX_MEMBERS: usize = 256;
+/// The most members a roster may name: a roster is a member's ticket, shown in the first frame
+/// of a link, which a provider reads before it knows the peer ([`crate::msg::OPEN_CAP`]), and
+/// the largest roster fits there.
+pub const MAX_MEMBERS: usize = 64;
 
-/// The longest job id and member address a roster carries.
+/// The longest job id a roster carries.
 const MAX_TEXT: usize = 128;
+
+/// The longest member address (`[IPv6]:port` is at most 47 bytes).
+const MAX_ADDR: usize = 64;
 
 /// One rank of a cluster job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,10 +151,11 @@ impl Roster {
         if self.members.is_empty() || self.members.len() > MAX_MEMBERS {
             return Err(RosterError::Malformed(format!("{} members (1 to {MAX_MEMBERS})", self.members.len())));
         }
-        if self.job_id.len() > MAX_TEXT
-            || self.members.iter().any(|m| m.addr.as_ref().is_some_and(|a| a.len() > MAX_TEXT))
-        {
-            return Err(RosterError::Malformed(format!("a job id or address over {MAX_TEXT} bytes")));
+        if self.job_id.len() > MAX_TEXT {
+            return Err(RosterError::Malformed(format!("a job id over {MAX_TEXT} bytes")));
+        }
+        if self.members.iter().any(|m| m.addr.as_ref().is_some_and(|a| a.len() > MAX_ADDR)) {
+            return Err(RosterError::Malformed(format!("an address over {MAX_ADDR} bytes")));
         }
         for (at, m) in self.members.iter().enumerate() {
             if m.rank as usize != at {
@@ -253,6 +259,27 @@ mod tests {
         assert!(matches!(huge.check(&s, &a.public(), 0), Err(RosterError::Malformed(_))));
         let long = Roster::issue(&sched, "j".repeat(MAX_TEXT + 1), [7; 32], members(&[&a]), 9);
         assert!(matches!(long.check(&s, &a.public(), 0), Err(RosterError::Malformed(_))));
+    }
+
+    #[test]
+    fn the_largest_roster_fits_the_first_frame_of_a_link() {
+        let sched = Keypair::generate();
+        let keys: Vec<Keypair> = (0..MAX_MEMBERS).map(|_| Keypair::generate()).collect();
+        let members = keys
+            .iter()
+            .zip(0u32..)
+            .map(|(k, rank)| RosterMember {
+                rank,
+                provider: k.public(),
+                gpu: u32::MAX,
+                addr: Some("9".repeat(MAX_ADDR)),
+            })
+            .collect();
+        let roster = Roster::issue(&sched, "j".repeat(MAX_TEXT), [0xff; 32], members, u64::MAX);
+        assert_eq!(roster.check(&sched.public(), &keys[0].public(), 0), Ok(vec![0]));
+        let hello = crate::msg::SessionMsg::Peer { roster: Box::new(roster), from_rank: u32::MAX };
+        let frame = crate::frame::encode(&hello, crate::msg::OPEN_CAP).expect("fits the first frame's cap");
+        assert!(frame.len() <= crate::msg::OPEN_CAP, "{} bytes", frame.len());
     }
 
     #[test]

@@ -2429,7 +2429,7 @@ mod tests {
     fn cluster_submissions_are_checked_and_a_cluster_of_one_is_a_plain_job() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = cluster_state(&dir, Config::default());
-        for (gpus, why) in [(0, "at least 2 GPUs"), (100_000, "at most 256 members"), (257, "at most 256")] {
+        for (gpus, why) in [(0, "at least 2 GPUs"), (100_000, "at most 64 members"), (65, "at most 64")] {
             let err = submit_cluster(&mut s, gpus, 0).unwrap_err();
             assert!(matches!(&err, SubmitError::Invalid(e) if e.contains(why)), "{gpus}: {err}");
         }

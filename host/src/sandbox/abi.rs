@@ -125,7 +125,9 @@ fn all_reduce(
             state.gpu.buffer_read(buffer, window_offset, &mut bytes, deadline)?;
             let mut values: Vec<f32> =
                 bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default())).collect();
-            state.member.all_reduce(&mut values, op, compression, deadline).map_err(collective_fatal)?;
+            // Every part names the whole call's size: members whose calls differ are found
+            // even where their parts would match.
+            state.member.all_reduce_part(&mut values, op, compression, n as u64, deadline).map_err(collective_fatal)?;
             for (c, v) in bytes.chunks_exact_mut(4).zip(&values) {
                 c.copy_from_slice(&v.to_le_bytes());
             }
@@ -152,7 +154,7 @@ fn broadcast(state: &mut JobState, buffer: i32, offset: i64, len: i64, root: i32
             if is_root {
                 state.gpu.buffer_read(buffer, window_offset, &mut bytes, deadline)?;
             }
-            state.member.broadcast(&mut bytes, root, deadline).map_err(collective_fatal)?;
+            state.member.broadcast_part(&mut bytes, root, n as u64, deadline).map_err(collective_fatal)?;
             if !is_root {
                 state.gpu.buffer_write(buffer, window_offset, &bytes, deadline)?;
             }

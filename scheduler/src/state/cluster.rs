@@ -641,13 +641,16 @@ impl State {
         .map(|m| m.job_id.clone())
     }
 
-    /// Whether job `id`'s output and log may be released: for a cluster job, whether the
-    /// member they come from is paid ([`JobView::paid`]; each member pays its own provider);
-    /// for any other job, whether it is.
+    /// Whether job `id`'s output and log may be released: for a cluster job, whether every
+    /// member of its last try is paid ([`JobView::paid`]; each member pays its own provider:
+    /// the output is every member's work, not only the rank it comes from); for any other job,
+    /// whether it is.
     pub fn released(&self, id: &str) -> bool {
-        match self.output_member(id) {
-            Some(member) => self.jobs.get(&member).is_some_and(|m| m.view.paid()),
-            None => self.jobs.get(id).is_some_and(|j| j.view.paid()),
+        let Some(job) = self.jobs.get(id) else { return false };
+        match (&job.view.cluster, self.output_member(id)) {
+            (Some(c), Some(_)) => c.members.iter().all(|m| self.jobs.get(&m.job_id).is_some_and(|j| j.view.paid())),
+            (_, Some(member)) => self.jobs.get(&member).is_some_and(|m| m.view.paid()),
+            (_, None) => job.view.paid(),
         }
     }
 }

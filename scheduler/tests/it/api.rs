@@ -269,7 +269,7 @@ async fn hostile_cluster_submissions_get_4xx_with_the_reason_and_members_read_on
         |cluster: Value| serde_json::to_vec(&serde_json::json!({ "module": module, "cluster": cluster })).unwrap();
     for (bad, code, why) in [
         (body(serde_json::json!({ "gpus": 0 })), 400, "at least 2 GPUs"),
-        (body(serde_json::json!({ "gpus": 100000 })), 400, "at most 256 members"),
+        (body(serde_json::json!({ "gpus": 100000 })), 400, "at most 64 members"),
         (body(serde_json::json!({ "gpus": 1, "nodes": 4 })), 422, "unknown field"),
         (body(serde_json::json!({ "gpus": -1 })), 422, "gpus"),
         (body(serde_json::json!({ "gpus": 2, "max_link_rtt_ms": "fast" })), 422, "max_link_rtt_ms"),
