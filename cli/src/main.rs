@@ -182,6 +182,12 @@ struct RunArgs {
     /// Write the job output to this file instead of printing it.
     #[arg(long, short, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Run a cluster job here as this many members (each its own sandbox on this GPU, linked
+    /// in a ring in this process), as `submit --gpus N` would across providers; the output is
+    /// rank 0's.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=proto::cluster::MAX_MEMBERS as i64))]
+    world: u32,
     #[command(flatten)]
     host: HostArgs,
     #[command(flatten)]
@@ -335,6 +341,8 @@ fn usage_json(u: &Usage) -> Value {
         "peak_gpu_bytes": u.peak_gpu_bytes,
         "gpu_time_ns": u.gpu_time_ns,
         "gpu_time_source": u.gpu_time_source.name(),
+        "net_bytes_sent": u.net_bytes_sent,
+        "net_bytes_received": u.net_bytes_received,
     })
 }
 
@@ -387,9 +395,47 @@ fn run(args: &RunArgs) -> Result<u8, Exit> {
     };
     let host = start_host(&args.host)?;
     let module = load(&host, &args.job)?;
-    let report = host
-        .run_batch(&module, input, &args.limits.limits())
-        .map_err(|e| bad_input(anyhow::anyhow!(e).context(format!("cannot run {}", args.job.display()))))?;
+    let limits = args.limits.limits();
+    let cannot =
+        |e: host::LoadError| bad_input(anyhow::anyhow!(e).context(format!("cannot run {}", args.job.display())));
+    let (report, members) = if args.world > 1 {
+        // Every member at once, each on a thread of its own; the job's report is rank 0's,
+        // or the first failing rank's.
+        let reports: Vec<Result<host::JobReport, host::LoadError>> = std::thread::scope(|s| {
+            let runs: Vec<_> = host::collective::local_ring(args.world)
+                .into_iter()
+                .zip(0..)
+                .map(|(link, rank)| {
+                    let (host, module, limits, input) = (&host, &module, &limits, input.clone());
+                    s.spawn(move || {
+                        let member = host::collective::Member::new(rank, args.world, link, limits.net_bytes);
+                        host.run_member(module, input, limits, |_| {}, None, member)
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .map(|r| r.join().unwrap_or_else(|_| Err(host::LoadError::Host("a member's thread panicked".into()))))
+                .collect()
+        });
+        let reports = reports.into_iter().collect::<Result<Vec<_>, _>>().map_err(cannot)?;
+        let members: Vec<Value> = reports
+            .iter()
+            .zip(0u32..)
+            .map(|(r, rank)| {
+                json!({
+                    "rank": rank,
+                    "status": if r.outcome.is_ok() { "ok" } else { "failed" },
+                    "error": r.outcome.as_ref().err().map(failure_json),
+                    "usage": usage_json(&r.usage),
+                })
+            })
+            .collect();
+        let shown = reports.iter().position(|r| r.outcome.is_err()).unwrap_or(0);
+        let report = reports.into_iter().nth(shown).ok_or_else(|| bad_input(anyhow::anyhow!("no member ran")))?;
+        (report, Some(members))
+    } else {
+        (host.run_batch(&module, input, &limits).map_err(cannot)?, None)
+    };
     if let Some(path) = &args.output {
         std::fs::write(path, &report.output)
             .with_context(|| format!("writing {}", path.display()))
@@ -406,6 +452,9 @@ fn run(args: &RunArgs) -> Result<u8, Exit> {
             obj.insert("error".into(), failure_json(f));
         }
         obj.insert("usage".into(), usage_json(&report.usage));
+        if let Some(m) = &members {
+            obj.insert("members".into(), json!(m));
+        }
         obj.insert("wall_time_ms".into(), json!(report.wall_time.as_secs_f64() * 1e3));
         match &args.output {
             Some(path) => {

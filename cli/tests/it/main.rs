@@ -155,6 +155,47 @@ fn bad_input_exits_2_with_a_clear_message() {
 }
 
 #[test]
+fn run_with_world_runs_a_cluster_job_here_and_its_members_agree() {
+    let env = Env::new();
+    let input = env.dir.path().join("train.txt");
+    std::fs::write(&input, "mode=sync steps=20 samples=256 features=4").unwrap();
+    let run = |world: &str| {
+        let out = env
+            .cmd(&[
+                "run",
+                sample_artifacts::CLUSTER_TRAIN,
+                "--input",
+                input.to_str().unwrap(),
+                "--world",
+                world,
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        json(&out)
+    };
+    let one = run("1");
+    let three = run("3");
+    assert!(three["output"].as_str().unwrap().contains("members 3"), "{three}");
+    let members = three["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert!(members.iter().all(|m| m["status"] == "ok" && m["usage"]["net_bytes_sent"].as_u64() > Some(0)));
+    assert!(one.get("members").is_none() && one["usage"]["net_bytes_sent"] == 0);
+    let weights = |v: &Value| -> Vec<f64> {
+        let out = v["output"].as_str().unwrap();
+        let line = out.lines().find_map(|l| l.strip_prefix("weights ")).unwrap();
+        line.split_whitespace().map(|w| w.parse().unwrap()).collect()
+    };
+    for (a, b) in weights(&one).iter().zip(weights(&three)) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{one} vs {three}");
+    }
+    // Out of range is bad input, said at once.
+    let out = env.cmd(&["run", sample_artifacts::CLUSTER_TRAIN, "--world", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[test]
 fn infer_serves_one_request_per_stdin_line() {
     let env = Env::new();
     let mut child = env
