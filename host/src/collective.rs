@@ -418,7 +418,12 @@ impl Member {
             size,
         };
         let forward = self.next() != root;
-        for (i, part) in data.chunks_mut(CHUNK_BYTES).enumerate() {
+        // An empty broadcast still sends its one (empty) chunk: every call shows on the wire, so
+        // members whose calls differ are found at that call.
+        let mut none: [u8; 0] = [];
+        let parts: Vec<&mut [u8]> =
+            if data.is_empty() { vec![&mut none[..]] } else { data.chunks_mut(CHUNK_BYTES).collect() };
+        for (i, part) in parts.into_iter().enumerate() {
             if self.rank == root {
                 self.send(header(i), part)?;
             } else {
@@ -468,6 +473,13 @@ impl Member {
             chunk: chunk as u32,
             size: whole,
         };
+        if n == 0 {
+            // Nothing to add up, but the call shows on the wire (one empty frame to the next
+            // member, one from the one before), so members whose calls differ are found here.
+            self.send(header(Kind::ReduceScatter, 0, 0), &[])?;
+            self.recv(header(Kind::ReduceScatter, 0, 0), 0, deadline)?;
+            return Ok(());
+        }
         let rank = self.rank as usize;
         let wrap = |s: isize| s.rem_euclid(world as isize) as usize;
         // Reduce-scatter: at step s send segment rank - s, add segment rank - s - 1 into ours.
@@ -769,6 +781,23 @@ mod tests {
         // The root of a broadcast only sends: the member that hears it finds the difference
         // (and the job ends with it).
         assert!(matches!(&got[0], Err(CollectiveError::Mismatch(m)) if m.contains("broadcast")), "{got:?}");
+    }
+
+    #[test]
+    fn an_empty_collective_shows_on_the_wire() {
+        let got = each_member(2, |m| {
+            let n = if m.rank() == 0 { 0 } else { 4 };
+            m.all_reduce(&mut vec![1.0; n], ReduceOp::Sum, Compression::None, soon())
+        });
+        assert!(got.iter().any(|r| matches!(r, Err(CollectiveError::Mismatch(_)))), "{got:?}");
+        let got = each_member(3, |m| {
+            m.all_reduce(&mut [], ReduceOp::Mean, Compression::Int8, soon())?;
+            m.broadcast(&mut [], 2, soon())?;
+            let mut v = [m.rank() as f32];
+            m.all_reduce(&mut v, ReduceOp::Sum, Compression::None, soon())?;
+            Ok::<_, CollectiveError>(v[0])
+        });
+        assert_eq!(got, vec![Ok(3.0); 3], "empty calls pair up and the next call still works");
     }
 
     #[test]

@@ -118,7 +118,8 @@ fn all_reduce(
     let n = collective_range(state, buffer, offset, len)?;
     timed(state, |state, deadline| {
         let mut at = 0usize;
-        while at < n {
+        // At least once: an empty call shows on the wire too.
+        while at < n || at == 0 {
             let size = (n - at).min(COLLECTIVE_WINDOW);
             let window_offset = offset.saturating_add(at as i64);
             let mut bytes = vec![0u8; size];
@@ -133,6 +134,9 @@ fn all_reduce(
             }
             state.gpu.buffer_write(buffer, window_offset, &bytes, deadline)?;
             at += size;
+            if size == 0 {
+                break;
+            }
         }
         Ok(0)
     })
@@ -147,7 +151,8 @@ fn broadcast(state: &mut JobState, buffer: i32, offset: i64, len: i64, root: i32
     let is_root = state.member.rank() == root;
     timed(state, |state, deadline| {
         let mut at = 0usize;
-        while at < n {
+        // At least once: an empty call shows on the wire too.
+        while at < n || at == 0 {
             let size = (n - at).min(COLLECTIVE_WINDOW);
             let window_offset = offset.saturating_add(at as i64);
             let mut bytes = vec![0u8; size];
@@ -159,6 +164,9 @@ fn broadcast(state: &mut JobState, buffer: i32, offset: i64, len: i64, root: i32
                 state.gpu.buffer_write(buffer, window_offset, &bytes, deadline)?;
             }
             at += size;
+            if size == 0 {
+                break;
+            }
         }
         Ok(0)
     })
