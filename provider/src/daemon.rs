@@ -608,6 +608,8 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
     // A worker that dies before it takes the job (one that died idle, say) is the provider's
     // failure: another worker gets the job, once.
     let mut tries = 0;
+    // What a member moved counts over the whole job, a second worker's try included.
+    let mut moved = NetCount::default();
     let (mut result, slices) = loop {
         tries += 1;
         let worker = match shared.pool.take().await {
@@ -637,13 +639,14 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
             shared,
             pay: pay.as_mut(),
             links: links.as_mut(),
-            net: NetCount { limit: net_limit, ..NetCount::default() },
+            net: NetCount { limit: net_limit, ..std::mem::take(&mut moved) },
             pending_out: None,
         };
         // Whatever happens on the scheduler's stream, the worker goes back to the pool (or is
         // replaced): the pool never shrinks.
         let end = job.pump(actions, &cancel, &job_id, module_hash).await;
         let JobPump { flow, worker, net, .. } = job;
+        moved = NetCount { sent: net.sent, received: net.received, limit: net.limit };
         let (result, reusable) = match end {
             Ok((mut result, reusable)) => {
                 // What a member moved is what this daemon counted, not what its worker says.
