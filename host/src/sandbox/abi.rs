@@ -83,6 +83,16 @@ fn timed<T>(state: &mut JobState, f: impl FnOnce(&mut JobState, Instant) -> T) -
 /// windows of this size, each its own collective (every member splits the same way).
 const COLLECTIVE_WINDOW: usize = 64 << 20;
 
+/// The windows a collective of `n` bytes at `offset` goes in: (offset, size) each, and one
+/// empty window for an empty call, which still shows on the wire.
+fn windows(offset: i64, n: usize) -> impl Iterator<Item = (i64, usize)> {
+    let count = n.div_ceil(COLLECTIVE_WINDOW).max(1);
+    (0..count).map(move |i| {
+        let at = i * COLLECTIVE_WINDOW;
+        (offset.saturating_add(at as i64), (n - at).min(COLLECTIVE_WINDOW))
+    })
+}
+
 /// A collective's failure: the job ends, saying why.
 fn collective_fatal(e: CollectiveError) -> CallError {
     CallError::Fatal(match e {
@@ -117,11 +127,7 @@ fn all_reduce(
         .ok_or_else(|| GuestError::new(ErrorCode::InvalidArgument, format!("unknown compression {compression}")))?;
     let n = collective_range(state, buffer, offset, len)?;
     timed(state, |state, deadline| {
-        let mut at = 0usize;
-        // At least once: an empty call shows on the wire too.
-        while at < n || at == 0 {
-            let size = (n - at).min(COLLECTIVE_WINDOW);
-            let window_offset = offset.saturating_add(at as i64);
+        for (window_offset, size) in windows(offset, n) {
             let mut bytes = vec![0u8; size];
             state.gpu.buffer_read(buffer, window_offset, &mut bytes, deadline)?;
             let mut values: Vec<f32> =
@@ -133,10 +139,6 @@ fn all_reduce(
                 c.copy_from_slice(&v.to_le_bytes());
             }
             state.gpu.buffer_write(buffer, window_offset, &bytes, deadline)?;
-            at += size;
-            if size == 0 {
-                break;
-            }
         }
         Ok(0)
     })
@@ -150,11 +152,7 @@ fn broadcast(state: &mut JobState, buffer: i32, offset: i64, len: i64, root: i32
     let n = collective_range(state, buffer, offset, len)?;
     let is_root = state.member.rank() == root;
     timed(state, |state, deadline| {
-        let mut at = 0usize;
-        // At least once: an empty call shows on the wire too.
-        while at < n || at == 0 {
-            let size = (n - at).min(COLLECTIVE_WINDOW);
-            let window_offset = offset.saturating_add(at as i64);
+        for (window_offset, size) in windows(offset, n) {
             let mut bytes = vec![0u8; size];
             if is_root {
                 state.gpu.buffer_read(buffer, window_offset, &mut bytes, deadline)?;
@@ -162,10 +160,6 @@ fn broadcast(state: &mut JobState, buffer: i32, offset: i64, len: i64, root: i32
             state.member.broadcast_part(&mut bytes, root, n as u64, deadline).map_err(collective_fatal)?;
             if !is_root {
                 state.gpu.buffer_write(buffer, window_offset, &bytes, deadline)?;
-            }
-            at += size;
-            if size == 0 {
-                break;
             }
         }
         Ok(0)
@@ -377,6 +371,15 @@ pub(crate) fn add_to_linker(linker: &mut Linker<JobState>) -> wasmtime::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn collectives_go_in_windows_and_an_empty_one_in_one() {
+        let w = COLLECTIVE_WINDOW;
+        assert_eq!(windows(8, 0).collect::<Vec<_>>(), vec![(8, 0)]);
+        assert_eq!(windows(0, 4).collect::<Vec<_>>(), vec![(0, 4)]);
+        assert_eq!(windows(4, w + 8).collect::<Vec<_>>(), vec![(4, w), (4 + w as i64, 8)]);
+        assert_eq!(windows(0, 2 * w).count(), 2);
+    }
 
     #[test]
     fn ranges_are_checked_without_overflow() {
