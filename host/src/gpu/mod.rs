@@ -711,18 +711,14 @@ impl JobGpu {
             if let Some(e) = err {
                 return Err(gpu_error("reading a buffer", &e).into());
             }
-            let mapped = Arc::new(Mutex::new(None));
-            let slot = mapped.clone();
+            let (tx, mapped) = std::sync::mpsc::sync_channel(1);
             staging.slice(..n).map_async(wgpu::MapMode::Read, move |r| {
-                *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+                let _ = tx.send(r);
             });
             self.wait(index, deadline)?;
             // Staged writes went out with this submission and are done.
             self.staged = 0;
-            // The map callback runs during the poll that saw the copy finish; poll once more in
-            // case it was queued behind it.
-            poll_now(&self.ctx);
-            match mapped.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            match map_done(&self.ctx, &mapped, deadline) {
                 Some(Ok(())) => {}
                 Some(Err(e)) => return Err(Fatal::Host(format!("mapping a readback buffer failed: {e}")).into()),
                 None => return Err(Fatal::Host("a readback buffer was never mapped".into()).into()),
@@ -1066,21 +1062,20 @@ impl JobGpu {
         }
         let (index, readback) = out;
         let stamps = readback.map(|buffer| {
-            let slot = Arc::new(Mutex::new(None));
-            let s = slot.clone();
-            buffer
-                .slice(..)
-                .map_async(wgpu::MapMode::Read, move |r| *s.lock().unwrap_or_else(PoisonError::into_inner) = Some(r));
-            (buffer, slot)
+            let (tx, mapped) = std::sync::mpsc::sync_channel(1);
+            buffer.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            (buffer, mapped)
         });
         self.wait(index, deadline)?;
         // Staged writes went out with this submission and are done.
         self.staged = 0;
         let wall_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        poll_now(&self.ctx);
-        let gpu_ns = stamps.and_then(|(buffer, slot)| {
-            let mapped = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if !matches!(mapped, Some(Ok(()))) {
+        let gpu_ns = stamps.and_then(|(buffer, mapped)| {
+            // Timestamps not there soon are metered as wall time instead.
+            let until = Instant::now() + STAMP_WAIT;
+            if !matches!(map_done(&self.ctx, &mapped, until.min(deadline)), Some(Ok(()))) {
                 return None;
             }
             let ns = {
@@ -1201,6 +1196,28 @@ fn compile_pipeline(
 
 /// Polls `ctx` once without waiting. wgpu panics on a device error while polling; that is
 /// taken for a lost device.
+/// How long a submission's timestamps may take to map once it finished.
+const STAMP_WAIT: Duration = Duration::from_millis(50);
+
+/// The result of a map whose submission has finished, polling until `until`. Its callback
+/// runs in some thread's poll: maybe this one's, maybe another job's on the same device that
+/// took it up first and has yet to call it, so it is waited for rather than expected at once.
+/// `None`: it did not come in time, or its callback was dropped uncalled.
+fn map_done(
+    ctx: &DeviceCtx,
+    mapped: &std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
+    until: Instant,
+) -> Option<Result<(), wgpu::BufferAsyncError>> {
+    loop {
+        poll_now(ctx);
+        match mapped.recv_timeout(Duration::from_millis(1)) {
+            Ok(r) => return Some(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < until => {}
+            Err(_) => return None,
+        }
+    }
+}
+
 fn poll_now(ctx: &DeviceCtx) {
     if let Err(panic) = ctx.poll(wgpu::PollType::Poll) {
         ctx.lost.set(panic);
