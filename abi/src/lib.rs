@@ -93,7 +93,23 @@ pub mod func {
     /// [`REDUCE_MEAN`](super::REDUCE_MEAN)), the result in every member's range, identical on
     /// all of them; sent as `compression` ([`COMPRESS_NONE`](super::COMPRESS_NONE), ...).
     pub const ALL_REDUCE: &str = "all_reduce";
+    /// `(src: i32, len: i32, step: i64) -> i32`: saves `len` bytes as the job's checkpoint at
+    /// `step` (the kernel's own count, at least 0): if the job's provider is lost, its next try
+    /// resumes from the newest one saved. At most [`MAX_CHECKPOINT`](super::MAX_CHECKPOINT)
+    /// bytes.
+    pub const CHECKPOINT_SAVE: &str = "checkpoint_save";
+    /// `() -> i64`: the step of the checkpoint this try resumes from, or -1 when it starts
+    /// afresh.
+    pub const CHECKPOINT_STEP: &str = "checkpoint_step";
+    /// `() -> i64`: the length in bytes of the checkpoint this try resumes from (-1: none).
+    pub const CHECKPOINT_LEN: &str = "checkpoint_len";
+    /// `(dst: i32, len: i32, offset: i64) -> i32`: copies checkpoint bytes from `offset`;
+    /// returns the count copied (0 at the end).
+    pub const CHECKPOINT_READ: &str = "checkpoint_read";
 }
+
+/// The largest checkpoint `checkpoint_save` takes.
+pub const MAX_CHECKPOINT: u64 = 16 << 20;
 
 /// Every host function of this ABI version. The host links exactly these; CI checks that built
 /// samples import nothing else from [`IMPORT_MODULE`].
@@ -116,6 +132,10 @@ pub const IMPORTS: &[Import] = &[
     Import { name: func::BARRIER, params: &[], results: &[I32] },
     Import { name: func::BROADCAST, params: &[I32, I64, I64, I32], results: &[I32] },
     Import { name: func::ALL_REDUCE, params: &[I32, I64, I64, I32, I32], results: &[I32] },
+    Import { name: func::CHECKPOINT_SAVE, params: &[I32, I32, I64], results: &[I32] },
+    Import { name: func::CHECKPOINT_STEP, params: &[], results: &[I64] },
+    Import { name: func::CHECKPOINT_LEN, params: &[], results: &[I64] },
+    Import { name: func::CHECKPOINT_READ, params: &[I32, I32, I64], results: &[I32] },
 ];
 
 /// Looks up a host function of this ABI version by name.

@@ -1,5 +1,6 @@
 //! `wasmgrid`: the one binary users run.
 
+mod checkpoint_file;
 mod demo;
 mod market;
 mod money;
@@ -188,6 +189,11 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=proto::cluster::MAX_MEMBERS as i64))]
     world: u32,
+    /// Keep the job's checkpoints in this file: a run that finds it resumes from it, and the
+    /// newest checkpoint the job saves replaces it (as a cluster job's next try would resume
+    /// on the market).
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
     #[command(flatten)]
     host: HostArgs,
     #[command(flatten)]
@@ -398,6 +404,17 @@ fn run(args: &RunArgs) -> Result<u8, Exit> {
     let limits = args.limits.limits();
     let cannot =
         |e: host::LoadError| bad_input(anyhow::anyhow!(e).context(format!("cannot run {}", args.job.display())));
+    let resume = match &args.checkpoint {
+        Some(path) => checkpoint_file::read(path).map_err(bad_input)?,
+        None => None,
+    };
+    let resumed_from = resume.as_ref().map(|c| c.step);
+    let saves = checkpoint_file::Saves::new(args.checkpoint.clone());
+    let context = |member: host::collective::Member| host::JobContext {
+        cancel: None,
+        member,
+        checkpoints: host::checkpoint::Checkpoints::new(resume.clone(), saves.sink()),
+    };
     let (report, members) = if args.world > 1 {
         // Every member at once, each on a thread of its own; the job's report is rank 0's,
         // or the first failing rank's.
@@ -407,10 +424,8 @@ fn run(args: &RunArgs) -> Result<u8, Exit> {
                 .zip(0..)
                 .map(|(link, rank)| {
                     let (host, module, limits, input) = (&host, &module, &limits, input.clone());
-                    s.spawn(move || {
-                        let member = host::collective::Member::new(rank, args.world, link, limits.net_bytes);
-                        host.run_member(module, input, limits, |_| {}, None, member)
-                    })
+                    let context = context(host::collective::Member::new(rank, args.world, link, limits.net_bytes));
+                    s.spawn(move || host.run_job(module, input, limits, |_| {}, context))
                 })
                 .collect();
             runs.into_iter()
@@ -434,8 +449,10 @@ fn run(args: &RunArgs) -> Result<u8, Exit> {
         let report = reports.into_iter().nth(shown).ok_or_else(|| bad_input(anyhow::anyhow!("no member ran")))?;
         (report, Some(members))
     } else {
-        (host.run_batch(&module, input, &limits).map_err(cannot)?, None)
+        let context = context(host::collective::Member::solo());
+        (host.run_job(&module, input, &limits, |_| {}, context).map_err(cannot)?, None)
     };
+    saves.finish().map_err(bad_input)?;
     if let Some(path) = &args.output {
         std::fs::write(path, &report.output)
             .with_context(|| format!("writing {}", path.display()))
@@ -454,6 +471,16 @@ fn run(args: &RunArgs) -> Result<u8, Exit> {
         obj.insert("usage".into(), usage_json(&report.usage));
         if let Some(m) = &members {
             obj.insert("members".into(), json!(m));
+        }
+        if args.checkpoint.is_some() {
+            obj.insert(
+                "checkpoint".into(),
+                json!({
+                    "resumed_from_step": resumed_from,
+                    "saved": report.checkpoints_saved,
+                    "newest_step": report.newest_checkpoint_step,
+                }),
+            );
         }
         obj.insert("wall_time_ms".into(), json!(report.wall_time.as_secs_f64() * 1e3));
         match &args.output {

@@ -1,4 +1,4 @@
-//! Drives every host function of the ABI with arbitrary calls and arguments, from inside a real
+//! Drives every host function of the ABI (checkpoints too) with arbitrary calls and arguments, from inside a real
 //! sandbox on the real GPU: the fuzz input is the program of the `fuzz-driver` guest.
 //! Run: `scripts/fuzz.sh 60` (or `cargo +nightly fuzz run abi --sanitizer none` in `fuzz/`).
 #![no_main]
@@ -35,7 +35,17 @@ fuzz_target!(|program: &[u8]| {
         wgsl_bytes: 64 << 10,
         net_bytes: 1 << 20,
     };
-    let report = host.run_batch(module, program.to_vec(), &limits).expect("the driver is a batch job");
+    // Half the programs run as a try that resumes from a checkpoint (the program's own first
+    // bytes), so that reads of one reach the host's checks too.
+    let resume = (program.len() % 2 == 1).then(|| host::checkpoint::Checkpoint {
+        step: program.len() as u64,
+        bytes: program.get(..program.len().min(64)).unwrap_or_default().to_vec(),
+    });
+    let context = host::JobContext {
+        checkpoints: host::checkpoint::Checkpoints::new(resume, Some(Box::new(|_| {}))),
+        ..host::JobContext::default()
+    };
+    let report = host.run_job(module, program.to_vec(), &limits, |_| {}, context).expect("the driver is a batch job");
     // Whatever the calls, the host answers with an error code or a named limit; a host-side
     // failure (a lost device, a poisoned state) is a bug.
     if let Err(Failure::Host(message)) = &report.outcome {

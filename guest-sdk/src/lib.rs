@@ -2,6 +2,7 @@
 // `chunks_exact(4)` makes every index below in range, and a panic in a guest ends only its own job.
 #![allow(clippy::indexing_slicing)]
 
+pub mod checkpoint;
 pub mod collective;
 pub mod raw;
 mod sys;
@@ -86,11 +87,19 @@ pub fn input() -> Result<Vec<u8>> {
     let total = sys::input_len();
     let total = usize::try_from(total)
         .map_err(|_| Error::Host { code: ErrorCode::InvalidArgument, message: last_error_message() })?;
+    // A closure: on wasm32 the import is an `extern "C"` fn, which is not `Fn`.
+    #[allow(clippy::redundant_closure)]
+    read_all(total, |d, l, o| sys::input_read(d, l, o))
+}
+
+/// Reads `total` bytes through a host function shaped like `input_read` (`dst, len, offset`),
+/// fewer if it ends early.
+fn read_all(total: usize, read: impl Fn(i32, i32, i64) -> i32) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; total];
     let mut done = 0usize;
     while done < total {
         let rest = &mut buf[done..];
-        let n = check(sys::input_read(sys::addr(rest.as_mut_ptr()), sys::len(rest.len()), done as i64))?;
+        let n = check(read(sys::addr(rest.as_mut_ptr()), sys::len(rest.len()), done as i64))?;
         if n == 0 {
             break;
         }

@@ -69,3 +69,21 @@ pub fn pipeline_destroy(pipeline: i32) -> i32 {
 pub fn submit(descs: i32, count: i32) -> i32 {
     sys::submit(descs, count)
 }
+
+pub fn checkpoint_save(src: i32, len: i32, step: i64) -> i32 {
+    sys::checkpoint_save(src, len, step)
+}
+
+pub fn checkpoint_step() -> i64 {
+    sys::checkpoint_step()
+}
+
+pub fn checkpoint_len() -> i64 {
+    sys::checkpoint_len()
+}
+
+/// # Safety
+/// `dst..dst + len` must be memory the caller owns and may overwrite.
+pub unsafe fn checkpoint_read(dst: i32, len: i32, offset: i64) -> i32 {
+    sys::checkpoint_read(dst, len, offset)
+}

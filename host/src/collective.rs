@@ -218,6 +218,12 @@ impl std::fmt::Debug for Member {
     }
 }
 
+impl Default for Member {
+    fn default() -> Member {
+        Member::solo()
+    }
+}
+
 impl Member {
     /// The one member of a job on one GPU: every collective is the identity.
     pub fn solo() -> Member {

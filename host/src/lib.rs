@@ -2,6 +2,7 @@
 
 #[doc(hidden)]
 pub mod bench;
+pub mod checkpoint;
 pub mod collective;
 mod error;
 mod gpu;
@@ -14,6 +15,6 @@ pub use gpu::{AdapterChoice, AdapterSummary, list_adapters};
 pub use limits::{LimitKind, Limits};
 pub use meter::{GpuTimeSource, Usage};
 pub use sandbox::{
-    Failure, Host, HostConfig, HostError, Inference, JobKind, JobModule, JobReport, LoadError, LogWatch, Service,
-    StartError, StartFailed,
+    Failure, Host, HostConfig, HostError, Inference, JobContext, JobKind, JobModule, JobReport, LoadError, LogWatch,
+    Service, StartError, StartFailed,
 };

@@ -351,9 +351,9 @@ impl Worker<'_> {
                     let gflops = self.host.benchmark_gflops();
                     self.out.send(&FromWorker::Benchmarked { gflops })?;
                 }
-                ToWorker::Job { job_id, module_hash, input, limits, member } => {
+                ToWorker::Job { job_id, module_hash, input, limits, member, checkpoint } => {
                     self.out.send(&FromWorker::Accepted)?;
-                    self.job(&job_id, module_hash, input, &limits, member)?;
+                    self.job(&job_id, module_hash, input, &limits, member, checkpoint.map(|c| *c))?;
                 }
                 ToWorker::Service { module_hash, init_input, limits } => {
                     self.out.send(&FromWorker::Accepted)?;
@@ -420,6 +420,7 @@ impl Worker<'_> {
         input: Vec<u8>,
         wire: &JobLimits,
         member: Option<WorkerMember>,
+        resume: Option<crate::checkpoint::Checkpoint>,
     ) -> Result<(), WorkerError> {
         let limits = limits_from(wire);
         let from = self.peers.take();
@@ -451,7 +452,18 @@ impl Worker<'_> {
         // Dropping `stop` wakes the streamer at once: the job's end does not wait out a tick.
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let mut streamer = None;
-        let report = self.host.run_member(
+        // Every save goes to the daemon as it is made; the daemon decides what reaches the
+        // scheduler. A pipe that is gone ends the job at its next frame anyway.
+        let out = self.out.clone();
+        let sink: crate::checkpoint::CheckpointSink = Box::new(move |c| {
+            let _ = out.send(&FromWorker::Checkpoint(Box::new(c)));
+        });
+        let context = crate::JobContext {
+            cancel: Some(self.cancel.clone()),
+            member,
+            checkpoints: crate::checkpoint::Checkpoints::new(resume, Some(sink)),
+        };
+        let report = self.host.run_job(
             &module,
             input,
             &limits,
@@ -474,8 +486,7 @@ impl Worker<'_> {
                     })
                     .ok();
             },
-            Some(self.cancel.clone()),
-            member,
+            context,
         );
         drop(stop);
         // The log went in pieces while the job ran; the final report carries it whole.

@@ -146,6 +146,24 @@ pub struct Attempt {
     pub ended_at_ms: Option<u64>,
     /// Why this try ended without a result (the provider went offline, declined), if it did.
     pub error: Option<String>,
+    /// The step of the checkpoint this try was given to resume from, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<u64>,
+}
+
+/// The newest checkpoint a running job saved: what its next try resumes from. The bytes stay
+/// with the scheduler; the record shows what they are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointView {
+    pub step: u64,
+    pub bytes: u64,
+    /// SHA-256 of the bytes, in hex.
+    pub sha256: String,
+    pub saved_at_ms: u64,
+    /// Who saved it: the provider, and the rank in a cluster job.
+    pub provider: PublicKey,
+    #[serde(default)]
+    pub rank: Option<u32>,
 }
 
 /// `GET /v1/jobs/{id}`: everything about a job but its output bytes.
@@ -194,6 +212,10 @@ pub struct JobView {
     /// On a cluster member's own record: the cluster job it is a rank of.
     #[serde(default)]
     pub member_of: Option<String>,
+    /// The newest checkpoint the job saved (a cluster job's: any rank's), while it may still
+    /// be needed: dropped when the job ends.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointView>,
 }
 
 impl JobView {

@@ -6,7 +6,7 @@
 //!   [`SchedulerMsg::Refused`];
 //! - the scheduler opens one bidirectional stream per job: [`JobMsg::Run`]; the host may ask
 //!   [`JobReply::NeedModule`] and gets [`JobMsg::Module`]; it answers [`JobReply::Started`],
-//!   [`JobReply::Finished`].
+//!   may send [`JobReply::Checkpoint`]s, and ends with [`JobReply::Finished`].
 
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +14,24 @@ use crate::identity::PublicKey;
 
 /// Cap for a frame carrying a module, a job input or a job result.
 pub const BLOB_CAP: usize = 64 << 20;
+
+/// The largest checkpoint a job may save: what its retry resumes from.
+pub const CHECKPOINT_CAP: usize = 16 << 20;
+
+/// Cap for a frame on a job stream: a job's input and the checkpoint it resumes from, or its
+/// result, with headroom for the fields.
+pub const JOB_FRAME_CAP: usize = BLOB_CAP + CHECKPOINT_CAP + (1 << 20);
+
+/// A job's saved state, as its kernel saved it (`wasmgrid::checkpoint::save`): `step` is the
+/// kernel's own count of its progress (shown in the job record, the newest kept), `bytes`
+/// whatever the kernel needs to go on from there (parameters, optimiser state, data
+/// position). The scheduler keeps a job's newest and hands it to the job's next try.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub step: u64,
+    #[serde(with = "bytes")]
+    pub bytes: Vec<u8>,
+}
 
 /// SHA-256 of a module's bytes: the name it is cached and fetched by.
 pub type ModuleHash = [u8; 32];
@@ -379,6 +397,9 @@ pub enum JobMsg {
         /// For one rank of a cluster job: which rank, and the scheduler's signed roster.
         #[serde(default)]
         member: Option<Box<crate::cluster::MemberAssign>>,
+        /// The checkpoint an earlier try saved, for this try to resume from.
+        #[serde(default)]
+        checkpoint: Option<Box<Checkpoint>>,
     },
     Module {
         #[serde(with = "bytes")]
@@ -402,6 +423,9 @@ pub enum JobReply {
         bytes: Vec<u8>,
     },
     Finished(Box<JobResult>),
+    /// The running job saved a checkpoint (at most one a second reaches the scheduler: the
+    /// provider holds back all but the newest of those in between).
+    Checkpoint(Box<Checkpoint>),
     /// The host cannot take the job (full, module refused); the scheduler places it again.
     Declined {
         reason: String,
@@ -490,6 +514,7 @@ mod tests {
             limits: JobLimits::default(),
             renter: None,
             member: None,
+            checkpoint: None,
         };
         let frame = encode(&run, BLOB_CAP).unwrap();
         // Binary stays binary: 10,000 input bytes cost 10,000 bytes plus a small header.

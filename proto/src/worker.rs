@@ -20,10 +20,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::msg::{BLOB_CAP, FailureKind, GpuInfo, JobLimits, JobResult, ModuleHash, WireUsage, bytes};
+use crate::msg::{
+    BLOB_CAP, CHECKPOINT_CAP, Checkpoint, FailureKind, GpuInfo, JobLimits, JobResult, ModuleHash, WireUsage, bytes,
+};
 
-/// Cap of one frame either way: a module, an input, an output, plus headroom for the fields.
-pub const WORKER_CAP: usize = BLOB_CAP + (1 << 20);
+/// Cap of one frame either way: a module, an input and a checkpoint, an output, plus headroom
+/// for the fields.
+pub const WORKER_CAP: usize = BLOB_CAP + CHECKPOINT_CAP + (1 << 20);
 
 /// Daemon to worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +44,9 @@ pub enum ToWorker {
         /// go out as [`FromWorker::Peer`] and come in as [`ToWorker::Peer`].
         #[serde(default)]
         member: Option<WorkerMember>,
+        /// The checkpoint an earlier try saved, for the kernel to resume from.
+        #[serde(default)]
+        checkpoint: Option<Box<Checkpoint>>,
     },
     /// Start an inference service: load the module, run its `init`.
     Service {
@@ -138,6 +144,8 @@ pub enum FromWorker {
     },
     /// The service ended; the worker is ready for the next tenant.
     Idle,
+    /// The running job saved a checkpoint (at most [`CHECKPOINT_CAP`] bytes).
+    Checkpoint(Box<Checkpoint>),
     /// A frame for the member after this one in the ring (the running cluster job's).
     Peer {
         #[serde(with = "bytes")]
@@ -170,6 +178,7 @@ mod tests {
             input: vec![1; 1000],
             limits: JobLimits::default(),
             member: Some(WorkerMember { rank: 1, world: 2 }),
+            checkpoint: Some(Box::new(Checkpoint { step: 7, bytes: vec![9; 100] })),
         };
         let frame = encode(&job, WORKER_CAP).unwrap();
         assert_eq!(decode_body::<ToWorker>(&frame[4..]).unwrap(), job);

@@ -511,8 +511,8 @@ impl Drop for AbortOnDrop {
 }
 
 async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) -> Result<(), quic::QuicError> {
-    let Some(JobMsg::Run { job_id, module_hash, input, limits, renter, member }) =
-        quic::read_msg::<JobMsg>(&mut recv, BLOB_CAP).await?
+    let Some(JobMsg::Run { job_id, module_hash, input, limits, renter, member, checkpoint }) =
+        quic::read_msg::<JobMsg>(&mut recv, proto::msg::JOB_FRAME_CAP).await?
     else {
         return Ok(());
     };
@@ -625,6 +625,7 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
             limits.clone(),
             &defaults,
             worker_member,
+            checkpoint.clone(),
             Instant::now(),
         );
         if let Some(config) = shared.payment.as_ref().filter(|_| pay.is_some()) {

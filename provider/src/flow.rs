@@ -6,13 +6,17 @@
 
 use std::time::{Duration, Instant};
 
-use proto::msg::{FailureKind, JobLimits, JobReply, JobResult, Outcome};
+use proto::msg::{CHECKPOINT_CAP, Checkpoint, FailureKind, JobLimits, JobReply, JobResult, Outcome};
 use proto::worker::{FromWorker, ToWorker};
 
 use crate::pool::WorkerDied;
 
 /// How long a worker past its job's wall time has to end the job itself before it is killed.
 pub(crate) const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// At most one checkpoint a job saves goes to the scheduler in this time: of the saves in
+/// between, the newest is held and sent when it is over (or when the job ends).
+pub(crate) const CHECKPOINT_GAP: Duration = Duration::from_secs(1);
 
 /// What the pump must do next.
 #[derive(Debug, PartialEq)]
@@ -56,6 +60,10 @@ pub(crate) struct JobFlow {
     vouched: u64,
     /// The time the newest slice's receipt billed.
     billed_us: u64,
+    /// When a checkpoint last went to the scheduler, and the newest saved since (held until
+    /// [`CHECKPOINT_GAP`] after it).
+    checkpoint_sent: Option<Instant>,
+    checkpoint_held: Option<Box<Checkpoint>>,
 }
 
 /// The result of a job that never ran, or whose worker was lost.
@@ -75,6 +83,7 @@ pub(crate) fn smaller(asked: u64, most: u64) -> u64 {
 impl JobFlow {
     /// Starts a job in a worker: hands it over. (The scheduler heard `Started` when the job
     /// took its slot.)
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         job_id: String,
         module_hash: [u8; 32],
@@ -82,6 +91,7 @@ impl JobFlow {
         limits: JobLimits,
         defaults: &JobLimits,
         member: Option<proto::worker::WorkerMember>,
+        checkpoint: Option<Box<Checkpoint>>,
         now: Instant,
     ) -> (JobFlow, Vec<JobAction>) {
         let flow = JobFlow {
@@ -97,8 +107,10 @@ impl JobFlow {
             slices: 0,
             vouched: 0,
             billed_us: 0,
+            checkpoint_sent: None,
+            checkpoint_held: None,
         };
-        let run = ToWorker::Job { job_id, module_hash, input, limits, member };
+        let run = ToWorker::Job { job_id, module_hash, input, limits, member, checkpoint };
         (flow, vec![JobAction::ToWorker(run)])
     }
 
@@ -112,16 +124,46 @@ impl JobFlow {
         self.started + self.wall + KILL_GRACE
     }
 
-    /// When [`JobFlow::on_deadline`] is due next: the end of the current slice, or the kill
-    /// deadline.
+    /// When [`JobFlow::on_deadline`] is due next: the end of the current slice, the time a
+    /// held checkpoint may go, or the kill deadline.
     pub(crate) fn next_wake(&self) -> Instant {
-        match self.slice {
+        let wake = match self.slice {
             Some(slice) if !self.done => {
                 let end = self.started + slice.saturating_mul(u32::try_from(self.slices + 1).unwrap_or(u32::MAX));
                 end.min(self.deadline())
             }
             _ => self.deadline(),
+        };
+        match self.checkpoint_due() {
+            Some(due) => wake.min(due),
+            None => wake,
         }
+    }
+
+    /// When the held checkpoint may go to the scheduler, if one is held.
+    fn checkpoint_due(&self) -> Option<Instant> {
+        self.checkpoint_held.as_ref()?;
+        Some(self.checkpoint_sent.map_or(self.started, |t| t + CHECKPOINT_GAP))
+    }
+
+    /// A checkpoint the worker sent: on to the scheduler now, or held until the gap since the
+    /// last one is over (replacing any held before it).
+    fn on_checkpoint(&mut self, checkpoint: Box<Checkpoint>, now: Instant) -> Vec<JobAction> {
+        if checkpoint.bytes.len() > CHECKPOINT_CAP {
+            let message = format!("the worker sent a checkpoint over the {CHECKPOINT_CAP} bytes a job may save");
+            return self.lost(FailureKind::Crash, message);
+        }
+        self.checkpoint_held = Some(checkpoint);
+        self.send_checkpoint(now)
+    }
+
+    /// The held checkpoint, if it may go now.
+    fn send_checkpoint(&mut self, now: Instant) -> Vec<JobAction> {
+        if self.checkpoint_due().is_none_or(|due| now < due) {
+            return Vec::new();
+        }
+        self.checkpoint_sent = Some(now);
+        self.checkpoint_held.take().map(|c| JobAction::ToScheduler(JobReply::Checkpoint(c))).into_iter().collect()
     }
 
     /// Receipts signed so far for the job's slices (its last receipt is one more).
@@ -169,9 +211,12 @@ impl JobFlow {
         self.done
     }
 
+    /// Ends the job: a checkpoint still held goes first (the job may yet run again from it,
+    /// if this try's end is the provider's fault).
     fn end(&mut self, result: JobResult, reusable: bool) -> Vec<JobAction> {
         self.done = true;
-        vec![JobAction::Done { result: Box::new(result), reusable }]
+        let held = self.checkpoint_held.take().map(|c| JobAction::ToScheduler(JobReply::Checkpoint(c)));
+        held.into_iter().chain([JobAction::Done { result: Box::new(result), reusable }]).collect()
     }
 
     /// Ends the job with the worker not reused.
@@ -209,6 +254,7 @@ impl JobFlow {
                 }
                 vec![JobAction::ToScheduler(JobReply::Log { bytes })]
             }
+            Ok(FromWorker::Checkpoint(c)) if self.accepted => self.on_checkpoint(c, now),
             Ok(FromWorker::JobDone { result, reusable }) => self.job_done(*result, reusable, now),
             Ok(FromWorker::Fatal { reason }) => self.lost(FailureKind::Host, reason),
             Ok(other) => {
@@ -264,19 +310,22 @@ impl JobFlow {
             return Vec::new();
         }
         if now < self.deadline() {
+            let mut out = self.send_checkpoint(now);
             if self.slice.is_none() || now < self.next_wake() {
-                return Vec::new();
+                return out;
             }
             if self.slices > self.vouched {
                 let reason = format!(
                     "the renter's vouchers stopped: receipt {} had no voucher by the end of the next slice, so the job was stopped",
                     self.vouched + 1
                 );
-                return self.stop_unpaid(reason, now);
+                out.extend(self.stop_unpaid(reason, now));
+                return out;
             }
             self.slices += 1;
             self.billed_us = self.billable_us(now);
-            return vec![JobAction::Slice { sequence: self.slices, wall_time_us: self.billed_us }];
+            out.push(JobAction::Slice { sequence: self.slices, wall_time_us: self.billed_us });
+            return out;
         }
         let result = failed_result(
             FailureKind::Limit,
@@ -301,6 +350,7 @@ pub(crate) fn variant(m: &FromWorker) -> &'static str {
         FromWorker::Idle => "Idle",
         FromWorker::Fatal { .. } => "Fatal",
         FromWorker::Peer { .. } => "Peer",
+        FromWorker::Checkpoint(_) => "Checkpoint",
     }
 }
 
@@ -314,7 +364,7 @@ mod tests {
 
     fn start(now: Instant) -> JobFlow {
         let limits = JobLimits { wall_time_ms: 1000, ..JobLimits::default() };
-        let (flow, actions) = JobFlow::start("j".into(), [1; 32], vec![9], limits, &defaults(), None, now);
+        let (flow, actions) = JobFlow::start("j".into(), [1; 32], vec![9], limits, &defaults(), None, None, now);
         assert!(matches!(actions.as_slice(), [JobAction::ToWorker(ToWorker::Job { .. })]));
         let mut flow = flow;
         assert_eq!(flow.on_worker(Ok(FromWorker::Accepted), now), vec![]);
@@ -334,6 +384,50 @@ mod tests {
             [JobAction::Done { result, reusable }] => (result, *reusable),
             other => panic!("expected the job's end, got {other:?}"),
         }
+    }
+
+    fn saved(step: u64, len: usize) -> Result<FromWorker, WorkerDied> {
+        Ok(FromWorker::Checkpoint(Box::new(Checkpoint { step, bytes: vec![7; len] })))
+    }
+
+    fn sent(step: u64, len: usize) -> JobAction {
+        JobAction::ToScheduler(JobReply::Checkpoint(Box::new(Checkpoint { step, bytes: vec![7; len] })))
+    }
+
+    #[test]
+    fn checkpoints_reach_the_scheduler_a_second_apart_the_newest_held_and_sent_before_the_end() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut f = start(t);
+        assert_eq!(f.on_worker(saved(1, 10), t + ms(10)), vec![sent(1, 10)], "the first goes at once");
+        // Saves within the gap: held, each replacing the one before.
+        assert_eq!(f.on_worker(saved(2, 10), t + ms(20)), vec![]);
+        assert_eq!(f.on_worker(saved(3, 10), t + ms(30)), vec![]);
+        assert_eq!(f.next_wake(), t + ms(10) + CHECKPOINT_GAP);
+        assert_eq!(f.on_deadline(t + ms(500)), vec![], "not yet");
+        assert_eq!(f.on_deadline(t + ms(1010)), vec![sent(3, 10)], "the newest, once the gap is over");
+        assert_eq!(f.on_deadline(t + ms(1020)), vec![], "nothing held");
+        // One held when the worker dies: it goes before the job's end (a retry resumes from it).
+        assert_eq!(f.on_worker(saved(4, 10), t + ms(1100)), vec![]);
+        let died = f.on_worker(Err(WorkerDied { kind: FailureKind::Crash, message: "gone".into() }), t + ms(1200));
+        assert_eq!(died.first(), Some(&sent(4, 10)), "{died:?}");
+        assert!(matches!(died.get(1), Some(JobAction::Done { .. })), "{died:?}");
+    }
+
+    #[test]
+    fn a_checkpoint_over_the_cap_or_before_the_job_is_taken_ends_the_worker() {
+        let t = Instant::now();
+        let mut f = start(t);
+        let end = f.on_worker(saved(1, CHECKPOINT_CAP + 1), t);
+        let (result, reusable) = ended(&end);
+        assert!(!reusable);
+        assert!(matches!(&result.outcome, Outcome::Failed { kind: FailureKind::Crash, .. }), "{result:?}");
+        // A worker that saves before it said it took the job breaks the protocol.
+        let limits = JobLimits { wall_time_ms: 1000, ..JobLimits::default() };
+        let (mut f, _) = JobFlow::start("j".into(), [1; 32], vec![9], limits, &defaults(), None, None, t);
+        let end = f.on_worker(saved(1, 1), t);
+        let (result, _) = ended(&end);
+        assert!(matches!(&result.outcome, Outcome::Failed { kind: FailureKind::Host | FailureKind::Crash, .. }));
     }
 
     #[test]
@@ -477,7 +571,8 @@ mod tests {
     #[test]
     fn a_worker_that_dies_before_taking_the_job_is_the_providers_failure() {
         let t = Instant::now();
-        let (mut f, _) = JobFlow::start("j".into(), [1; 32], Vec::new(), JobLimits::default(), &defaults(), None, t);
+        let (mut f, _) =
+            JobFlow::start("j".into(), [1; 32], Vec::new(), JobLimits::default(), &defaults(), None, None, t);
         let died = WorkerDied { kind: FailureKind::Crash, message: "signal 9".into() };
         let end = f.on_worker(Err(died), t);
         let (result, reusable) = ended(&end);

@@ -37,6 +37,7 @@ fn job() -> ToWorker {
         input: Vec::new(),
         limits: JobLimits::default(),
         member: None,
+        checkpoint: None,
     }
 }
 

@@ -484,8 +484,9 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
         limits: a.limits.clone(),
         renter: a.renter,
         member: a.member.clone(),
+        checkpoint: a.checkpoint.clone(),
     };
-    quic::write_msg(&mut send, &run, BLOB_CAP).await.map_err(|e| e.to_string())?;
+    quic::write_msg(&mut send, &run, proto::msg::JOB_FRAME_CAP).await.map_err(|e| e.to_string())?;
     // Replies are read by their own task (a read is not cancel-safe), so that the renter's
     // messages can be sent while one is awaited.
     let (replies_tx, mut replies) = tokio::sync::mpsc::channel::<Result<Option<JobReply>, String>>(4);
@@ -528,6 +529,11 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
                 shared.state().member_started(&a.job_id, &a.provider);
             }
             Some(JobReply::Log { bytes }) => shared.state().append_log(&a.job_id, &a.provider, &bytes),
+            Some(JobReply::Checkpoint(c)) if !finished => {
+                if let Err(e) = shared.state().checkpoint_saved(&a.job_id, &a.provider, *c, now_ms()) {
+                    log::warn!("job {} on {}: keeping its checkpoint: {e}", a.job_id, a.provider);
+                }
+            }
             Some(JobReply::Finished(result)) => {
                 log::info!("job {} finished on {}: {:?}", a.job_id, a.provider, result.outcome);
                 shared.state().finished(&a.job_id, &a.provider, *result, now_ms()).map_err(|e| e.to_string())?;

@@ -9,6 +9,7 @@ use proto::msg::{
     GpuInfo, JobLimits, JobReply, JobResult, ModuleHash, Outcome, Price, Requirements, hash_hex, parse_hash,
 };
 use rand_core::RngCore;
+use sha2::Digest;
 
 use crate::matching::{Candidate, Query, explain, gpu_search, rank};
 use crate::store::{Store, StoreError};
@@ -111,6 +112,10 @@ const MAX_JOB_CLAIMS: usize = 16;
 /// Vouchers a job keeps that its renter sent and its provider has not yet said it took.
 const MAX_SENT_VOUCHERS: usize = 8;
 
+/// A provider sends a job's checkpoints a second apart at most; one that comes much sooner
+/// after the last it sent is dropped.
+const MIN_CHECKPOINT_GAP_MS: u64 = 500;
+
 /// Most bytes of a running job's streamed log kept.
 const LIVE_LOG_CAP: usize = 4 << 20;
 
@@ -126,6 +131,8 @@ pub struct Assignment {
     /// For one rank of a cluster job: its rank and the roster the scheduler signed (the
     /// roster's job id is the cluster job's, `job_id` the member's own).
     pub member: Option<Box<proto::cluster::MemberAssign>>,
+    /// The checkpoint an earlier try saved, to resume from.
+    pub checkpoint: Option<Box<proto::msg::Checkpoint>>,
 }
 
 #[derive(Debug)]
@@ -731,6 +738,7 @@ impl State {
                 channel: None,
                 cluster,
                 member_of: None,
+                checkpoint: None,
             },
             input,
             result: None,
@@ -782,6 +790,67 @@ impl State {
             Some(r) => Some(r.log.as_slice()),
             None => self.live_logs.get(id).map(Vec::as_slice),
         }
+    }
+
+    /// The checkpoint job `id` saved, when it `saved` one. A store that cannot read it costs
+    /// the job its progress, not its try.
+    fn saved_checkpoint(&self, id: &str, saved: bool) -> Option<proto::msg::Checkpoint> {
+        if !saved {
+            return None;
+        }
+        self.store.checkpoint(id).unwrap_or_else(|e| {
+            log::error!("job {id}: reading its checkpoint: {e}");
+            None
+        })
+    }
+
+    /// A checkpoint a provider sent for a job it runs: kept (for a cluster member, as its
+    /// cluster's) when it is no older than the one kept, for the job's next try to resume
+    /// from. From anyone else, or faster than a provider sends them, it is refused.
+    pub fn checkpoint_saved(
+        &mut self,
+        id: &str,
+        provider: &PublicKey,
+        checkpoint: proto::msg::Checkpoint,
+        now_ms: u64,
+    ) -> Result<(), String> {
+        let Some(job) = self.jobs.get(id) else { return Err("no such job".into()) };
+        if job.view.state != JobState::Running || job.view.provider.as_ref() != Some(provider) {
+            return Err("the job is not running on this provider".into());
+        }
+        if checkpoint.bytes.len() > proto::msg::CHECKPOINT_CAP {
+            return Err(format!(
+                "{} bytes is over the {} a checkpoint may hold",
+                checkpoint.bytes.len(),
+                proto::msg::CHECKPOINT_CAP
+            ));
+        }
+        let rank = self.clusters.running.get(id).map(|m| m.rank);
+        let parent = job.view.member_of.clone().unwrap_or_else(|| id.to_string());
+        let Some(owner) = self.jobs.get(&parent).filter(|p| p.view.state == JobState::Running) else {
+            return Err("its cluster is not running".into());
+        };
+        if let Some(kept) = &owner.view.checkpoint {
+            if checkpoint.step < kept.step {
+                return Ok(());
+            }
+            if kept.provider == *provider && now_ms < kept.saved_at_ms.saturating_add(MIN_CHECKPOINT_GAP_MS) {
+                return Err(format!("a second checkpoint within {MIN_CHECKPOINT_GAP_MS} ms: dropped"));
+            }
+        }
+        let view = proto::api::CheckpointView {
+            step: checkpoint.step,
+            bytes: checkpoint.bytes.len() as u64,
+            sha256: hash_hex(&sha2::Sha256::digest(&checkpoint.bytes).into()),
+            saved_at_ms: now_ms,
+            provider: *provider,
+            rank,
+        };
+        self.store.put_checkpoint(&parent, &checkpoint).map_err(|e| e.to_string())?;
+        let Some(owner) = self.jobs.get_mut(&parent) else { return Ok(()) };
+        owner.view.checkpoint = Some(view);
+        let owner = owner.clone();
+        self.store.put_job(&owner).map_err(|e| e.to_string())
     }
 
     /// Log bytes a provider streamed for a job it runs; ignored from anyone else.
@@ -1156,7 +1225,18 @@ impl State {
             job.view.queue_position = None;
             // A try elsewhere pays its own provider through its own channel.
             job.view.channel = None;
-            job.view.attempts.push(Attempt { provider: choice, started_at_ms: now_ms, ended_at_ms: None, error: None });
+            // A try after one that saved a checkpoint resumes from it. A store that cannot
+            // read it costs the job its progress, not the try.
+            let saved = job.view.checkpoint.is_some();
+            let checkpoint = self.saved_checkpoint(&id, saved);
+            let Some(job) = self.jobs.get_mut(&id) else { continue };
+            job.view.attempts.push(Attempt {
+                provider: choice,
+                started_at_ms: now_ms,
+                ended_at_ms: None,
+                error: None,
+                resumed_from_step: checkpoint.as_ref().map(|c| c.step),
+            });
             if let Err(e) = self.store.put_job(job) {
                 // Not placed after all: the job stays queued and the error goes up.
                 job.view.state = JobState::Queued;
@@ -1177,6 +1257,7 @@ impl State {
                 limits: job.view.limits.clone(),
                 renter: job.view.renter,
                 member: None,
+                checkpoint: checkpoint.map(Box::new),
             });
             self.update_provider(&choice, |p| p.assigned.insert(id.clone()));
         }
@@ -2049,6 +2130,16 @@ mod tests {
         )
     }
 
+    /// Three member providers and a cluster of `gpus` submitted to them.
+    fn cluster_on_three(dir: &tempfile::TempDir, gpus: u32) -> (State, String) {
+        let mut s = cluster_state(dir, Config::default());
+        for n in 1..=3 {
+            member_provider(&mut s, n, 0);
+        }
+        let id = submit_cluster(&mut s, gpus, 0).unwrap().id;
+        (s, id)
+    }
+
     fn members_of(s: &State, id: &str) -> Vec<proto::api::MemberView> {
         s.job(id).unwrap().cluster.unwrap().members
     }
@@ -2230,11 +2321,7 @@ mod tests {
     fn a_kernel_fault_in_one_rank_fails_the_cluster_and_cancels_the_others() {
         use proto::msg::FailureKind;
         let dir = tempfile::tempdir().unwrap();
-        let mut s = cluster_state(&dir, Config::default());
-        for n in 1..=3 {
-            member_provider(&mut s, n, 0);
-        }
-        let id = submit_cluster(&mut s, 3, 0).unwrap().id;
+        let (mut s, id) = cluster_on_three(&dir, 3);
         let a = s.assign(1).unwrap();
         assert_eq!(a.len(), 3);
         s.take_revoked();
@@ -2270,11 +2357,7 @@ mod tests {
     fn a_provider_side_failure_requeues_the_whole_cluster_and_the_retry_avoids_that_provider() {
         use proto::msg::FailureKind;
         let dir = tempfile::tempdir().unwrap();
-        let mut s = cluster_state(&dir, Config::default());
-        for n in 1..=3 {
-            member_provider(&mut s, n, 0);
-        }
-        let id = submit_cluster(&mut s, 2, 0).unwrap().id;
+        let (mut s, id) = cluster_on_three(&dir, 2);
         let first = s.assign(1).unwrap();
         let bad = first[1].provider;
         s.finished(&first[1].job_id, &bad, failed(FailureKind::Host), 5).unwrap();
@@ -2300,6 +2383,79 @@ mod tests {
         // A late report from the first try changes nothing.
         s.finished(&first[0].job_id, &first[0].provider, done(), 7).unwrap();
         assert_eq!(s.job(&id).unwrap().state, JobState::Running);
+    }
+
+    fn ck(step: u64) -> proto::msg::Checkpoint {
+        proto::msg::Checkpoint { step, bytes: vec![step as u8; 100] }
+    }
+
+    #[test]
+    fn a_jobs_newest_checkpoint_from_its_provider_goes_to_its_next_try_and_survives_a_restart() {
+        use proto::msg::FailureKind;
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let mut s = state(&dir, Config::default());
+            let id = submit(&mut s, 0);
+            let (p1, p2) = (member_provider(&mut s, 1, 0).public(), member_provider(&mut s, 2, 0).public());
+            let first = s.assign(1).unwrap();
+            assert_eq!(first[0].checkpoint, None, "a first try starts afresh");
+            let runs = first[0].provider;
+            let other = if runs == p1 { p2 } else { p1 };
+            // Only the provider running it may save, and never past the cap.
+            assert!(s.checkpoint_saved(&id, &other, ck(5), 10).is_err());
+            assert!(s.checkpoint_saved("job-nope", &runs, ck(5), 10).is_err());
+            let huge = proto::msg::Checkpoint { step: 9, bytes: vec![0; proto::msg::CHECKPOINT_CAP + 1] };
+            assert!(s.checkpoint_saved(&id, &runs, huge, 10).is_err());
+            s.checkpoint_saved(&id, &runs, ck(5), 10).unwrap();
+            // Faster than a provider sends them: dropped. An older step: ignored.
+            assert!(s.checkpoint_saved(&id, &runs, ck(6), 100).is_err());
+            s.checkpoint_saved(&id, &runs, ck(7), 1_100).unwrap();
+            s.checkpoint_saved(&id, &runs, ck(3), 2_200).unwrap();
+            let view = s.job(&id).unwrap().checkpoint.unwrap();
+            assert_eq!((view.step, view.bytes, view.provider, view.rank), (7, 100, runs, None));
+            assert_eq!(view.sha256, hash_hex(&sha2::Sha256::digest(ck(7).bytes).into()));
+            s.finished(&id, &runs, failed(FailureKind::Host), 2_300).unwrap();
+            s.store.sync().unwrap();
+            id
+        };
+        // After a restart the next try still gets it.
+        let mut s = state(&dir, Config::default());
+        member_provider(&mut s, 1, 3_000);
+        member_provider(&mut s, 2, 3_000);
+        let again = s.assign(3_001).unwrap();
+        assert_eq!(again[0].checkpoint.as_deref(), Some(&ck(7)));
+        assert_eq!(s.job(&id).unwrap().attempts.last().unwrap().resumed_from_step, Some(7));
+        // Once the job ends its bytes are dropped; the record still says what it was.
+        s.finished(&id, &again[0].provider, done(), 3_100).unwrap();
+        assert_eq!(s.job(&id).unwrap().state, JobState::Succeeded);
+        assert_eq!(s.store.checkpoint(&id).unwrap(), None);
+        assert_eq!(s.job(&id).unwrap().checkpoint.map(|c| c.step), Some(7));
+    }
+
+    #[test]
+    fn a_cluster_keeps_its_members_newest_checkpoint_and_every_rank_of_the_retry_resumes_from_it() {
+        use proto::msg::FailureKind;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, id) = cluster_on_three(&dir, 2);
+        let first = s.assign(1).unwrap();
+        // A member's save is its cluster's; another member's provider may not save for it.
+        assert!(s.checkpoint_saved(&first[0].job_id, &first[1].provider, ck(4), 10).is_err());
+        s.checkpoint_saved(&first[0].job_id, &first[0].provider, ck(4), 10).unwrap();
+        s.checkpoint_saved(&first[1].job_id, &first[1].provider, ck(2), 20).unwrap();
+        let kept = s.job(&id).unwrap().checkpoint.unwrap();
+        assert_eq!((kept.step, kept.rank), (4, Some(0)), "the newest step wins");
+        assert_eq!(s.job(&first[0].job_id).unwrap().checkpoint, None, "kept on the cluster, not the member");
+        s.finished(&first[1].job_id, &first[1].provider, failed(FailureKind::Host), 30).unwrap();
+        let revoked = s.take_revoked();
+        ack(&mut s, &revoked, 31);
+        let again = s.assign(32).unwrap();
+        assert_eq!(again.len(), 2);
+        assert!(again.iter().all(|a| a.checkpoint.as_deref() == Some(&ck(4))), "{again:?}");
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.attempts.last().unwrap().resumed_from_step, Some(4));
+        // A stopped try's late save changes nothing.
+        assert!(s.checkpoint_saved(&first[0].job_id, &first[0].provider, ck(9), 2_000).is_err());
+        assert_eq!(s.job(&id).unwrap().checkpoint.unwrap().step, 4);
     }
 
     #[test]

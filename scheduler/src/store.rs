@@ -5,13 +5,14 @@
 use std::path::Path;
 
 use proto::api::{JobRecord, ProviderView, SessionView};
-use proto::msg::ModuleHash;
+use proto::msg::{Checkpoint, ModuleHash};
 use redb::{Database, ReadableTable, TableDefinition};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const MODULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("modules");
 const PROVIDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("providers");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,6 +27,9 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 }
 
 /// The scheduler's persistent state.
+///
+/// A job's checkpoint (the newest its kernel saved) is kept beside its record, and dropped
+/// when the record is written in a final state: nothing will run the job again.
 ///
 /// Writes may return before they are on disk; [`Store::sync`] returns once every write made
 /// before it is. The scheduler calls it, outside its lock, before answering a submission or an
@@ -47,6 +51,13 @@ pub trait Store: Send + Sync {
     fn providers(&self) -> Result<Vec<ProviderView>, StoreError>;
     fn put_session(&self, session: &SessionView) -> Result<(), StoreError>;
     fn sessions(&self) -> Result<Vec<SessionView>, StoreError>;
+    fn put_checkpoint(&self, job_id: &str, checkpoint: &Checkpoint) -> Result<(), StoreError>;
+    fn checkpoint(&self, job_id: &str) -> Result<Option<Checkpoint>, StoreError>;
+}
+
+/// Whether writing `job` drops its checkpoint: it ended, and had one.
+fn ends_checkpoint(job: &JobRecord) -> bool {
+    job.view.state.is_final() && job.view.checkpoint.is_some()
 }
 
 /// A write waiting for the next flush.
@@ -56,6 +67,8 @@ enum Pending {
     Module(ModuleHash, Vec<u8>),
     Provider(String, Vec<u8>),
     Session(String, Vec<u8>),
+    /// A checkpoint to keep, or (`None`) to drop.
+    Checkpoint(String, Option<Vec<u8>>),
 }
 
 #[derive(Debug, Default)]
@@ -110,12 +123,15 @@ impl Inner {
             let mut modules = tx.open_table(MODULES).map_err(db)?;
             let mut providers = tx.open_table(PROVIDERS).map_err(db)?;
             let mut sessions = tx.open_table(SESSIONS).map_err(db)?;
+            let mut checkpoints = tx.open_table(CHECKPOINTS).map_err(db)?;
             for w in &writes {
                 match w {
                     Pending::Job(k, v) => jobs.insert(k.as_str(), v.as_slice()).map(drop),
                     Pending::Module(k, v) => modules.insert(&k[..], v.as_slice()).map(drop),
                     Pending::Provider(k, v) => providers.insert(k.as_str(), v.as_slice()).map(drop),
                     Pending::Session(k, v) => sessions.insert(k.as_str(), v.as_slice()).map(drop),
+                    Pending::Checkpoint(k, Some(v)) => checkpoints.insert(k.as_str(), v.as_slice()).map(drop),
+                    Pending::Checkpoint(k, None) => checkpoints.remove(k.as_str()).map(drop),
                 }
                 .map_err(db)?;
             }
@@ -136,6 +152,7 @@ impl RedbStore {
         tx.open_table(MODULES).map_err(db)?;
         tx.open_table(PROVIDERS).map_err(db)?;
         tx.open_table(SESSIONS).map_err(db)?;
+        tx.open_table(CHECKPOINTS).map_err(db)?;
         tx.commit().map_err(db)?;
         let inner = std::sync::Arc::new(Inner {
             db: database,
@@ -202,6 +219,9 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 impl Store for RedbStore {
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         self.queue(Pending::Job(job.view.id.clone(), encode(job)?));
+        if ends_checkpoint(job) {
+            self.queue(Pending::Checkpoint(job.view.id.clone(), None));
+        }
         Ok(())
     }
 
@@ -267,6 +287,28 @@ impl Store for RedbStore {
     fn sessions(&self) -> Result<Vec<SessionView>, StoreError> {
         self.all(SESSIONS)
     }
+
+    fn put_checkpoint(&self, job_id: &str, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        // Not synced on its own: losing the newest to a crash costs the job some steps.
+        self.queue(Pending::Checkpoint(job_id.to_string(), Some(encode(checkpoint)?)));
+        Ok(())
+    }
+
+    fn checkpoint(&self, job_id: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let pending = lock(&self.inner.queue).writes.iter().rev().find_map(|w| match w {
+            Pending::Checkpoint(k, v) if k == job_id => Some(v.clone()),
+            _ => None,
+        });
+        let bytes = match pending {
+            Some(v) => v,
+            None => {
+                let tx = self.inner.db.begin_read().map_err(db)?;
+                let t = tx.open_table(CHECKPOINTS).map_err(db)?;
+                t.get(job_id).map_err(db)?.map(|v| v.value().to_vec())
+            }
+        };
+        bytes.map(|b| rmp_serde::from_slice(&b).map_err(|e| StoreError::Decode(e.to_string()))).transpose()
+    }
 }
 
 /// A store in memory, for tests and benchmarks of everything but persistence.
@@ -276,11 +318,15 @@ pub struct MemoryStore {
     modules: std::sync::Mutex<std::collections::HashMap<ModuleHash, Vec<u8>>>,
     providers: std::sync::Mutex<std::collections::BTreeMap<String, ProviderView>>,
     sessions: std::sync::Mutex<std::collections::BTreeMap<String, SessionView>>,
+    checkpoints: std::sync::Mutex<std::collections::HashMap<String, Checkpoint>>,
 }
 
 impl Store for MemoryStore {
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         lock(&self.jobs).insert(job.view.id.clone(), job.clone());
+        if ends_checkpoint(job) {
+            lock(&self.checkpoints).remove(&job.view.id);
+        }
         Ok(())
     }
 
@@ -313,5 +359,14 @@ impl Store for MemoryStore {
 
     fn sessions(&self) -> Result<Vec<SessionView>, StoreError> {
         Ok(lock(&self.sessions).values().cloned().collect())
+    }
+
+    fn put_checkpoint(&self, job_id: &str, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        lock(&self.checkpoints).insert(job_id.to_string(), checkpoint.clone());
+        Ok(())
+    }
+
+    fn checkpoint(&self, job_id: &str) -> Result<Option<Checkpoint>, StoreError> {
+        Ok(lock(&self.checkpoints).get(job_id).cloned())
     }
 }

@@ -196,6 +196,45 @@ fn run_with_world_runs_a_cluster_job_here_and_its_members_agree() {
 }
 
 #[test]
+fn run_with_a_checkpoint_file_saves_to_it_and_resumes_from_it() {
+    let env = Env::new();
+    let input = env.dir.path().join("train.txt");
+    std::fs::write(&input, "mode=sync steps=60 samples=256 features=4 checkpoint=20").unwrap();
+    let file = env.dir.path().join("train.ck");
+    let run = |world: &str, file: &std::path::Path| {
+        let args = ["run", sample_artifacts::CLUSTER_TRAIN, "--input", input.to_str().unwrap(), "--world", world];
+        let mut args = args.to_vec();
+        args.extend(["--checkpoint", file.to_str().unwrap(), "--json"]);
+        env.cmd(&args).output().unwrap()
+    };
+    // No file yet: it runs afresh and leaves its newest checkpoint (step 40: none at the end).
+    let out = run("2", &file);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let whole = json(&out);
+    assert_eq!(whole["checkpoint"]["resumed_from_step"], Value::Null, "{whole}");
+    assert_eq!(
+        (whole["checkpoint"]["saved"].as_u64(), whole["checkpoint"]["newest_step"].as_u64()),
+        (Some(2), Some(40))
+    );
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(bytes.starts_with(b"wgck1") && bytes[5..13] == 40u64.to_le_bytes(), "{:?}", &bytes[..13]);
+    // Again with the file: it resumes at step 40 and ends with the same output.
+    let out = run("2", &file);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let resumed = json(&out);
+    assert_eq!(resumed["checkpoint"]["resumed_from_step"], 40, "{resumed}");
+    assert!(resumed["log"].as_str().unwrap().contains("resuming from the checkpoint at step 40"), "{resumed}");
+    assert_eq!(resumed["output"], whole["output"]);
+    // A file that is not a checkpoint is bad input, said before anything runs; the file stays.
+    let junk = env.dir.path().join("junk.ck");
+    std::fs::write(&junk, b"not a checkpoint at all").unwrap();
+    let out = run("1", &junk);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("not a wasmgrid checkpoint"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(&junk).unwrap(), b"not a checkpoint at all");
+}
+
+#[test]
 fn infer_serves_one_request_per_stdin_line() {
     let env = Env::new();
     let mut child = env

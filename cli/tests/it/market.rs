@@ -224,7 +224,7 @@ fn request(
 }
 
 /// A request signed by the market's renter.
-fn http(s: &Sched, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+pub(super) fn http(s: &Sched, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
     request(s, Some(&s.renter), method, path, content_type, body)
 }
 

@@ -176,21 +176,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<JobState>) -> wasmtime::Result<(
     linker.func_wrap(m, func::INPUT_LEN, |caller: Ctx<'_>| -> i64 { caller.data().input.len() as i64 })?;
 
     linker.func_wrap(m, func::INPUT_READ, |mut caller: Ctx<'_>, dst: i32, len: i32, offset: i64| {
-        let r = split(&mut caller).and_then(|(mem, state)| {
-            let out = bytes_mut(mem, dst, len)?;
-            let offset = usize::try_from(offset).ok().filter(|&o| o <= state.input.len()).ok_or_else(|| {
-                GuestError::new(
-                    ErrorCode::OutOfBounds,
-                    format!("input offset {offset} is outside the {}-byte input", state.input.len()),
-                )
-            })?;
-            let src = state.input.get(offset..).unwrap_or_default();
-            let n = src.len().min(out.len());
-            if let (Some(d), Some(s)) = (out.get_mut(..n), src.get(..n)) {
-                d.copy_from_slice(s);
-            }
-            Ok(len_i32(n))
-        });
+        let r = split(&mut caller)
+            .and_then(|(mem, state)| read_at(bytes_mut(mem, dst, len)?, &state.input, offset, "input"));
         finish(caller.data_mut(), r)
     })?;
 
@@ -365,7 +352,61 @@ pub(crate) fn add_to_linker(linker: &mut Linker<JobState>) -> wasmtime::Result<(
         },
     )?;
 
+    linker.func_wrap(m, func::CHECKPOINT_SAVE, |mut caller: Ctx<'_>, src: i32, len: i32, step: i64| {
+        let r = split(&mut caller).and_then(|(mem, state)| {
+            let data = bytes(mem, src, len)?;
+            let step = u64::try_from(step).map_err(|_| {
+                GuestError::new(ErrorCode::InvalidArgument, format!("checkpoint step {step} is negative"))
+            })?;
+            if data.len() as u64 > abi::MAX_CHECKPOINT {
+                return guest(
+                    ErrorCode::InvalidArgument,
+                    format!("a checkpoint of {} bytes is over the {} a job may save", data.len(), abi::MAX_CHECKPOINT),
+                );
+            }
+            let checkpoint = crate::checkpoint::Checkpoint { step, bytes: data.to_vec() };
+            // Handing it on may wait on the daemon's pipe: host time, not the guest's.
+            timed(state, |state, _| state.checkpoints.save(checkpoint));
+            Ok(0)
+        });
+        finish(caller.data_mut(), r)
+    })?;
+
+    linker.func_wrap(m, func::CHECKPOINT_STEP, |caller: Ctx<'_>| -> i64 {
+        caller.data().checkpoints.resume.as_ref().and_then(|c| i64::try_from(c.step).ok()).unwrap_or(-1)
+    })?;
+
+    linker.func_wrap(m, func::CHECKPOINT_LEN, |caller: Ctx<'_>| -> i64 {
+        caller.data().checkpoints.resume.as_ref().map_or(-1, |c| c.bytes.len() as i64)
+    })?;
+
+    linker.func_wrap(m, func::CHECKPOINT_READ, |mut caller: Ctx<'_>, dst: i32, len: i32, offset: i64| {
+        let r = split(&mut caller).and_then(|(mem, state)| {
+            let Some(c) = state.checkpoints.resume.as_ref() else {
+                return guest(ErrorCode::InvalidArgument, "this try resumes from no checkpoint");
+            };
+            read_at(bytes_mut(mem, dst, len)?, &c.bytes, offset, "checkpoint")
+        });
+        finish(caller.data_mut(), r)
+    })?;
+
     Ok(())
+}
+
+/// Copies `src` from `offset` into `out`, as much as fits; returns the count (0 at the end).
+fn read_at(out: &mut [u8], src: &[u8], offset: i64, what: &str) -> Result<i32, CallError> {
+    let offset = usize::try_from(offset).ok().filter(|&o| o <= src.len()).ok_or_else(|| {
+        GuestError::new(
+            ErrorCode::OutOfBounds,
+            format!("{what} offset {offset} is outside the {}-byte {what}", src.len()),
+        )
+    })?;
+    let src = src.get(offset..).unwrap_or_default();
+    let n = src.len().min(out.len());
+    if let (Some(d), Some(s)) = (out.get_mut(..n), src.get(..n)) {
+        d.copy_from_slice(s);
+    }
+    Ok(len_i32(n))
 }
 
 #[cfg(test)]

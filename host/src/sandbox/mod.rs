@@ -194,6 +194,20 @@ pub struct JobReport {
     pub wall_time: Duration,
     /// From instantiation to the job's first GPU dispatch, if it made one.
     pub first_dispatch: Option<Duration>,
+    /// Checkpoints the job saved, and the step of its newest.
+    pub checkpoints_saved: u64,
+    pub newest_checkpoint_step: Option<u64>,
+}
+
+/// What a batch job runs in besides its module, input and limits.
+#[derive(Debug, Default)]
+pub struct JobContext {
+    /// Set from outside to end the job.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Its place in its cluster ([`crate::collective::Member::solo`] on one GPU).
+    pub member: crate::collective::Member,
+    /// The checkpoint it resumes from, and where its saves go.
+    pub checkpoints: crate::checkpoint::Checkpoints,
 }
 
 /// Why an inference service did not start.
@@ -338,6 +352,8 @@ pub(crate) struct JobState {
     cancel: Option<Arc<AtomicBool>>,
     /// This job's place in its cluster (alone, for a job on one GPU).
     pub(crate) member: crate::collective::Member,
+    /// The checkpoint it resumes from, and where its saves go.
+    pub(crate) checkpoints: crate::checkpoint::Checkpoints,
 }
 
 /// Increments the engine's epoch until dropped.
@@ -591,6 +607,7 @@ impl Host {
             clock_base,
             cancel: None,
             member: crate::collective::Member::solo(),
+            checkpoints: crate::checkpoint::Checkpoints::default(),
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -678,14 +695,29 @@ impl Host {
         cancel: Option<Arc<AtomicBool>>,
         member: crate::collective::Member,
     ) -> Result<JobReport, LoadError> {
+        let context = JobContext { cancel, member, checkpoints: crate::checkpoint::Checkpoints::default() };
+        self.run_job(module, input, limits, watch, context)
+    }
+
+    /// Runs a batch job in `context`: its cancel flag, its place in its cluster, the
+    /// checkpoint it resumes from and where its saves go.
+    pub fn run_job(
+        &self,
+        module: &JobModule,
+        input: Vec<u8>,
+        limits: &Limits,
+        watch: impl FnOnce(LogWatch),
+        context: JobContext,
+    ) -> Result<JobReport, LoadError> {
         if module.kind != JobKind::Batch {
             return Err(LoadError::NotBatch);
         }
         let started = Instant::now();
         let mut store = self.new_store(module, input, limits);
-        store.data_mut().gpu.set_cancel(cancel.clone());
-        store.data_mut().cancel = cancel;
-        store.data_mut().member = member;
+        store.data_mut().gpu.set_cancel(context.cancel.clone());
+        store.data_mut().cancel = context.cancel;
+        store.data_mut().member = context.member;
+        store.data_mut().checkpoints = context.checkpoints;
         watch(LogWatch { sink: store.data().log.clone() });
         let outcome = self.instantiate(module, &mut store).and_then(|instance| {
             let start: TypedFunc<(), ()> = instance
@@ -705,6 +737,8 @@ impl Host {
         let state = store.data();
         let first_dispatch = state.gpu.first_dispatch.map(|t| t.saturating_duration_since(started));
         Ok(JobReport {
+            checkpoints_saved: state.checkpoints.saved,
+            newest_checkpoint_step: state.checkpoints.newest_step,
             first_dispatch,
             outcome,
             output: state.output.clone(),

@@ -2,6 +2,7 @@
 //! checks. All GPU work runs on whatever adapter the machine has (lavapipe in CI).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod checkpoint;
 mod collective;
 mod hostile;
 mod imports;

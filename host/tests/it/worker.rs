@@ -142,6 +142,7 @@ fn a_worker_fetches_a_module_once_runs_jobs_and_serves_a_service() {
         input: b"zeros".to_vec(),
         limits: JobLimits::default(),
         member: None,
+        checkpoint: None,
     });
     assert!(matches!(d.recv_any(), FromWorker::Accepted), "a worker says it took the job first");
     let (result, reusable) = d.job_done(&hostile);
@@ -155,6 +156,7 @@ fn a_worker_fetches_a_module_once_runs_jobs_and_serves_a_service() {
         input: b"panic".to_vec(),
         limits: JobLimits::default(),
         member: None,
+        checkpoint: None,
     });
     match d.recv_not_log() {
         FromWorker::JobDone { result, reusable } => {
@@ -205,6 +207,7 @@ fn a_cancelled_job_ends_at_once_and_its_worker_is_not_reused() {
         input: b"zeros".to_vec(),
         limits: JobLimits::default(),
         member: None,
+        checkpoint: None,
     });
     assert_eq!(d.job_done(&hostile).0.outcome, Outcome::Succeeded);
     d.send(&ToWorker::Job {
@@ -213,6 +216,7 @@ fn a_cancelled_job_ends_at_once_and_its_worker_is_not_reused() {
         input: b"loop".to_vec(),
         limits: JobLimits::default(),
         member: None,
+        checkpoint: None,
     });
     std::thread::sleep(Duration::from_millis(300));
     let cancelled = Instant::now();
@@ -229,6 +233,7 @@ fn a_cancelled_job_ends_at_once_and_its_worker_is_not_reused() {
         input: b"zeros".to_vec(),
         limits: JobLimits::default(),
         member: None,
+        checkpoint: None,
     });
     match d.recv_not_log() {
         FromWorker::JobDone { result, .. } => assert_eq!(result.outcome, Outcome::Succeeded),
@@ -247,6 +252,7 @@ fn bytes_that_do_not_match_their_hash_and_oversized_frames_end_the_worker() {
         input: Vec::new(),
         limits: JobLimits::default(),
         member: None,
+        checkpoint: None,
     });
     assert!(matches!(d.recv(), FromWorker::NeedModule { .. }));
     d.send(&ToWorker::Module { bytes: b"\0asm not this one".to_vec() });
@@ -270,6 +276,7 @@ fn bytes_that_do_not_match_their_hash_and_oversized_frames_end_the_worker() {
         input: Vec::new(),
         limits: JobLimits::default(),
         member: None,
+        checkpoint: None,
     });
     assert!(matches!(d.recv(), FromWorker::NeedModule { .. }));
     d.send(&ToWorker::Module { bytes: junk });
@@ -297,6 +304,7 @@ fn a_worker_whose_device_is_lost_says_so_and_ends_instead_of_failing_the_next_te
         input: b"zeros".to_vec(),
         limits: JobLimits::default(),
         member: None,
+        checkpoint: None,
     });
     match d.recv() {
         FromWorker::Fatal { reason } => assert!(reason.contains("device was lost"), "{reason}"),

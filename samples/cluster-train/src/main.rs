@@ -11,7 +11,11 @@
 //!   members talk once every `h` steps instead of every step.
 //!
 //! Input (optional text): `mode=sync steps=200 lr=0.5 samples=1024 features=8 seed=7 h=20
-//! outer_lr=0.7 momentum=0.9 compress=none|f16|int8`, any subset.
+//! outer_lr=0.7 momentum=0.9 compress=none|f16|int8 checkpoint=0`, any subset.
+//! `checkpoint=K` has rank 0 save a checkpoint every K steps (sync) or every K outer steps
+//! (DiLoCo): the parameters, the outer optimiser's state, the step (the data position: every
+//! step sees the whole batch) and the report so far. A try that resumes from one goes on from
+//! that step, and ends with the output an uninterrupted run would have.
 //! Output (text, the same on every member): `step S loss L` every `report` steps (10 by
 //! default; the loss over the whole batch), then `final loss L accuracy A`, `members N`,
 //! `syncs K values V` (all-reduces of parameters or gradients and the f32s each carried), and
@@ -88,6 +92,7 @@ struct Config {
     momentum: f32,
     compress: Compression,
     report: u32,
+    checkpoint: u32,
 }
 
 fn parse(input: &[u8]) -> Result<Config> {
@@ -103,6 +108,7 @@ fn parse(input: &[u8]) -> Result<Config> {
         momentum: 0.9,
         compress: Compression::None,
         report: 10,
+        checkpoint: 0,
     };
     let text = std::str::from_utf8(input).map_err(|_| Error::bad_input("the input is not UTF-8 text"))?;
     for item in text.split_whitespace() {
@@ -126,6 +132,7 @@ fn parse(input: &[u8]) -> Result<Config> {
             "outer_lr" => c.outer_lr = value.parse().map_err(|_| bad())?,
             "momentum" => c.momentum = value.parse().map_err(|_| bad())?,
             "report" => c.report = value.parse().map_err(|_| bad())?,
+            "checkpoint" => c.checkpoint = value.parse().map_err(|_| bad())?,
             "compress" => {
                 c.compress = match value {
                     "none" => Compression::None,
@@ -173,6 +180,64 @@ fn dataset(c: &Config) -> (Vec<f32>, Vec<f32>) {
         x.extend(row);
     }
     (x, y)
+}
+
+/// What a checkpoint holds: where the run is and everything it needs to go on from there.
+struct Saved {
+    step: u32,
+    syncs: u32,
+    values: u64,
+    /// The parameters (sync), or the outer parameters (DiLoCo).
+    params: Vec<f32>,
+    velocity: Vec<f32>,
+    report: String,
+}
+
+impl Saved {
+    const MAGIC: &'static [u8; 4] = b"ctk1";
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Self::MAGIC.to_vec();
+        out.extend_from_slice(&self.step.to_le_bytes());
+        out.extend_from_slice(&self.syncs.to_le_bytes());
+        out.extend_from_slice(&self.values.to_le_bytes());
+        out.extend_from_slice(&(self.params.len() as u32).to_le_bytes());
+        out.extend_from_slice(&wasmgrid::to_bytes(&self.params));
+        out.extend_from_slice(&wasmgrid::to_bytes(&self.velocity));
+        out.extend_from_slice(self.report.as_bytes());
+        out
+    }
+
+    /// A checkpoint of a run with `n` parameters; anything else is refused.
+    fn decode(bytes: &[u8], n: usize) -> Result<Saved> {
+        let bad = || Error::bad_input("the checkpoint is not one this job saved with these settings");
+        if bytes.len() < 24 + 8 * n || &bytes[..4] != Self::MAGIC {
+            return Err(bad());
+        }
+        let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        if u32_at(20) as usize != n {
+            return Err(bad());
+        }
+        let floats = |at: usize| wasmgrid::from_bytes::<f32>(&bytes[at..at + 4 * n]);
+        let mut values = [0u8; 8];
+        values.copy_from_slice(&bytes[12..20]);
+        Ok(Saved {
+            step: u32_at(4),
+            syncs: u32_at(8),
+            values: u64::from_le_bytes(values),
+            params: floats(24),
+            velocity: floats(24 + 4 * n),
+            report: String::from_utf8(bytes[24 + 8 * n..].to_vec()).map_err(|_| bad())?,
+        })
+    }
+
+    /// Saves it, from rank 0 only: every member holds the same state here.
+    fn save(&self) -> Result<()> {
+        if collective::rank() != 0 {
+            return Ok(());
+        }
+        wasmgrid::checkpoint::save(u64::from(self.step), &self.encode())
+    }
 }
 
 struct Trainer {
@@ -270,8 +335,26 @@ fn main() -> Result<()> {
         syncs: 0,
         values: 0,
     };
+    // A try that resumes picks up where the last checkpoint left off.
+    let resumed = match wasmgrid::checkpoint::load()? {
+        Some((_, bytes)) => Some(Saved::decode(&bytes, params as usize)?),
+        None => None,
+    };
     let mut report = String::new();
-    let mut line = |step: u32, t: &mut Trainer| -> Result<()> {
+    let mut first = 0;
+    let mut global = vec![0f32; params as usize];
+    let mut velocity = vec![0f32; params as usize];
+    if let Some(r) = resumed {
+        wasmgrid::log(wasmgrid::Level::Info, &format!("resuming from the checkpoint at step {}", r.step));
+        first = r.step.min(c.steps);
+        t.syncs = r.syncs;
+        t.values = r.values;
+        t.params.write(0, &r.params)?;
+        global = r.params;
+        velocity = r.velocity;
+        report = r.report;
+    }
+    let line = |step: u32, t: &mut Trainer, report: &mut String| -> Result<()> {
         let (loss, _) = t.score()?;
         let l = format!("step {step} loss {loss:.6}");
         wasmgrid::log(wasmgrid::Level::Info, &l);
@@ -283,10 +366,17 @@ fn main() -> Result<()> {
         Mode::Sync => {
             // Every member's gradient summed, divided by the whole batch: a single GPU's step.
             t.configure(c.lr, c.samples)?;
-            for step in 0..c.steps {
+            for step in first..c.steps {
                 t.step(true)?;
                 if (step + 1) % c.report == 0 {
-                    line(step + 1, &mut t)?;
+                    line(step + 1, &mut t, &mut report)?;
+                }
+                if c.checkpoint > 0 && (step + 1) % c.checkpoint == 0 && step + 1 < c.steps {
+                    let (syncs, values) = (t.syncs, t.values);
+                    let params = t.params.read_f32()?;
+                    let saved = Saved { step: step + 1, syncs, values, params, velocity: velocity.clone(), report };
+                    saved.save()?;
+                    report = saved.report;
                 }
             }
         }
@@ -294,16 +384,16 @@ fn main() -> Result<()> {
             // Inner steps on this member's share alone (its mean gradient); outer steps on the
             // members' averaged change, with Nesterov momentum, every `h`.
             t.configure(c.lr, local)?;
-            let mut global = vec![0f32; params as usize];
-            let mut velocity = vec![0f32; params as usize];
             let delta = Buffer::storage(u64::from(params) * 4)?;
-            let mut step = 0;
+            let mut step = first;
+            let mut outer = first / c.h;
             while step < c.steps {
                 let inner = c.h.min(c.steps - step);
                 for _ in 0..inner {
                     t.step(false)?;
                 }
                 step += inner;
+                outer += 1;
                 let now = t.params.read_f32()?;
                 let change: Vec<f32> = global.iter().zip(&now).map(|(g, p)| g - p).collect();
                 delta.write(0, &change)?;
@@ -317,7 +407,14 @@ fn main() -> Result<()> {
                 }
                 t.params.write(0, &global)?;
                 if step % c.report < inner || step == c.steps {
-                    line(step, &mut t)?;
+                    line(step, &mut t, &mut report)?;
+                }
+                if c.checkpoint > 0 && outer % c.checkpoint == 0 && step < c.steps {
+                    let (syncs, values) = (t.syncs, t.values);
+                    let saved =
+                        Saved { step, syncs, values, params: global.clone(), velocity: velocity.clone(), report };
+                    saved.save()?;
+                    report = saved.report;
                 }
             }
         }

@@ -236,6 +236,7 @@ impl State {
             }
         };
         let tries = cluster.tries.saturating_add(1);
+        let checkpoint = self.saved_checkpoint(id, job.view.checkpoint.is_some());
         let provider_of = |m: &Member| self.providers.get(&m.provider).map(|p| &p.view);
         let roster_members: Vec<RosterMember> = fit
             .members
@@ -289,6 +290,7 @@ impl State {
                         started_at_ms: now_ms,
                         ended_at_ms: None,
                         error: None,
+                        resumed_from_step: checkpoint.as_ref().map(|c| c.step),
                     }],
                     provider: Some(m.provider),
                     usage: None,
@@ -302,6 +304,7 @@ impl State {
                     channel: None,
                     cluster: None,
                     member_of: Some(id.to_string()),
+                    checkpoint: None,
                 },
                 // The input stays the cluster's: a member is never queued, so nothing sends
                 // it from here (N copies of it would be kept for nothing).
@@ -321,6 +324,7 @@ impl State {
             started_at_ms: now_ms,
             ended_at_ms: None,
             error: None,
+            resumed_from_step: checkpoint.as_ref().map(|c| c.step),
         });
         if let Some(c) = parent.view.cluster.as_mut() {
             c.members = views;
@@ -335,6 +339,7 @@ impl State {
         }
         self.store.put_job(&parent)?;
         let input = parent.input.clone();
+        let checkpoint = checkpoint.map(Box::new);
         let mut out = Vec::with_capacity(children.len());
         for ((child, m), rank) in children.into_iter().zip(&fit.members).zip(0u32..) {
             let child_id = child.view.id.clone();
@@ -348,6 +353,7 @@ impl State {
                 limits: child.view.limits.clone(),
                 renter: child.view.renter,
                 member: Some(Box::new(MemberAssign { rank, roster: roster.clone() })),
+                checkpoint: checkpoint.clone(),
             });
             self.jobs.insert(child_id, child);
         }
