@@ -1174,7 +1174,7 @@ paid against unpaid inference round trip, echo sample, 64-byte request and respo
         };
         config.name = name.clone();
         config.session_listen = Some(LOOPBACK);
-        config.price = proto::msg::Price { per_gpu_second: 0, per_inference: 100 };
+        config.price = proto::msg::Price { per_gpu_second: 0, per_inference: 100, per_net_gib: 0 };
         let payment = paid.then(|| client::Payment {
             chain: chain.clone(),
             program,

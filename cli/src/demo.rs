@@ -310,7 +310,9 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         say(format!("GPU         {} ({}, {})", gpu.name, gpu.backend, gpu.device_type));
         let mut names = HashMap::new();
         let mut ledgers = HashMap::new();
-        for (name, per_second, per_inference) in [("alpha", 110, 100), ("beta", 150, 150)] {
+        for (name, per_second, per_inference, per_net_gib) in
+            [("alpha", 110, 100, 4_000_000), ("beta", 150, 150, 6_000_000)]
+        {
             let key = Keypair::generate();
             names.insert(key.public(), name.to_string());
             let k = settlement::address(&key.public());
@@ -330,7 +332,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             };
             let mut config = provider::DaemonConfig::new(listening.quic, listening.key, key, worker.clone());
             config.name = name.to_string();
-            config.price = Price { per_gpu_second: per_second, per_inference };
+            config.price = Price { per_gpu_second: per_second, per_inference, per_net_gib };
             config.session_listen = Some(loopback);
             config.payment = Some(payment);
             tokio::spawn(async move {
@@ -338,7 +340,9 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                     log::error!("provider stopped: {e}");
                 }
             });
-            say(format!("provider    {name:<6} {per_second}/GPU-second, {per_inference}/inference"));
+            say(format!(
+                "provider    {name:<6} {per_second}/GPU-second, {per_inference}/inference, {per_net_gib}/GiB to cluster peers"
+            ));
         }
         // The renter's client pins the scheduler's key and signs every request with its own.
         let client = client::Scheduler::new(&listening.url(), Some(listening.key), Keypair::from_seed(renter.seed()))?;
@@ -450,9 +454,10 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         let t = Instant::now();
         let shape = proto::api::ClusterRequest { gpus: 2, max_per_provider: Some(1), ..Default::default() };
         let input = b"mode=sync steps=60 samples=1024 features=8".to_vec();
-        let s = client
-            .submit_job(&uploaded.module, &input, Requirements::default(), JobLimits::default(), None, Some(shape))
-            .await?;
+        // Bytes to peers are billed, so the renter bounds them: a channel must hold what the
+        // job may cost at its limits, 16 MiB sent at the provider's price per GiB included.
+        let limits = JobLimits { net_bytes: 16 << 20, ..JobLimits::default() };
+        let s = client.submit_job(&uploaded.module, &input, Requirements::default(), limits, None, Some(shape)).await?;
         let (view, member_books) =
             client.wait_cluster_paying(&s.id, |rank| payment(10 + u64::from(rank)), |_| {}).await?;
         if view.state != JobState::Succeeded {
@@ -482,7 +487,25 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 usage_line(&usage)
             ));
             let claims = job_claims(&client, &m.job_id).await.unwrap_or_default();
+            // What its provider billed it: GPU time and bytes sent, each at its price.
+            let receipt = client.job(&m.job_id).await?.receipt;
+            if let Some(r) = &receipt {
+                say(format!(
+                    "            -> billed {} us x {}/s + {} B x {}/GiB = {}",
+                    r.wall_time_us, r.price_per_gpu_second, r.net_bytes, r.price_per_net_gib, r.amount_due
+                ));
+            }
+            let billed = receipt.map(|r| {
+                json!({
+                    "wall_time_us": r.wall_time_us,
+                    "price_per_gpu_second": r.price_per_gpu_second,
+                    "net_bytes": r.net_bytes,
+                    "price_per_net_gib": r.price_per_net_gib,
+                    "amount_due": r.amount_due,
+                })
+            });
             members_json.push(json!({
+                "billed": billed,
                 "rank": m.rank,
                 "job_id": m.job_id,
                 "provider": m.provider.to_string(),

@@ -35,6 +35,9 @@ pub(crate) struct HostDaemonArgs {
     /// Price per inference of sessions.
     #[arg(long, default_value_t = 1)]
     price_per_inference: u64,
+    /// Price per GiB a cluster member sends to its peers (0: the bytes are free).
+    #[arg(long, default_value_t = 0)]
+    price_per_net_gib: u64,
     /// Batch jobs run at once (each in its own worker process).
     #[arg(long, default_value_t = 2)]
     capacity: u32,
@@ -119,7 +122,11 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     let mut config = provider::DaemonConfig::new(args.scheduler, args.scheduler_key, keypair, worker);
     config.name = args.name.clone();
     config.region = args.region.clone();
-    config.price = Price { per_gpu_second: args.price_per_gpu_second, per_inference: args.price_per_inference };
+    config.price = Price {
+        per_gpu_second: args.price_per_gpu_second,
+        per_inference: args.price_per_inference,
+        per_net_gib: args.price_per_net_gib,
+    };
     config.capacity = args.capacity.max(1);
     config.session_capacity = args.session_capacity;
     config.warm_workers = args.warm_workers;

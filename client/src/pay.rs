@@ -309,8 +309,12 @@ impl JobPayer {
             let end = a.ended_at_ms.unwrap_or_else(ledger::now_ms);
             end.saturating_sub(a.started_at_ms)
         });
+        // Bytes a cluster member sent: never past its limit, and on the last receipt never
+        // past what its provider reported.
+        let reported = view.usage.as_ref().filter(|_| r.done).map(|u| u.net_bytes_sent);
         r.check_terms(&self.job_id, &self.provider)
             .and_then(|()| r.check_time(view.limits.wall_time_ms, observed))
+            .and_then(|()| r.check_net(view.limits.net_bytes, reported))
             .and_then(|()| self.last.as_ref().map_or(Ok(()), |l| r.follows(l)))
             .map_err(|e| refuse(format!("not vouching for the provider's receipt {}: {e}", r.sequence)))?;
         if r.amount_due > self.need {

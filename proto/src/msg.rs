@@ -75,6 +75,9 @@ pub struct Price {
     pub per_gpu_second: u64,
     /// Per inference of a session.
     pub per_inference: u64,
+    /// Per GiB a cluster member sends to its peers (2^30 bytes; 0: bytes are free).
+    #[serde(default)]
+    pub per_net_gib: u64,
 }
 
 /// What a renter asks of the GPUs that run a job. Every field is optional; the empty set
@@ -524,7 +527,7 @@ mod tests {
             name: "rig".into(),
             region: "eu".into(),
             gpus: vec![],
-            price: Price { per_gpu_second: 1, per_inference: 2 },
+            price: Price { per_gpu_second: 1, per_inference: 2, per_net_gib: 0 },
             capacity: 4,
             session_addr: None,
             session_capacity: 8,

@@ -355,7 +355,7 @@ impl Checker {
 }
 
 /// Domain separation for batch-job receipts.
-const JOB_DOMAIN: &[u8] = b"wasmgrid-job-receipt-v2";
+const JOB_DOMAIN: &[u8] = b"wasmgrid-job-receipt-v3";
 
 /// A provider-signed statement of a batch job's cumulative GPU time and what it costs at the
 /// provider's price per GPU-second (of wall time holding the GPU). A paid job gets one at the
@@ -376,9 +376,40 @@ pub struct JobReceipt {
     pub counts: Counts,
     pub wall_time_us: u64,
     pub price_per_gpu_second: u64,
-    /// `wall_time_us * price_per_gpu_second / 1e6`, rounded up.
+    /// A cluster member's bytes sent to its peers so far, as its provider's daemon counted
+    /// them, and the provider's price per GiB of them (0 for a job on one GPU).
+    #[serde(default)]
+    pub net_bytes: u64,
+    #[serde(default)]
+    pub price_per_net_gib: u64,
+    /// `wall_time_us * price_per_gpu_second / 1e6 + net_bytes * price_per_net_gib / 2^30`,
+    /// each rounded up.
     pub amount_due: u64,
     pub signature: Signature,
+}
+
+/// What a job receipt bills: GPU time and, for a cluster member, bytes sent to its peers, each
+/// at the provider's price.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobBill {
+    pub wall_time_us: u64,
+    pub price_per_gpu_second: u64,
+    pub net_bytes: u64,
+    pub price_per_net_gib: u64,
+}
+
+impl JobBill {
+    /// GPU time alone.
+    pub fn time(wall_time_us: u64, price_per_gpu_second: u64) -> JobBill {
+        JobBill { wall_time_us, price_per_gpu_second, ..JobBill::default() }
+    }
+
+    /// What it costs: each part rounded up to a whole unit, the sum saturating.
+    pub fn amount(&self) -> u64 {
+        let net = u128::from(self.net_bytes) * u128::from(self.price_per_net_gib);
+        let net = u64::try_from(net.div_ceil(1 << 30)).unwrap_or(u64::MAX);
+        JobReceipt::amount(self.wall_time_us, self.price_per_gpu_second).saturating_add(net)
+    }
 }
 
 /// Why a job receipt is refused.
@@ -400,6 +431,10 @@ pub enum JobReceiptError {
     OutOfOrder(&'static str),
     #[error("the job receipt charges {got} per GPU-second, not the provider's price of {want}")]
     Price { want: u64, got: u64 },
+    #[error("the job receipt charges {got} per GiB sent to peers, not the provider's price of {want}")]
+    NetPrice { want: u64, got: u64 },
+    #[error("the job receipt bills {billed} bytes sent to peers, more than the {most} {bound}")]
+    OverNet { billed: u64, most: u64, bound: &'static str },
 }
 
 /// Slack on the time the scheduler saw a job run, for its millisecond clock: a receipt may bill
@@ -425,20 +460,24 @@ impl JobReceipt {
         wall_time_us: u64,
         price_per_gpu_second: u64,
     ) -> JobReceipt {
-        let output_digest = Sha256::digest(output).into();
-        JobReceipt::signed(
-            keypair,
-            job_id,
-            module_hash,
-            (sequence, true),
-            output_digest,
-            counts,
-            wall_time_us,
-            price_per_gpu_second,
-        )
+        let bill = JobBill::time(wall_time_us, price_per_gpu_second);
+        JobReceipt::sign_billed(keypair, job_id, module_hash, sequence, output, counts, bill)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Signs the last receipt of a job for `bill` (GPU time, and bytes sent to peers).
+    pub fn sign_billed(
+        keypair: &Keypair,
+        job_id: &str,
+        module_hash: [u8; 32],
+        sequence: u64,
+        output: &[u8],
+        counts: Counts,
+        bill: JobBill,
+    ) -> JobReceipt {
+        let output_digest = Sha256::digest(output).into();
+        JobReceipt::signed(keypair, job_id, module_hash, (sequence, true), output_digest, counts, bill)
+    }
+
     fn signed(
         keypair: &Keypair,
         job_id: &str,
@@ -446,8 +485,7 @@ impl JobReceipt {
         (sequence, done): (u64, bool),
         output_digest: [u8; 32],
         counts: Counts,
-        wall_time_us: u64,
-        price_per_gpu_second: u64,
+        bill: JobBill,
     ) -> JobReceipt {
         let mut r = JobReceipt {
             job_id: job_id.to_string(),
@@ -457,9 +495,11 @@ impl JobReceipt {
             done,
             output_digest,
             counts,
-            wall_time_us,
-            price_per_gpu_second,
-            amount_due: JobReceipt::amount(wall_time_us, price_per_gpu_second),
+            wall_time_us: bill.wall_time_us,
+            price_per_gpu_second: bill.price_per_gpu_second,
+            net_bytes: bill.net_bytes,
+            price_per_net_gib: bill.price_per_net_gib,
+            amount_due: bill.amount(),
             signature: Signature([0; 64]),
         };
         r.signature = keypair.sign(&r.signing_bytes());
@@ -476,17 +516,29 @@ impl JobReceipt {
         wall_time_us: u64,
         price_per_gpu_second: u64,
     ) -> JobReceipt {
-        let (digest, counts) = ([0; 32], Counts::default());
-        JobReceipt::signed(
-            keypair,
-            job_id,
-            module_hash,
-            (sequence, false),
-            digest,
-            counts,
-            wall_time_us,
-            price_per_gpu_second,
-        )
+        let bill = JobBill::time(wall_time_us, price_per_gpu_second);
+        JobReceipt::sign_slice_billed(keypair, job_id, module_hash, sequence, bill)
+    }
+
+    /// Signs the receipt of a running job's `sequence`th slice for `bill` so far.
+    pub fn sign_slice_billed(
+        keypair: &Keypair,
+        job_id: &str,
+        module_hash: [u8; 32],
+        sequence: u64,
+        bill: JobBill,
+    ) -> JobReceipt {
+        JobReceipt::signed(keypair, job_id, module_hash, (sequence, false), [0; 32], Counts::default(), bill)
+    }
+
+    /// What this receipt bills.
+    pub fn bill(&self) -> JobBill {
+        JobBill {
+            wall_time_us: self.wall_time_us,
+            price_per_gpu_second: self.price_per_gpu_second,
+            net_bytes: self.net_bytes,
+            price_per_net_gib: self.price_per_net_gib,
+        }
     }
 
     /// Checks that this receipt may follow `earlier` of the same job: a later sequence, the same
@@ -501,20 +553,25 @@ impl JobReceipt {
         if self.sequence <= earlier.sequence {
             return Err(JobReceiptError::OutOfOrder("its sequence number does not grow"));
         }
-        if self.price_per_gpu_second != earlier.price_per_gpu_second {
+        if self.price_per_gpu_second != earlier.price_per_gpu_second
+            || self.price_per_net_gib != earlier.price_per_net_gib
+        {
             return Err(JobReceiptError::OutOfOrder("its price changed"));
         }
         if self.wall_time_us < earlier.wall_time_us {
             return Err(JobReceiptError::OutOfOrder("it bills less time than the one before"));
+        }
+        if self.net_bytes < earlier.net_bytes {
+            return Err(JobReceiptError::OutOfOrder("it bills fewer bytes than the one before"));
         }
         Ok(())
     }
 
     /// The fixed layout signed: domain, the job id's length (u32 LE) and bytes, provider,
     /// module hash, sequence (u64 LE), done (one byte), output digest, the six counts, wall
-    /// time, price and amount (u64 LE).
+    /// time, price per GPU-second, net bytes, price per net GiB and amount (u64 LE).
     pub fn signing_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(JOB_DOMAIN.len() + 4 + self.job_id.len() + 105 + 8 * 9);
+        let mut out = Vec::with_capacity(JOB_DOMAIN.len() + 4 + self.job_id.len() + 105 + 8 * 11);
         out.extend_from_slice(JOB_DOMAIN);
         out.extend_from_slice(&(self.job_id.len() as u32).to_le_bytes());
         out.extend_from_slice(self.job_id.as_bytes());
@@ -524,7 +581,8 @@ impl JobReceipt {
         out.push(u8::from(self.done));
         out.extend_from_slice(&self.output_digest);
         self.counts.write_le(&mut out);
-        for v in [self.wall_time_us, self.price_per_gpu_second, self.amount_due] {
+        for v in [self.wall_time_us, self.price_per_gpu_second, self.net_bytes, self.price_per_net_gib, self.amount_due]
+        {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out
@@ -570,6 +628,23 @@ impl JobReceipt {
         Ok(())
     }
 
+    /// Checks the billed bytes sent to peers against the most the job could have sent: its
+    /// net-bytes limit (`0`: none given) and, on a last receipt, what its provider reported
+    /// the job sent (`reported`). A provider never bills more than either.
+    pub fn check_net(&self, limit_bytes: u64, reported: Option<u64>) -> Result<(), JobReceiptError> {
+        if limit_bytes > 0 && self.net_bytes > limit_bytes {
+            let bound = "the job's net-bytes limit";
+            return Err(JobReceiptError::OverNet { billed: self.net_bytes, most: limit_bytes, bound });
+        }
+        match reported {
+            Some(most) if self.net_bytes > most => {
+                let bound = "its provider reported the job sent";
+                Err(JobReceiptError::OverNet { billed: self.net_bytes, most, bound })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Checks everything but the output (which a renter sees only once it paid).
     pub fn check_terms(&self, job_id: &str, provider: &PublicKey) -> Result<(), JobReceiptError> {
         if !self.provider.verify(&self.signing_bytes(), &self.signature) {
@@ -581,7 +656,7 @@ impl JobReceipt {
         if self.provider != *provider {
             return Err(JobReceiptError::WrongProvider);
         }
-        let want = JobReceipt::amount(self.wall_time_us, self.price_per_gpu_second);
+        let want = self.bill().amount();
         if self.amount_due != want {
             return Err(JobReceiptError::Amount { want, got: self.amount_due });
         }
@@ -781,5 +856,41 @@ mod tests {
         assert_eq!(more.check("job-000007", &provider.public(), b"out"), Err(JobReceiptError::BadSignature));
         assert_eq!(JobReceipt::amount(u64::MAX, u64::MAX), u64::MAX);
         assert_eq!(JobReceipt::amount(0, 5), 0);
+    }
+
+    #[test]
+    fn a_members_receipt_bills_its_bytes_at_its_price_and_never_past_its_limit_or_its_count() {
+        let provider = Keypair::generate();
+        let bill =
+            JobBill { wall_time_us: 1_000_000, price_per_gpu_second: 3, net_bytes: 3 << 29, price_per_net_gib: 10 };
+        let slice = JobReceipt::sign_slice_billed(&provider, "job-1", [1; 32], 1, bill);
+        assert_eq!(slice.amount_due, 3 + 15, "1 s at 3, and 1.5 GiB at 10 per GiB");
+        slice.check_terms("job-1", &provider.public()).unwrap();
+        let last = JobReceipt::sign_billed(
+            &provider,
+            "job-1",
+            [1; 32],
+            2,
+            b"out",
+            call(),
+            JobBill { net_bytes: 1 << 31, ..bill },
+        );
+        assert_eq!(last.follows(&slice), Ok(()));
+        assert_eq!(last.check_net(0, Some(1 << 31)), Ok(()));
+        assert!(matches!(last.check_net(1 << 30, None), Err(JobReceiptError::OverNet { .. })), "over the limit");
+        assert!(matches!(last.check_net(0, Some(100)), Err(JobReceiptError::OverNet { .. })), "over its own count");
+        // Bytes never shrink, the price per GiB never changes, and both are signed.
+        let fewer = JobReceipt::sign_slice_billed(&provider, "job-1", [1; 32], 2, JobBill { net_bytes: 1, ..bill });
+        assert!(fewer.follows(&slice).is_err());
+        let dearer =
+            JobReceipt::sign_slice_billed(&provider, "job-1", [1; 32], 2, JobBill { price_per_net_gib: 11, ..bill });
+        assert!(dearer.follows(&slice).is_err());
+        let mut more = slice.clone();
+        more.net_bytes += 1;
+        assert_eq!(more.check_terms("job-1", &provider.public()), Err(JobReceiptError::BadSignature));
+        // One byte at any price costs a whole unit; no price, nothing.
+        assert_eq!(JobBill { net_bytes: 1, price_per_net_gib: 1, ..JobBill::default() }.amount(), 1);
+        assert_eq!(JobBill { net_bytes: u64::MAX, ..JobBill::default() }.amount(), 0);
+        assert_eq!(JobBill { net_bytes: u64::MAX, price_per_net_gib: u64::MAX, ..bill }.amount(), u64::MAX);
     }
 }

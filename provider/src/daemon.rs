@@ -83,7 +83,7 @@ impl DaemonConfig {
             keypair,
             name: "provider".into(),
             region: "local".into(),
-            price: Price { per_gpu_second: 1, per_inference: 1 },
+            price: Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 },
             capacity: 2,
             session_capacity: 16,
             warm_workers: 2,
@@ -564,7 +564,16 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
     let mut pay = None;
     if let Some(config) = paying {
         let wall_ms = crate::flow::smaller(limits.wall_time_ms, shared.defaults.wall_time_ms);
-        let need = proto::receipt::JobReceipt::amount(wall_ms.saturating_mul(1000), price);
+        // A cluster member may also send up to its net-bytes limit, at the price per GiB.
+        let net_bytes =
+            if member.is_some() { crate::flow::smaller(limits.net_bytes, shared.defaults.net_bytes) } else { 0 };
+        let need = proto::receipt::JobBill {
+            wall_time_us: wall_ms.saturating_mul(1000),
+            price_per_gpu_second: price,
+            net_bytes,
+            price_per_net_gib: shared.config.price.per_net_gib,
+        }
+        .amount();
         match take_channel(&mut send, &mut inbox, &cancel, &config, shared, &job_id, renter, need).await? {
             Ok(p) => pay = Some(p),
             Err(reason) => {
@@ -686,15 +695,21 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
             bytes_downloaded: u.bytes_downloaded,
             gpu_time_ns: u.gpu_time_ns,
         };
-        let receipt = proto::receipt::JobReceipt::sign(
+        // A member's bytes sent are the daemon's own count (set in its usage above).
+        let bill = proto::receipt::JobBill {
+            wall_time_us: result.wall_time_us,
+            price_per_gpu_second: price,
+            net_bytes: if member.is_some() { u.net_bytes_sent } else { 0 },
+            price_per_net_gib: shared.config.price.per_net_gib,
+        };
+        let receipt = proto::receipt::JobReceipt::sign_billed(
             &shared.keypair,
             &job_id,
             module_hash,
             slices + 1,
             &result.output,
             counts,
-            result.wall_time_us,
-            price,
+            bill,
         );
         if let Some(p) = pay.as_mut() {
             p.signed(&receipt);
@@ -918,13 +933,18 @@ impl JobPump<'_> {
                         actions.extend(self.flow.on_module(reply));
                     }
                     JobAction::Slice { sequence, wall_time_us } => {
-                        let r = proto::receipt::JobReceipt::sign_slice(
+                        let bill = proto::receipt::JobBill {
+                            wall_time_us,
+                            price_per_gpu_second: price,
+                            net_bytes: self.net.sent,
+                            price_per_net_gib: self.shared.config.price.per_net_gib,
+                        };
+                        let r = proto::receipt::JobReceipt::sign_slice_billed(
                             &self.shared.keypair,
                             job_id,
                             module_hash,
                             sequence,
-                            wall_time_us,
-                            price,
+                            bill,
                         );
                         if let Some(stop) = self.slice_stop(r.amount_due).await {
                             actions.extend(self.flow.stop_unpaid(stop, Instant::now()));

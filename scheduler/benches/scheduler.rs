@@ -60,7 +60,7 @@ fn populate(state: &mut State, n: u32, rng: &mut Rng) {
         let mut key = [0u8; 32];
         key[..4].copy_from_slice(&i.to_le_bytes());
         let key = PublicKey(key);
-        let price = Price { per_gpu_second: 1 + rng.below(100), per_inference: 1 + rng.below(10) };
+        let price = Price { per_gpu_second: 1 + rng.below(100), per_inference: 1 + rng.below(10), per_net_gib: 0 };
         let region = REGIONS[rng.below(4) as usize].to_string();
         state.register(key, format!("sim-{i}"), region, gpus, price, 1 + rng.below(8) as u32, None, 0, 0).unwrap();
         state.heartbeat(&key, 0, 0, Some(1 + rng.below(200) as u32), 0);

@@ -553,7 +553,7 @@ mod tests {
                     region: o.region,
                     gpus: &o.gpus,
                     gpu_search: &o.search,
-                    price: Price { per_gpu_second: o.price, per_inference: o.price },
+                    price: Price { per_gpu_second: o.price, per_inference: o.price, per_net_gib: 0 },
                     capacity: o.gpus.len() as u32,
                     running: 0,
                     online: true,

@@ -246,7 +246,7 @@ mod tests {
             region: "eu",
             gpus: &o.gpus,
             gpu_search: &o.search,
-            price: Price { per_gpu_second: price, per_inference: price },
+            price: Price { per_gpu_second: price, per_inference: price, per_net_gib: 0 },
             capacity: 2,
             running: 0,
             online: true,

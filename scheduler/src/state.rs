@@ -112,6 +112,20 @@ const MAX_JOB_CLAIMS: usize = 16;
 /// Vouchers a job keeps that its renter sent and its provider has not yet said it took.
 const MAX_SENT_VOUCHERS: usize = 8;
 
+/// Whether a receipt charges the provider's registered prices (any, when it is not known).
+fn priced(r: &proto::receipt::JobReceipt, registered: Option<Price>) -> Result<(), proto::receipt::JobReceiptError> {
+    use proto::receipt::JobReceiptError::{NetPrice, Price as TimePrice};
+    match registered {
+        Some(p) if p.per_gpu_second != r.price_per_gpu_second => {
+            Err(TimePrice { want: p.per_gpu_second, got: r.price_per_gpu_second })
+        }
+        Some(p) if p.per_net_gib != r.price_per_net_gib => {
+            Err(NetPrice { want: p.per_net_gib, got: r.price_per_net_gib })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A provider sends a job's checkpoints a second apart at most; one that comes much sooner
 /// after the last it sent is dropped.
 const MIN_CHECKPOINT_GAP_MS: u64 = 500;
@@ -391,7 +405,8 @@ impl State {
     /// A provider's payment message for a job it runs: its terms, its receipts (checked before
     /// the renter sees them) and its answers to the renter's channel and vouchers.
     pub fn job_payment(&mut self, id: &str, provider: &PublicKey, msg: JobReply, now_ms: u64) -> Result<(), String> {
-        let price = self.providers.get(provider).map(|p| p.view.price.per_gpu_second);
+        let registered = self.providers.get(provider).map(|p| p.view.price);
+        let price = registered.map(|p| p.per_gpu_second);
         let job = self.jobs.get_mut(id).ok_or_else(|| format!("no job {id:?}"))?;
         if job.view.provider.as_ref() != Some(provider) {
             return Err("a payment message from a provider not running the job".into());
@@ -403,8 +418,20 @@ impl State {
                 return Err("the provider asked for a payment channel twice".into());
             }
             // The renter locks `need` in the channel: never more than the job can cost, its
-            // wall-time limit at the provider's registered price (when the job names a limit).
-            let most = proto::receipt::JobReceipt::amount(limit.saturating_mul(1000), price.unwrap_or(0));
+            // wall-time limit at the provider's registered price (when the job names a limit)
+            // and, for a cluster member, its net-bytes limit at the price per GiB.
+            let net_bytes = match (job.view.member_of.is_some(), job.view.limits.net_bytes) {
+                (false, _) => 0,
+                (true, 0) => u64::MAX,
+                (true, n) => n,
+            };
+            let most = proto::receipt::JobBill {
+                wall_time_us: limit.saturating_mul(1000),
+                price_per_gpu_second: price.unwrap_or(0),
+                net_bytes,
+                price_per_net_gib: registered.map_or(0, |p| p.per_net_gib),
+            }
+            .amount();
             if limit > 0 && need > most {
                 return Err(format!(
                     "the provider asked for a channel holding {need}, more than the job's {most} at its wall-time limit"
@@ -441,16 +468,12 @@ impl State {
                 // signature, the job, its registered price, the time against the job's limit and
                 // what this scheduler saw, and its order after the one before.
                 let observed = started.map(|t| now_ms.saturating_sub(t));
-                let priced = match price {
-                    Some(p) if p != r.price_per_gpu_second => {
-                        Err(proto::receipt::JobReceiptError::Price { want: p, got: r.price_per_gpu_second })
-                    }
-                    _ => Ok(()),
-                };
+                let priced = priced(&r, registered);
                 let checked = r
                     .check_terms(id, provider)
                     .and(priced)
                     .and_then(|()| r.check_time(limit, observed))
+                    .and_then(|()| r.check_net(job.view.limits.net_bytes, None))
                     .and_then(|()| c.receipt.as_ref().map_or(Ok(()), |before| r.follows(before)));
                 if r.done {
                     return Err("a last receipt sent as a slice's".into());
@@ -1297,7 +1320,7 @@ impl State {
         result: JobResult,
         now_ms: u64,
     ) -> Result<bool, StoreError> {
-        let price = self.providers.get(provider).map(|p| p.view.price.per_gpu_second);
+        let registered = self.providers.get(provider).map(|p| p.view.price);
         let Some(job) = self.running_on(id, provider) else { return Ok(false) };
         job.view.state = if result.outcome == Outcome::Succeeded { JobState::Succeeded } else { JobState::Failed };
         job.view.receipt = None;
@@ -1307,8 +1330,13 @@ impl State {
         // A failed job is billed like a succeeded one (the kernel ran): its output and log are
         // withheld until paid, like any output.
         if let Some(r) = result.receipt.as_ref() {
-            match r.check(id, provider, &result.output).and_then(|()| r.check_time(limit, observed)) {
-                Ok(()) if Some(r.price_per_gpu_second) != price => {
+            let net_limit = job.view.limits.net_bytes;
+            let checked = r
+                .check(id, provider, &result.output)
+                .and_then(|()| r.check_time(limit, observed))
+                .and_then(|()| r.check_net(net_limit, Some(result.usage.net_bytes_sent)));
+            match checked {
+                Ok(()) if priced(r, registered).is_err() => {
                     log::warn!("job {id}: the receipt's price is not the provider's registered price; not billed");
                 }
                 Ok(()) => match job.view.channel.as_mut() {
@@ -1514,7 +1542,7 @@ mod tests {
             format!("p{n}"),
             "eu".into(),
             vec![gpu()],
-            Price { per_gpu_second: 1, per_inference: 1 },
+            Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 },
             1,
             None,
             0,
@@ -1554,7 +1582,7 @@ mod tests {
     /// A provider with a real key (to sign receipts), priced at 1 token unit per GPU-microsecond.
     fn billing_provider(s: &mut State) -> proto::Keypair {
         let kp = proto::Keypair::from_seed([77; 32]);
-        let price = Price { per_gpu_second: 1_000_000, per_inference: 1 };
+        let price = Price { per_gpu_second: 1_000_000, per_inference: 1, per_net_gib: 0 };
         s.register(kp.public(), "billed".into(), "eu".into(), vec![gpu()], price, 1, None, 0, 0).unwrap();
         kp
     }
@@ -1684,6 +1712,16 @@ mod tests {
         let mut forged = slice(1, 100_000, 1_000_000);
         forged.amount_due = 1;
         assert!(s.job_payment(&id, &kp.public(), JobReply::Slice(forged), 1_200).is_err());
+        // Bytes at a price per GiB the provider did not register: refused.
+        let bill = proto::receipt::JobBill {
+            wall_time_us: 100_000,
+            price_per_gpu_second: 1_000_000,
+            net_bytes: 1 << 20,
+            price_per_net_gib: 7,
+        };
+        let priced_bytes = Box::new(proto::receipt::JobReceipt::sign_slice_billed(&kp, &id, a.module, 1, bill));
+        assert!(s.job_payment(&id, &kp.public(), JobReply::Slice(priced_bytes), 1_200).is_err());
+        assert!(shown(&s).refused.unwrap().contains("per GiB"));
         // A good one is shown; one that does not follow it is not.
         s.job_payment(&id, &kp.public(), JobReply::Slice(slice(1, 100_000, 1_000_000)), 1_200).unwrap();
         assert_eq!(shown(&s).unvouched().map(|r| r.amount_due), Some(100_000));
@@ -1808,7 +1846,7 @@ mod tests {
     fn measured_links_are_taken_only_for_the_peers_asked_about_and_show_in_the_provider_list() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(&dir, Config::default());
-        let price = Price { per_gpu_second: 1, per_inference: 1 };
+        let price = Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 };
         let keys: Vec<PublicKey> = (1..=4u8).map(|i| PublicKey([i; 32])).collect();
         for (i, k) in keys.iter().enumerate() {
             // The fourth takes no connections (no session address): nobody can measure it.
@@ -2038,7 +2076,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(&dir, Config::default());
         let key = PublicKey([1; 32]);
-        let price = Price { per_gpu_second: 1, per_inference: 1 };
+        let price = Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 };
         s.register(key, "p".into(), "eu".into(), vec![gpu()], price, 1, Some("127.0.0.1:1".into()), 2, 0).unwrap();
         let none = Requirements::default();
         for n in 0..2 {
@@ -2068,7 +2106,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(&dir, Config::default());
         let key = PublicKey([1; 32]);
-        let price = Price { per_gpu_second: 1, per_inference: 1 };
+        let price = Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 };
         s.register(key, "p".into(), "eu".into(), vec![gpu()], price, 1, Some("127.0.0.1:1".into()), 8, 0).unwrap();
         let none = Requirements::default();
         // One session open, and room for one more by its memory: one is granted, then none.
@@ -2109,15 +2147,18 @@ mod tests {
     /// connections at a session address.
     fn member_provider(s: &mut State, n: u8, now: u64) -> proto::Keypair {
         let kp = proto::Keypair::from_seed([n; 32]);
-        let price = Price { per_gpu_second: 1, per_inference: 1 };
+        let price = Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 };
         let addr = Some(format!("10.0.0.{n}:7000"));
         s.register(kp.public(), format!("p{n}"), "eu".into(), vec![gpu()], price, 1, addr, 1, now).unwrap();
         kp
     }
 
     fn submit_cluster(s: &mut State, gpus: u32, now: u64) -> Result<Submitted, SubmitError> {
+        submit_shaped(s, proto::api::ClusterRequest { gpus, ..Default::default() }, now)
+    }
+
+    fn submit_shaped(s: &mut State, c: proto::api::ClusterRequest, now: u64) -> Result<Submitted, SubmitError> {
         let hash = hash_hex(&s.put_module(WASM).unwrap());
-        let c = proto::api::ClusterRequest { gpus, ..Default::default() };
         s.submit_job(
             renter(R),
             &hash,
@@ -2227,7 +2268,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = cluster_state(&dir, Config { max_jobs_per_renter: 1, ..Config::default() });
         let kp = proto::Keypair::from_seed([5; 32]);
-        let price = Price { per_gpu_second: 1, per_inference: 1 };
+        let price = Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 };
         s.register(kp.public(), "rig".into(), "eu".into(), vec![gpu(), gpu(), gpu()], price, 3, None, 0, 0).unwrap();
         let hash = hash_hex(&s.put_module(WASM).unwrap());
         let c = proto::api::ClusterRequest { gpus: 2, one_provider: true, ..Default::default() };
@@ -2456,6 +2497,33 @@ mod tests {
         // A stopped try's late save changes nothing.
         assert!(s.checkpoint_saved(&first[0].job_id, &first[0].provider, ck(9), 2_000).is_err());
         assert_eq!(s.job(&id).unwrap().checkpoint.unwrap().step, 4);
+    }
+
+    #[test]
+    fn a_provider_that_takes_no_peer_connections_holds_a_cluster_only_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        // p1: two GPUs, two slots, but no session endpoint; p2, p3: one GPU each, reachable.
+        let p1 = proto::Keypair::from_seed([1; 32]).public();
+        let price = Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 };
+        s.register(p1, "p1".into(), "eu".into(), vec![gpu(), gpu()], price, 2, None, 0, 0).unwrap();
+        let (p2, p3) = (member_provider(&mut s, 2, 0).public(), member_provider(&mut s, 3, 0).public());
+        // Three across providers cannot be had without p1, and the reason says so; on p1 alone
+        // (its own two GPUs) a cluster needs no connections and fits.
+        let three = proto::api::ClusterRequest { gpus: 3, max_per_provider: Some(1), ..Default::default() };
+        let why = s.cluster_fit(&Requirements::default(), &three, &HashSet::new()).err().unwrap();
+        assert!(why.summary.contains("no session endpoint"), "{}", why.summary);
+        let whole = proto::api::ClusterRequest { gpus: 2, one_provider: true, ..Default::default() };
+        let fit = s.cluster_fit(&Requirements::default(), &whole, &HashSet::new()).ok().unwrap();
+        assert!(fit.members.iter().all(|m| m.provider == p1));
+        // Two members, one per provider: only the reachable ones can link up.
+        let spread = proto::api::ClusterRequest { gpus: 2, max_per_provider: Some(1), ..Default::default() };
+        let id = submit_shaped(&mut s, spread, 0).unwrap().id;
+        let placed = s.assign(1).unwrap();
+        let on: HashSet<PublicKey> = placed.iter().map(|a| a.provider).collect();
+        assert_eq!(on, HashSet::from([p2, p3]), "{placed:?}");
+        assert!(placed.iter().all(|a| a.member.as_ref().unwrap().roster.members.iter().all(|m| m.addr.is_some())));
+        let _ = id;
     }
 
     #[test]

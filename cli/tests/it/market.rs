@@ -685,6 +685,18 @@ fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
         assert!(m["usage"]["net_bytes_sent"].as_u64() > Some(0), "{m}");
         assert!(m["paid"].as_u64() > Some(0), "{m}");
         assert_eq!(m["claims"].as_array().map(Vec::len), Some(1), "{m}");
+        // Billed for its bytes too: exactly what its provider counted it sending, at its price
+        // per GiB, on top of its GPU time; and paid exactly that.
+        let b = &m["billed"];
+        assert_eq!(b["net_bytes"], m["usage"]["net_bytes_sent"], "{m}");
+        let per_gib = b["price_per_net_gib"].as_u64().unwrap();
+        assert!(per_gib == 4_000_000 || per_gib == 6_000_000, "{m}");
+        let time =
+            (b["wall_time_us"].as_u64().unwrap() * b["price_per_gpu_second"].as_u64().unwrap()).div_ceil(1_000_000);
+        let bytes = (b["net_bytes"].as_u64().unwrap() * per_gib).div_ceil(1 << 30);
+        assert!(bytes > 0, "{m}");
+        assert_eq!(b["amount_due"].as_u64(), Some(time + bytes), "{m}");
+        assert_eq!(m["paid"], b["amount_due"], "{m}");
     }
     assert_eq!(cluster["link_plan"]["ring"], serde_json::json!([0, 1]));
     assert!(cluster["output"].as_str().unwrap().starts_with("final loss"), "{cluster}");

@@ -186,11 +186,31 @@ impl State {
             max_per_provider: c.max_per_provider,
         };
         let query = Query::new(&Requirements { gpu_count: None, ..requirements.clone() }, false);
-        let place = |avoid: &HashSet<PublicKey>| {
+        let place_among = |avoid: &HashSet<PublicKey>| {
             let free = self.cluster_offers(avoid);
             let offers: Vec<Offer<'_>> =
                 free.iter().map(|(c, gpus)| Offer { candidate: *c, free_gpus: gpus }).collect();
             crate::gang::place(&offers, &query, shape, &self.links)
+        };
+        // A provider with no session endpoint takes no connections from peers: it can hold a
+        // cluster only whole. A gang across providers that needs one is placed without them.
+        let unreachable: HashSet<PublicKey> =
+            self.providers.values().filter(|p| p.view.session_addr.is_none()).map(|p| p.view.key).collect();
+        let place = |avoid: &HashSet<PublicKey>| {
+            let placed = place_among(avoid)?;
+            let first = placed.first().map(|m| m.provider);
+            let spread = placed.iter().any(|m| Some(m.provider) != first);
+            if !spread || !placed.iter().any(|m| unreachable.contains(&m.provider)) {
+                return Ok(placed);
+            }
+            place_among(&avoid.union(&unreachable).copied().collect()).map_err(|mut why| {
+                why.summary = format!(
+                    "{}; {} provider(s) take no connections from peers (no session endpoint) and can hold a cluster only whole",
+                    why.summary,
+                    unreachable.len()
+                );
+                why
+            })
         };
         let placed = match avoid.is_empty() {
             true => place(avoid),

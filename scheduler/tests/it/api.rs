@@ -18,7 +18,7 @@ const WASM: &[u8] = b"\0asm\x01\0\0\0";
 /// A router over a state with one provider (serving sessions) and one module; the module's hash.
 fn app(config: Config, renter_limits: Option<RenterLimits>) -> (Router, String) {
     let mut state = State::load(config, Box::new(MemoryStore::default()), 0).unwrap();
-    let price = Price { per_gpu_second: 1, per_inference: 1 };
+    let price = Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 };
     let provider = Keypair::generate().public();
     let addr = Some("127.0.0.1:9".to_string());
     state.register(provider, "p".into(), "eu".into(), vec![crate::gpu()], price, 1, addr, 4, 0).unwrap();
@@ -249,7 +249,7 @@ async fn cluster_plans_are_signed_checked_and_say_why_none_fits() {
 async fn hostile_cluster_submissions_get_4xx_with_the_reason_and_members_read_only_to_their_renter() {
     // Two providers; a renter's cluster of two already placed on them.
     let mut state = State::load(Config::default(), Box::new(MemoryStore::default()), 0).unwrap();
-    let price = Price { per_gpu_second: 1, per_inference: 1 };
+    let price = Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 };
     for name in ["a", "b"] {
         let key = Keypair::generate().public();
         state.register(key, name.into(), "eu".into(), vec![crate::gpu()], price, 1, None, 0, 0).unwrap();
