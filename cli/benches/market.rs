@@ -31,6 +31,14 @@
 //!   `cluster-train` sample synchronous against DiLoCo-style: bytes each member moved per
 //!   training step, as the daemons counted them.
 //!
+//! - `shaped`: the same 2-member cluster with each member's daemon reached through a UDP relay
+//!   in the bench process that shapes its link to 100 Mbit/s each way with 25 ms one way (a
+//!   token-bucket queue of 50 ms, dropping past it, as `tbf` does; the delay as a delay relay
+//!   adds it): all-reduce bus bandwidth against raw QUIC through the same shaped link, and the
+//!   share of each member's wall time spent waiting on the network (`net_wait_ns`, the time
+//!   its collectives spent sending into the link and waiting for its peer), synchronous
+//!   against DiLoCo-style.
+//!
 //! Run: `cargo bench -p cli --bench market [-- SECTION...]` (every section when none is named;
 //! `RUST_LOG=info` shows the in-process scheduler's and daemon's logs).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -163,7 +171,7 @@ fn mem_line(label: &str, m: Mem) {
 /// the other on one stream at the same time, as the same 1 MiB frames the members' daemons
 /// move (`PeerFrame`), with nothing else on the path. Returns the slower direction's rate in
 /// bytes per second.
-async fn raw_quic_both_ways(bytes: usize) -> f64 {
+async fn raw_quic_both_ways(bytes: usize, shaped: Option<LinkShape>) -> f64 {
     let (a, b) = (Keypair::generate(), Keypair::generate());
     let (ia, ib) = (quic::Identity::new(&a).unwrap(), quic::Identity::new(&b).unwrap());
     let full = quic::Budget { bidi_streams: 4, receive_window: 16 << 20 };
@@ -197,7 +205,11 @@ async fn raw_quic_both_ways(bytes: usize) -> f64 {
         (conn, send, recv)
     });
     let client = quic::client(LOOPBACK).unwrap();
-    let conn = quic::connect(&client, &ia, addr, b.public()).await.unwrap();
+    let dial = match shaped {
+        Some(shape) => shaped_relay(addr, shape).await,
+        None => addr,
+    };
+    let conn = quic::connect(&client, &ia, dial, b.public()).await.unwrap();
     let (send_a, recv_a) = conn.open_bi().await.unwrap();
     let start = Instant::now();
     // The first frame opens the stream on the other side.
@@ -212,41 +224,10 @@ async fn raw_quic_both_ways(bytes: usize) -> f64 {
 async fn cluster_section() {
     println!("\ncluster: 2 members on two provider daemons on loopback, each rank in its own worker process");
     let dir = tempfile::tempdir().unwrap();
-    let l = start_scheduler(dir.path()).await;
-    let cache = dir.path().join("cache");
-    for name in ["left", "right"] {
-        let worker = worker_command(&["--cache-dir".as_ref(), cache.as_os_str()]);
-        let mut config = provider::DaemonConfig::new(l.quic, l.key, Keypair::generate(), worker);
-        config.name = name.into();
-        config.capacity = 1;
-        config.session_listen = Some(LOOPBACK);
-        tokio::spawn(provider::run_forever(config));
-    }
-    let renter = Keypair::generate();
-    let client = renter_client(&l, &renter);
-    wait_online(&client, "left").await;
-    wait_online(&client, "right").await;
-    let two = proto::api::ClusterRequest { gpus: 2, max_per_provider: Some(1), ..Default::default() };
-    let run = |module: &str, input: String| {
-        let (client, module, two) = (client.clone(), module.to_string(), two.clone());
-        async move {
-            let limits = JobLimits { wall_time_ms: 600_000, cpu_time_ms: 600_000, ..JobLimits::default() };
-            let s = client
-                .submit_job(&module, input.as_bytes(), Requirements::default(), limits, None, Some(two))
-                .await
-                .unwrap();
-            let view = client.wait(&s.id, |_| {}).await.unwrap();
-            assert_eq!(view.state, proto::api::JobState::Succeeded, "{view:?}");
-            let out = String::from_utf8(client.output(&view).await.unwrap()).unwrap();
-            (view, out)
-        }
-    };
-    let field = |out: &str, key: &str| -> f64 {
-        out.split_whitespace().skip_while(|w| *w != key).nth(1).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
-    };
+    let (_l, client) = two_providers(dir.path(), None).await;
     let allreduce = client.upload(std::fs::read(sample_artifacts::ALLREDUCE).unwrap()).await.unwrap().module;
     let bytes = 64usize << 20;
-    let raw = raw_quic_both_ways(bytes).await;
+    let raw = raw_quic_both_ways(bytes, None).await;
     println!(
         "  {:<62} {:>9.3} GB/s per direction ({} MiB each way at once)",
         "baseline: raw QUIC, both directions, same link code",
@@ -254,7 +235,8 @@ async fn cluster_section() {
         bytes >> 20
     );
     for compress in ["none", "f16", "int8"] {
-        let (_, out) = run(&allreduce, format!("bytes={bytes} iters=4 warmup=1 compress={compress}")).await;
+        let (_, out) =
+            run_pair(&client, &allreduce, format!("bytes={bytes} iters=4 warmup=1 compress={compress}")).await;
         let busbw = field(&out, "busbw_gbps") * 1e9;
         println!(
             "  {:<62} {:>9.3} GB/s bus bandwidth  ({:.2}x raw QUIC; {:.1} ms per all-reduce; max error {})",
@@ -273,7 +255,7 @@ async fn cluster_section() {
         ("DiLoCo-style, h=100, int8 deltas", format!("mode=diloco h=100 compress=int8 {common}")),
     ] {
         let t = Instant::now();
-        let (view, out) = run(&train, input).await;
+        let (view, out) = run_pair(&client, &train, input).await;
         let members = view.cluster.unwrap().members;
         let moved: u64 =
             members.iter().map(|m| m.usage.as_ref().map_or(0, |u| u.net_bytes_sent + u.net_bytes_received)).sum();
@@ -286,6 +268,206 @@ async fn cluster_section() {
             out.lines().find(|l| l.starts_with("final loss")).unwrap_or("")
         );
     }
+}
+
+// ---- shaped links ----
+
+/// A link's shape: its rate each way, its one-way delay, and how much it queues (as `tbf`'s
+/// limit does) before it drops.
+#[derive(Clone, Copy, Debug)]
+struct LinkShape {
+    bits_per_second: f64,
+    one_way: Duration,
+    queue: Duration,
+}
+
+/// 100 Mbit/s each way, 25 ms one way, 50 ms of queue.
+const WAN: LinkShape =
+    LinkShape { bits_per_second: 100e6, one_way: Duration::from_millis(25), queue: Duration::from_millis(50) };
+
+/// One direction of a shaped link: a datagram leaves once the ones before it have been
+/// serialised at the link's rate, arrives the one-way delay later, and is dropped when the
+/// queue ahead of it is longer than the link holds.
+struct LinkPipe {
+    shape: LinkShape,
+    free_at: Instant,
+    tx: tokio::sync::mpsc::UnboundedSender<(Instant, Vec<u8>, Option<SocketAddr>)>,
+}
+
+impl LinkPipe {
+    fn new(
+        shape: LinkShape,
+        out: Arc<tokio::net::UdpSocket>,
+        to: Option<SocketAddr>,
+    ) -> Arc<std::sync::Mutex<LinkPipe>> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>, Option<SocketAddr>)>();
+        tokio::spawn(async move {
+            // Arrival times only grow: one queue in order is the whole schedule.
+            while let Some((due, bytes, dest)) = rx.recv().await {
+                tokio::time::sleep_until(due.into()).await;
+                let _ = match dest.or(to) {
+                    Some(d) => out.send_to(&bytes, d).await,
+                    None => out.send(&bytes).await,
+                };
+            }
+        });
+        Arc::new(std::sync::Mutex::new(LinkPipe { shape, free_at: Instant::now(), tx }))
+    }
+
+    fn push(&mut self, bytes: Vec<u8>, dest: Option<SocketAddr>) {
+        let now = Instant::now();
+        let start = self.free_at.max(now);
+        if start.duration_since(now) > self.shape.queue {
+            return;
+        }
+        let done = start + Duration::from_secs_f64(bytes.len() as f64 * 8.0 / self.shape.bits_per_second);
+        self.free_at = done;
+        let _ = self.tx.send((done + self.shape.one_way, bytes, dest));
+    }
+}
+
+/// A UDP relay in front of `target` that shapes what goes through it both ways as `shape`
+/// says (each direction its own rate, the same delay): what the daemons see as a WAN link.
+/// Every client gets a socket of its own towards `target`; all share the link. Returns the
+/// address to dial instead of `target`.
+async fn shaped_relay(target: SocketAddr, shape: LinkShape) -> SocketAddr {
+    let front = Arc::new(tokio::net::UdpSocket::bind(LOOPBACK).await.unwrap());
+    let addr = front.local_addr().unwrap();
+    let down = LinkPipe::new(shape, front.clone(), None);
+    tokio::spawn(async move {
+        let mut clients: std::collections::HashMap<SocketAddr, Arc<std::sync::Mutex<LinkPipe>>> = Default::default();
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let Ok((n, from)) = front.recv_from(&mut buf).await else { return };
+            let up = match clients.get(&from) {
+                Some(up) => up.clone(),
+                None => {
+                    let back = Arc::new(tokio::net::UdpSocket::bind(LOOPBACK).await.unwrap());
+                    back.connect(target).await.unwrap();
+                    let up = LinkPipe::new(shape, back.clone(), None);
+                    let down = down.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65_536];
+                        while let Ok(n) = back.recv(&mut buf).await {
+                            down.lock().unwrap().push(buf[..n].to_vec(), Some(from));
+                        }
+                    });
+                    clients.insert(from, up.clone());
+                    up
+                }
+            };
+            up.lock().unwrap().push(buf[..n].to_vec(), None);
+        }
+    });
+    addr
+}
+
+/// A free UDP port on loopback (for a daemon to listen on behind a relay).
+fn free_udp_port() -> SocketAddr {
+    std::net::UdpSocket::bind(LOOPBACK).unwrap().local_addr().unwrap()
+}
+
+async fn shaped_section() {
+    println!(
+        "\nshaped: 2 members on two provider daemons, each reached through a relay shaping its link to {} Mbit/s each way, {} ms one way ({} ms of queue)",
+        WAN.bits_per_second / 1e6,
+        WAN.one_way.as_millis(),
+        WAN.queue.as_millis()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (_l, client) = two_providers(dir.path(), Some(WAN)).await;
+    let bytes = 8usize << 20;
+    let raw = raw_quic_both_ways(bytes, Some(WAN)).await;
+    println!(
+        "  {:<62} {:>9.4} GB/s per direction ({} MiB each way at once)",
+        "baseline: raw QUIC through the same shaped link, both ways",
+        raw / 1e9,
+        bytes >> 20
+    );
+    let allreduce = client.upload(std::fs::read(sample_artifacts::ALLREDUCE).unwrap()).await.unwrap().module;
+    for compress in ["none", "int8"] {
+        let (_, out) =
+            run_pair(&client, &allreduce, format!("bytes={bytes} iters=3 warmup=1 compress={compress}")).await;
+        let busbw = field(&out, "busbw_gbps") * 1e9;
+        println!(
+            "  {:<62} {:>9.4} GB/s bus bandwidth  ({:.2}x raw QUIC; {:.0} ms per all-reduce)",
+            format!("all-reduce of {} MiB f32, 2 members, on the wire as {compress}", bytes >> 20),
+            busbw / 1e9,
+            busbw / raw,
+            field(&out, "seconds") * 1e3,
+        );
+    }
+    let train = client.upload(std::fs::read(sample_artifacts::CLUSTER_TRAIN).unwrap()).await.unwrap().module;
+    // Enough work per step (16,384 samples of 64 features) that a step is milliseconds of GPU
+    // time here, as a real model's would be far more.
+    let steps = 400;
+    let common = format!("steps={steps} samples=16384 features=64 lr=0.5 report={steps}");
+    for (label, input) in [
+        ("synchronous data parallel (all-reduce of the gradient every step)", format!("mode=sync {common}")),
+        ("DiLoCo-style, h=100, int8 deltas", format!("mode=diloco h=100 compress=int8 {common}")),
+    ] {
+        let (view, out) = run_pair(&client, &train, input).await;
+        let members = view.cluster.unwrap().members;
+        let shares: Vec<f64> = members
+            .iter()
+            .map(|m| {
+                let wait = m.usage.as_ref().map_or(0, |u| u.net_wait_ns) as f64 / 1e9;
+                wait / (m.wall_time_ms.unwrap_or(0) as f64 / 1e3).max(1e-9)
+            })
+            .collect();
+        let walls: Vec<String> = members.iter().map(|m| format!("{} ms", m.wall_time_ms.unwrap_or(0))).collect();
+        println!(
+            "  {:<62} {:>8.1} % of members' wall time waiting on the network (per member {}; wall {}; {})",
+            label,
+            100.0 * shares.iter().copied().fold(0.0, f64::max),
+            shares.iter().map(|s| format!("{:.1} %", 100.0 * s)).collect::<Vec<_>>().join(", "),
+            walls.join(", "),
+            out.lines().find(|l| l.starts_with("final loss")).unwrap_or("")
+        );
+    }
+}
+
+/// A scheduler and two provider daemons, `left` and `right` (one job slot each), in the bench
+/// process, online; with `shape`, each daemon is reached through a relay shaping its link.
+async fn two_providers(dir: &Path, shape: Option<LinkShape>) -> (scheduler::Listening, client::Scheduler) {
+    let l = start_scheduler(dir).await;
+    let cache = dir.join("cache");
+    for name in ["left", "right"] {
+        let worker = worker_command(&["--cache-dir".as_ref(), cache.as_os_str()]);
+        let mut config = provider::DaemonConfig::new(l.quic, l.key, Keypair::generate(), worker);
+        config.name = name.into();
+        config.capacity = 1;
+        config.session_listen = Some(LOOPBACK);
+        if let Some(shape) = shape {
+            let listen = free_udp_port();
+            config.session_listen = Some(listen);
+            // Its peers dial the relay, which is the shaped link to it.
+            config.advertise = Some(shaped_relay(listen, shape).await.to_string());
+        }
+        tokio::spawn(provider::run_forever(config));
+    }
+    let client = renter_client(&l, &Keypair::generate());
+    wait_online(&client, "left").await;
+    wait_online(&client, "right").await;
+    (l, client)
+}
+
+/// Runs `module` as a 2-member cluster, one member per provider, to success; its record and
+/// output.
+async fn run_pair(client: &client::Scheduler, module: &str, input: String) -> (proto::api::JobView, String) {
+    let two = proto::api::ClusterRequest { gpus: 2, max_per_provider: Some(1), ..Default::default() };
+    let limits = JobLimits { wall_time_ms: 600_000, cpu_time_ms: 600_000, ..JobLimits::default() };
+    let s =
+        client.submit_job(module, input.as_bytes(), Requirements::default(), limits, None, Some(two)).await.unwrap();
+    let view = client.wait(&s.id, |_| {}).await.unwrap();
+    assert_eq!(view.state, proto::api::JobState::Succeeded, "{view:?}");
+    let out = String::from_utf8(client.output(&view).await.unwrap()).unwrap();
+    (view, out)
+}
+
+/// The number after `key` in a sample's `key value` output.
+fn field(out: &str, key: &str) -> f64 {
+    out.split_whitespace().skip_while(|w| *w != key).nth(1).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
 }
 
 // ---- a market in the bench process ----
@@ -1288,6 +1470,9 @@ fn main() {
         }
         if wants("cluster") {
             cluster_section().await;
+        }
+        if wants("shaped") {
+            shaped_section().await;
         }
     });
 }

@@ -349,6 +349,7 @@ fn usage_json(u: &Usage) -> Value {
         "gpu_time_source": u.gpu_time_source.name(),
         "net_bytes_sent": u.net_bytes_sent,
         "net_bytes_received": u.net_bytes_received,
+        "net_wait_ns": u.net_wait_ns,
     })
 }
 

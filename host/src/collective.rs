@@ -210,6 +210,8 @@ pub struct Member {
     received: u64,
     max_bytes: u64,
     peer_timeout: Option<Duration>,
+    /// Time spent handing frames to the link and waiting for the member before's.
+    waited: Duration,
 }
 
 impl std::fmt::Debug for Member {
@@ -236,6 +238,7 @@ impl Member {
             received: 0,
             max_bytes: u64::MAX,
             peer_timeout: None,
+            waited: Duration::ZERO,
         }
     }
 
@@ -267,6 +270,12 @@ impl Member {
         self.received
     }
 
+    /// Time this member spent on the network: handing frames to its link (which waits when
+    /// the link is full) and waiting for its peer's.
+    pub fn network_wait(&self) -> Duration {
+        self.waited
+    }
+
     fn prev(&self) -> u32 {
         (self.rank + self.world - 1) % self.world
     }
@@ -289,7 +298,10 @@ impl Member {
         self.sent += frame.len() as u64;
         let next = self.next();
         let link = self.link.as_mut().ok_or(CollectiveError::Closed { rank: next })?;
-        link.send(frame).map_err(|LinkClosed| CollectiveError::Closed { rank: next })
+        let started = Instant::now();
+        let sent = link.send(frame).map_err(|LinkClosed| CollectiveError::Closed { rank: next });
+        self.waited += started.elapsed();
+        sent
     }
 
     /// The next frame from the member before, which must carry exactly `want` and a payload of
@@ -299,7 +311,9 @@ impl Member {
         let started = Instant::now();
         let until = self.peer_timeout.map_or(deadline, |t| deadline.min(started + t));
         let link = self.link.as_mut().ok_or(CollectiveError::Closed { rank })?;
-        let frame = match link.recv(until) {
+        let got = link.recv(until);
+        self.waited += started.elapsed();
+        let frame = match got {
             Recv::Frame(f) => f,
             Recv::Closed => return Err(CollectiveError::Closed { rank }),
             Recv::Cancelled => return Err(CollectiveError::Cancelled),

@@ -47,6 +47,9 @@ pub struct Usage {
     /// A cluster member's bytes to and from its peers (collectives).
     pub net_bytes_sent: u64,
     pub net_bytes_received: u64,
+    /// A cluster member's time in its collectives spent on the network (sending into a full
+    /// link, waiting for its peer's frames).
+    pub net_wait_ns: u64,
 }
 
 impl Usage {
@@ -64,6 +67,7 @@ impl Usage {
             gpu_time_source,
             net_bytes_sent: 0,
             net_bytes_received: 0,
+            net_wait_ns: 0,
         }
     }
 }
@@ -87,6 +91,7 @@ impl Sub for Usage {
             gpu_time_source: self.gpu_time_source,
             net_bytes_sent: self.net_bytes_sent.saturating_sub(earlier.net_bytes_sent),
             net_bytes_received: self.net_bytes_received.saturating_sub(earlier.net_bytes_received),
+            net_wait_ns: self.net_wait_ns.saturating_sub(earlier.net_wait_ns),
         }
     }
 }

@@ -128,6 +128,7 @@ pub fn wire_usage(u: &Usage) -> WireUsage {
         gpu_time_source: u.gpu_time_source.name().to_string(),
         net_bytes_sent: u.net_bytes_sent,
         net_bytes_received: u.net_bytes_received,
+        net_wait_ns: u.net_wait_ns,
     }
 }
 

@@ -148,6 +148,10 @@ pub struct WireUsage {
     pub net_bytes_sent: u64,
     #[serde(default)]
     pub net_bytes_received: u64,
+    /// A cluster member's time on the network in its collectives: handing frames to its link
+    /// and waiting for its peer's (what the share of its wall time spent waiting is made of).
+    #[serde(default)]
+    pub net_wait_ns: u64,
 }
 
 /// What kind of failure ended a job, a session or one inference. Spelled in lowercase on the

@@ -2,6 +2,8 @@
 //! directly by QUIC under the scheduler's signed roster; what a hostile dialler gets; what a
 //! member's provider killed mid-run does to the job.
 
+use std::time::Duration;
+
 use proto::cluster::{Roster, RosterMember};
 use proto::msg::{SessionMsg, SessionReply};
 use serde_json::Value;
@@ -128,6 +130,18 @@ fn dial_with(
     roster: &Roster,
     from_rank: u32,
 ) -> Option<SessionReply> {
+    dial_then(addr, provider, as_key, roster, from_rank, &[])
+}
+
+/// [`dial_with`], then, once accepted, `junk` written on the link as if it were frames.
+fn dial_then(
+    addr: std::net::SocketAddr,
+    provider: proto::PublicKey,
+    as_key: &proto::Keypair,
+    roster: &Roster,
+    from_rank: u32,
+    junk: &[&[u8]],
+) -> Option<SessionReply> {
     runtime().block_on(async {
         let endpoint = quic::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
         let id = quic::Identity::new(as_key).unwrap();
@@ -135,7 +149,15 @@ fn dial_with(
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let hello = SessionMsg::Peer { roster: Box::new(roster.clone()), from_rank };
         quic::write_msg(&mut send, &hello, proto::msg::OPEN_CAP).await.unwrap();
-        quic::read_msg::<SessionReply>(&mut recv, 1 << 20).await.ok().flatten()
+        let reply = quic::read_msg::<SessionReply>(&mut recv, 1 << 20).await.ok().flatten();
+        for bytes in junk {
+            if send.write_all(bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reply
     })
 }
 
@@ -191,6 +213,12 @@ fn forged_rosters_and_peers_it_does_not_name_are_refused_before_any_work() {
     // job that never comes: nothing runs).
     let good = genuine(&[member.public(), provider], now + 60_000);
     assert_eq!(dial_with(addr, provider, &member, &good, 0), Some(SessionReply::PeerAccepted));
+    // Accepted, then garbage where frames go: a length past any frame's cap, and bytes that
+    // are no frame at all. The provider is unharmed.
+    let huge = u32::MAX.to_le_bytes();
+    let junk: [&[u8]; 3] = [&huge, &[0xc1; 64], &[0; 1 << 16]];
+    let again = genuine(&[member.public(), provider], now + 61_000);
+    assert_eq!(dial_then(addr, provider, &member, &again, 0, &junk), Some(SessionReply::PeerAccepted));
     // The provider serves a normal job right after.
     let job = m.submit(&s, sample_artifacts::MATMUL, &["--wait"]);
     assert_eq!(job["state"], "succeeded", "{job}");

@@ -1094,6 +1094,7 @@ fn usage_of(store: &Store<JobState>) -> Usage {
     usage.fuel = store.data().limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
     usage.net_bytes_sent = store.data().member.bytes_sent();
     usage.net_bytes_received = store.data().member.bytes_received();
+    usage.net_wait_ns = u64::try_from(store.data().member.network_wait().as_nanos()).unwrap_or(u64::MAX);
     usage
 }
 

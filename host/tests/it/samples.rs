@@ -289,8 +289,16 @@ pub(crate) fn cluster_train() {
             // frame headers; the loss reports move a little more.
             let sent = reports[0].usage.net_bytes_sent;
             assert!(sent > 0 && reports.iter().all(|r| r.usage.net_bytes_received > 0), "{sent}");
+            // Time on the network is counted, and is part of the member's wall time.
+            for r in &reports {
+                assert!(
+                    r.usage.net_wait_ns > 0 && r.usage.net_wait_ns < r.wall_time.as_nanos() as u64,
+                    "{:?}",
+                    r.usage
+                );
+            }
         } else {
-            assert_eq!(reports[0].usage.net_bytes_sent, 0);
+            assert_eq!((reports[0].usage.net_bytes_sent, reports[0].usage.net_wait_ns), (0, 0));
         }
     }
     // DiLoCo: 4 members syncing every 20 steps, int8-compressed: the loss falls, the members

@@ -128,6 +128,7 @@ fn sum_usage<'a>(usages: impl Iterator<Item = &'a WireUsage>) -> Option<WireUsag
         t.gpu_time_ns = t.gpu_time_ns.saturating_add(u.gpu_time_ns);
         t.net_bytes_sent = t.net_bytes_sent.saturating_add(u.net_bytes_sent);
         t.net_bytes_received = t.net_bytes_received.saturating_add(u.net_bytes_received);
+        t.net_wait_ns = t.net_wait_ns.saturating_add(u.net_wait_ns);
         if t.gpu_time_source != u.gpu_time_source {
             t.gpu_time_source = "mixed".into();
         }
