@@ -250,9 +250,11 @@ async fn hostile_cluster_submissions_get_4xx_with_the_reason_and_members_read_on
     // Two providers; a renter's cluster of two already placed on them.
     let mut state = State::load(Config::default(), Box::new(MemoryStore::default()), 0).unwrap();
     let price = Price { per_gpu_second: 1, per_inference: 1, per_net_gib: 0 };
-    for name in ["a", "b"] {
+    for (name, addr) in [("a", "10.0.0.1:7000"), ("b", "10.0.0.2:7000")] {
         let key = Keypair::generate().public();
-        state.register(key, name.into(), "eu".into(), vec![crate::gpu()], price, 1, None, 0, 0).unwrap();
+        // Each takes its peers' connections (a session endpoint): a cluster may span both.
+        let addr = Some(addr.to_string());
+        state.register(key, name.into(), "eu".into(), vec![crate::gpu()], price, 1, addr, 1, 0).unwrap();
     }
     let module = hash_hex(&state.put_module(WASM).unwrap());
     let (owner, other) = (Keypair::generate(), Keypair::generate());
