@@ -445,6 +445,7 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
     };
     let limits = args.limits.job_limits();
     let (requirements, cluster) = args.shape()?;
+    let is_cluster = cluster.is_some();
     let payment = args.pay.job_payment()?;
     if payment.is_some() && !args.wait {
         return Err(bad_input(anyhow!(
@@ -483,24 +484,37 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
             eprintln!("submitted {}", submitted.id);
         }
         let quiet = args.json;
-        let (view, book) = client
-            .wait_paying(&submitted.id, payment.as_ref(), |view| {
-                if quiet {
-                    return;
-                }
-                let line = match view.state {
-                    JobState::Queued => match (&view.no_match, view.queue_position) {
-                        (Some(n), _) => format!("queued: {}", n.summary),
-                        (None, Some(p)) => format!("queued: position {p}"),
-                        (None, None) => "queued".to_string(),
-                    },
-                    JobState::Running => running_line(view),
-                    _ => return,
-                };
-                eprintln!("{line}");
-            })
-            .await
-            .map_err(infra)?;
+        let progress = |view: &JobView| {
+            if quiet {
+                return;
+            }
+            let line = match view.state {
+                JobState::Queued => match (&view.no_match, view.queue_position) {
+                    (Some(n), _) => format!("queued: {}", n.summary),
+                    (None, Some(p)) => format!("queued: position {p}"),
+                    (None, None) => "queued".to_string(),
+                },
+                JobState::Running => running_line(view),
+                _ => return,
+            };
+            eprintln!("{line}");
+        };
+        let (view, book, member_books) = match (&payment, is_cluster) {
+            // A paid cluster pays each member's provider through a channel of its own: the
+            // channel id given, plus the rank.
+            (Some(base), true) => {
+                let per_rank =
+                    |rank: u32| client::Payment { channel_id: base.channel_id.saturating_add(u64::from(rank)), ..base.clone() };
+                let (view, books) =
+                    client.wait_cluster_paying(&submitted.id, per_rank, progress).await.map_err(infra)?;
+                (view, None, books)
+            }
+            _ => {
+                let (view, book) =
+                    client.wait_paying(&submitted.id, payment.as_ref(), progress).await.map_err(infra)?;
+                (view, book, Vec::new())
+            }
+        };
         if !view.paid() {
             let why = match (&view.channel, &payment) {
                 (Some(c), None) => format!(
@@ -540,6 +554,13 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
                 map.insert(k, val);
                 map.insert("elapsed_ms".into(), json!(started.elapsed().as_millis() as u64));
                 map.insert("paid".into(), book.as_ref().map_or(Value::Null, |b| json!({ "vouched": b.vouched, "channel": b.channel.to_string(), "receipts": b.inferences, "claims": view.channel.as_ref().map(|c| c.claims.clone()) })));
+                if !member_books.is_empty() {
+                    let members: Vec<Value> = member_books
+                        .iter()
+                        .map(|b| json!({ "job_id": b.session, "vouched": b.vouched, "channel": b.channel.to_string(), "receipts": b.inferences }))
+                        .collect();
+                    map.insert("members_paid".into(), Value::Array(members));
+                }
             }
             println!("{v}");
             return Ok(code);

@@ -232,6 +232,9 @@ impl Scheduler {
     ) -> Result<(JobView, Vec<settlement::ledger::Book>), Error> {
         type Paying = tokio::task::JoinHandle<Result<(JobView, Option<settlement::ledger::Book>), Error>>;
         let mut paying: Vec<(String, Paying)> = Vec::new();
+        // Members whose payment ended while the cluster still ran, and what it came to.
+        let mut done_jobs: Vec<String> = Vec::new();
+        let mut finished: Vec<(JobView, Option<settlement::ledger::Book>)> = Vec::new();
         let mut last = None;
         loop {
             let view = self.job(id).await?;
@@ -245,14 +248,32 @@ impl Scheduler {
                 last = Some((view.state, members));
             }
             for m in view.cluster.iter().flat_map(|c| &c.members) {
-                if !paying.iter().any(|(j, _)| *j == m.job_id) && !m.state.is_final() {
+                if !paying.iter().any(|(j, _)| *j == m.job_id) && !done_jobs.contains(&m.job_id) && !m.state.is_final()
+                {
                     let (client, job, pay) = (self.clone(), m.job_id.clone(), payment(m.rank));
                     let task = tokio::spawn(async move { client.wait_paying(&job, Some(&pay), |_| {}).await });
                     paying.push((m.job_id.clone(), task));
                 }
             }
+            // A member its renter cannot pay never runs: say so now, not when the cluster
+            // fails for it a minute later.
+            if let Some(at) = paying.iter().position(|(_, t)| t.is_finished()) {
+                let (job, task) = paying.swap_remove(at);
+                match task.await {
+                    Ok(Err(e @ Error::Payment(_))) => {
+                        for (_, t) in &paying {
+                            t.abort();
+                        }
+                        return Err(Error::Payment(format!("cluster {id}: paying member {job}: {e}")));
+                    }
+                    Ok(Ok(done)) => finished.push(done),
+                    Ok(Err(e)) => log::warn!("cluster {id}: paying member {job}: {e}"),
+                    Err(e) => log::warn!("cluster {id}: paying member {job}: {e}"),
+                }
+                done_jobs.push(job);
+            }
             if view.state.is_final() {
-                let mut books = Vec::new();
+                let mut books: Vec<settlement::ledger::Book> = finished.drain(..).filter_map(|(_, b)| b).collect();
                 for (job, task) in paying {
                     match task.await {
                         Ok(Ok((_, Some(book)))) => books.push(book),

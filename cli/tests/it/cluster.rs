@@ -227,3 +227,65 @@ fn forged_rosters_and_peers_it_does_not_name_are_refused_before_any_work() {
     assert!(!log.contains("job-forged"), "nothing of the forged clusters ran: {log}");
     let _: Value = job;
 }
+
+#[test]
+fn a_paid_cluster_submitted_from_the_cli_pays_every_member_and_one_it_cannot_pay_is_said_at_once() {
+    let m = Market::new();
+    let renter = m.renter.public().to_string();
+    // The hosts' keys (`host NAME` uses NAME.json), made first so the chain can fund them.
+    let (pa, pb) = (crate::market::keygen(&m, "a.json"), crate::market::keygen(&m, "b.json"));
+    let (_chain, url, mint) = crate::market::local_chain(&m, &[&renter, &pa, &pb]);
+    let (_sched, s) = m.scheduler(&[]);
+    let paid = || {
+        vec![
+            "--price-per-gpu-second".to_string(),
+            "1000".into(),
+            "--price-per-net-gib".into(),
+            "2000000".into(),
+            "--rpc-url".into(),
+            url.clone(),
+            "--mint".into(),
+            mint.clone(),
+            "--job-slice".into(),
+            "1s".into(),
+        ]
+    };
+    let (a_args, b_args) = (paid(), paid());
+    let (_a, _) = m.host(&s, "a", &a_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (_b, _) = m.host(&s, "b", &b_args.iter().map(String::as_str).collect::<Vec<_>>());
+    online(&s, 2);
+    let input = write_input(&m, "train.txt", "mode=sync steps=30 samples=256 features=4");
+    let renter_key = m.renter_key();
+    let spend = m.path("spend");
+    let submit = |extra: &[&str]| {
+        let mut args =
+            vec!["submit", sample_artifacts::CLUSTER_TRAIN, "--scheduler", &s.url, "--scheduler-key", &s.key];
+        args.extend_from_slice(&["--wait", "--json", "--input", &input, "--gpus", "2", "--per-provider", "1"]);
+        args.extend_from_slice(&["--rpc-url", &url, "--mint", &mint, "--key", renter_key.to_str().unwrap()]);
+        args.extend_from_slice(&["--ledger", spend.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let started = std::time::Instant::now();
+        (m.cmd(&args).output().unwrap(), started.elapsed())
+    };
+    // Bounded bytes: each member's channel holds its cost at its limits, and every member is paid
+    // exactly its last receipt, bytes included.
+    let (out, _) = submit(&["--max-net-bytes", "16777216", "--channel-id", "20"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let paid = v["members_paid"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(paid.len(), 2, "{v}");
+    for p in paid {
+        let member = get_json(&s, &format!("/v1/jobs/{}", p["job_id"].as_str().unwrap()));
+        assert!(member["receipt"]["net_bytes"].as_u64() > Some(0), "{member}");
+        assert_eq!(p["vouched"], member["receipt"]["amount_due"], "{member}");
+    }
+    // Unbounded bytes (the default 64 GiB) at 2,000,000 per GiB cost more than the renter holds:
+    // said as soon as the channel cannot be opened, not after the provider's minute of waiting.
+    let (out, took) = submit(&["--channel-id", "30"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("paying member"), "{text}");
+    assert!(took < Duration::from_secs(50), "took {took:?}: {text}");
+}

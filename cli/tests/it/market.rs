@@ -35,7 +35,7 @@ impl Drop for Proc {
 pub(super) struct Market {
     dir: tempfile::TempDir,
     /// The renter every renter command of this market signs as (its default key file).
-    renter: proto::Keypair,
+    pub(super) renter: proto::Keypair,
 }
 
 impl Market {
@@ -47,7 +47,7 @@ impl Market {
     }
 
     /// The default renter's key file, where `submit`, `job` and `session` find it.
-    fn renter_key(&self) -> PathBuf {
+    pub(super) fn renter_key(&self) -> PathBuf {
         self.path("config/wasmgrid/renter.json")
     }
 
@@ -812,7 +812,7 @@ fn a_job_moved_off_a_frozen_host_is_cancelled_there_when_it_wakes() {
 }
 
 /// A local chain behind JSON-RPC (`wasmgrid chain`) funding the given keys; its URL and mint.
-fn local_chain(m: &Market, fund: &[&str]) -> (Proc, String, String) {
+pub(super) fn local_chain(m: &Market, fund: &[&str]) -> (Proc, String, String) {
     let mut args = vec!["chain", "--listen", "127.0.0.1:0"];
     for k in fund {
         args.extend_from_slice(&["--fund", k]);
@@ -824,7 +824,7 @@ fn local_chain(m: &Market, fund: &[&str]) -> (Proc, String, String) {
 }
 
 /// A new keypair file; its public key.
-fn keygen(m: &Market, name: &str) -> String {
+pub(super) fn keygen(m: &Market, name: &str) -> String {
     let out = m.cmd(&["keygen", "--out", m.path(name).to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
