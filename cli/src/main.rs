@@ -135,7 +135,8 @@ pub(crate) struct LimitArgs {
     /// Bytes of log kept (stdout, stderr and log lines).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     max_log: Option<u64>,
-    /// Bytes a cluster job's member may send to and receive from its peers, together.
+    /// Bytes a cluster job's member may send to and receive from its peers, together
+    /// (a submitted cluster that names none gets 64 GiB per member).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     max_net_bytes: Option<u64>,
 }

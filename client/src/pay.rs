@@ -314,7 +314,7 @@ impl JobPayer {
         let reported = view.usage.as_ref().filter(|_| r.done).map(|u| u.net_bytes_sent);
         r.check_terms(&self.job_id, &self.provider)
             .and_then(|()| r.check_time(view.limits.wall_time_ms, observed))
-            .and_then(|()| r.check_net(view.limits.net_bytes, reported))
+            .and_then(|()| r.check_net(view.net_limit(), reported))
             .and_then(|()| self.last.as_ref().map_or(Ok(()), |l| r.follows(l)))
             .map_err(|e| refuse(format!("not vouching for the provider's receipt {}: {e}", r.sequence)))?;
         if r.amount_due > self.need {

@@ -219,6 +219,13 @@ pub struct JobView {
 }
 
 impl JobView {
+    /// The bytes the job may move to and from peers, what its receipts are checked against:
+    /// its limit (`Some(0)`: none given) for a cluster's member, `None` for any other job
+    /// (which has no peers and bills no bytes).
+    pub fn net_limit(&self) -> Option<u64> {
+        self.member_of.as_ref().map(|_| self.limits.net_bytes)
+    }
+
     /// Whether the job's output and log may be released: it is free, it ended with nothing
     /// billed (it never ran), or the renter's voucher for its last receipt was taken.
     pub fn paid(&self) -> bool {

@@ -18,6 +18,11 @@ const DOMAIN: &[u8] = b"wasmgrid-cluster-roster-v1";
 /// the largest roster fits there.
 pub const MAX_MEMBERS: usize = 64;
 
+/// The bytes each member of a cluster may move to and from its peers when the renter names no
+/// limit: the scheduler sets it on the cluster when submitted, so a member's deposit and its
+/// bill for bytes are always bounded by the renter's terms.
+pub const DEFAULT_NET_BYTES: u64 = 64 << 30;
+
 /// The longest job id a roster carries.
 const MAX_TEXT: usize = 128;
 

@@ -628,10 +628,18 @@ impl JobReceipt {
         Ok(())
     }
 
-    /// Checks the billed bytes sent to peers against the most the job could have sent: its
-    /// net-bytes limit (`0`: none given) and, on a last receipt, what its provider reported
-    /// the job sent (`reported`). A provider never bills more than either.
-    pub fn check_net(&self, limit_bytes: u64, reported: Option<u64>) -> Result<(), JobReceiptError> {
+    /// Checks the billed bytes sent to peers against the most the job could have sent: for a
+    /// cluster member, its net-bytes limit (`Some(0)`: none given) and, on a last receipt, what
+    /// its provider reported the job sent (`reported`); a job that is no cluster's member
+    /// (`None`) has no peers and is billed no bytes at all. A provider never bills more.
+    pub fn check_net(&self, member_limit: Option<u64>, reported: Option<u64>) -> Result<(), JobReceiptError> {
+        let Some(limit_bytes) = member_limit else {
+            if self.net_bytes > 0 {
+                let bound = "a job that is no cluster's member may bill";
+                return Err(JobReceiptError::OverNet { billed: self.net_bytes, most: 0, bound });
+            }
+            return Ok(());
+        };
         if limit_bytes > 0 && self.net_bytes > limit_bytes {
             let bound = "the job's net-bytes limit";
             return Err(JobReceiptError::OverNet { billed: self.net_bytes, most: limit_bytes, bound });
@@ -876,9 +884,18 @@ mod tests {
             JobBill { net_bytes: 1 << 31, ..bill },
         );
         assert_eq!(last.follows(&slice), Ok(()));
-        assert_eq!(last.check_net(0, Some(1 << 31)), Ok(()));
-        assert!(matches!(last.check_net(1 << 30, None), Err(JobReceiptError::OverNet { .. })), "over the limit");
-        assert!(matches!(last.check_net(0, Some(100)), Err(JobReceiptError::OverNet { .. })), "over its own count");
+        assert_eq!(last.check_net(Some(0), Some(1 << 31)), Ok(()));
+        assert!(matches!(last.check_net(Some(1 << 30), None), Err(JobReceiptError::OverNet { .. })), "over the limit");
+        assert!(
+            matches!(last.check_net(Some(0), Some(100)), Err(JobReceiptError::OverNet { .. })),
+            "over its own count"
+        );
+        assert!(
+            matches!(last.check_net(None, Some(1 << 31)), Err(JobReceiptError::OverNet { most: 0, .. })),
+            "a job that is no cluster's member bills no bytes, whatever its provider reports"
+        );
+        let none = JobReceipt::sign_slice_billed(&provider, "job-1", [1; 32], 3, JobBill { net_bytes: 0, ..bill });
+        assert_eq!(none.check_net(None, None), Ok(()));
         // Bytes never shrink, the price per GiB never changes, and both are signed.
         let fewer = JobReceipt::sign_slice_billed(&provider, "job-1", [1; 32], 2, JobBill { net_bytes: 1, ..bill });
         assert!(fewer.follows(&slice).is_err());

@@ -894,18 +894,25 @@ struct NetCount {
 }
 
 impl NetCount {
-    /// Counts `n` more bytes; `Err` once past the limit.
+    /// Counts `n` more bytes, or, when they would take the job past its limit, counts nothing
+    /// and says so: a frame refused is never billed.
     fn add(&mut self, sent: bool, n: usize) -> Result<(), String> {
-        if sent {
-            self.sent = self.sent.saturating_add(n as u64);
-        } else {
-            self.received = self.received.saturating_add(n as u64);
-        }
-        let used = self.sent.saturating_add(self.received);
+        let n = n as u64;
+        let used = self.sent.saturating_add(self.received).saturating_add(n);
         if self.limit > 0 && used > self.limit {
             return Err(format!("{used} bytes to and from peers, over the job's {}", self.limit));
         }
+        if sent {
+            self.sent = self.sent.saturating_add(n);
+        } else {
+            self.received = self.received.saturating_add(n);
+        }
         Ok(())
+    }
+
+    /// Takes back `n` bytes counted as sent that never reached the link (it closed first).
+    fn unsend(&mut self, n: usize) {
+        self.sent = self.sent.saturating_sub(n as u64);
     }
 }
 
@@ -996,6 +1003,11 @@ impl JobPump<'_> {
                         (Some(permit), Some(bytes)) => {
                             permit.send(bytes);
                         }
+                        (None, Some(bytes)) => {
+                            // Counted when it was held; it never went.
+                            self.net.unsend(bytes.len());
+                            log::info!("job {job_id}: the link to the next member is gone");
+                        }
                         _ => log::info!("job {job_id}: the link to the next member is gone"),
                     }
                     Vec::new()
@@ -1023,7 +1035,9 @@ impl JobPump<'_> {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(bytes)) => self.pending_out = Some(bytes),
             // The worker hears of it as its collective fails (the member after is gone).
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+            // Not billed: it never reached the link.
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(bytes)) => {
+                self.net.unsend(bytes.len());
                 log::info!("job {job_id}: the link to the next member is gone");
             }
         }
@@ -1591,5 +1605,33 @@ async fn fetch_session_module(
         Ok(Ok(_)) => Ok(Err("the renter sent no module".into())),
         Ok(Err(e)) => Err(e),
         Err(_) => Ok(Err(format!("the renter sent no module within {timeout:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod net_count_tests {
+    use super::NetCount;
+
+    #[test]
+    fn a_frame_over_the_limit_is_refused_and_not_counted() {
+        let mut net = NetCount { limit: 100, ..NetCount::default() };
+        assert!(net.add(true, 60).is_ok());
+        assert!(net.add(false, 40).is_ok());
+        let why = net.add(true, 1).unwrap_err();
+        assert!(why.contains("over the job's 100"), "{why}");
+        assert_eq!((net.sent, net.received), (60, 40), "the refused frame is not billed");
+    }
+
+    #[test]
+    fn no_limit_counts_everything_and_a_frame_never_sent_is_taken_back() {
+        let mut net = NetCount::default();
+        assert!(net.add(true, usize::MAX).is_ok());
+        assert!(net.add(true, 5).is_ok());
+        assert_eq!(net.sent, u64::MAX, "saturates");
+        let mut net = NetCount { limit: 10, ..NetCount::default() };
+        assert!(net.add(true, 10).is_ok());
+        net.unsend(10);
+        assert_eq!(net.sent, 0);
+        assert!(net.add(true, 10).is_ok(), "room again once the unsent frame is taken back");
     }
 }

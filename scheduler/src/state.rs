@@ -420,10 +420,12 @@ impl State {
             // The renter locks `need` in the channel: never more than the job can cost, its
             // wall-time limit at the provider's registered price (when the job names a limit)
             // and, for a cluster member, its net-bytes limit at the price per GiB.
-            let net_bytes = match (job.view.member_of.is_some(), job.view.limits.net_bytes) {
-                (false, _) => 0,
-                (true, 0) => u64::MAX,
-                (true, n) => n,
+            // A member always has a byte limit (a cluster without one gets
+            // `proto::cluster::DEFAULT_NET_BYTES` when submitted).
+            let net_bytes = match job.view.net_limit() {
+                None => 0,
+                Some(0) => proto::cluster::DEFAULT_NET_BYTES,
+                Some(n) => n,
             };
             let most = proto::receipt::JobBill {
                 wall_time_us: limit.saturating_mul(1000),
@@ -455,6 +457,7 @@ impl State {
             });
             return Ok(());
         }
+        let net_limit = job.view.net_limit();
         let c = job.view.channel.as_mut().ok_or("a payment message for a job its provider runs unpaid")?;
         c.updates += 1;
         match msg {
@@ -473,7 +476,7 @@ impl State {
                     .check_terms(id, provider)
                     .and(priced)
                     .and_then(|()| r.check_time(limit, observed))
-                    .and_then(|()| r.check_net(job.view.limits.net_bytes, None))
+                    .and_then(|()| r.check_net(net_limit, None))
                     .and_then(|()| c.receipt.as_ref().map_or(Ok(()), |before| r.follows(before)));
                 if r.done {
                     return Err("a last receipt sent as a slice's".into());
@@ -696,6 +699,12 @@ impl State {
         now_ms: u64,
     ) -> Result<Submitted, SubmitError> {
         let cluster = cluster::check_request(cluster, &requirements, input.len()).map_err(SubmitError::Invalid)?;
+        let mut limits = limits;
+        if cluster.is_some() && limits.net_bytes == 0 {
+            // Every member's bytes are bounded by the scheduler, not by what its provider says:
+            // a provider pricing bytes can then never ask for an unbounded deposit.
+            limits.net_bytes = proto::cluster::DEFAULT_NET_BYTES;
+        }
         let hash =
             parse_hash(module).ok_or_else(|| SubmitError::Invalid(format!("{module:?} is not a hex SHA-256")))?;
         if !self.store.has_module(&hash)? {
@@ -1330,11 +1339,10 @@ impl State {
         // A failed job is billed like a succeeded one (the kernel ran): its output and log are
         // withheld until paid, like any output.
         if let Some(r) = result.receipt.as_ref() {
-            let net_limit = job.view.limits.net_bytes;
             let checked = r
                 .check(id, provider, &result.output)
                 .and_then(|()| r.check_time(limit, observed))
-                .and_then(|()| r.check_net(net_limit, Some(result.usage.net_bytes_sent)));
+                .and_then(|()| r.check_net(job.view.net_limit(), Some(result.usage.net_bytes_sent)));
             match checked {
                 Ok(()) if priced(r, registered).is_err() => {
                     log::warn!("job {id}: the receipt's price is not the provider's registered price; not billed");
@@ -1722,6 +1730,11 @@ mod tests {
         let priced_bytes = Box::new(proto::receipt::JobReceipt::sign_slice_billed(&kp, &id, a.module, 1, bill));
         assert!(s.job_payment(&id, &kp.public(), JobReply::Slice(priced_bytes), 1_200).is_err());
         assert!(shown(&s).refused.unwrap().contains("per GiB"));
+        // A plain job has no peers: a receipt billing bytes for it is refused, even at no price.
+        let bytes_free = proto::receipt::JobBill { price_per_net_gib: 0, ..bill };
+        let no_peers = Box::new(proto::receipt::JobReceipt::sign_slice_billed(&kp, &id, a.module, 1, bytes_free));
+        assert!(s.job_payment(&id, &kp.public(), JobReply::Slice(no_peers), 1_200).is_err());
+        assert!(shown(&s).refused.unwrap().contains("no cluster's member"));
         // A good one is shown; one that does not follow it is not.
         s.job_payment(&id, &kp.public(), JobReply::Slice(slice(1, 100_000, 1_000_000)), 1_200).unwrap();
         assert_eq!(shown(&s).unvouched().map(|r| r.amount_due), Some(100_000));
@@ -2261,6 +2274,63 @@ mod tests {
         assert!(s.assign(10).unwrap().is_empty());
         assert_eq!(s.job(&waiting).unwrap().state, JobState::Queued);
         assert_eq!(s.providers().iter().map(|p| p.running).sum::<u32>(), 4);
+    }
+
+    #[test]
+    fn a_members_deposit_and_billed_bytes_are_bounded_by_the_clusters_byte_limit_named_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        let price = Price { per_gpu_second: 0, per_inference: 0, per_net_gib: 1_000 };
+        let keys: Vec<proto::Keypair> = (1..=2)
+            .map(|n| {
+                let kp = proto::Keypair::from_seed([n; 32]);
+                let addr = Some(format!("10.0.0.{n}:7000"));
+                s.register(kp.public(), format!("p{n}"), "eu".into(), vec![gpu()], price, 1, addr, 1, 0).unwrap();
+                kp
+            })
+            .collect();
+        let hash = hash_hex(&s.put_module(WASM).unwrap());
+        let limits = JobLimits { wall_time_ms: 60_000, ..JobLimits::default() };
+        let request = proto::api::ClusterRequest { gpus: 2, ..Default::default() };
+        let id = s
+            .submit_job(renter(R), &hash, b"in".to_vec(), Requirements::default(), limits, Some(100), Some(request), 0)
+            .unwrap()
+            .id;
+        // No limit named: the cluster gets the default, and so does each member.
+        assert_eq!(s.job(&id).unwrap().limits.net_bytes, proto::cluster::DEFAULT_NET_BYTES);
+        let a = s.assign(1).unwrap();
+        assert_eq!(a.len(), 2);
+        let member = a[0].job_id.clone();
+        let kp = keys.iter().find(|k| k.public() == a[0].provider).unwrap();
+        let view = s.job(&member).unwrap();
+        assert_eq!(view.net_limit(), Some(proto::cluster::DEFAULT_NET_BYTES));
+        // The most a member can cost: 64 GiB at 1,000 per GiB. A deposit past it is refused.
+        let most = 64 * 1_000;
+        let ask = |need| JobReply::AwaitingChannel {
+            program: proto::Address([1; 32]),
+            mint: proto::Keypair::from_seed([5; 32]).public(),
+            need,
+            slice_ms: 100,
+        };
+        let why = s.job_payment(&member, &kp.public(), ask(u64::MAX), 2).unwrap_err();
+        assert!(why.contains(&format!("more than the job's {most}")), "{why}");
+        s.job_payment(&member, &kp.public(), ask(most), 2).unwrap();
+        s.job_payment(&member, &kp.public(), JobReply::ChannelTaken { newest: None, base: 0 }, 2).unwrap();
+        // A slice billing more bytes than the limit is refused; one within it is shown.
+        let bill = |net_bytes| proto::receipt::JobBill {
+            wall_time_us: 1_000,
+            price_per_gpu_second: 0,
+            net_bytes,
+            price_per_net_gib: 1_000,
+        };
+        let slice =
+            |seq, n| Box::new(proto::receipt::JobReceipt::sign_slice_billed(kp, &member, a[0].module, seq, bill(n)));
+        let over = slice(1, proto::cluster::DEFAULT_NET_BYTES + 1);
+        assert!(s.job_payment(&member, &kp.public(), JobReply::Slice(over), 3).is_err());
+        let refused = s.job(&member).unwrap().channel.unwrap().refused.unwrap();
+        assert!(refused.contains("net-bytes limit"), "{refused}");
+        s.job_payment(&member, &kp.public(), JobReply::Slice(slice(1, 1 << 30)), 3).unwrap();
+        assert_eq!(s.job(&member).unwrap().channel.unwrap().unvouched().map(|r| r.amount_due), Some(1_000));
     }
 
     #[test]
