@@ -459,7 +459,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         let limits = JobLimits { net_bytes: 16 << 20, ..JobLimits::default() };
         let s = client.submit_job(&uploaded.module, &input, Requirements::default(), limits, None, Some(shape)).await?;
         let (view, member_books) =
-            client.wait_cluster_paying(&s.id, |rank| payment(10 + u64::from(rank)), |_| {}).await?;
+            client.wait_cluster_paying(&s.id, &payment(10), |_| {}).await?;
         if view.state != JobState::Succeeded {
             return Err(anyhow!("cluster job {} ended {:?}: {:?} {:?}", s.id, view.state, view.outcome, view.error));
         }

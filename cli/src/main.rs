@@ -72,6 +72,8 @@ enum Command {
     Plan(market::PlanArgs),
     /// Show a submitted job.
     Job(market::JobArgs),
+    /// Cancel a queued or running job (a cluster's member cancels its whole cluster).
+    Cancel(market::CancelArgs),
     /// Open an inference session through a scheduler and send requests: one per line of stdin,
     /// or one per file given.
     Session(market::SessionArgs),
@@ -240,6 +242,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => market::submit(&args),
         Command::Plan(args) => market::plan(&args),
         Command::Job(args) => market::job(&args),
+        Command::Cancel(args) => market::cancel(&args),
         Command::Session(args) => market::session(&args),
         Command::Demo(args) => demo::demo(&args),
         Command::Chain(args) => money::chain(&args),

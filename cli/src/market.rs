@@ -501,12 +501,10 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<u8, Exit> {
         };
         let (view, book, member_books) = match (&payment, is_cluster) {
             // A paid cluster pays each member's provider through a channel of its own: the
-            // channel id given, plus the rank.
+            // channel id given and those after it, one per member.
             (Some(base), true) => {
-                let per_rank =
-                    |rank: u32| client::Payment { channel_id: base.channel_id.saturating_add(u64::from(rank)), ..base.clone() };
                 let (view, books) =
-                    client.wait_cluster_paying(&submitted.id, per_rank, progress).await.map_err(infra)?;
+                    client.wait_cluster_paying(&submitted.id, base, progress).await.map_err(infra)?;
                 (view, None, books)
             }
             _ => {
@@ -622,6 +620,31 @@ pub(crate) fn job(args: &JobArgs) -> Result<u8, Exit> {
             }
         }
         Ok(if view.state.is_final() { job_exit(&view) } else { exit::OK })
+    })
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CancelArgs {
+    /// The job id `submit` printed (a cluster's member cancels its whole cluster).
+    id: String,
+    #[command(flatten)]
+    renter: RenterArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Stops a queued or running job. A job that already ended is bad input (exit 2), with its
+/// state in the message.
+pub(crate) fn cancel(args: &CancelArgs) -> Result<u8, Exit> {
+    let client = args.renter.client(args.renter.keypair()?)?;
+    runtime()?.block_on(async {
+        let view = client.cancel(&args.id).await.map_err(|e| bad_input(e.into()))?;
+        if args.json {
+            println!("{}", job_json(&view));
+        } else {
+            println!("{} {:?}: {}", view.id, view.state, view.error.as_deref().unwrap_or(""));
+        }
+        Ok(exit::OK)
     })
 }
 

@@ -123,7 +123,8 @@ pub(crate) struct SessionPayArgs {
     #[arg(long, value_name = "AMOUNT", alias = "budget")]
     deposit: Option<u64>,
     /// Which of this renter's channels with the provider pays (another for a second session
-    /// with the same provider at the same time).
+    /// with the same provider at the same time). A paid cluster of N takes this id and those
+    /// after it, one per member (up to 2N while a retry overlaps the try before).
     #[arg(long, value_name = "N", default_value_t = 0)]
     channel_id: u64,
     /// The renter's ledger (read by `wasmgrid spend`).

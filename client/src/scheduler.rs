@@ -212,75 +212,104 @@ impl Scheduler {
         Ok(output)
     }
 
-    /// Follows a job until it ends, paying for it as it runs when its provider takes payment:
-    /// names this renter's channel with the provider when it asks (opened, or topped up to hold
-    /// what the job may cost at its wall-time limit), checks every receipt the provider signs
-    /// (its signature, the job, the price it asked, its time against the job's limit and what
-    /// the scheduler saw, each one after the one before) and answers it with a voucher, the
-    /// last one included, after which the output and log are released. Without `payment`, a
-    /// provider that asks to be paid gets nothing and the job fails with the reason.
+    /// Stops one of this renter's jobs (a cluster's member stands for its whole cluster): a
+    /// queued job never runs, a running one ends now. Returns the job's view; a job that
+    /// already ended is an [`Error::Api`] with status 409.
+    pub async fn cancel(&self, id: &str) -> Result<JobView, Error> {
+        let resp = self.post_json(&format!("/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
+        self.json(resp, "cancelling the job").await
+    }
+
     /// Follows a cluster job until it ends, paying each member as it runs: every member is a
     /// job of its own with its own provider, followed and paid like [`Scheduler::wait_paying`]
-    /// through the channel `payment(rank)` names (members on one provider need channels of
-    /// their own: give each rank its own id). A try placed again pays its new members. Returns
-    /// the cluster job's view and the books of every member paid.
+    /// through a channel of its own. Members take channel ids from `payment.channel_id` up, the
+    /// lowest one no member still paying holds: ranks 0..N-1 take base..base+N-1, and a retry's
+    /// member never shares a channel with an earlier try's member still settling (so the
+    /// cluster may take up to N more while a retry overlaps). Keep that range for this
+    /// cluster alone. A member whose channel cannot be opened or funded fails the whole
+    /// cluster at once: it is cancelled, the other members' payments settle, and the error
+    /// says why. Any other member's payment trouble (a receipt refused) is logged and the
+    /// cluster goes on as the scheduler decides. Returns the cluster job's view and the books
+    /// of every member paid.
     pub async fn wait_cluster_paying(
         &self,
         id: &str,
-        payment: impl Fn(u32) -> crate::Payment,
+        payment: &crate::Payment,
         mut progress: impl FnMut(&JobView),
     ) -> Result<(JobView, Vec<settlement::ledger::Book>), Error> {
-        type Paying = tokio::task::JoinHandle<Result<(JobView, Option<settlement::ledger::Book>), Error>>;
-        let mut paying: Vec<(String, Paying)> = Vec::new();
-        // Members whose payment ended while the cluster still ran, and what it came to.
+        type Paid = Result<(JobView, Option<settlement::ledger::Book>), Error>;
+        struct Paying {
+            job: String,
+            slot: u64,
+            task: tokio::task::JoinHandle<Paid>,
+        }
+        let mut paying: Vec<Paying> = Vec::new();
+        // Members whose payment ended, and what it came to.
         let mut done_jobs: Vec<String> = Vec::new();
-        let mut finished: Vec<(JobView, Option<settlement::ledger::Book>)> = Vec::new();
+        let mut books: Vec<settlement::ledger::Book> = Vec::new();
         let mut last = None;
+        // Why the cluster was given up, once it was.
+        let mut abandoned: Option<Error> = None;
         loop {
             let view = self.job(id).await?;
-            let members: Vec<(String, proto::api::JobState)> = view
-                .cluster
-                .as_ref()
-                .map(|c| c.members.iter().map(|m| (m.job_id.clone(), m.state)).collect())
-                .unwrap_or_default();
-            if last.as_ref() != Some(&(view.state, members.clone())) {
+            let mut members: Vec<&proto::api::MemberView> = view.cluster.iter().flat_map(|c| &c.members).collect();
+            members.sort_by_key(|m| m.rank);
+            let states: Vec<(String, proto::api::JobState)> =
+                members.iter().map(|m| (m.job_id.clone(), m.state)).collect();
+            if last.as_ref() != Some(&(view.state, states.clone())) {
                 progress(&view);
-                last = Some((view.state, members));
+                last = Some((view.state, states));
             }
-            for m in view.cluster.iter().flat_map(|c| &c.members) {
-                if !paying.iter().any(|(j, _)| *j == m.job_id) && !done_jobs.contains(&m.job_id) && !m.state.is_final()
-                {
-                    let (client, job, pay) = (self.clone(), m.job_id.clone(), payment(m.rank));
-                    let task = tokio::spawn(async move { client.wait_paying(&job, Some(&pay), |_| {}).await });
-                    paying.push((m.job_id.clone(), task));
+            for m in members.iter().filter(|_| abandoned.is_none()) {
+                if paying.iter().any(|p| p.job == m.job_id) || done_jobs.contains(&m.job_id) || m.state.is_final() {
+                    continue;
                 }
+                let slot = (0..).find(|k| !paying.iter().any(|p| p.slot == *k)).unwrap_or(0);
+                let Some(channel_id) = payment.channel_id.checked_add(slot) else {
+                    abandoned = Some(Error::Payment(format!(
+                        "cluster {id}: no channel id for member {} past {}: give a lower --channel-id",
+                        m.job_id, payment.channel_id
+                    )));
+                    break;
+                };
+                let (client, job) = (self.clone(), m.job_id.clone());
+                let pay = crate::Payment { channel_id, ..payment.clone() };
+                let task = tokio::spawn(async move { client.wait_paying(&job, Some(&pay), |_| {}).await });
+                paying.push(Paying { job: m.job_id.clone(), slot, task });
             }
-            // A member its renter cannot pay never runs: say so now, not when the cluster
-            // fails for it a minute later.
-            if let Some(at) = paying.iter().position(|(_, t)| t.is_finished()) {
-                let (job, task) = paying.swap_remove(at);
-                match task.await {
-                    Ok(Err(e @ Error::Payment(_))) => {
-                        for (_, t) in &paying {
-                            t.abort();
-                        }
-                        return Err(Error::Payment(format!("cluster {id}: paying member {job}: {e}")));
+            while let Some(at) = paying.iter().position(|p| p.task.is_finished()) {
+                let p = paying.swap_remove(at);
+                match p.task.await {
+                    Ok(Ok((_, book))) => books.extend(book),
+                    Ok(Err(e @ Error::Payment(_))) if abandoned.is_none() && self.never_funded(&p.job).await => {
+                        // A member its renter cannot pay never runs: say so now, not when the
+                        // cluster fails for it a minute later.
+                        abandoned = Some(Error::Payment(format!("cluster {id}: paying member {}: {e}", p.job)));
                     }
-                    Ok(Ok(done)) => finished.push(done),
-                    Ok(Err(e)) => log::warn!("cluster {id}: paying member {job}: {e}"),
-                    Err(e) => log::warn!("cluster {id}: paying member {job}: {e}"),
+                    Ok(Err(e)) => log::warn!("cluster {id}: paying member {}: {e}", p.job),
+                    Err(e) => log::warn!("cluster {id}: paying member {}: {e}", p.job),
                 }
-                done_jobs.push(job);
+                done_jobs.push(p.job);
+            }
+            if abandoned.is_some() && !view.state.is_final() {
+                match self.cancel(id).await {
+                    Ok(_) | Err(Error::Api { status: 409, .. }) => {}
+                    Err(e) => log::warn!("cluster {id}: cancelling it: {e}"),
+                }
+                continue;
             }
             if view.state.is_final() {
-                let mut books: Vec<settlement::ledger::Book> = finished.drain(..).filter_map(|(_, b)| b).collect();
-                for (job, task) in paying {
-                    match task.await {
-                        Ok(Ok((_, Some(book)))) => books.push(book),
-                        Ok(Ok((_, None))) => {}
-                        Ok(Err(e)) => log::warn!("cluster {id}: paying member {job}: {e}"),
-                        Err(e) => log::warn!("cluster {id}: paying member {job}: {e}"),
+                // Every member's payment settles (its last voucher, or the minute its provider
+                // waits for one) before the answer.
+                for p in paying {
+                    match p.task.await {
+                        Ok(Ok((_, book))) => books.extend(book),
+                        Ok(Err(e)) => log::warn!("cluster {id}: paying member {}: {e}", p.job),
+                        Err(e) => log::warn!("cluster {id}: paying member {}: {e}", p.job),
                     }
+                }
+                if let Some(e) = abandoned {
+                    return Err(e);
                 }
                 // The output is released once the member it comes from is paid: read the job
                 // once more.
@@ -290,6 +319,22 @@ impl Scheduler {
         }
     }
 
+    /// Whether member `job` asked for a channel that its renter never named: its payment
+    /// failed at opening or funding the channel, not on a receipt.
+    async fn never_funded(&self, job: &str) -> bool {
+        match self.job(job).await {
+            Ok(v) => v.channel.is_some_and(|c| c.id.is_none()),
+            Err(_) => false,
+        }
+    }
+
+    /// Follows a job until it ends, paying for it as it runs when its provider takes payment:
+    /// names this renter's channel with the provider when it asks (opened, or topped up to hold
+    /// what the job may cost at its wall-time limit), checks every receipt the provider signs
+    /// (its signature, the job, the price it asked, its time against the job's limit and what
+    /// the scheduler saw, each one after the one before) and answers it with a voucher, the
+    /// last one included, after which the output and log are released. Without `payment`, a
+    /// provider that asks to be paid gets nothing and the job fails with the reason.
     pub async fn wait_paying(
         &self,
         id: &str,

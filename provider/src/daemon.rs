@@ -355,7 +355,9 @@ async fn run(shared: &Arc<Shared>, sessions: Option<SocketAddr>) -> Result<(), D
                     match cancels.get(&id) {
                         Some(flag) => {
                             flag.notify_one();
-                            log::info!("cancelled job {id}: the scheduler gave it to another provider");
+                            log::info!(
+                                "cancelled job {id} at the scheduler's word (given to another provider, or cancelled by its renter)"
+                            );
                         }
                         None => log::info!("the scheduler cancelled job {id}, which is not running here"),
                     }

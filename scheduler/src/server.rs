@@ -611,6 +611,7 @@ fn router(shared: Shared) -> Router {
         .route("/v1/jobs/{id}/channel", post(job_channel))
         .route("/v1/jobs/{id}/voucher", post(job_voucher))
         .route("/v1/jobs/{id}/log", get(get_log))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/sessions", post(open_session))
         .route("/v1/sessions/{id}", get(get_session))
         .route("/v1/plan", post(plan))
@@ -880,6 +881,40 @@ async fn job_channel(
     }
     shared.bump();
     (StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "relayed": true }))).into_response()
+}
+
+/// `POST /v1/jobs/{id}/cancel`: the renter stops its job (a cluster's member stands for its
+/// cluster). A queued job never runs; a running one ends now and its provider is told to stop.
+/// Answers with the job's view; a job that already ended is a conflict.
+async fn cancel_job(
+    AxumState(shared): AxumState<Shared>,
+    Extension(Renter(renter)): Extension<Renter>,
+    Path(id): Path<String>,
+) -> Response {
+    let cancelled = {
+        let mut state = shared.state();
+        if !state.owns(&id, &renter) {
+            return no_job(&id);
+        }
+        state.cancel(&id, now_ms())
+    };
+    let view = match cancelled {
+        Ok(view) => view,
+        Err(e @ crate::state::CancelError::NoJob(_)) => return api_error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ crate::state::CancelError::Ended(..)) => return api_error(StatusCode::CONFLICT, e.to_string()),
+        Err(crate::state::CancelError::Store(e)) => {
+            log::error!("cancelling job {id}: {e}");
+            return api_error(StatusCode::INTERNAL_SERVER_ERROR, format!("cancelling job {id}: {e}"));
+        }
+    };
+    if let Err(e) = durable(&shared).await {
+        log::error!("cancelling job {id}: {e}");
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, format!("cancelling job {id}: {e}"));
+    }
+    shared.bump();
+    // The dispatcher tells the providers now.
+    shared.wake.notify_one();
+    axum::Json(view).into_response()
 }
 
 /// `POST /v1/jobs/{id}/voucher`: the renter's voucher for the job's newest receipt, relayed to

@@ -281,6 +281,17 @@ impl std::fmt::Debug for State {
     }
 }
 
+/// Why a cancel was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no job {0:?}")]
+    NoJob(String),
+    #[error("job {0} already ended ({1:?})")]
+    Ended(String, JobState),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Why a submission was refused outright.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -1185,6 +1196,52 @@ impl State {
             )?;
         }
         self.cluster_starts_expired(now_ms)
+    }
+
+    /// The renter's cancel of job `id`: a queued job ends without running, a running one ends
+    /// now and its provider is told to stop it (its slot is free once the provider says so). A
+    /// cluster's member stands for its cluster: the whole cluster is cancelled, every running
+    /// member stopped. The provider keeps what the renter vouched for; the time since its last
+    /// slice is the renter's to settle through the receipts already shown.
+    pub fn cancel(&mut self, id: &str, now_ms: u64) -> Result<JobView, CancelError> {
+        let id = match self.jobs.get(id) {
+            None => return Err(CancelError::NoJob(id.to_string())),
+            Some(j) => j.view.member_of.clone().unwrap_or_else(|| id.to_string()),
+        };
+        let why = "cancelled by its renter";
+        let state = self.jobs.get(&id).map(|j| j.view.state).ok_or_else(|| CancelError::NoJob(id.clone()))?;
+        match state {
+            s if s.is_final() => return Err(CancelError::Ended(id, s)),
+            JobState::Queued => self.finish_unplaced(&id, JobState::Failed, why.to_string())?,
+            _ => {
+                let cluster = self.jobs.get(&id).is_some_and(|j| j.view.cluster.is_some());
+                if cluster {
+                    self.clusters.holds.release(&id);
+                    self.clusters.avoid.remove(&id);
+                    self.clusters.why.remove(&id);
+                    self.stop_members(&id, &format!("the cluster was {why}"), now_ms)?;
+                }
+                let Some(job) = self.jobs.get_mut(&id) else { return Err(CancelError::NoJob(id)) };
+                job.view.state = JobState::Failed;
+                job.view.error = Some(why.to_string());
+                if let Some(a) = job.view.attempts.last_mut() {
+                    a.ended_at_ms = Some(now_ms);
+                    a.error = Some(why.to_string());
+                }
+                let provider = job.view.provider.filter(|_| !cluster);
+                let mut view = job.view.clone();
+                self.refresh_members(&mut view);
+                let Some(job) = self.jobs.get_mut(&id) else { return Err(CancelError::NoJob(id)) };
+                job.view = view;
+                let job = job.clone();
+                self.live_logs.remove(&id);
+                self.store.put_job(&job)?;
+                if let Some(p) = provider {
+                    self.revoked.entry(p).or_default().push(id.clone());
+                }
+            }
+        }
+        self.job(&id).ok_or(CancelError::NoJob(id))
     }
 
     fn finish_unplaced(&mut self, id: &str, state: JobState, error: String) -> Result<(), StoreError> {
@@ -2462,6 +2519,57 @@ mod tests {
         assert_eq!(held(&s, &a[2].provider), 1);
         s.attempt_failed(&a[2].job_id, &a[2].provider, "cancelled", 13).unwrap();
         assert!(s.providers().iter().all(|p| p.running == 0));
+    }
+
+    #[test]
+    fn a_renter_cancels_a_queued_a_running_and_a_cluster_job_and_nothing_of_them_runs_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        // Queued (nobody to run it): it ends without running and is never assigned.
+        let queued = submit(&mut s, 0);
+        let view = s.cancel(&queued, 1).unwrap();
+        assert_eq!((view.state, view.error.as_deref()), (JobState::Failed, Some("cancelled by its renter")));
+        let p = member_provider(&mut s, 1, 2);
+        assert!(s.assign(3).unwrap().is_empty(), "a cancelled job is not placed");
+        // Running: it ends now, its provider is told, and its late report changes nothing.
+        let running = submit(&mut s, 4);
+        assert_eq!(s.assign(5).unwrap().len(), 1);
+        s.take_revoked();
+        let view = s.cancel(&running, 6).unwrap();
+        assert_eq!(view.state, JobState::Failed);
+        assert_eq!(view.attempts[0].error.as_deref(), Some("cancelled by its renter"));
+        assert_eq!(s.take_revoked(), vec![(p.public(), vec![running.clone()])]);
+        s.finished(&running, &p.public(), done(), 7).unwrap();
+        assert_eq!(s.job(&running).unwrap().state, JobState::Failed);
+        assert_eq!(s.output(&running), None);
+        assert!(s.providers().iter().all(|p| p.running == 0), "its report freed the slot");
+        // Ended: a conflict, and the job is as it was. Unknown: not found.
+        assert!(matches!(s.cancel(&running, 8), Err(CancelError::Ended(_, JobState::Failed))));
+        assert!(matches!(s.cancel("job-nope", 8), Err(CancelError::NoJob(_))));
+        // A cluster, cancelled through one of its members: every member stops and is told.
+        member_provider(&mut s, 2, 9);
+        let cluster = submit_cluster(&mut s, 2, 10).unwrap().id;
+        let a = s.assign(11).unwrap();
+        assert_eq!(a.len(), 2);
+        s.take_revoked();
+        let view = s.cancel(&a[1].job_id, 12).unwrap();
+        assert_eq!((view.id.as_str(), view.state), (cluster.as_str(), JobState::Failed));
+        let m = members_of(&s, &cluster);
+        assert!(m.iter().all(|m| m.state == JobState::Failed), "{m:?}");
+        assert!(m[0].error.as_deref().unwrap().contains("cancelled by its renter"));
+        let mut told: Vec<String> = s.take_revoked().into_iter().flat_map(|(_, j)| j).collect();
+        told.sort();
+        let mut want = vec![a[0].job_id.clone(), a[1].job_id.clone()];
+        want.sort();
+        assert_eq!(told, want);
+        ack(&mut s, &[(a[0].provider, vec![a[0].job_id.clone()]), (a[1].provider, vec![a[1].job_id.clone()])], 13);
+        assert_eq!(s.job(&cluster).unwrap().state, JobState::Failed, "not queued again");
+        assert!(s.assign(14).unwrap().is_empty());
+        // It survives a restart as cancelled.
+        drop(s);
+        let s = state(&dir, Config::default());
+        assert_eq!(s.job(&cluster).unwrap().error.as_deref(), Some("cancelled by its renter"));
+        assert_eq!(s.job(&queued).unwrap().state, JobState::Failed);
     }
 
     #[test]

@@ -288,4 +288,18 @@ fn a_paid_cluster_submitted_from_the_cli_pays_every_member_and_one_it_cannot_pay
     assert_ne!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("paying member"), "{text}");
     assert!(took < Duration::from_secs(50), "took {took:?}: {text}");
+    // The cluster it could not pay is cancelled, not left to hold two GPUs for nothing.
+    let id = text.split_whitespace().find_map(|w| w.strip_prefix("job-")).map(|w| format!("job-{}", &w[..32]));
+    let id = id.unwrap_or_else(|| panic!("no job id in {text}"));
+    let view = get_json(&s, &format!("/v1/jobs/{id}"));
+    let view = if view["member_of"].is_string() {
+        get_json(&s, &format!("/v1/jobs/{}", view["member_of"].as_str().unwrap()))
+    } else {
+        view
+    };
+    assert_eq!((view["state"].as_str(), view["error"].as_str()), (Some("failed"), Some("cancelled by its renter")));
+    until("both providers to be free", || {
+        let list = get_json(&s, "/v1/providers");
+        list.as_array().unwrap().iter().all(|p| p["running"] == 0).then_some(())
+    });
 }

@@ -776,6 +776,76 @@ fn a_running_job_streams_its_log() {
 }
 
 #[test]
+fn a_renter_cancels_a_running_job_and_a_cluster_from_the_cli_and_the_providers_take_work_again() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (_a, _) = m.host(&s, "a", &["--sessions", "127.0.0.1:0"]);
+    let (_b, _) = m.host(&s, "b", &["--sessions", "127.0.0.1:0"]);
+    online(&s, 2);
+    let renter = ["--scheduler", s.url.as_str(), "--scheduler-key", s.key.as_str()];
+    let cancel = |id: &str| {
+        let mut args = vec!["cancel", id, "--json"];
+        args.extend_from_slice(&renter);
+        m.cmd(&args).output().unwrap()
+    };
+    let running = |id: &str| {
+        until(&format!("job {id} to run"), || {
+            let v = get_json(&s, &format!("/v1/jobs/{id}"));
+            let members = v["cluster"]["members"].as_array().cloned().unwrap_or_default();
+            (v["state"] == "running" && members.iter().all(|m| m["state"] == "running")).then_some(v)
+        })
+    };
+    let free = || {
+        until("both providers to be free", || {
+            let list = get_json(&s, "/v1/providers");
+            list.as_array().unwrap().iter().all(|p| p["running"] == 0).then_some(())
+        })
+    };
+    let input = m.path("train.txt");
+    std::fs::write(&input, "epochs=60000 samples=2048").unwrap();
+    let id = m.submit(&s, sample_artifacts::TRAIN, &["--input", input.to_str().unwrap()])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let on = running(&id)["provider"].as_str().unwrap().to_string();
+    let out = cancel(&id);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["state"].as_str(), v["error"].as_str()), (Some("failed"), Some("cancelled by its renter")));
+    assert_eq!(v["provider"], on.as_str());
+    until("the provider to stop it", || {
+        (log_of(&m, "a.log") + &log_of(&m, "b.log")).contains(&format!("cancelled job {id}")).then_some(())
+    });
+    free();
+    // Cancelling it again, or a job that is not there, is bad input that says why.
+    let again = cancel(&id);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"), "{again:?}");
+    let nobody = cancel(&format!("job-{}", "0".repeat(32)));
+    assert_eq!(nobody.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&nobody.stderr).contains("no job"), "{nobody:?}");
+    // A cluster, cancelled through one of its members: every member stops.
+    let long = m.path("cluster.txt");
+    std::fs::write(&long, "mode=sync steps=100000 samples=256 features=4 report=1000").unwrap();
+    let args = ["--input", long.to_str().unwrap(), "--gpus", "2", "--per-provider", "1"];
+    let cluster = m.submit(&s, sample_artifacts::CLUSTER_TRAIN, &args)["id"].as_str().unwrap().to_string();
+    let view = running(&cluster);
+    let member = view["cluster"]["members"][1]["job_id"].as_str().unwrap().to_string();
+    let out = cancel(&member);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["id"].as_str(), v["state"].as_str()), (Some(cluster.as_str()), Some("failed")), "{v}");
+    for m in v["cluster"]["members"].as_array().unwrap() {
+        assert_eq!(m["state"], "failed", "{v}");
+    }
+    free();
+    // And the next job is served as if nothing had happened.
+    let ok = m.submit(&s, sample_artifacts::TRAIN, &["--wait"]);
+    assert_eq!(ok["state"], "succeeded", "{ok}");
+    assert_eq!(get_json(&s, &format!("/v1/jobs/{cluster}"))["cluster"]["tries"], 1, "not run again");
+}
+
+#[test]
 fn a_job_moved_off_a_frozen_host_is_cancelled_there_when_it_wakes() {
     let m = Market::new();
     let (_sched, s) = m.scheduler(&[]);

@@ -478,7 +478,7 @@ impl State {
 
     /// Stops every running member of cluster `parent`: each fails with `why`, stops counting
     /// on its provider, and is cancelled there.
-    fn stop_members(&mut self, parent: &str, why: &str, now_ms: u64) -> Result<(), StoreError> {
+    pub(super) fn stop_members(&mut self, parent: &str, why: &str, now_ms: u64) -> Result<(), StoreError> {
         let members: Vec<String> = self
             .jobs
             .get(parent)

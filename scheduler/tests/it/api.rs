@@ -115,6 +115,12 @@ async fn a_job_or_session_reads_as_not_found_to_everyone_but_its_renter() {
     let pay = br#"{"transaction":"AA=="}"#;
     let (status, _, _) = send(&app, signed(&other, "POST", &format!("/v1/jobs/{id}/payment"), pay)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Nobody else can cancel it, and trying says no more than for a job that does not exist.
+    let cancel = |key: &Keypair, id: &str| signed(key, "POST", &format!("/v1/jobs/{id}/cancel"), b"{}");
+    let (status, _, theirs) = send(&app, cancel(&other, &id)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, _, none) = send(&app, cancel(&other, &unknown)).await;
+    assert_eq!(error_of(&theirs), error_of(&none).replace(&unknown, &id));
     // The owner reads it (no output yet: it has not run).
     let (status, _, _) = send(&app, signed(&owner, "GET", &format!("/v1/jobs/{id}"), b"")).await;
     assert_eq!(status, StatusCode::OK);
@@ -169,13 +175,24 @@ async fn a_renter_over_its_rate_gets_429_with_retry_after_and_others_are_served(
 async fn a_renter_at_its_job_cap_gets_429_and_others_are_served() {
     let (app, module) = app(Config { max_jobs_per_renter: 1, ..Config::default() }, None);
     let (renter, other) = (Keypair::generate(), Keypair::generate());
-    submit(&app, &renter, &module).await;
+    let first = submit(&app, &renter, &module).await;
     let (status, headers, body) = send(&app, signed(&renter, "POST", "/v1/jobs", &job_body(&module))).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(headers.get("retry-after").unwrap(), "5");
     let error = error_of(&body);
     assert!(error.contains("1 jobs queued or running") && error.contains("retry in 5 s"), "{error}");
     submit(&app, &other, &module).await;
+    // Cancelling its job makes room: the next submission is taken. A second cancel of the
+    // same job is a conflict that says the job already ended.
+    let path = format!("/v1/jobs/{first}/cancel");
+    let (status, _, body) = send(&app, signed(&renter, "POST", &path, b"{}")).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let view: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((view["state"].as_str(), view["error"].as_str()), (Some("failed"), Some("cancelled by its renter")));
+    let (status, _, body) = send(&app, signed(&renter, "POST", &path, b"{}")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(error_of(&body).contains("already ended"), "{}", error_of(&body));
+    submit(&app, &renter, &module).await;
 }
 
 #[tokio::test]
