@@ -11,4 +11,4 @@ pub mod store;
 pub use ratelimit::RenterLimits;
 pub use server::{Listening, SchedulerConfig, StartError, start};
 pub use state::{Config, State};
-pub use store::{MemoryStore, RedbStore, Store, StoreError};
+pub use store::{KeptCheckpoint, MemoryStore, RedbStore, Store, StoreError};

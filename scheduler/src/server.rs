@@ -530,7 +530,18 @@ async fn drive_job(shared: &Shared, conn: &Connection, a: &Assignment) -> Result
             }
             Some(JobReply::Log { bytes }) => shared.state().append_log(&a.job_id, &a.provider, &bytes),
             Some(JobReply::Checkpoint(c)) if !finished => {
-                if let Err(e) = shared.state().checkpoint_saved(&a.job_id, &a.provider, *c, now_ms()) {
+                // Up to 16 MiB hashed off the runtime's threads and outside the state's lock.
+                let hashed = tokio::task::spawn_blocking(move || {
+                    use sha2::Digest;
+                    let sha256: [u8; 32] = sha2::Sha256::digest(&c.bytes).into();
+                    (c, sha256)
+                })
+                .await;
+                let kept = match hashed {
+                    Ok((c, sha256)) => shared.state().checkpoint_saved(&a.job_id, &a.provider, *c, sha256, now_ms()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = kept {
                     log::warn!("job {} on {}: keeping its checkpoint: {e}", a.job_id, a.provider);
                 }
             }

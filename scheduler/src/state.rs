@@ -9,7 +9,6 @@ use proto::msg::{
     GpuInfo, JobLimits, JobReply, JobResult, ModuleHash, Outcome, Price, Requirements, hash_hex, parse_hash,
 };
 use rand_core::RngCore;
-use sha2::Digest;
 
 use crate::matching::{Candidate, Query, explain, gpu_search, rank};
 use crate::store::{Store, StoreError};
@@ -129,6 +128,9 @@ fn priced(r: &proto::receipt::JobReceipt, registered: Option<Price>) -> Result<(
 /// A provider sends a job's checkpoints a second apart at most; one that comes much sooner
 /// after the last it sent is dropped.
 const MIN_CHECKPOINT_GAP_MS: u64 = 500;
+
+/// Jobs whose last checkpoint time is kept before those of jobs no longer running are dropped.
+const CHECKPOINT_PACE_KEPT: usize = 1024;
 
 /// Most bytes of a running job's streamed log kept.
 const LIVE_LOG_CAP: usize = 4 << 20;
@@ -257,6 +259,8 @@ pub struct State {
     live_logs: HashMap<String, Vec<u8>>,
     /// Jobs taken away from a provider that may still be running them, to cancel there.
     revoked: HashMap<PublicKey, Vec<String>>,
+    /// When each running job (a cluster's member on its own) last had a checkpoint kept.
+    checkpoints_at: HashMap<String, u64>,
     /// Inference sessions the scheduler granted, by hex id.
     sessions: HashMap<String, SessionView>,
     /// Round trips providers measured to each other (in memory: measured again after a
@@ -318,6 +322,14 @@ impl State {
         let mut next_seq = 0;
         for mut job in store.jobs()? {
             next_seq = next_seq.max(job.seq.saturating_add(1));
+            // The newest checkpoint is written without the record: the record shows it again.
+            if !job.view.state.is_final() && job.view.member_of.is_none() {
+                match store.checkpoint(&job.view.id) {
+                    Ok(Some(kept)) => job.view.checkpoint = Some(kept.view),
+                    Ok(None) => {}
+                    Err(e) => log::error!("job {}: reading its checkpoint: {e}", job.view.id),
+                }
+            }
             // A cluster's member ran under a roster of the process that stopped: it ends here,
             // and its cluster (queued again below, like any running job) is placed again whole.
             let member = job.view.member_of.is_some();
@@ -369,6 +381,7 @@ impl State {
             explained: std::cell::RefCell::new(HashMap::new()),
             live_logs: HashMap::new(),
             revoked: HashMap::new(),
+            checkpoints_at: HashMap::new(),
             sessions,
             links: crate::gang::Links::default(),
             asked_links: HashMap::new(),
@@ -841,20 +854,23 @@ impl State {
         if !saved {
             return None;
         }
-        self.store.checkpoint(id).unwrap_or_else(|e| {
+        self.store.checkpoint(id).map(|k| k.map(|k| k.checkpoint)).unwrap_or_else(|e| {
             log::error!("job {id}: reading its checkpoint: {e}");
             None
         })
     }
 
-    /// A checkpoint a provider sent for a job it runs: kept (for a cluster member, as its
-    /// cluster's) when it is no older than the one kept, for the job's next try to resume
-    /// from. From anyone else, or faster than a provider sends them, it is refused.
+    /// A checkpoint a provider sent for a job it runs, `sha256` its bytes' digest (taken
+    /// outside the state's lock): kept (for a cluster member, as its cluster's) when it is no
+    /// older than the one kept, for the job's next try to resume from. From anyone else, or
+    /// faster than a provider sends a job's checkpoints, it is refused. Only the checkpoint
+    /// is written, never the job's record.
     pub fn checkpoint_saved(
         &mut self,
         id: &str,
         provider: &PublicKey,
         checkpoint: proto::msg::Checkpoint,
+        sha256: [u8; 32],
         now_ms: u64,
     ) -> Result<(), String> {
         let Some(job) = self.jobs.get(id) else { return Err("no such job".into()) };
@@ -868,32 +884,40 @@ impl State {
                 proto::msg::CHECKPOINT_CAP
             ));
         }
+        // Each sender's pace is its own: ranks saving in turn neither escape the gap nor
+        // drop each other's newer steps.
+        if let Some(&at) = self.checkpoints_at.get(id)
+            && now_ms < at.saturating_add(MIN_CHECKPOINT_GAP_MS)
+        {
+            return Err(format!("a second checkpoint within {MIN_CHECKPOINT_GAP_MS} ms: dropped"));
+        }
         let rank = self.clusters.running.get(id).map(|m| m.rank);
         let parent = job.view.member_of.clone().unwrap_or_else(|| id.to_string());
         let Some(owner) = self.jobs.get(&parent).filter(|p| p.view.state == JobState::Running) else {
             return Err("its cluster is not running".into());
         };
-        if let Some(kept) = &owner.view.checkpoint {
-            if checkpoint.step < kept.step {
-                return Ok(());
-            }
-            if kept.provider == *provider && now_ms < kept.saved_at_ms.saturating_add(MIN_CHECKPOINT_GAP_MS) {
-                return Err(format!("a second checkpoint within {MIN_CHECKPOINT_GAP_MS} ms: dropped"));
-            }
+        if owner.view.checkpoint.as_ref().is_some_and(|kept| checkpoint.step < kept.step) {
+            return Ok(());
         }
         let view = proto::api::CheckpointView {
             step: checkpoint.step,
             bytes: checkpoint.bytes.len() as u64,
-            sha256: hash_hex(&sha2::Sha256::digest(&checkpoint.bytes).into()),
+            sha256: hash_hex(&sha256),
             saved_at_ms: now_ms,
             provider: *provider,
             rank,
         };
-        self.store.put_checkpoint(&parent, &checkpoint).map_err(|e| e.to_string())?;
-        let Some(owner) = self.jobs.get_mut(&parent) else { return Ok(()) };
-        owner.view.checkpoint = Some(view);
-        let owner = owner.clone();
-        self.store.put_job(&owner).map_err(|e| e.to_string())
+        let kept = crate::store::KeptCheckpoint { checkpoint, view: view.clone() };
+        self.store.put_checkpoint(&parent, &kept).map_err(|e| e.to_string())?;
+        if self.checkpoints_at.len() >= CHECKPOINT_PACE_KEPT {
+            let jobs = &self.jobs;
+            self.checkpoints_at.retain(|j, _| jobs.get(j).is_some_and(|j| j.view.state == JobState::Running));
+        }
+        self.checkpoints_at.insert(id.to_string(), now_ms);
+        if let Some(owner) = self.jobs.get_mut(&parent) {
+            owner.view.checkpoint = Some(view);
+        }
+        Ok(())
     }
 
     /// Log bytes a provider streamed for a job it runs; ignored from anyone else.
@@ -1582,6 +1606,7 @@ fn hash_hex_16(id: &[u8; 16]) -> String {
 mod tests {
     use super::*;
     use crate::store::RedbStore;
+    use sha2::Digest;
 
     const WASM: &[u8] = b"\0asm\x01\0\0\0";
 
@@ -2608,9 +2633,14 @@ mod tests {
         proto::msg::Checkpoint { step, bytes: vec![step as u8; 100] }
     }
 
+    /// A provider's checkpoint as the server hands it over: hashed first.
+    fn save(s: &mut State, id: &str, p: &PublicKey, c: proto::msg::Checkpoint, now: u64) -> Result<(), String> {
+        let sha256 = sha2::Sha256::digest(&c.bytes).into();
+        s.checkpoint_saved(id, p, c, sha256, now)
+    }
+
     #[test]
     fn a_jobs_newest_checkpoint_from_its_provider_goes_to_its_next_try_and_survives_a_restart() {
-        use proto::msg::FailureKind;
         let dir = tempfile::tempdir().unwrap();
         let id = {
             let mut s = state(&dir, Config::default());
@@ -2621,24 +2651,29 @@ mod tests {
             let runs = first[0].provider;
             let other = if runs == p1 { p2 } else { p1 };
             // Only the provider running it may save, and never past the cap.
-            assert!(s.checkpoint_saved(&id, &other, ck(5), 10).is_err());
-            assert!(s.checkpoint_saved("job-nope", &runs, ck(5), 10).is_err());
+            assert!(save(&mut s, &id, &other, ck(5), 10).is_err());
+            assert!(save(&mut s, "job-nope", &runs, ck(5), 10).is_err());
             let huge = proto::msg::Checkpoint { step: 9, bytes: vec![0; proto::msg::CHECKPOINT_CAP + 1] };
-            assert!(s.checkpoint_saved(&id, &runs, huge, 10).is_err());
-            s.checkpoint_saved(&id, &runs, ck(5), 10).unwrap();
+            assert!(save(&mut s, &id, &runs, huge, 10).is_err());
+            save(&mut s, &id, &runs, ck(5), 10).unwrap();
             // Faster than a provider sends them: dropped. An older step: ignored.
-            assert!(s.checkpoint_saved(&id, &runs, ck(6), 100).is_err());
-            s.checkpoint_saved(&id, &runs, ck(7), 1_100).unwrap();
-            s.checkpoint_saved(&id, &runs, ck(3), 2_200).unwrap();
+            assert!(save(&mut s, &id, &runs, ck(6), 100).is_err());
+            save(&mut s, &id, &runs, ck(7), 1_100).unwrap();
+            save(&mut s, &id, &runs, ck(3), 2_200).unwrap();
             let view = s.job(&id).unwrap().checkpoint.unwrap();
             assert_eq!((view.step, view.bytes, view.provider, view.rank), (7, 100, runs, None));
             assert_eq!(view.sha256, hash_hex(&sha2::Sha256::digest(ck(7).bytes).into()));
-            s.finished(&id, &runs, failed(FailureKind::Host), 2_300).unwrap();
+            // Only the checkpoint is written, never the record: the scheduler stops with the
+            // record still showing none.
             s.store.sync().unwrap();
+            assert_eq!(s.store.jobs().unwrap()[0].view.checkpoint, None);
             id
         };
-        // After a restart the next try still gets it.
+        // After a restart the record shows it again, and the next try gets it.
         let mut s = state(&dir, Config::default());
+        let view = s.job(&id).unwrap();
+        assert_eq!(view.state, JobState::Queued);
+        assert_eq!(view.checkpoint.map(|c| (c.step, c.bytes, c.saved_at_ms)), Some((7, 100, 1_100)));
         member_provider(&mut s, 1, 3_000);
         member_provider(&mut s, 2, 3_000);
         let again = s.assign(3_001).unwrap();
@@ -2658,23 +2693,30 @@ mod tests {
         let (mut s, id) = cluster_on_three(&dir, 2);
         let first = s.assign(1).unwrap();
         // A member's save is its cluster's; another member's provider may not save for it.
-        assert!(s.checkpoint_saved(&first[0].job_id, &first[1].provider, ck(4), 10).is_err());
-        s.checkpoint_saved(&first[0].job_id, &first[0].provider, ck(4), 10).unwrap();
-        s.checkpoint_saved(&first[1].job_id, &first[1].provider, ck(2), 20).unwrap();
+        assert!(save(&mut s, &first[0].job_id, &first[1].provider, ck(4), 10).is_err());
+        save(&mut s, &first[0].job_id, &first[0].provider, ck(4), 10).unwrap();
+        save(&mut s, &first[1].job_id, &first[1].provider, ck(2), 20).unwrap();
         let kept = s.job(&id).unwrap().checkpoint.unwrap();
         assert_eq!((kept.step, kept.rank), (4, Some(0)), "the newest step wins");
+        // Each member's pace is its own: rank 1's save between two of rank 0's does not let
+        // rank 0 save again sooner.
+        save(&mut s, &first[1].job_id, &first[1].provider, ck(5), 300).unwrap();
+        assert!(save(&mut s, &first[0].job_id, &first[0].provider, ck(6), 400).is_err());
+        assert_eq!(s.job(&id).unwrap().checkpoint.map(|c| (c.step, c.rank)), Some((5, Some(1))));
+        save(&mut s, &first[0].job_id, &first[0].provider, ck(6), 600).unwrap();
+        assert_eq!(s.job(&id).unwrap().checkpoint.map(|c| (c.step, c.rank)), Some((6, Some(0))));
         assert_eq!(s.job(&first[0].job_id).unwrap().checkpoint, None, "kept on the cluster, not the member");
-        s.finished(&first[1].job_id, &first[1].provider, failed(FailureKind::Host), 30).unwrap();
+        s.finished(&first[1].job_id, &first[1].provider, failed(FailureKind::Host), 630).unwrap();
         let revoked = s.take_revoked();
-        ack(&mut s, &revoked, 31);
-        let again = s.assign(32).unwrap();
+        ack(&mut s, &revoked, 631);
+        let again = s.assign(632).unwrap();
         assert_eq!(again.len(), 2);
-        assert!(again.iter().all(|a| a.checkpoint.as_deref() == Some(&ck(4))), "{again:?}");
+        assert!(again.iter().all(|a| a.checkpoint.as_deref() == Some(&ck(6))), "{again:?}");
         let view = s.job(&id).unwrap();
-        assert_eq!(view.attempts.last().unwrap().resumed_from_step, Some(4));
+        assert_eq!(view.attempts.last().unwrap().resumed_from_step, Some(6));
         // A stopped try's late save changes nothing.
-        assert!(s.checkpoint_saved(&first[0].job_id, &first[0].provider, ck(9), 2_000).is_err());
-        assert_eq!(s.job(&id).unwrap().checkpoint.unwrap().step, 4);
+        assert!(save(&mut s, &first[0].job_id, &first[0].provider, ck(9), 2_000).is_err());
+        assert_eq!(s.job(&id).unwrap().checkpoint.unwrap().step, 6);
     }
 
     #[test]

@@ -26,10 +26,19 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
+/// A job's newest checkpoint as kept: its bytes and what the job's record shows of it. Kept
+/// apart from the record, so that a checkpoint never rewrites the record (and its input).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeptCheckpoint {
+    pub checkpoint: Checkpoint,
+    pub view: proto::api::CheckpointView,
+}
+
 /// The scheduler's persistent state.
 ///
 /// A job's checkpoint (the newest its kernel saved) is kept beside its record, and dropped
-/// when the record is written in a final state: nothing will run the job again.
+/// when the record is written in a final state: nothing will run the job again. The record's
+/// `checkpoint` view is what the kept one says ([`crate::State::load`] reads it back).
 ///
 /// Writes may return before they are on disk; [`Store::sync`] returns once every write made
 /// before it is. The scheduler calls it, outside its lock, before answering a submission or an
@@ -51,8 +60,8 @@ pub trait Store: Send + Sync {
     fn providers(&self) -> Result<Vec<ProviderView>, StoreError>;
     fn put_session(&self, session: &SessionView) -> Result<(), StoreError>;
     fn sessions(&self) -> Result<Vec<SessionView>, StoreError>;
-    fn put_checkpoint(&self, job_id: &str, checkpoint: &Checkpoint) -> Result<(), StoreError>;
-    fn checkpoint(&self, job_id: &str) -> Result<Option<Checkpoint>, StoreError>;
+    fn put_checkpoint(&self, job_id: &str, checkpoint: &KeptCheckpoint) -> Result<(), StoreError>;
+    fn checkpoint(&self, job_id: &str) -> Result<Option<KeptCheckpoint>, StoreError>;
 }
 
 /// Whether writing `job` drops its checkpoint: it ended, and had one.
@@ -61,7 +70,7 @@ fn ends_checkpoint(job: &JobRecord) -> bool {
 }
 
 /// A write waiting for the next flush.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Pending {
     Job(String, Vec<u8>),
     Module(ModuleHash, Vec<u8>),
@@ -74,8 +83,19 @@ enum Pending {
 #[derive(Debug, Default)]
 struct Queue {
     writes: Vec<Pending>,
+    /// The writes a flush took and has not yet committed: still read from here until they are
+    /// on disk, so a lookup never falls between the queue and the database.
+    flushing: Option<std::sync::Arc<Vec<Pending>>>,
     /// Sequence number of the last write queued.
     queued: u64,
+}
+
+impl Queue {
+    /// The newest write `pick` finds, queued or being flushed.
+    fn newest<T>(&self, pick: impl Fn(&Pending) -> Option<T>) -> Option<T> {
+        let flushing = self.flushing.iter().flat_map(|w| w.iter().rev());
+        self.writes.iter().rev().chain(flushing).find_map(pick)
+    }
 }
 
 struct Inner {
@@ -107,16 +127,40 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Inner {
     fn flush(&self) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering::SeqCst;
         let _one_at_a_time = lock(&self.flush);
-        let (writes, upto) = {
-            let mut q = lock(&self.queue);
-            (std::mem::take(&mut q.writes), q.queued)
-        };
-        if writes.is_empty() {
-            self.durable.fetch_max(upto, SeqCst);
-            return Ok(());
+        let batch = self.take_batch();
+        self.commit(batch)
+    }
+
+    /// Takes the queued writes for a flush; they stay readable until [`Inner::commit`].
+    fn take_batch(&self) -> (std::sync::Arc<Vec<Pending>>, u64) {
+        let mut q = lock(&self.queue);
+        let writes = std::sync::Arc::new(std::mem::take(&mut q.writes));
+        q.flushing = Some(writes.clone());
+        (writes, q.queued)
+    }
+
+    /// Writes a batch in one durable transaction. A batch that fails goes back to the head of
+    /// the queue, for the next flush.
+    fn commit(&self, (writes, upto): (std::sync::Arc<Vec<Pending>>, u64)) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let written = if writes.is_empty() { Ok(()) } else { self.write(&writes) };
+        let mut q = lock(&self.queue);
+        q.flushing = None;
+        match written {
+            Ok(()) => {
+                self.durable.fetch_max(upto, SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                let failed = std::sync::Arc::try_unwrap(writes).unwrap_or_else(|shared| shared.as_ref().clone());
+                q.writes.splice(0..0, failed);
+                Err(e)
+            }
         }
+    }
+
+    fn write(&self, writes: &[Pending]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut jobs = tx.open_table(JOBS).map_err(db)?;
@@ -124,7 +168,7 @@ impl Inner {
             let mut providers = tx.open_table(PROVIDERS).map_err(db)?;
             let mut sessions = tx.open_table(SESSIONS).map_err(db)?;
             let mut checkpoints = tx.open_table(CHECKPOINTS).map_err(db)?;
-            for w in &writes {
+            for w in writes {
                 match w {
                     Pending::Job(k, v) => jobs.insert(k.as_str(), v.as_slice()).map(drop),
                     Pending::Module(k, v) => modules.insert(&k[..], v.as_slice()).map(drop),
@@ -136,9 +180,7 @@ impl Inner {
                 .map_err(db)?;
             }
         }
-        tx.commit().map_err(db)?;
-        self.durable.fetch_max(upto, SeqCst);
-        Ok(())
+        tx.commit().map_err(db)
     }
 }
 
@@ -191,9 +233,9 @@ impl RedbStore {
         Ok(out)
     }
 
-    /// A module still waiting for the flush.
+    /// A module not yet on disk (queued, or in a flush not yet committed).
     fn pending_module(&self, hash: &ModuleHash) -> Option<Vec<u8>> {
-        lock(&self.inner.queue).writes.iter().rev().find_map(|w| match w {
+        lock(&self.inner.queue).newest(|w| match w {
             Pending::Module(h, v) if h == hash => Some(v.clone()),
             _ => None,
         })
@@ -259,8 +301,8 @@ impl Store for RedbStore {
     }
 
     fn has_module(&self, hash: &ModuleHash) -> Result<bool, StoreError> {
-        let pending = lock(&self.inner.queue).writes.iter().any(|w| matches!(w, Pending::Module(h, _) if h == hash));
-        if pending {
+        let pending = lock(&self.inner.queue).newest(|w| matches!(w, Pending::Module(h, _) if h == hash).then_some(()));
+        if pending.is_some() {
             return Ok(true);
         }
         let tx = self.inner.db.begin_read().map_err(db)?;
@@ -288,14 +330,14 @@ impl Store for RedbStore {
         self.all(SESSIONS)
     }
 
-    fn put_checkpoint(&self, job_id: &str, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+    fn put_checkpoint(&self, job_id: &str, checkpoint: &KeptCheckpoint) -> Result<(), StoreError> {
         // Not synced on its own: losing the newest to a crash costs the job some steps.
         self.queue(Pending::Checkpoint(job_id.to_string(), Some(encode(checkpoint)?)));
         Ok(())
     }
 
-    fn checkpoint(&self, job_id: &str) -> Result<Option<Checkpoint>, StoreError> {
-        let pending = lock(&self.inner.queue).writes.iter().rev().find_map(|w| match w {
+    fn checkpoint(&self, job_id: &str) -> Result<Option<KeptCheckpoint>, StoreError> {
+        let pending = lock(&self.inner.queue).newest(|w| match w {
             Pending::Checkpoint(k, v) if k == job_id => Some(v.clone()),
             _ => None,
         });
@@ -318,7 +360,7 @@ pub struct MemoryStore {
     modules: std::sync::Mutex<std::collections::HashMap<ModuleHash, Vec<u8>>>,
     providers: std::sync::Mutex<std::collections::BTreeMap<String, ProviderView>>,
     sessions: std::sync::Mutex<std::collections::BTreeMap<String, SessionView>>,
-    checkpoints: std::sync::Mutex<std::collections::HashMap<String, Checkpoint>>,
+    checkpoints: std::sync::Mutex<std::collections::HashMap<String, KeptCheckpoint>>,
 }
 
 impl Store for MemoryStore {
@@ -361,12 +403,55 @@ impl Store for MemoryStore {
         Ok(lock(&self.sessions).values().cloned().collect())
     }
 
-    fn put_checkpoint(&self, job_id: &str, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+    fn put_checkpoint(&self, job_id: &str, checkpoint: &KeptCheckpoint) -> Result<(), StoreError> {
         lock(&self.checkpoints).insert(job_id.to_string(), checkpoint.clone());
         Ok(())
     }
 
-    fn checkpoint(&self, job_id: &str) -> Result<Option<Checkpoint>, StoreError> {
+    fn checkpoint(&self, job_id: &str) -> Result<Option<KeptCheckpoint>, StoreError> {
         Ok(lock(&self.checkpoints).get(job_id).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ck(step: u64) -> KeptCheckpoint {
+        let view = proto::api::CheckpointView {
+            step,
+            bytes: 4,
+            sha256: String::new(),
+            saved_at_ms: step,
+            provider: proto::PublicKey([1; 32]),
+            rank: Some(1),
+        };
+        KeptCheckpoint { checkpoint: Checkpoint { step, bytes: vec![step as u8; 4] }, view }
+    }
+
+    #[test]
+    fn what_a_flush_took_but_has_not_committed_is_still_read_and_a_newer_write_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("db")).unwrap();
+        let _one_at_a_time = lock(&store.inner.flush);
+        store.put_checkpoint("job-1", &ck(1)).unwrap();
+        store.put_module(&[7; 32], b"\0asm").unwrap();
+        // A flush has taken the queue and is writing it: neither the queue nor the database
+        // has them, and yet they are read.
+        let batch = store.inner.take_batch();
+        assert_eq!(store.checkpoint("job-1").unwrap(), Some(ck(1)));
+        assert_eq!(store.module(&[7; 32]).unwrap().as_deref(), Some(&b"\0asm"[..]));
+        assert!(store.has_module(&[7; 32]).unwrap());
+        // A write queued meanwhile is newer than the one being flushed.
+        store.put_checkpoint("job-1", &ck(2)).unwrap();
+        assert_eq!(store.checkpoint("job-1").unwrap(), Some(ck(2)));
+        store.inner.commit(batch).unwrap();
+        assert_eq!(store.checkpoint("job-1").unwrap(), Some(ck(2)));
+        let batch = store.inner.take_batch();
+        store.inner.commit(batch).unwrap();
+        assert!(lock(&store.inner.queue).writes.is_empty());
+        assert_eq!(store.checkpoint("job-1").unwrap(), Some(ck(2)), "from disk");
+        assert_eq!(store.module(&[7; 32]).unwrap().as_deref(), Some(&b"\0asm"[..]));
+        assert_eq!(store.checkpoint("job-2").unwrap(), None);
     }
 }
