@@ -2744,6 +2744,17 @@ mod tests {
         assert_eq!(on, HashSet::from([p2, p3]), "{placed:?}");
         assert!(placed.iter().all(|a| a.member.as_ref().unwrap().roster.members.iter().all(|m| m.addr.is_some())));
         let _ = id;
+
+        // The cheapest pair spans a reachable provider and an unreachable one; without the
+        // unreachable one nothing fits, but it holds the pair whole, and gets it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        let dear = Price { per_gpu_second: 5, per_inference: 1, per_net_gib: 0 };
+        s.register(p1, "p1".into(), "eu".into(), vec![gpu(), gpu()], dear, 2, None, 0, 0).unwrap();
+        let p2 = member_provider(&mut s, 2, 0).public();
+        let two = proto::api::ClusterRequest { gpus: 2, ..Default::default() };
+        let fit = s.cluster_fit(&Requirements::default(), &two, &HashSet::new()).ok().unwrap();
+        assert!(fit.members.iter().all(|m| m.provider == p1), "{:?} (not with {p2})", fit.members);
     }
 
     #[test]

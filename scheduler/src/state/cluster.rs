@@ -187,12 +187,13 @@ impl State {
             max_per_provider: c.max_per_provider,
         };
         let query = Query::new(&Requirements { gpu_count: None, ..requirements.clone() }, false);
-        let place_among = |avoid: &HashSet<PublicKey>| {
+        let place_shaped = |avoid: &HashSet<PublicKey>, shape: Shape| {
             let free = self.cluster_offers(avoid);
             let offers: Vec<Offer<'_>> =
                 free.iter().map(|(c, gpus)| Offer { candidate: *c, free_gpus: gpus }).collect();
             crate::gang::place(&offers, &query, shape, &self.links)
         };
+        let place_among = |avoid: &HashSet<PublicKey>| place_shaped(avoid, shape);
         // A provider with no session endpoint takes no connections from peers: it can hold a
         // cluster only whole. A gang across providers that needs one is placed without them.
         let unreachable: HashSet<PublicKey> =
@@ -204,7 +205,10 @@ impl State {
             if !spread || !placed.iter().any(|m| unreachable.contains(&m.provider)) {
                 return Ok(placed);
             }
-            place_among(&avoid.union(&unreachable).copied().collect()).map_err(|mut why| {
+            // Without them nothing may fit, and yet one of them may hold the whole gang.
+            let reachable = place_among(&avoid.union(&unreachable).copied().collect());
+            let whole = || place_shaped(avoid, Shape { one_provider: true, ..shape });
+            reachable.or_else(|why| whole().map_err(|_| why)).map_err(|mut why| {
                 why.summary = format!(
                     "{}; {} provider(s) take no connections from peers (no session endpoint) and can hold a cluster only whole",
                     why.summary,
