@@ -931,6 +931,11 @@ impl JobPump<'_> {
         loop {
             for action in std::mem::take(&mut actions) {
                 match action {
+                    // Up to 16 MiB, on a link that may be slow: written while the job's cancel
+                    // and deadlines are still heeded.
+                    JobAction::ToScheduler(reply @ JobReply::Checkpoint(_)) => {
+                        actions.extend(self.write_heeding(&reply, cancel).await?);
+                    }
                     JobAction::ToScheduler(reply) => quic::write_msg(self.send, &reply, BLOB_CAP).await?,
                     JobAction::ToWorker(msg) => {
                         if let Err(died) = self.worker.send(&msg).await {
@@ -1023,6 +1028,48 @@ impl JobPump<'_> {
                     Vec::new()
                 }
             };
+        }
+    }
+
+    /// Writes a bulky reply (a checkpoint) to the scheduler while heeding the job's cancel and
+    /// deadlines: the worker hears of a cancel at once, and a worker past its wall-time limit
+    /// is killed at once. What they mean for the scheduler follows the write, in order.
+    async fn write_heeding(
+        &mut self,
+        reply: &JobReply,
+        cancel: &Cancellable<'_>,
+    ) -> Result<Vec<JobAction>, quic::QuicError> {
+        let mut later = Vec::new();
+        let mut ended = false;
+        let write = quic::write_msg(&mut *self.send, reply, BLOB_CAP);
+        tokio::pin!(write);
+        loop {
+            let wake = self.flow.next_wake();
+            let woke = tokio::select! {
+                written = &mut write => {
+                    written?;
+                    return Ok(later);
+                }
+                () = cancel.flag.notified() => self.flow.on_cancel(),
+                () = tokio::time::sleep_until(wake.into()), if !ended => self.flow.on_deadline(Instant::now()),
+            };
+            for action in woke {
+                match action {
+                    JobAction::ToWorker(msg) => {
+                        if let Err(died) = self.worker.send(&msg).await {
+                            later.extend(self.flow.on_worker(Err(died), Instant::now()));
+                        }
+                    }
+                    JobAction::Done { reusable, .. } => {
+                        ended = true;
+                        if !reusable {
+                            self.worker.stop_now().await;
+                        }
+                        later.push(action);
+                    }
+                    other => later.push(other),
+                }
+            }
         }
     }
 

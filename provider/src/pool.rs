@@ -193,6 +193,11 @@ impl Worker {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
     }
 
+    /// Kills the worker now, keeping it to be given back (which finds it dead).
+    pub(crate) async fn stop_now(&mut self) {
+        self.kill_now().await;
+    }
+
     /// Kills the worker and reaps it.
     pub async fn kill(mut self) {
         self.kill_now().await;

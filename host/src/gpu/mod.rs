@@ -718,10 +718,15 @@ impl JobGpu {
             self.wait(index, deadline)?;
             // Staged writes went out with this submission and are done.
             self.staged = 0;
-            match map_done(&self.ctx, &mapped, deadline) {
-                Some(Ok(())) => {}
-                Some(Err(e)) => return Err(Fatal::Host(format!("mapping a readback buffer failed: {e}")).into()),
-                None => return Err(Fatal::Host("a readback buffer was never mapped".into()).into()),
+            let until = deadline.min(Instant::now() + MAP_WAIT);
+            match map_done(&self.ctx, &mapped, until, self.cancel.as_deref()) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Fatal::Host(format!("mapping a readback buffer failed: {e}")).into()),
+                Err(MapStop::Never) => return Err(Fatal::Host("a readback buffer was never mapped".into()).into()),
+                Err(MapStop::Cancelled) => return Err(Fatal::Host("the job was cancelled".into()).into()),
+                Err(MapStop::Lost(why)) => {
+                    return Err(Fatal::Host(format!("the GPU device was lost: {why}")).into());
+                }
             }
             {
                 let view = staging
@@ -1075,7 +1080,7 @@ impl JobGpu {
         let gpu_ns = stamps.and_then(|(buffer, mapped)| {
             // Timestamps not there soon are metered as wall time instead.
             let until = Instant::now() + STAMP_WAIT;
-            if !matches!(map_done(&self.ctx, &mapped, until.min(deadline)), Some(Ok(()))) {
+            if !matches!(map_done(&self.ctx, &mapped, until.min(deadline), self.cancel.as_deref()), Ok(Ok(()))) {
                 return None;
             }
             let ns = {
@@ -1194,30 +1199,50 @@ fn compile_pipeline(
     Ok(PipelineEntry { pipeline, layout, reflection })
 }
 
-/// Polls `ctx` once without waiting. wgpu panics on a device error while polling; that is
-/// taken for a lost device.
 /// How long a submission's timestamps may take to map once it finished.
 const STAMP_WAIT: Duration = Duration::from_millis(50);
 
-/// The result of a map whose submission has finished, polling until `until`. Its callback
-/// runs in some thread's poll: maybe this one's, maybe another job's on the same device that
-/// took it up first and has yet to call it, so it is waited for rather than expected at once.
-/// `None`: it did not come in time, or its callback was dropped uncalled.
+/// How long a readback may take to map once its submission finished: its callback is due in
+/// the next poll of any thread on the device, so this is a backstop, not a wait for the GPU.
+const MAP_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a map's result did not come.
+#[derive(Debug, PartialEq)]
+enum MapStop {
+    /// Not in time, or its callback was dropped uncalled.
+    Never,
+    Cancelled,
+    Lost(String),
+}
+
+/// The result of a map whose submission has finished, polling until `until`, or until the
+/// job is cancelled or its device lost. Its callback runs in some thread's poll: maybe this
+/// one's, maybe another job's on the same device that took it up first and has yet to call it,
+/// so it is waited for rather than expected at once.
 fn map_done(
     ctx: &DeviceCtx,
     mapped: &std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
     until: Instant,
-) -> Option<Result<(), wgpu::BufferAsyncError>> {
+    cancel: Option<&AtomicBool>,
+) -> Result<Result<(), wgpu::BufferAsyncError>, MapStop> {
     loop {
         poll_now(ctx);
         match mapped.recv_timeout(Duration::from_millis(1)) {
-            Ok(r) => return Some(r),
+            Ok(r) => return Ok(r),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < until => {}
-            Err(_) => return None,
+            Err(_) => return Err(MapStop::Never),
+        }
+        if let Some(why) = ctx.lost.get() {
+            return Err(MapStop::Lost(why));
+        }
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(MapStop::Cancelled);
         }
     }
 }
 
+/// Polls `ctx` once without waiting. wgpu panics on a device error while polling; that is
+/// taken for a lost device.
 fn poll_now(ctx: &DeviceCtx) {
     if let Err(panic) = ctx.poll(wgpu::PollType::Poll) {
         ctx.lost.set(panic);
@@ -1256,5 +1281,32 @@ impl Drop for JobGpu {
             drop(pipelines);
             drop(ctx);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map whose callback never comes: the wait ends at once on a cancel, on a lost device,
+    /// and at its bound otherwise, never at the job's far deadline.
+    #[test]
+    fn a_readback_wait_ends_on_cancel_on_device_loss_and_at_its_bound() {
+        let gpu = Gpu::new(&AdapterChoice::default()).expect("a GPU adapter (lavapipe will do)");
+        let ctx = gpu.device();
+        let (tx, never) = std::sync::mpsc::sync_channel::<Result<(), wgpu::BufferAsyncError>>(1);
+        let far = Instant::now() + Duration::from_secs(600);
+        let cancel = AtomicBool::new(true);
+        let t = Instant::now();
+        assert_eq!(map_done(&ctx, &never, far, Some(&cancel)), Err(MapStop::Cancelled));
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let t = Instant::now();
+        assert_eq!(map_done(&ctx, &never, Instant::now() + Duration::from_millis(30), None), Err(MapStop::Never));
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        ctx.lost.set("on purpose".into());
+        assert_eq!(map_done(&ctx, &never, far, None), Err(MapStop::Lost("on purpose".into())));
+        // A result that came is taken, whatever else holds.
+        tx.send(Ok(())).unwrap();
+        assert_eq!(map_done(&ctx, &never, far, Some(&cancel)), Ok(Ok(())));
     }
 }

@@ -733,6 +733,8 @@ impl Host {
                 },
             }
         });
+        // However the job ended, its newest save goes on: a next try resumes from it.
+        store.data_mut().checkpoints.flush();
         let usage = usage_of(&store);
         let state = store.data();
         let first_dispatch = state.gpu.first_dispatch.map(|t| t.saturating_duration_since(started));
