@@ -63,12 +63,14 @@ pub(crate) struct HostDaemonArgs {
     /// How long a renter whose ticket was accepted has to send its init input or module.
     #[arg(long, value_name = "TIME", default_value = "120s", value_parser = units::parse_duration)]
     upload_timeout: std::time::Duration,
-    /// GPU memory offered (default: the adapter's largest buffer).
+    /// GPU memory offered on each GPU (default: the adapter's largest buffer).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     vram: Option<u64>,
-    /// Use the adapter whose name contains this text.
-    #[arg(long, value_name = "NAME")]
-    adapter: Option<String>,
+    /// A GPU to offer, again for each: its place in `wasmgrid gpus` (`--gpu 0 --gpu 1`), or a
+    /// part of its name (every such GPU, through its best API). Default: every GPU this
+    /// machine has, each once (a software adapter only when there is no GPU).
+    #[arg(long = "gpu", visible_alias = "adapter", value_name = "PLACE|NAME")]
+    gpus: Vec<String>,
     /// Where compiled modules are cached (default: the user cache directory).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -109,17 +111,23 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     if args.session_idle.is_zero() || args.upload_timeout.is_zero() {
         return Err(bad_input(anyhow!("--session-idle and --upload-timeout must be more than zero")));
     }
-    let mut worker_args = Vec::new();
-    if let Some(a) = &args.adapter {
-        worker_args.extend(["--adapter".into(), a.into()]);
+    let places = offered_gpus(&args.gpus, &host::list_adapters())?;
+    let mut workers = Vec::with_capacity(places.len());
+    for at in &places {
+        let mut worker_args: Vec<std::ffi::OsString> = vec!["--adapter".into(), at.to_string().into()];
+        match args.cache_dir.clone().or_else(crate::cache_dir) {
+            Some(dir) => worker_args.extend(["--cache-dir".into(), dir.into_os_string()]),
+            None => worker_args.push("--no-cache".into()),
+        }
+        let worker = provider::WorkerCommand::this_program(worker_args)
+            .map_err(|e| Exit { code: exit::HOST, error: anyhow!("finding this program to start workers: {e}") })?;
+        workers.push(worker);
     }
-    match args.cache_dir.clone().or_else(crate::cache_dir) {
-        Some(dir) => worker_args.extend(["--cache-dir".into(), dir.into_os_string()]),
-        None => worker_args.push("--no-cache".into()),
-    }
-    let worker = provider::WorkerCommand::this_program(worker_args)
-        .map_err(|e| Exit { code: exit::HOST, error: anyhow!("finding this program to start workers: {e}") })?;
-    let mut config = provider::DaemonConfig::new(args.scheduler, args.scheduler_key, keypair, worker);
+    let Some(first) = workers.first().cloned() else {
+        return Err(Exit { code: exit::HOST, error: anyhow!("no GPU to offer") });
+    };
+    let mut config = provider::DaemonConfig::new(args.scheduler, args.scheduler_key, keypair, first);
+    config.gpus = workers;
     config.name = args.name.clone();
     config.region = args.region.clone();
     config.price = Price {
@@ -147,6 +155,21 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     match runtime()?.block_on(provider::run_forever(config)) {
         Ok(()) => Ok(exit::OK),
         Err(e) => Err(Exit { code: exit::HOST, error: anyhow!(e) }),
+    }
+}
+
+/// The adapters a host offers ([`host::select_adapters`]); a selection that matches nothing is
+/// bad input, and no adapter at all a host failure.
+fn offered_gpus(named: &[String], adapters: &[host::AdapterSummary]) -> Result<Vec<usize>, Exit> {
+    match host::select_adapters(named, adapters) {
+        Ok(places) if places.is_empty() => Err(Exit {
+            code: exit::HOST,
+            error: anyhow!(
+                "no GPU adapter with compute shaders found; install a Vulkan driver (for a CPU fallback: apt-get install mesa-vulkan-drivers libvulkan1)"
+            ),
+        }),
+        Ok(places) => Ok(places),
+        Err(e) => Err(bad_input(anyhow!(e))),
     }
 }
 

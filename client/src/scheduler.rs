@@ -391,6 +391,8 @@ impl Scheduler {
             }
             let settled = match &view.channel {
                 None => true,
+                // A last receipt held for the scheduler's cross-check is still to come.
+                Some(c) if c.held.is_some() => false,
                 Some(c) => view.paid() || c.receipt.is_none() || c.refused.is_some() && c.unvouched().is_none(),
             };
             // The provider waits a minute for the last voucher; past that, nothing more comes.

@@ -11,7 +11,7 @@ mod meter;
 mod sandbox;
 pub mod worker;
 
-pub use gpu::{AdapterChoice, AdapterSummary, list_adapters};
+pub use gpu::{AdapterChoice, AdapterSummary, default_adapters, list_adapters, pick_default_adapters, select_adapters};
 pub use limits::{LimitKind, Limits};
 pub use meter::{GpuTimeSource, Usage};
 pub use sandbox::{

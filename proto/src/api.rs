@@ -274,6 +274,11 @@ pub struct JobChannel {
     pub claims: Vec<String>,
     /// Why the provider refused the channel or a voucher, when it did.
     pub refused: Option<String>,
+    /// A cluster member's last receipt the scheduler holds back until the next rank says what
+    /// it received (bytes billed as sent are checked against it): why it is not shown yet.
+    /// Its renter waits for it rather than taking the job as settled.
+    #[serde(default)]
+    pub held: Option<String>,
     /// Counts every change, for long polls (`GET /v1/jobs/{id}?pay=N` returns once it moves).
     pub updates: u64,
 }

@@ -45,8 +45,9 @@ pub struct DaemonConfig {
     pub session_capacity: u32,
     /// Workers kept started ahead of work, beyond those busy.
     pub warm_workers: u32,
-    /// How the daemon starts a worker process.
-    pub worker: WorkerCommand,
+    /// How the daemon starts a worker process, one command per GPU it offers (each opens its
+    /// own adapter); every GPU gets a worker pool of its own.
+    pub gpus: Vec<WorkerCommand>,
     /// GPU memory offered to jobs; `None` offers the adapter's largest buffer size.
     pub vram_bytes: Option<u64>,
     /// Where to listen for renters' inference sessions; `None` serves none.
@@ -87,7 +88,7 @@ impl DaemonConfig {
             capacity: 2,
             session_capacity: 16,
             warm_workers: 2,
-            worker,
+            gpus: vec![worker],
             vram_bytes: None,
             session_listen: None,
             advertise: None,
@@ -186,12 +187,37 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// One GPU this provider offers: its worker pool, what it is, and the jobs and sessions on it.
+struct GpuSlot {
+    pool: Pool,
+    gpu: GpuInfo,
+    busy: Arc<AtomicU32>,
+}
+
+impl GpuSlot {
+    /// Counts one more job or session on this GPU until the guard is dropped.
+    fn hold(&self) -> OnGpu {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        OnGpu(self.busy.clone())
+    }
+}
+
+/// A job or session counted on its GPU, until dropped.
+struct OnGpu(Arc<AtomicU32>);
+
+impl Drop for OnGpu {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Everything the daemon's tasks share.
 struct Shared {
     config: DaemonConfig,
-    pool: Pool,
+    /// Every GPU offered, in the order registered (a cluster member's `gpu` is a place here);
+    /// never empty.
+    gpus: Vec<GpuSlot>,
     running: Arc<Running>,
-    gpu: GpuInfo,
     keypair: Arc<Keypair>,
     payment: Option<Arc<crate::payment::PaymentConfig>>,
     /// Whether the payment setup worked (without it, no paid work is taken).
@@ -204,20 +230,55 @@ struct Shared {
     mesh: crate::mesh::Mesh,
 }
 
+impl Shared {
+    /// The GPU a job or session goes to: the one the scheduler named (a cluster member's),
+    /// or the one with the least on it. `None`: the named GPU is not one of this provider's.
+    fn gpu_slot(&self, named: Option<u32>) -> Option<&GpuSlot> {
+        match named {
+            Some(at) => self.gpus.get(at as usize),
+            None => self.gpus.iter().min_by_key(|g| g.busy.load(Ordering::SeqCst)),
+        }
+    }
+}
+
 /// Starts the worker pool, learns the GPU from a first worker (and benchmarks it), and serves
 /// until the process ends, reconnecting to the scheduler with a growing pause when it is away.
 pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
     let warm = (config.capacity + config.warm_workers) as usize;
-    let pool = Pool::new(config.worker.clone(), warm.max(1));
-    let mut first = pool.take().await.map_err(|e| DaemonError::Worker(e.message))?;
-    let mut gpu = first.gpu.clone();
-    let defaults = first.defaults.clone();
-    gpu.score_gflops = benchmark(&mut first).await;
-    pool.give_back(first, true).await;
-    // The rest of the pool starts while the daemon registers: a provider is online (and can
-    // run a job in the worker it has) without waiting for every worker to open its GPU.
-    pool.refill();
-    log::info!("GPU {}: {:.1} GFLOP/s f32 matmul", gpu.name, gpu.score_gflops);
+    // Every GPU's first worker opens its adapter and benchmarks it, the GPUs at once.
+    let mut starting = tokio::task::JoinSet::new();
+    for (at, command) in config.gpus.iter().enumerate() {
+        let pool = Pool::new(command.clone(), warm.max(1));
+        starting.spawn(async move {
+            let mut first = pool.take().await.map_err(|e| DaemonError::Worker(e.message))?;
+            let mut gpu = first.gpu.clone();
+            let defaults = first.defaults.clone();
+            gpu.score_gflops = benchmark(&mut first).await;
+            pool.give_back(first, true).await;
+            // The rest of the pool starts while the daemon registers: a provider is online
+            // (and can run a job in the worker it has) without waiting for every worker.
+            pool.refill();
+            Ok::<_, DaemonError>((at, pool, gpu, defaults))
+        });
+    }
+    let mut started = Vec::new();
+    while let Some(joined) = starting.join_next().await {
+        started.push(joined.map_err(|e| DaemonError::Worker(e.to_string()))??);
+    }
+    started.sort_by_key(|(at, ..)| *at);
+    let Some(defaults) = started.first().map(|(_, _, _, d)| d.clone()) else {
+        return Err(DaemonError::Worker("no GPU to offer: give at least one".into()));
+    };
+    let gpus: Vec<GpuSlot> = started
+        .into_iter()
+        .map(|(at, pool, mut gpu, _)| {
+            log::info!("GPU {at}: {}: {:.1} GFLOP/s f32 matmul", gpu.name, gpu.score_gflops);
+            if let Some(v) = config.vram_bytes {
+                gpu.vram_bytes = v;
+            }
+            GpuSlot { pool, gpu, busy: Arc::new(AtomicU32::new(0)) }
+        })
+        .collect();
     let paid_ready = match config.payment.clone() {
         Some(payment) => {
             let keypair = Keypair::from_seed(config.keypair.seed());
@@ -236,9 +297,6 @@ pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
         }
         None => true,
     };
-    if let Some(v) = config.vram_bytes {
-        gpu.vram_bytes = v;
-    }
     let shared = Arc::new(Shared {
         keypair: Arc::new(Keypair::from_seed(config.keypair.seed())),
         payment: config.payment.clone().map(Arc::new),
@@ -247,9 +305,8 @@ pub async fn run_forever(config: DaemonConfig) -> Result<(), DaemonError> {
         memory: SessionMemory::new(config.session_memory),
         mesh: crate::mesh::Mesh::default(),
         config,
-        pool,
+        gpus,
         running: Arc::new(Running::default()),
-        gpu,
     });
     if let Some(payment) = shared.payment.clone().filter(|_| paid_ready) {
         tokio::spawn(watch_channels(payment, shared.keypair.clone()));
@@ -317,7 +374,7 @@ async fn run(shared: &Arc<Shared>, sessions: Option<SocketAddr>) -> Result<(), D
     let register = HostMsg::Register {
         name: config.name.clone(),
         region: config.region.clone(),
-        gpus: vec![shared.gpu.clone()],
+        gpus: shared.gpus.iter().map(|g| g.gpu.clone()).collect(),
         price: config.price,
         capacity: config.capacity,
         session_addr,
@@ -544,11 +601,20 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
         quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
         return Ok(());
     }
+    // A member runs on the GPU its signed roster names for its rank.
+    let named = member.as_ref().map(|m| m.roster.members.iter().find(|r| r.rank == m.rank).map_or(u32::MAX, |r| r.gpu));
+    let Some(on) = shared.gpu_slot(named) else {
+        let reason = format!("the scheduler named GPU {named:?}; this provider has {}", shared.gpus.len());
+        quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
+        return Ok(());
+    };
     let Some(slot) = Slot::take(&shared.running.jobs, shared.config.capacity) else {
         let reason = format!("at capacity ({} jobs)", shared.config.capacity);
         quic::write_msg(&mut send, &JobReply::Declined { reason }, CONTROL_CAP).await?;
         return Ok(());
     };
+    let _on_gpu = on.hold();
+    let pool = &on.pool;
     // Cancellable from the moment it is taken: a cancel that comes while a worker starts is
     // kept until the job runs.
     let cancel = Cancellable::register(&shared.running, &job_id);
@@ -623,7 +689,7 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
     let mut moved = NetCount::default();
     let (mut result, slices) = loop {
         tries += 1;
-        let worker = match shared.pool.take().await {
+        let worker = match pool.take().await {
             Ok(w) => w,
             Err(e) => break (failed_result(FailureKind::Host, None, format!("no worker to run it: {e}")), 0),
         };
@@ -658,7 +724,7 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
         // replaced): the pool never shrinks.
         let end = job.pump(actions, &cancel, &job_id, module_hash).await;
         let JobPump { flow, worker, net, .. } = job;
-        moved = NetCount { sent: net.sent, received: net.received, limit: net.limit };
+        moved = NetCount { limit: net.limit, ..net };
         let (result, reusable) = match end {
             Ok((mut result, reusable)) => {
                 // What a member moved is what this daemon counted, not what its worker says.
@@ -669,11 +735,11 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
                 (result, reusable)
             }
             Err(e) => {
-                shared.pool.give_back(worker, false).await;
+                pool.give_back(worker, false).await;
                 return Err(e);
             }
         };
-        shared.pool.give_back(worker, reusable && !cancel.flag_fired()).await;
+        pool.give_back(worker, reusable && !cancel.flag_fired()).await;
         if !(flow.never_taken() && tries < 2) {
             break (result, flow.slices());
         }
@@ -697,11 +763,11 @@ async fn serve_job(mut send: SendStream, mut recv: RecvStream, shared: &Shared) 
             bytes_downloaded: u.bytes_downloaded,
             gpu_time_ns: u.gpu_time_ns,
         };
-        // A member's bytes sent are the daemon's own count (set in its usage above).
+        // A member's bytes are the daemon's own count: those it sent to another provider.
         let bill = proto::receipt::JobBill {
             wall_time_us: result.wall_time_us,
             price_per_gpu_second: price,
-            net_bytes: if member.is_some() { u.net_bytes_sent } else { 0 },
+            net_bytes: if member.is_some() { moved.billed } else { 0 },
             price_per_net_gib: shared.config.price.per_net_gib,
         };
         let receipt = proto::receipt::JobReceipt::sign_billed(
@@ -888,10 +954,13 @@ enum Woke {
 }
 
 /// A cluster member's bytes to and from its peers, as the daemon moved them, and their limit.
+/// `billed` is the part of `sent` that went to a member on another provider: what the job's
+/// receipts bill (frames to a member on this provider never cross a network).
 #[derive(Default)]
 struct NetCount {
     sent: u64,
     received: u64,
+    billed: u64,
     limit: u64,
 }
 
@@ -913,8 +982,16 @@ impl NetCount {
     }
 
     /// Takes back `n` bytes counted as sent that never reached the link (it closed first).
-    fn unsend(&mut self, n: usize) {
+    fn unsend(&mut self, n: usize, remote: bool) {
         self.sent = self.sent.saturating_sub(n as u64);
+        if remote {
+            self.billed = self.billed.saturating_sub(n as u64);
+        }
+    }
+
+    /// Counts `n` bytes sent as billed: they went to a member on another provider.
+    fn bill(&mut self, n: usize) {
+        self.billed = self.billed.saturating_add(n as u64);
     }
 }
 
@@ -950,7 +1027,7 @@ impl JobPump<'_> {
                         let bill = proto::receipt::JobBill {
                             wall_time_us,
                             price_per_gpu_second: price,
-                            net_bytes: self.net.sent,
+                            net_bytes: self.net.billed,
                             price_per_net_gib: self.shared.config.price.per_net_gib,
                         };
                         let r = proto::receipt::JobReceipt::sign_slice_billed(
@@ -1012,7 +1089,8 @@ impl JobPump<'_> {
                         }
                         (None, Some(bytes)) => {
                             // Counted when it was held; it never went.
-                            self.net.unsend(bytes.len());
+                            let remote = self.links.as_deref().is_some_and(|l| l.remote_next);
+                            self.net.unsend(bytes.len(), remote);
                             log::info!("job {job_id}: the link to the next member is gone");
                         }
                         _ => log::info!("job {job_id}: the link to the next member is gone"),
@@ -1079,14 +1157,18 @@ impl JobPump<'_> {
         if let Err(why) = self.net.add(true, bytes.len()) {
             return self.flow.stop_at_limit("net-bytes", why, Instant::now());
         }
-        let Some(out) = self.links.as_deref().map(|l| &l.out) else { return Vec::new() };
+        let Some(links) = self.links.as_deref() else { return Vec::new() };
+        let (out, remote) = (&links.out, links.remote_next);
+        if remote {
+            self.net.bill(bytes.len());
+        }
         match out.try_send(bytes) {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(bytes)) => self.pending_out = Some(bytes),
             // The worker hears of it as its collective fails (the member after is gone).
             // Not billed: it never reached the link.
             Err(tokio::sync::mpsc::error::TrySendError::Closed(bytes)) => {
-                self.net.unsend(bytes.len());
+                self.net.unsend(bytes.len(), remote);
                 log::info!("job {job_id}: the link to the next member is gone");
             }
         }
@@ -1322,11 +1404,16 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
             return Ok(());
         }
     };
+    // The session runs on the GPU with the least on it.
+    let Some(on) = shared.gpu_slot(None) else {
+        let reason = "this provider has no GPU to serve it".to_string();
+        return refuse_session(&mut send, &conn, &peer, SessionReply::Busy { reason }).await;
+    };
+    let on_gpu = on.hold();
     // A paid session starts only on a channel the chain shows as promised.
     let pay = match &shared.payment {
         Some(config) => {
-            let (config, kp, t, device) =
-                (config.clone(), shared.keypair.clone(), ticket.clone(), shared.gpu.name.clone());
+            let (config, kp, t, device) = (config.clone(), shared.keypair.clone(), ticket.clone(), on.gpu.name.clone());
             let opened = tokio::task::spawn_blocking(move || {
                 crate::payment::SessionPay::open(&config, &kp, &t, channel, &device)
             })
@@ -1343,7 +1430,7 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
         Some((p, v)) => (true, Some(p), v.map(Box::new)),
         None => (false, None, None),
     };
-    let worker = match shared.pool.take().await {
+    let worker = match on.pool.take().await {
         Ok(w) => w,
         Err(e) => {
             let reason = format!("no worker to serve it: {e}; ask the scheduler for another provider");
@@ -1354,7 +1441,7 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
     // it is measured.
     let baseline = crate::memory::private_bytes(worker.pid()).unwrap_or(0);
     if let Err(reason) = shared.memory.admit(ticket.session_id, worker.pid(), baseline) {
-        shared.pool.give_back(worker, true).await;
+        on.pool.give_back(worker, true).await;
         return refuse_session(&mut send, &conn, &peer, SessionReply::Busy { reason }).await;
     }
     let _memory = MemoryHold { memory: &shared.memory, session_id: ticket.session_id };
@@ -1382,7 +1469,8 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
         session_id: ticket.session_id,
         running: shared.running.clone(),
         keypair: shared.keypair.clone(),
-        pool: shared.pool.clone(),
+        pool: on.pool.clone(),
+        _on_gpu: on_gpu,
     };
     let upload = Some((&mut send, &mut recv, shared.config.upload_timeout));
     let opened = match pump.drive(actions, upload).await {
@@ -1504,6 +1592,8 @@ struct SessionPump {
     running: Arc<Running>,
     keypair: Arc<Keypair>,
     pool: Pool,
+    /// The session counts on its GPU while it runs.
+    _on_gpu: OnGpu,
 }
 
 impl SessionPump {
@@ -1679,8 +1769,9 @@ mod net_count_tests {
         assert_eq!(net.sent, u64::MAX, "saturates");
         let mut net = NetCount { limit: 10, ..NetCount::default() };
         assert!(net.add(true, 10).is_ok());
-        net.unsend(10);
-        assert_eq!(net.sent, 0);
+        net.bill(10);
+        net.unsend(10, true);
+        assert_eq!((net.sent, net.billed), (0, 0));
         assert!(net.add(true, 10).is_ok(), "room again once the unsent frame is taken back");
     }
 }

@@ -114,6 +114,9 @@ pub(crate) enum PeerEvent {
 /// A member's two links, each served by its own task.
 pub(crate) struct Links {
     pub(crate) out: mpsc::Sender<Vec<u8>>,
+    /// Whether the next member is on another provider: only bytes sent to one are billed (a
+    /// next member here gets its frames handed over in memory).
+    pub(crate) remote_next: bool,
     pub(crate) inbound: mpsc::Receiver<PeerEvent>,
     _tasks: Vec<crate::daemon::AbortOnDrop>,
     _conns: Vec<Connection>,
@@ -190,7 +193,7 @@ pub(crate) async fn join(mesh: &Mesh, keypair: &Keypair, roster: &Roster, rank: 
         }),
     };
     tasks.push(crate::daemon::AbortOnDrop(reader));
-    Ok(Links { out: out_tx, inbound: in_rx, _tasks: tasks, _conns: conns })
+    Ok(Links { out: out_tx, remote_next: !local, inbound: in_rx, _tasks: tasks, _conns: conns })
 }
 
 struct Forget<'a> {

@@ -477,6 +477,7 @@ impl State {
                 sent: Vec::new(),
                 claims: Vec::new(),
                 refused: None,
+                held: None,
                 updates: 1,
             });
             return Ok(());
@@ -1411,6 +1412,10 @@ impl State {
         now_ms: u64,
     ) -> Result<bool, StoreError> {
         let registered = self.providers.get(provider).map(|p| p.view.price);
+        // A cluster member's last receipt bills bytes its next rank must have received.
+        let member = self.clusters.running.get(id).map(|m| (m.parent.clone(), m.rank));
+        let net_check = member.as_ref().map(|(parent, rank)| self.next_rank_received(parent, *rank, provider));
+        let mut held = None;
         let Some(job) = self.running_on(id, provider) else { return Ok(false) };
         job.view.state = if result.outcome == Outcome::Succeeded { JobState::Succeeded } else { JobState::Failed };
         job.view.receipt = None;
@@ -1434,8 +1439,17 @@ impl State {
                     Some(c) => match c.receipt.as_ref().map_or(Ok(()), |before| r.follows(before)) {
                         Ok(()) if r.done => {
                             job.view.receipt = Some(r.clone());
-                            c.receipt = Some(r.clone());
                             c.updates += 1;
+                            match net_check {
+                                Some(cluster::NetCheck::Wait { next }) => {
+                                    c.held = Some(format!(
+                                        "its last receipt waits for rank {next} to report the bytes it received"
+                                    ));
+                                    held = Some(r.clone());
+                                }
+                                Some(check) => cluster::show_last_receipt(c, r.clone(), check),
+                                None => c.receipt = Some(r.clone()),
+                            }
                         }
                         Ok(()) => log::warn!("job {id}: the provider's last receipt is not marked as the last"),
                         Err(e) => {
@@ -1461,6 +1475,10 @@ impl State {
         let job = job.clone();
         self.live_logs.remove(id);
         self.store.put_job(&job)?;
+        if let (Some(receipt), Some((parent, rank))) = (held, member) {
+            let parked = cluster::Parked { parent, rank, provider: *provider, receipt };
+            self.clusters.parked.insert(id.to_string(), parked);
+        }
         Ok(true)
     }
 
@@ -2248,6 +2266,18 @@ mod tests {
         kp
     }
 
+    /// `n` member providers (seeds 1..=n) at `price`, reachable by peers.
+    fn priced_providers(s: &mut State, n: u8, price: Price) -> Vec<proto::Keypair> {
+        (1..=n)
+            .map(|n| {
+                let kp = proto::Keypair::from_seed([n; 32]);
+                let addr = Some(format!("10.0.0.{n}:7000"));
+                s.register(kp.public(), format!("p{n}"), "eu".into(), vec![gpu()], price, 1, addr, 1, 0).unwrap();
+                kp
+            })
+            .collect()
+    }
+
     fn submit_cluster(s: &mut State, gpus: u32, now: u64) -> Result<Submitted, SubmitError> {
         submit_shaped(s, proto::api::ClusterRequest { gpus, ..Default::default() }, now)
     }
@@ -2363,14 +2393,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = cluster_state(&dir, Config::default());
         let price = Price { per_gpu_second: 0, per_inference: 0, per_net_gib: 1_000 };
-        let keys: Vec<proto::Keypair> = (1..=2)
-            .map(|n| {
-                let kp = proto::Keypair::from_seed([n; 32]);
-                let addr = Some(format!("10.0.0.{n}:7000"));
-                s.register(kp.public(), format!("p{n}"), "eu".into(), vec![gpu()], price, 1, addr, 1, 0).unwrap();
-                kp
-            })
-            .collect();
+        let keys = priced_providers(&mut s, 2, price);
         let hash = hash_hex(&s.put_module(WASM).unwrap());
         let limits = JobLimits { wall_time_ms: 60_000, ..JobLimits::default() };
         let request = proto::api::ClusterRequest { gpus: 2, ..Default::default() };
@@ -2413,6 +2436,71 @@ mod tests {
         assert!(refused.contains("net-bytes limit"), "{refused}");
         s.job_payment(&member, &kp.public(), JobReply::Slice(slice(1, 1 << 30)), 3).unwrap();
         assert_eq!(s.job(&member).unwrap().channel.unwrap().unvouched().map(|r| r.amount_due), Some(1_000));
+    }
+
+    #[test]
+    fn a_members_last_receipt_waits_for_the_next_ranks_count_and_is_refused_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config::default());
+        let price = Price { per_gpu_second: 0, per_inference: 0, per_net_gib: 1 << 30 };
+        let keys = priced_providers(&mut s, 2, price);
+        let id = submit_cluster(&mut s, 2, 0).unwrap().id;
+        let a = s.assign(1).unwrap();
+        let key = |p: &PublicKey| keys.iter().find(|k| k.public() == *p).unwrap();
+        for m in &a {
+            let ask = JobReply::AwaitingChannel {
+                program: proto::Address([1; 32]),
+                mint: proto::Keypair::from_seed([5; 32]).public(),
+                need: 1 << 40,
+                slice_ms: 100,
+            };
+            s.job_payment(&m.job_id, &m.provider, ask, 2).unwrap();
+            s.job_payment(&m.job_id, &m.provider, JobReply::ChannelTaken { newest: None, base: 0 }, 2).unwrap();
+        }
+        // Each rank bills `billed` bytes sent and reports `received` from the rank before.
+        let result = |m: &Assignment, billed: u64, received: u64| {
+            let bill = proto::receipt::JobBill {
+                wall_time_us: 1_000,
+                price_per_gpu_second: 0,
+                net_bytes: billed,
+                price_per_net_gib: 1 << 30,
+            };
+            let r = proto::receipt::JobReceipt::sign_billed(
+                key(&m.provider),
+                &m.job_id,
+                m.module,
+                1,
+                b"out",
+                Default::default(),
+                bill,
+            );
+            JobResult {
+                receipt: Some(r),
+                usage: proto::msg::WireUsage {
+                    net_bytes_sent: billed,
+                    net_bytes_received: received,
+                    ..Default::default()
+                },
+                ..done()
+            }
+        };
+        let channel = |s: &State, m: &Assignment| s.job(&m.job_id).unwrap().channel.unwrap();
+        // Rank 0 ends first, billing 1,000 bytes: held until rank 1 says what it received.
+        s.finished(&a[0].job_id, &a[0].provider, result(&a[0], 1_000, 900), 3).unwrap();
+        let c = channel(&s, &a[0]);
+        assert!(c.held.as_deref().unwrap().contains("rank 1"), "{c:?}");
+        assert_eq!(c.receipt, None, "not shown to the renter yet");
+        // Rank 1 received only 600 of them: rank 0's bill is refused. Rank 1 billed 900 and rank 0
+        // received 900: shown.
+        s.finished(&a[1].job_id, &a[1].provider, result(&a[1], 900, 600), 4).unwrap();
+        let c = channel(&s, &a[0]);
+        assert_eq!((c.held.as_ref(), c.receipt.as_ref()), (None, None));
+        let why = c.refused.unwrap();
+        assert!(why.contains("bills 1000 bytes sent to rank 1") && why.contains("receiving 600"), "{why}");
+        let c = channel(&s, &a[1]);
+        assert_eq!((c.held, c.refused), (None, None));
+        assert_eq!(c.receipt.map(|r| (r.done, r.net_bytes)), Some((true, 900)));
+        assert_eq!(s.job(&id).unwrap().state, JobState::Succeeded);
     }
 
     #[test]

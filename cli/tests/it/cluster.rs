@@ -73,6 +73,50 @@ fn a_cluster_job_runs_its_ranks_on_two_providers_and_matches_one_gpu() {
 }
 
 #[test]
+fn a_host_offers_each_of_its_gpus_and_a_cluster_on_it_runs_one_rank_per_gpu_billing_no_bytes() {
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    // Naming a GPU that is not there, or one twice, is bad input before anything starts.
+    for (bad, want) in [(&["--gpu", "99"][..], "GPU adapter(s)"), (&["--gpu", "0", "--gpu", "0"][..], "named twice")] {
+        let mut args = vec!["host", "--scheduler", &s.quic, "--scheduler-key", &s.key];
+        args.extend_from_slice(bad);
+        let out = m.cmd(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // This machine's software adapter through Vulkan and through OpenGL: two adapters, each
+    // opened by workers of its own. Bytes between ranks are priced but never cross a network.
+    let (_h, _) = m.host(&s, "h", &["--gpu", "0", "--gpu", "1", "--capacity", "2", "--price-per-net-gib", "1000"]);
+    online(&s, 1);
+    let providers = get_json(&s, "/v1/providers");
+    let gpus = providers[0]["gpus"].as_array().unwrap();
+    assert_eq!(gpus.len(), 2, "{providers}");
+    let input = write_input(&m, "train.txt", "mode=sync steps=30 lr=0.8 samples=256 features=4 seed=5");
+    let one = m.submit(&s, sample_artifacts::CLUSTER_TRAIN, &["--input", &input, "--wait"]);
+    assert_eq!(one["state"], "succeeded", "{one}");
+    let job =
+        m.submit(&s, sample_artifacts::CLUSTER_TRAIN, &["--input", &input, "--gpus", "2", "--one-provider", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let members = job["cluster"]["members"].as_array().unwrap();
+    let on: std::collections::HashSet<u64> = members.iter().map(|m| m["gpu"].as_u64().unwrap()).collect();
+    assert_eq!(on, std::collections::HashSet::from([0, 1]), "one rank per GPU: {job}");
+    for (x, y) in numbers_after(job["output"].as_str().unwrap(), "weights ")
+        .iter()
+        .zip(numbers_after(one["output"].as_str().unwrap(), "weights "))
+    {
+        assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{job}\n{one}");
+    }
+    for member in members {
+        let view = get_json(&s, &format!("/v1/jobs/{}", member["job_id"].as_str().unwrap()));
+        assert!(view["usage"]["net_bytes_sent"].as_u64() > Some(0), "{view}");
+        assert_eq!(view["receipt"]["net_bytes"], 0, "handed over in memory, not billed: {view}");
+    }
+    // The host's log says it opened both.
+    let log = log_of(&m, "h.log");
+    assert!(log.contains("GPU 0: ") && log.contains("GPU 1: "), "{log}");
+}
+
+#[test]
 fn a_members_provider_killed_mid_run_and_the_cluster_finishes_from_its_checkpoint_on_others() {
     let m = Market::new();
     let (_sched, s) = m.scheduler(&[]);

@@ -112,9 +112,70 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
 /// Which adapter a host uses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AdapterChoice {
-    /// A case-insensitive part of the adapter name (`"H200"`, `"llvmpipe"`); `None` takes the
-    /// best adapter.
+    /// The adapter's place in [`list_adapters`] (`"1"`), or a case-insensitive part of its
+    /// name (`"H200"`, `"llvmpipe"`); `None` takes the best adapter.
     pub name: Option<String>,
+}
+
+/// The adapters a host offers when told none: every device through its best API only (the
+/// same GPU reached through Vulkan and OpenGL is one GPU; two cards of one model on one API
+/// are two), and software adapters only when there is no GPU at all. Each as its place in
+/// [`list_adapters`] and its summary.
+pub fn default_adapters() -> Vec<(usize, AdapterSummary)> {
+    pick_default_adapters(list_adapters())
+}
+
+/// The adapters a host offers, as places in `adapters` (a list like [`list_adapters`]'s):
+/// each one `named` gives, by its place (`"1"`) or a part of its name (every such GPU, through
+/// its best API), or with none named, [`pick_default_adapters`]. A name matching nothing, a
+/// place past the list, or a GPU named twice is an error saying so.
+pub fn select_adapters(named: &[String], adapters: &[AdapterSummary]) -> Result<Vec<usize>, String> {
+    let best: Vec<usize> = pick_default_adapters(adapters.to_vec()).into_iter().map(|(at, _)| at).collect();
+    if named.is_empty() {
+        return Ok(best);
+    }
+    let mut places = Vec::new();
+    for want in named {
+        let found: Vec<usize> = match want.trim().parse::<usize>() {
+            Ok(at) if at < adapters.len() => vec![at],
+            Ok(at) => {
+                return Err(format!(
+                    "--gpu {at}: this machine has {} GPU adapter(s) (`wasmgrid gpus` lists them)",
+                    adapters.len()
+                ));
+            }
+            Err(_) => {
+                let lower = want.to_lowercase();
+                let named = |at: &usize| adapters.get(*at).is_some_and(|a| a.name.to_lowercase().contains(&lower));
+                best.iter().copied().filter(named).collect()
+            }
+        };
+        if found.is_empty() {
+            return Err(format!("--gpu {want:?} matches no GPU adapter (`wasmgrid gpus` lists them)"));
+        }
+        for at in found {
+            if places.contains(&at) {
+                return Err(format!("GPU {at} is named twice: each GPU is offered once"));
+            }
+            places.push(at);
+        }
+    }
+    Ok(places)
+}
+
+/// [`default_adapters`] out of a list like [`list_adapters`]'s.
+pub fn pick_default_adapters(all: Vec<AdapterSummary>) -> Vec<(usize, AdapterSummary)> {
+    let hardware = all.iter().any(|a| a.device_type != "Cpu");
+    // The list is best first: a model's first adapter has its best API.
+    let mut best: HashMap<(String, u32, u32), String> = HashMap::new();
+    for a in &all {
+        best.entry((a.name.clone(), a.vendor_id, a.device_id)).or_insert_with(|| a.backend.clone());
+    }
+    all.into_iter()
+        .enumerate()
+        .filter(|(_, a)| !hardware || a.device_type != "Cpu")
+        .filter(|(_, a)| best.get(&(a.name.clone(), a.vendor_id, a.device_id)) == Some(&a.backend))
+        .collect()
 }
 
 /// One wgpu device and queue. Replaced as a whole when GPU work hangs past a job's wall time.
@@ -200,13 +261,16 @@ impl Gpu {
         let all = adapters();
         let adapter = match &choice.name {
             None => all.into_iter().next(),
-            Some(want) => {
-                let want = want.to_lowercase();
-                all.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&want))
-            }
+            Some(want) => match want.trim().parse::<usize>() {
+                Ok(at) => all.into_iter().nth(at),
+                Err(_) => {
+                    let want = want.to_lowercase();
+                    all.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&want))
+                }
+            },
         };
         let adapter = adapter.ok_or_else(|| match &choice.name {
-            Some(n) => format!("no GPU adapter matches {n:?}; `wasmgrid gpus` lists them"),
+            Some(n) => format!("no GPU adapter is {n:?} (a place or a part of a name); `wasmgrid gpus` lists them"),
             None => "no GPU adapter with compute shaders found; install a Vulkan driver \
                      (for a CPU fallback: apt-get install mesa-vulkan-drivers libvulkan1)"
                 .to_string(),
@@ -1287,6 +1351,61 @@ impl Drop for JobGpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn adapter(name: &str, backend: &str, kind: &str) -> AdapterSummary {
+        AdapterSummary {
+            name: name.into(),
+            vendor: "v".into(),
+            vendor_id: 1,
+            device_id: 2,
+            backend: backend.into(),
+            device_type: kind.into(),
+            driver: String::new(),
+            driver_info: String::new(),
+            max_buffer_size: 0,
+            max_storage_buffer_binding_size: 0,
+            max_compute_workgroups_per_dimension: 0,
+            max_compute_invocations_per_workgroup: 0,
+            max_compute_workgroup_size: [0; 3],
+            max_compute_workgroup_storage_size: 0,
+            timestamp_queries: false,
+        }
+    }
+
+    #[test]
+    fn a_host_offers_every_card_through_its_best_api_and_software_only_without_a_gpu() {
+        let a = adapter;
+        let places =
+            |list: Vec<AdapterSummary>| pick_default_adapters(list).into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+        // Two cards of one model on Vulkan, the same two through OpenGL, and a software one.
+        let rig = vec![
+            a("RTX 3090", "vulkan", "DiscreteGpu"),
+            a("RTX 3090", "vulkan", "DiscreteGpu"),
+            a("RTX 3090", "gl", "DiscreteGpu"),
+            a("RTX 3090", "gl", "DiscreteGpu"),
+            a("llvmpipe", "vulkan", "Cpu"),
+        ];
+        assert_eq!(places(rig), vec![0, 1]);
+        // No GPU: the software adapter, once.
+        assert_eq!(places(vec![a("llvmpipe", "vulkan", "Cpu"), a("llvmpipe", "gl", "Cpu")]), vec![0]);
+        assert_eq!(places(Vec::new()), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn an_operator_names_gpus_by_place_or_name_and_a_bad_or_repeated_one_is_refused() {
+        let a = |name: &str, backend: &str| adapter(name, backend, "DiscreteGpu");
+        let list = vec![a("H200", "vulkan"), a("H200", "vulkan"), a("H200", "gl"), a("A10", "vulkan")];
+        let pick = |named: &[&str]| {
+            let named: Vec<String> = named.iter().map(|s| s.to_string()).collect();
+            select_adapters(&named, &list)
+        };
+        assert_eq!(pick(&[]), Ok(vec![0, 1, 3]), "every card once, through its best API");
+        assert_eq!(pick(&["h200"]), Ok(vec![0, 1]), "a name: every such card");
+        assert_eq!(pick(&["2", "3"]), Ok(vec![2, 3]), "a place: exactly that adapter, OpenGL too");
+        assert!(pick(&["4"]).unwrap_err().contains("has 4 GPU adapter(s)"));
+        assert!(pick(&["RTX"]).unwrap_err().contains("matches no GPU"));
+        assert!(pick(&["0", "H200"]).unwrap_err().contains("named twice"));
+    }
 
     /// A map whose callback never comes: the wait ends at once on a cancel, on a lost device,
     /// and at its bound otherwise, never at the job's far deadline.

@@ -39,6 +39,50 @@ pub(super) struct Clusters {
     /// Per queued cluster, the providers that failed its last try: the next goes elsewhere
     /// when a gang fits without them.
     pub(super) avoid: HashMap<String, HashSet<PublicKey>>,
+    /// Members' last receipts held back from their renters until the next rank (on another
+    /// provider) reports what it received, by member job id.
+    pub(super) parked: HashMap<String, Parked>,
+}
+
+/// A member's last receipt, checked and held until its next rank reports.
+#[derive(Clone, Debug)]
+pub(super) struct Parked {
+    pub(super) parent: String,
+    pub(super) rank: u32,
+    pub(super) provider: PublicKey,
+    pub(super) receipt: proto::receipt::JobReceipt,
+}
+
+/// What a member's last receipt is checked against before its renter sees it: the bytes it
+/// bills as sent went to the next rank, whose provider reports what it received. Only a
+/// provider that inflates its bill and its own count alike is caught by nothing else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum NetCheck {
+    /// Nothing to check: the next rank is on the same provider (nothing crossed a network,
+    /// nothing is billed), or its count is not to be had (it was stopped or lost).
+    Free,
+    /// The next rank reported receiving `received` bytes from this one.
+    Against { next: u32, received: u64 },
+    /// The next rank has not reported yet.
+    Wait { next: u32 },
+}
+
+/// Shows a member's checked last receipt to its renter, or refuses it (saying why) when it
+/// bills more bytes sent than the next rank received.
+pub(super) fn show_last_receipt(c: &mut proto::api::JobChannel, r: proto::receipt::JobReceipt, check: NetCheck) {
+    c.held = None;
+    c.updates += 1;
+    match check {
+        NetCheck::Against { next, received } if r.net_bytes > received => {
+            let why = format!(
+                "the provider's last receipt was refused: it bills {} bytes sent to rank {next}, whose provider reports receiving {received}",
+                r.net_bytes
+            );
+            log::warn!("{why}");
+            c.refused = Some(why);
+        }
+        _ => c.receipt = Some(r),
+    }
 }
 
 /// A running member: its cluster, its rank and which of its provider's GPUs it has.
@@ -137,6 +181,50 @@ fn sum_usage<'a>(usages: impl Iterator<Item = &'a WireUsage>) -> Option<WireUsag
 }
 
 impl State {
+    /// What rank `rank` of cluster `parent` (on `provider`) is checked against: its next
+    /// rank's report of the bytes it received.
+    pub(super) fn next_rank_received(&self, parent: &str, rank: u32, provider: &PublicKey) -> NetCheck {
+        let Some(members) = self.jobs.get(parent).and_then(|p| p.view.cluster.as_ref()).map(|c| &c.members) else {
+            return NetCheck::Free;
+        };
+        let world = members.len() as u32;
+        let next = rank.saturating_add(1).checked_rem(world).unwrap_or(0);
+        let Some(m) = members.iter().find(|m| m.rank == next).filter(|_| world > 1) else { return NetCheck::Free };
+        if m.provider == *provider {
+            return NetCheck::Free;
+        }
+        match self.jobs.get(&m.job_id) {
+            Some(j) if !j.view.state.is_final() => NetCheck::Wait { next },
+            Some(j) => j
+                .view
+                .usage
+                .as_ref()
+                .map_or(NetCheck::Free, |u| NetCheck::Against { next, received: u.net_bytes_received }),
+            None => NetCheck::Free,
+        }
+    }
+
+    /// Shows (or refuses) the held last receipts of cluster `parent`'s members whose next rank
+    /// has now reported, or can no longer.
+    pub(super) fn settle_parked(&mut self, parent: &str) -> Result<(), StoreError> {
+        let ids: Vec<String> =
+            self.clusters.parked.iter().filter(|(_, p)| p.parent == parent).map(|(id, _)| id.clone()).collect();
+        for id in ids {
+            let Some(p) = self.clusters.parked.get(&id) else { continue };
+            let check = self.next_rank_received(&p.parent, p.rank, &p.provider);
+            if matches!(check, NetCheck::Wait { .. }) {
+                continue;
+            }
+            let Some(p) = self.clusters.parked.remove(&id) else { continue };
+            let Some(job) = self.jobs.get_mut(&id) else { continue };
+            let Some(c) = job.view.channel.as_mut() else { continue };
+            show_last_receipt(c, p.receipt, check);
+            let job = job.clone();
+            self.store.put_job(&job)?;
+        }
+        Ok(())
+    }
+
     /// The key cluster rosters are signed with: the scheduler's own, which providers trust.
     /// Until it is set, cluster jobs stay queued (saying why).
     pub fn set_signer(&mut self, keypair: Arc<Keypair>) {
@@ -421,6 +509,8 @@ impl State {
             return Ok(());
         }
         let Some(m) = self.clusters.running.remove(id) else { return Ok(()) };
+        // Its report is what the rank before it is checked against.
+        self.settle_parked(&m.parent)?;
         let Some(child) = self.jobs.get(id) else { return Ok(()) };
         match (&child.view.state, &child.view.outcome) {
             (JobState::Failed, outcome) => {
@@ -513,7 +603,8 @@ impl State {
                 self.revoked.entry(p).or_default().push(child);
             }
         }
-        Ok(())
+        // The stopped report nothing: what waited on them is shown unchecked.
+        self.settle_parked(parent)
     }
 
     /// Queues cluster `parent` again at the front, whole (its running members stopped), unless
