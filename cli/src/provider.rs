@@ -111,7 +111,7 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     if args.session_idle.is_zero() || args.upload_timeout.is_zero() {
         return Err(bad_input(anyhow!("--session-idle and --upload-timeout must be more than zero")));
     }
-    let places = offered_gpus(&args.gpus, &host::list_adapters())?;
+    let places = offered_gpus(&args.gpus, &adapters_listed_apart()?)?;
     let mut workers = Vec::with_capacity(places.len());
     for at in &places {
         let mut worker_args: Vec<std::ffi::OsString> = vec!["--adapter".into(), at.to_string().into()];
@@ -156,6 +156,41 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
         Ok(()) => Ok(exit::OK),
         Err(e) => Err(Exit { code: exit::HOST, error: anyhow!(e) }),
     }
+}
+
+/// The machine's adapters as `wasmgrid gpus --json` lists them, asked of a child process: the
+/// daemon never loads a GPU driver itself (one that crashes takes a worker, not the daemon).
+fn adapters_listed_apart() -> Result<Vec<host::AdapterSummary>, Exit> {
+    let fail = |e: String| Exit { code: exit::HOST, error: anyhow!("listing the GPU adapters: {e}") };
+    let program = std::env::current_exe().map_err(|e| fail(e.to_string()))?;
+    let out = std::process::Command::new(program).args(["gpus", "--json"]).output().map_err(|e| fail(e.to_string()))?;
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .map_err(|e| fail(format!("{e}: {}", String::from_utf8_lossy(&out.stderr).trim())))?;
+    let text = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+    let wide = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let number = |v: &serde_json::Value, k: &str| u32::try_from(wide(v, k)).unwrap_or(0);
+    let none = serde_json::Value::Null;
+    Ok(list
+        .iter()
+        .map(|v| (v, v.get("limits").unwrap_or(&none)))
+        .map(|(v, limits)| host::AdapterSummary {
+            name: text(v, "name"),
+            vendor: text(v, "vendor"),
+            vendor_id: number(v, "vendor_id"),
+            device_id: number(v, "device_id"),
+            backend: text(v, "backend"),
+            device_type: text(v, "device_type"),
+            driver: text(v, "driver"),
+            driver_info: text(v, "driver_info"),
+            max_buffer_size: wide(limits, "max_buffer_size"),
+            max_storage_buffer_binding_size: wide(limits, "max_storage_buffer_binding_size"),
+            max_compute_workgroups_per_dimension: number(limits, "max_compute_workgroups_per_dimension"),
+            max_compute_invocations_per_workgroup: number(limits, "max_compute_invocations_per_workgroup"),
+            max_compute_workgroup_size: [0; 3],
+            max_compute_workgroup_storage_size: number(limits, "max_compute_workgroup_storage_size"),
+            timestamp_queries: v.get("timestamp_queries").and_then(serde_json::Value::as_bool).unwrap_or(false),
+        })
+        .collect())
 }
 
 /// The adapters a host offers ([`host::select_adapters`]); a selection that matches nothing is
