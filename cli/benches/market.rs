@@ -39,6 +39,12 @@
 //!   its collectives spent sending into the link and waiting for its peer), synchronous
 //!   against DiLoCo-style.
 //!
+//! - `netns`: the same with the kernel shaping the link: one provider as a `wasmgrid host`
+//!   process in a network namespace whose veth link `tbf` caps at 100 Mbit/s each way (50 ms of
+//!   queue), and a delay relay adding the 25 ms one way (`netem` is not there). The raw QUIC
+//!   baseline runs between the bench and a copy of itself in the namespace. Needs root and
+//!   iproute2; skipped, saying why, without them.
+//!
 //! Run: `cargo bench -p cli --bench market [-- SECTION...]` (every section when none is named;
 //! `RUST_LOG=info` shows the in-process scheduler's and daemon's logs).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -167,6 +173,47 @@ fn mem_line(label: &str, m: Mem) {
 
 // ---- clusters ----
 
+/// Both ends of a raw QUIC stream: sends `bytes` as 1 MiB `PeerFrame`s while reading as many
+/// from the other end; returns when it has read them all.
+async fn raw_pump(mut send: quic::SendStream, mut recv: quic::RecvStream, bytes: usize) -> Instant {
+    let cap = proto::cluster::PEER_FRAME_CAP;
+    let reader = tokio::spawn(async move {
+        let mut got = 0usize;
+        while got < bytes {
+            match quic::read_msg::<proto::cluster::PeerFrame>(&mut recv, cap).await {
+                Ok(Some(f)) => got += f.bytes.len(),
+                _ => break,
+            }
+        }
+        Instant::now()
+    });
+    let chunk = vec![7u8; 1 << 20];
+    let mut sent = 0;
+    while sent < bytes {
+        quic::write_msg(&mut send, &proto::cluster::PeerFrame { bytes: chunk.clone() }, cap).await.unwrap();
+        sent += chunk.len();
+    }
+    let done = reader.await.unwrap();
+    let _ = send.finish();
+    done
+}
+
+/// The raw-QUIC end a benchmark dials: accepts one connection and one stream on `listen` and
+/// pumps `bytes` each way on it.
+async fn raw_server(server: quic::Endpoint, bytes: usize) {
+    let conn = server.accept().await.unwrap().await.unwrap();
+    conn.authenticated();
+    let (send, recv) = conn.accept_bi().await.unwrap();
+    raw_pump(send, recv, bytes).await;
+    // Until the other end has read all of it.
+    let _ = tokio::time::timeout(Duration::from_secs(60), conn.closed()).await;
+}
+
+fn raw_limits() -> quic::ServerLimits {
+    let full = quic::Budget { bidi_streams: 4, receive_window: 16 << 20 };
+    quic::ServerLimits::default().full(full).before_auth(full)
+}
+
 /// Plain QUIC between two endpoints of the same link code on loopback: each sends `bytes` to
 /// the other on one stream at the same time, as the same 1 MiB frames the members' daemons
 /// move (`PeerFrame`), with nothing else on the path. Returns the slower direction's rate in
@@ -174,30 +221,8 @@ fn mem_line(label: &str, m: Mem) {
 async fn raw_quic_both_ways(bytes: usize, shaped: Option<LinkShape>) -> f64 {
     let (a, b) = (Keypair::generate(), Keypair::generate());
     let (ia, ib) = (quic::Identity::new(&a).unwrap(), quic::Identity::new(&b).unwrap());
-    let full = quic::Budget { bidi_streams: 4, receive_window: 16 << 20 };
-    let limits = quic::ServerLimits::default().full(full).before_auth(full);
-    let server = quic::server_with(&ib, LOOPBACK, quic::Peers::Any, limits).unwrap();
+    let server = quic::server_with(&ib, LOOPBACK, quic::Peers::Any, raw_limits()).unwrap();
     let addr = server.local_addr().unwrap();
-    let chunk = vec![7u8; 1 << 20];
-    let cap = proto::cluster::PEER_FRAME_CAP;
-    let pump = move |mut send: quic::SendStream, mut recv: quic::RecvStream, chunk: Vec<u8>| async move {
-        let reader = tokio::spawn(async move {
-            let mut got = 0usize;
-            while got < bytes {
-                match quic::read_msg::<proto::cluster::PeerFrame>(&mut recv, cap).await {
-                    Ok(Some(f)) => got += f.bytes.len(),
-                    _ => break,
-                }
-            }
-            Instant::now()
-        });
-        let mut sent = 0;
-        while sent < bytes {
-            quic::write_msg(&mut send, &proto::cluster::PeerFrame { bytes: chunk.clone() }, cap).await.unwrap();
-            sent += chunk.len();
-        }
-        reader.await.unwrap()
-    };
     let accept = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
         conn.authenticated();
@@ -206,16 +231,16 @@ async fn raw_quic_both_ways(bytes: usize, shaped: Option<LinkShape>) -> f64 {
     });
     let client = quic::client(LOOPBACK).unwrap();
     let dial = match shaped {
-        Some(shape) => shaped_relay(addr, shape).await,
+        Some(shape) => shaped_relay(LOOPBACK.ip(), addr, shape).await,
         None => addr,
     };
     let conn = quic::connect(&client, &ia, dial, b.public()).await.unwrap();
     let (send_a, recv_a) = conn.open_bi().await.unwrap();
     let start = Instant::now();
     // The first frame opens the stream on the other side.
-    let a_side = tokio::spawn(pump(send_a, recv_a, chunk.clone()));
+    let a_side = tokio::spawn(raw_pump(send_a, recv_a, bytes));
     let (_conn_b, send_b, recv_b) = accept.await.unwrap();
-    let b_side = tokio::spawn(pump(send_b, recv_b, chunk));
+    let b_side = tokio::spawn(raw_pump(send_b, recv_b, bytes));
     let (ta, tb) = (a_side.await.unwrap(), b_side.await.unwrap());
     let slowest = ta.max(tb).duration_since(start);
     bytes as f64 / slowest.as_secs_f64()
@@ -326,12 +351,12 @@ impl LinkPipe {
     }
 }
 
-/// A UDP relay in front of `target` that shapes what goes through it both ways as `shape`
-/// says (each direction its own rate, the same delay): what the daemons see as a WAN link.
-/// Every client gets a socket of its own towards `target`; all share the link. Returns the
-/// address to dial instead of `target`.
-async fn shaped_relay(target: SocketAddr, shape: LinkShape) -> SocketAddr {
-    let front = Arc::new(tokio::net::UdpSocket::bind(LOOPBACK).await.unwrap());
+/// A UDP relay on `ip` in front of `target` that shapes what goes through it both ways as
+/// `shape` says (each direction its own rate, the same delay): what the daemons see as a WAN
+/// link. Every client gets a socket of its own towards `target`; all share the link. Returns
+/// the address to dial instead of `target`.
+async fn shaped_relay(ip: std::net::IpAddr, target: SocketAddr, shape: LinkShape) -> SocketAddr {
+    let front = Arc::new(tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0)).await.unwrap());
     let addr = front.local_addr().unwrap();
     let down = LinkPipe::new(shape, front.clone(), None);
     tokio::spawn(async move {
@@ -342,7 +367,7 @@ async fn shaped_relay(target: SocketAddr, shape: LinkShape) -> SocketAddr {
             let up = match clients.get(&from) {
                 Some(up) => up.clone(),
                 None => {
-                    let back = Arc::new(tokio::net::UdpSocket::bind(LOOPBACK).await.unwrap());
+                    let back = Arc::new(tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0)).await.unwrap());
                     back.connect(target).await.unwrap();
                     let up = LinkPipe::new(shape, back.clone(), None);
                     let down = down.clone();
@@ -384,10 +409,16 @@ async fn shaped_section() {
         raw / 1e9,
         bytes >> 20
     );
+    shaped_runs(&client, raw, bytes).await;
+}
+
+/// All-reduce bus bandwidth against `raw` (QUIC through the same link), and the share of wall
+/// time members wait on the network, synchronous against DiLoCo, on a shaped link.
+async fn shaped_runs(client: &client::Scheduler, raw: f64, bytes: usize) {
     let allreduce = client.upload(std::fs::read(sample_artifacts::ALLREDUCE).unwrap()).await.unwrap().module;
     for compress in ["none", "int8"] {
         let (_, out) =
-            run_pair(&client, &allreduce, format!("bytes={bytes} iters=3 warmup=1 compress={compress}")).await;
+            run_pair(client, &allreduce, format!("bytes={bytes} iters=3 warmup=1 compress={compress}")).await;
         let busbw = field(&out, "busbw_gbps") * 1e9;
         println!(
             "  {:<62} {:>9.4} GB/s bus bandwidth  ({:.2}x raw QUIC; {:.0} ms per all-reduce)",
@@ -406,7 +437,7 @@ async fn shaped_section() {
         ("synchronous data parallel (all-reduce of the gradient every step)", format!("mode=sync {common}")),
         ("DiLoCo-style, h=100, int8 deltas", format!("mode=diloco h=100 compress=int8 {common}")),
     ] {
-        let (view, out) = run_pair(&client, &train, input).await;
+        let (view, out) = run_pair(client, &train, input).await;
         let members = view.cluster.unwrap().members;
         let shares: Vec<f64> = members
             .iter()
@@ -427,7 +458,183 @@ async fn shaped_section() {
     }
 }
 
-/// A scheduler and two provider daemons, `left` and `right` (one job slot each), in the bench
+// ---- links shaped by the kernel: a network namespace, a veth pair and tbf ----
+
+/// A network namespace joined to this one by a veth pair, `tbf` on both ends capping each
+/// direction: this side is `ROOT_IP`, the namespace's `NS_IP`. Removed (with its veth) when
+/// dropped.
+struct Netns {
+    name: String,
+}
+
+const ROOT_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 213, 0, 1);
+const NS_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 213, 0, 2);
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl Netns {
+    /// Makes the namespace and its link, each direction capped at `shape`'s rate with its
+    /// queue (`tbf ... latency`); its delay is not the kernel's (`netem` is not there).
+    fn create(shape: LinkShape) -> Result<Netns, String> {
+        let id = std::process::id() % 100_000;
+        let ns = Netns { name: format!("wgbench{id}") };
+        let (outer, inner) = (format!("wgb{id}a"), format!("wgb{id}b"));
+        let rate = format!("{}kbit", (shape.bits_per_second / 1e3) as u64);
+        let latency = format!("{}ms", shape.queue.as_millis());
+        let (root_ip, ns_ip) = (format!("{ROOT_IP}/30"), format!("{NS_IP}/30"));
+        sh(&["ip", "netns", "add", &ns.name])?;
+        sh(&["ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner])?;
+        sh(&["ip", "link", "set", &inner, "netns", &ns.name])?;
+        sh(&["ip", "addr", "add", &root_ip, "dev", &outer])?;
+        sh(&["ip", "link", "set", &outer, "up"])?;
+        sh(&["ip", "-n", &ns.name, "addr", "add", &ns_ip, "dev", &inner])?;
+        sh(&["ip", "-n", &ns.name, "link", "set", &inner, "up"])?;
+        sh(&["ip", "-n", &ns.name, "link", "set", "lo", "up"])?;
+        let tbf = ["root", "tbf", "rate", &rate, "burst", "64kb", "latency", &latency];
+        let mut out = vec!["tc", "qdisc", "add", "dev", &outer];
+        out.extend_from_slice(&tbf);
+        sh(&out)?;
+        let mut inside = vec!["ip", "netns", "exec", &ns.name, "tc", "qdisc", "add", "dev", &inner];
+        inside.extend_from_slice(&tbf);
+        sh(&inside)?;
+        Ok(ns)
+    }
+
+    /// `program args` run inside the namespace.
+    fn command(&self, program: &Path) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// The environment variables that make this bench binary the raw-QUIC end in a namespace:
+/// where to listen, the key's seed (hex) and the bytes each way.
+const RAW_PEER: &str = "WASMGRID_BENCH_RAW_PEER";
+
+/// Run as the raw-QUIC end ([`RAW_PEER`] set): serves one benchmark stream and exits.
+fn raw_peer_main(spec: &str) {
+    let mut parts = spec.split(',');
+    let (listen, seed, bytes) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+    let listen: SocketAddr = listen.parse().unwrap();
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&seed[2 * i..2 * i + 2], 16).unwrap();
+    }
+    let bytes: usize = bytes.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let id = quic::Identity::new(&Keypair::from_seed(key)).unwrap();
+        let server = quic::server_with(&id, listen, quic::Peers::Any, raw_limits()).unwrap();
+        println!("listening");
+        raw_server(server, bytes).await;
+    });
+}
+
+/// Raw QUIC from here to the namespace through `ns`'s capped link and a delay relay: both
+/// directions at once; the rate this side receives at, in bytes per second.
+async fn raw_quic_through(ns: &Netns, shape: LinkShape, bytes: usize) -> f64 {
+    let peer = Keypair::generate();
+    let seed: String = peer.seed().iter().map(|b| format!("{b:02x}")).collect();
+    let listen = SocketAddr::new(NS_IP.into(), 47_001);
+    let mut child = ns
+        .command(&std::env::current_exe().unwrap())
+        .env(RAW_PEER, format!("{listen},{seed},{bytes}"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || BufReader::new(stdout).lines().next());
+    tokio::time::timeout(WAIT, ready).await.unwrap().unwrap();
+    let delay = LinkShape { bits_per_second: f64::INFINITY, ..shape };
+    let dial = shaped_relay(ROOT_IP.into(), listen, delay).await;
+    let me = quic::Identity::new(&Keypair::generate()).unwrap();
+    let client = quic::client(SocketAddr::new(ROOT_IP.into(), 0)).unwrap();
+    let conn = quic::connect(&client, &me, dial, peer.public()).await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let start = Instant::now();
+    let done = raw_pump(send, recv, bytes).await;
+    conn.close(quic::CloseCode(0), b"done");
+    let _ = child.wait();
+    bytes as f64 / done.duration_since(start).as_secs_f64()
+}
+
+/// The shaped section again, on a link the kernel shapes: provider `right` runs as its own
+/// `wasmgrid host` process in a network namespace whose veth link `tbf` caps at `WAN`'s rate
+/// and queue each way, and a delay relay on each member's address adds `WAN`'s one-way delay.
+async fn netns_section() {
+    let ns = match Netns::create(WAN) {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("\nnetns: skipped (needs root, iproute2 and tbf): {e}");
+            return;
+        }
+    };
+    println!(
+        "\nnetns: 2 members, one provider in a network namespace; veth capped by tbf at {} Mbit/s each way ({} ms of queue), {} ms one way added by a delay relay",
+        WAN.bits_per_second / 1e6,
+        WAN.queue.as_millis(),
+        WAN.one_way.as_millis()
+    );
+    let delay = LinkShape { bits_per_second: f64::INFINITY, ..WAN };
+    let dir = tempfile::tempdir().unwrap();
+    let l = start_scheduler_at(dir.path(), SocketAddr::new(ROOT_IP.into(), 0)).await;
+    // Left: a daemon in the bench process, reached by its peer through a delay relay.
+    let cache = dir.path().join("cache");
+    let worker = worker_command(&["--cache-dir".as_ref(), cache.as_os_str()]);
+    let mut config = provider::DaemonConfig::new(l.quic, l.key, Keypair::generate(), worker);
+    config.name = "left".into();
+    config.capacity = 1;
+    let listen = SocketAddr::new(ROOT_IP.into(), free_udp_port().port());
+    config.session_listen = Some(listen);
+    config.advertise = Some(shaped_relay(ROOT_IP.into(), listen, delay).await.to_string());
+    tokio::spawn(provider::run_forever(config));
+    // Right: `wasmgrid host` in the namespace; its address seen from here is a delay relay.
+    let inside = SocketAddr::new(NS_IP.into(), 47_000);
+    let advertise = shaped_relay(ROOT_IP.into(), inside, delay).await;
+    let log = std::fs::File::create(dir.path().join("right.log")).unwrap();
+    let mut right = ns.command(Path::new(env!("CARGO_BIN_EXE_wasmgrid")));
+    right
+        .args(["host", "--scheduler", &l.quic.to_string(), "--scheduler-key", &l.key.to_string()])
+        .arg("--key")
+        .arg(dir.path().join("right.json"))
+        .arg("--cache-dir")
+        .arg(dir.path().join("right-cache"))
+        .args(["--name", "right", "--capacity", "1", "--sessions", &inside.to_string()])
+        .args(["--advertise", &advertise.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    let right = HostProcess { child: right.spawn().unwrap() };
+    let client = renter_client(&l, &Keypair::generate());
+    wait_online(&client, "left").await;
+    wait_online(&client, "right").await;
+    let bytes = 8usize << 20;
+    let raw = raw_quic_through(&ns, WAN, bytes).await;
+    println!(
+        "  {:<62} {:>9.4} GB/s per direction ({} MiB each way at once)",
+        "baseline: raw QUIC across the same namespace link, both ways",
+        raw / 1e9,
+        bytes >> 20
+    );
+    shaped_runs(&client, raw, bytes).await;
+    drop(right);
+}
+
+/// A scheduler and two provider daemons, `left` and `right` (one job slot each), in the bench/// A scheduler and two provider daemons, `left` and `right` (one job slot each), in the bench
 /// process, online; with `shape`, each daemon is reached through a relay shaping its link.
 async fn two_providers(dir: &Path, shape: Option<LinkShape>) -> (scheduler::Listening, client::Scheduler) {
     let l = start_scheduler(dir).await;
@@ -442,7 +649,7 @@ async fn two_providers(dir: &Path, shape: Option<LinkShape>) -> (scheduler::List
             let listen = free_udp_port();
             config.session_listen = Some(listen);
             // Its peers dial the relay, which is the shaped link to it.
-            config.advertise = Some(shaped_relay(listen, shape).await.to_string());
+            config.advertise = Some(shaped_relay(LOOPBACK.ip(), listen, shape).await.to_string());
         }
         tokio::spawn(provider::run_forever(config));
     }
@@ -473,12 +680,17 @@ fn field(out: &str, key: &str) -> f64 {
 // ---- a market in the bench process ----
 
 async fn start_scheduler(dir: &Path) -> scheduler::Listening {
+    start_scheduler_at(dir, LOOPBACK).await
+}
+
+/// A scheduler whose QUIC endpoint (for providers) is on `quic`.
+async fn start_scheduler_at(dir: &Path, quic: SocketAddr) -> scheduler::Listening {
     scheduler::start(scheduler::SchedulerConfig {
         http: LOOPBACK,
         plain_http: false,
         // The benchmarks send far more than a renter would.
         renter_limits: None,
-        quic: LOOPBACK,
+        quic,
         keypair: Keypair::generate(),
         providers: None,
         db: dir.join("bench.redb"),
@@ -1412,6 +1624,10 @@ paid against unpaid inference round trip, echo sample, 64-byte request and respo
 }
 
 fn main() {
+    if let Ok(spec) = std::env::var(RAW_PEER) {
+        raw_peer_main(&spec);
+        return;
+    }
     // Quiet unless asked: `RUST_LOG=info` shows the in-process scheduler's and daemon's logs.
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off"))
         .format_timestamp_micros()
@@ -1473,6 +1689,9 @@ fn main() {
         }
         if wants("shaped") {
             shaped_section().await;
+        }
+        if wants("netns") {
+            netns_section().await;
         }
     });
 }
