@@ -93,6 +93,14 @@ pub mod func {
     /// [`REDUCE_MEAN`](super::REDUCE_MEAN)), the result in every member's range, identical on
     /// all of them; sent as `compression` ([`COMPRESS_NONE`](super::COMPRESS_NONE), ...).
     pub const ALL_REDUCE: &str = "all_reduce";
+    /// `(buffer: i32, offset: i64, len: i64, op: i32, compression: i32) -> i32`: the same
+    /// all-reduce, started: the range is read now (at most [`MAX_ALL_REDUCE_START`](super::MAX_ALL_REDUCE_START)
+    /// bytes) and combined while the kernel goes on; [`COLLECTIVE_WAIT`] writes the result
+    /// into the range. One at a time: no other collective until it is waited for.
+    pub const ALL_REDUCE_START: &str = "all_reduce_start";
+    /// `() -> i32`: waits for the all-reduce [`ALL_REDUCE_START`] started and writes its
+    /// result into its range; `InvalidArgument` when none is in flight.
+    pub const COLLECTIVE_WAIT: &str = "collective_wait";
     /// `(src: i32, len: i32, step: i64) -> i32`: saves `len` bytes as the job's checkpoint at
     /// `step` (the kernel's own count, at least 0): if the job's provider is lost, its next try
     /// resumes from the newest one saved. At most [`MAX_CHECKPOINT`](super::MAX_CHECKPOINT)
@@ -107,6 +115,10 @@ pub mod func {
     /// returns the count copied (0 at the end).
     pub const CHECKPOINT_READ: &str = "checkpoint_read";
 }
+
+/// The most bytes `all_reduce_start` takes in one call: its range waits in host memory while
+/// the kernel goes on.
+pub const MAX_ALL_REDUCE_START: u64 = 64 << 20;
 
 /// The largest checkpoint `checkpoint_save` takes.
 pub const MAX_CHECKPOINT: u64 = 16 << 20;
@@ -132,6 +144,8 @@ pub const IMPORTS: &[Import] = &[
     Import { name: func::BARRIER, params: &[], results: &[I32] },
     Import { name: func::BROADCAST, params: &[I32, I64, I64, I32], results: &[I32] },
     Import { name: func::ALL_REDUCE, params: &[I32, I64, I64, I32, I32], results: &[I32] },
+    Import { name: func::ALL_REDUCE_START, params: &[I32, I64, I64, I32, I32], results: &[I32] },
+    Import { name: func::COLLECTIVE_WAIT, params: &[], results: &[I32] },
     Import { name: func::CHECKPOINT_SAVE, params: &[I32, I32, I64], results: &[I32] },
     Import { name: func::CHECKPOINT_STEP, params: &[], results: &[I64] },
     Import { name: func::CHECKPOINT_LEN, params: &[], results: &[I64] },

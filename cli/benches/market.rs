@@ -436,6 +436,10 @@ async fn shaped_runs(client: &client::Scheduler, raw: f64, bytes: usize) {
     for (label, input) in [
         ("synchronous data parallel (all-reduce of the gradient every step)", format!("mode=sync {common}")),
         ("DiLoCo-style, h=100, int8 deltas", format!("mode=diloco h=100 compress=int8 {common}")),
+        (
+            "DiLoCo-style, h=100, int8, outer all-reduce overlapped",
+            format!("mode=diloco h=100 compress=int8 overlap=1 {common}"),
+        ),
     ] {
         let (view, out) = run_pair(client, &train, input).await;
         let members = view.cluster.unwrap().members;

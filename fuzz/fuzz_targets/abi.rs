@@ -1,4 +1,4 @@
-//! Drives every host function of the ABI (checkpoints too) with arbitrary calls and arguments, from inside a real
+//! Drives every host function of the ABI (checkpoints and started all-reduces too) with arbitrary calls and arguments, from inside a real
 //! sandbox on the real GPU: the fuzz input is the program of the `fuzz-driver` guest.
 //! Run: `scripts/fuzz.sh 60` (or `cargo +nightly fuzz run abi --sanitizer none` in `fuzz/`).
 #![no_main]

@@ -16,6 +16,21 @@
 //! # Ok(()) }
 //! ```
 //!
+//! An all-reduce can also run while the kernel computes: [`all_reduce_start`] reads the buffer
+//! now and returns; [`Pending::wait`] writes the result back (DiLoCo overlapping its outer
+//! step with the next inner ones, say). One is in flight at a time.
+//!
+//! ```no_run
+//! use wasmgrid::{Buffer, collective::{self, Compression, Op}};
+//! # fn main() -> wasmgrid::Result<()> {
+//! let delta = Buffer::storage_from(&[0.5f32; 1024])?;
+//! let pending = collective::all_reduce_start(&delta, Op::Mean, Compression::Int8)?;
+//! // ... more local steps, on other buffers ...
+//! pending.wait()?;
+//! // `delta` now holds every member's mean
+//! # Ok(()) }
+//! ```
+//!
 //! A member whose provider dies fails the collective on the others once its link times out
 //! (10 seconds after its last packet); the job then ends, or the scheduler runs it again. A
 //! member computing between collectives is waited for, up to the job's wall time.
@@ -78,6 +93,46 @@ pub fn all_reduce(buffer: &Buffer, op: Op, compression: Compression) -> Result<(
 /// `len` bytes at `offset` (both multiples of 4) of `buffer`, as f32s, combined over every
 /// member by `op`, into every member's same range.
 pub fn all_reduce_range(buffer: &Buffer, offset: u64, len: u64, op: Op, compression: Compression) -> Result<()> {
+    let (op, compression) = codes(op, compression);
+    check(sys::all_reduce(buffer.handle() as i32, to_i64(offset), to_i64(len), op, compression)).map(|_| ())
+}
+
+/// An all-reduce [`all_reduce_start`] started: its buffer is borrowed until it is waited for
+/// (dropping it waits too, ignoring the outcome).
+#[must_use = "an all-reduce in flight must be waited for before the next collective"]
+#[derive(Debug)]
+pub struct Pending<'a> {
+    _buffer: &'a Buffer,
+    done: bool,
+}
+
+impl Pending<'_> {
+    /// Waits for the all-reduce and writes its result into the buffer's range.
+    pub fn wait(mut self) -> Result<()> {
+        self.done = true;
+        check(sys::collective_wait()).map(|_| ())
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = sys::collective_wait();
+        }
+    }
+}
+
+/// Starts the all-reduce of the whole of `buffer` ([`all_reduce`]) and returns at once: the
+/// buffer is read now and combined while the kernel goes on; [`Pending::wait`] writes the
+/// result. At most [`abi::MAX_ALL_REDUCE_START`] bytes, one in flight at a time, and no other
+/// collective until it is waited for.
+pub fn all_reduce_start(buffer: &Buffer, op: Op, compression: Compression) -> Result<Pending<'_>> {
+    let (op, compression) = codes(op, compression);
+    check(sys::all_reduce_start(buffer.handle() as i32, 0, to_i64(buffer.size()), op, compression))?;
+    Ok(Pending { _buffer: buffer, done: false })
+}
+
+fn codes(op: Op, compression: Compression) -> (i32, i32) {
     let op = match op {
         Op::Sum => abi::REDUCE_SUM,
         Op::Mean => abi::REDUCE_MEAN,
@@ -87,7 +142,7 @@ pub fn all_reduce_range(buffer: &Buffer, offset: u64, len: u64, op: Op, compress
         Compression::F16 => abi::COMPRESS_F16,
         Compression::Int8 => abi::COMPRESS_INT8,
     };
-    check(sys::all_reduce(buffer.handle() as i32, to_i64(offset), to_i64(len), op, compression)).map(|_| ())
+    (op, compression)
 }
 
 fn to_i64(v: u64) -> i64 {

@@ -70,6 +70,14 @@ pub fn submit(descs: i32, count: i32) -> i32 {
     sys::submit(descs, count)
 }
 
+pub fn all_reduce_start(buffer: i32, offset: i64, len: i64, op: i32, compression: i32) -> i32 {
+    sys::all_reduce_start(buffer, offset, len, op, compression)
+}
+
+pub fn collective_wait() -> i32 {
+    sys::collective_wait()
+}
+
 pub fn checkpoint_save(src: i32, len: i32, step: i64) -> i32 {
     sys::checkpoint_save(src, len, step)
 }

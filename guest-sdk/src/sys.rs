@@ -31,6 +31,8 @@ mod imports {
         pub(crate) safe fn barrier() -> i32;
         pub(crate) safe fn broadcast(buffer: i32, offset: i64, len: i64, root: i32) -> i32;
         pub(crate) safe fn all_reduce(buffer: i32, offset: i64, len: i64, op: i32, compression: i32) -> i32;
+        pub(crate) safe fn all_reduce_start(buffer: i32, offset: i64, len: i64, op: i32, compression: i32) -> i32;
+        pub(crate) safe fn collective_wait() -> i32;
         pub(crate) safe fn checkpoint_save(src: i32, len: i32, step: i64) -> i32;
         pub(crate) safe fn checkpoint_step() -> i64;
         pub(crate) safe fn checkpoint_len() -> i64;
@@ -100,6 +102,12 @@ mod native {
         NOT_WASM
     }
     pub(crate) fn all_reduce(_: i32, _: i64, _: i64, _: i32, _: i32) -> i32 {
+        NOT_WASM
+    }
+    pub(crate) fn all_reduce_start(_: i32, _: i64, _: i64, _: i32, _: i32) -> i32 {
+        NOT_WASM
+    }
+    pub(crate) fn collective_wait() -> i32 {
         NOT_WASM
     }
     pub(crate) fn checkpoint_save(_: i32, _: i32, _: i64) -> i32 {

@@ -276,6 +276,12 @@ impl Member {
         self.waited
     }
 
+    /// Sets the time counted as waiting on the network: after a collective that ran while the
+    /// kernel computed, only the time the kernel waited for it counts.
+    pub fn set_network_wait(&mut self, waited: Duration) {
+        self.waited = waited;
+    }
+
     fn prev(&self) -> u32 {
         (self.rank + self.world - 1) % self.world
     }

@@ -7,7 +7,7 @@ use abi::{BindingDesc, DispatchDesc, ErrorCode, func};
 use wasmtime::{Caller, Linker};
 
 use super::JobState;
-use crate::collective::{CollectiveError, Compression, ReduceOp};
+use crate::collective::{CollectiveError, Compression, Member, ReduceOp};
 use crate::error::{CallError, Fatal, GuestError, guest};
 use crate::limits::LimitKind;
 
@@ -115,6 +115,15 @@ fn collective_range(state: &JobState, buffer: i32, offset: i64, len: i64) -> Res
     Ok(n)
 }
 
+/// An all-reduce's operation and compression codes, checked.
+fn reduce_args(op: i32, compression: i32) -> Result<(ReduceOp, Compression), CallError> {
+    let op = ReduceOp::from_abi(op)
+        .ok_or_else(|| GuestError::new(ErrorCode::InvalidArgument, format!("unknown reduction {op}")))?;
+    let compression = Compression::from_abi(compression)
+        .ok_or_else(|| GuestError::new(ErrorCode::InvalidArgument, format!("unknown compression {compression}")))?;
+    Ok((op, compression))
+}
+
 fn all_reduce(
     state: &mut JobState,
     buffer: i32,
@@ -123,10 +132,7 @@ fn all_reduce(
     op: i32,
     compression: i32,
 ) -> Result<i32, CallError> {
-    let op = ReduceOp::from_abi(op)
-        .ok_or_else(|| GuestError::new(ErrorCode::InvalidArgument, format!("unknown reduction {op}")))?;
-    let compression = Compression::from_abi(compression)
-        .ok_or_else(|| GuestError::new(ErrorCode::InvalidArgument, format!("unknown compression {compression}")))?;
+    let (op, compression) = reduce_args(op, compression)?;
     let n = collective_range(state, buffer, offset, len)?;
     timed(state, |state, deadline| {
         for (window_offset, size) in windows(offset, n) {
@@ -144,6 +150,122 @@ fn all_reduce(
         }
         Ok(0)
     })
+}
+
+/// An all-reduce `all_reduce_start` began: the thread that runs it on the member (taken out
+/// of the job's state meanwhile) and where its result goes.
+pub(crate) struct InFlight {
+    buffer: i32,
+    offset: i64,
+    rank: u32,
+    world: u32,
+    /// The member's network wait before it started: the overlapped time does not count.
+    waited_before: std::time::Duration,
+    thread: std::thread::JoinHandle<(Member, Result<Vec<u8>, CollectiveError>)>,
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight").field("buffer", &self.buffer).field("offset", &self.offset).finish()
+    }
+}
+
+/// Refuses a collective while one started with `all_reduce_start` is in flight.
+fn none_in_flight(state: &JobState) -> Result<(), CallError> {
+    match state.in_flight {
+        Some(_) => guest(
+            ErrorCode::InvalidArgument,
+            "an all-reduce started with all_reduce_start is in flight: wait for it (collective_wait) first",
+        ),
+        None => Ok(()),
+    }
+}
+
+/// This member's rank and world, an all-reduce in flight or not.
+fn place(state: &JobState) -> (u32, u32) {
+    match &state.in_flight {
+        Some(f) => (f.rank, f.world),
+        None => (state.member.rank(), state.member.world()),
+    }
+}
+
+fn all_reduce_start(
+    state: &mut JobState,
+    buffer: i32,
+    offset: i64,
+    len: i64,
+    op: i32,
+    compression: i32,
+) -> Result<i32, CallError> {
+    none_in_flight(state)?;
+    let (op, compression) = reduce_args(op, compression)?;
+    let n = collective_range(state, buffer, offset, len)?;
+    if n as u64 > abi::MAX_ALL_REDUCE_START {
+        return guest(
+            ErrorCode::InvalidArgument,
+            format!("all_reduce_start takes at most {} bytes, not {n}: use all_reduce", abi::MAX_ALL_REDUCE_START),
+        );
+    }
+    let mut bytes = vec![0u8; n];
+    timed(state, |state, deadline| state.gpu.buffer_read(buffer, offset, &mut bytes, deadline))?;
+    let deadline = state.clock.deadline;
+    let mut member = std::mem::take(&mut state.member);
+    let (rank, world, waited_before) = (member.rank(), member.world(), member.network_wait());
+    let thread = std::thread::Builder::new()
+        .name("wasmgrid-all-reduce".into())
+        .spawn(move || {
+            let mut values: Vec<f32> =
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default())).collect();
+            let reduced = member.all_reduce_part(&mut values, op, compression, n as u64, deadline);
+            let out = reduced.map(|()| values.iter().flat_map(|v| v.to_le_bytes()).collect());
+            (member, out)
+        })
+        .map_err(|e| CallError::Fatal(Fatal::Host(format!("starting an all-reduce: {e}"))))?;
+    state.in_flight = Some(InFlight { buffer, offset, rank, world, waited_before, thread });
+    Ok(0)
+}
+
+/// Joins the all-reduce in flight, if any: the member is back in the job's state, the time
+/// the kernel waited for it counted as network wait. Its result, if it had one.
+fn join_in_flight(state: &mut JobState) -> Option<(InFlightEnd, i32, i64)> {
+    let f = state.in_flight.take()?;
+    let t = Instant::now();
+    let joined = f.thread.join();
+    let blocked = t.elapsed();
+    Some(match joined {
+        Ok((mut member, result)) => {
+            member.set_network_wait(f.waited_before + blocked);
+            state.member = member;
+            (InFlightEnd::Done(result), f.buffer, f.offset)
+        }
+        Err(_) => (InFlightEnd::Panicked, f.buffer, f.offset),
+    })
+}
+
+enum InFlightEnd {
+    Done(Result<Vec<u8>, CollectiveError>),
+    Panicked,
+}
+
+/// At the job's end: an all-reduce still in flight is waited for and its result dropped.
+pub(crate) fn settle_in_flight(state: &mut JobState) {
+    let _ = join_in_flight(state);
+}
+
+fn collective_wait(state: &mut JobState) -> Result<i32, CallError> {
+    if state.in_flight.is_none() {
+        return guest(ErrorCode::InvalidArgument, "no all-reduce is in flight (all_reduce_start starts one)");
+    }
+    let joined = timed(state, |state, _| join_in_flight(state));
+    let Some((end, buffer, offset)) = joined else { return Ok(0) };
+    let bytes = match end {
+        InFlightEnd::Done(Ok(bytes)) => bytes,
+        InFlightEnd::Done(Err(e)) => return Err(collective_fatal(e)),
+        InFlightEnd::Panicked => return Err(CallError::Fatal(Fatal::Host("the all-reduce thread failed".into()))),
+    };
+    // The kernel may have destroyed or shrunk the buffer meanwhile: that is its error.
+    timed(state, |state, deadline| state.gpu.buffer_write(buffer, offset, &bytes, deadline))?;
+    Ok(0)
 }
 
 fn broadcast(state: &mut JobState, buffer: i32, offset: i64, len: i64, root: i32) -> Result<i32, CallError> {
@@ -329,18 +451,20 @@ pub(crate) fn add_to_linker(linker: &mut Linker<JobState>) -> wasmtime::Result<(
         finish(caller.data_mut(), r)
     })?;
 
-    linker.func_wrap(m, func::RANK, |caller: Ctx<'_>| -> i32 { caller.data().member.rank() as i32 })?;
-    linker.func_wrap(m, func::WORLD_SIZE, |caller: Ctx<'_>| -> i32 { caller.data().member.world() as i32 })?;
+    linker.func_wrap(m, func::RANK, |caller: Ctx<'_>| -> i32 { place(caller.data()).0 as i32 })?;
+    linker.func_wrap(m, func::WORLD_SIZE, |caller: Ctx<'_>| -> i32 { place(caller.data()).1 as i32 })?;
 
     linker.func_wrap(m, func::BARRIER, |mut caller: Ctx<'_>| {
         let state = caller.data_mut();
-        let r = timed(state, |state, deadline| state.member.barrier(deadline).map(|()| 0).map_err(collective_fatal));
+        let r = none_in_flight(state).and_then(|()| {
+            timed(state, |state, deadline| state.member.barrier(deadline).map(|()| 0).map_err(collective_fatal))
+        });
         finish(state, r)
     })?;
 
     linker.func_wrap(m, func::BROADCAST, |mut caller: Ctx<'_>, buffer: i32, offset: i64, len: i64, root: i32| {
         let state = caller.data_mut();
-        let r = broadcast(state, buffer, offset, len, root);
+        let r = none_in_flight(state).and_then(|()| broadcast(state, buffer, offset, len, root));
         finish(state, r)
     })?;
 
@@ -349,10 +473,26 @@ pub(crate) fn add_to_linker(linker: &mut Linker<JobState>) -> wasmtime::Result<(
         func::ALL_REDUCE,
         |mut caller: Ctx<'_>, buffer: i32, offset: i64, len: i64, op: i32, compression: i32| {
             let state = caller.data_mut();
-            let r = all_reduce(state, buffer, offset, len, op, compression);
+            let r = none_in_flight(state).and_then(|()| all_reduce(state, buffer, offset, len, op, compression));
             finish(state, r)
         },
     )?;
+
+    linker.func_wrap(
+        m,
+        func::ALL_REDUCE_START,
+        |mut caller: Ctx<'_>, buffer: i32, offset: i64, len: i64, op: i32, compression: i32| {
+            let state = caller.data_mut();
+            let r = all_reduce_start(state, buffer, offset, len, op, compression);
+            finish(state, r)
+        },
+    )?;
+
+    linker.func_wrap(m, func::COLLECTIVE_WAIT, |mut caller: Ctx<'_>| {
+        let state = caller.data_mut();
+        let r = collective_wait(state);
+        finish(state, r)
+    })?;
 
     linker.func_wrap(m, func::CHECKPOINT_SAVE, |mut caller: Ctx<'_>, src: i32, len: i32, step: i64| {
         let r = split(&mut caller).and_then(|(mem, state)| {

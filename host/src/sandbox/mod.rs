@@ -352,6 +352,9 @@ pub(crate) struct JobState {
     cancel: Option<Arc<AtomicBool>>,
     /// This job's place in its cluster (alone, for a job on one GPU).
     pub(crate) member: crate::collective::Member,
+    /// An all-reduce running while the kernel computes (`all_reduce_start`), which holds the
+    /// member meanwhile.
+    pub(crate) in_flight: Option<abi::InFlight>,
     /// The checkpoint it resumes from, and where its saves go.
     pub(crate) checkpoints: crate::checkpoint::Checkpoints,
 }
@@ -607,6 +610,7 @@ impl Host {
             clock_base,
             cancel: None,
             member: crate::collective::Member::solo(),
+            in_flight: None,
             checkpoints: crate::checkpoint::Checkpoints::default(),
         };
         let mut store = Store::new(&self.inner.engine, state);
@@ -733,8 +737,10 @@ impl Host {
                 },
             }
         });
-        // However the job ended, its newest save goes on: a next try resumes from it.
+        // However the job ended, its newest save goes on: a next try resumes from it. An
+        // all-reduce still in flight is waited for (its member's counts are the job's).
         store.data_mut().checkpoints.flush();
+        abi::settle_in_flight(store.data_mut());
         let usage = usage_of(&store);
         let state = store.data();
         let first_dispatch = state.gpu.first_dispatch.map(|t| t.saturating_duration_since(started));

@@ -41,8 +41,21 @@ fn words(bytes: &[u8]) -> Vec<i32> {
     bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
+/// Both members' 1 2 3 4, summed, at byte `at` of a member's output, and bytes sent for it.
+fn assert_summed(report: &host::JobReport, at: usize) {
+    let sums: Vec<f32> =
+        report.output[at..at + 16].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(sums, vec![2.0, 4.0, 6.0, 8.0], "both members' 1 2 3 4, summed");
+    assert!(report.usage.net_bytes_sent > 0);
+}
+
 fn run_pair(limits: &Limits) -> Vec<host::JobReport> {
-    let module = host().load(&wat::parse_str(WAT).unwrap()).unwrap();
+    run_pair_of(WAT, limits)
+}
+
+/// `wat` run as both members of a 2-member ring in this process.
+fn run_pair_of(wat: &str, limits: &Limits) -> Vec<host::JobReport> {
+    let module = host().load(&wat::parse_str(wat).unwrap()).unwrap();
     std::thread::scope(|s| {
         let runs: Vec<_> = local_ring(2)
             .into_iter()
@@ -72,10 +85,7 @@ fn bad_collective_arguments_are_error_codes_and_a_good_call_after_works() {
             .collect();
         assert_eq!(&got[..10], &codes[..], "rank {rank}");
         assert_eq!(&got[10..12], &[rank as i32, 2]);
-        let sums: Vec<f32> =
-            report.output[48..64].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-        assert_eq!(sums, vec![2.0, 4.0, 6.0, 8.0], "both members' 1 2 3 4, summed");
-        assert!(report.usage.net_bytes_sent > 0);
+        assert_summed(report, 48);
     }
     // Alone (a job on one GPU) the same calls check the same way and the sum is its own.
     let module = host().load(&wat::parse_str(WAT).unwrap()).unwrap();
@@ -96,4 +106,63 @@ fn bytes_past_the_net_limit_end_the_job_naming_the_limit() {
             other => panic!("{other:?}"),
         }
     }
+}
+
+const STARTED: &str = r#"(module
+  (import "wasmgrid_v1" "buffer_create" (func $create (param i64 i32) (result i32)))
+  (import "wasmgrid_v1" "buffer_write" (func $write (param i32 i64 i32 i32) (result i32)))
+  (import "wasmgrid_v1" "buffer_read" (func $read (param i32 i64 i32 i32) (result i32)))
+  (import "wasmgrid_v1" "all_reduce" (func $ar (param i32 i64 i64 i32 i32) (result i32)))
+  (import "wasmgrid_v1" "all_reduce_start" (func $start (param i32 i64 i64 i32 i32) (result i32)))
+  (import "wasmgrid_v1" "collective_wait" (func $wait (result i32)))
+  (import "wasmgrid_v1" "barrier" (func $barrier (result i32)))
+  (import "wasmgrid_v1" "rank" (func $rank (result i32)))
+  (import "wasmgrid_v1" "world_size" (func $world (result i32)))
+  (import "wasmgrid_v1" "output_write" (func $out (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "\00\00\80\3f\00\00\00\40\00\00\40\40\00\00\80\40")
+  (func (export "_start") (local $b i32) (local $c i32)
+    (local.set $b (call $create (i64.const 16) (i32.const 1)))
+    (local.set $c (call $create (i64.const 16) (i32.const 1)))
+    (drop (call $write (local.get $b) (i64.const 0) (i32.const 0) (i32.const 16)))
+    ;; Nothing in flight to wait for; a bad range, a bad op and one over the cap refused.
+    (i32.store (i32.const 100) (call $wait))
+    (i32.store (i32.const 104) (call $start (local.get $b) (i64.const 0) (i64.const 32) (i32.const 0) (i32.const 0)))
+    (i32.store (i32.const 108) (call $start (local.get $b) (i64.const 0) (i64.const 16) (i32.const 7) (i32.const 0)))
+    ;; Started: the kernel goes on (writing another buffer), other collectives are refused,
+    ;; the place is still known, and the wait writes the sum.
+    (i32.store (i32.const 112) (call $start (local.get $b) (i64.const 0) (i64.const 16) (i32.const 0) (i32.const 0)))
+    (drop (call $write (local.get $c) (i64.const 0) (i32.const 0) (i32.const 16)))
+    (i32.store (i32.const 116) (call $start (local.get $b) (i64.const 0) (i64.const 16) (i32.const 0) (i32.const 0)))
+    (i32.store (i32.const 120) (call $ar (local.get $c) (i64.const 0) (i64.const 16) (i32.const 0) (i32.const 0)))
+    (i32.store (i32.const 124) (call $barrier))
+    (i32.store (i32.const 128) (call $rank))
+    (i32.store (i32.const 132) (call $world))
+    (i32.store (i32.const 136) (call $wait))
+    ;; A good collective right after.
+    (i32.store (i32.const 140) (call $barrier))
+    (drop (call $read (local.get $b) (i64.const 0) (i32.const 144) (i32.const 16)))
+    ;; Started and never waited for: the job still ends, and cleanly.
+    (drop (call $start (local.get $c) (i64.const 0) (i64.const 16) (i32.const 0) (i32.const 0)))
+    (drop (call $out (i32.const 100) (i32.const 60)))))"#;
+
+#[test]
+fn a_started_all_reduce_runs_while_the_kernel_goes_on_refuses_other_collectives_and_is_waited_for() {
+    use abi::ErrorCode::*;
+    let reports = run_pair_of(STARTED, &Limits::default());
+    for (rank, report) in reports.iter().enumerate() {
+        assert_eq!(report.outcome, Ok(()), "{}", String::from_utf8_lossy(&report.log));
+        let got = words(&report.output);
+        let invalid = InvalidArgument as i32;
+        assert_eq!(&got[..3], &[invalid, OutOfBounds as i32, invalid], "rank {rank}");
+        assert_eq!(got[3], 0, "started");
+        assert_eq!(&got[4..7], &[invalid; 3], "a second start, an all-reduce, a barrier while in flight");
+        assert_eq!(&got[7..11], &[rank as i32, 2, 0, 0], "rank and world as before; the wait; a barrier after");
+        assert_summed(report, 44);
+    }
+    // Alone, the same: the sum is its own.
+    let module = host().load(&wat::parse_str(STARTED).unwrap()).unwrap();
+    let alone = host().run_batch(&module, Vec::new(), &Limits::default()).unwrap();
+    assert_eq!(alone.outcome, Ok(()));
+    assert_eq!(&words(&alone.output)[7..11], &[0, 1, 0, 0]);
 }

@@ -251,6 +251,12 @@ pub(crate) fn fuzz_driver() {
     // create -> handle 1, write -> ok, pipeline -> handle 2, submit -> ok, read -> ok, last_error.
     assert_eq!(&results[..5], &[(6, 1), (7, 0), (10, 2), (13, 0), (8, 0)], "{out}");
     assert_eq!(report.usage.dispatches, 1);
+    // A started all-reduce (alone: the identity), waited for once; a second wait is refused.
+    let program = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/all-reduce-start")).unwrap();
+    let report = run(sample_artifacts::FUZZ_DRIVER, &program, &Limits::default());
+    let out = text(&report.output);
+    let invalid = abi::ErrorCode::InvalidArgument as i64;
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["6 1", "15 0", "20 0", &format!("20 {invalid}")], "{out}");
     for seed in ["bad-pointers", "uniform-shader", "io"] {
         let program = std::fs::read(format!("{}/../fuzz/seeds/{seed}", env!("CARGO_MANIFEST_DIR"))).unwrap();
         let report = run(sample_artifacts::FUZZ_DRIVER, &program, &Limits::default());

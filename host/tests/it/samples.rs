@@ -318,6 +318,22 @@ pub(crate) fn cluster_train() {
     assert_eq!(numbers_after(&first, "syncs "), vec![10.0, 70.0]);
     let accuracy = numbers_after(&first, "final loss ")[1];
     assert!(accuracy > 0.9, "{first}");
+    // The same with each outer all-reduce running under the next round's inner steps: the
+    // members still agree exactly, the loss ends as low (within 20 %), and a setting that
+    // does not go with it is bad input.
+    let diloco_loss = numbers_after(&first, "final loss ")[0];
+    let reports =
+        run_cluster(4, "mode=diloco steps=200 lr=0.8 samples=512 features=6 seed=11 h=20 compress=int8 overlap=1");
+    let overlapped = text(&reports[0].output);
+    for r in &reports {
+        assert_eq!(r.outcome, Ok(()), "{}", text(&r.log));
+        assert_eq!(text(&r.output), overlapped);
+    }
+    let loss = numbers_after(&overlapped, "final loss ")[0];
+    assert!(loss < 1.2 * diloco_loss && numbers_after(&overlapped, "final loss ")[1] > 0.9, "{overlapped}\n{first}");
+    assert_eq!(numbers_after(&overlapped, "syncs "), vec![10.0, 70.0]);
+    let bad = run_cluster(1, "mode=sync overlap=1");
+    assert!(text(&bad[0].log).contains("overlap=1 is for mode=diloco"), "{}", text(&bad[0].log));
 }
 
 #[test]

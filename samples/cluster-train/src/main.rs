@@ -8,10 +8,15 @@
 //! - `mode=diloco` (DiLoCo-style): each member takes `h` local gradient steps on its own share,
 //!   then the members average their parameter change since the last outer step (all-reduce
 //!   mean, compressed as `compress=` says) and take one outer Nesterov step with it. The
-//!   members talk once every `h` steps instead of every step.
+//!   members talk once every `h` steps instead of every step. With `overlap=1` the outer
+//!   all-reduce runs while the next `h` inner steps do (`collective::all_reduce_start`): each
+//!   outer step applies the members' change of the round before, and each member goes on from
+//!   the new global parameters plus its own latest round's change, so the network is waited on
+//!   only when a round's compute is shorter than its all-reduce. (No checkpoints, and the loss
+//!   is reported at the end only.)
 //!
 //! Input (optional text): `mode=sync steps=200 lr=0.5 samples=1024 features=8 seed=7 h=20
-//! outer_lr=0.7 momentum=0.9 compress=none|f16|int8 checkpoint=0`, any subset.
+//! outer_lr=0.7 momentum=0.9 compress=none|f16|int8 checkpoint=0 overlap=0`, any subset.
 //! `checkpoint=K` has rank 0 save a checkpoint every K steps (sync) or every K outer steps
 //! (DiLoCo): the parameters, the outer optimiser's state, the step (the data position: every
 //! step sees the whole batch) and the report so far. A try that resumes from one goes on from
@@ -93,6 +98,7 @@ struct Config {
     compress: Compression,
     report: u32,
     checkpoint: u32,
+    overlap: bool,
 }
 
 fn parse(input: &[u8]) -> Result<Config> {
@@ -109,6 +115,7 @@ fn parse(input: &[u8]) -> Result<Config> {
         compress: Compression::None,
         report: 10,
         checkpoint: 0,
+        overlap: false,
     };
     let text = std::str::from_utf8(input).map_err(|_| Error::bad_input("the input is not UTF-8 text"))?;
     for item in text.split_whitespace() {
@@ -133,6 +140,13 @@ fn parse(input: &[u8]) -> Result<Config> {
             "momentum" => c.momentum = value.parse().map_err(|_| bad())?,
             "report" => c.report = value.parse().map_err(|_| bad())?,
             "checkpoint" => c.checkpoint = value.parse().map_err(|_| bad())?,
+            "overlap" => {
+                c.overlap = match value {
+                    "0" => false,
+                    "1" => true,
+                    _ => return Err(bad()),
+                }
+            }
             "compress" => {
                 c.compress = match value {
                     "none" => Compression::None,
@@ -147,6 +161,9 @@ fn parse(input: &[u8]) -> Result<Config> {
     let world = collective::world_size();
     if !(1..=60_000).contains(&c.samples) || !(1..=256).contains(&c.features) || c.steps > 100_000 {
         return Err(Error::bad_input("samples must be 1..=60000, features 1..=256, steps at most 100000"));
+    }
+    if c.overlap && (c.mode != Mode::Diloco || c.checkpoint > 0) {
+        return Err(Error::bad_input("overlap=1 is for mode=diloco, without checkpoints"));
     }
     if c.samples < world || c.h == 0 || c.report == 0 {
         return Err(Error::bad_input("samples must be at least the members, h and report at least 1"));
@@ -354,8 +371,14 @@ fn main() -> Result<()> {
         velocity = r.velocity;
         report = r.report;
     }
-    let line = |step: u32, t: &mut Trainer, report: &mut String| -> Result<()> {
-        let (loss, _) = t.score()?;
+    // The score at the last step, when a report line took it: the final one is the same, and
+    // needs no collective of its own.
+    let mut last_score: Option<(f32, f32)> = None;
+    let mut line = |step: u32, t: &mut Trainer, report: &mut String| -> Result<()> {
+        let (loss, correct) = t.score()?;
+        if step == c.steps {
+            last_score = Some((loss, correct));
+        }
         let l = format!("step {step} loss {loss:.6}");
         wasmgrid::log(wasmgrid::Level::Info, &l);
         report.push_str(&l);
@@ -379,6 +402,47 @@ fn main() -> Result<()> {
                     report = saved.report;
                 }
             }
+        }
+        Mode::Diloco if c.overlap => {
+            t.configure(c.lr, local)?;
+            let delta = Buffer::storage(u64::from(params) * 4)?;
+            let mut step = 0;
+            // Where this member's round started, and the all-reduce of the round before.
+            let mut start = global.clone();
+            let mut pending: Option<collective::Pending<'_>> = None;
+            let outer_step = |global: &mut Vec<f32>, velocity: &mut Vec<f32>, mean: &[f32]| {
+                for ((g, v), d) in global.iter_mut().zip(velocity.iter_mut()).zip(mean) {
+                    *v = c.momentum * *v + d;
+                    *g -= c.outer_lr * (d + c.momentum * *v);
+                }
+            };
+            while step < c.steps {
+                let inner = c.h.min(c.steps - step);
+                for _ in 0..inner {
+                    t.step(false)?;
+                }
+                step += inner;
+                let now = t.params.read_f32()?;
+                let change: Vec<f32> = start.iter().zip(&now).map(|(s, p)| s - p).collect();
+                // The round before's mean change, combined while this round ran.
+                if let Some(p) = pending.take() {
+                    p.wait()?;
+                    outer_step(&mut global, &mut velocity, &delta.read_f32()?);
+                }
+                // On from the new global parameters plus this round's own change.
+                start = global.iter().zip(&change).map(|(g, d)| g - d).collect();
+                t.params.write(0, &start)?;
+                delta.write(0, &change)?;
+                pending = Some(collective::all_reduce_start(&delta, Op::Mean, c.compress)?);
+                t.syncs += 1;
+                t.values += u64::from(params);
+            }
+            if let Some(p) = pending.take() {
+                p.wait()?;
+                outer_step(&mut global, &mut velocity, &delta.read_f32()?);
+            }
+            t.params.write(0, &global)?;
+            line(step, &mut t, &mut report)?;
         }
         Mode::Diloco => {
             // Inner steps on this member's share alone (its mean gradient); outer steps on the
@@ -419,7 +483,10 @@ fn main() -> Result<()> {
             }
         }
     }
-    let (final_loss, accuracy) = t.score()?;
+    let (final_loss, accuracy) = match last_score {
+        Some(s) => s,
+        None => t.score()?,
+    };
     let w = t.params.read_f32()?;
     report.push_str(&format!("final loss {final_loss:.6} accuracy {accuracy:.4}\n"));
     report.push_str(&format!("members {world}\n"));

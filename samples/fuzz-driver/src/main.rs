@@ -83,7 +83,7 @@ impl Program<'_> {
 }
 
 fn step(p: &mut Program<'_>, arena: &mut [u8]) -> Option<(u8, i64)> {
-    let op = p.u8()? % 20;
+    let op = p.u8()? % 21;
     let r = match op {
         0 => raw::input_len(),
         // SAFETY: see the crate comment.
@@ -137,11 +137,15 @@ fn step(p: &mut Program<'_>, arena: &mut [u8]) -> Option<(u8, i64)> {
             i64::from(raw::submit(base as i32, 1))
         }
         14 => i64::from(raw::submit(p.ptr(arena)?, p.i32()? % 8)),
+        15 => {
+            i64::from(raw::all_reduce_start(p.handle()?, p.i64()? % 8192, p.i64()? % 8192, p.i32()? % 3, p.i32()? % 4))
+        }
         16 => i64::from(raw::checkpoint_save(p.ptr(arena)?, p.len()?, p.i64()?)),
         17 => raw::checkpoint_step(),
         18 => raw::checkpoint_len(),
         // SAFETY: see the crate comment.
         19 => i64::from(unsafe { raw::checkpoint_read(p.ptr(arena)?, p.len()?, p.i64()?) }),
+        20 => i64::from(raw::collective_wait()),
         _ => {
             // Scribble fuzzed bytes into the arena, to be read back as strings or descriptors.
             let at = p.u8()? as usize * 64;
