@@ -109,6 +109,10 @@ pub(crate) struct SchedulerArgs {
     /// whole cluster is placed again.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
     cluster_start_timeout: Duration,
+    /// A queued cluster waiting this long has the free GPUs it could use held for it (jobs
+    /// queued after it leave them alone), so smaller work never passes it over for ever.
+    #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
+    cluster_hold_after: Duration,
 }
 
 fn read_provider_keys(path: &Path) -> anyhow::Result<HashSet<PublicKey>> {
@@ -145,6 +149,7 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> Result<u8, Exit> {
             max_attempts: args.max_attempts.max(1),
             max_jobs_per_renter: args.max_jobs_per_renter,
             cluster_start_timeout_ms: ms(args.cluster_start_timeout),
+            cluster_hold_after_ms: ms(args.cluster_hold_after),
             ..scheduler::Config::default()
         },
     };

@@ -35,6 +35,10 @@ pub struct Config {
     /// How long a placed cluster job's members have to start (their providers' `Started`);
     /// past it, the whole cluster goes back to the queue. At least [`MIN_CLUSTER_START_MS`].
     pub cluster_start_timeout_ms: u64,
+    /// A queued cluster that has waited this long, and would fit on the providers there are
+    /// if they were free, has the free slots it could use held for it: jobs queued after it
+    /// no longer take them, so it is not passed over for ever by smaller work.
+    pub cluster_hold_after_ms: u64,
 }
 
 /// Heartbeat intervals a provider may miss before it is offline: one late heartbeat (a busy
@@ -95,6 +99,7 @@ impl Default for Config {
             default_deadline_ms: 3_600_000,
             max_jobs_per_renter: 1_000,
             cluster_start_timeout_ms: 60_000,
+            cluster_hold_after_ms: 30_000,
         }
     }
 }
@@ -645,6 +650,14 @@ impl State {
         self.store.clone()
     }
 
+    /// A provider as placement sees it now: the slots held for a waiting cluster count as
+    /// taken.
+    fn candidate_of<'a>(&'a self, p: &'a Provider) -> Candidate<'a> {
+        let mut c = p.candidate();
+        c.running = c.running.saturating_add(self.clusters.held.get(&p.view.key).copied().unwrap_or(0));
+        c
+    }
+
     fn candidates(&self) -> impl Iterator<Item = Candidate<'_>> {
         self.providers.values().map(Provider::candidate)
     }
@@ -655,7 +668,7 @@ impl State {
         let mut fallback = None;
         for (_, _, _, key) in &self.index {
             let Some(p) = self.providers.get(key) else { continue };
-            if query.reject(&p.candidate(), false).is_none() {
+            if query.reject(&self.candidate_of(p), false).is_none() {
                 if Some(*key) != avoid {
                     return Some(*key);
                 }
@@ -1286,11 +1299,17 @@ impl State {
     /// Matches queued jobs, oldest first, to providers with room.
     pub fn assign(&mut self, now_ms: u64) -> Result<Vec<Assignment>, StoreError> {
         let mut out = Vec::new();
+        // Holds are made again on every pass, by the clusters still waiting.
+        let held_before = std::mem::take(&mut self.clusters.held);
         let queue = std::mem::take(&mut self.queue);
         let mut waiting = Vec::with_capacity(queue.len());
         let mut queue = queue.into_iter();
         while let Some(id) = queue.next() {
             if self.unplaceable.get(&id) == Some(&self.availability) {
+                // A cluster that still cannot be placed keeps its hold.
+                if self.jobs.get(&id).is_some_and(|j| j.view.cluster.is_some()) {
+                    self.hold_for(&id, now_ms);
+                }
                 waiting.push(id);
                 continue;
             }
@@ -1303,6 +1322,7 @@ impl State {
                         out.append(&mut members);
                     }
                     Ok(None) => {
+                        self.hold_for(&id, now_ms);
                         self.unplaceable.insert(id.clone(), self.availability);
                         waiting.push(id);
                     }
@@ -1378,6 +1398,10 @@ impl State {
         // Jobs re-queued while this ran (none today: `&mut self`) would go first.
         waiting.append(&mut self.queue);
         self.queue = waiting;
+        // Jobs passed over for a hold that is gone (or new) are looked at again.
+        if self.clusters.held != held_before {
+            self.availability += 1;
+        }
         Ok(out)
     }
 
@@ -2501,6 +2525,52 @@ mod tests {
         assert_eq!((c.held, c.refused), (None, None));
         assert_eq!(c.receipt.map(|r| (r.done, r.net_bytes)), Some((true, 900)));
         assert_eq!(s.job(&id).unwrap().state, JobState::Succeeded);
+    }
+
+    #[test]
+    fn a_cluster_that_waited_holds_the_free_gpus_it_could_use_and_is_not_passed_over_for_ever() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = cluster_state(&dir, Config { cluster_hold_after_ms: 1_000, ..Config::default() });
+        let keys: Vec<PublicKey> = (1..=3).map(|n| member_provider(&mut s, n, 0).public()).collect();
+        // Two of three GPUs busy with single jobs; a cluster of 3 waits.
+        let singles = [submit(&mut s, 0), submit(&mut s, 0)];
+        let busy: Vec<Assignment> = s.assign(1).unwrap();
+        assert_eq!(busy.len(), 2);
+        let cluster = submit_cluster(&mut s, 3, 2).unwrap().id;
+        // Before it has waited long enough, a later single job takes the free GPU.
+        let early = submit(&mut s, 3);
+        let a = s.assign(4).unwrap();
+        assert_eq!(a.iter().map(|a| a.job_id.as_str()).collect::<Vec<_>>(), vec![early.as_str()]);
+        s.finished(&early, &a[0].provider, done(), 5).unwrap();
+        // Once it has: the free GPU is held, later single jobs wait, and the view says why.
+        let late = submit(&mut s, 1_500);
+        assert!(s.assign(2_100).unwrap().is_empty(), "the free GPU is the cluster's");
+        let why = s.job(&cluster).unwrap().no_match.unwrap().summary;
+        assert!(why.ends_with("; held for it until the rest free up: 1 free GPU(s) on 1 provider(s)"), "{why}");
+        assert!(s.assign(2_150).unwrap().is_empty());
+        let again = s.job(&cluster).unwrap().no_match.unwrap().summary;
+        assert_eq!(again, why, "said once, however many passes");
+        assert_eq!(s.job(&late).unwrap().state, JobState::Queued);
+        // The singles end one by one; each freed GPU is held too, until the gang fits.
+        s.finished(&singles[0], &busy[0].provider, done(), 2_200).unwrap();
+        assert!(s.assign(2_300).unwrap().is_empty(), "two held, the single still waits");
+        s.finished(&singles[1], &busy[1].provider, done(), 2_400).unwrap();
+        let placed = s.assign(2_500).unwrap();
+        assert_eq!(placed.len(), 3, "{placed:?}");
+        assert!(placed.iter().all(|a| a.member.is_some()));
+        let on: HashSet<PublicKey> = placed.iter().map(|a| a.provider).collect();
+        assert_eq!(on, keys.iter().copied().collect::<HashSet<_>>());
+        // With the cluster running, nothing is held: the single gets the next free GPU.
+        for a in &placed {
+            s.finished(&a.job_id, &a.provider, output(b"r", 1, 1), 2_600).unwrap();
+        }
+        assert_eq!(s.assign(2_700).unwrap().iter().map(|a| a.job_id.clone()).collect::<Vec<_>>(), vec![late]);
+        // A cluster that could never fit (more GPUs than there are) holds nothing.
+        let never = submit_cluster(&mut s, 9, 2_800).unwrap().id;
+        let other = submit(&mut s, 2_800);
+        let a = s.assign(9_000).unwrap();
+        assert_eq!(a.iter().map(|a| a.job_id.as_str()).collect::<Vec<_>>(), vec![other.as_str()]);
+        assert!(!s.job(&never).unwrap().no_match.unwrap().summary.contains("held"));
     }
 
     #[test]

@@ -25,6 +25,9 @@ use crate::store::StoreError;
 /// setup.
 const ROSTER_MARGIN_MS: u64 = 5 * 60 * 1000;
 
+/// How a waiting cluster's explanation says what is held for it.
+const HELD_NOTE: &str = "; held for it until the rest free up: ";
+
 /// The cluster jobs' part of the state.
 #[derive(Debug, Default)]
 pub(super) struct Clusters {
@@ -42,6 +45,9 @@ pub(super) struct Clusters {
     /// Members' last receipts held back from their renters until the next rank (on another
     /// provider) reports what it received, by member job id.
     pub(super) parked: HashMap<String, Parked>,
+    /// Free job slots held, per provider, for clusters that have waited long enough: work
+    /// queued after them does not take these (made again on every placement pass).
+    pub(super) held: HashMap<PublicKey, u32>,
 }
 
 /// A member's last receipt, checked and held until its next rank reports.
@@ -181,6 +187,71 @@ fn sum_usage<'a>(usages: impl Iterator<Item = &'a WireUsage>) -> Option<WireUsag
 }
 
 impl State {
+    /// Holds the free slots queued cluster `id` could use, once it has waited
+    /// [`super::Config::cluster_hold_after_ms`] and would fit if the providers that match it
+    /// were idle: later work leaves them alone, and slots freed from now on add up until the
+    /// whole gang fits. Its explanation says so.
+    pub(super) fn hold_for(&mut self, id: &str, now_ms: u64) {
+        let Some(job) = self.jobs.get(id) else { return };
+        let Some(c) = job.view.cluster.as_ref() else { return };
+        if now_ms.saturating_sub(job.view.submitted_at_ms) < self.config.cluster_hold_after_ms {
+            return;
+        }
+        let query = Query::new(&Requirements { gpu_count: None, ..job.view.requirements.clone() }, false);
+        let per_provider = |capacity: u32| {
+            let most =
+                if c.request.one_provider { c.request.gpus } else { c.request.max_per_provider.unwrap_or(u32::MAX) };
+            capacity.min(most)
+        };
+        // Would it fit at all, every matching provider idle?
+        let matching: Vec<&super::Provider> =
+            self.providers.values().filter(|p| query.reject(&p.candidate(), true).is_none()).collect();
+        let room: Vec<u32> = matching.iter().map(|p| per_provider(p.view.capacity)).collect();
+        let possible = match c.request.one_provider {
+            true => room.iter().any(|&r| r >= c.request.gpus),
+            false => room.iter().map(|&r| u64::from(r)).sum::<u64>() >= u64::from(c.request.gpus),
+        };
+        if !possible {
+            return;
+        }
+        // The free slots it could use now, the providers with the most room first.
+        let mut free: Vec<(PublicKey, u32, u32)> = matching
+            .iter()
+            .map(|p| {
+                let cand = self.candidate_of(p);
+                (p.view.key, cand.capacity.saturating_sub(cand.running), per_provider(p.view.capacity))
+            })
+            .filter(|(_, f, _)| *f > 0)
+            .collect();
+        free.sort_by_key(|(k, f, _)| (std::cmp::Reverse(*f), *k));
+        if c.request.one_provider {
+            free.retain(|(_, _, room)| *room >= c.request.gpus);
+            free.truncate(1);
+        }
+        let mut left = c.request.gpus;
+        let mut holds = Vec::new();
+        for (key, f, room) in free {
+            let take = f.min(room).min(left);
+            if take > 0 {
+                holds.push((key, take));
+                left -= take;
+            }
+        }
+        let (gpus, providers) = (holds.iter().map(|(_, n)| n).sum::<u32>(), holds.len());
+        for (key, n) in holds {
+            *self.clusters.held.entry(key).or_insert(0) += n;
+        }
+        if let Some(why) = self.clusters.why.get_mut(id) {
+            // The note of the pass before, if any, gives way to this one's.
+            if let Some(at) = why.summary.find(HELD_NOTE) {
+                why.summary.truncate(at);
+            }
+            if gpus > 0 {
+                why.summary = format!("{}{HELD_NOTE}{gpus} free GPU(s) on {providers} provider(s)", why.summary);
+            }
+        }
+    }
+
     /// What rank `rank` of cluster `parent` (on `provider`) is checked against: its next
     /// rank's report of the bytes it received.
     pub(super) fn next_rank_received(&self, parent: &str, rank: u32, provider: &PublicKey) -> NetCheck {
@@ -240,7 +311,7 @@ impl State {
             .values()
             .filter(|p| !avoid.contains(&p.view.key))
             .map(|p| {
-                let c = p.candidate();
+                let c = self.candidate_of(p);
                 let slots = c.capacity.saturating_sub(c.running) as usize;
                 let gpus = c.gpus.len().max(1);
                 let mut load = vec![0usize; gpus];
