@@ -5,6 +5,8 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+#[cfg(target_os = "linux")]
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,6 +41,25 @@ impl WorkerCommand {
         Ok(WorkerCommand { program: std::env::current_exe()?, args: all })
     }
 }
+
+/// The most a pipe to or from a worker holds: a whole peer frame (1 MiB) crosses in one write,
+/// not sixteen with a wake-up of the other process each. Linux's default most for a user
+/// (`/proc/sys/fs/pipe-max-size`).
+const PIPE_BYTES: usize = 1 << 20;
+
+/// Widens the worker's pipes to [`PIPE_BYTES`] where the system allows (a smaller limit keeps
+/// the default 64 KiB: only slower).
+#[cfg(target_os = "linux")]
+fn widen_pipes(stdin: &ChildStdin, stdout: &ChildStdout) {
+    for (which, fd) in [("stdin", stdin.as_fd()), ("stdout", stdout.as_fd())] {
+        if let Err(e) = rustix::pipe::fcntl_setpipe_size(fd, PIPE_BYTES) {
+            log::debug!("keeping the worker's {which} pipe at its size: {e}");
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn widen_pipes(_: &ChildStdin, _: &ChildStdout) {}
 
 /// Why a worker could not be had or used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -101,6 +122,7 @@ impl Worker {
         else {
             return Err(host_failure("a worker started without its pipes".into()));
         };
+        widen_pipes(&stdin, &stdout);
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
         let stderr_done = Some(tokio::spawn(keep_stderr(pid, err, stderr.clone())));
         let mut worker = Worker {
