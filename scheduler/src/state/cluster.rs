@@ -204,8 +204,14 @@ impl State {
             capacity.min(most)
         };
         // Would it fit at all, every matching provider idle?
+        // A provider that takes no peer connections can hold only a whole gang of its own.
+        let usable = |p: &super::Provider| {
+            let whole =
+                p.view.capacity >= c.request.gpus && c.request.max_per_provider.is_none_or(|m| m >= c.request.gpus);
+            p.view.session_addr.is_some() || whole
+        };
         let matching: Vec<&super::Provider> =
-            self.providers.values().filter(|p| query.reject(&p.candidate(), true).is_none()).collect();
+            self.providers.values().filter(|p| query.reject(&p.candidate(), true).is_none() && usable(p)).collect();
         let room: Vec<u32> = matching.iter().map(|p| per_provider(p.view.capacity)).collect();
         let possible = match c.request.one_provider {
             true => room.iter().any(|&r| r >= c.request.gpus),
