@@ -296,6 +296,7 @@ impl Scheduler {
                     Ok(_) | Err(Error::Api { status: 409, .. }) => {}
                     Err(e) => log::warn!("cluster {id}: cancelling it: {e}"),
                 }
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
             if view.state.is_final() {

@@ -157,10 +157,9 @@ fn load_failure(e: &LoadError) -> WorkerFailure {
 }
 
 /// Whether a worker may serve the next tenant after this ending: only after one that left
-/// nothing behind. A limit kill may leave GPU work running, a trap or a host failure may leave
-/// state nobody checked: those workers are replaced.
+/// nothing behind (those others are replaced).
 fn reusable(outcome: &Result<(), Failure>) -> bool {
-    matches!(outcome, Ok(()) | Err(Failure::Exit(_) | Failure::Guest(_)))
+    crate::sandbox::ends_clean(outcome)
 }
 
 /// What a worker reports about itself at start.

@@ -231,6 +231,8 @@ impl JobView {
     pub fn paid(&self) -> bool {
         match &self.channel {
             None => true,
+            // A last receipt held for the bytes cross-check is still to be paid.
+            Some(c) if c.held.is_some() => false,
             Some(c) if c.receipt.is_none() => self.state.is_final(),
             Some(c) => c.paid(),
         }

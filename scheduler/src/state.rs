@@ -374,7 +374,7 @@ impl State {
             providers.insert(view.key, Provider::new(view, false));
         }
         let sessions = store.sessions()?.into_iter().map(|s| (s.id.clone(), s)).collect();
-        Ok(State {
+        let mut state = State {
             config,
             store,
             jobs,
@@ -394,7 +394,9 @@ impl State {
             unfinished,
             next_seq,
             clusters: cluster::Clusters::default(),
-        })
+        };
+        state.park_again(now_ms)?;
+        Ok(state)
     }
 
     /// The renter named its payment channel for a job whose provider waits for one.
@@ -1233,7 +1235,8 @@ impl State {
                 why.unwrap_or_else(|| "the deadline passed in the queue".into()),
             )?;
         }
-        self.cluster_starts_expired(now_ms)
+        self.cluster_starts_expired(now_ms)?;
+        self.settle_overdue(now_ms)
     }
 
     /// The renter's cancel of job `id`: a queued job ends without running, a running one ends
@@ -1500,7 +1503,7 @@ impl State {
         self.live_logs.remove(id);
         self.store.put_job(&job)?;
         if let (Some(receipt), Some((parent, rank))) = (held, member) {
-            let parked = cluster::Parked { parent, rank, provider: *provider, receipt };
+            let parked = cluster::Parked { parent, rank, provider: *provider, receipt, since_ms: now_ms };
             self.clusters.parked.insert(id.to_string(), parked);
         }
         Ok(true)
@@ -2509,22 +2512,68 @@ mod tests {
             }
         };
         let channel = |s: &State, m: &Assignment| s.job(&m.job_id).unwrap().channel.unwrap();
-        // Rank 0 ends first, billing 1,000 bytes: held until rank 1 says what it received.
-        s.finished(&a[0].job_id, &a[0].provider, result(&a[0], 1_000, 900), 3).unwrap();
+        // Rank 0 ends first, billing 100 MiB: held until rank 1 says what it received, and its
+        // output is not released meanwhile.
+        let mib = 1u64 << 20;
+        s.finished(&a[0].job_id, &a[0].provider, result(&a[0], 100 * mib, 900), 3).unwrap();
         let c = channel(&s, &a[0]);
         assert!(c.held.as_deref().unwrap().contains("rank 1"), "{c:?}");
         assert_eq!(c.receipt, None, "not shown to the renter yet");
-        // Rank 1 received only 600 of them: rank 0's bill is refused. Rank 1 billed 900 and rank 0
-        // received 900: shown.
-        s.finished(&a[1].job_id, &a[1].provider, result(&a[1], 900, 600), 4).unwrap();
+        assert!(!s.job(&a[0].job_id).unwrap().paid() && !s.released(&a[0].job_id), "held is not paid");
+        // Rank 1 received only 10 MiB of them (past what could still have been on its way): rank
+        // 0's bill is refused. Rank 1 billed 900 bytes and rank 0 received 900: shown.
+        s.finished(&a[1].job_id, &a[1].provider, result(&a[1], 900, 10 * mib), 4).unwrap();
         let c = channel(&s, &a[0]);
         assert_eq!((c.held.as_ref(), c.receipt.as_ref()), (None, None));
         let why = c.refused.unwrap();
-        assert!(why.contains("bills 1000 bytes sent to rank 1") && why.contains("receiving 600"), "{why}");
+        assert!(why.contains(&format!("bills {} bytes sent to rank 1", 100 * mib)), "{why}");
+        assert!(why.contains(&format!("receiving {}", 10 * mib)), "{why}");
         let c = channel(&s, &a[1]);
         assert_eq!((c.held, c.refused), (None, None));
         assert_eq!(c.receipt.map(|r| (r.done, r.net_bytes)), Some((true, 900)));
         assert_eq!(s.job(&id).unwrap().state, JobState::Succeeded);
+
+        // A next rank that takes its time: the receipt is shown unchecked once it has waited
+        // the most a hold lasts, inside the minute its provider waits for the last voucher.
+        let pay = |s: &mut State, a: &[Assignment], now: u64| {
+            for m in a {
+                let ask = JobReply::AwaitingChannel {
+                    program: proto::Address([1; 32]),
+                    mint: proto::Keypair::from_seed([5; 32]).public(),
+                    need: 1 << 40,
+                    slice_ms: 100,
+                };
+                s.job_payment(&m.job_id, &m.provider, ask, now).unwrap();
+                s.job_payment(&m.job_id, &m.provider, JobReply::ChannelTaken { newest: None, base: 0 }, now).unwrap();
+            }
+        };
+        submit_cluster(&mut s, 2, 10).unwrap();
+        let a = s.assign(11).unwrap();
+        pay(&mut s, &a, 12);
+        s.finished(&a[0].job_id, &a[0].provider, result(&a[0], 5 * mib, 0), 13).unwrap();
+        let later = 13 + cluster::MAX_HELD_MS;
+        for k in &keys {
+            s.heartbeat(&k.public(), 1, 0, None, later);
+        }
+        s.tick(later - 1).unwrap();
+        assert!(channel(&s, &a[0]).held.is_some(), "not yet");
+        s.tick(later).unwrap();
+        let c = channel(&s, &a[0]);
+        assert_eq!((c.held, c.receipt.map(|r| r.net_bytes)), (None, Some(5 * mib)));
+        s.finished(&a[1].job_id, &a[1].provider, result(&a[1], 0, 5 * mib), later + 1).unwrap();
+
+        // A scheduler that restarts with a receipt held holds it again, and shows it once the
+        // next rank's record settles it (here: stopped by the restart, so unchecked).
+        submit_cluster(&mut s, 2, later + 10).unwrap();
+        let a = s.assign(later + 11).unwrap();
+        pay(&mut s, &a, later + 12);
+        s.finished(&a[0].job_id, &a[0].provider, result(&a[0], 5 * mib, 0), later + 13).unwrap();
+        assert!(channel(&s, &a[0]).held.is_some());
+        s.store.sync().unwrap();
+        drop(s);
+        let s = cluster_state(&dir, Config::default());
+        let c = channel(&s, &a[0]);
+        assert_eq!((c.held, c.receipt.map(|r| r.net_bytes)), (None, Some(5 * mib)), "not lost");
     }
 
     #[test]

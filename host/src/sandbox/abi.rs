@@ -247,9 +247,14 @@ enum InFlightEnd {
     Panicked,
 }
 
-/// At the job's end: an all-reduce still in flight is waited for and its result dropped.
-pub(crate) fn settle_in_flight(state: &mut JobState) {
-    let _ = join_in_flight(state);
+/// At the job's end: an all-reduce still in flight is waited for and its result dropped
+/// (`join`), or left running detached (a failed job: its worker is replaced).
+pub(crate) fn settle_in_flight(state: &mut JobState, join: bool) {
+    if join {
+        let _ = join_in_flight(state);
+    } else {
+        state.in_flight = None;
+    }
 }
 
 fn collective_wait(state: &mut JobState) -> Result<i32, CallError> {

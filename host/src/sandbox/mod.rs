@@ -121,6 +121,13 @@ impl Failure {
     }
 }
 
+/// Whether a job that ended so left its worker with nothing behind, fit for the next tenant: a
+/// limit kill may leave GPU work running, a trap or a host failure may leave state nobody
+/// checked.
+pub(crate) fn ends_clean(outcome: &Result<(), Failure>) -> bool {
+    matches!(outcome, Ok(()) | Err(Failure::Exit(_) | Failure::Guest(_)))
+}
+
 impl From<Fatal> for Failure {
     fn from(f: Fatal) -> Self {
         match f {
@@ -738,9 +745,11 @@ impl Host {
             }
         });
         // However the job ended, its newest save goes on: a next try resumes from it. An
-        // all-reduce still in flight is waited for (its member's counts are the job's).
+        // all-reduce still in flight is waited for after a clean end (its peers are in the
+        // same call, and the worker is reused); after any other it is left to end with the
+        // worker, which is replaced, rather than hold it until its peers' round or the wall time.
         store.data_mut().checkpoints.flush();
-        abi::settle_in_flight(store.data_mut());
+        abi::settle_in_flight(store.data_mut(), ends_clean(&outcome));
         let usage = usage_of(&store);
         let state = store.data();
         let first_dispatch = state.gpu.first_dispatch.map(|t| t.saturating_duration_since(started));

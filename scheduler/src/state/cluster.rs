@@ -57,7 +57,18 @@ pub(super) struct Parked {
     pub(super) rank: u32,
     pub(super) provider: PublicKey,
     pub(super) receipt: proto::receipt::JobReceipt,
+    /// When it was held: past [`MAX_HELD_MS`] it is shown unchecked.
+    pub(super) since_ms: u64,
 }
+
+/// The longest a member's last receipt is held for its next rank's count: well inside the
+/// minute its provider waits for the last voucher.
+pub(super) const MAX_HELD_MS: u64 = 20_000;
+
+/// Bytes a member may bill past what its next rank reports receiving: frames that were on
+/// their way when the next rank ended (its link's queue of 16 frames, the one held back, and
+/// what its pipes hold), so that an honest provider is never refused for them.
+pub(super) const IN_FLIGHT_BYTES: u64 = 32 << 20;
 
 /// What a member's last receipt is checked against before its renter sees it: the bytes it
 /// bills as sent went to the next rank, whose provider reports what it received. Only a
@@ -79,7 +90,7 @@ pub(super) fn show_last_receipt(c: &mut proto::api::JobChannel, r: proto::receip
     c.held = None;
     c.updates += 1;
     match check {
-        NetCheck::Against { next, received } if r.net_bytes > received => {
+        NetCheck::Against { next, received } if r.net_bytes > received.saturating_add(IN_FLIGHT_BYTES) => {
             let why = format!(
                 "the provider's last receipt was refused: it bills {} bytes sent to rank {next}, whose provider reports receiving {received}",
                 r.net_bytes
@@ -194,7 +205,10 @@ impl State {
     pub(super) fn hold_for(&mut self, id: &str, now_ms: u64) {
         let Some(job) = self.jobs.get(id) else { return };
         let Some(c) = job.view.cluster.as_ref() else { return };
-        if now_ms.saturating_sub(job.view.submitted_at_ms) < self.config.cluster_hold_after_ms {
+        // Without a key to sign rosters no cluster is placed: nothing is held for one.
+        if self.clusters.signer.is_none()
+            || now_ms.saturating_sub(job.view.submitted_at_ms) < self.config.cluster_hold_after_ms
+        {
             return;
         }
         let query = Query::new(&Requirements { gpu_count: None, ..job.view.requirements.clone() }, false);
@@ -283,15 +297,17 @@ impl State {
 
     /// Shows (or refuses) the held last receipts of cluster `parent`'s members whose next rank
     /// has now reported, or can no longer.
-    pub(super) fn settle_parked(&mut self, parent: &str) -> Result<(), StoreError> {
+    pub(super) fn settle_parked(&mut self, parent: &str, now_ms: u64) -> Result<(), StoreError> {
         let ids: Vec<String> =
             self.clusters.parked.iter().filter(|(_, p)| p.parent == parent).map(|(id, _)| id.clone()).collect();
         for id in ids {
             let Some(p) = self.clusters.parked.get(&id) else { continue };
-            let check = self.next_rank_received(&p.parent, p.rank, &p.provider);
-            if matches!(check, NetCheck::Wait { .. }) {
-                continue;
-            }
+            let check = match self.next_rank_received(&p.parent, p.rank, &p.provider) {
+                // Waited for long enough: its provider must still get its last voucher.
+                NetCheck::Wait { .. } if now_ms.saturating_sub(p.since_ms) >= MAX_HELD_MS => NetCheck::Free,
+                NetCheck::Wait { .. } => continue,
+                check => check,
+            };
             let Some(p) = self.clusters.parked.remove(&id) else { continue };
             let Some(job) = self.jobs.get_mut(&id) else { continue };
             let Some(c) = job.view.channel.as_mut() else { continue };
@@ -587,7 +603,7 @@ impl State {
         }
         let Some(m) = self.clusters.running.remove(id) else { return Ok(()) };
         // Its report is what the rank before it is checked against.
-        self.settle_parked(&m.parent)?;
+        self.settle_parked(&m.parent, now_ms)?;
         let Some(child) = self.jobs.get(id) else { return Ok(()) };
         match (&child.view.state, &child.view.outcome) {
             (JobState::Failed, outcome) => {
@@ -681,7 +697,58 @@ impl State {
             }
         }
         // The stopped report nothing: what waited on them is shown unchecked.
-        self.settle_parked(parent)
+        self.settle_parked(parent, now_ms)
+    }
+
+    /// Shows the held last receipts that have waited [`MAX_HELD_MS`] (a tick's work).
+    pub(super) fn settle_overdue(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        let mut parents: Vec<String> = self
+            .clusters
+            .parked
+            .values()
+            .filter(|p| now_ms.saturating_sub(p.since_ms) >= MAX_HELD_MS)
+            .map(|p| p.parent.clone())
+            .collect();
+        parents.sort();
+        parents.dedup();
+        for parent in parents {
+            self.settle_parked(&parent, now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// After a restart, the members' last receipts that were held are held again (from their
+    /// stored results), and settled as far as their next ranks' records allow.
+    pub(super) fn park_again(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        let held: Vec<(String, String, PublicKey, proto::receipt::JobReceipt)> = self
+            .jobs
+            .values()
+            .filter(|j| j.view.channel.as_ref().is_some_and(|c| c.held.is_some()))
+            .filter_map(|j| {
+                let receipt = j.result.as_ref().and_then(|r| r.receipt.clone()).or_else(|| j.view.receipt.clone())?;
+                Some((j.view.id.clone(), j.view.member_of.clone()?, j.view.provider?, receipt))
+            })
+            .collect();
+        let mut parents = Vec::new();
+        for (id, parent, provider, receipt) in held {
+            let rank = self
+                .jobs
+                .get(&parent)
+                .and_then(|p| p.view.cluster.as_ref())
+                .and_then(|c| c.members.iter().find(|m| m.job_id == id))
+                .map(|m| m.rank);
+            let Some(rank) = rank else { continue };
+            self.clusters
+                .parked
+                .insert(id, Parked { parent: parent.clone(), rank, provider, receipt, since_ms: now_ms });
+            parents.push(parent);
+        }
+        parents.sort();
+        parents.dedup();
+        for parent in parents {
+            self.settle_parked(&parent, now_ms)?;
+        }
+        Ok(())
     }
 
     /// Queues cluster `parent` again at the front, whole (its running members stopped), unless
