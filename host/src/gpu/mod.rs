@@ -192,11 +192,12 @@ pub(crate) struct DeviceCtx {
     /// a pipeline holds no tenant data, and compiling the same kernel again for each job (a
     /// warm host's commonest case) costs more than running it.
     pipelines: Mutex<HashMap<[u8; 32], Arc<PipelineEntry>>>,
-    /// Held across every `poll` of this device. wgpu-core 30 asserts, and panics, when two
-    /// threads poll one device at once and the other drained the queue between this one's
-    /// fence read and its check (fixed upstream in gfx-rs/wgpu#9958); one poll at a time keeps
-    /// jobs that share a device from taking that panic for a lost device. Waits poll in short
-    /// slices, so nobody holds it for long.
+    /// Held across every `poll` and every `submit` of this device (a submit polls it too,
+    /// inside wgpu). wgpu-core 30 asserts, and panics, when two threads poll one device at once
+    /// and the other drained the queue between this one's fence read and its check (fixed
+    /// upstream in gfx-rs/wgpu#9958); one poll at a time keeps jobs that share a device from
+    /// taking that panic for a lost device. Waits poll in short slices, so nobody holds it for
+    /// long.
     polling: Mutex<()>,
 }
 
@@ -205,6 +206,12 @@ impl DeviceCtx {
     fn poll(&self, kind: wgpu::PollType) -> Result<Result<wgpu::PollStatus, wgpu::PollError>, String> {
         let _one = self.polling.lock().unwrap_or_else(PoisonError::into_inner);
         std::panic::catch_unwind(AssertUnwindSafe(|| self.device.poll(kind))).map_err(|p| panic_message(p.as_ref()))
+    }
+
+    /// Submits command buffers, one caller at a time with every poll (see `polling`).
+    fn submit<I: IntoIterator<Item = wgpu::CommandBuffer>>(&self, commands: I) -> wgpu::SubmissionIndex {
+        let _one = self.polling.lock().unwrap_or_else(PoisonError::into_inner);
+        self.queue.submit(commands)
     }
 }
 
@@ -400,7 +407,7 @@ impl Gpu {
                 pass.set_bind_group(0, &group, &[]);
                 pass.dispatch_workgroups(n / 16, n / 16, 1);
             }
-            let index = ctx.queue.submit([encoder.finish()]);
+            let index = ctx.submit([encoder.finish()]);
             let done = ctx
                 .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: Some(Duration::from_secs(60)) });
             if !matches!(done, Ok(Ok(_))) {
@@ -600,7 +607,7 @@ impl JobGpu {
         if self.staged == 0 {
             return Ok(());
         }
-        let (index, err) = scoped(&self.ctx.device, || self.ctx.queue.submit(std::iter::empty()));
+        let (index, err) = scoped(&self.ctx.device, || self.ctx.submit(std::iter::empty()));
         if let Some(e) = err {
             return Err(gpu_error("flushing buffer writes", &e).into());
         }
@@ -770,7 +777,7 @@ impl JobGpu {
             let (index, err) = scoped(&device, || {
                 let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
                 encoder.copy_buffer_to_buffer(&source, at, &staging, 0, n);
-                self.ctx.queue.submit([encoder.finish()])
+                self.ctx.submit([encoder.finish()])
             });
             if let Some(e) = err {
                 return Err(gpu_error("reading a buffer", &e).into());
@@ -1123,7 +1130,7 @@ impl JobGpu {
                 encoder.resolve_query_set(set, 0..2, resolve, 0);
                 encoder.copy_buffer_to_buffer(resolve, 0, readback, 0, 16);
             }
-            let index = ctx.queue.submit([encoder.finish()]);
+            let index = ctx.submit([encoder.finish()]);
             (index, queries.map(|(_, _, readback)| readback))
         });
         if let Some(e) = err {
@@ -1330,7 +1337,7 @@ impl Drop for JobGpu {
             if self.staged > 0 {
                 // Writes the job staged and never submitted would otherwise wait in host memory
                 // for the next job's submission.
-                let _ = scoped(&self.ctx.device, || self.ctx.queue.submit(std::iter::empty()));
+                let _ = scoped(&self.ctx.device, || self.ctx.submit(std::iter::empty()));
             }
             return;
         }
