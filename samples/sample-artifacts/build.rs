@@ -16,6 +16,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("hostile", "bin"),
     ("fuzz-driver", "bin"),
     ("echo", "cdylib"),
+    ("tensor-check", "bin"),
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -33,7 +33,7 @@ fn text(bytes: &[u8]) -> String {
 /// Each sample must have a test named after it; adding a sample without one fails to compile.
 mod per_sample {
     pub(crate) use crate::hostile::{fuzz_driver, hostile};
-    pub(crate) use crate::samples::{allreduce, cluster_train, echo, matmul, mlp, train};
+    pub(crate) use crate::samples::{allreduce, cluster_train, echo, matmul, mlp, tensor_check, train};
 }
 
 macro_rules! require_test {

@@ -380,3 +380,25 @@ pub(crate) fn echo() {
         assert!(got.usage.fuel > 0);
     }
 }
+
+#[test]
+pub(crate) fn tensor_check() {
+    // The guest checks each kernel of `wasmgrid::tensor` against an f64 CPU computation with a
+    // tolerance per case, and reports one line per case.
+    let report = run(sample_artifacts::TENSOR_CHECK, b"", &Limits::default());
+    let out = text(&report.output);
+    assert_eq!(report.outcome, Ok(()), "{out}\nlog: {}", text(&report.log));
+    for kernel in
+        ["matmul", "layer_norm", "gelu", "add", "softmax", "attention", "embedding", "mean_pool", "l2_normalize"]
+    {
+        let cases = out.lines().filter(|l| l.starts_with(&format!("{kernel} ")) && l.ends_with(" ok")).count();
+        assert!(cases > 0, "no passing case of {kernel}:\n{out}");
+    }
+    assert!(!out.contains("FAIL"), "{out}");
+    for refused in ["matmul", "add", "view", "layer_norm", "embedding", "zeros"] {
+        assert!(out.contains(&format!("refused {refused}: ")), "{refused} was not refused:\n{out}");
+    }
+    // Every variant compiled once, however many cases used it.
+    let last = out.lines().last().unwrap_or_default();
+    assert!(last.contains(" 0 failed"), "{last}");
+}

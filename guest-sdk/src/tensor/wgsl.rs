@@ -1,0 +1,403 @@
+//! The WGSL behind [`super`]'s kernels. Variants (operand layout, fused epilogues, head size) are
+//! chosen by text substitution before compiling, so each compiled pipeline has no runtime
+//! branches for them.
+
+/// `erfc(x)` with a fractional error below 1.2e-7 everywhere (Numerical Recipes' Chebyshev
+/// fit), and the exact GELU `x * Φ(x) = 0.5 * x * erfc(-x / √2)`, whose relative error is
+/// therefore as small: written through `erfc`, not `1 + erf`, so small inputs keep their
+/// precision. Public so that a renter's own WGSL can include it.
+pub const ERFC_GELU: &str = r#"
+fn wg_erfc(x: f32) -> f32 {
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806
+        + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
+    let r = t * exp(poly);
+    return select(2.0 - r, r, x >= 0.0);
+}
+
+fn wg_gelu(x: f32) -> f32 {
+    return 0.5 * x * wg_erfc(-x * 0.70710678118654752);
+}
+"#;
+
+/// `c = alpha * op(a) * op(b) (+ bias) (then GELU)`, batched over `wg.z`. A 64 x 64 output tile
+/// per workgroup of 16 x 16 threads, each holding a 4 x 4 register tile; K in steps of 16
+/// through workgroup memory. `$LOAD_A` and `$LOAD_B` pick the operand layouts, `$BIAS` and
+/// `$EPILOGUE` the fused tail.
+pub(super) const MATMUL: &str = r#"
+struct Params {
+    m: u32, n: u32, k: u32, alpha: f32,
+    a_batch: u32, b_batch: u32, c_batch: u32, _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+$BIAS_DECL
+
+var<workgroup> ta: array<f32, 1024>;
+var<workgroup> tb: array<f32, 1024>;
+
+$FUNCTIONS
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let tid = lid.y * 16u + lid.x;
+    let row0 = wg.y * 64u;
+    let col0 = wg.x * 64u;
+    let a0 = wg.z * p.a_batch;
+    let b0 = wg.z * p.b_batch;
+    let c0 = wg.z * p.c_batch;
+    var acc: array<f32, 16>;
+    for (var k0 = 0u; k0 < p.k; k0 = k0 + 16u) {
+        for (var i = 0u; i < 4u; i = i + 1u) {
+            let e = tid + i * 256u;
+            $LOAD_A
+            $LOAD_B
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < 16u; kk = kk + 1u) {
+            let ar = vec4<f32>(ta[kk * 64u + lid.y], ta[kk * 64u + lid.y + 16u], ta[kk * 64u + lid.y + 32u], ta[kk * 64u + lid.y + 48u]);
+            let br = vec4<f32>(tb[kk * 64u + lid.x], tb[kk * 64u + lid.x + 16u], tb[kk * 64u + lid.x + 32u], tb[kk * 64u + lid.x + 48u]);
+            for (var i = 0u; i < 4u; i = i + 1u) {
+                for (var j = 0u; j < 4u; j = j + 1u) {
+                    acc[i * 4u + j] = fma(ar[i], br[j], acc[i * 4u + j]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        let r = row0 + lid.y + 16u * i;
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            let col = col0 + lid.x + 16u * j;
+            if (r < p.m && col < p.n) {
+                var v = acc[i * 4u + j] * p.alpha;
+                $EPILOGUE
+                c[c0 + r * p.n + col] = v;
+            }
+        }
+    }
+}
+"#;
+
+/// A row-major `[m][k]` A: consecutive threads read consecutive `k`.
+pub(super) const LOAD_A_ROWS: &str = r#"{
+                let kk = e % 16u; let r = e / 16u;
+                var v = 0.0;
+                if (row0 + r < p.m && k0 + kk < p.k) { v = a[a0 + (row0 + r) * p.k + k0 + kk]; }
+                ta[kk * 64u + r] = v;
+            }"#;
+
+/// A stored transposed, `[k][m]`.
+pub(super) const LOAD_A_COLS: &str = r#"{
+                let r = e % 64u; let kk = e / 64u;
+                var v = 0.0;
+                if (row0 + r < p.m && k0 + kk < p.k) { v = a[a0 + (k0 + kk) * p.m + row0 + r]; }
+                ta[kk * 64u + r] = v;
+            }"#;
+
+/// A row-major `[k][n]` B.
+pub(super) const LOAD_B_ROWS: &str = r#"{
+                let cc = e % 64u; let kk = e / 64u;
+                var v = 0.0;
+                if (col0 + cc < p.n && k0 + kk < p.k) { v = b[b0 + (k0 + kk) * p.n + col0 + cc]; }
+                tb[kk * 64u + cc] = v;
+            }"#;
+
+/// B stored transposed, `[n][k]` (a PyTorch `Linear` weight).
+pub(super) const LOAD_B_COLS: &str = r#"{
+                let kk = e % 16u; let cc = e / 16u;
+                var v = 0.0;
+                if (col0 + cc < p.n && k0 + kk < p.k) { v = b[b0 + (col0 + cc) * p.k + k0 + kk]; }
+                tb[kk * 64u + cc] = v;
+            }"#;
+
+pub(super) const BIAS_DECL: &str = "@group(0) @binding(4) var<storage, read> bias: array<f32>;";
+
+/// Layer norm of each row (optionally of `x + residual`), statistics in f32 in two passes (mean,
+/// then the mean square of the deviations), one workgroup of 128 threads per row.
+pub(super) const LAYER_NORM: &str = r#"
+struct Params { rows: u32, cols: u32, eps: f32, _pad: u32 }
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> gamma: array<f32>;
+@group(0) @binding(3) var<storage, read> beta: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+$RESIDUAL_DECL
+
+var<workgroup> part: array<f32, 128>;
+
+fn value(i: u32) -> f32 {
+    return $VALUE;
+}
+
+fn reduce(lid: u32, v: f32) -> f32 {
+    part[lid] = v;
+    workgroupBarrier();
+    for (var s = 64u; s > 0u; s = s >> 1u) {
+        if (lid < s) { part[lid] = part[lid] + part[lid + s]; }
+        workgroupBarrier();
+    }
+    let total = part[0];
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(128, 1, 1)
+fn layer_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let row = wg.y * nwg.x + wg.x;
+    if (row >= p.rows) { return; }
+    let lid = lid3.x;
+    let base = row * p.cols;
+    var s = 0.0;
+    for (var j = lid; j < p.cols; j = j + 128u) { s = s + value(base + j); }
+    let mean = reduce(lid, s) / f32(p.cols);
+    var q = 0.0;
+    for (var j = lid; j < p.cols; j = j + 128u) { let d = value(base + j) - mean; q = q + d * d; }
+    let inv = inverseSqrt(reduce(lid, q) / f32(p.cols) + p.eps);
+    for (var j = lid; j < p.cols; j = j + 128u) {
+        y[base + j] = (value(base + j) - mean) * inv * gamma[j] + beta[j];
+    }
+}
+"#;
+
+/// Softmax of each row with the maximum subtracted; where a mask is bound, columns whose mask
+/// is 0 get probability 0 (a row with every column masked is all zeros). The mask has one row
+/// per `group` consecutive rows.
+pub(super) const SOFTMAX: &str = r#"
+struct Params { rows: u32, cols: u32, group: u32, _pad: u32 }
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+$MASK_DECL
+
+var<workgroup> part: array<f32, 128>;
+
+fn kept(row: u32, j: u32) -> bool {
+    return $KEPT;
+}
+
+@compute @workgroup_size(128, 1, 1)
+fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let row = wg.y * nwg.x + wg.x;
+    if (row >= p.rows) { return; }
+    let lid = lid3.x;
+    let base = row * p.cols;
+    var m = -3.4028234e38;
+    for (var j = lid; j < p.cols; j = j + 128u) { if (kept(row, j)) { m = max(m, x[base + j]); } }
+    part[lid] = m;
+    workgroupBarrier();
+    for (var s = 64u; s > 0u; s = s >> 1u) {
+        if (lid < s) { part[lid] = max(part[lid], part[lid + s]); }
+        workgroupBarrier();
+    }
+    m = part[0];
+    workgroupBarrier();
+    var total = 0.0;
+    for (var j = lid; j < p.cols; j = j + 128u) { if (kept(row, j)) { total = total + exp(x[base + j] - m); } }
+    part[lid] = total;
+    workgroupBarrier();
+    for (var s = 64u; s > 0u; s = s >> 1u) {
+        if (lid < s) { part[lid] = part[lid] + part[lid + s]; }
+        workgroupBarrier();
+    }
+    total = part[0];
+    for (var j = lid; j < p.cols; j = j + 128u) {
+        var v = 0.0;
+        if (kept(row, j) && total > 0.0) { v = exp(x[base + j] - m) / total; }
+        y[base + j] = v;
+    }
+}
+"#;
+
+/// Scaled dot-product attention, fused: per (sequence, head, block of 64 queries) one workgroup,
+/// one query per thread, keys and values in tiles through workgroup memory, an online softmax
+/// (running maximum and sum), so the `L x L` scores never reach memory. Q, K and V are rows of
+/// `stride` floats at column offsets (one fused QKV projection or three tensors alike); a key
+/// whose mask is 0 is left out; the output is `[batch, seq, heads * D]`.
+pub(super) const ATTENTION: &str = r#"
+struct Params {
+    seq: u32, heads: u32, stride: u32, scale: f32,
+    q_off: u32, k_off: u32, v_off: u32, _pad: u32,
+}
+
+const D: u32 = $HEAD_DIMu;
+const TILE: u32 = $TILEu;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(4) var<storage, read> mask: array<f32>;
+@group(0) @binding(5) var<storage, read_write> o: array<f32>;
+
+var<workgroup> tk: array<f32, $TILE_FLOATS>;
+var<workgroup> tv: array<f32, $TILE_FLOATS>;
+var<workgroup> tm: array<f32, TILE>;
+
+@compute @workgroup_size(64, 1, 1)
+fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let lid = lid3.x;
+    let seq_i = wg.z;
+    let head = wg.y;
+    let i = wg.x * 64u + lid;
+    let live = i < p.seq;
+    let row0 = seq_i * p.seq;
+    var qr: array<f32, $HEAD_DIM>;
+    var acc: array<f32, $HEAD_DIM>;
+    if (live) {
+        let qb = (row0 + i) * p.stride + p.q_off + head * D;
+        for (var d = 0u; d < D; d = d + 1u) { qr[d] = q[qb + d] * p.scale; }
+    }
+    var m = -3.4028234e38;
+    var l = 0.0;
+    for (var j0 = 0u; j0 < p.seq; j0 = j0 + TILE) {
+        for (var e = lid; e < TILE * D; e = e + 64u) {
+            let jj = e / D;
+            let d = e % D;
+            var kv = 0.0;
+            var vv = 0.0;
+            if (j0 + jj < p.seq) {
+                let r = (row0 + j0 + jj) * p.stride + head * D + d;
+                kv = k[r + p.k_off];
+                vv = v[r + p.v_off];
+            }
+            tk[e] = kv;
+            tv[e] = vv;
+        }
+        for (var jj = lid; jj < TILE; jj = jj + 64u) {
+            var keep = 0.0;
+            if (j0 + jj < p.seq) { keep = mask[row0 + j0 + jj]; }
+            tm[jj] = keep;
+        }
+        workgroupBarrier();
+        if (live) {
+            for (var jj = 0u; jj < TILE; jj = jj + 1u) {
+                if (tm[jj] != 0.0) {
+                    var s = 0.0;
+                    for (var d = 0u; d < D; d = d + 1u) { s = fma(qr[d], tk[jj * D + d], s); }
+                    let m2 = max(m, s);
+                    let corr = exp(m - m2);
+                    let w = exp(s - m2);
+                    l = l * corr + w;
+                    for (var d = 0u; d < D; d = d + 1u) { acc[d] = fma(acc[d], corr, w * tv[jj * D + d]); }
+                    m = m2;
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (live) {
+        let ob = (row0 + i) * (p.heads * D) + head * D;
+        var inv = 0.0;
+        if (l > 0.0) { inv = 1.0 / l; }
+        for (var d = 0u; d < D; d = d + 1u) { o[ob + d] = acc[d] * inv; }
+    }
+}
+"#;
+
+/// Elementwise kernels over a flat index, 256 invocations per workgroup, the index spread over
+/// `x` and `y` so that more than 65,535 workgroups fit in one dispatch.
+pub(super) const ELEMENTWISE: &str = r#"
+struct Params { n: u32, b_len: u32, _p0: u32, _p1: u32 }
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+$B_DECL
+
+$FUNCTIONS
+
+@compute @workgroup_size(256, 1, 1)
+fn elementwise(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wg.y * nwg.x + wg.x) * 256u + lid.x;
+    if (i >= p.n) { return; }
+    y[i] = $EXPR;
+}
+"#;
+
+/// Rows of a table picked by `u32` ids; an id past the table gives a zero row.
+pub(super) const EMBEDDING: &str = r#"
+struct Params { n: u32, cols: u32, vocab: u32, _pad: u32 }
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> table: array<f32>;
+@group(0) @binding(2) var<storage, read> ids: array<u32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(256, 1, 1)
+fn embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wg.y * nwg.x + wg.x) * 256u + lid.x;
+    if (i >= p.n) { return; }
+    let id = ids[i / p.cols];
+    var v = 0.0;
+    if (id < p.vocab) { v = table[id * p.cols + i % p.cols]; }
+    y[i] = v;
+}
+"#;
+
+/// The mean over each sequence's positions whose mask is non-zero, weighted by the mask (the
+/// count clamped to 1e-9 as sentence-transformers does), one invocation per output.
+pub(super) const MEAN_POOL: &str = r#"
+struct Params { batch: u32, seq: u32, cols: u32, _pad: u32 }
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> mask: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(64, 1, 1)
+fn mean_pool(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if (i >= p.batch * p.cols) { return; }
+    let b = i / p.cols;
+    let c = i % p.cols;
+    var s = 0.0;
+    var w = 0.0;
+    for (var l = 0u; l < p.seq; l = l + 1u) {
+        let mk = mask[b * p.seq + l];
+        s = fma(x[(b * p.seq + l) * p.cols + c], mk, s);
+        w = w + mk;
+    }
+    y[i] = s / max(w, 1e-9);
+}
+"#;
+
+/// Each row divided by its L2 norm (clamped to `eps`, as `torch.nn.functional.normalize`).
+pub(super) const L2_NORMALIZE: &str = r#"
+struct Params { rows: u32, cols: u32, eps: f32, _pad: u32 }
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+
+var<workgroup> part: array<f32, 128>;
+
+@compute @workgroup_size(128, 1, 1)
+fn l2_normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let row = wg.y * nwg.x + wg.x;
+    if (row >= p.rows) { return; }
+    let lid = lid3.x;
+    let base = row * p.cols;
+    var s = 0.0;
+    for (var j = lid; j < p.cols; j = j + 128u) { let v = x[base + j]; s = fma(v, v, s); }
+    part[lid] = s;
+    workgroupBarrier();
+    for (var h = 64u; h > 0u; h = h >> 1u) {
+        if (lid < h) { part[lid] = part[lid] + part[lid + h]; }
+        workgroupBarrier();
+    }
+    let inv = 1.0 / max(sqrt(part[0]), p.eps);
+    for (var j = lid; j < p.cols; j = j + 128u) { y[base + j] = x[base + j] * inv; }
+}
+"#;
