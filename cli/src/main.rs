@@ -207,8 +207,9 @@ struct RunArgs {
 struct InferArgs {
     /// The inference service module (`.wasm`, a `cdylib` built for wasm32-wasip1).
     job: PathBuf,
-    /// File whose bytes are the input of `init` (for example the weights).
-    #[arg(long, value_name = "FILE")]
+    /// The input of `init`: a file's bytes (for example the weights), or a folder's files as
+    /// one bundle (a model folder; see `abi::files` for the layout).
+    #[arg(long, value_name = "FILE|DIR")]
     init: Option<PathBuf>,
     /// Request files, one request each; without any, each line of stdin is one request.
     requests: Vec<PathBuf>,
@@ -332,6 +333,14 @@ fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
         return Ok(buf);
     }
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// An init input: a file's bytes, or a folder's files as one bundle ([`host::bundle_dir`]).
+pub(crate) fn read_init(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path.is_dir() {
+        return host::bundle_dir(path).map_err(anyhow::Error::msg);
+    }
+    read_input(path)
 }
 
 fn load(host: &Host, path: &Path) -> Result<host::JobModule, Exit> {
@@ -535,7 +544,7 @@ fn run(args: &RunArgs) -> Result<u8, Exit> {
 
 fn infer(args: &InferArgs) -> Result<u8, Exit> {
     let init = match &args.init {
-        Some(p) => read_input(p).map_err(bad_input)?,
+        Some(p) => read_init(p).map_err(bad_input)?,
         None => Vec::new(),
     };
     // Read request files before starting anything, so a missing file fails fast.

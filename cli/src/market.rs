@@ -660,8 +660,9 @@ pub(crate) struct SessionArgs {
     /// The scheduler, and the renter's key (the provider sees this key too).
     #[command(flatten)]
     renter: RenterArgs,
-    /// File whose bytes are the input of `init` (for example the weights).
-    #[arg(long, value_name = "FILE")]
+    /// The input of `init`: a file's bytes (for example the weights), or a folder's files as
+    /// one bundle (a model folder).
+    #[arg(long, value_name = "FILE|DIR")]
     init: Option<PathBuf>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1)]
@@ -686,7 +687,7 @@ pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
         .with_context(|| format!("reading the job {}", args.job.display()))
         .map_err(bad_input)?;
     let init = match &args.init {
-        Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display())).map_err(bad_input)?,
+        Some(p) => crate::read_init(p).map_err(bad_input)?,
         None => Vec::new(),
     };
     let mut requests: Vec<(String, Vec<u8>)> = Vec::new();

@@ -17,6 +17,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("fuzz-driver", "bin"),
     ("echo", "cdylib"),
     ("tensor-check", "bin"),
+    ("minilm", "cdylib"),
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

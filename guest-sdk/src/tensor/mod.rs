@@ -345,21 +345,7 @@ impl Batch<'_> {
         no_alias(out, &inputs, "matmul")?;
         let key =
             format!("matmul:{}{}{}{}", spec.trans_a as u8, spec.trans_b as u8, bias.is_some() as u8, spec.gelu as u8);
-        let source = || {
-            let mut epilogue = String::new();
-            if bias.is_some() {
-                epilogue.push_str("v = v + bias[col];");
-            }
-            if spec.gelu {
-                epilogue.push_str(" v = wg_gelu(v);");
-            }
-            wgsl::MATMUL
-                .replace("$LOAD_A", if spec.trans_a { wgsl::LOAD_A_COLS } else { wgsl::LOAD_A_ROWS })
-                .replace("$LOAD_B", if spec.trans_b { wgsl::LOAD_B_COLS } else { wgsl::LOAD_B_ROWS })
-                .replace("$BIAS_DECL", if bias.is_some() { wgsl::BIAS_DECL } else { "" })
-                .replace("$FUNCTIONS", if spec.gelu { wgsl::ERFC_GELU } else { "" })
-                .replace("$EPILOGUE", &epilogue)
-        };
+        let source = || wgsl::matmul(spec.trans_a, spec.trans_b, bias.is_some(), spec.gelu);
         let pipeline = self.kernels.pipeline(&key, source, "matmul")?;
         let b_stride = if b_batch == 1 { 0 } else { k * n };
         let words = [
@@ -482,7 +468,9 @@ impl Batch<'_> {
     ) -> Result<()> {
         f32s(&[q, k, v, mask, out], "attention")?;
         let Attention { batch, seq, heads, head_dim, scale, q_col, k_col, v_col } = spec;
-        need((1..=128).contains(&head_dim), || format!("attention: head size {head_dim} is not in 1..=128"))?;
+        need((1..=128).contains(&head_dim) && head_dim.is_multiple_of(4), || {
+            format!("attention: head size {head_dim} is not a multiple of 4 in 4..=128")
+        })?;
         let width = heads * head_dim;
         let stride = q.shape.last().copied().unwrap_or(0);
         let rows = batch * seq;
@@ -504,8 +492,9 @@ impl Batch<'_> {
         let key = format!("attention:{head_dim}");
         let source = || {
             wgsl::ATTENTION
+                .replace("$HEAD_DIM4", &(head_dim / 4).to_string())
                 .replace("$HEAD_DIM", &head_dim.to_string())
-                .replace("$TILE_FLOATS", &(tile * head_dim).to_string())
+                .replace("$TILE_VECS", &(tile * head_dim / 4).to_string())
                 .replace("$TILE", &tile.to_string())
         };
         let pipeline = self.kernels.pipeline(&key, source, "attention")?;

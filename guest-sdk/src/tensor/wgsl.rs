@@ -21,101 +21,125 @@ fn wg_gelu(x: f32) -> f32 {
 }
 "#;
 
-/// `c = alpha * op(a) * op(b) (+ bias) (then GELU)`, batched over `wg.z`. A 64 x 64 output tile
-/// per workgroup of 16 x 16 threads, each holding a 4 x 4 register tile; K in steps of 16
-/// through workgroup memory. `$LOAD_A` and `$LOAD_B` pick the operand layouts, `$BIAS` and
-/// `$EPILOGUE` the fused tail.
-pub(super) const MATMUL: &str = r#"
-struct Params {
+/// `c = alpha * op(a) * op(b) (+ bias) (then GELU)`, batched over `wg.z`: the WGSL for one
+/// variant. A 64 x 64 output tile per workgroup of 8 x 8 threads, each holding an 8 x 8
+/// register tile in sixteen `vec4` accumulators (written out, not an array, so that no
+/// compiler spills them); K in steps of 32 through workgroup memory (16 KiB, the least every
+/// adapter offers), loaded so that
+/// neighbouring threads read neighbouring addresses for either operand layout.
+pub(super) fn matmul(trans_a: bool, trans_b: bool, bias: bool, gelu: bool) -> String {
+    use std::fmt::Write as _;
+    // Tile element `e` (0..2048) of A: (row r, depth kk) and where it lies in `a`.
+    let load_a = if trans_a {
+        "let r = e % 64u; let kk = e / 64u;
+            var v = 0.0;
+            if (row0 + r < p.m && k0 + kk < p.k) { v = a[a0 + (k0 + kk) * p.m + row0 + r]; }"
+    } else {
+        "let kk = e % 32u; let r = e / 32u;
+            var v = 0.0;
+            if (row0 + r < p.m && k0 + kk < p.k) { v = a[a0 + (row0 + r) * p.k + k0 + kk]; }"
+    };
+    let load_b = if trans_b {
+        "let kk = e % 32u; let cc = e / 32u;
+            var w = 0.0;
+            if (col0 + cc < p.n && k0 + kk < p.k) { w = b[b0 + (col0 + cc) * p.k + k0 + kk]; }"
+    } else {
+        "let cc = e % 64u; let kk = e / 64u;
+            var w = 0.0;
+            if (col0 + cc < p.n && k0 + kk < p.k) { w = b[b0 + (k0 + kk) * p.n + col0 + cc]; }"
+    };
+    let mut declare = String::new();
+    let mut fmas = String::new();
+    let mut stores = String::new();
+    for r in 0..8 {
+        let lane = ["x", "y", "z", "w"][r % 4];
+        let half = r / 4;
+        for h in 0..2 {
+            let _ = writeln!(declare, "    var c{r}{h} = vec4<f32>();");
+            let _ = writeln!(fmas, "            c{r}{h} = fma(vec4<f32>(a{half}.{lane}), b{h}, c{r}{h});");
+            let _ =
+                writeln!(stores, "    store4(row0 + lid.y * 8u + {r}u, col0 + {h}u * 32u + lid.x * 4u, c0_, c{r}{h});");
+        }
+    }
+    let stores = stores.replace("c0_, ", "c0, ");
+    let mut epilogue = String::new();
+    if bias {
+        epilogue.push_str("x = x + bias[col];");
+    }
+    if gelu {
+        epilogue.push_str(" x = wg_gelu(x);");
+    }
+    format!(
+        r#"
+struct Params {{
     m: u32, n: u32, k: u32, alpha: f32,
     a_batch: u32, b_batch: u32, c_batch: u32, _pad: u32,
-}
+}}
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
-$BIAS_DECL
+{bias_decl}
 
-var<workgroup> ta: array<f32, 1024>;
-var<workgroup> tb: array<f32, 1024>;
+var<workgroup> ta: array<f32, 2048>;
+var<workgroup> tb: array<f32, 2048>;
 
-$FUNCTIONS
+{functions}
 
-@compute @workgroup_size(16, 16, 1)
-fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let tid = lid.y * 16u + lid.x;
+fn store4(r: u32, col4: u32, c0: u32, v: vec4<f32>) {{
+    if (r >= p.m) {{ return; }}
+    for (var j = 0u; j < 4u; j = j + 1u) {{
+        let col = col4 + j;
+        if (col < p.n) {{
+            var x = v[j] * p.alpha;
+            {epilogue}
+            c[c0 + r * p.n + col] = x;
+        }}
+    }}
+}}
+
+@compute @workgroup_size(8, 8, 1)
+fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {{
+    let tid = lid.y * 8u + lid.x;
     let row0 = wg.y * 64u;
     let col0 = wg.x * 64u;
     let a0 = wg.z * p.a_batch;
     let b0 = wg.z * p.b_batch;
     let c0 = wg.z * p.c_batch;
-    var acc: array<f32, 16>;
-    for (var k0 = 0u; k0 < p.k; k0 = k0 + 16u) {
-        for (var i = 0u; i < 4u; i = i + 1u) {
-            let e = tid + i * 256u;
-            $LOAD_A
-            $LOAD_B
-        }
+{declare}
+    for (var k0 = 0u; k0 < p.k; k0 = k0 + 32u) {{
+        for (var i = 0u; i < 32u; i = i + 1u) {{
+            let e = tid + i * 64u;
+            {{
+            {load_a}
+            ta[kk * 64u + r] = v;
+            }}
+            {{
+            {load_b}
+            tb[kk * 64u + cc] = w;
+            }}
+        }}
         workgroupBarrier();
-        for (var kk = 0u; kk < 16u; kk = kk + 1u) {
-            let ar = vec4<f32>(ta[kk * 64u + lid.y], ta[kk * 64u + lid.y + 16u], ta[kk * 64u + lid.y + 32u], ta[kk * 64u + lid.y + 48u]);
-            let br = vec4<f32>(tb[kk * 64u + lid.x], tb[kk * 64u + lid.x + 16u], tb[kk * 64u + lid.x + 32u], tb[kk * 64u + lid.x + 48u]);
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                for (var j = 0u; j < 4u; j = j + 1u) {
-                    acc[i * 4u + j] = fma(ar[i], br[j], acc[i * 4u + j]);
-                }
-            }
-        }
+        for (var kk = 0u; kk < 32u; kk = kk + 1u) {{
+            let t = kk * 64u;
+            let ar = t + lid.y * 8u;
+            let bc = t + lid.x * 4u;
+            let a0 = vec4<f32>(ta[ar], ta[ar + 1u], ta[ar + 2u], ta[ar + 3u]);
+            let a1 = vec4<f32>(ta[ar + 4u], ta[ar + 5u], ta[ar + 6u], ta[ar + 7u]);
+            let b0 = vec4<f32>(tb[bc], tb[bc + 1u], tb[bc + 2u], tb[bc + 3u]);
+            let b1 = vec4<f32>(tb[bc + 32u], tb[bc + 33u], tb[bc + 34u], tb[bc + 35u]);
+{fmas}        }}
         workgroupBarrier();
-    }
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        let r = row0 + lid.y + 16u * i;
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let col = col0 + lid.x + 16u * j;
-            if (r < p.m && col < p.n) {
-                var v = acc[i * 4u + j] * p.alpha;
-                $EPILOGUE
-                c[c0 + r * p.n + col] = v;
-            }
-        }
-    }
+    }}
+{stores}}}
+"#,
+        bias_decl = if bias { BIAS_DECL } else { "" },
+        functions = if gelu { ERFC_GELU } else { "" },
+    )
 }
-"#;
 
-/// A row-major `[m][k]` A: consecutive threads read consecutive `k`.
-pub(super) const LOAD_A_ROWS: &str = r#"{
-                let kk = e % 16u; let r = e / 16u;
-                var v = 0.0;
-                if (row0 + r < p.m && k0 + kk < p.k) { v = a[a0 + (row0 + r) * p.k + k0 + kk]; }
-                ta[kk * 64u + r] = v;
-            }"#;
-
-/// A stored transposed, `[k][m]`.
-pub(super) const LOAD_A_COLS: &str = r#"{
-                let r = e % 64u; let kk = e / 64u;
-                var v = 0.0;
-                if (row0 + r < p.m && k0 + kk < p.k) { v = a[a0 + (k0 + kk) * p.m + row0 + r]; }
-                ta[kk * 64u + r] = v;
-            }"#;
-
-/// A row-major `[k][n]` B.
-pub(super) const LOAD_B_ROWS: &str = r#"{
-                let cc = e % 64u; let kk = e / 64u;
-                var v = 0.0;
-                if (col0 + cc < p.n && k0 + kk < p.k) { v = b[b0 + (k0 + kk) * p.n + col0 + cc]; }
-                tb[kk * 64u + cc] = v;
-            }"#;
-
-/// B stored transposed, `[n][k]` (a PyTorch `Linear` weight).
-pub(super) const LOAD_B_COLS: &str = r#"{
-                let kk = e % 16u; let cc = e / 16u;
-                var v = 0.0;
-                if (col0 + cc < p.n && k0 + kk < p.k) { v = b[b0 + (col0 + cc) * p.k + k0 + kk]; }
-                tb[kk * 64u + cc] = v;
-            }"#;
-
-pub(super) const BIAS_DECL: &str = "@group(0) @binding(4) var<storage, read> bias: array<f32>;";
+const BIAS_DECL: &str = "@group(0) @binding(4) var<storage, read> bias: array<f32>;";
 
 /// Layer norm of each row (optionally of `x + residual`), statistics in f32 in two passes (mean,
 /// then the mean square of the deviations), one workgroup of 128 threads per row.
@@ -229,6 +253,7 @@ struct Params {
 }
 
 const D: u32 = $HEAD_DIMu;
+const D4: u32 = $HEAD_DIM4u;
 const TILE: u32 = $TILEu;
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -238,9 +263,14 @@ const TILE: u32 = $TILEu;
 @group(0) @binding(4) var<storage, read> mask: array<f32>;
 @group(0) @binding(5) var<storage, read_write> o: array<f32>;
 
-var<workgroup> tk: array<f32, $TILE_FLOATS>;
-var<workgroup> tv: array<f32, $TILE_FLOATS>;
+var<workgroup> tk: array<vec4<f32>, $TILE_VECS>;
+var<workgroup> tv: array<vec4<f32>, $TILE_VECS>;
 var<workgroup> tm: array<f32, TILE>;
+
+fn load4(which: u32, at: u32) -> vec4<f32> {
+    if (which == 0u) { return vec4<f32>(k[at], k[at + 1u], k[at + 2u], k[at + 3u]); }
+    return vec4<f32>(v[at], v[at + 1u], v[at + 2u], v[at + 3u]);
+}
 
 @compute @workgroup_size(64, 1, 1)
 fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
@@ -250,24 +280,27 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     let i = wg.x * 64u + lid;
     let live = i < p.seq;
     let row0 = seq_i * p.seq;
-    var qr: array<f32, $HEAD_DIM>;
-    var acc: array<f32, $HEAD_DIM>;
+    var qr: array<vec4<f32>, $HEAD_DIM4>;
+    var acc: array<vec4<f32>, $HEAD_DIM4>;
     if (live) {
         let qb = (row0 + i) * p.stride + p.q_off + head * D;
-        for (var d = 0u; d < D; d = d + 1u) { qr[d] = q[qb + d] * p.scale; }
+        for (var d = 0u; d < D4; d = d + 1u) {
+            let at = qb + d * 4u;
+            qr[d] = vec4<f32>(q[at], q[at + 1u], q[at + 2u], q[at + 3u]) * p.scale;
+        }
     }
     var m = -3.4028234e38;
     var l = 0.0;
     for (var j0 = 0u; j0 < p.seq; j0 = j0 + TILE) {
-        for (var e = lid; e < TILE * D; e = e + 64u) {
-            let jj = e / D;
-            let d = e % D;
-            var kv = 0.0;
-            var vv = 0.0;
+        for (var e = lid; e < TILE * D4; e = e + 64u) {
+            let jj = e / D4;
+            let d = e % D4;
+            var kv = vec4<f32>();
+            var vv = vec4<f32>();
             if (j0 + jj < p.seq) {
-                let r = (row0 + j0 + jj) * p.stride + head * D + d;
-                kv = k[r + p.k_off];
-                vv = v[r + p.v_off];
+                let r = (row0 + j0 + jj) * p.stride + head * D + d * 4u;
+                kv = load4(0u, r + p.k_off);
+                vv = load4(1u, r + p.v_off);
             }
             tk[e] = kv;
             tv[e] = vv;
@@ -281,13 +314,14 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
         if (live) {
             for (var jj = 0u; jj < TILE; jj = jj + 1u) {
                 if (tm[jj] != 0.0) {
-                    var s = 0.0;
-                    for (var d = 0u; d < D; d = d + 1u) { s = fma(qr[d], tk[jj * D + d], s); }
+                    var s4 = vec4<f32>();
+                    for (var d = 0u; d < D4; d = d + 1u) { s4 = fma(qr[d], tk[jj * D4 + d], s4); }
+                    let s = s4.x + s4.y + s4.z + s4.w;
                     let m2 = max(m, s);
                     let corr = exp(m - m2);
                     let w = exp(s - m2);
                     l = l * corr + w;
-                    for (var d = 0u; d < D; d = d + 1u) { acc[d] = fma(acc[d], corr, w * tv[jj * D + d]); }
+                    for (var d = 0u; d < D4; d = d + 1u) { acc[d] = fma(acc[d], vec4<f32>(corr), w * tv[jj * D4 + d]); }
                     m = m2;
                 }
             }
@@ -298,7 +332,13 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
         let ob = (row0 + i) * (p.heads * D) + head * D;
         var inv = 0.0;
         if (l > 0.0) { inv = 1.0 / l; }
-        for (var d = 0u; d < D; d = d + 1u) { o[ob + d] = acc[d] * inv; }
+        for (var d = 0u; d < D4; d = d + 1u) {
+            let r = acc[d] * inv;
+            o[ob + d * 4u] = r.x;
+            o[ob + d * 4u + 1u] = r.y;
+            o[ob + d * 4u + 2u] = r.z;
+            o[ob + d * 4u + 3u] = r.w;
+        }
     }
 }
 "#;

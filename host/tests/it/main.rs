@@ -8,6 +8,7 @@ mod hostile;
 mod imports;
 mod limits;
 mod load;
+mod models;
 mod samples;
 mod worker;
 
@@ -33,6 +34,7 @@ fn text(bytes: &[u8]) -> String {
 /// Each sample must have a test named after it; adding a sample without one fails to compile.
 mod per_sample {
     pub(crate) use crate::hostile::{fuzz_driver, hostile};
+    pub(crate) use crate::models::minilm;
     pub(crate) use crate::samples::{allreduce, cluster_train, echo, matmul, mlp, tensor_check, train};
 }
 
