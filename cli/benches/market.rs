@@ -1050,7 +1050,12 @@ struct Pipe {
 impl Pipe {
     async fn start(command: &WorkerCommand, echo: &[u8], hash: [u8; 32]) -> Pipe {
         let mut worker = Worker::start(command).await.unwrap();
-        let start = ToWorker::Service { module_hash: hash, init_input: Vec::new(), limits: JobLimits::default() };
+        let start = ToWorker::Service {
+            module_hash: hash,
+            init_input: Vec::new(),
+            limits: JobLimits::default(),
+            init_blob: None,
+        };
         worker.send(&start).await.unwrap();
         loop {
             match worker.recv().await.unwrap() {

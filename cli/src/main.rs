@@ -309,11 +309,16 @@ fn adapter_json(a: &host::AdapterSummary) -> Value {
     })
 }
 
-pub(crate) fn cache_dir() -> Option<PathBuf> {
+/// wasmgrid's folder in the user cache directory.
+pub(crate) fn cache_base() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("wasmgrid").join("modules"))
+    Some(base.join("wasmgrid"))
+}
+
+pub(crate) fn cache_dir() -> Option<PathBuf> {
+    cache_base().map(|b| b.join("modules"))
 }
 
 fn start_host(args: &HostArgs) -> Result<Host, Exit> {

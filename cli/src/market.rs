@@ -1,7 +1,7 @@
 //! The market commands: `keygen`, `scheduler`, `submit`, `job`, `session`.
 
 use std::collections::HashSet;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -681,6 +681,21 @@ pub(crate) struct SessionArgs {
     pay: crate::money::SessionPayArgs,
 }
 
+/// A progress line on the terminal for an init blob's upload: rewritten in place, ended when
+/// the last byte is sent.
+fn init_progress() -> client::Progress {
+    std::sync::Arc::new(|sent: u64, total: u64| {
+        let pct = if total == 0 { 100.0 } else { sent as f64 * 100.0 / total as f64 };
+        let width = 30usize;
+        let filled = ((pct / 100.0) * width as f64) as usize;
+        let bar: String = "#".repeat(filled.min(width)) + &"-".repeat(width - filled.min(width));
+        eprint!("\rsending the init input [{bar}] {:.1} / {:.1} MB", sent as f64 / 1e6, total as f64 / 1e6);
+        if sent >= total {
+            eprintln!();
+        }
+    })
+}
+
 pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
     use std::io::BufRead;
     let module = std::fs::read(&args.job)
@@ -707,18 +722,25 @@ pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
     }
     let payment = args.pay.payment()?;
     let keypair = args.renter.keypair()?;
+    let init_len = init.len();
     let mut requirements = args.requirements.requirements();
     requirements.max_price_per_inference = args.max_price_per_inference;
     let scheduler = args.renter.client(Keypair::from_seed(keypair.seed()))?;
     let json = args.json;
     runtime()?.block_on(async {
         let started = Instant::now();
-        let session = client::Session::open_paid(&scheduler, keypair, module, init, requirements, payment)
+        let progress = (!json && std::io::stderr().is_terminal()).then(init_progress);
+        let session = client::Session::open_with(&scheduler, keypair, module, init, requirements, payment, progress)
             .await
             .map_err(|e| Exit { code: exit::HOST, error: e.into() })?;
         let first = session.provider().await.map(|p| p.to_string()).unwrap_or_default();
         if !json {
-            eprintln!("session open on {first} in {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
+            let sent = match session.init_bytes_sent() {
+                0 if init_len > proto::msg::INIT_INLINE_MAX => ", the provider had the init input already".to_string(),
+                0 => String::new(),
+                n => format!(", {:.1} MB of init input sent", n as f64 / 1e6),
+            };
+            eprintln!("session open on {first} in {:.0} ms{sent}", started.elapsed().as_secs_f64() * 1e3);
         }
         let session = std::sync::Arc::new(session);
         let mut worst = exit::OK;
@@ -772,6 +794,7 @@ pub(crate) fn session(args: &SessionArgs) -> Result<u8, Exit> {
             println!(
                 "{}",
                 json!({ "summary": true, "inferences": served, "provider": provider, "failovers": session.failovers(),
+                        "init_bytes": init_len, "init_bytes_sent": session.init_bytes_sent(),
                         "fuel": fuel, "gpu_time_ns": gpu_ns, "price_per_inference": price,
                         "amount_due": amount_due, "payment": (!books.is_empty()).then_some(spent) })
             );

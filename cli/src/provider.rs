@@ -74,6 +74,17 @@ pub(crate) struct HostDaemonArgs {
     /// Where compiled modules are cached (default: the user cache directory).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Where renters' init inputs (weights) are kept by hash, so that a session with the same
+    /// weights as an earlier one starts without sending them (default: `blobs` in the user
+    /// cache directory).
+    #[arg(long, value_name = "DIR")]
+    blob_cache: Option<PathBuf>,
+    /// The most bytes of init inputs kept; the least recently used go first.
+    #[arg(long, value_name = "SIZE", default_value = "8GiB", value_parser = units::parse_size)]
+    blob_cache_size: u64,
+    /// Keep no init inputs: each session sends its own (up to 64 MiB).
+    #[arg(long)]
+    no_blob_cache: bool,
     /// Where to listen for renters' inference sessions (QUIC).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
     sessions: SocketAddr,
@@ -144,6 +155,14 @@ pub(crate) fn host_daemon(args: &HostDaemonArgs) -> Result<u8, Exit> {
     config.payment = args.pay.payment()?;
     config.session_idle = args.session_idle;
     config.upload_timeout = args.upload_timeout;
+    config.blobs = match args.blob_cache.clone().or_else(|| crate::cache_base().map(|b| b.join("blobs"))) {
+        Some(dir) if !args.no_blob_cache => {
+            let cache = provider::blobs::BlobCache::open(&dir, args.blob_cache_size)
+                .map_err(|e| bad_input(anyhow!("--blob-cache {}: {e}", dir.display())))?;
+            Some(std::sync::Arc::new(cache))
+        }
+        _ => None,
+    };
     config.receipt_every = args.receipt_every;
     config.session_memory = match args.session_memory.as_deref() {
         Some("none") => None,

@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use proto::api::{OpenSession, SessionGrant};
 use proto::frame::CONTROL_CAP;
-use proto::msg::{BLOB_CAP, FailureKind, Requirements, SessionMsg, SessionReply, WireUsage};
+use proto::msg::{
+    BLOB_CAP, BLOB_CHUNK, BLOB_CHUNK_CAP, FailureKind, INIT_INLINE_MAX, Requirements, SessionMsg, SessionReply,
+    WireUsage,
+};
 use proto::receipt::{self, Receipt};
 use proto::{Keypair, PublicKey};
 use quic::{Connection, Identity};
@@ -94,6 +97,11 @@ pub struct Session {
     module: Arc<Vec<u8>>,
     module_hash: String,
     init_input: Vec<u8>,
+    /// SHA-256 of `init_input`: the name a provider keeps it by when it goes as a blob.
+    init_hash: [u8; 32],
+    /// Bytes of the init input sent so far, to every provider (0 when each kept it).
+    init_sent: std::sync::atomic::AtomicU64,
+    progress: Option<Progress>,
     requirements: Requirements,
     link: tokio::sync::Mutex<(Option<Arc<Link>>, Vec<PublicKey>)>,
     /// Times the session moved to another provider.
@@ -107,6 +115,9 @@ impl std::fmt::Debug for Session {
         f.debug_struct("Session").field("module", &self.module_hash).finish_non_exhaustive()
     }
 }
+
+/// Told `(sent, total)` as an init blob streams to a provider.
+pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// How often a session moves to another provider before it gives up.
 const MAX_FAILOVERS: usize = 3;
@@ -137,7 +148,23 @@ impl Session {
         requirements: Requirements,
         payment: Option<Payment>,
     ) -> Result<Session, Error> {
+        Session::open_with(scheduler, renter, module, init_input, requirements, payment, None).await
+    }
+
+    /// As [`Session::open_paid`], telling `progress` how an init blob's upload goes. An init
+    /// input over [`proto::msg::INIT_INLINE_MAX`] goes as a blob: announced by its hash, sent
+    /// in chunks only to a provider that does not keep it already.
+    pub async fn open_with(
+        scheduler: &Scheduler,
+        renter: Keypair,
+        module: Vec<u8>,
+        init_input: Vec<u8>,
+        requirements: Requirements,
+        payment: Option<Payment>,
+        progress: Option<Progress>,
+    ) -> Result<Session, Error> {
         let uploaded = scheduler.upload(module.clone()).await?;
+        let init_hash = proto::msg::sha256(&init_input);
         let identity = Identity::new(&renter).map_err(|e| Error::Link(e.to_string()))?;
         let endpoint = quic::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(|e| Error::Link(e.to_string()))?;
         let session = Session {
@@ -151,6 +178,9 @@ impl Session {
             module: Arc::new(module),
             module_hash: uploaded.module,
             init_input,
+            init_hash,
+            init_sent: std::sync::atomic::AtomicU64::new(0),
+            progress,
             requirements,
             link: tokio::sync::Mutex::new((None, Vec::new())),
             failovers: std::sync::atomic::AtomicUsize::new(0),
@@ -178,6 +208,11 @@ impl Session {
         };
         let guard = link.receipts.lock().await;
         guard.0.last().cloned()
+    }
+
+    /// Bytes of the init input sent to providers so far: 0 when every provider kept it.
+    pub fn init_bytes_sent(&self) -> u64 {
+        self.init_sent.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How many times the session moved to another provider.
@@ -259,10 +294,27 @@ impl Session {
             channel: pay.as_ref().map(|p| Box::new(p.terms())),
         };
         quic::write_msg(&mut send, &open, proto::msg::OPEN_CAP).await.map_err(link_err)?;
-        let init = SessionMsg::Init { init_input: self.init_input.clone() };
+        let init = if self.init_input.len() > INIT_INLINE_MAX {
+            SessionMsg::InitBlob { hash: self.init_hash, len: self.init_input.len() as u64 }
+        } else {
+            SessionMsg::Init { init_input: self.init_input.clone() }
+        };
         quic::write_msg(&mut send, &init, BLOB_CAP).await.map_err(link_err)?;
         loop {
             match quic::read_msg::<SessionReply>(&mut recv, CONTROL_CAP).await.map_err(link_err)? {
+                Some(SessionReply::NeedBlob) => {
+                    let total = self.init_input.len() as u64;
+                    let mut sent = 0u64;
+                    for chunk in self.init_input.chunks(BLOB_CHUNK) {
+                        let msg = SessionMsg::BlobChunk { bytes: chunk.to_vec() };
+                        quic::write_msg(&mut send, &msg, BLOB_CHUNK_CAP).await.map_err(link_err)?;
+                        sent += chunk.len() as u64;
+                        self.init_sent.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                        if let Some(p) = &self.progress {
+                            p(sent, total);
+                        }
+                    }
+                }
                 Some(SessionReply::NeedModule) => {
                     let bytes = self.module.as_ref().clone();
                     quic::write_msg(&mut send, &SessionMsg::Module { bytes }, BLOB_CAP).await.map_err(link_err)?;

@@ -162,6 +162,17 @@ fn reusable(outcome: &Result<(), Failure>) -> bool {
     crate::sandbox::ends_clean(outcome)
 }
 
+/// An init input from the daemon's blob cache, checked against the length and hash the
+/// renter announced (a file changed on disk since is not what the renter sent).
+fn read_blob(blob: &proto::worker::InitBlob) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(&blob.path).map_err(|e| format!("reading the init blob {}: {e}", blob.path))?;
+    let hash: [u8; 32] = Sha256::digest(&bytes).into();
+    if bytes.len() as u64 != blob.len || hash != blob.hash {
+        return Err(format!("the init blob {} no longer holds what the renter sent", blob.path));
+    }
+    Ok(bytes)
+}
+
 /// What a worker reports about itself at start.
 pub fn ready(host: &Host) -> FromWorker {
     let gpu = host.gpu();
@@ -355,8 +366,23 @@ impl Worker<'_> {
                     self.out.send(&FromWorker::Accepted)?;
                     self.job(&job_id, module_hash, input, &limits, member, checkpoint.map(|c| *c))?;
                 }
-                ToWorker::Service { module_hash, init_input, limits } => {
+                ToWorker::Service { module_hash, init_input, limits, init_blob } => {
                     self.out.send(&FromWorker::Accepted)?;
+                    let init_input = match init_blob {
+                        None => init_input,
+                        Some(blob) => match read_blob(&blob) {
+                            Ok(bytes) => bytes,
+                            Err(message) => {
+                                let result = Err(WorkerFailure { kind: FailureKind::Host, limit: None, message });
+                                self.out.send(&FromWorker::ServiceStarted {
+                                    result,
+                                    log: Vec::new(),
+                                    reusable: true,
+                                })?;
+                                continue;
+                            }
+                        },
+                    };
                     self.service(module_hash, init_input, &limits)?;
                 }
                 // A cancel that arrived after its job ended: nothing to stop.

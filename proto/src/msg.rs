@@ -15,6 +15,20 @@ use crate::identity::PublicKey;
 /// Cap for a frame carrying a module, a job input or a job result.
 pub const BLOB_CAP: usize = 64 << 20;
 
+/// Init inputs up to this size go inline in [`SessionMsg::Init`]; larger ones as a blob
+/// ([`SessionMsg::InitBlob`]), which the provider keeps by hash so that the next session with
+/// the same weights sends nothing.
+pub const INIT_INLINE_MAX: usize = 1 << 20;
+
+/// The largest init blob a renter may send.
+pub const MAX_INIT_BLOB: u64 = 1 << 30;
+
+/// Bytes in one [`SessionMsg::BlobChunk`] at most.
+pub const BLOB_CHUNK: usize = 4 << 20;
+
+/// Cap for a frame carrying one blob chunk, with headroom for the fields.
+pub const BLOB_CHUNK_CAP: usize = BLOB_CHUNK + 1024;
+
 /// The largest checkpoint a job may save: what its retry resumes from.
 pub const CHECKPOINT_CAP: usize = 16 << 20;
 
@@ -35,6 +49,12 @@ pub struct Checkpoint {
 
 /// SHA-256 of a module's bytes: the name it is cached and fetched by.
 pub type ModuleHash = [u8; 32];
+
+/// The SHA-256 of `bytes`: how modules and init blobs are named.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
 
 /// Hex of a module hash, as the HTTP API shows it.
 pub fn hash_hex(hash: &ModuleHash) -> String {
@@ -554,9 +574,9 @@ mod tests {
 pub const OPEN_CAP: usize = 16 << 10;
 
 /// Renter to provider, on a session connection. The first stream carries `Open` (at most
-/// [`OPEN_CAP`] bytes: read before the ticket is checked) and right after it `Init` (read only
-/// once the ticket is good), then `Module` if the provider asks; every later stream carries one
-/// `Request` or the `Close`.
+/// [`OPEN_CAP`] bytes: read before the ticket is checked) and right after it `Init` or
+/// `InitBlob` (read only once the ticket is good), the `BlobChunk`s if the provider asks, then
+/// `Module` if the provider asks; every later stream carries one `Request` or the `Close`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SessionMsg {
     Open {
@@ -586,12 +606,24 @@ pub enum SessionMsg {
     },
     /// The renter is done: the last voucher, if any, and the receipt of every call served.
     Close { voucher: Option<Box<crate::voucher::Voucher>> },
+    /// Instead of `Init`, for an init input over [`INIT_INLINE_MAX`]: its SHA-256 and length.
+    /// A provider that keeps it goes on at once; one that does not answers
+    /// [`SessionReply::NeedBlob`] and the renter streams it in [`SessionMsg::BlobChunk`]s.
+    InitBlob { hash: [u8; 32], len: u64 },
+    /// The next at most [`BLOB_CHUNK`] bytes of the blob asked for; the provider refuses the
+    /// session when what arrived does not hash to what was announced.
+    BlobChunk {
+        #[serde(with = "bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// Provider to renter, on a session connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SessionReply {
     NeedModule,
+    /// The provider does not keep the init blob announced: stream it.
+    NeedBlob,
     /// A cluster member's `Peer` was taken: the stream carries its frames from now on.
     PeerAccepted,
     /// `init` ran; the session serves requests.

@@ -54,6 +54,10 @@ pub enum ToWorker {
         #[serde(with = "bytes")]
         init_input: Vec<u8>,
         limits: JobLimits,
+        /// The init input is this file of the daemon's blob cache instead (`init_input` is
+        /// then empty): too large for a frame, and read where it lies.
+        #[serde(default)]
+        init_blob: Option<InitBlob>,
     },
     /// The module bytes the worker asked for.
     Module {
@@ -78,6 +82,15 @@ pub enum ToWorker {
     },
     /// The link from the member before is gone: no more frames will come.
     PeerClosed { reason: String },
+}
+
+/// An init input the worker reads from a file of the daemon's blob cache, checking its length
+/// and hash before `init` sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitBlob {
+    pub path: String,
+    pub hash: [u8; 32],
+    pub len: u64,
 }
 
 /// A cluster job's rank as a worker runs it.

@@ -25,7 +25,7 @@ use quic::{Connection, Identity, RecvStream, SendStream};
 use crate::flow::{JobAction, JobFlow, failed_result};
 use crate::memory::SessionMemory;
 use crate::pool::{Pool, Worker, WorkerCommand, WorkerDied};
-use crate::session::{Handback, Paid, PayStep, SessionAction, SessionFlow, SessionTerms, Unpaid};
+use crate::session::{Handback, Init, Paid, PayStep, SessionAction, SessionFlow, SessionTerms, Unpaid};
 
 /// Calls of an unpaid session per signed receipt, unless configured.
 pub const DEFAULT_RECEIPT_EVERY: u32 = 16;
@@ -71,9 +71,18 @@ pub struct DaemonConfig {
     /// `session_capacity` alone.
     pub session_memory: Option<u64>,
     /// How long a renter has to send its `Init` (weights, say) or a module the provider asked
-    /// for, once its ticket is accepted; a session slot is held meanwhile.
+    /// for, once its ticket is accepted; a session slot is held meanwhile. A large init blob
+    /// gets one second more per mebibyte.
     pub upload_timeout: Duration,
+    /// Where init inputs are kept by hash, so that the next session with the same weights
+    /// sends nothing. Without one, an init blob is received into memory for its session only,
+    /// up to [`INLINE_BLOB_MAX`].
+    pub blobs: Option<Arc<crate::blobs::BlobCache>>,
 }
+
+/// The largest init blob a provider without a blob cache takes (it must fit in one frame to
+/// its worker).
+pub const INLINE_BLOB_MAX: u64 = BLOB_CAP as u64;
 
 impl DaemonConfig {
     /// A configuration with the defaults for everything but who and where.
@@ -99,6 +108,7 @@ impl DaemonConfig {
             receipt_every: DEFAULT_RECEIPT_EVERY,
             session_memory: None,
             upload_timeout: Duration::from_secs(120),
+            blobs: None,
         }
     }
 }
@@ -1318,6 +1328,79 @@ async fn refuse_session(
     Ok(())
 }
 
+/// A session's init blob: from the cache when it holds it, else asked for ([`SessionReply::NeedBlob`])
+/// and received in chunks, checked against its hash (and kept, where there is a cache). `Ok(Err)`
+/// is a refusal to send the renter; `Err`, a broken stream.
+async fn receive_blob(
+    config: &DaemonConfig,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    hash: [u8; 32],
+    len: u64,
+) -> Result<Result<Init, String>, quic::QuicError> {
+    use proto::msg::{BLOB_CHUNK_CAP, MAX_INIT_BLOB};
+    let most = if config.blobs.is_some() { MAX_INIT_BLOB } else { INLINE_BLOB_MAX };
+    if len > most {
+        return Ok(Err(format!("an init of {len} bytes is over the {most} this provider takes")));
+    }
+    let blob = |path: std::path::PathBuf| {
+        Init::Blob(proto::worker::InitBlob { path: path.to_string_lossy().into_owned(), hash, len })
+    };
+    if let Some(path) = config.blobs.as_ref().and_then(|c| c.get(&hash, len)) {
+        log::info!("init blob {} ({len} bytes) is in the cache", proto::msg::hash_hex(&hash));
+        return Ok(Ok(blob(path)));
+    }
+    quic::write_msg(send, &SessionReply::NeedBlob, CONTROL_CAP).await?;
+    // At least a mebibyte a second on average, beyond the usual upload time.
+    let deadline = tokio::time::Instant::now() + config.upload_timeout + Duration::from_secs(len >> 20);
+    let mut incoming = match &config.blobs {
+        Some(cache) => match cache.receive(hash, len) {
+            Ok(i) => Some(i),
+            Err(reason) => return Ok(Err(reason)),
+        },
+        None => None,
+    };
+    let mut memory: Vec<u8> = Vec::new();
+    let mut received = 0u64;
+    while received < len {
+        let chunk = match tokio::time::timeout_at(deadline, quic::read_msg::<SessionMsg>(recv, BLOB_CHUNK_CAP)).await {
+            Ok(Ok(Some(SessionMsg::BlobChunk { bytes }))) => bytes,
+            Ok(Ok(Some(other))) => return Ok(Err(format!("expected the init blob's next chunk, got {other:?}"))),
+            Ok(Ok(None)) => return Ok(Err("the renter stopped sending the init blob".into())),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(Err(format!("the init blob did not arrive in time ({received} of {len} bytes)"))),
+        };
+        if chunk.is_empty() || received + chunk.len() as u64 > len {
+            return Ok(Err(format!("a chunk of {} bytes does not fit the {len}-byte init blob", chunk.len())));
+        }
+        received += chunk.len() as u64;
+        match incoming.as_mut() {
+            Some(i) => {
+                if let Err(reason) = i.push(&chunk) {
+                    return Ok(Err(reason));
+                }
+            }
+            None => memory.extend_from_slice(&chunk),
+        }
+    }
+    match (&config.blobs, incoming) {
+        (Some(cache), Some(i)) => {
+            let cache = cache.clone();
+            let stored = tokio::task::spawn_blocking(move || cache.finish(i))
+                .await
+                .unwrap_or_else(|e| Err(format!("storing the init blob: {e}")));
+            Ok(stored.map(blob))
+        }
+        _ => {
+            let got = proto::msg::sha256(&memory);
+            if got != hash {
+                return Ok(Err("the init blob's bytes do not hash to what was announced: refused".into()));
+            }
+            Ok(Ok(Init::Bytes(memory)))
+        }
+    }
+}
+
 fn refused(reason: impl Into<String>) -> SessionReply {
     SessionReply::Refused { reason: reason.into() }
 }
@@ -1393,8 +1476,18 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
     // time, like every later read.
     let init =
         tokio::time::timeout(shared.config.upload_timeout, quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP)).await;
-    let init_input = match init {
-        Ok(Ok(Some(SessionMsg::Init { init_input }))) => init_input,
+    let init = match init {
+        Ok(Ok(Some(SessionMsg::Init { init_input }))) => Init::Bytes(init_input),
+        Ok(Ok(Some(SessionMsg::InitBlob { hash, len }))) => {
+            match receive_blob(&shared.config, &mut send, &mut recv, hash, len).await {
+                Ok(Ok(init)) => init,
+                Ok(Err(reason)) => return refuse_session(&mut send, &conn, &peer, refused(reason)).await,
+                Err(e) => {
+                    refuse(&conn);
+                    return Err(e);
+                }
+            }
+        }
         Ok(Err(e)) => {
             refuse(&conn);
             return Err(e);
@@ -1460,8 +1553,7 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
         paid,
         newest,
     };
-    let (flow, actions) =
-        SessionFlow::start(terms, init_input, &worker.defaults, shared.keypair.clone(), Instant::now());
+    let (flow, actions) = SessionFlow::start(terms, init, &worker.defaults, shared.keypair.clone(), Instant::now());
     let mut pump = SessionPump {
         flow,
         worker: Some(worker),

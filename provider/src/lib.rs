@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod blobs;
 pub mod daemon;
 mod flow;
 pub mod memory;

@@ -163,11 +163,18 @@ fn failed(f: WorkerFailure) -> SessionReply {
     SessionReply::Failed { kind: f.kind, limit: f.limit, message: f.message }
 }
 
+/// A session's init input: its bytes, or a file of the blob cache the worker reads.
+#[derive(Debug)]
+pub(crate) enum Init {
+    Bytes(Vec<u8>),
+    Blob(proto::worker::InitBlob),
+}
+
 impl SessionFlow {
     /// Starts the session's service in its worker.
     pub(crate) fn start(
         terms: SessionTerms,
-        init_input: Vec<u8>,
+        init: Init,
         defaults: &JobLimits,
         keypair: Arc<Keypair>,
         now: Instant,
@@ -187,7 +194,11 @@ impl SessionFlow {
             over: None,
             worker: true,
         };
-        let start = ToWorker::Service { module_hash: terms.module_hash, init_input, limits: terms.limits };
+        let (init_input, init_blob) = match init {
+            Init::Bytes(bytes) => (bytes, None),
+            Init::Blob(blob) => (Vec::new(), Some(blob)),
+        };
+        let start = ToWorker::Service { module_hash: terms.module_hash, init_input, limits: terms.limits, init_blob };
         (flow, vec![SessionAction::ToWorker(start)])
     }
 
@@ -565,8 +576,13 @@ mod tests {
         fn open(paid: bool) -> (Pair, SessionReply) {
             let (provider, renter) = (Arc::new(Keypair::generate()), Keypair::generate());
             let now = Instant::now();
-            let (flow, actions) =
-                SessionFlow::start(terms(renter.public(), paid), vec![1], &defaults(), provider.clone(), now);
+            let (flow, actions) = SessionFlow::start(
+                terms(renter.public(), paid),
+                Init::Bytes(vec![1]),
+                &defaults(),
+                provider.clone(),
+                now,
+            );
             let checker = Checker::new([7; 16], provider.public(), renter.public(), PRICE);
             let mut pair = Pair { flow, checker, now, log: Vec::new(), worker_says: None };
             let reply = pair.pump(actions).expect("the session opens");
@@ -829,7 +845,7 @@ mod tests {
         let kp = Arc::new(Keypair::generate());
         let renter = Keypair::generate().public();
         // The renter's module bytes must hash to the ticket's module.
-        let (mut flow, _) = SessionFlow::start(terms(renter, false), vec![], &defaults(), kp.clone(), now);
+        let (mut flow, _) = SessionFlow::start(terms(renter, false), Init::Bytes(vec![]), &defaults(), kp.clone(), now);
         let need = flow.on_worker(Ok(FromWorker::NeedModule { module_hash: flow.module_hash }), now);
         assert_eq!(need, vec![SessionAction::FetchModule]);
         let wrong = flow.on_module(Ok(b"other".to_vec()), now);
@@ -848,7 +864,7 @@ mod tests {
         assert!(flow.is_done());
 
         // A module that does not load is refused (nothing ran), and its worker reused.
-        let (mut flow, _) = SessionFlow::start(terms(renter, false), vec![], &defaults(), kp.clone(), now);
+        let (mut flow, _) = SessionFlow::start(terms(renter, false), Init::Bytes(vec![]), &defaults(), kp.clone(), now);
         let load = WorkerFailure { kind: FailureKind::Load, limit: None, message: "no `init` export".into() };
         let started = FromWorker::ServiceStarted { result: Err(load), log: vec![], reusable: true };
         let refused = flow.on_worker(Ok(started), now);
@@ -859,7 +875,7 @@ mod tests {
         assert!(flow.is_done());
 
         // init past its wall time: killed, with the reason.
-        let (mut flow, _) = SessionFlow::start(terms(renter, false), vec![], &defaults(), kp, now);
+        let (mut flow, _) = SessionFlow::start(terms(renter, false), Init::Bytes(vec![]), &defaults(), kp, now);
         let late = flow.on_deadline(flow.deadline().unwrap());
         assert!(
             matches!(&late[..], [SessionAction::Retire(Handback::Kill), SessionAction::Reply(SessionReply::Failed {

@@ -124,6 +124,7 @@ impl Market {
     pub(super) fn host(&self, s: &Sched, name: &str, extra: &[&str]) -> (Proc, String) {
         let key = self.path(&format!("{name}.json"));
         let cache = self.path(&format!("{name}-cache"));
+        let blobs = self.path(&format!("{name}-blobs"));
         let mut args = vec![
             "host",
             "--scheduler",
@@ -139,6 +140,9 @@ impl Market {
         ];
         if !extra.contains(&"--capacity") {
             args.extend_from_slice(&["--capacity", "1"]);
+        }
+        if !extra.contains(&"--blob-cache") && !extra.contains(&"--no-blob-cache") {
+            args.extend_from_slice(&["--blob-cache", blobs.to_str().unwrap()]);
         }
         args.extend_from_slice(extra);
         let p = self.spawn(&args, &format!("{name}.log"));
@@ -1634,4 +1638,114 @@ fn providers_measure_their_round_trips_to_each_other_at_the_schedulers_request()
     assert_eq!(on, want, "{v}");
     assert_eq!((v["members"][0]["rank"].as_u64(), v["members"][1]["rank"].as_u64()), (Some(0), Some(1)));
     assert_eq!(v["slowest_link_ms"], link["rtt_ms"], "the ring's one link is the measured one: {v}");
+}
+
+/// all-MiniLM-L6-v2 as `scripts/fetch-minilm.sh` places it (the test command runs that first).
+pub(super) fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("WASMGRID_MINILM_DIR")
+        .map_or_else(|| PathBuf::from("/var/tmp/wasmgrid-models/all-minilm-l6-v2"), PathBuf::from);
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "no model at {}: run scripts/fetch-minilm.sh (or set WASMGRID_MINILM_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn a_sessions_weights_go_once_as_a_checked_blob_and_the_next_session_starts_without_them() {
+    use proto::msg::{SessionMsg, SessionReply};
+    let model = minilm_dir();
+    let m = Market::new();
+    let (_sched, s) = m.scheduler(&[]);
+    let (_host, key) = m.host(&s, "h", &["--sessions", "127.0.0.1:0"]);
+    online(&s, 1);
+    let request = m.path("request.txt");
+    std::fs::write(&request, "GPUs sit idle in old mining farms.\n").unwrap();
+    let session = || {
+        let args = [
+            "session",
+            sample_artifacts::MINILM,
+            "--scheduler",
+            &s.url,
+            "--scheduler-key",
+            &s.key,
+            "--init",
+            model.to_str().unwrap(),
+            "--json",
+            request.to_str().unwrap(),
+        ];
+        let out = m.cmd(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}\n{}", String::from_utf8_lossy(&out.stderr), log_of(&m, "h.log"));
+        let lines: Vec<Value> =
+            String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let embedding: Vec<f64> = serde_json::from_str(lines[0]["response"].as_str().unwrap()).unwrap();
+        assert_eq!(embedding.len(), 384);
+        (embedding, lines[1].clone())
+    };
+    // The first session sends the model folder (91 MB) in chunks; the provider keeps it.
+    let (first, summary) = session();
+    let total = summary["init_bytes"].as_u64().unwrap();
+    assert!(total > 90_000_000, "{summary}");
+    assert_eq!(summary["init_bytes_sent"].as_u64(), Some(total), "{summary}");
+    let bundle = host::bundle_dir(&model).unwrap();
+    let kept = m.path("h-blobs").join(proto::msg::hash_hex(&proto::msg::sha256(&bundle)));
+    assert_eq!(std::fs::metadata(&kept).unwrap().len(), total, "kept by its hash");
+
+    // A renter whose chunks do not hash to what it announced, or that announces more than any
+    // provider takes, is refused, and nothing of it is kept.
+    let rt = runtime();
+    let renter = proto::Keypair::generate();
+    let scheduler = s.client(&renter);
+    let provider: proto::PublicKey = key.parse().unwrap();
+    rt.block_on(async {
+        let uploaded = scheduler.upload(std::fs::read(sample_artifacts::MINILM).unwrap()).await.unwrap();
+        let lies = [
+            (proto::msg::sha256(b"what was announced"), 3u64 << 20, "announced"),
+            ([7; 32], proto::msg::MAX_INIT_BLOB + 1, "over the"),
+        ];
+        for (hash, len, why) in lies {
+            let grant = scheduler
+                .open_session(&proto::api::OpenSession {
+                    module: uploaded.module.clone(),
+                    renter: renter.public(),
+                    requirements: Default::default(),
+                    exclude: Vec::new(),
+                })
+                .await
+                .unwrap();
+            let endpoint = quic::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+            let id = quic::Identity::new(&renter).unwrap();
+            let conn = quic::connect(&endpoint, &id, grant.addr.parse().unwrap(), provider).await.unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let open = SessionMsg::Open { ticket: Box::new(grant.ticket), channel: None };
+            quic::write_msg(&mut send, &open, proto::msg::OPEN_CAP).await.unwrap();
+            quic::write_msg(&mut send, &SessionMsg::InitBlob { hash, len }, proto::msg::OPEN_CAP).await.unwrap();
+            let reason = loop {
+                match quic::read_msg::<SessionReply>(&mut recv, 1 << 20).await.unwrap() {
+                    Some(SessionReply::NeedBlob) => {
+                        for _ in 0..len >> 20 {
+                            let bytes = vec![0xab; 1 << 20];
+                            let chunk = SessionMsg::BlobChunk { bytes };
+                            quic::write_msg(&mut send, &chunk, proto::msg::BLOB_CHUNK_CAP).await.unwrap();
+                        }
+                    }
+                    Some(SessionReply::Refused { reason }) => break reason,
+                    other => panic!("expected a refusal, got {other:?}"),
+                }
+            };
+            assert!(reason.contains(why), "{reason}");
+        }
+    });
+    let names: Vec<String> = std::fs::read_dir(m.path("h-blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "only the good blob is kept: {names:?}");
+
+    // The next session with the same weights sends none of them, and gets the same embedding.
+    let (again, summary) = session();
+    assert_eq!(summary["init_bytes_sent"].as_u64(), Some(0), "{summary}");
+    assert_eq!(again, first);
 }

@@ -166,7 +166,12 @@ fn a_worker_fetches_a_module_once_runs_jobs_and_serves_a_service() {
         other => panic!("expected JobDone, got {other:?}"),
     }
     let (echo, echo_hash) = sample(sample_artifacts::ECHO);
-    d.send(&ToWorker::Service { module_hash: echo_hash, init_input: Vec::new(), limits: JobLimits::default() });
+    d.send(&ToWorker::Service {
+        module_hash: echo_hash,
+        init_input: Vec::new(),
+        limits: JobLimits::default(),
+        init_blob: None,
+    });
     // The worker asks for the module unless another test in this process (sharing its host)
     // compiled it already; then its first answer is the start itself.
     let started = match d.recv_not_log() {
@@ -188,6 +193,30 @@ fn a_worker_fetches_a_module_once_runs_jobs_and_serves_a_service() {
                 assert_eq!(inf.usage.inferences, 1);
             }
             other => panic!("expected an inference, got {other:?}"),
+        }
+    }
+    d.send(&ToWorker::EndService);
+    assert!(matches!(d.recv(), FromWorker::Idle));
+
+    // An init input from the daemon's blob cache: read where it lies, after its length and
+    // hash are checked; a file that no longer holds what the renter sent starts nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blob");
+    std::fs::write(&path, b"weights").unwrap();
+    let blob = |hash: [u8; 32]| proto::worker::InitBlob { path: path.to_string_lossy().into(), hash, len: 7 };
+    for (hash, ok) in [(proto::msg::sha256(b"other"), false), (proto::msg::sha256(b"weights"), true)] {
+        d.send(&ToWorker::Service {
+            module_hash: echo_hash,
+            init_input: Vec::new(),
+            limits: JobLimits::default(),
+            init_blob: Some(blob(hash)),
+        });
+        match (d.recv_not_log(), ok) {
+            (FromWorker::ServiceStarted { result: Ok(_), .. }, true) => {}
+            (FromWorker::ServiceStarted { result: Err(f), reusable: true, .. }, false) => {
+                assert!(f.message.contains("no longer holds"), "{}", f.message);
+            }
+            (other, _) => panic!("expected the service to start: {ok}, got {other:?}"),
         }
     }
     d.send(&ToWorker::EndService);
