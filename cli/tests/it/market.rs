@@ -1640,22 +1640,10 @@ fn providers_measure_their_round_trips_to_each_other_at_the_schedulers_request()
     assert_eq!(v["slowest_link_ms"], link["rtt_ms"], "the ring's one link is the measured one: {v}");
 }
 
-/// all-MiniLM-L6-v2 as `scripts/fetch-minilm.sh` places it (the test command runs that first).
-pub(super) fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("WASMGRID_MINILM_DIR")
-        .map_or_else(|| PathBuf::from("/var/tmp/wasmgrid-models/all-minilm-l6-v2"), PathBuf::from);
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "no model at {}: run scripts/fetch-minilm.sh (or set WASMGRID_MINILM_DIR)",
-        dir.display()
-    );
-    dir
-}
-
 #[test]
 fn a_sessions_weights_go_once_as_a_checked_blob_and_the_next_session_starts_without_them() {
     use proto::msg::{SessionMsg, SessionReply};
-    let model = minilm_dir();
+    let model = sample_artifacts::minilm_dir();
     let m = Market::new();
     let (_sched, s) = m.scheduler(&[]);
     let (_host, key) = m.host(&s, "h", &["--sessions", "127.0.0.1:0"]);

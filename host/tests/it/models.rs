@@ -1,23 +1,11 @@
 //! Real models in the sandbox against the outputs of their reference implementations.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use host::{Failure, Limits, StartError};
 use serde_json::Value;
 
 use crate::host;
-
-/// all-MiniLM-L6-v2 as `scripts/fetch-minilm.sh` places it (the test command runs that first).
-fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("WASMGRID_MINILM_DIR")
-        .map_or_else(|| PathBuf::from("/var/tmp/wasmgrid-models/all-minilm-l6-v2"), PathBuf::from);
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "no model at {}: run scripts/fetch-minilm.sh (or set WASMGRID_MINILM_DIR)",
-        dir.display()
-    );
-    dir
-}
 
 fn fixture() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/minilm/fixtures/reference.json");
@@ -48,7 +36,7 @@ pub(crate) fn minilm() {
     let reference = fixture();
     let sentences = reference["sentences"].as_array().unwrap();
     assert!(sentences.len() >= 50);
-    let mut service = start(host::bundle_dir(&minilm_dir()).unwrap()).unwrap();
+    let mut service = start(host::bundle_dir(&sample_artifacts::minilm_dir()).unwrap()).unwrap();
     // Batches of sentences of similar length (fewer padded positions), so masks matter: each
     // batch still mixes lengths.
     let mut order: Vec<usize> = (0..sentences.len()).collect();
@@ -95,7 +83,7 @@ pub(crate) fn minilm() {
 
 #[test]
 fn minilm_init_refuses_a_broken_model_folder_saying_what_is_wrong() {
-    let dir = minilm_dir();
+    let dir = sample_artifacts::minilm_dir();
     let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
     let folder = |skip: &str, replace: Option<(&str, Vec<u8>)>| {
         let mut files: Vec<(String, Vec<u8>)> = ["config.json", "vocab.txt", "model.safetensors", "modules.json"]
