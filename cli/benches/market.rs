@@ -1632,6 +1632,178 @@ paid against unpaid inference round trip, echo sample, 64-byte request and respo
     }
 }
 
+/// The benchmark's sentences, as `samples/minilm/fixtures/bench_torch.py` builds them for
+/// PyTorch: `n` of exactly 126 word pieces ([CLS] and [SEP] make 128 tokens) from the distinct
+/// plain ASCII words of the corpus, sentence `i` starting at word `7 i`.
+fn bench_sentences(tokenizer: &minilm::tokenizer::Tokenizer, n: usize) -> Vec<String> {
+    const PIECES: usize = 126;
+    let corpus =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../samples/minilm/fixtures/corpus.txt")).unwrap();
+    let mut words: Vec<&str> = Vec::new();
+    for w in corpus.split('\n').flat_map(|l| l.split(' ')) {
+        let w = w.trim_matches(['.', ',', ';', ':', '!', '?', '"', '\'', '(', ')']);
+        if !w.is_empty() && w.len() < 20 && w.bytes().all(|b| b.is_ascii_alphabetic()) && !words.contains(&w) {
+            words.push(w);
+        }
+    }
+    let pieces = |w: &str| tokenizer.encode(w, 1 << 20).len() - 2;
+    (0..n)
+        .map(|i| {
+            let (mut k, mut count, mut taken) = (7 * i, 0, Vec::new());
+            while count < PIECES {
+                let w = words[k % words.len()];
+                k += 1;
+                if count + pieces(w) <= PIECES {
+                    taken.push(w);
+                    count += pieces(w);
+                }
+            }
+            taken.join(" ")
+        })
+        .collect()
+}
+
+/// Calls `call` until `seconds` have passed and it ran twice (once is enough past a minute):
+/// the latency of each call.
+async fn timed_calls<F, Fut>(seconds: f64, mut call: F) -> Vec<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let start = Instant::now();
+    let mut times = Vec::new();
+    loop {
+        let t = Instant::now();
+        call().await;
+        times.push(t.elapsed());
+        let spent = start.elapsed().as_secs_f64();
+        if (spent >= seconds && times.len() >= 2) || spent >= 60.0 {
+            return times;
+        }
+    }
+}
+
+/// all-MiniLM-L6-v2 embeddings, sentences of 128 tokens at batch 1, 32 and 256: in the
+/// process as `wasmgrid infer` runs them, and through a session (scheduler, provider daemon,
+/// worker process), beside PyTorch (sentence-transformers, `bench_torch.py`) on this machine
+/// when a Python with it is found (`WASMGRID_TORCH_PYTHON`, default the reference venv).
+async fn minilm_section() {
+    let model = sample_artifacts::minilm_dir();
+    let batches: Vec<usize> = std::env::var("WASMGRID_BENCH_MINILM_BATCHES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|b| b.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 32, 256]);
+    let seconds: f64 = std::env::var("WASMGRID_BENCH_MINILM_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let tokenizer =
+        minilm::tokenizer::Tokenizer::from_vocab(&std::fs::read_to_string(model.join("vocab.txt")).unwrap()).unwrap();
+    let sentences = bench_sentences(&tokenizer, batches.iter().copied().max().unwrap_or(1));
+    let request = |b: usize| serde_json::to_vec(&sentences[..b]).unwrap();
+    let bundle = host::bundle_dir(&model).unwrap();
+    let wasm = std::fs::read(sample_artifacts::MINILM).unwrap();
+    println!("\nall-MiniLM-L6-v2 sentence embeddings, sentences of 128 tokens, f32 (at least {seconds} s per figure)");
+
+    // (a) In this process, as `wasmgrid infer` runs it.
+    let host = host::Host::new(host::HostConfig { max_instances: 2, ..host::HostConfig::default() }).unwrap();
+    let module = host.load(&wasm).unwrap();
+    let limits = host::Limits {
+        wall_time: Duration::from_secs(600),
+        cpu_time: Duration::from_secs(600),
+        ..host::Limits::default()
+    };
+    let mut service = host.start_service(&module, bundle.clone(), &limits).unwrap();
+    let mut local = Vec::new();
+    for &b in &batches {
+        let req = request(b);
+        service.infer(&req).unwrap();
+        let service = &mut service;
+        let times = timed_calls(seconds, || {
+            let out = service.infer(&req).unwrap();
+            assert_eq!(out.response.iter().filter(|&&c| c == b'\n').count() + 1, b);
+            std::future::ready(())
+        })
+        .await;
+        local.push(times);
+    }
+    drop(service);
+
+    // (b) Through a session: the client library, a provider daemon and its worker process.
+    let dir = tempfile::tempdir().unwrap();
+    let l = start_scheduler(dir.path()).await;
+    let worker = worker_command(&["--cache-dir".as_ref(), dir.path().join("cache").as_os_str()]);
+    let mut config = provider::DaemonConfig::new(l.quic, l.key, Keypair::generate(), worker);
+    config.name = "minilm".into();
+    config.session_listen = Some(LOOPBACK);
+    config.blobs = Some(Arc::new(provider::blobs::BlobCache::open(&dir.path().join("blobs"), 1 << 30).unwrap()));
+    tokio::spawn(provider::run_forever(config));
+    let renter = Keypair::generate();
+    let client = renter_client(&l, &renter);
+    wait_online(&client, "minilm").await;
+    let started = Instant::now();
+    let session = client::Session::open(&client, renter, wasm, bundle, Requirements::default()).await.unwrap();
+    let open_ms = ms(started.elapsed());
+    let mut remote = Vec::new();
+    for &b in &batches {
+        let req = request(b);
+        session.infer(&req).await.unwrap();
+        remote.push(timed_calls(seconds, || async { drop(session.infer(&req).await.unwrap()) }).await);
+    }
+    let _ = session.close().await;
+
+    // (c) PyTorch on the same machine.
+    let python =
+        std::env::var("WASMGRID_TORCH_PYTHON").unwrap_or_else(|_| "/var/tmp/minilm-ref-venv/bin/python".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../samples/minilm/fixtures/bench_torch.py");
+    let list: Vec<String> = batches.iter().map(ToString::to_string).collect();
+    let torch: Option<serde_json::Value> = std::process::Command::new(&python)
+        .arg(script)
+        .arg(&model)
+        .args(["--batches", &list.join(","), "--seconds", &seconds.to_string()])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok());
+    let torch_run = |device: &str, b: usize| {
+        torch.as_ref()?["runs"].as_array()?.iter().find(|r| r["device"] == device && r["batch"] == b).cloned()
+    };
+    println!("  session opened in {open_ms:.0} ms, the 91 MB folder sent as a blob");
+    println!(
+        "  {:>5}  {:>22}  {:>22}  {:>22}  {:>22}",
+        "batch", "(a) in-process", "(b) session", "PyTorch CPU", "PyTorch CUDA"
+    );
+    let cell = |sps: f64, p50: f64| format!("{sps:>8.1}/s {p50:>9.1} ms");
+    for (i, &b) in batches.iter().enumerate() {
+        let figure = |t: &[Duration]| {
+            let total: f64 = t.iter().map(Duration::as_secs_f64).sum();
+            cell(b as f64 * t.len() as f64 / total, ms(stats(t).p50))
+        };
+        let torch_cell = |device: &str| {
+            torch_run(device, b).map_or_else(
+                || format!("{:>22}", "-"),
+                |r| cell(r["sentences_per_s"].as_f64().unwrap_or(0.0), r["latency_ms_median"].as_f64().unwrap_or(0.0)),
+            )
+        };
+        println!(
+            "  {b:>5}  {}  {}  {}  {}",
+            figure(&local[i]),
+            figure(&remote[i]),
+            torch_cell("cpu"),
+            torch_cell("cuda")
+        );
+    }
+    match &torch {
+        Some(t) => println!(
+            "  (sentences/s and median latency; PyTorch {} via sentence-transformers {}, {} threads)",
+            t["library"]["torch"].as_str().unwrap_or("?"),
+            t["library"]["sentence_transformers"].as_str().unwrap_or("?"),
+            t["machine"]["cpus"]
+        ),
+        None => println!(
+            "  (PyTorch: not found at {python}; `pip install torch sentence-transformers` and set WASMGRID_TORCH_PYTHON)"
+        ),
+    }
+}
+
 fn main() {
     if let Ok(spec) = std::env::var(RAW_PEER) {
         raw_peer_main(&spec);
@@ -1683,6 +1855,9 @@ fn main() {
         }
         if wants("paid") {
             paid_section().await;
+        }
+        if wants("minilm") {
+            minilm_section().await;
         }
         if wants("workers") {
             workers_section().await;

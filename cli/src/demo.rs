@@ -31,6 +31,34 @@ pub(crate) struct DemoArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// all-MiniLM-L6-v2's folder (what `scripts/fetch-minilm.sh` fetches): when it is there
+    /// and `minilm.wasm` is among the samples, an embedding session runs too. Default:
+    /// `$WASMGRID_MINILM_DIR`, else `/var/tmp/wasmgrid-models/all-minilm-l6-v2`.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+}
+
+/// Sentence pairs the embedding session compares, with the cosine similarity
+/// sentence-transformers (PyTorch) gives each (`samples/minilm/fixtures/reference.json`).
+const PAIRS: [(&str, &str, f32); 4] = [
+    ("A man is eating food.", "A man is eating a piece of bread.", 0.7553371),
+    ("The weather is lovely today.", "It's so sunny outside!", 0.6659554),
+    ("The weather is lovely today.", "He drove to the stadium.", 0.104584),
+    ("A man is eating food.", "A woman is playing violin.", -0.07038556),
+];
+
+/// The model folder and the sample the embedding session needs, when both are there.
+fn embedding_inputs(args: &DemoArgs) -> Option<(PathBuf, Vec<u8>)> {
+    let model = args.model.clone().or_else(|| std::env::var_os("WASMGRID_MINILM_DIR").map(PathBuf::from));
+    let model = model.unwrap_or_else(|| PathBuf::from("/var/tmp/wasmgrid-models/all-minilm-l6-v2"));
+    let wasm = std::fs::read(args.samples.join("minilm.wasm")).ok()?;
+    model.join("model.safetensors").is_file().then_some((model, wasm))
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b)).max(f32::MIN_POSITIVE)
 }
 
 fn read_sample(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
@@ -335,6 +363,11 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             config.price = Price { per_gpu_second: per_second, per_inference, per_net_gib };
             config.session_listen = Some(loopback);
             config.payment = Some(payment);
+            // Renters' weights kept by hash: the embedding session's model goes once.
+            config.blobs = Some(Arc::new(
+                provider::blobs::BlobCache::open(&dir.join(format!("{name}-blobs")), 1 << 30)
+                    .with_context(|| format!("opening {name}'s blob cache"))?,
+            ));
             tokio::spawn(async move {
                 if let Err(e) = provider::run_forever(config).await {
                     log::error!("provider stopped: {e}");
@@ -623,6 +656,72 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         if text {
             eprintln!("{}", settlement.get("table").and_then(Value::as_str).unwrap_or(""));
         }
+        // Sentence embeddings from a real model (all-MiniLM-L6-v2), when its weights are here:
+        // the folder goes to the provider once as a blob, then one request embeds the pairs.
+        let embeddings = match embedding_inputs(args) {
+            None => {
+                say("\nno all-MiniLM-L6-v2 weights (scripts/fetch-minilm.sh): the embedding session is skipped".into());
+                Value::Null
+            }
+            Some((model, wasm)) => {
+                let init = host::bundle_dir(&model).map_err(anyhow::Error::msg)?;
+                let t = Instant::now();
+                let payment = client::Payment {
+                    chain: chain.clone(),
+                    program: settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID),
+                    mint: settlement::wire_key(&mint),
+                    deposit: DEPOSIT,
+                    channel_id: 0,
+                    ledger: Some(dir.join("renter-ledger")),
+                };
+                let session = client::Session::open_paid(
+                    &client,
+                    Keypair::from_seed(renter.seed()),
+                    wasm,
+                    init,
+                    Requirements::default(),
+                    Some(payment),
+                )
+                .await?;
+                let opened = t.elapsed();
+                let on = session.provider().await.map(|p| names.get(&p).cloned().unwrap_or_default()).unwrap_or_default();
+                say(format!(
+                    "\nembedding session (all-MiniLM-L6-v2) on {on}: {:.1} MB of weights sent as a blob, opened in {:.0} ms",
+                    session.init_bytes_sent() as f64 / 1e6,
+                    opened.as_secs_f64() * 1e3
+                ));
+                let sentences: Vec<&str> = PAIRS.iter().flat_map(|(a, b, _)| [*a, *b]).collect();
+                let t = Instant::now();
+                let answer = session.infer(&serde_json::to_vec(&sentences)?).await?;
+                let took = t.elapsed();
+                let text = String::from_utf8(answer.response).context("the embeddings are not text")?;
+                let vectors: Vec<Vec<f32>> =
+                    text.lines().map(serde_json::from_str).collect::<Result<_, _>>().context("reading the embeddings")?;
+                anyhow::ensure!(vectors.len() == sentences.len(), "{} embeddings for {} sentences", vectors.len(), sentences.len());
+                let mut pairs = Vec::new();
+                for ((a, b, reference), two) in PAIRS.iter().zip(vectors.chunks_exact(2)) {
+                    let [va, vb] = two else { continue };
+                    let sim = cosine(va, vb);
+                    say(format!("            {sim:>7.4} (PyTorch {reference:>7.4})  {a:?} ~ {b:?}"));
+                    pairs.push(json!({ "a": a, "b": b, "cosine": sim, "reference": reference }));
+                }
+                say(format!(
+                    "            {} sentences in one request, {:.0} ms, {} dispatches in one submission",
+                    sentences.len(),
+                    took.as_secs_f64() * 1e3,
+                    answer.usage.dispatches
+                ));
+                let _ = session.close().await?;
+                json!({
+                    "provider_name": on,
+                    "init_bytes_sent": session.init_bytes_sent(),
+                    "open_ms": opened.as_millis() as u64,
+                    "request_ms": took.as_millis() as u64,
+                    "dimensions": vectors.first().map_or(0, Vec::len),
+                    "pairs": pairs,
+                })
+            }
+        };
         say(format!("\ndemo done in {:.1} s", t0.elapsed().as_secs_f64()));
         Ok::<Value, anyhow::Error>(json!({
             "scheduler": { "http": listening.http.to_string(), "quic": listening.quic.to_string(), "key": listening.key.to_string() },
@@ -645,6 +744,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
                 "usage": total,
             },
             "settlement": settlement,
+            "embeddings": embeddings,
             "elapsed_ms": t0.elapsed().as_millis() as u64,
         }))
     });

@@ -2,9 +2,12 @@
 //! instantiation (pooling, precompiled) against the on-demand allocator; a guest-to-host ABI
 //! call against the same loop without the call; the matmul sample sandboxed against the same
 //! WGSL through native wgpu at 256, 1024 and 2048; compiling a module against loading it
-//! precompiled and taking it from the in-memory cache.
+//! precompiled and taking it from the in-memory cache; the tensor layer's matmul at
+//! all-MiniLM-L6-v2's shapes, sandboxed against the same WGSL through native wgpu, with its
+//! GFLOP/s.
 //!
-//! Run: `cargo bench -p host --bench foundation` (targets are in BENCHMARKS.md).
+//! Run: `cargo bench -p host --bench foundation` (targets are in BENCHMARKS.md);
+//! `WASMGRID_BENCH_SECTIONS=tensor` runs the tensor section alone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::time::{Duration, Instant};
@@ -127,6 +130,111 @@ impl Native {
     }
 }
 
+/// The tensor layer's matmul variant through plain wgpu: buffers made once, then `repeats`
+/// dispatches in one submission, timed to the end of the GPU's work.
+fn native_tensor_matmul(native: &Native, m: u32, k: u32, n: u32, gelu: bool, repeats: u32) -> Duration {
+    use wgpu::util::DeviceExt;
+    let d = &native.device;
+    let spec = wasmgrid::tensor::Matmul { trans_b: true, gelu, ..Default::default() };
+    let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: None,
+        source: wgpu::ShaderSource::Wgsl(wasmgrid::tensor::matmul_wgsl(spec, true).into()),
+    });
+    let pipeline = d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: None,
+        layout: None,
+        module: &module,
+        entry_point: Some("matmul"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    let init = |bytes: &[u8], usage| {
+        d.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytes, usage })
+    };
+    let params: Vec<u8> = wasmgrid::tensor::matmul_params(m, k, n, 1.0).iter().flat_map(|w| w.to_le_bytes()).collect();
+    let params = init(&params, wgpu::BufferUsages::UNIFORM);
+    let a = init(&matrix_bytes((m * k) as usize, 1), storage);
+    let b = init(&matrix_bytes((n * k) as usize, 2), storage);
+    let bias = init(&matrix_bytes(n as usize, 3), storage);
+    let c = d.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: u64::from(m * n) * 4,
+        usage: storage,
+        mapped_at_creation: false,
+    });
+    let group = d.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: a.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 2, resource: b.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 3, resource: c.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 4, resource: bias.as_entire_binding() },
+        ],
+    });
+    d.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let start = Instant::now();
+    let mut encoder = d.create_command_encoder(&Default::default());
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        for _ in 0..repeats {
+            pass.dispatch_workgroups(n.div_ceil(64), m.div_ceil(64), 1);
+        }
+    }
+    native.queue.submit([encoder.finish()]);
+    d.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    start.elapsed()
+}
+
+/// The tensor layer's four matmuls of a MiniLM layer for 4,096 tokens (32 sentences of 128):
+/// sandboxed (the `tensor-check` sample's bench mode) against the same WGSL natively. Each
+/// side is timed with one dispatch and with `1 + repeats`; the difference over `repeats` is
+/// one matmul's own time, set-up and upload left out on both sides alike.
+fn tensor_matmuls(host: &Host, native: &Native) {
+    let repeats: u32 = std::env::var("WASMGRID_BENCH_TENSOR_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let tokens = 4096u32;
+    let module = host.load(&sample_artifacts::read(sample_artifacts::TENSOR_CHECK)).unwrap();
+    let sandboxed = |kernel: &str, r: u32| {
+        let input = format!("bench {kernel} {tokens} {r}").into_bytes();
+        median((0..3).map(|_| bench::run_batch_time(host, &module, input.clone()).unwrap()).collect())
+    };
+    println!(
+        "tensor layer matmul (x Wᵀ + b, f32) at all-MiniLM-L6-v2's shapes, {tokens} tokens, per matmul, {repeats} repeats"
+    );
+    println!(
+        "  {:<10} {:>16} {:>14} {:>14} {:>8} {:>10}",
+        "matmul", "m x k x n", "native ms", "sandboxed ms", "ratio", "GFLOP/s"
+    );
+    for (kernel, k, n, gelu) in [
+        ("qkv", 384, 1152, false),
+        ("attn_out", 384, 384, false),
+        ("ffn_up", 384, 1536, true),
+        ("ffn_down", 1536, 384, false),
+    ] {
+        let _ = native_tensor_matmul(native, tokens, k, n, gelu, 1);
+        let native_one = median((0..3).map(|_| native_tensor_matmul(native, tokens, k, n, gelu, 1)).collect());
+        let native_many =
+            median((0..3).map(|_| native_tensor_matmul(native, tokens, k, n, gelu, 1 + repeats)).collect());
+        let (one, many) = (sandboxed(kernel, 1), sandboxed(kernel, 1 + repeats));
+        let per = |many: Duration, one: Duration| many.saturating_sub(one).as_secs_f64() / f64::from(repeats);
+        let (nt, st) = (per(native_many, native_one), per(many, one));
+        let flops = 2.0 * f64::from(tokens) * f64::from(k) * f64::from(n);
+        println!(
+            "  {:<10} {:>16} {:>14.2} {:>14.2} {:>8.3} {:>10.1}   (target ratio <= 1.05)",
+            kernel,
+            format!("{tokens}x{k}x{n}"),
+            nt * 1e3,
+            st * 1e3,
+            st / nt,
+            flops / st / 1e9
+        );
+    }
+}
+
 fn matrix_bytes(n: usize, seed: u32) -> Vec<u8> {
     let mut state = seed;
     (0..n)
@@ -149,6 +257,10 @@ fn main() {
     println!("wasmgrid foundation benchmarks on {} ({}, {})", gpu.name, gpu.backend, gpu.device_type);
     println!("host CPU threads: {}", std::thread::available_parallelism().map_or(0, |n| n.get()));
     println!();
+    if std::env::var("WASMGRID_BENCH_SECTIONS").is_ok_and(|s| s == "tensor") {
+        tensor_matmuls(&host, &Native::new());
+        return;
+    }
 
     // Instantiation.
     let empty = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#).unwrap();
@@ -226,4 +338,6 @@ fn main() {
         let note = if s == 1024 { "   (target <= 1.02)" } else { "" };
         println!("  {:>6} {:>14.2} {:>16.2} {:>8.3}{note}", s, ms(nt), ms(st), st.as_secs_f64() / nt.as_secs_f64());
     }
+    println!();
+    tensor_matmuls(&host, &native);
 }

@@ -751,6 +751,17 @@ fn demo_runs_the_market_in_one_command_and_reports_it_as_json() {
         assert_eq!(p["earned"], p["balance"], "{p}");
     }
     assert_eq!(alpha["jobs_earned"].as_u64().unwrap() + beta["jobs_earned"].as_u64().unwrap(), jobs_paid);
+    // The weights are here (the test command fetches them): an embedding session ran, its
+    // similarities those PyTorch gives.
+    let e = &v["embeddings"];
+    assert!(e["init_bytes_sent"].as_u64() > Some(90_000_000), "{e}");
+    assert_eq!(e["dimensions"], 384);
+    let pairs = e["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 4);
+    for p in pairs {
+        let (got, want) = (p["cosine"].as_f64().unwrap(), p["reference"].as_f64().unwrap());
+        assert!((got - want).abs() < 1e-3, "{p}");
+    }
 }
 
 #[test]

@@ -38,6 +38,19 @@ use crate::{Buffer, BufferKind, Error, Pipeline, Result, Submission};
 
 pub use wgsl::ERFC_GELU;
 
+/// The WGSL of [`Batch::matmul`]'s variant for these options (entry point `matmul`; bindings
+/// 0 parameters, 1 A, 2 B, 3 C, 4 bias; workgroups `[ceil(n / 64), ceil(m / 64), batch]`):
+/// for a renter's own dispatches, or to run the very same kernel outside the sandbox.
+pub fn matmul_wgsl(spec: Matmul, bias: bool) -> String {
+    wgsl::matmul(spec.trans_a, spec.trans_b, bias, spec.gelu)
+}
+
+/// The 8 words of [`matmul_wgsl`]'s parameter buffer for an `m x k` by `k x n` product (one
+/// batch, B not batched).
+pub fn matmul_params(m: u32, k: u32, n: u32, alpha: f32) -> [u32; 8] {
+    [m, n, k, alpha.to_bits(), m * k, 0, m * n, 0]
+}
+
 /// What a tensor's elements are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
