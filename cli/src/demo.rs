@@ -578,7 +578,8 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
         // An inference session, straight to the provider the scheduler picks, paid through a
         // payment channel: a voucher per inference, off the chain.
         let t = Instant::now();
-        let payment = client::Payment {
+        // Sessions pay through channel 0 with their provider, reused from one to the next.
+        let session_payment = || client::Payment {
             chain: chain.clone(),
             program: settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID),
             mint: settlement::wire_key(&mint),
@@ -586,6 +587,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             channel_id: 0,
             ledger: Some(dir.join("renter-ledger")),
         };
+        let payment = session_payment();
         let session = Arc::new(
             client::Session::open_paid(
                 &client,
@@ -666,14 +668,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<u8, Exit> {
             Some((model, wasm)) => {
                 let init = host::bundle_dir(&model).map_err(anyhow::Error::msg)?;
                 let t = Instant::now();
-                let payment = client::Payment {
-                    chain: chain.clone(),
-                    program: settlement::wire_address(&settlement::channel::LOCAL_PROGRAM_ID),
-                    mint: settlement::wire_key(&mint),
-                    deposit: DEPOSIT,
-                    channel_id: 0,
-                    ledger: Some(dir.join("renter-ledger")),
-                };
+                let payment = session_payment();
                 let session = client::Session::open_paid(
                     &client,
                     Keypair::from_seed(renter.seed()),
