@@ -152,7 +152,8 @@ fn native_tensor_matmul(native: &Native, m: u32, k: u32, n: u32, gelu: bool, rep
     let init = |bytes: &[u8], usage| {
         d.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytes, usage })
     };
-    let params: Vec<u8> = wasmgrid::tensor::matmul_params(m, k, n, 1.0).iter().flat_map(|w| w.to_le_bytes()).collect();
+    let params: Vec<u8> =
+        wasmgrid::tensor::matmul_params(m, k, n, 1.0).unwrap().iter().flat_map(|w| w.to_le_bytes()).collect();
     let params = init(&params, wgpu::BufferUsages::UNIFORM);
     let a = init(&matrix_bytes((m * k) as usize, 1), storage);
     let b = init(&matrix_bytes((n * k) as usize, 2), storage);

@@ -802,8 +802,17 @@ mod tests {
         let said = |r: &Result<(), CollectiveError>| matches!(r, Err(CollectiveError::Mismatch(m)) if m.contains("of 100") && m.contains("of 200"));
         assert!(got.iter().any(said), "{got:?}");
         assert!(got.iter().all(|r| said(r) || matches!(r, Err(CollectiveError::Closed { .. }))), "{got:?}");
-        let got =
-            each_member(2, |m| if m.rank() == 0 { m.barrier(soon()) } else { m.broadcast(&mut [0u8; 4], 1, soon()) });
+        let got = each_member(2, |m| {
+            if m.rank() == 0 {
+                m.barrier(soon())
+            } else {
+                let sent = m.broadcast(&mut [0u8; 4], 1, soon());
+                // Its links stay up a moment, as a member's do while its job goes on: dropped at
+                // once, rank 0's first send could find them gone before it reads the frame.
+                std::thread::sleep(Duration::from_millis(300));
+                sent
+            }
+        });
         // The root of a broadcast only sends: the member that hears it finds the difference
         // (and the job ends with it).
         assert!(matches!(&got[0], Err(CollectiveError::Mismatch(m)) if m.contains("broadcast")), "{got:?}");

@@ -165,10 +165,15 @@ fn reusable(outcome: &Result<(), Failure>) -> bool {
 /// An init input from the daemon's blob cache, checked against the length and hash the
 /// renter announced (a file changed on disk since is not what the renter sent).
 fn read_blob(blob: &proto::worker::InitBlob) -> Result<Vec<u8>, String> {
-    let bytes = std::fs::read(&blob.path).map_err(|e| format!("reading the init blob {}: {e}", blob.path))?;
+    // The renter sees the message; the provider's paths stay in its own log.
+    let bytes = std::fs::read(&blob.path).map_err(|e| {
+        log::warn!("reading the init blob {}: {e}", blob.path);
+        format!("this provider could not read the init blob it keeps ({})", e.kind())
+    })?;
     let hash: [u8; 32] = Sha256::digest(&bytes).into();
     if bytes.len() as u64 != blob.len || hash != blob.hash {
-        return Err(format!("the init blob {} no longer holds what the renter sent", blob.path));
+        log::warn!("the init blob {} does not hash to its name", blob.path);
+        return Err("the init blob this provider keeps no longer holds what the renter sent".into());
     }
     Ok(bytes)
 }

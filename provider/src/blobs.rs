@@ -5,8 +5,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
@@ -19,10 +19,42 @@ pub struct BlobCache {
     /// Held while a blob is put in place and the cache trimmed, so two sessions storing at once
     /// count each other's bytes.
     trim: Mutex<()>,
+    /// Bytes announced by uploads under way: together at most `max_bytes`, so that the
+    /// temporary files cannot fill the disk past the cache's bound.
+    reserved: Arc<AtomicU64>,
+}
+
+/// A blob held for one session: a second name for its file (a hard link, `.inuse-*`, which
+/// trimming leaves alone), removed when this is dropped. The worker reads this path, so a blob
+/// trimmed meanwhile still reaches it whole.
+#[derive(Debug)]
+pub struct Pinned {
+    path: PathBuf,
+}
+
+impl Pinned {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn hex(hash: &[u8; 32]) -> String {
     hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why an upload cannot start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Larger than this provider's cache: no provider like it takes it.
+    TooLarge(String),
+    /// No room while other uploads are under way: another provider, or later.
+    Full(String),
 }
 
 /// A blob being received: written to a temporary file beside the cache and hashed as it goes.
@@ -34,12 +66,15 @@ pub struct Incoming {
     hasher: Sha256,
     file: std::fs::File,
     temp: PathBuf,
+    reserved: Arc<AtomicU64>,
 }
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        // Put in place or abandoned, the temporary name goes (a no-op once renamed).
+        // Put in place or abandoned, the temporary name goes (a no-op once renamed), and so
+        // does its reservation.
         let _ = std::fs::remove_file(&self.temp);
+        self.reserved.fetch_sub(self.len, Ordering::SeqCst);
     }
 }
 
@@ -72,11 +107,20 @@ impl BlobCache {
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<BlobCache> {
         std::fs::create_dir_all(dir)?;
         for entry in std::fs::read_dir(dir)?.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(".incoming-") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".incoming-") || name.starts_with(".inuse-") {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(BlobCache { dir: dir.to_path_buf(), max_bytes, trim: Mutex::new(()) })
+        let cache = BlobCache {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            trim: Mutex::new(()),
+            reserved: Arc::new(AtomicU64::new(0)),
+        };
+        // A cache opened with a smaller bound than its folder holds is trimmed at once.
+        cache.trim_to(max_bytes, Path::new(""));
+        Ok(cache)
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -87,8 +131,10 @@ impl BlobCache {
         self.dir.join(hex(hash))
     }
 
-    /// The file of blob `hash` when the cache holds it with length `len`, marked as just used.
-    pub fn get(&self, hash: &[u8; 32], len: u64) -> Option<PathBuf> {
+    /// Blob `hash`, when the cache holds it with length `len`: marked as just used and pinned
+    /// for the caller's session.
+    pub fn get(&self, hash: &[u8; 32], len: u64) -> Option<Pinned> {
+        let _one = self.trim.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = self.path(hash);
         let meta = std::fs::metadata(&path).ok()?;
         if !meta.is_file() || meta.len() != len {
@@ -98,29 +144,54 @@ impl BlobCache {
         if let Ok(f) = std::fs::File::options().append(true).open(&path) {
             let _ = f.set_modified(SystemTime::now());
         }
-        Some(path)
+        self.pin(&path, hash).ok()
     }
 
-    /// Starts receiving blob `hash` of `len` bytes; refused when it could never fit.
-    pub fn receive(&self, hash: [u8; 32], len: u64) -> Result<Incoming, String> {
+    /// A second name for blob `hash`'s file, for one session (taken under the trim lock).
+    fn pin(&self, path: &Path, hash: &[u8; 32]) -> std::io::Result<Pinned> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pinned = self.dir.join(format!(".inuse-{}-{}-{n}", hex(hash), std::process::id()));
+        std::fs::hard_link(path, &pinned)?;
+        Ok(Pinned { path: pinned })
+    }
+
+    /// Starts receiving blob `hash` of `len` bytes: `Err(Refusal::TooLarge)` when it could
+    /// never fit, `Err(Refusal::Full)` while other uploads hold the room it needs.
+    pub fn receive(&self, hash: [u8; 32], len: u64) -> Result<Incoming, Refusal> {
         if len > self.max_bytes {
-            return Err(format!(
+            return Err(Refusal::TooLarge(format!(
                 "an init of {len} bytes is over this provider's blob cache of {} bytes",
                 self.max_bytes
-            ));
+            )));
+        }
+        let reserved = self.reserved.fetch_add(len, Ordering::SeqCst);
+        if reserved.saturating_add(len) > self.max_bytes {
+            self.reserved.fetch_sub(len, Ordering::SeqCst);
+            return Err(Refusal::Full(format!(
+                "this provider is receiving {reserved} bytes of other uploads; its blob cache holds {}",
+                self.max_bytes
+            )));
         }
         // Unique among this daemon's uploads (two sessions may send the same blob at once).
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let temp = self.dir.join(format!(".incoming-{}-{}-{n}", hex(&hash), std::process::id()));
-        let file = std::fs::File::create(&temp).map_err(|e| format!("creating {}: {e}", temp.display()))?;
-        Ok(Incoming { hash, len, got: 0, hasher: Sha256::new(), file, temp })
+        let reserved = self.reserved.clone();
+        let file = match std::fs::File::create(&temp) {
+            Ok(f) => f,
+            Err(e) => {
+                reserved.fetch_sub(len, Ordering::SeqCst);
+                return Err(Refusal::Full(format!("this provider cannot store an upload now: {e}")));
+            }
+        };
+        Ok(Incoming { hash, len, got: 0, hasher: Sha256::new(), file, temp, reserved })
     }
 
     /// Checks a complete blob against its announced hash and puts it in place, trimming the
     /// oldest others to stay within the cache's size. A blob whose bytes do not hash to what was
     /// announced is refused and removed.
-    pub fn finish(&self, incoming: Incoming) -> Result<PathBuf, String> {
+    pub fn finish(&self, incoming: Incoming) -> Result<Pinned, String> {
         if !incoming.complete() {
             return Err(format!("the init blob ended after {} of its {} bytes", incoming.got, incoming.len));
         }
@@ -137,7 +208,7 @@ impl BlobCache {
         let path = self.path(&incoming.hash);
         std::fs::rename(&incoming.temp, &path).map_err(|e| format!("storing the init blob: {e}"))?;
         self.trim_to(self.max_bytes, &path);
-        Ok(path)
+        self.pin(&path, &incoming.hash).map_err(|e| format!("storing the init blob: {e}"))
     }
 
     /// Removes the least recently used blobs (never `keep`) until the rest fit in `max`.
@@ -169,8 +240,8 @@ mod tests {
     use super::*;
     use proto::msg::sha256;
 
-    fn store(cache: &BlobCache, bytes: &[u8]) -> Result<PathBuf, String> {
-        let mut incoming = cache.receive(sha256(bytes), bytes.len() as u64)?;
+    fn store(cache: &BlobCache, bytes: &[u8]) -> Result<Pinned, String> {
+        let mut incoming = cache.receive(sha256(bytes), bytes.len() as u64).map_err(|e| format!("{e:?}"))?;
         for chunk in bytes.chunks(3) {
             incoming.push(chunk)?;
         }
@@ -182,10 +253,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = BlobCache::open(dir.path(), 25).unwrap();
         let a = b"first blob, ten";
-        let path = store(&cache, a).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), a);
-        assert_eq!(cache.get(&sha256(a), a.len() as u64), Some(path.clone()));
-        assert_eq!(cache.get(&sha256(a), 3), None, "another length is another blob");
+        let pinned = store(&cache, a).unwrap();
+        assert_eq!(std::fs::read(pinned.path()).unwrap(), a);
+        drop(pinned);
+        let again = cache.get(&sha256(a), a.len() as u64).unwrap();
+        assert_eq!(std::fs::read(again.path()).unwrap(), a);
+        drop(again);
+        assert!(cache.get(&sha256(a), 3).is_none(), "another length is another blob");
 
         // Bytes that do not hash to what was announced are refused and leave nothing behind.
         let mut lying = cache.receive(sha256(b"something else"), 5).unwrap();
@@ -197,21 +271,31 @@ mod tests {
         let mut long = cache.receive(sha256(b"abc"), 3).unwrap();
         assert!(long.push(b"abcd").is_err());
         drop(long);
-        assert!(cache.receive([0; 32], 26).unwrap_err().contains("over this provider's blob cache"));
+        assert!(matches!(cache.receive([0; 32], 26), Err(Refusal::TooLarge(m)) if m.contains("over this provider's")));
+        // Uploads under way hold their room: a second that would pass the bound waits its turn.
+        let first = cache.receive([1; 32], 20).unwrap();
+        assert!(matches!(cache.receive([2; 32], 10), Err(Refusal::Full(_))));
+        drop(first);
+        drop(cache.receive([2; 32], 10).unwrap());
         let names: Vec<String> =
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
-        assert_eq!(names, [hex(&sha256(a))], "no temporary file left");
+        assert_eq!(names, [hex(&sha256(a))], "no temporary or pinning file left");
 
         // A second blob fits beside the first; a third pushes out the least recently used.
         std::thread::sleep(std::time::Duration::from_millis(20));
         let b = b"second";
-        store(&cache, b).unwrap();
+        drop(store(&cache, b).unwrap());
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(cache.get(&sha256(a), a.len() as u64).is_some(), "a is used again: b is now the oldest");
+        // A session holding b keeps its bytes even when trimming takes b from the cache.
+        let held = cache.get(&sha256(b), b.len() as u64).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(cache.get(&sha256(a), a.len() as u64).is_some(), "a is used again: b is the oldest");
         std::thread::sleep(std::time::Duration::from_millis(20));
         let c = b"third one";
-        store(&cache, c).unwrap();
+        drop(store(&cache, c).unwrap());
         assert!(cache.get(&sha256(b), b.len() as u64).is_none(), "b went");
+        assert_eq!(std::fs::read(held.path()).unwrap(), b, "but not from the session holding it");
+        drop(held);
         assert!(cache.get(&sha256(a), a.len() as u64).is_some());
         assert!(cache.get(&sha256(c), c.len() as u64).is_some());
 

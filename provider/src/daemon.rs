@@ -71,12 +71,12 @@ pub struct DaemonConfig {
     /// `session_capacity` alone.
     pub session_memory: Option<u64>,
     /// How long a renter has to send its `Init` (weights, say) or a module the provider asked
-    /// for, once its ticket is accepted; a session slot is held meanwhile. A large init blob
-    /// gets one second more per mebibyte.
+    /// for, once its ticket is accepted; a session slot is held meanwhile. An init blob may
+    /// take one second more per mebibyte that has arrived.
     pub upload_timeout: Duration,
     /// Where init inputs are kept by hash, so that the next session with the same weights
     /// sends nothing. Without one, an init blob is received into memory for its session only,
-    /// up to [`INLINE_BLOB_MAX`].
+    /// up to [`INLINE_BLOB_MAX`] (a larger one is turned away as `Busy`).
     pub blobs: Option<Arc<crate::blobs::BlobCache>>,
 }
 
@@ -1328,56 +1328,102 @@ async fn refuse_session(
     Ok(())
 }
 
-/// A session's init blob: from the cache when it holds it, else asked for ([`SessionReply::NeedBlob`])
-/// and received in chunks, checked against its hash (and kept, where there is a cache). `Ok(Err)`
-/// is a refusal to send the renter; `Err`, a broken stream.
+/// What a session's first message said of its init input.
+enum InitAsked {
+    Bytes(Vec<u8>),
+    /// Kept already, pinned for this session.
+    Kept(crate::blobs::Pinned, [u8; 32], u64),
+    /// To be received once the session has its worker (nothing is taken from a renter the
+    /// provider would then turn away).
+    Blob([u8; 32], u64),
+}
+
+/// The session's held blob, if any: kept until the session ends (the worker reads it at
+/// `init`).
+type Held = Option<crate::blobs::Pinned>;
+
+fn blob_init(pinned: &crate::blobs::Pinned, hash: [u8; 32], len: u64) -> Init {
+    Init::Blob(proto::worker::InitBlob { path: pinned.path().to_string_lossy().into_owned(), hash, len })
+}
+
+/// Checks an announced init blob before anything else is taken for the session: `Err` is why
+/// this provider turns it away (as `Busy`: another provider may take it).
+fn ask_blob(config: &DaemonConfig, hash: [u8; 32], len: u64) -> Result<InitAsked, String> {
+    use proto::msg::MAX_INIT_BLOB;
+    let Some(cache) = &config.blobs else {
+        if len > INLINE_BLOB_MAX {
+            return Err(format!(
+                "this provider keeps no blob cache and takes inits up to {INLINE_BLOB_MAX} bytes, not {len}: ask the scheduler for another provider"
+            ));
+        }
+        return Ok(InitAsked::Blob(hash, len));
+    };
+    let most = MAX_INIT_BLOB.min(cache.max_bytes());
+    if len > most {
+        return Err(format!("an init of {len} bytes is over the {most} this provider takes: ask for another provider"));
+    }
+    match cache.get(&hash, len) {
+        Some(pinned) => {
+            log::info!("init blob {} ({len} bytes) is in the cache", proto::msg::hash_hex(&hash));
+            Ok(InitAsked::Kept(pinned, hash, len))
+        }
+        None => Ok(InitAsked::Blob(hash, len)),
+    }
+}
+
+/// Receives an init blob the cache does not hold: asks for it ([`SessionReply::NeedBlob`]),
+/// takes the chunks (hashed as they land, written off the async threads), checks the hash and
+/// keeps it where there is a cache. The renter must keep up a mebibyte a second on average
+/// past `upload_timeout`: a silent one is dropped after that timeout, a trickle soon after.
+/// `Ok(Err)` is a reply refusing the session; `Err`, a broken stream.
 async fn receive_blob(
     config: &DaemonConfig,
     send: &mut SendStream,
     recv: &mut RecvStream,
     hash: [u8; 32],
     len: u64,
-) -> Result<Result<Init, String>, quic::QuicError> {
-    use proto::msg::{BLOB_CHUNK_CAP, MAX_INIT_BLOB};
-    let most = if config.blobs.is_some() { MAX_INIT_BLOB } else { INLINE_BLOB_MAX };
-    if len > most {
-        return Ok(Err(format!("an init of {len} bytes is over the {most} this provider takes")));
-    }
-    let blob = |path: std::path::PathBuf| {
-        Init::Blob(proto::worker::InitBlob { path: path.to_string_lossy().into_owned(), hash, len })
-    };
-    if let Some(path) = config.blobs.as_ref().and_then(|c| c.get(&hash, len)) {
-        log::info!("init blob {} ({len} bytes) is in the cache", proto::msg::hash_hex(&hash));
-        return Ok(Ok(blob(path)));
-    }
-    quic::write_msg(send, &SessionReply::NeedBlob, CONTROL_CAP).await?;
-    // At least a mebibyte a second on average, beyond the usual upload time.
-    let deadline = tokio::time::Instant::now() + config.upload_timeout + Duration::from_secs(len >> 20);
+) -> Result<Result<(Init, Held), SessionReply>, quic::QuicError> {
+    use crate::blobs::Refusal;
+    use proto::msg::BLOB_CHUNK_CAP;
     let mut incoming = match &config.blobs {
         Some(cache) => match cache.receive(hash, len) {
             Ok(i) => Some(i),
-            Err(reason) => return Ok(Err(reason)),
+            Err(Refusal::TooLarge(reason)) => return Ok(Err(refused(reason))),
+            Err(Refusal::Full(reason)) => {
+                return Ok(Err(SessionReply::Busy { reason: format!("{reason}: ask for another provider") }));
+            }
         },
         None => None,
     };
+    quic::write_msg(send, &SessionReply::NeedBlob, CONTROL_CAP).await?;
+    let start = tokio::time::Instant::now();
     let mut memory: Vec<u8> = Vec::new();
     let mut received = 0u64;
     while received < len {
+        let deadline = start + config.upload_timeout + Duration::from_secs(received >> 20);
         let chunk = match tokio::time::timeout_at(deadline, quic::read_msg::<SessionMsg>(recv, BLOB_CHUNK_CAP)).await {
             Ok(Ok(Some(SessionMsg::BlobChunk { bytes }))) => bytes,
-            Ok(Ok(Some(other))) => return Ok(Err(format!("expected the init blob's next chunk, got {other:?}"))),
-            Ok(Ok(None)) => return Ok(Err("the renter stopped sending the init blob".into())),
+            Ok(Ok(Some(other))) => {
+                return Ok(Err(refused(format!("expected the init blob's next chunk, got {other:?}"))));
+            }
+            Ok(Ok(None)) => return Ok(Err(refused("the renter stopped sending the init blob"))),
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Ok(Err(format!("the init blob did not arrive in time ({received} of {len} bytes)"))),
+            Err(_) => {
+                return Ok(Err(refused(format!("the init blob came too slowly ({received} of {len} bytes)"))));
+            }
         };
         if chunk.is_empty() || received + chunk.len() as u64 > len {
-            return Ok(Err(format!("a chunk of {} bytes does not fit the {len}-byte init blob", chunk.len())));
+            return Ok(Err(refused(format!("a chunk of {} bytes does not fit the {len}-byte init blob", chunk.len()))));
         }
         received += chunk.len() as u64;
-        match incoming.as_mut() {
-            Some(i) => {
-                if let Err(reason) = i.push(&chunk) {
-                    return Ok(Err(reason));
+        match incoming.take() {
+            Some(mut i) => {
+                let pushed = tokio::task::spawn_blocking(move || i.push(&chunk).map(|()| i))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("writing the init blob: {e}")));
+                match pushed {
+                    Ok(i) => incoming = Some(i),
+                    Err(reason) => return Ok(Err(refused(reason))),
                 }
             }
             None => memory.extend_from_slice(&chunk),
@@ -1389,14 +1435,14 @@ async fn receive_blob(
             let stored = tokio::task::spawn_blocking(move || cache.finish(i))
                 .await
                 .unwrap_or_else(|e| Err(format!("storing the init blob: {e}")));
-            Ok(stored.map(blob))
+            Ok(stored.map(|pinned| (blob_init(&pinned, hash, len), Some(pinned))).map_err(refused))
         }
         _ => {
-            let got = proto::msg::sha256(&memory);
-            if got != hash {
-                return Ok(Err("the init blob's bytes do not hash to what was announced: refused".into()));
+            let got = tokio::task::spawn_blocking(move || (proto::msg::sha256(&memory), memory)).await;
+            match got {
+                Ok((got, memory)) if got == hash => Ok(Ok((Init::Bytes(memory), None))),
+                _ => Ok(Err(refused("the init blob's bytes do not hash to what was announced: refused"))),
             }
-            Ok(Ok(Init::Bytes(memory)))
         }
     }
 }
@@ -1476,18 +1522,12 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
     // time, like every later read.
     let init =
         tokio::time::timeout(shared.config.upload_timeout, quic::read_msg::<SessionMsg>(&mut recv, BLOB_CAP)).await;
-    let init = match init {
-        Ok(Ok(Some(SessionMsg::Init { init_input }))) => Init::Bytes(init_input),
-        Ok(Ok(Some(SessionMsg::InitBlob { hash, len }))) => {
-            match receive_blob(&shared.config, &mut send, &mut recv, hash, len).await {
-                Ok(Ok(init)) => init,
-                Ok(Err(reason)) => return refuse_session(&mut send, &conn, &peer, refused(reason)).await,
-                Err(e) => {
-                    refuse(&conn);
-                    return Err(e);
-                }
-            }
-        }
+    let asked = match init {
+        Ok(Ok(Some(SessionMsg::Init { init_input }))) => InitAsked::Bytes(init_input),
+        Ok(Ok(Some(SessionMsg::InitBlob { hash, len }))) => match ask_blob(&shared.config, hash, len) {
+            Ok(asked) => asked,
+            Err(reason) => return refuse_session(&mut send, &conn, &peer, SessionReply::Busy { reason }).await,
+        },
         Ok(Err(e)) => {
             refuse(&conn);
             return Err(e);
@@ -1538,6 +1578,23 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
         return refuse_session(&mut send, &conn, &peer, SessionReply::Busy { reason }).await;
     }
     let _memory = MemoryHold { memory: &shared.memory, session_id: ticket.session_id };
+    // The init input, now that the session has all it needs to start.
+    let (init, _held): (Init, Held) = match asked {
+        InitAsked::Bytes(bytes) => (Init::Bytes(bytes), None),
+        InitAsked::Kept(pinned, hash, len) => (blob_init(&pinned, hash, len), Some(pinned)),
+        InitAsked::Blob(hash, len) => match receive_blob(&shared.config, &mut send, &mut recv, hash, len).await {
+            Ok(Ok(got)) => got,
+            Ok(Err(reply)) => {
+                on.pool.give_back(worker, true).await;
+                return refuse_session(&mut send, &conn, &peer, reply).await;
+            }
+            Err(e) => {
+                on.pool.give_back(worker, true).await;
+                refuse(&conn);
+                return Err(e);
+            }
+        },
+    };
     let terms = SessionTerms {
         session_id: ticket.session_id,
         renter: peer,

@@ -1730,7 +1730,9 @@ fn a_sessions_weights_go_once_as_a_checked_blob_and_the_next_session_starts_with
                             quic::write_msg(&mut send, &chunk, proto::msg::BLOB_CHUNK_CAP).await.unwrap();
                         }
                     }
-                    Some(SessionReply::Refused { reason }) => break reason,
+                    // Too large for this provider: turned away as busy, so that the renter's
+                    // client asks the scheduler for another.
+                    Some(SessionReply::Refused { reason } | SessionReply::Busy { reason }) => break reason,
                     other => panic!("expected a refusal, got {other:?}"),
                 }
             };

@@ -46,9 +46,9 @@ pub fn matmul_wgsl(spec: Matmul, bias: bool) -> String {
 }
 
 /// The 8 words of [`matmul_wgsl`]'s parameter buffer for an `m x k` by `k x n` product (one
-/// batch, B not batched).
-pub fn matmul_params(m: u32, k: u32, n: u32, alpha: f32) -> [u32; 8] {
-    [m, n, k, alpha.to_bits(), m * k, 0, m * n, 0]
+/// batch, B not batched); `None` when a matrix has more than 2^32 elements.
+pub fn matmul_params(m: u32, k: u32, n: u32, alpha: f32) -> Option<[u32; 8]> {
+    Some([m, n, k, alpha.to_bits(), m.checked_mul(k)?, 0, m.checked_mul(n)?, 0])
 }
 
 /// What a tensor's elements are.
@@ -484,9 +484,11 @@ impl Batch<'_> {
         need((1..=128).contains(&head_dim) && head_dim.is_multiple_of(4), || {
             format!("attention: head size {head_dim} is not a multiple of 4 in 4..=128")
         })?;
-        let width = heads * head_dim;
+        let too_big = || Error::kernel(format!("attention: {batch} x {seq} x {heads} x {head_dim} is too large"));
+        let width = heads.checked_mul(head_dim).ok_or_else(too_big)?;
         let stride = q.shape.last().copied().unwrap_or(0);
-        let rows = batch * seq;
+        let rows = batch.checked_mul(seq).ok_or_else(too_big)?;
+        rows.checked_mul(stride.max(width)).filter(|&n| n <= u32::MAX as usize).ok_or_else(too_big)?;
         let fits = |t: &Tensor, col: usize| {
             t.shape.last() == Some(&stride) && t.len() == rows * stride && col + width <= stride
         };

@@ -62,6 +62,15 @@ pub(crate) fn minilm() {
     }
     eprintln!("minilm: worst cosine against sentence-transformers over {} sentences: {worst}", sentences.len());
 
+    // The weights alone (vocabulary and configuration built in) serve the same embeddings.
+    let mut alone = start(std::fs::read(sample_artifacts::minilm_dir().join("model.safetensors")).unwrap()).unwrap();
+    let first_text = sentences[order[0]]["text"].as_str().unwrap();
+    assert_eq!(
+        alone.infer(format!("{first_text}\n").as_bytes()).unwrap().response,
+        service.infer(format!("{first_text}\n").as_bytes()).unwrap().response
+    );
+    drop(alone);
+
     // The same sentence as text and as raw floats: the same embedding.
     let first = sentences[0]["text"].as_str().unwrap();
     let json_line = String::from_utf8(service.infer(format!("{first}\n").as_bytes()).unwrap().response).unwrap();
@@ -97,8 +106,8 @@ fn minilm_init_refuses_a_broken_model_folder_saying_what_is_wrong() {
         }
         abi::files::encode(&files).unwrap()
     };
-    // The weights alone are not the folder.
-    assert!(init_failure(read("model.safetensors")).contains("--init MODEL_DIR"));
+    // Neither a folder nor weights.
+    assert!(init_failure(b"not a model at all".to_vec()).contains("--init MODEL_DIR"));
     assert!(init_failure(folder("vocab.txt", None)).contains("no vocab.txt"));
     let mut weights = read("model.safetensors");
     weights.truncate(weights.len() / 2);

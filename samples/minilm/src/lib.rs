@@ -2,9 +2,10 @@
 //! package ships it is parsed in the guest, each request is a batch of sentences embedded on
 //! the GPU in one submission.
 //!
-//! **Init input**: the model folder as one file bundle ([`wasmgrid::files`]; `wasmgrid infer
-//! minilm.wasm --init MODEL_DIR` makes it): `model.safetensors`, `vocab.txt` and `config.json`
-//! are required; `tokenizer_config.json`, `sentence_bert_config.json` (`max_seq_length`, 256
+//! **Init input**: all-MiniLM-L6-v2's `model.safetensors` alone (its vocabulary and
+//! configuration are built in), or a model folder as one file bundle ([`wasmgrid::files`];
+//! `wasmgrid infer minilm.wasm --init MODEL_DIR` makes it), where `model.safetensors`,
+//! `vocab.txt` and `config.json` are required; `tokenizer_config.json`, `sentence_bert_config.json` (`max_seq_length`, 256
 //! for this model, as sentence-transformers truncates), `modules.json` (whether a `Normalize`
 //! module follows pooling) and `1_Pooling/config.json` (mean pooling is the one supported)
 //! are read when present. Any BERT encoder of the same shape family (an uncased WordPiece
@@ -30,8 +31,9 @@ use tokenizer::Tokenizer;
 
 /// Sentences in one request at most.
 pub const MAX_SENTENCES: usize = 4096;
-/// Sentences embedded in one GPU submission at most: a larger request is split, so that the
-/// activations of one part stay within a job's GPU memory.
+/// Sentences embedded in one GPU submission at most (fewer when long: see
+/// [`MiniLm::embed`]): a larger request is split, so that one part's activations stay within a
+/// job's GPU memory and a storage binding.
 pub const SENTENCES_PER_SUBMISSION: usize = 256;
 
 /// How a response carries its embeddings.
@@ -147,7 +149,7 @@ impl MiniLm {
         }
         let max_len = json_file(files, "sentence_bert_config.json")?
             .and_then(|s| s.get("max_seq_length").and_then(Value::as_u64))
-            .map_or(256, |n| n as usize)
+            .map_or(256, |n| usize::try_from(n).unwrap_or(usize::MAX))
             .clamp(2, config.max_positions);
         // sentence-transformers normalizes only where modules.json lists a Normalize module;
         // without modules.json, embeddings are normalized (this model's published form).
@@ -172,12 +174,28 @@ impl MiniLm {
         Ok(MiniLm { tokenizer, encoder, max_len })
     }
 
-    /// The embeddings of `sentences`, `dim()` floats each.
+    /// The embeddings of `sentences`, `dim()` floats each: in one submission per part of the
+    /// request whose sentences, padded to the longest, fit [`model::Encoder::tokens_per_submission`]
+    /// (a whole batch of short sentences goes at once).
     pub fn embed(&mut self, sentences: &[String]) -> Result<Vec<f32>> {
+        let ids: Vec<Vec<u32>> = sentences.iter().map(|s| self.tokenizer.encode(s, self.max_len)).collect();
+        let budget = self.encoder.tokens_per_submission();
         let mut out = Vec::with_capacity(sentences.len() * self.dim());
-        for part in sentences.chunks(SENTENCES_PER_SUBMISSION) {
-            let ids: Vec<Vec<u32>> = part.iter().map(|s| self.tokenizer.encode(s, self.max_len)).collect();
-            out.extend(self.encoder.embed(&ids, self.tokenizer.pad_id())?);
+        let mut start = 0;
+        while start < ids.len() {
+            // As many sentences as fit, each part padded to its own longest.
+            let mut end = start;
+            let mut longest = 0;
+            while end < ids.len() && end - start < SENTENCES_PER_SUBMISSION {
+                let l = longest.max(ids[end].len());
+                if end > start && l * (end + 1 - start) > budget {
+                    break;
+                }
+                longest = l;
+                end += 1;
+            }
+            out.extend(self.encoder.embed(&ids[start..end], self.tokenizer.pad_id())?);
+            start = end;
         }
         Ok(out)
     }
@@ -188,15 +206,30 @@ impl MiniLm {
     }
 }
 
+/// all-MiniLM-L6-v2's own vocabulary and configuration, for an init input that is its
+/// weights alone.
+const BUILT_IN_VOCAB: &[u8] = include_bytes!("../model/vocab.txt");
+const BUILT_IN_CONFIG: &[u8] = include_bytes!("../model/config.json");
+
+/// Whether `input` starts like a safetensors file: an 8-byte header length, then a JSON object.
+fn looks_like_safetensors(input: &[u8]) -> bool {
+    input.len() > 9 && input[8] == b'{'
+}
+
 impl InferenceService for MiniLm {
     fn init(input: &[u8]) -> Result<Self> {
-        if !wasmgrid::files::is_bundle(input) {
+        let service = if wasmgrid::files::is_bundle(input) {
+            let files = wasmgrid::files::parse(input).map_err(|e| bad(e.to_string()))?;
+            MiniLm::from_files(&files)?
+        } else if looks_like_safetensors(input) {
+            // The weights alone: all-MiniLM-L6-v2's vocabulary and configuration built in.
+            let files = [("config.json", BUILT_IN_CONFIG), ("vocab.txt", BUILT_IN_VOCAB), ("model.safetensors", input)];
+            MiniLm::from_files(&files)?
+        } else {
             return Err(bad(
-                "the init input must be the model folder as a file bundle: `wasmgrid infer minilm.wasm --init MODEL_DIR`",
+                "the init input must be the model folder (`--init MODEL_DIR`) or all-MiniLM-L6-v2's model.safetensors",
             ));
-        }
-        let files = wasmgrid::files::parse(input).map_err(|e| bad(e.to_string()))?;
-        let service = MiniLm::from_files(&files)?;
+        };
         let c = &service.encoder.config;
         wasmgrid::log(
             wasmgrid::Level::Info,

@@ -57,10 +57,17 @@ impl Config {
         if text("position_embedding_type", "absolute") != "absolute" {
             return Err(bad("config.json: only absolute position embeddings are supported"));
         }
-        if !config.hidden.is_multiple_of(config.heads) || config.hidden / config.heads > 128 {
+        let head = config.hidden / config.heads;
+        if !config.hidden.is_multiple_of(config.heads) || head > 128 || !head.is_multiple_of(4) {
             return Err(bad(format!(
-                "config.json: {} hidden units do not split into {} heads of at most 128",
+                "config.json: {} hidden units do not split into {} heads of a multiple of 4 up to 128",
                 config.hidden, config.heads
+            )));
+        }
+        if !(config.layer_norm_eps.is_finite() && config.layer_norm_eps > 0.0) {
+            return Err(bad(format!(
+                "config.json: layer_norm_eps {} is not a small positive number",
+                config.layer_norm_eps
             )));
         }
         Ok(config)
@@ -169,6 +176,15 @@ impl<'a> SafeTensors<'a> {
         Ok(wasmgrid::from_bytes(self.f32(name, shape)?))
     }
 }
+
+/// Tokens in one submission at most (sentences x their padded length): the widest activation
+/// (the intermediate layer, 1,536 floats a token for MiniLM) then stays within the 128 MiB a
+/// storage binding may hold on every adapter. [`Encoder::tokens_per_submission`] says how many
+/// for a given model.
+pub const MAX_TOKENS: usize = 16_384;
+
+/// The least storage-binding size every adapter offers (WebGPU's default limit).
+const BINDING_BYTES: usize = 128 << 20;
 
 /// One encoder layer's weights on the GPU.
 #[derive(Debug)]
@@ -290,6 +306,13 @@ impl Encoder {
         })
     }
 
+    /// Tokens one submission may hold (sentences x padded length): the widest activation
+    /// within one storage binding.
+    pub fn tokens_per_submission(&self) -> usize {
+        let widest = self.config.intermediate.max(3 * self.config.hidden) * 4;
+        (BINDING_BYTES / widest).clamp(1, MAX_TOKENS)
+    }
+
     /// The pooled embeddings of `batch` (token ids, each `[CLS] .. [SEP]`, at most
     /// `max_positions` long), `hidden` floats per sentence, in one GPU submission.
     pub fn embed(&mut self, batch: &[Vec<u32>], pad: u32) -> Result<Vec<f32>> {
@@ -308,10 +331,11 @@ impl Encoder {
         }
         let fits = self.scratch.as_ref().is_some_and(|s| s.tokens >= t && s.sentences >= b);
         if !fits {
-            // Drop the old scratch first: both at once may not fit the job's GPU memory.
+            // Drop the old scratch first: both at once may not fit the job's GPU memory. Room
+            // for a few more tokens than asked, so that batches a little longer reuse it.
             self.scratch = None;
-            let tokens = t.next_power_of_two().max(t);
-            self.scratch = Some(Scratch::new(&c, tokens, b.next_power_of_two())?);
+            let tokens = t.div_ceil(256).saturating_mul(256).min(MAX_TOKENS.max(t));
+            self.scratch = Some(Scratch::new(&c, tokens, b)?);
         }
         let Some(s) = self.scratch.as_ref() else { return Err(Error::kernel("no scratch space")) };
         let ids_t = s.ids.view(&[t])?;
