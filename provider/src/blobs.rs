@@ -147,6 +147,12 @@ impl BlobCache {
         self.pin(&path, hash).ok()
     }
 
+    /// Drops blob `hash` from the cache (a file found not to hold what its name says).
+    pub fn forget(&self, hash: &[u8; 32]) {
+        let _one = self.trim.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = std::fs::remove_file(self.path(hash));
+    }
+
     /// A second name for blob `hash`'s file, for one session (taken under the trim lock).
     fn pin(&self, path: &Path, hash: &[u8; 32]) -> std::io::Result<Pinned> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -298,6 +304,8 @@ mod tests {
         drop(held);
         assert!(cache.get(&sha256(a), a.len() as u64).is_some());
         assert!(cache.get(&sha256(c), c.len() as u64).is_some());
+        cache.forget(&sha256(c));
+        assert!(cache.get(&sha256(c), c.len() as u64).is_none(), "forgotten");
 
         // A crash's leftovers go when the cache is opened again.
         std::fs::write(dir.path().join(".incoming-x-1"), b"partial").unwrap();

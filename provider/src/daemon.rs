@@ -1579,6 +1579,10 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
     }
     let _memory = MemoryHold { memory: &shared.memory, session_id: ticket.session_id };
     // The init input, now that the session has all it needs to start.
+    let blob_hash = match &asked {
+        InitAsked::Kept(_, hash, _) | InitAsked::Blob(hash, _) => Some(*hash),
+        InitAsked::Bytes(_) => None,
+    };
     let (init, _held): (Init, Held) = match asked {
         InitAsked::Bytes(bytes) => (Init::Bytes(bytes), None),
         InitAsked::Kept(pinned, hash, len) => (blob_init(&pinned, hash, len), Some(pinned)),
@@ -1639,7 +1643,16 @@ async fn serve_session(conn: Connection, shared: &Arc<Shared>) -> Result<(), qui
         }
         reply => {
             pump.abandon().await;
-            let reply = reply.unwrap_or_else(|| refused("the session's service did not start"));
+            let mut reply = reply.unwrap_or_else(|| refused("the session's service did not start"));
+            // A kept blob the worker could not read whole is this provider's fault: it is
+            // forgotten (the next session sends it again), and this renter goes elsewhere.
+            if let (SessionReply::Failed { kind: FailureKind::Host, message, .. }, Some(hash), Some(cache)) =
+                (&reply, blob_hash, &shared.config.blobs)
+                && message.contains("init blob")
+            {
+                cache.forget(&hash);
+                reply = SessionReply::Busy { reason: format!("{message}: ask the scheduler for another provider") };
+            }
             return refuse_session(&mut send, &conn, &peer, reply).await;
         }
     }

@@ -1661,7 +1661,7 @@ fn a_sessions_weights_go_once_as_a_checked_blob_and_the_next_session_starts_with
     online(&s, 1);
     let request = m.path("request.txt");
     std::fs::write(&request, "GPUs sit idle in old mining farms.\n").unwrap();
-    let session = || {
+    let run = || {
         let args = [
             "session",
             sample_artifacts::MINILM,
@@ -1674,7 +1674,10 @@ fn a_sessions_weights_go_once_as_a_checked_blob_and_the_next_session_starts_with
             "--json",
             request.to_str().unwrap(),
         ];
-        let out = m.cmd(&args).output().unwrap();
+        m.cmd(&args).output().unwrap()
+    };
+    let session = || {
+        let out = run();
         assert_eq!(out.status.code(), Some(0), "{}\n{}", String::from_utf8_lossy(&out.stderr), log_of(&m, "h.log"));
         let lines: Vec<Value> =
             String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -1749,4 +1752,18 @@ fn a_sessions_weights_go_once_as_a_checked_blob_and_the_next_session_starts_with
     let (again, summary) = session();
     assert_eq!(summary["init_bytes_sent"].as_u64(), Some(0), "{summary}");
     assert_eq!(again, first);
+
+    // A kept blob that no longer holds what its name says (a disk fault, a hand in the folder)
+    // is caught by the worker before init sees it and forgotten, and the renter is sent on;
+    // the next session sends it again.
+    let mut bytes = std::fs::read(&kept).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&kept, bytes).unwrap();
+    let out = run();
+    assert_ne!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(log_of(&m, "h.log").contains("no longer holds what the renter sent"), "{}", log_of(&m, "h.log"));
+    assert!(!kept.exists(), "the damaged blob is forgotten");
+    let (third, summary) = session();
+    assert_eq!(summary["init_bytes_sent"].as_u64(), Some(total), "sent again: {summary}");
+    assert_eq!(third, first);
 }
