@@ -7,9 +7,15 @@ set -euo pipefail
 
 rustup target add wasm32-wasip1 >/dev/null
 
+# A driver manifest in any of the loader's folders (one empty folder is not a missing driver),
+# and the loader itself. grep reads all of ldconfig's output: with pipefail, `grep -q` quitting
+# early could fail the pipe.
 have_vulkan_driver() {
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json /usr/local/share/vulkan/icd.d/*.json >/dev/null 2>&1 &&
-        ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'
+    local d found=""
+    for d in /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/share/vulkan/icd.d; do
+        if compgen -G "$d/*.json" >/dev/null; then found=1; fi
+    done
+    [ -n "$found" ] && ldconfig -p 2>/dev/null | grep 'libvulkan\.so\.1' >/dev/null
 }
 
 if ! have_vulkan_driver; then
