@@ -264,6 +264,41 @@ fn infer_serves_one_request_per_stdin_line() {
 }
 
 #[test]
+fn infer_takes_a_model_folder_as_its_init_and_a_bad_folder_is_refused_before_anything_runs() {
+    let env = Env::new();
+    let model = sample_artifacts::minilm_dir();
+    let mut child = env
+        .cmd(&["infer", sample_artifacts::MINILM, "--init", model.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "A man is eating food.\n[\"A man is eating food.\", \"A woman is playing violin.\"]").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // One line per request; the JSON list's response is its two embeddings on two lines.
+    let lines: Vec<Vec<f32>> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{}", text(&out.stdout));
+    assert!(lines.iter().all(|e| e.len() == 384));
+    assert_eq!(lines[0], lines[1], "the same sentence alone and in a batch");
+    let norm: f32 = lines[2].iter().map(|x| x * x).sum();
+    assert!((norm - 1.0).abs() < 1e-5, "unit length: {norm}");
+
+    // A folder that is not there, one with nothing in it: refused as bad input, with the path.
+    let empty = env.dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for (init, why) in [(env.dir.path().join("missing"), "missing"), (empty, "holds no files")] {
+        let out = env.cmd(&["infer", sample_artifacts::MINILM, "--init", init.to_str().unwrap()]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(why), "{}", text(&out.stderr));
+    }
+}
+
+#[test]
 fn infer_takes_request_files() {
     let env = Env::new();
     let a = env.file("a.txt", "1 ".repeat(16).as_bytes());
