@@ -166,3 +166,47 @@ fn a_started_all_reduce_runs_while_the_kernel_goes_on_refuses_other_collectives_
     assert_eq!(alone.outcome, Ok(()));
     assert_eq!(&words(&alone.output)[7..11], &[0, 1, 0, 0]);
 }
+
+/// Rank 0 starts an all-reduce and traps at once; rank 1 computes a while without any
+/// collective, then ends.
+const TRAP_IN_FLIGHT: &str = r#"(module
+  (import "wasmgrid_v1" "buffer_create" (func $create (param i64 i32) (result i32)))
+  (import "wasmgrid_v1" "all_reduce_start" (func $start (param i32 i64 i64 i32 i32) (result i32)))
+  (import "wasmgrid_v1" "rank" (func $rank (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (local $i i32)
+    (if (i32.eqz (call $rank))
+      (then
+        (drop (call $start (call $create (i64.const 16) (i32.const 1)) (i64.const 0) (i64.const 16) (i32.const 0) (i32.const 0)))
+        unreachable))
+    (loop $l
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (i32.const 1500000000))))))"#;
+
+#[test]
+fn a_member_that_traps_with_an_all_reduce_in_flight_ends_at_once_not_when_its_peers_do() {
+    let module = host().load(&wat::parse_str(TRAP_IN_FLIGHT).unwrap()).unwrap();
+    let limits = Limits::default();
+    let ends: Vec<(host::JobReport, std::time::Instant)> = std::thread::scope(|s| {
+        let runs: Vec<_> = local_ring(2)
+            .into_iter()
+            .zip(0..)
+            .map(|(link, rank)| {
+                let (module, limits) = (&module, &limits);
+                s.spawn(move || {
+                    let member = Member::new(rank, 2, link, limits.net_bytes);
+                    let report = host().run_member(module, Vec::new(), limits, |_| {}, None, member).unwrap();
+                    (report, std::time::Instant::now())
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let (trapped, busy) = (&ends[0], &ends[1]);
+    assert!(matches!(trapped.0.outcome, Err(Failure::Trap(_))), "{:?}", trapped.0.outcome);
+    assert_eq!(busy.0.outcome, Ok(()), "{:?}", busy.0.outcome);
+    // Its all-reduce could only end when rank 1's links went with its job: the trapped member
+    // did not wait for that (its worker is replaced; the round is left to die with it).
+    let margin = busy.1.saturating_duration_since(trapped.1);
+    assert!(margin > std::time::Duration::from_millis(300), "rank 0 ended only {margin:?} before rank 1");
+}
