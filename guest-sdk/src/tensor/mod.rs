@@ -413,7 +413,7 @@ impl Batch<'_> {
                 Some(_) => ("@group(0) @binding(5) var<storage, read> residual: array<f32>;", "x[i] + residual[i]"),
                 None => ("", "x[i]"),
             };
-            wgsl::LAYER_NORM.replace("$RESIDUAL_DECL", decl).replace("$VALUE", value)
+            wgsl::with_row_reduce(wgsl::LAYER_NORM).replace("$RESIDUAL_DECL", decl).replace("$VALUE", value)
         };
         let pipeline = self.kernels.pipeline(&key, source, "layer_norm")?;
         let params = self.kernels.params(&[dim(rows, "rows")?, dim(cols, "cols")?, f32_arg(eps), 0])?;
@@ -454,7 +454,7 @@ impl Batch<'_> {
                 ),
                 None => ("", "true"),
             };
-            wgsl::SOFTMAX.replace("$MASK_DECL", decl).replace("$KEPT", kept)
+            wgsl::with_row_reduce(wgsl::SOFTMAX).replace("$MASK_DECL", decl).replace("$KEPT", kept)
         };
         let pipeline = self.kernels.pipeline(&key, source, "softmax")?;
         let params = self.kernels.params(&[dim(rows, "rows")?, dim(cols, "cols")?, dim(group, "group")?, 0])?;
@@ -618,7 +618,8 @@ impl Batch<'_> {
         need(out.shape == x.shape, || format!("l2_normalize: out {:?} for x {:?}", out.shape, x.shape))?;
         no_alias(out, &[x], "l2_normalize")?;
         let (rows, cols) = x.rows();
-        let pipeline = self.kernels.pipeline("l2_normalize", || wgsl::L2_NORMALIZE.to_string(), "l2_normalize")?;
+        let pipeline =
+            self.kernels.pipeline("l2_normalize", || wgsl::with_row_reduce(wgsl::L2_NORMALIZE), "l2_normalize")?;
         let params = self.kernels.params(&[dim(rows, "rows")?, dim(cols, "cols")?, f32_arg(eps), 0])?;
         self.record(pipeline, params, &[x, out], spread(rows)?);
         Ok(())

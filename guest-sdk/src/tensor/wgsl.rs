@@ -141,6 +141,36 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
 
 const BIAS_DECL: &str = "@group(0) @binding(4) var<storage, read> bias: array<f32>;";
 
+/// A 128-thread workgroup's sum and maximum of one value per thread, every thread getting the
+/// result: the row reductions of layer norm, softmax and L2 normalisation. Pasted where a kernel
+/// says `$ROW_REDUCE`.
+const ROW_REDUCE: &str = r#"
+var<workgroup> part: array<f32, 128>;
+
+fn row_reduce(lid: u32, v: f32, take_max: bool) -> f32 {
+    part[lid] = v;
+    workgroupBarrier();
+    for (var s = 64u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            let other = part[lid + s];
+            part[lid] = select(part[lid] + other, max(part[lid], other), take_max);
+        }
+        workgroupBarrier();
+    }
+    let total = part[0];
+    workgroupBarrier();
+    return total;
+}
+
+fn row_sum(lid: u32, v: f32) -> f32 { return row_reduce(lid, v, false); }
+fn row_max(lid: u32, v: f32) -> f32 { return row_reduce(lid, v, true); }
+"#;
+
+/// `kernel` with the shared row reduction pasted in.
+pub(super) fn with_row_reduce(kernel: &str) -> String {
+    kernel.replace("$ROW_REDUCE", ROW_REDUCE)
+}
+
 /// Layer norm of each row (optionally of `x + residual`), statistics in f32 in two passes (mean,
 /// then the mean square of the deviations), one workgroup of 128 threads per row.
 pub(super) const LAYER_NORM: &str = r#"
@@ -153,22 +183,10 @@ struct Params { rows: u32, cols: u32, eps: f32, _pad: u32 }
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 $RESIDUAL_DECL
 
-var<workgroup> part: array<f32, 128>;
+$ROW_REDUCE
 
 fn value(i: u32) -> f32 {
     return $VALUE;
-}
-
-fn reduce(lid: u32, v: f32) -> f32 {
-    part[lid] = v;
-    workgroupBarrier();
-    for (var s = 64u; s > 0u; s = s >> 1u) {
-        if (lid < s) { part[lid] = part[lid] + part[lid + s]; }
-        workgroupBarrier();
-    }
-    let total = part[0];
-    workgroupBarrier();
-    return total;
 }
 
 @compute @workgroup_size(128, 1, 1)
@@ -180,10 +198,10 @@ fn layer_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     let base = row * p.cols;
     var s = 0.0;
     for (var j = lid; j < p.cols; j = j + 128u) { s = s + value(base + j); }
-    let mean = reduce(lid, s) / f32(p.cols);
+    let mean = row_sum(lid, s) / f32(p.cols);
     var q = 0.0;
     for (var j = lid; j < p.cols; j = j + 128u) { let d = value(base + j) - mean; q = q + d * d; }
-    let inv = inverseSqrt(reduce(lid, q) / f32(p.cols) + p.eps);
+    let inv = inverseSqrt(row_sum(lid, q) / f32(p.cols) + p.eps);
     for (var j = lid; j < p.cols; j = j + 128u) {
         y[base + j] = (value(base + j) - mean) * inv * gamma[j] + beta[j];
     }
@@ -201,7 +219,7 @@ struct Params { rows: u32, cols: u32, group: u32, _pad: u32 }
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 $MASK_DECL
 
-var<workgroup> part: array<f32, 128>;
+$ROW_REDUCE
 
 fn kept(row: u32, j: u32) -> bool {
     return $KEPT;
@@ -216,23 +234,10 @@ fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
     let base = row * p.cols;
     var m = -3.4028234e38;
     for (var j = lid; j < p.cols; j = j + 128u) { if (kept(row, j)) { m = max(m, x[base + j]); } }
-    part[lid] = m;
-    workgroupBarrier();
-    for (var s = 64u; s > 0u; s = s >> 1u) {
-        if (lid < s) { part[lid] = max(part[lid], part[lid + s]); }
-        workgroupBarrier();
-    }
-    m = part[0];
-    workgroupBarrier();
+    m = row_max(lid, m);
     var total = 0.0;
     for (var j = lid; j < p.cols; j = j + 128u) { if (kept(row, j)) { total = total + exp(x[base + j] - m); } }
-    part[lid] = total;
-    workgroupBarrier();
-    for (var s = 64u; s > 0u; s = s >> 1u) {
-        if (lid < s) { part[lid] = part[lid] + part[lid + s]; }
-        workgroupBarrier();
-    }
-    total = part[0];
+    total = row_sum(lid, total);
     for (var j = lid; j < p.cols; j = j + 128u) {
         var v = 0.0;
         if (kept(row, j) && total > 0.0) { v = exp(x[base + j] - m) / total; }
@@ -420,7 +425,7 @@ struct Params { rows: u32, cols: u32, eps: f32, _pad: u32 }
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
-var<workgroup> part: array<f32, 128>;
+$ROW_REDUCE
 
 @compute @workgroup_size(128, 1, 1)
 fn l2_normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -431,13 +436,7 @@ fn l2_normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
     let base = row * p.cols;
     var s = 0.0;
     for (var j = lid; j < p.cols; j = j + 128u) { let v = x[base + j]; s = fma(v, v, s); }
-    part[lid] = s;
-    workgroupBarrier();
-    for (var h = 64u; h > 0u; h = h >> 1u) {
-        if (lid < h) { part[lid] = part[lid] + part[lid + h]; }
-        workgroupBarrier();
-    }
-    let inv = 1.0 / max(sqrt(part[0]), p.eps);
+    let inv = 1.0 / max(sqrt(row_sum(lid, s)), p.eps);
     for (var j = lid; j < p.cols; j = j + 128u) { y[base + j] = x[base + j] * inv; }
 }
 "#;
