@@ -334,7 +334,7 @@ impl Encoder {
             // Drop the old scratch first: both at once may not fit the job's GPU memory. Room
             // for a few more tokens than asked, so that batches a little longer reuse it.
             self.scratch = None;
-            let tokens = t.div_ceil(256).saturating_mul(256).min(MAX_TOKENS.max(t));
+            let tokens = t.div_ceil(256).saturating_mul(256).min(self.tokens_per_submission().max(t));
             self.scratch = Some(Scratch::new(&c, tokens, b)?);
         }
         let Some(s) = self.scratch.as_ref() else { return Err(Error::kernel("no scratch space")) };
