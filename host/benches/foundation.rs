@@ -41,6 +41,40 @@ fn call_loop(n: u32, call: bool) -> Vec<u8> {
     .unwrap()
 }
 
+/// `wgsl`'s entry point `matmul`, as a native program builds it.
+fn compute_pipeline(device: &wgpu::Device, wgsl: &str) -> wgpu::ComputePipeline {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: None,
+        source: wgpu::ShaderSource::Wgsl(wgsl.into()),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: None,
+        layout: None,
+        module: &module,
+        entry_point: Some("matmul"),
+        compilation_options: Default::default(),
+        cache: None,
+    })
+}
+
+/// `buffers` bound at bindings 0, 1, 2, ... of group 0.
+fn bind_in_order(
+    device: &wgpu::Device,
+    pipeline: &wgpu::ComputePipeline,
+    buffers: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
+        .iter()
+        .zip(0..)
+        .map(|(b, binding)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    })
+}
+
 /// The matmul sample's work through plain wgpu: upload A, B and the sizes, dispatch the
 /// pipeline (built once), read C back. The baseline for the sandboxed run.
 struct Native {
@@ -62,18 +96,7 @@ impl Native {
             adapter.request_device(&wgpu::DeviceDescriptor { required_limits: adapter.limits(), ..Default::default() }),
         )
         .unwrap();
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: None,
-            source: wgpu::ShaderSource::Wgsl(MATMUL_WGSL.into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: None,
-            layout: None,
-            module: &module,
-            entry_point: Some("matmul"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let pipeline = compute_pipeline(&device, MATMUL_WGSL);
         Native { device, queue, pipeline }
     }
 
@@ -103,16 +126,7 @@ impl Native {
             mapped_at_creation: false,
         });
         let pipeline = &self.pipeline;
-        let group = d.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry { binding: 0, resource: dims.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 1, resource: a.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 2, resource: b.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 3, resource: c.as_entire_binding() },
-            ],
-        });
+        let group = bind_in_order(d, pipeline, &[&dims, &a, &b, &c]);
         let mut encoder = d.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
@@ -136,18 +150,7 @@ fn native_tensor_matmul(native: &Native, m: u32, k: u32, n: u32, gelu: bool, rep
     use wgpu::util::DeviceExt;
     let d = &native.device;
     let spec = wasmgrid::tensor::Matmul { trans_b: true, gelu, ..Default::default() };
-    let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: None,
-        source: wgpu::ShaderSource::Wgsl(wasmgrid::tensor::matmul_wgsl(spec, true).into()),
-    });
-    let pipeline = d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: None,
-        layout: None,
-        module: &module,
-        entry_point: Some("matmul"),
-        compilation_options: Default::default(),
-        cache: None,
-    });
+    let pipeline = compute_pipeline(d, &wasmgrid::tensor::matmul_wgsl(spec, true));
     let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
     let init = |bytes: &[u8], usage| {
         d.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytes, usage })
@@ -164,17 +167,7 @@ fn native_tensor_matmul(native: &Native, m: u32, k: u32, n: u32, gelu: bool, rep
         usage: storage,
         mapped_at_creation: false,
     });
-    let group = d.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &[
-            wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 1, resource: a.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 2, resource: b.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 3, resource: c.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 4, resource: bias.as_entire_binding() },
-        ],
-    });
+    let group = bind_in_order(d, &pipeline, &[&params, &a, &b, &c, &bias]);
     d.poll(wgpu::PollType::wait_indefinitely()).unwrap();
     let start = Instant::now();
     let mut encoder = d.create_command_encoder(&Default::default());
